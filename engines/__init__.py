@@ -1,0 +1,1 @@
+"""Engine side: export, build, time (heavy dependencies are imported lazily inside each module)."""

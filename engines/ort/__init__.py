@@ -1,0 +1,1 @@
+"""ONNX Runtime backend: loader (session) and runner (per-position timing)."""

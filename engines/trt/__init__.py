@@ -1,0 +1,1 @@
+"""TensorRT backend: loader (build/deserialize engine) and runner (per-position timing)."""

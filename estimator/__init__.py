@@ -1,0 +1,1 @@
+"""Estimator side: fit, calibration file, evaluation, admission. Never imports onnx/onnxruntime/tensorrt/cuda."""

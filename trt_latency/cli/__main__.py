@@ -1,0 +1,5 @@
+import sys
+
+from trt_latency.cli import main
+
+sys.exit(main())
