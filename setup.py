@@ -41,26 +41,30 @@ class OptionalBuildExt(build_ext):
 
 
 def extensions() -> list[Extension]:
-    import numpy
-    from Cython.Build import cythonize
+    try:
+        import numpy
+        from Cython.Build import cythonize
 
-    sources = sorted(glob.glob(os.path.join("ext", "*.pyx")))
-    exts = [
-        Extension(
-            "trt_latency.ext." + os.path.splitext(os.path.basename(src))[0],
-            [src],
-            include_dirs=[numpy.get_include(), "ext"],
-            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-            extra_compile_args=["-O3"],
+        sources = sorted(glob.glob(os.path.join("ext", "*.pyx")))
+        exts = [
+            Extension(
+                "trt_latency.ext." + os.path.splitext(os.path.basename(src))[0],
+                [src],
+                include_dirs=[numpy.get_include(), "ext", "."],
+                define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+                extra_compile_args=["-O3"],
+            )
+            for src in sources
+        ]
+        return cythonize(
+            exts,
+            language_level=3,
+            compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True,
+                                 "initializedcheck": False, "embedsignature": True},
         )
-        for src in sources
-    ]
-    return cythonize(
-        exts,
-        language_level=3,
-        compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True,
-                             "initializedcheck": False, "embedsignature": True},
-    )
+    except Exception as exc:  # noqa: BLE001 - a Cython error must not break installation either
+        OptionalBuildExt._skip(exc)
+        return []
 
 
 setup(

@@ -1,0 +1,48 @@
+"""The Runner contract every backend (ONNX Runtime, TensorRT) implements; the sweep and replay only see this."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """One real end-to-end request: TTFT (prefill -> token 1), total, and each decode step's ms."""
+
+    ttft_ms: float
+    total_ms: float
+    step_ms: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # greedy token ids (argmax of the last logits)
+
+    @property
+    def output_tokens(self) -> int:
+        return len(self.step_ms) + 1
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """A loaded engine that can time one step at a KV position and run a real request."""
+
+    backend: str  # "ort-cpu", "ort-cuda", "ort-trt", "tensorrt"
+    device: str
+    max_past_len: int
+    hidden: int
+
+    def time_step(self, past_len: int, new_tokens: int, reps: int) -> np.ndarray:
+        """Float64 ms per repetition; timed region = the engine call only (buffers bound outside)."""
+        ...
+
+    def generate(self, inputs_embeds: np.ndarray, output_tokens: int) -> GenerateResult:
+        """Prefill inputs_embeds [1, S, H], then output_tokens - 1 decode steps feeding present KV back as past."""
+        ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Runner: ...
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None: ...

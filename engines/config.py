@@ -1,0 +1,393 @@
+"""Plan file (configs/default.yaml or a user's YAML) -> validated TierSpec / ConfigKey / Plan.
+
+Every problem raises ConfigError naming the file, the field (dotted path) and what was expected,
+so a typo in a tier never surfaces later as a shape error inside ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from trt_latency.errors import ConfigError
+
+DTYPE_SIZES: dict[str, int] = {"float32": 4, "float16": 2}
+DEFAULT_CONFIG_NAME = "default.yaml"
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    """Dimensions of one reference decoder tier (a `tier_idx` the serving code passes)."""
+
+    tier_idx: int
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    experts: int
+    dtype: str
+    max_past_len: int
+    max_prefill_len: int
+
+    @property
+    def dtype_size(self) -> int:
+        return DTYPE_SIZES[self.dtype]
+
+    def kv_bytes_per_token(self, num_active_blocks: int) -> int:
+        """Bytes of K and V one token adds to the cache across the executed blocks."""
+        return 2 * num_active_blocks * self.kv_heads * self.head_dim * self.dtype_size
+
+    def params_per_block(self) -> int:
+        attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+        mlp = 3 * self.hidden * self.intermediate * self.experts
+        router = self.hidden * self.experts if self.experts > 1 else 0
+        return attn + mlp + router + 2 * self.hidden
+
+    def params(self, num_active_blocks: int | None = None) -> int:
+        blocks = self.layers if num_active_blocks is None else num_active_blocks
+        return blocks * self.params_per_block() + self.hidden * self.vocab + self.hidden
+
+
+class ConfigKey(NamedTuple):
+    """A measured configuration: which tier, how many experts per token, how many blocks executed."""
+
+    tier_idx: int
+    top_k: int
+    num_active_blocks: int
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    intra_op_threads: int = 2
+    inter_op_threads: int = 1
+
+
+@dataclass(frozen=True)
+class DecodeSweep:
+    log_points: int
+    linear_points: int
+    reps: int
+    warmup: int
+
+
+@dataclass(frozen=True)
+class PrefillSweep:
+    lengths: tuple[int, ...]
+    reps: int
+    warmup: int = 1
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    decode: DecodeSweep
+    prefill: PrefillSweep
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ReplaySpec:
+    requests: int
+    vision_tokens: tuple[int, ...]  # choices
+    text_tokens: tuple[int, int]  # uniform, inclusive
+    output_tokens: tuple[int, int]  # log-uniform, inclusive
+    seed: int = 0
+
+    @property
+    def max_prompt(self) -> int:
+        return max(self.vision_tokens) + self.text_tokens[1]
+
+
+@dataclass(frozen=True)
+class Plan:
+    tiers: dict[int, TierSpec]
+    configs: list[ConfigKey]
+    runtime: RuntimeSpec
+    sweep: SweepSpec
+    replay: ReplaySpec
+    source: str = "<default>"
+    quick: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def primary(self) -> ConfigKey:
+        """The first config: the one whose model `calibrate` writes as model.onnx."""
+        return self.configs[0]
+
+    def tier(self, tier_idx: int) -> TierSpec:
+        try:
+            return self.tiers[tier_idx]
+        except KeyError:
+            raise ConfigError(path=self.source, field="tier_idx", expected="one of "
+                              + ", ".join(str(t) for t in sorted(self.tiers)), got=tier_idx) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation helpers: each names the file and the dotted field.
+
+
+class _Ctx:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fail(self, where: str, expected: str, got: object = None, message: str | None = None) -> ConfigError:
+        return ConfigError(message, path=self.path, field=where, expected=expected, got=got)
+
+    def mapping(self, value: object, where: str) -> Mapping[str, Any]:
+        if not isinstance(value, Mapping):
+            raise self.fail(where, "a mapping", _short(value))
+        return value
+
+    def keys(self, value: Mapping[str, Any], where: str, allowed: Sequence[str], required: Sequence[str]) -> None:
+        for key in value:
+            if key not in allowed:
+                prefix = f"{where}." if where else ""
+                raise self.fail(f"{prefix}{key}", "one of the keys " + ", ".join(allowed), message="unknown key")
+        for key in required:
+            if key not in value:
+                prefix = f"{where}." if where else ""
+                raise self.fail(f"{prefix}{key}", "this key to be present", message="missing key")
+
+    def integer(self, value: object, where: str, lo: int | None = None, hi: int | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(where, _range_text("an integer", lo, hi), _short(value))
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise self.fail(where, _range_text("an integer", lo, hi), value)
+        return value
+
+    def int_list(self, value: object, where: str, lo: int | None = None, n: int | None = None) -> tuple[int, ...]:
+        if not isinstance(value, list) or not value:
+            raise self.fail(where, "a non-empty list of integers" if n is None else f"a list of {n} integers",
+                            _short(value))
+        if n is not None and len(value) != n:
+            raise self.fail(where, f"a list of {n} integers", _short(value))
+        return tuple(self.integer(v, f"{where}[{i}]", lo=lo) for i, v in enumerate(value))
+
+
+def _range_text(what: str, lo: int | None, hi: int | None) -> str:
+    if lo is not None and hi is not None:
+        return f"{what} in [{lo}, {hi}]"
+    if lo is not None:
+        return f"{what} >= {lo}"
+    if hi is not None:
+        return f"{what} <= {hi}"
+    return what
+
+
+def _short(value: object) -> object:
+    text = repr(value)
+    return value if len(text) <= 60 else text[:57] + "..."
+
+
+_TIER_INT_FIELDS = ("hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "vocab", "experts",
+                    "max_past_len", "max_prefill_len")
+_TIER_KEYS = ("tier_idx", "name", *_TIER_INT_FIELDS, "dtype")
+
+
+def _tier(ctx: _Ctx, raw: object, where: str) -> TierSpec:
+    m = ctx.mapping(raw, where)
+    ctx.keys(m, where, _TIER_KEYS, [k for k in _TIER_KEYS if k != "name"])
+    ints = {k: ctx.integer(m[k], f"{where}.{k}", lo=1) for k in _TIER_INT_FIELDS}
+    tier_idx = ctx.integer(m["tier_idx"], f"{where}.tier_idx", lo=0)
+    name = m.get("name", f"tier{tier_idx}")
+    if not isinstance(name, str) or not name:
+        raise ctx.fail(f"{where}.name", "a non-empty string", _short(name))
+    dtype = m["dtype"]
+    if dtype not in DTYPE_SIZES:
+        raise ctx.fail(f"{where}.dtype", "one of " + ", ".join(DTYPE_SIZES), _short(dtype))
+    if ints["heads"] % ints["kv_heads"]:
+        raise ctx.fail(f"{where}.kv_heads", f"a divisor of heads ({ints['heads']}) for grouped-query attention",
+                       ints["kv_heads"])
+    if ints["head_dim"] % 2:
+        raise ctx.fail(f"{where}.head_dim", "an even integer (RoPE rotates pairs)", ints["head_dim"])
+    return TierSpec(tier_idx=tier_idx, name=name, dtype=dtype, **ints)
+
+
+def _decode(ctx: _Ctx, raw: object, where: str, base: DecodeSweep | None) -> DecodeSweep:
+    m = ctx.mapping(raw, where)
+    keys = ("log_points", "linear_points", "reps", "warmup")
+    ctx.keys(m, where, keys, keys if base is None else ())
+    vals: dict[str, int] = {}
+    for k in keys:
+        if k in m:
+            vals[k] = ctx.integer(m[k], f"{where}.{k}", lo=0 if k in ("warmup", "linear_points") else 1)
+        else:
+            assert base is not None
+            vals[k] = getattr(base, k)
+    if vals["log_points"] < 2:
+        raise ctx.fail(f"{where}.log_points", "an integer >= 2 (the grid spans 1 .. max_past_len)",
+                       vals["log_points"])
+    return DecodeSweep(**vals)
+
+
+def _prefill(ctx: _Ctx, raw: object, where: str, base: PrefillSweep | None) -> PrefillSweep:
+    m = ctx.mapping(raw, where)
+    ctx.keys(m, where, ("lengths", "reps", "warmup"), ("lengths", "reps") if base is None else ())
+    lengths = ctx.int_list(m["lengths"], f"{where}.lengths", lo=1) if "lengths" in m else None
+    if lengths is not None and len(set(lengths)) != len(lengths):
+        raise ctx.fail(f"{where}.lengths", "distinct lengths", list(lengths))
+    reps = ctx.integer(m["reps"], f"{where}.reps", lo=1) if "reps" in m else None
+    warmup = ctx.integer(m["warmup"], f"{where}.warmup", lo=0) if "warmup" in m else None
+    if base is None:
+        assert lengths is not None and reps is not None
+        return PrefillSweep(lengths=tuple(sorted(lengths)), reps=reps, warmup=1 if warmup is None else warmup)
+    return PrefillSweep(lengths=base.lengths if lengths is None else tuple(sorted(lengths)),
+                        reps=base.reps if reps is None else reps,
+                        warmup=base.warmup if warmup is None else warmup)
+
+
+def _replay(ctx: _Ctx, raw: object, where: str, base: ReplaySpec | None) -> ReplaySpec:
+    m = ctx.mapping(raw, where)
+    keys = ("requests", "vision_tokens", "text_tokens", "output_tokens", "seed")
+    ctx.keys(m, where, keys, () if base is not None else ("requests", "vision_tokens", "text_tokens",
+                                                            "output_tokens"))
+    requests = ctx.integer(m["requests"], f"{where}.requests", lo=0) if "requests" in m else None
+    vision = ctx.int_list(m["vision_tokens"], f"{where}.vision_tokens", lo=0) if "vision_tokens" in m else None
+    text = ctx.int_list(m["text_tokens"], f"{where}.text_tokens", lo=0, n=2) if "text_tokens" in m else None
+    out = ctx.int_list(m["output_tokens"], f"{where}.output_tokens", lo=1, n=2) if "output_tokens" in m else None
+    seed = ctx.integer(m["seed"], f"{where}.seed", lo=0) if "seed" in m else None
+    for name, rng in (("text_tokens", text), ("output_tokens", out)):
+        if rng is not None and rng[0] > rng[1]:
+            raise ctx.fail(f"{where}.{name}", "[low, high] with low <= high", list(rng))
+    if base is None:
+        assert requests is not None and vision is not None and text is not None and out is not None
+        spec = ReplaySpec(requests, vision, (text[0], text[1]), (out[0], out[1]), 0 if seed is None else seed)
+    else:
+        spec = ReplaySpec(
+            requests=base.requests if requests is None else requests,
+            vision_tokens=base.vision_tokens if vision is None else vision,
+            text_tokens=base.text_tokens if text is None else (text[0], text[1]),
+            output_tokens=base.output_tokens if out is None else (out[0], out[1]),
+            seed=base.seed if seed is None else seed,
+        )
+    if spec.max_prompt < 1:
+        raise ctx.fail(f"{where}.text_tokens", "a prompt of at least 1 token (vision + text)", list(spec.text_tokens))
+    return spec
+
+
+def default_plan_path() -> Path:
+    """Path of the packaged default plan (trt_latency/configs/default.yaml)."""
+    from importlib.resources import as_file, files
+
+    resource = files("trt_latency.configs").joinpath(DEFAULT_CONFIG_NAME)
+    with as_file(resource) as p:  # a real file for an editable or wheel install
+        return Path(p)
+
+
+def load_plan(path: str | os.PathLike[str] | None = None, quick: bool = False) -> Plan:
+    """Read and validate a plan. ``path=None`` = the packaged default.yaml.
+
+    ``quick=True`` keeps only the first config and applies the file's ``quick:`` overrides
+    (decode / prefill / replay sections, each merged key by key).
+    """
+    import yaml
+
+    if path is None:  # packaged default: read through importlib.resources (works from a zip too)
+        from importlib.resources import files
+
+        resource = files("trt_latency.configs").joinpath(DEFAULT_CONFIG_NAME)
+        spath = str(resource)
+        read = resource.read_text
+    else:
+        p = Path(path)
+        spath = str(p)
+        if not p.is_file():
+            raise ConfigError("file not found", path=spath, expected="a YAML plan file")
+        read = p.read_text
+    ctx = _Ctx(spath)
+    try:
+        raw = yaml.safe_load(read(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else None
+        raise ConfigError(f"malformed YAML ({getattr(exc, 'problem', None) or exc})", path=spath,
+                          field=where) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read ({exc})", path=spath) from None
+    top = ctx.mapping(raw, "<top level>")
+    ctx.keys(top, "", ("schema_version", "tiers", "configs", "runtime", "sweep", "quick", "replay"),
+             ("tiers", "configs", "sweep", "replay"))
+    if "schema_version" in top and top["schema_version"] != 1:
+        raise ctx.fail("schema_version", "1", _short(top["schema_version"]))
+
+    if not isinstance(top["tiers"], list) or not top["tiers"]:
+        raise ctx.fail("tiers", "a non-empty list of tiers", _short(top["tiers"]))
+    tiers: dict[int, TierSpec] = {}
+    for i, t in enumerate(top["tiers"]):
+        tier = _tier(ctx, t, f"tiers[{i}]")
+        if tier.tier_idx in tiers:
+            raise ctx.fail(f"tiers[{i}].tier_idx", "a tier_idx not used by another tier", tier.tier_idx)
+        tiers[tier.tier_idx] = tier
+
+    if not isinstance(top["configs"], list) or not top["configs"]:
+        raise ctx.fail("configs", "a non-empty list of {tier_idx, top_k, num_active_blocks}", _short(top["configs"]))
+    configs: list[ConfigKey] = []
+    for i, c in enumerate(top["configs"]):
+        where = f"configs[{i}]"
+        m = ctx.mapping(c, where)
+        ctx.keys(m, where, ConfigKey._fields, ConfigKey._fields)
+        tier_idx = ctx.integer(m["tier_idx"], f"{where}.tier_idx", lo=0)
+        if tier_idx not in tiers:
+            raise ctx.fail(f"{where}.tier_idx", "a tier_idx defined under tiers ("
+                           + ", ".join(str(t) for t in sorted(tiers)) + ")", tier_idx)
+        tier = tiers[tier_idx]
+        top_k = ctx.integer(m["top_k"], f"{where}.top_k", lo=1, hi=tier.experts)
+        blocks = ctx.integer(m["num_active_blocks"], f"{where}.num_active_blocks", lo=1, hi=tier.layers)
+        key = ConfigKey(tier_idx, top_k, blocks)
+        if key in configs:
+            raise ctx.fail(where, "each config listed once", dict(key._asdict()))
+        configs.append(key)
+
+    runtime = RuntimeSpec()
+    if "runtime" in top:
+        m = ctx.mapping(top["runtime"], "runtime")
+        ctx.keys(m, "runtime", ("intra_op_threads", "inter_op_threads"), ())
+        runtime = RuntimeSpec(
+            intra_op_threads=ctx.integer(m.get("intra_op_threads", 2), "runtime.intra_op_threads", lo=0),
+            inter_op_threads=ctx.integer(m.get("inter_op_threads", 1), "runtime.inter_op_threads", lo=0),
+        )
+
+    sw = ctx.mapping(top["sweep"], "sweep")
+    ctx.keys(sw, "sweep", ("decode", "prefill", "seed"), ("decode", "prefill"))
+    sweep = SweepSpec(decode=_decode(ctx, sw["decode"], "sweep.decode", None),
+                      prefill=_prefill(ctx, sw["prefill"], "sweep.prefill", None),
+                      seed=ctx.integer(sw.get("seed", 0), "sweep.seed", lo=0))
+    replay = _replay(ctx, top["replay"], "replay", None)
+
+    if "quick" in top:
+        q = ctx.mapping(top["quick"], "quick")
+        ctx.keys(q, "quick", ("decode", "prefill", "replay"), ())
+        quick_sweep = SweepSpec(
+            decode=_decode(ctx, q["decode"], "quick.decode", sweep.decode) if "decode" in q else sweep.decode,
+            prefill=_prefill(ctx, q["prefill"], "quick.prefill", sweep.prefill) if "prefill" in q else sweep.prefill,
+            seed=sweep.seed,
+        )
+        quick_replay = _replay(ctx, q["replay"], "quick.replay", replay) if "replay" in q else replay
+    else:
+        quick_sweep, quick_replay = sweep, replay
+    if quick:
+        sweep, replay, configs = quick_sweep, quick_replay, configs[:1]
+
+    # Cross-checks: every measured shape must fit the tier's profile.
+    for i, key in enumerate(configs):
+        tier = tiers[key.tier_idx]
+        for section, pre in (("sweep.prefill", sweep.prefill), ("quick.prefill", quick_sweep.prefill)):
+            if max(pre.lengths) > tier.max_prefill_len:
+                raise ctx.fail(f"{section}.lengths", f"lengths <= max_prefill_len ({tier.max_prefill_len}) of tier "
+                               f"{tier.tier_idx} used by configs[{i}]", max(pre.lengths))
+        for section, rep in (("replay", replay), ("quick.replay", quick_replay)):
+            if rep.max_prompt > tier.max_prefill_len:
+                raise ctx.fail(f"{section}.text_tokens", f"max vision + max text tokens <= max_prefill_len "
+                               f"({tier.max_prefill_len}) of tier {tier.tier_idx}", rep.max_prompt)
+            if rep.max_prompt + rep.output_tokens[1] - 1 > tier.max_past_len:
+                raise ctx.fail(f"{section}.output_tokens", f"max prompt + max output - 1 <= max_past_len "
+                               f"({tier.max_past_len}) of tier {tier.tier_idx}", rep.output_tokens[1])
+        if tier.max_past_len < 2:
+            raise ctx.fail(f"tiers[{tier.tier_idx}].max_past_len", "an integer >= 2", tier.max_past_len)
+    return Plan(tiers=tiers, configs=configs, runtime=runtime, sweep=sweep, replay=replay, source=spath, quick=quick)

@@ -1,0 +1,326 @@
+"""Load test: a real serving loop over a calibrated engine, judged against an oracle.
+
+Every request of the stream is decided by an AdmissionController and then really executed
+(``runner.generate``: prefill + decode loop feeding the present KV back), the rejected ones in
+shadow mode. So the true latency of every request is known, and with it the oracle's decision
+(true total <= budget). The controller observes only the requests it admitted, as in production.
+
+Reported: violation_rate (violations / admitted), admitted_vs_oracle (admitted / oracle-admitted),
+decisions per second and ns per decision, and with a slowdown injected at request K (a sleep per
+decode step inside the loop) the violation rate in windows after the change and how many requests
+the online correction needed to bring it back under the target.
+
+The slowdown is a per-step stall of the serving loop: it is added after each request's engine
+run as ``(output_tokens - 1)`` sleeps of the configured length, timed with the wall clock, so the
+request's true total (what the oracle and the controller see) includes exactly the time the loop
+stalled. TTFT is unchanged because the stall is per decode step.
+
+Heavy imports (onnxruntime) happen inside the runner; this module imports only numpy at the top.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TARGET_VIOLATION_RATE = 0.07
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """How requests are drawn: prompt and output lengths (the replay's distribution) and budgets."""
+
+    vision_tokens: tuple[int, ...] = (0, 64, 256)
+    text_tokens: tuple[int, int] = (8, 256)  # uniform, inclusive
+    output_tokens: tuple[int, int] = (2, 48)  # log-uniform, inclusive
+    budget_spread: tuple[float, float] = (0.6, 1.6)  # budget = predicted total * U(lo, hi)
+    budget_ms: float | None = None  # fixed budget instead of the spread
+    min_prompt: int | None = None  # clip to the calibration's measured prefill range
+    max_prompt: int | None = None
+    max_kv: int | None = None  # clip prompt + output to the measured KV range
+
+
+@dataclass
+class Executed:
+    """One request as the loop saw it."""
+
+    index: int
+    vision_tokens: int
+    text_tokens: int
+    output_tokens: int
+    budget_ms: float
+    admitted: bool
+    reason: str
+    decide_ns: int
+    ttft_ms: float
+    total_ms: float
+    slowed: bool
+
+    @property
+    def oracle_admit(self) -> bool:
+        return self.total_ms <= self.budget_ms
+
+    @property
+    def violation(self) -> bool:
+        return self.admitted and self.total_ms > self.budget_ms
+
+
+@dataclass
+class LoadtestResult:
+    rows: list[Executed] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def draw_lengths(spec: StreamSpec, n: int, rng: np.random.Generator) -> list[tuple[int, int, int]]:
+    """(vision, text, output) per request: vision from the choices, text uniform, output log-uniform."""
+    out: list[tuple[int, int, int]] = []
+    lo_o, hi_o = spec.output_tokens
+    for _ in range(n):
+        vision = int(rng.choice(spec.vision_tokens))
+        text = int(rng.integers(spec.text_tokens[0], spec.text_tokens[1] + 1))
+        output = int(round(math.exp(rng.uniform(math.log(lo_o - 0.5 if lo_o > 1 else 1.0), math.log(hi_o + 0.5)))))
+        output = min(max(output, lo_o), hi_o)
+        if spec.max_prompt is not None and vision + text > spec.max_prompt:
+            vision = min(vision, spec.max_prompt - 1)
+            text = max(1, spec.max_prompt - vision)
+        if spec.min_prompt is not None and vision + text < spec.min_prompt:
+            text = spec.min_prompt - vision
+        if spec.max_kv is not None and vision + text + output > spec.max_kv:
+            output = max(1, spec.max_kv - vision - text)
+        out.append((vision, text, output))
+    return out
+
+
+def execute(runner: Any, vision: int, text: int, output: int, hidden: int, rng: np.random.Generator,
+            stall_ms_per_step: float = 0.0) -> tuple[float, float]:
+    """Run one request for real; returns (ttft_ms, total_ms) including any injected per-step stall."""
+    embeds = rng.standard_normal((1, vision + text, hidden)).astype(np.float32)
+    result = runner.generate(embeds, output)
+    total = float(result.total_ms)
+    if stall_ms_per_step > 0 and output > 1:
+        start = time.perf_counter()
+        for _ in range(output - 1):
+            time.sleep(stall_ms_per_step / 1e3)
+        total += (time.perf_counter() - start) * 1e3
+    return float(result.ttft_ms), total
+
+
+def run_stream(
+    runner: Any,
+    controller: Any,
+    estimator: Any,
+    key: tuple[int, int, int],
+    spec: StreamSpec,
+    n: int,
+    seed: int = 0,
+    slowdown_at: int | None = None,
+    slowdown_ms_per_step: float = 0.0,
+    progress: Callable[[int, int], None] | None = None,
+) -> LoadtestResult:
+    """The serving loop: decide, execute (shadow if rejected), observe admitted ones."""
+    from trt_latency.estimator.admission import Request
+
+    rng = np.random.default_rng(seed)
+    exec_rng = np.random.default_rng(seed + 1)
+    lengths = draw_lengths(spec, n, rng)
+    tier, top_k, blocks = key
+    hidden = int(runner.hidden)
+    result = LoadtestResult()
+    start = time.perf_counter()
+    for i, (vision, text, output) in enumerate(lengths):
+        if spec.budget_ms is not None:
+            budget = float(spec.budget_ms)
+        else:
+            predicted = float(estimator.predict(vision, text, output, tier_idx=tier, top_k=top_k,
+                                                num_active_blocks=blocks).total_ms)
+            budget = predicted * float(rng.uniform(*spec.budget_spread))
+        request = Request(vision, text, output, tier, top_k, blocks, budget)
+        t0 = time.perf_counter_ns()
+        decision = controller.decide(request)
+        decide_ns = time.perf_counter_ns() - t0
+        slowed = slowdown_at is not None and i >= slowdown_at
+        ttft, total = execute(runner, vision, text, output, hidden, exec_rng,
+                              slowdown_ms_per_step if slowed else 0.0)
+        if decision.admit:
+            controller.observe(request, ttft, total)
+        result.rows.append(Executed(i, vision, text, output, budget, bool(decision.admit), str(decision.reason),
+                                    decide_ns, ttft, total, slowed))
+        if progress is not None:
+            progress(i + 1, n)
+    result.wall_s = time.perf_counter() - start
+    return result
+
+
+def _rates(rows: Sequence[Executed]) -> dict[str, Any]:
+    admitted = sum(r.admitted for r in rows)
+    oracle = sum(r.oracle_admit for r in rows)
+    violations = sum(r.violation for r in rows)
+    both = sum(r.admitted and r.oracle_admit for r in rows)
+    return {
+        "requests": len(rows),
+        "admitted": admitted,
+        "oracle_admitted": oracle,
+        "admitted_and_oracle": both,
+        "violations": violations,
+        "violation_rate": violations / admitted if admitted else None,
+        "admitted_vs_oracle": admitted / oracle if oracle else None,
+    }
+
+
+def summarize(result: LoadtestResult, slowdown_at: int | None = None, window: int = 50,
+              target: float = TARGET_VIOLATION_RATE) -> dict[str, Any]:
+    """The JSON report of one stream (without the timing of the controller, see decide_benchmark)."""
+    rows = result.rows
+    out: dict[str, Any] = _rates(rows)
+    decide = np.asarray([r.decide_ns for r in rows], dtype=np.float64)
+    out["decide_ns_in_loop_median"] = float(np.median(decide)) if decide.size else None
+    out["serving_requests_per_s"] = len(rows) / result.wall_s if result.wall_s > 0 else None
+    out["wall_s"] = result.wall_s
+    if slowdown_at is not None and 0 <= slowdown_at < len(rows):
+        before, after = rows[:slowdown_at], rows[slowdown_at:]
+        out["before_slowdown"] = _rates(before)
+        out["after_slowdown"] = _rates(after)
+        windows = []
+        for lo in range(0, len(after), window):
+            part = _rates(after[lo:lo + window])
+            windows.append({"from": lo, "to": lo + len(after[lo:lo + window]), "admitted": part["admitted"],
+                            "violations": part["violations"], "violation_rate": part["violation_rate"]})
+        out["windows_after_change"] = windows
+        recovered = None
+        for lo in range(0, len(after), window):
+            rate = _rates(after[lo:])["violation_rate"]
+            if rate is not None and rate <= target:
+                recovered = lo
+                break
+        # The smallest offset (a multiple of the window) after which the violation rate of all later
+        # requests stays at or under the target.
+        out["recovered_within_requests"] = recovered
+        tail = after[200:]
+        out["violation_rate_after_200"] = _rates(tail)["violation_rate"] if tail else None
+    return out
+
+
+def decide_benchmark(controller: Any, requests: Sequence[Any], passes: int = 7) -> dict[str, float]:
+    """ns per decide() over the stream's requests, median of passes (a tight loop, no engine), side by
+    side with the bare Estimator.admit on the same requests and a bare Python call with the same
+    arguments (the machine's speed in the same run)."""
+    est = controller.estimator
+    alpha = controller.alpha
+    args = [(r.budget_ms, r.vision_tokens, r.text_tokens, r.max_new_tokens, r.tier_idx, r.top_k,
+             r.num_active_blocks, alpha) for r in requests]
+
+    def bare(*_: Any) -> None:
+        return None
+
+    def per_call(fn: Callable[[], None]) -> float:
+        runs = []
+        for _ in range(passes):
+            t0 = time.perf_counter_ns()
+            fn()
+            runs.append((time.perf_counter_ns() - t0) / max(1, len(requests)))
+        return float(np.median(runs))
+
+    decide = controller.decide
+    admit = est.admit
+
+    def run_decide() -> None:
+        for r in requests:
+            decide(r)
+
+    def run_admit() -> None:
+        for a in args:
+            admit(*a)
+
+    def run_bare() -> None:
+        for a in args:
+            bare(*a)
+
+    ns = per_call(run_decide)
+    return {"controller_ns_per_decision": ns, "decisions_per_s": 1e9 / ns if ns > 0 else math.inf,
+            "estimator_admit_ns": per_call(run_admit), "bare_python_call_ns": per_call(run_bare)}
+
+
+def find_model(calibration_path: str | os.PathLike[str], onnx_path: str | os.PathLike[str] | None) -> Path:
+    """The engine to serve: --onnx, else model.onnx next to the calibration."""
+    from trt_latency.errors import InputError
+
+    candidate = Path(onnx_path) if onnx_path is not None else Path(calibration_path).parent / "model.onnx"
+    if not candidate.is_file():
+        raise InputError("model not found", path=str(candidate),
+                         expected="the model.onnx `calibrate` wrote next to the calibration, or --onnx FILE")
+    return candidate
+
+
+def calibrate_conformal_live(runner: Any, estimator: Any, key: tuple[int, int, int], spec: StreamSpec, n: int,
+                             seed: int, hidden: int) -> dict[str, np.ndarray]:
+    """Run n requests of the stream's distribution for real; returns a request log as columns."""
+    rng = np.random.default_rng(seed)
+    lengths = draw_lengths(spec, n, rng)
+    cols: dict[str, list[float]] = {k: [] for k in ("vision_tokens", "text_tokens", "output_tokens", "tier_idx",
+                                                     "top_k", "num_active_blocks", "ttft_ms", "total_ms")}
+    for vision, text, output in lengths:
+        ttft, total = execute(runner, vision, text, output, hidden, rng)
+        for name, value in zip(cols, (vision, text, output, key[0], key[1], key[2], ttft, total), strict=True):
+            cols[name].append(value)
+    return {k: np.asarray(v) for k, v in cols.items()}
+
+
+def open_model(path: str | os.PathLike[str], backend: str = "ort-cpu", threads: int | None = None) -> Any:
+    """A Runner for the model (engines.backends.open_runner)."""
+    from trt_latency.engines.backends import open_runner
+
+    return open_runner(path, backend, threads=0 if threads is None else threads)
+
+
+def served_key(model_path: str | os.PathLike[str], cal: Any) -> tuple[int, int, int]:
+    """The config the model was exported as (its metadata), else the calibration's first config."""
+    try:
+        from trt_latency.engines.export import model_metadata
+
+        meta = model_metadata(model_path)
+        key = (int(meta["tier_idx"]), int(meta["top_k"]), int(meta["num_active_blocks"]))
+        cal.config(*key)
+        return key
+    except Exception:  # noqa: BLE001 - a foreign model: serve it as the primary config
+        first = cal.configs[0]
+        return (int(first.tier_idx), int(first.top_k), int(first.num_active_blocks))
+
+
+def plan_of(cal: Any, plan_path: str | os.PathLike[str] | None = None) -> Any:
+    """The plan the calibration was made with (its provenance names it), else ``plan_path`` / the default."""
+    from trt_latency.engines.config import load_plan
+
+    if plan_path is None:
+        source = (cal.provenance.get("plan") or {}).get("source") if isinstance(cal.provenance, dict) else None
+        if isinstance(source, str) and Path(source).is_file():
+            plan_path = source
+    return load_plan(plan_path)
+
+
+def stream_spec(cfg: Any, plan: Any, budget_ms: float | None = None) -> StreamSpec:
+    """The plan's replay length distribution, clipped to what the calibration measured (so every
+    request is one the Estimator can judge; the policy for the others is tested separately)."""
+    replay = plan.replay
+    return StreamSpec(
+        vision_tokens=tuple(int(v) for v in replay.vision_tokens),
+        text_tokens=(int(replay.text_tokens[0]), int(replay.text_tokens[1])),
+        output_tokens=(int(replay.output_tokens[0]), int(replay.output_tokens[1])),
+        budget_ms=budget_ms,
+        min_prompt=max(1, math.ceil(cfg.valid_prefill_len[0])),
+        max_prompt=int(cfg.valid_prefill_len[1]),
+        max_kv=int(cfg.valid_past_len[1]) + 1,
+    )
+
+
+def warm_up(runner: Any, spec: StreamSpec, requests: int = 5) -> None:
+    """A few untimed requests: first runs allocate and page in."""
+    rng = np.random.default_rng(12345)
+    for vision, text, output in draw_lengths(spec, requests, rng):
+        execute(runner, vision, text, output, int(runner.hidden), rng)

@@ -1,0 +1,127 @@
+"""Runner + replay spec -> requests.csv: real end-to-end requests through the engine.
+
+Each request: random vision/text/output lengths drawn from the plan (seeded, all drawn up front so
+a resumed run replays exactly the same requests), random input embeddings, then
+``runner.generate``: one prefill, then output_tokens - 1 decode steps that feed each step's present KV
+back as the next past. One request-log row per request (estimator.requests format), flushed and
+fsync'ed as it finishes; a rerun skips request_ids already in the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trt_latency.engines.base import Runner
+from trt_latency.engines.config import ConfigKey, ReplaySpec, TierSpec
+from trt_latency.errors import RequestLogError
+
+
+@dataclass(frozen=True)
+class ReplayRequest:
+    request_id: int
+    vision_tokens: int
+    text_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    path: Path
+    rows_written: int
+    rows_skipped: int
+    seconds: float
+
+
+def draw_requests(spec: ReplaySpec, n: int, tier: TierSpec | None = None) -> list[ReplayRequest]:
+    """n requests: vision from the choices, text uniform, output log-uniform (inclusive ranges)."""
+    lo, hi = spec.output_tokens
+    choices = np.asarray(spec.vision_tokens, dtype=np.int64)
+    reqs = []
+    for i in range(n):
+        # One generator per request id: request i is the same whichever n a (resumed) run asks for.
+        rng = np.random.default_rng([spec.seed, 7919, i])
+        v = int(rng.choice(choices))
+        t = int(rng.integers(spec.text_tokens[0], spec.text_tokens[1] + 1))
+        o = int(np.clip(np.floor(np.exp(rng.uniform(np.log(lo), np.log(hi + 1)))), lo, hi))
+        if v + t == 0:
+            t = 1  # a request needs at least one prompt token
+        if tier is not None:
+            t = max(1 if v == 0 else 0, min(t, tier.max_prefill_len - v))
+            o = max(1, min(o, tier.max_past_len + 2 - v - t))
+        reqs.append(ReplayRequest(i, v, t, o))
+    return reqs
+
+
+def done_request_ids(path: Path) -> set[int]:
+    """request_ids already in the log (a partial trailing line from a killed run is cut first)."""
+    from trt_latency.engines.sweep import repair_trailing_line
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return set()
+    repair_trailing_line(path)
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = [h.strip() for h in next(reader, [])]
+        if not header:
+            return set()
+        if "request_id" not in header:
+            raise RequestLogError("cannot resume a log without request ids", path=str(path), field="request_id",
+                                  expected="a request_id column", got=",".join(header))
+        col = header.index("request_id")
+        ids: set[int] = set()
+        for n, rec in enumerate(reader, start=1):
+            if not rec:
+                continue
+            try:
+                ids.add(int(rec[col]))
+            except (ValueError, IndexError):
+                raise RequestLogError(path=str(path), row=n, field="request_id", expected="an integer",
+                                      got=rec[col] if col < len(rec) else None) from None
+    return ids
+
+
+def run_replay(runner: Runner, key: ConfigKey, tier: TierSpec, spec: ReplaySpec,
+               requests_path: str | os.PathLike[str], n: int | None = None, progress: bool = True) -> ReplayResult:
+    """Replay ``n`` (default spec.requests) requests; append one row per request to ``requests_path``."""
+    from trt_latency.estimator.requests import append_requests
+
+    path = Path(requests_path)
+    count = spec.requests if n is None else n
+    requests = draw_requests(spec, count, tier)
+    done = done_request_ids(path)
+    todo = [r for r in requests if r.request_id not in done]
+    dtype = np.float16 if tier.dtype == "float16" else np.float32
+    bar: Any = None
+    if progress and todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc="replay", unit="req", dynamic_ncols=True, leave=False)
+    t_start = time.perf_counter()
+    written = 0
+    try:
+        for req in todo:
+            rng = np.random.default_rng([spec.seed, req.request_id])
+            prompt = req.vision_tokens + req.text_tokens
+            embeds = (rng.standard_normal((1, prompt, runner.hidden), dtype=np.float32) * 0.5).astype(dtype)
+            res = runner.generate(embeds, req.output_tokens)
+            append_requests(path, [{
+                "request_id": req.request_id, "vision_tokens": req.vision_tokens, "text_tokens": req.text_tokens,
+                "output_tokens": req.output_tokens, "tier_idx": key.tier_idx, "top_k": key.top_k,
+                "num_active_blocks": key.num_active_blocks, "ttft_ms": round(res.ttft_ms, 6),
+                "total_ms": round(res.total_ms, 6), "backend": runner.backend, "device": runner.device,
+            }])
+            written += 1
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return ReplayResult(path=path, rows_written=written, rows_skipped=len(requests) - len(todo),
+                        seconds=time.perf_counter() - t_start)

@@ -1,0 +1,484 @@
+"""Pure-Python reference of the evaluation kernels (same contract as ext/_kernels.pyx).
+
+Tables (built by estimator.model.build_tables, shared by both implementations):
+
+- ``cfg``     float64 [n_cfg, NCOL]: prefill a, b, c; valid past_len lo, hi; valid prefill lo, hi;
+  factorised flag; offsets/counts into ``pieces``, ``conf`` and ``rq``.
+- ``pieces``  float64 [n, 4]: per piece of T(L) over integer L: start B (integer valued), T(B) = v,
+  slope beta, cum = sum_{L=0}^{B-1} T(L). Piece 0 starts at 0 (constant T = first knot value below the
+  first knot); the last piece continues the last segment's slope (extrapolation above the last knot).
+- ``conf``    float64 [n, 2]: (alpha, factor), alphas ascending.  ``rq`` float64 [n, 2]: (q, ratio), q ascending.
+- ``tier_map``, ``topk_map``, ``blocks_map`` int64: value -> dense index or -1; ``lut`` int64
+  [n_tier, n_topk, n_blocks + 1] -> config row or -1 (the last slot is num_active_blocks=None).
+
+Semantics: C(m) = sum_{L=0}^{m-1} T(L) in closed form per piece; total(n) = (prefill(P) + C(P+n-1) - C(P)) * f
+for n >= 1, where f is the alpha / quantile factor. ``nfit`` is the largest n with total(n) <= budget,
+found by a binary search over pieces, a quadratic solve inside the piece, then a fix-up against total()
+itself so that total(n) <= budget < total(n+1) holds exactly in floating point.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from bisect import bisect_right
+from typing import Any, NamedTuple
+
+import numpy as np
+
+IMPLEMENTATION = "reference"
+
+# cfg columns
+PRE_A, PRE_B, PRE_C, PAST_LO, PAST_HI, PRE_LO, PRE_HI, FACTORISED = 0, 1, 2, 3, 4, 5, 6, 7
+PIECE_OFF, PIECE_CNT, CONF_OFF, CONF_CNT, RQ_OFF, RQ_CNT = 8, 9, 10, 11, 12, 13
+NCOL = 14
+# pieces columns
+P_START, P_VALUE, P_SLOPE, P_CUM = 0, 1, 2, 3
+
+TOKEN_MAX = 2**31 - 1  # largest token count / config int a request may carry; also the cap of nfit
+
+# Factor sources (low 2 bits of a decision code)
+F_NONE, F_CONFORMAL, F_RESIDUAL, F_CLIPPED = 0, 1, 2, 3
+# Decision codes: status*16 + factorised*8 + extrapolated*4 + factor source, for status in
+# 0 = fits, 1 = requested tokens over budget (fewer fit), 2 = over budget even for one token.
+ST_FITS, ST_FEWER, ST_NONE = 0, 1, 2
+BAD_FIELDS = ("budget_ms", "vision_tokens", "text_tokens", "max_new_tokens", "tier_idx", "top_k",
+              "num_active_blocks", "alpha")  # fmt: skip
+CODE_BAD = 64  # + index in BAD_FIELDS
+CODE_EMPTY_PROMPT = 72
+CODE_UNKNOWN_CONFIG = 73
+N_CODES = 74
+
+_BAD_EXPECTED = {
+    "budget_ms": "a finite number >= 0",
+    "vision_tokens": f"an integer in [0, {TOKEN_MAX}]",
+    "text_tokens": f"an integer in [0, {TOKEN_MAX}]",
+    "max_new_tokens": f"None or an integer in [1, {TOKEN_MAX}]",
+    "tier_idx": f"an integer in [0, {TOKEN_MAX}]",
+    "top_k": f"an integer in [0, {TOKEN_MAX}]",
+    "num_active_blocks": f"None or an integer in [0, {TOKEN_MAX}]",
+    "alpha": "None or a number in (0, 1)",
+}
+
+
+def _build_reasons() -> tuple[str, ...]:
+    status = ("fits the budget", "over budget for the requested tokens; max_new_tokens is what fits",
+              "over budget even for one token (prefill alone)")  # fmt: skip
+    factor = ("", "; alpha from conformal factors", "; alpha/quantile from residual quantiles",
+              "; alpha/quantile beyond calibrated quantiles (largest stored used)")  # fmt: skip
+    out = [""] * N_CODES
+    for st in range(3):
+        for fact in range(2):
+            for ext in range(2):
+                for fs in range(4):
+                    out[st * 16 + fact * 8 + ext * 4 + fs] = (
+                        status[st]
+                        + ("; config predicted by the factorised model" if fact else "")
+                        + ("; outside the measured range (extrapolated)" if ext else "")
+                        + factor[fs]
+                    )
+    for i, name in enumerate(BAD_FIELDS):
+        out[CODE_BAD + i] = f"bad field '{name}': expected {_BAD_EXPECTED[name]}"
+    out[CODE_EMPTY_PROMPT] = "bad request: vision_tokens + text_tokens is 0 (empty prompt)"
+    out[CODE_UNKNOWN_CONFIG] = "unknown config (tier_idx, top_k, num_active_blocks): not measured nor predictable"
+    return tuple(out)
+
+
+REASONS = _build_reasons()
+
+
+def reason_text(code: int) -> str:
+    return REASONS[int(code)]
+
+
+def as_int(o: Any) -> int | None:
+    """Integer value of a request field, or None when it is not an integer (bool is not one)."""
+    if type(o) is int:
+        return o
+    if isinstance(o, bool | float | str | bytes):
+        return None
+    try:
+        return operator.index(o)
+    except Exception:  # noqa: BLE001 - any failure means "not an integer"
+        return None
+
+
+def as_real(o: Any) -> float | None:
+    """Float value of a real-number field, or None (bool, str, complex, ... are not real numbers here)."""
+    if type(o) is float:
+        return o
+    if isinstance(o, bool | str | bytes | bytearray):
+        return None
+    if not (hasattr(type(o), "__float__") or hasattr(type(o), "__index__")):
+        return None
+    try:
+        return float(o)
+    except Exception:  # noqa: BLE001 - overflow, custom __float__ failures: not a usable number
+        return None
+
+
+class Decision(NamedTuple):
+    """An admission decision: admit, max_new_tokens that fit, predicted total ms, reason."""
+
+    admit: bool
+    max_new_tokens: int
+    predicted_ms: float
+    reason: str
+
+
+class Kernel:
+    """Holds the tables of one Estimator and evaluates them (pure Python)."""
+
+    def __init__(self, tables: dict[str, np.ndarray]) -> None:
+        self.cfg = np.ascontiguousarray(tables["cfg"], dtype=np.float64).tolist()
+        self.pieces = np.ascontiguousarray(tables["pieces"], dtype=np.float64).tolist()
+        self.conf = np.ascontiguousarray(tables["conf"], dtype=np.float64).tolist()
+        self.rq = np.ascontiguousarray(tables["rq"], dtype=np.float64).tolist()
+        self.tier_map = [int(v) for v in tables["tier_map"]]
+        self.topk_map = [int(v) for v in tables["topk_map"]]
+        self.blocks_map = [int(v) for v in tables["blocks_map"]]
+        lut = np.asarray(tables["lut"], dtype=np.int64)
+        self.n_blocks_slots = int(lut.shape[2])
+        self.lut = lut.tolist()
+        # Per config: piece starts and cums as lists for bisect.
+        self._starts: list[list[float]] = []
+        self._cums: list[list[float]] = []
+        for row in self.cfg:
+            off, cnt = int(row[PIECE_OFF]), int(row[PIECE_CNT])
+            self._starts.append([p[P_START] for p in self.pieces[off : off + cnt]])
+            self._cums.append([p[P_CUM] for p in self.pieces[off : off + cnt]])
+
+    # ---------------------------------------------------------------- lookup
+    def lookup(self, tier_idx: int, top_k: int, num_active_blocks: int) -> int:
+        """Config row for the key (num_active_blocks < 0 = the tier's default), or -1."""
+        if not 0 <= tier_idx < len(self.tier_map) or not 0 <= top_k < len(self.topk_map):
+            return -1
+        ti, ki = self.tier_map[tier_idx], self.topk_map[top_k]
+        if ti < 0 or ki < 0:
+            return -1
+        if num_active_blocks < 0:
+            bi = self.n_blocks_slots - 1
+        else:
+            if num_active_blocks >= len(self.blocks_map):
+                return -1
+            bi = self.blocks_map[num_active_blocks]
+            if bi < 0:
+                return -1
+        return int(self.lut[ti][ki][bi])
+
+    # ---------------------------------------------------------------- arithmetic
+    def _piece(self, c: int, m: float) -> list[float]:
+        off = int(self.cfg[c][PIECE_OFF])
+        i = bisect_right(self._starts[c], m) - 1
+        return self.pieces[off + (i if i > 0 else 0)]
+
+    def step(self, c: int, past_len: float) -> float:
+        p = self._piece(c, past_len)
+        return p[P_VALUE] + p[P_SLOPE] * (past_len - p[P_START])
+
+    def cumsum(self, c: int, m: float) -> float:
+        """sum_{L=0}^{m-1} T(L) for integer-valued m >= 0."""
+        p = self._piece(c, m)
+        k = m - p[P_START]
+        return p[P_CUM] + k * p[P_VALUE] + p[P_SLOPE] * (k * (k - 1.0) * 0.5)
+
+    def prefill(self, c: int, prompt: float) -> float:
+        row = self.cfg[c]
+        x = row[PRE_A] + prompt * (row[PRE_B] + row[PRE_C] * prompt)
+        return x if x > 0.0 else 0.0
+
+    def decode_sum(self, c: int, prompt: float, n: float) -> float:
+        if n <= 1.0:
+            return 0.0
+        return self.cumsum(c, prompt + n - 1.0) - self.cumsum(c, prompt)
+
+    def total(self, c: int, prompt: float, n: float, factor: float) -> float:
+        return (self.prefill(c, prompt) + self.decode_sum(c, prompt, n)) * factor
+
+    def predict(self, c: int, prompt: float, n: float, factor: float) -> tuple[float, float, float]:
+        pre = self.prefill(c, prompt)
+        dec = self.decode_sum(c, prompt, n)
+        return pre * factor, dec * factor, (pre + dec) * factor
+
+    def _total_at(self, c: int, prompt: float, n: float, factor: float, pre: float, cp: float) -> float:
+        """total() with prefill(prompt) = pre and cumsum(prompt) = cp precomputed (same arithmetic)."""
+        if n <= 1.0:
+            return (pre + 0.0) * factor
+        return (pre + (self.cumsum(c, prompt + n - 1.0) - cp)) * factor
+
+    def nfit(self, c: int, prompt: float, budget: float, factor: float) -> int:
+        """Largest n in [0, TOKEN_MAX] with total(n) <= budget (0: not even the first token)."""
+        pre = self.prefill(c, prompt)
+        if (pre + 0.0) * factor > budget:
+            return 0
+        cp = self.cumsum(c, prompt)
+        row = self.cfg[c]
+        off, cnt = int(row[PIECE_OFF]), int(row[PIECE_CNT])
+        target = cp + (budget / factor - pre)
+        i = bisect_right(self._cums[c], target) - 1
+        if i < 0:
+            i = 0
+        p = self.pieces[off + i]
+        r = target - p[P_CUM]
+        if r < 0.0:
+            r = 0.0
+        v, beta = p[P_VALUE], p[P_SLOPE]
+        if beta == 0.0:
+            k = r / v
+        else:
+            q = v - 0.5 * beta
+            disc = math.sqrt(q * q + 2.0 * beta * r)
+            k = (disc - q) / beta if q < 0.0 else 2.0 * r / (q + disc)
+        if not k < 1e18:  # huge budgets (and overflow): the cap below applies
+            k = 1e18
+        m = p[P_START] + math.floor(k)
+        if i + 1 < cnt:
+            nxt = self.pieces[off + i + 1][P_START]
+            if m > nxt:
+                m = nxt
+        n_est = m - prompt + 1.0
+        n = 1 if not n_est >= 1.0 else (TOKEN_MAX if n_est >= TOKEN_MAX else int(n_est))
+        return self._fixup(c, prompt, budget, factor, n, pre, cp)
+
+    def _fixup(self, c: int, prompt: float, budget: float, factor: float, n: int, pre: float, cp: float) -> int:
+        # Invariant wanted: total(lo) <= budget < total(hi); total(1) <= budget is known.
+        def fits(k: int) -> bool:
+            return self._total_at(c, prompt, float(k), factor, pre, cp) <= budget
+
+        if fits(n):
+            lo, step = n, 1
+            while True:
+                if lo >= TOKEN_MAX:
+                    return TOKEN_MAX
+                probe = lo + step if lo + step <= TOKEN_MAX else TOKEN_MAX
+                if fits(probe):
+                    lo, step = probe, step * 2
+                else:
+                    hi = probe
+                    break
+        else:
+            hi, step = n, 1
+            while True:
+                probe = hi - step if hi - step >= 1 else 1
+                if probe == 1 or fits(probe):
+                    lo = probe
+                    break
+                hi, step = probe, step * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    # ---------------------------------------------------------------- factors
+    def alpha_factor(self, c: int, alpha: float) -> tuple[float, int]:
+        """Conformal factor of the largest stored alpha <= alpha, else the residual quantile of 1-alpha."""
+        row = self.cfg[c]
+        off, cnt = int(row[CONF_OFF]), int(row[CONF_CNT])
+        best = -1
+        for j in range(cnt):
+            if self.conf[off + j][0] <= alpha:
+                best = j
+        if best >= 0:
+            return self.conf[off + best][1], F_CONFORMAL
+        return self.quantile_factor(c, 1.0 - alpha)
+
+    def quantile_factor(self, c: int, q: float) -> tuple[float, int]:
+        """Residual ratio of the smallest stored quantile >= q; the largest stored (flagged) beyond."""
+        row = self.cfg[c]
+        off, cnt = int(row[RQ_OFF]), int(row[RQ_CNT])
+        if cnt == 0:
+            return 1.0, F_CLIPPED
+        for j in range(cnt):
+            if self.rq[off + j][0] >= q - 1e-12:
+                return self.rq[off + j][1], F_RESIDUAL
+        return self.rq[off + cnt - 1][1], F_CLIPPED
+
+    def factorised(self, c: int) -> bool:
+        return self.cfg[c][FACTORISED] != 0.0
+
+    def extrapolated(self, c: int, prompt: float, n: float) -> bool:
+        row = self.cfg[c]
+        if prompt < row[PRE_LO] or prompt > row[PRE_HI]:
+            return True
+        return n >= 2.0 and (prompt < row[PAST_LO] or prompt + n - 2.0 > row[PAST_HI])
+
+    # ---------------------------------------------------------------- admission
+    def admit(
+        self,
+        budget_ms: Any,
+        vision_tokens: Any,
+        text_tokens: Any,
+        max_new_tokens: Any = None,
+        tier_idx: Any = 0,
+        top_k: Any = 1,
+        num_active_blocks: Any = None,
+        alpha: Any = None,
+    ) -> Decision:
+        code, n, pred = self.admit_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
+                                        num_active_blocks, alpha)  # fmt: skip
+        return Decision(code < 16, n, pred, REASONS[code])
+
+    def admit_code(
+        self,
+        budget_ms: Any,
+        vision_tokens: Any,
+        text_tokens: Any,
+        max_new_tokens: Any,
+        tier_idx: Any,
+        top_k: Any,
+        num_active_blocks: Any,
+        alpha: Any,
+    ) -> tuple[int, int, float]:
+        nan = math.nan
+        budget = as_real(budget_ms)
+        if budget is None or not (0.0 <= budget < math.inf):
+            return CODE_BAD + 0, 0, nan
+        ints = []
+        for i, value in ((1, vision_tokens), (2, text_tokens)):
+            x = as_int(value)
+            if x is None or not 0 <= x <= TOKEN_MAX:
+                return CODE_BAD + i, 0, nan
+            ints.append(x)
+        if max_new_tokens is None:
+            req = -1
+        else:
+            x = as_int(max_new_tokens)
+            if x is None or not 1 <= x <= TOKEN_MAX:
+                return CODE_BAD + 3, 0, nan
+            req = x
+        keys = []
+        for i, value in ((4, tier_idx), (5, top_k)):
+            x = as_int(value)
+            if x is None or not 0 <= x <= TOKEN_MAX:
+                return CODE_BAD + i, 0, nan
+            keys.append(x)
+        if num_active_blocks is None:
+            blocks = -1
+        else:
+            x = as_int(num_active_blocks)
+            if x is None or not 0 <= x <= TOKEN_MAX:
+                return CODE_BAD + 6, 0, nan
+            blocks = x
+        a = -1.0
+        if alpha is not None:
+            af = as_real(alpha)
+            if af is None or not (0.0 < af < 1.0):
+                return CODE_BAD + 7, 0, nan
+            a = af
+        prompt = ints[0] + ints[1]
+        if prompt == 0:
+            return CODE_EMPTY_PROMPT, 0, nan
+        c = self.lookup(keys[0], keys[1], blocks)
+        if c < 0:
+            return CODE_UNKNOWN_CONFIG, 0, nan
+        return self.decide(c, float(prompt), budget, req, a)
+
+    def decide(self, c: int, prompt: float, budget: float, req: int, alpha: float) -> tuple[int, int, float]:
+        """Validated request -> (code, max_new_tokens, predicted_ms). req < 0: no requested length."""
+        if alpha > 0.0:
+            factor, fsrc = self.alpha_factor(c, alpha)
+        else:
+            factor, fsrc = 1.0, F_NONE
+        need = req if req > 0 else 1
+        pred = self.total(c, prompt, float(need), factor)
+        if req > 0 and pred <= budget:
+            n, status = req, ST_FITS
+        else:
+            n = self.nfit(c, prompt, budget, factor)
+            status = ST_FITS if n >= need else (ST_FEWER if n >= 1 else ST_NONE)
+        ext = self.extrapolated(c, prompt, float(n if n > need else need))
+        fact = 1 if self.cfg[c][FACTORISED] != 0.0 else 0
+        return status * 16 + fact * 8 + (4 if ext else 0) + fsrc, n, pred
+
+    def admit_batch(
+        self,
+        budget_ms: np.ndarray,
+        vision_tokens: np.ndarray,
+        text_tokens: np.ndarray,
+        max_new_tokens: np.ndarray,
+        tier_idx: np.ndarray,
+        top_k: np.ndarray,
+        num_active_blocks: np.ndarray,
+        alpha: float = -1.0,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Arrays in (float64 budget, int64 the rest; -1 = None for max_new_tokens / num_active_blocks;
+        alpha <= 0 = none) -> (admit bool, max_new_tokens int64, predicted_ms float64, code int64)."""
+        size = budget_ms.shape[0]
+        ok = np.zeros(size, dtype=bool)
+        nout = np.zeros(size, dtype=np.int64)
+        pred = np.full(size, math.nan)
+        code = np.zeros(size, dtype=np.int64)
+        alpha_v = float(alpha)
+        bad_alpha = alpha_v == alpha_v and alpha_v >= 1.0 or alpha_v != alpha_v
+        for i in range(size):
+            b = float(budget_ms[i])
+            vt, tt, req = int(vision_tokens[i]), int(text_tokens[i]), int(max_new_tokens[i])
+            ti, tk, bl = int(tier_idx[i]), int(top_k[i]), int(num_active_blocks[i])
+            if not (0.0 <= b < math.inf):
+                code[i] = CODE_BAD + 0
+            elif not 0 <= vt <= TOKEN_MAX:
+                code[i] = CODE_BAD + 1
+            elif not 0 <= tt <= TOKEN_MAX:
+                code[i] = CODE_BAD + 2
+            elif not (req == -1 or 1 <= req <= TOKEN_MAX):
+                code[i] = CODE_BAD + 3
+            elif not 0 <= ti <= TOKEN_MAX:
+                code[i] = CODE_BAD + 4
+            elif not 0 <= tk <= TOKEN_MAX:
+                code[i] = CODE_BAD + 5
+            elif not (bl == -1 or 0 <= bl <= TOKEN_MAX):
+                code[i] = CODE_BAD + 6
+            elif bad_alpha:
+                code[i] = CODE_BAD + 7
+            elif vt + tt == 0:
+                code[i] = CODE_EMPTY_PROMPT
+            else:
+                c = self.lookup(ti, tk, bl)
+                if c < 0:
+                    code[i] = CODE_UNKNOWN_CONFIG
+                else:
+                    cd, n, p = self.decide(c, float(vt + tt), b, req, alpha_v)
+                    code[i], nout[i], pred[i], ok[i] = cd, n, p, cd < 16
+        return ok, nout, pred, code
+
+    def predict_batch(
+        self,
+        vision_tokens: np.ndarray,
+        text_tokens: np.ndarray,
+        output_tokens: np.ndarray,
+        tier_idx: np.ndarray,
+        top_k: np.ndarray,
+        num_active_blocks: np.ndarray,
+        quantile: float = -1.0,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """-> (prefill_ms, decode_ms, total_ms, flags); NaN rows for invalid requests or unknown configs.
+        flags bit 0 extrapolated, bit 1 factorised, bit 2 quantile beyond stored, bit 3 invalid."""
+        size = vision_tokens.shape[0]
+        pre = np.full(size, math.nan)
+        dec = np.full(size, math.nan)
+        tot = np.full(size, math.nan)
+        flags = np.zeros(size, dtype=np.int64)
+        qv = float(quantile)
+        for i in range(size):
+            vt, tt, n = int(vision_tokens[i]), int(text_tokens[i]), int(output_tokens[i])
+            ti, tk, bl = int(tier_idx[i]), int(top_k[i]), int(num_active_blocks[i])
+            if (not 0 <= vt <= TOKEN_MAX or not 0 <= tt <= TOKEN_MAX or vt + tt == 0 or not 1 <= n <= TOKEN_MAX
+                    or not 0 <= ti <= TOKEN_MAX or not 0 <= tk <= TOKEN_MAX or bl < -1 or bl > TOKEN_MAX):  # fmt: skip
+                flags[i] = 8
+                continue
+            c = self.lookup(ti, tk, bl)
+            if c < 0:
+                flags[i] = 8
+                continue
+            f, fsrc = (1.0, F_NONE) if not qv > 0.0 else self.quantile_factor(c, qv)
+            prompt = float(vt + tt)
+            pre[i], dec[i], tot[i] = self.predict(c, prompt, float(n), f)
+            flags[i] = (
+                (1 if self.extrapolated(c, prompt, float(n)) else 0)
+                | (2 if self.cfg[c][FACTORISED] != 0.0 else 0)
+                | (4 if fsrc == F_CLIPPED else 0)
+            )
+        return pre, dec, tot, flags

@@ -1,0 +1,542 @@
+"""Analyze a request log: how much of the decode ms/token growth does KV-cache growth explain?
+
+Input: a RequestLog (estimator.requests) and, optionally, a calibrated Estimator. Output: an
+AnalysisReport with
+
+- the bucket table (output tokens 2, 3-5, 6-10, 11-20, 21+: count, mean and std of measured decode
+  ms/token) beside what the calibrated per-position model predicts for the same requests;
+- the share of the growth from the first to the last non-empty bucket that KV-length growth explains
+  (predicted growth / measured growth, clamped to [0, 1], with a verdict in words);
+- the trace authors' two checks: (a) decode ms/token against the mean KV size in bytes of each request
+  (correlation, slope, and the memory bandwidth that slope implies), (b) decode ms/token at fixed output
+  length across prefill-length terciles.
+
+Pure numpy: no plotting or engine imports here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from trt_latency.estimator.requests import RequestLog
+
+from trt_latency.errors import RequestLogError, TrtLatencyError
+
+# Output-token buckets of the production trace (DESIGN.md): (label, lo, hi) inclusive.
+BUCKETS: tuple[tuple[str, int, int], ...] = (
+    ("2", 2, 2),
+    ("3-5", 3, 5),
+    ("6-10", 6, 10),
+    ("11-20", 11, 20),
+    ("21+", 21, 2**62),
+)
+# |difference| must exceed this many standard errors to count as a real change.
+SIGNIFICANCE_SE = 2.0
+
+ConfigTuple = tuple[int, int, int]
+
+
+class _Prediction(Protocol):
+    decode_ms: float
+
+
+class Predictor(Protocol):
+    """What analyze needs from an Estimator."""
+
+    def predict(self, vision_tokens: int, text_tokens: int, output_tokens: int, tier_idx: int = 0,
+                top_k: int = 1, num_active_blocks: int | None = None,
+                quantile: float | None = None) -> Any: ...
+
+
+@dataclass
+class BucketRow:
+    label: str
+    count: int
+    measured_mean: float
+    measured_std: float
+    predicted_mean: float
+    predicted_std: float
+    mean_kv_tokens: float  # mean over requests of the mean past_len of their decode steps
+    mean_prompt_tokens: float
+
+
+@dataclass
+class GrowthShare:
+    first: str
+    last: str
+    measured_growth: float
+    measured_se: float
+    significant: bool | None  # None: too few requests to tell
+    predicted_growth: float
+    share_raw: float  # predicted / measured (unclamped); NaN when not defined
+    share: float  # clamped to [0, 1]; NaN when not defined
+    verdict: str
+
+    def share_text(self) -> str:
+        if math.isfinite(self.share):
+            return f"{self.share:.0%}"
+        if self.significant is False:
+            return "n/a (no significant growth)"
+        if self.measured_growth <= 0:
+            return "n/a (measured ms/token falls)"
+        return "n/a"
+
+
+@dataclass
+class KvSizeCheck:
+    x_unit: str  # "MiB" or "tokens"
+    n: int
+    correlation: float
+    slope_ms_per_unit: float
+    intercept_ms: float
+    predicted_slope_ms_per_unit: float
+    implied_bandwidth_gb_s: float  # 1/slope when x is bytes: the read rate at which KV growth costs this much
+    verdict: str
+
+
+@dataclass
+class PrefillCell:
+    bucket: str
+    tercile: str
+    count: int
+    mean_prompt_tokens: float
+    measured_mean: float
+    measured_std: float
+    predicted_mean: float
+
+
+@dataclass
+class PrefillCheck:
+    tercile_edges: list[float]
+    cells: list[PrefillCell]
+    mean_delta_ms: float  # count-weighted mean over buckets of (longest - shortest prompt tercile)
+    mean_delta_se: float
+    predicted_delta_ms: float
+    verdict: str
+
+
+@dataclass
+class AnalysisReport:
+    path: str
+    n_requests: int
+    n_decode: int
+    buckets: list[BucketRow]
+    growth: GrowthShare | None
+    kv_check: KvSizeCheck | None
+    prefill_check: PrefillCheck | None
+    has_model: bool
+    level_ratio: float = math.nan  # mean measured / mean predicted ms/token over all requests
+    notes: list[str] = field(default_factory=list)
+    source: dict[str, Any] = field(default_factory=dict)  # e.g. calibration path and provenance
+
+    def to_dict(self) -> dict[str, Any]:
+        def clean(value: Any) -> Any:
+            if isinstance(value, float | np.floating):
+                v = float(value)
+                return v if math.isfinite(v) else None
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
+            if isinstance(value, list | tuple):
+                return [clean(v) for v in value]
+            if isinstance(value, np.integer):
+                return int(value)
+            return value
+
+        out = {
+            "path": self.path,
+            "n_requests": self.n_requests,
+            "n_decode": self.n_decode,
+            "has_model": self.has_model,
+            "level_ratio": self.level_ratio,
+            "buckets": [vars(b) for b in self.buckets],
+            "growth": None if self.growth is None else vars(self.growth),
+            "kv_check": None if self.kv_check is None else vars(self.kv_check),
+            "prefill_check": None if self.prefill_check is None else {
+                **{k: v for k, v in vars(self.prefill_check).items() if k != "cells"},
+                "cells": [vars(c) for c in self.prefill_check.cells],
+            },
+            "notes": list(self.notes),
+            "source": dict(self.source),
+        }
+        return clean(out)  # type: ignore[no-any-return]
+
+    def format_table(self) -> str:
+        lines: list[str] = []
+        lines.append(f"Request log: {self.path} ({self.n_requests} requests, {self.n_decode} with >= 2 output tokens)")
+        if self.source.get("calibration"):
+            lines.append(f"Calibration: {self.source['calibration']}")
+        lines.append("")
+        header = f"{'output tokens':>13}  {'n':>5}  {'measured ms/token':>19}  {'mean KV len':>11}"
+        if self.has_model:
+            header += f"  {'predicted ms/token':>19}  {'pred/meas':>9}"
+        lines.append(header)
+        lines.append("-" * len(header))
+        for b in self.buckets:
+            if b.count == 0:
+                row = f"{b.label:>13}  {0:>5}  {'-':>19}  {'-':>11}"
+                if self.has_model:
+                    row += f"  {'-':>19}  {'-':>9}"
+            else:
+                row = (f"{b.label:>13}  {b.count:>5}  {_pm(b.measured_mean, b.measured_std):>19}"
+                       f"  {b.mean_kv_tokens:>11.0f}")
+                if self.has_model:
+                    ratio = b.predicted_mean / b.measured_mean if b.measured_mean > 0 else math.nan
+                    row += f"  {_pm(b.predicted_mean, b.predicted_std):>19}  {ratio:>9.2f}"
+            lines.append(row)
+        lines.append("")
+        if self.has_model and math.isfinite(self.level_ratio):
+            lines.append(_wrap(f"Level: the requests decode at {self.level_ratio:.2f}x the engine's per-position "
+                               "prediction overall." + (_LEVEL_HINT if abs(self.level_ratio - 1.0) > 0.2 else "")))
+            lines.append("")
+        if self.growth is not None:
+            g = self.growth
+            lines.append(f"Growth {g.first} -> {g.last}: measured {g.measured_growth:+.3f} ms/token "
+                         f"(2 SE = {SIGNIFICANCE_SE * g.measured_se:.3f})"
+                         + (f", model {g.predicted_growth:+.3f} ms/token" if self.has_model else ""))
+            if self.has_model:
+                lines.append("KV-explained share of the growth: " + g.share_text())
+            lines.append(_wrap("Verdict: " + g.verdict))
+            lines.append("")
+        if self.kv_check is not None:
+            k = self.kv_check
+            lines.append(f"Check (a) decode ms/token vs KV size ({k.n} requests, x = mean KV {k.x_unit} per step):")
+            line = (f"  correlation r = {k.correlation:+.2f}, slope = {k.slope_ms_per_unit:+.4g} ms/token per "
+                    f"{k.x_unit}, intercept = {k.intercept_ms:.3f} ms")
+            lines.append(line)
+            if self.has_model:
+                lines.append(f"  model slope on the same requests = {k.predicted_slope_ms_per_unit:+.4g} ms/token per {k.x_unit}")
+            if math.isfinite(k.implied_bandwidth_gb_s):
+                lines.append(f"  implied KV read rate = {k.implied_bandwidth_gb_s:.1f} GB/s "
+                             "(compare with the device's memory bandwidth)")
+            lines.append(_wrap("  " + k.verdict, indent="  "))
+            lines.append("")
+        if self.prefill_check is not None:
+            pc = self.prefill_check
+            edges = ", ".join(f"{e:.0f}" for e in pc.tercile_edges)
+            lines.append(f"Check (b) decode ms/token at fixed output length across prompt-length terciles (edges {edges}):")
+            head = f"  {'output tokens':>13}  {'prompt':>12}  {'n':>4}  {'mean P':>7}  {'measured':>17}"
+            if self.has_model:
+                head += f"  {'predicted':>9}"
+            lines.append(head)
+            for c in pc.cells:
+                row = (f"  {c.bucket:>13}  {c.tercile:>12}  {c.count:>4}  {c.mean_prompt_tokens:>7.0f}"
+                       f"  {_pm(c.measured_mean, c.measured_std):>17}")
+                if self.has_model:
+                    row += f"  {c.predicted_mean:>9.3f}"
+                lines.append(row)
+            summary = f"  longest - shortest prompt tercile: measured {pc.mean_delta_ms:+.3f} ms/token (2 SE = {SIGNIFICANCE_SE * pc.mean_delta_se:.3f})"
+            if self.has_model:
+                summary += f", model {pc.predicted_delta_ms:+.3f}"
+            lines.append(summary)
+            lines.append(_wrap("  " + pc.verdict, indent="  "))
+            lines.append("")
+        for note in self.notes:
+            lines.append(_wrap("Note: " + note))
+        return "\n".join(lines).rstrip() + "\n"
+
+
+_LEVEL_HINT = (" The gap is not KV growth (the prediction includes it): it is time per token the per-position "
+               "sweep did not see, e.g. work between engine calls, other load on the device while the log was "
+               "recorded, or heavy-tailed step times (a request's total follows the mean step time, the fitted "
+               "model the typical one; see residual_quantiles in the calibration).")
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{mean:.3f} ± {std:.3f}" if math.isfinite(std) else f"{mean:.3f}"
+
+
+def _wrap(text: str, width: int = 100, indent: str = "") -> str:
+    import textwrap
+
+    return textwrap.fill(text, width=width, subsequent_indent=indent + "  ")
+
+
+def _std(x: np.ndarray) -> float:
+    return float(np.std(x, ddof=1)) if x.size >= 2 else math.nan
+
+
+def _se(x: np.ndarray) -> float:
+    return _std(x) / math.sqrt(x.size) if x.size >= 2 else math.nan
+
+
+def _mean(x: np.ndarray) -> float:
+    return float(np.mean(x)) if x.size else math.nan
+
+
+def predict_ms_per_token(log: RequestLog, estimator: Predictor, mask: np.ndarray | None = None) -> np.ndarray:
+    """Model decode ms/token per request: Estimator.predict(...).decode_ms / (output_tokens - 1).
+
+    NaN where a request has fewer than 2 output tokens. A request the model cannot answer (unknown
+    tier, ...) raises RequestLogError naming the row.
+    """
+    return _predict(log, estimator, mask)[0]
+
+
+def _predict(log: RequestLog, estimator: Predictor, mask: np.ndarray | None) -> tuple[np.ndarray, dict[str, int]]:
+    """(ms/token per request, count of each Prediction flag such as 'extrapolated' / 'factorised')."""
+    flags: dict[str, int] = {}
+    out = np.full(len(log), np.nan)
+    for i in range(len(log)):
+        n = int(log.output_tokens[i])
+        if n < 2 or (mask is not None and not mask[i]):
+            continue
+        nab = int(log.num_active_blocks[i])
+        try:
+            pred = estimator.predict(
+                vision_tokens=int(log.vision_tokens[i]), text_tokens=int(log.text_tokens[i]), output_tokens=n,
+                tier_idx=int(log.tier_idx[i]), top_k=int(log.top_k[i]), num_active_blocks=nab if nab > 0 else None)
+        except (TrtLatencyError, ValueError, KeyError, IndexError) as exc:
+            raise RequestLogError(
+                f"the calibrated model cannot answer this request ({exc})", path=log.path, row=log.row_of(i),
+                field="tier_idx/top_k/num_active_blocks",
+                expected="a configuration the calibration covers",
+                got=f"tier_idx={int(log.tier_idx[i])}, top_k={int(log.top_k[i])}, num_active_blocks={nab}",
+            ) from None
+        out[i] = float(pred.decode_ms) / (n - 1)
+        for flag in str(getattr(pred, "flags", "") or "").split(";"):
+            if flag.strip():
+                flags[flag.strip()] = flags.get(flag.strip(), 0) + 1
+    return out, flags
+
+
+def _kv_bytes_per_request(log: RequestLog,
+                          kv_bytes_per_token: float | Mapping[ConfigTuple, float] | None) -> np.ndarray | None:
+    if kv_bytes_per_token is None:
+        return None
+    if isinstance(kv_bytes_per_token, int | float):
+        return np.full(len(log), float(kv_bytes_per_token))
+    out = np.full(len(log), np.nan)
+    by_tier: dict[int, float] = {}
+    for (tier, _top_k, _blocks), v in kv_bytes_per_token.items():
+        by_tier[tier] = max(by_tier.get(tier, 0.0), float(v))
+    for i in range(len(log)):
+        key = (int(log.tier_idx[i]), int(log.top_k[i]), int(log.num_active_blocks[i]))
+        if key in kv_bytes_per_token:
+            out[i] = float(kv_bytes_per_token[key])
+        elif key[2] == 0 and key[0] in by_tier:  # 0 = the tier's largest measured config
+            out[i] = by_tier[key[0]]
+    return None if np.isnan(out).any() else out
+
+
+def _growth(buckets: list[BucketRow], measured: dict[str, np.ndarray], has_model: bool) -> GrowthShare | None:
+    filled = [b for b in buckets if b.count > 0]
+    if len(filled) < 2:
+        return None
+    first, last = filled[0], filled[-1]
+    g = last.measured_mean - first.measured_mean
+    a, b = measured[first.label], measured[last.label]
+    if a.size >= 2 and b.size >= 2:
+        se = math.sqrt(_std(a) ** 2 / a.size + _std(b) ** 2 / b.size)
+        significant: bool | None = abs(g) > SIGNIFICANCE_SE * se
+    else:
+        se, significant = math.nan, None
+    p = last.predicted_mean - first.predicted_mean if has_model else math.nan
+    share_raw = p / g if has_model and g != 0 else math.nan
+    # A share of a change that is not there is noise: only report it for a real growth.
+    share = min(1.0, max(0.0, share_raw)) if math.isfinite(share_raw) and significant is not False and g > 0 \
+        else math.nan
+    span = f"from {first.label} to {last.label} output tokens"
+    if not has_model:
+        verdict = (f"Measured decode ms/token changes by {g:+.3f} {span}. Pass the calibration (-c CAL) to see "
+                   "how much of it KV-cache growth explains.")
+    elif significant is False:
+        verdict = (f"Measured decode ms/token does not change significantly {span} ({g:+.3f} ms/token, within "
+                   f"{SIGNIFICANCE_SE:g} standard errors = {SIGNIFICANCE_SE * se:.3f}); there is no growth for the "
+                   f"KV cache to explain (the model predicts {p:+.3f} ms/token from KV growth alone).")
+    elif g < 0:
+        verdict = (f"Measured decode ms/token falls by {-g:.3f} {span}; a longer KV cache can only make later "
+                   f"steps slower (the model predicts {p:+.3f}), so the KV cache cannot explain this change. A first "
+                   "decode step that costs more than later ones (warm-up after prefill, a shape change) weighs most "
+                   "in short requests and shows up this way.")
+    elif share_raw >= 0.8:
+        extra = (f" (the model predicts {share_raw:.0%} of it, more than measured; clamped to 100%)"
+                 if share_raw > 1.0 else "")
+        verdict = (f"KV-cache growth explains {share:.0%} of the measured growth {span} "
+                   f"(model {p:+.3f} vs measured {g:+.3f} ms/token){extra}.")
+    elif share_raw >= 0.5:
+        verdict = (f"KV-cache growth explains {share:.0%} of the measured growth {span}; the remaining "
+                   f"{g - p:+.3f} ms/token ({1 - share:.0%}) comes from something the per-position model does "
+                   "not see.")
+    else:
+        verdict = (f"The KV cache cannot explain this growth: it accounts for only {share:.0%} of it "
+                   f"(model {p:+.3f} vs measured {g:+.3f} ms/token {span}). The other {g - p:+.3f} ms/token comes "
+                   "from something the per-position engine timing does not include: per-request overhead in the "
+                   "decode loop, batching or contention with other requests, host-side sampling or scheduling.")
+    if significant is None:
+        verdict += " (Too few requests in the first or last bucket to test significance.)"
+    return GrowthShare(first.label, last.label, g, se, significant, p, share_raw, share, verdict)
+
+
+def _linfit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """(slope, intercept, pearson r); NaN where x has no spread."""
+    if x.size < 2 or float(np.ptp(x)) == 0.0:
+        return math.nan, math.nan, math.nan
+    slope, intercept = np.polyfit(x, y, 1)
+    r = float(np.corrcoef(x, y)[0, 1]) if float(np.ptp(y)) > 0 else math.nan
+    return float(slope), float(intercept), r
+
+
+def _kv_check(log: RequestLog, ok: np.ndarray, measured: np.ndarray, predicted: np.ndarray | None,
+              kv_bytes: np.ndarray | None) -> KvSizeCheck | None:
+    if int(ok.sum()) < 3:
+        return None
+    n_out = log.output_tokens[ok].astype(np.float64)
+    mean_past = log.prompt_tokens[ok].astype(np.float64) + (n_out - 2.0) / 2.0
+    if kv_bytes is not None:
+        x, unit = mean_past * kv_bytes[ok] / 2**20, "MiB"
+    else:
+        x, unit = mean_past, "tokens"
+    y = measured[ok]
+    slope, intercept, r = _linfit(x, y)
+    pslope = _linfit(x, predicted[ok])[0] if predicted is not None else math.nan
+    bandwidth = 2**20 / (slope * 1e-3) / 1e9 if unit == "MiB" and slope > 0 else math.nan
+    n = int(ok.sum())
+    # t statistic of the correlation: is the slope distinguishable from zero with this many requests?
+    t_stat = r * math.sqrt((n - 2) / max(1e-12, 1.0 - r * r)) if math.isfinite(r) and n > 2 else math.nan
+    if not math.isfinite(slope):
+        verdict = "All requests have the same KV size; nothing to compare."
+    elif not math.isfinite(t_stat) or abs(t_stat) < SIGNIFICANCE_SE:
+        verdict = (f"Decode ms/token shows no clear relation to KV size (r = {r:+.2f} over {n} requests, "
+                   "not significant): the KV cache is not what drives the per-request differences in this log.")
+    elif slope > 0:
+        strength = "strongly" if r >= 0.7 else "moderately" if r >= 0.4 else "weakly"
+        verdict = f"Decode ms/token rises {strength} with KV size (r = {r:+.2f})."
+        if predicted is not None and math.isfinite(pslope) and pslope > 0:
+            ratio = slope / pslope
+            if 0.5 <= ratio <= 2.0:
+                verdict += f" The measured slope is {ratio:.2f}x the engine's per-position slope: consistent."
+            elif ratio > 2.0:
+                verdict += (f" But the measured slope is {ratio:.1f}x the engine's per-position slope: KV reads "
+                            "alone do not account for it (a confounder that grows with KV size, e.g. longer "
+                            "requests sharing the engine with more concurrent work).")
+            else:
+                verdict += (f" The measured slope is only {ratio:.2f}x the engine's per-position slope: "
+                            "something offsets the KV cost in this log.")
+    else:
+        verdict = (f"Decode ms/token falls as KV size grows (r = {r:+.2f}): the opposite of what KV reads cause, "
+                   "so the KV cache does not explain the differences.")
+    return KvSizeCheck(unit, n, r, slope, intercept, pslope, bandwidth, verdict)
+
+
+def _prefill_check(log: RequestLog, ok: np.ndarray, measured: np.ndarray,
+                   predicted: np.ndarray | None) -> PrefillCheck | None:
+    prompt = log.prompt_tokens.astype(np.float64)
+    if int(ok.sum()) < 6 or np.unique(prompt[ok]).size < 2:
+        return None
+    e1, e2 = (float(v) for v in np.quantile(prompt[ok], [1 / 3, 2 / 3]))
+    edges = [e1, e2] if e2 > e1 else [e1]
+    labels = ([f"P <= {e1:.0f}", f"{e1:.0f} < P <= {e2:.0f}", f"P > {e2:.0f}"] if len(edges) == 2
+              else [f"P <= {e1:.0f}", f"P > {e1:.0f}"])
+    group = np.searchsorted(np.asarray(edges), prompt, side="left")
+    cells: list[PrefillCell] = []
+    deltas: list[tuple[int, float, float, float]] = []  # weight, measured delta, variance, predicted delta
+    groups: list[tuple[np.ndarray, np.ndarray]] = []  # per bucket: (mask of shortest, mask of longest tercile)
+    within: list[tuple[int, float]] = []  # (n - 1, variance) of every cell with >= 2 requests
+    for label, lo, hi in BUCKETS:
+        in_bucket = ok & (log.output_tokens >= lo) & (log.output_tokens <= hi)
+        present = []
+        for gi, glabel in enumerate(labels):
+            m = in_bucket & (group == gi)
+            if not m.any():
+                continue
+            pm = _mean(predicted[m]) if predicted is not None else math.nan
+            cells.append(PrefillCell(label, glabel, int(m.sum()), _mean(prompt[m]), _mean(measured[m]),
+                                     _std(measured[m]), pm))
+            if m.sum() >= 2:
+                within.append((int(m.sum()) - 1, _std(measured[m]) ** 2))
+            present.append((gi, m))
+        if len(present) >= 2 and present[0][0] == 0 and present[-1][0] == len(labels) - 1:
+            groups.append((present[0][1], present[-1][1]))
+    # Cells are small: estimate the noise of a cell mean from the pooled within-cell variance.
+    dof = sum(d for d, _ in within)
+    pooled = sum(d * v for d, v in within) / dof if dof > 0 else math.nan
+    for lo_m, hi_m in groups:
+        d = _mean(measured[hi_m]) - _mean(measured[lo_m])
+        var = pooled / int(hi_m.sum()) + pooled / int(lo_m.sum())
+        pd = _mean(predicted[hi_m]) - _mean(predicted[lo_m]) if predicted is not None else math.nan
+        deltas.append((int(min(lo_m.sum(), hi_m.sum())), d, var, pd))
+    if not deltas:
+        return PrefillCheck(edges, cells, math.nan, math.nan, math.nan,
+                            "No output-length bucket has both short and long prompts; cannot compare.")
+    w = np.asarray([d[0] for d in deltas], dtype=np.float64)
+    w = w / w.sum()
+    delta = float(np.sum(w * np.asarray([d[1] for d in deltas])))
+    variances = np.asarray([d[2] for d in deltas])
+    se = float(math.sqrt(np.sum(w**2 * variances))) if np.isfinite(variances).all() else math.nan
+    pdelta = float(np.sum(w * np.asarray([d[3] for d in deltas]))) if predicted is not None else math.nan
+    model = f" (model {pdelta:+.3f})" if predicted is not None else ""
+    if not math.isfinite(se):
+        verdict = (f"Longest - shortest prompt tercile at fixed output length: {delta:+.3f} ms/token{model}; too few "
+                   "requests per cell to test significance.")
+    elif abs(delta) <= SIGNIFICANCE_SE * se:
+        verdict = (f"At fixed output length, prompt length makes no significant difference ({delta:+.3f} ms/token, "
+                   f"2 SE = {SIGNIFICANCE_SE * se:.3f}).")
+        if predicted is not None and abs(pdelta) <= SIGNIFICANCE_SE * se:
+            verdict += (f" The engine predicts {pdelta:+.3f}, also within the noise: this log is too small or "
+                        "too noisy to show a KV effect of that size.")
+        else:
+            verdict += " In this log the KV length set by the prompt does not drive decode latency."
+    elif delta > 0:
+        verdict = (f"At fixed output length, requests with the longest prompts decode {delta:.3f} ms/token slower "
+                   f"than those with the shortest{model}: the KV length set by the prompt costs decode time.")
+        if predicted is not None and pdelta > 0 and delta / pdelta > 2.0:
+            verdict += (f" The difference is {delta / pdelta:.1f}x what the engine's per-position cost predicts, "
+                        "so KV reads explain only part of it.")
+    else:
+        verdict = (f"At fixed output length, requests with the longest prompts decode {-delta:.3f} ms/token faster"
+                   f"{model}: the opposite of a KV-cache effect.")
+    return PrefillCheck(edges, cells, delta, se, pdelta, verdict)
+
+
+def analyze(requests: RequestLog, estimator: Predictor | None = None,
+            kv_bytes_per_token: float | Mapping[ConfigTuple, float] | None = None) -> AnalysisReport:
+    """Bucket table, KV-explained share and the two verification checks for one request log.
+
+    ``kv_bytes_per_token``: bytes of K and V per token of KV length (2 * layers * kv_heads * head_dim *
+    dtype size), one number or one per (tier_idx, top_k, num_active_blocks); without it check (a) uses
+    KV length in tokens.
+    """
+    log = requests
+    measured = log.decode_ms_per_token()
+    ok = np.isfinite(measured)
+    notes: list[str] = []
+    predicted: np.ndarray | None = None
+    if estimator is not None:
+        predicted, flags = _predict(log, estimator, ok)
+        for flag, count in sorted(flags.items()):
+            why = {"extrapolated": "outside the calibrated KV / prompt range",
+                   "factorised": "for a config that was not measured (factorised model)"}.get(flag, flag)
+            notes.append(f"{count} of {int(ok.sum())} predictions are {why}; treat them with care.")
+    n_skipped = int((~ok).sum())
+    if n_skipped:
+        notes.append(f"{n_skipped} request(s) with a single output token have no decode step and are left out.")
+    n_out = log.output_tokens.astype(np.float64)
+    mean_past = log.prompt_tokens.astype(np.float64) + (n_out - 2.0) / 2.0
+    buckets: list[BucketRow] = []
+    by_label: dict[str, np.ndarray] = {}
+    for label, lo, hi in BUCKETS:
+        m = ok & (log.output_tokens >= lo) & (log.output_tokens <= hi)
+        by_label[label] = measured[m]
+        buckets.append(BucketRow(
+            label=label, count=int(m.sum()), measured_mean=_mean(measured[m]), measured_std=_std(measured[m]),
+            predicted_mean=_mean(predicted[m]) if predicted is not None else math.nan,
+            predicted_std=_std(predicted[m]) if predicted is not None else math.nan,
+            mean_kv_tokens=_mean(mean_past[m]), mean_prompt_tokens=_mean(log.prompt_tokens[m].astype(np.float64)),
+        ))
+    growth = _growth(buckets, by_label, predicted is not None)
+    if growth is None:
+        notes.append("Fewer than two output-token buckets have requests; no growth to measure.")
+    kv_bytes = _kv_bytes_per_request(log, kv_bytes_per_token)
+    if kv_bytes_per_token is not None and kv_bytes is None:
+        notes.append("KV bytes per token unknown for some request configurations; check (a) uses KV tokens.")
+    kv_check = _kv_check(log, ok, measured, predicted, kv_bytes)
+    prefill_check = _prefill_check(log, ok, measured, predicted)
+    level = (float(np.mean(measured[ok]) / np.mean(predicted[ok]))
+             if predicted is not None and ok.any() and np.mean(predicted[ok]) > 0 else math.nan)
+    return AnalysisReport(path=log.path, n_requests=len(log), n_decode=int(ok.sum()), buckets=buckets,
+                          growth=growth, kv_check=kv_check, prefill_check=prefill_check,
+                          has_model=predicted is not None, level_ratio=level, notes=notes)

@@ -1,0 +1,460 @@
+"""calibration.yaml: the versioned file a fit writes and an Estimator loads.
+
+Schema version 1 (one mapping)::
+
+    schema_version: 1
+    provenance: {backend, device, engine_sha256, versions: {...}, date, ...}   # free-form scalars
+    configs:
+      - tier_idx: 0
+        top_k: 1
+        num_active_blocks: 4
+        decode_knots: [1.0, 512.0, 4096.0]          # strictly increasing past_len
+        decode_values_ms: [0.9, 1.1, 2.3]            # > 0, non-decreasing (monotone T(L))
+        prefill_coeffs: [a, b, c]                    # prefill(S) = a + b*S + c*S^2
+        residual_quantiles: {0.5: 1.0, 0.9: 1.04}   # q -> ratio measured / fitted
+        conformal: null | {alphas: [...], factors: [...], n: int}
+        valid_past_len: [lo, hi]
+        valid_prefill_len: [lo, hi]
+        fit_error: {loo_median_rel, loo_max_rel, n_positions, knots_chosen_by}
+        kv_bytes_per_token: null | int
+    factorised:                                       # per tier: t0 + blocks*(u + w*top_k + v*L)
+      - {tier_idx, t0, u, w, v, valid_past_len, heldout_median_rel, heldout_max_rel, n_configs}
+
+Loading only ever raises CalibrationError (naming the file, the field and what was expected);
+saving is atomic (temp file in the same folder + os.replace) and canonical, so
+save -> load -> save is byte identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trt_latency.errors import CalibrationError
+
+SCHEMA_VERSION = 1
+# Largest tier_idx / top_k / num_active_blocks a file may name (keeps lookup tables small).
+MAX_CONFIG_INT = 4095
+
+
+@dataclass
+class ConfigCalibration:
+    """Everything the estimator needs for one measured config (tier_idx, top_k, num_active_blocks)."""
+
+    tier_idx: int
+    top_k: int
+    num_active_blocks: int
+    decode_knots: list[float]
+    decode_values_ms: list[float]
+    prefill_coeffs: list[float]
+    residual_quantiles: dict[float, float]
+    valid_past_len: list[float]
+    valid_prefill_len: list[float]
+    fit_error: dict[str, Any] = field(default_factory=dict)
+    conformal: dict[str, Any] | None = None
+    kv_bytes_per_token: int | None = None
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return (self.tier_idx, self.top_k, self.num_active_blocks)
+
+
+@dataclass
+class FactorisedModel:
+    """Decode step of configs not measured, per tier: t0 + blocks*(u + w*top_k + v*L)."""
+
+    tier_idx: int
+    t0: float
+    u: float
+    w: float
+    v: float
+    valid_past_len: list[float]
+    n_configs: int
+    heldout_median_rel: float | None = None  # leave-one-config-out; None with < 2 configs
+    heldout_max_rel: float | None = None
+
+    def step_ms(self, past_len: float, top_k: int, num_active_blocks: int) -> float:
+        return self.t0 + num_active_blocks * (self.u + self.w * top_k + self.v * past_len)
+
+
+@dataclass
+class Calibration:
+    schema_version: int
+    provenance: dict[str, Any]
+    configs: list[ConfigCalibration]
+    factorised: list[FactorisedModel] = field(default_factory=list)
+
+    def config(self, tier_idx: int, top_k: int, num_active_blocks: int) -> ConfigCalibration:
+        for cfg in self.configs:
+            if cfg.key == (tier_idx, top_k, num_active_blocks):
+                return cfg
+        raise KeyError((tier_idx, top_k, num_active_blocks))
+
+
+def with_conformal(
+    cal: Calibration,
+    key: tuple[int, int, int],
+    alphas: Sequence[float],
+    factors: Sequence[float],
+    n: int,
+) -> Calibration:
+    """A copy of `cal` with conformal factors stored for config `key` (validated like a loaded file)."""
+    configs = []
+    found = False
+    for cfg in cal.configs:
+        if cfg.key == tuple(key):
+            found = True
+            cfg = dataclasses.replace(
+                cfg, conformal={"alphas": [float(a) for a in alphas], "factors": [float(f) for f in factors], "n": int(n)}
+            )
+        configs.append(cfg)
+    if not found:
+        raise CalibrationError(field="configs", expected=f"a measured config {tuple(key)}", got=None)
+    out = dataclasses.replace(cal, configs=configs)
+    validate_calibration(out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- save
+
+
+def calibration_to_dict(cal: Calibration) -> dict[str, Any]:
+    """The canonical mapping written to YAML (fixed key order)."""
+    return {
+        "schema_version": cal.schema_version,
+        "provenance": _plain(cal.provenance),
+        "configs": [
+            {
+                "tier_idx": c.tier_idx,
+                "top_k": c.top_k,
+                "num_active_blocks": c.num_active_blocks,
+                "decode_knots": [float(x) for x in c.decode_knots],
+                "decode_values_ms": [float(x) for x in c.decode_values_ms],
+                "prefill_coeffs": [float(x) for x in c.prefill_coeffs],
+                "residual_quantiles": {float(q): float(r) for q, r in sorted(c.residual_quantiles.items())},
+                "conformal": None
+                if c.conformal is None
+                else {
+                    "alphas": [float(a) for a in c.conformal["alphas"]],
+                    "factors": [float(f) for f in c.conformal["factors"]],
+                    "n": int(c.conformal["n"]),
+                },
+                "valid_past_len": [float(x) for x in c.valid_past_len],
+                "valid_prefill_len": [float(x) for x in c.valid_prefill_len],
+                "fit_error": _plain(c.fit_error),
+                "kv_bytes_per_token": None if c.kv_bytes_per_token is None else int(c.kv_bytes_per_token),
+            }
+            for c in cal.configs
+        ],
+        "factorised": [
+            {
+                "tier_idx": f.tier_idx,
+                "t0": float(f.t0),
+                "u": float(f.u),
+                "w": float(f.w),
+                "v": float(f.v),
+                "valid_past_len": [float(x) for x in f.valid_past_len],
+                "n_configs": int(f.n_configs),
+                "heldout_median_rel": None if f.heldout_median_rel is None else float(f.heldout_median_rel),
+                "heldout_max_rel": None if f.heldout_max_rel is None else float(f.heldout_max_rel),
+            }
+            for f in cal.factorised
+        ],
+    }
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and tuples -> plain YAML-safe Python values."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if hasattr(value, "item"):  # numpy scalar
+        return _plain(value.item())
+    if isinstance(value, datetime.date):
+        return value.isoformat()
+    return str(value)
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
+    # Lists of scalars on one line (diff friendly); lists of mappings as blocks.
+    flow = all(not isinstance(x, dict | list) for x in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_Dumper.add_representer(list, _represent_list)
+
+
+def dump_calibration(cal: Calibration) -> str:
+    validate_calibration(cal)
+    header = "# trt-latency calibration (schema 1). Written by `trt-latency fit`; see DESIGN.md.\n"
+    return header + yaml.dump(calibration_to_dict(cal), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=1 << 16)
+
+
+def save_calibration(cal: Calibration, path: str | os.PathLike[str]) -> Path:
+    """Write atomically: a temp file in the target folder, fsync, then os.replace."""
+    text = dump_calibration(cal)
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return target
+
+
+# ----------------------------------------------------------------------------------------- load
+
+
+def load_calibration(path: str | os.PathLike[str]) -> Calibration:
+    """Read and validate a calibration file; any problem is a CalibrationError naming file and field."""
+    p = os.fspath(path)
+    try:
+        raw = Path(p).read_bytes()
+    except FileNotFoundError:
+        raise CalibrationError("file not found", path=p) from None
+    except OSError as exc:
+        raise CalibrationError(f"cannot read ({exc.strerror or exc})", path=p) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(f"not UTF-8 text (byte {exc.start})", path=p, expected="a YAML calibration file") from None
+    if "\x00" in text:
+        raise CalibrationError("binary data", path=p, expected="a YAML calibration file")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise CalibrationError(f"malformed YAML{where}: {problem}", path=p) from None
+    except (ValueError, TypeError, RecursionError) as exc:  # e.g. absurd timestamps inside the YAML
+        raise CalibrationError(f"malformed YAML: {exc}", path=p) from None
+    return calibration_from_dict(data, path=p)
+
+
+def calibration_from_dict(data: Any, path: str | None = None) -> Calibration:
+    v = _Validator(path)
+    return v.calibration(data)
+
+
+def validate_calibration(cal: Calibration, path: str | None = None) -> None:
+    """Check an in-memory Calibration with the same rules as a loaded file."""
+    calibration_from_dict(_roundtrip_dict(cal), path=path)
+
+
+def _roundtrip_dict(cal: Calibration) -> Any:
+    try:
+        return calibration_to_dict(cal)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise CalibrationError(f"not serialisable: {exc}", field="calibration") from None
+
+
+class _Validator:
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+
+    def fail(self, field_name: str, expected: str, got: Any) -> CalibrationError:
+        shown = got if isinstance(got, int | float | str | bool | type(None)) else type(got).__name__
+        if isinstance(shown, str) and len(shown) > 60:
+            shown = shown[:57] + "..."
+        return CalibrationError(path=self.path, field=field_name, expected=expected, got=shown)
+
+    def mapping(self, value: Any, name: str, required: Sequence[str]) -> Mapping[Any, Any]:
+        if not isinstance(value, Mapping):
+            raise self.fail(name, "a mapping", value)
+        for key in required:
+            if key not in value:
+                raise self.fail(f"{name}.{key}" if name else key, "a value (missing key)", None)
+        return value
+
+    def integer(self, value: Any, name: str, lo: int = 0, hi: int = MAX_CONFIG_INT) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(name, f"an integer in [{lo}, {hi}]", value)
+        if not lo <= value <= hi:
+            raise self.fail(name, f"an integer in [{lo}, {hi}]", value)
+        return int(value)
+
+    def number(self, value: Any, name: str, lo: float = -math.inf, hi: float = math.inf, what: str = "") -> float:
+        expected = what or "a finite number"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.fail(name, expected, value)
+        x = float(value) if abs(value) < 1e308 else math.inf
+        if not math.isfinite(x) or not lo <= x <= hi:
+            raise self.fail(name, expected, value)
+        return x
+
+    def numbers(self, value: Any, name: str, n: int | None = None, min_len: int = 1, **kw: Any) -> list[float]:
+        size = f"{n} numbers" if n is not None else f"a list of >= {min_len} numbers"
+        if not isinstance(value, list):
+            raise self.fail(name, size, value)
+        if (n is not None and len(value) != n) or len(value) < min_len:
+            raise self.fail(name, size, f"{len(value)} items")
+        return [self.number(x, f"{name}[{i}]", **kw) for i, x in enumerate(value)]
+
+    def range_(self, value: Any, name: str) -> list[float]:
+        lo, hi = self.numbers(value, name, n=2, lo=0.0, what="a finite number >= 0")
+        if hi < lo:
+            raise self.fail(name, "[lo, hi] with lo <= hi", f"[{lo}, {hi}]")
+        return [lo, hi]
+
+    def optional_number(self, value: Any, name: str) -> float | None:
+        return None if value is None else self.number(value, name, lo=0.0, what="a finite number >= 0 or null")
+
+    def calibration(self, data: Any) -> Calibration:
+        top = self.mapping(data, "", ["schema_version", "configs"])
+        version = top["schema_version"]
+        if version != SCHEMA_VERSION or isinstance(version, bool):
+            raise self.fail("schema_version", str(SCHEMA_VERSION), version)
+        prov = top.get("provenance", {})
+        if prov is None:
+            prov = {}
+        if not isinstance(prov, Mapping):
+            raise self.fail("provenance", "a mapping", prov)
+        provenance = {str(k): self.plain(v, f"provenance.{k}") for k, v in prov.items()}
+        configs_raw = top["configs"]
+        if not isinstance(configs_raw, list) or not configs_raw:
+            raise self.fail("configs", "a non-empty list of config mappings", configs_raw)
+        configs = [self.config(c, f"configs[{i}]") for i, c in enumerate(configs_raw)]
+        seen: set[tuple[int, int, int]] = set()
+        for i, c in enumerate(configs):
+            if c.key in seen:
+                raise self.fail(f"configs[{i}]", "a unique (tier_idx, top_k, num_active_blocks)", str(c.key))
+            seen.add(c.key)
+        fact_raw = top.get("factorised", [])
+        if fact_raw is None:
+            fact_raw = []
+        if not isinstance(fact_raw, list):
+            raise self.fail("factorised", "a list of per-tier mappings", fact_raw)
+        factorised = [self.factorised(f, f"factorised[{i}]") for i, f in enumerate(fact_raw)]
+        tiers = [f.tier_idx for f in factorised]
+        if len(set(tiers)) != len(tiers):
+            raise self.fail("factorised", "one entry per tier_idx", str(tiers))
+        return Calibration(SCHEMA_VERSION, provenance, configs, factorised)
+
+    def plain(self, value: Any, name: str, depth: int = 0) -> Any:
+        if depth > 8:
+            raise self.fail(name, "scalars, lists or mappings nested at most 8 deep", "deeper")
+        if value is None or isinstance(value, bool | int | str):
+            return value
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise self.fail(name, "a finite number", value)
+            return value
+        if isinstance(value, datetime.date):
+            return value.isoformat()
+        if isinstance(value, list):
+            return [self.plain(v, f"{name}[{i}]", depth + 1) for i, v in enumerate(value)]
+        if isinstance(value, Mapping):
+            return {str(k): self.plain(v, f"{name}.{k}", depth + 1) for k, v in value.items()}
+        raise self.fail(name, "a YAML scalar, list or mapping", value)
+
+    def config(self, data: Any, name: str) -> ConfigCalibration:
+        required = [
+            "tier_idx", "top_k", "num_active_blocks", "decode_knots", "decode_values_ms", "prefill_coeffs",
+            "residual_quantiles", "valid_past_len", "valid_prefill_len",
+        ]  # fmt: skip
+        m = self.mapping(data, name, required)
+        tier = self.integer(m["tier_idx"], f"{name}.tier_idx")
+        top_k = self.integer(m["top_k"], f"{name}.top_k")
+        blocks = self.integer(m["num_active_blocks"], f"{name}.num_active_blocks")
+        knots = self.numbers(m["decode_knots"], f"{name}.decode_knots", min_len=2, lo=0.0, hi=1e12,
+                             what="a finite number in [0, 1e12]")  # fmt: skip
+        for i in range(1, len(knots)):
+            if not knots[i] > knots[i - 1]:
+                raise self.fail(f"{name}.decode_knots[{i}]", f"strictly increasing (> {knots[i - 1]})", knots[i])
+        values = self.numbers(m["decode_values_ms"], f"{name}.decode_values_ms", n=len(knots), lo=1e-12,
+                              hi=1e12, what="a finite number > 0 (ms)")  # fmt: skip
+        for i in range(1, len(values)):
+            if values[i] < values[i - 1]:
+                raise self.fail(f"{name}.decode_values_ms[{i}]", f"non-decreasing (>= {values[i - 1]})", values[i])
+        coeffs = self.numbers(m["prefill_coeffs"], f"{name}.prefill_coeffs", n=3, lo=-1e12, hi=1e12)
+        rq_raw = m["residual_quantiles"]
+        if not isinstance(rq_raw, Mapping):
+            raise self.fail(f"{name}.residual_quantiles", "a mapping quantile -> ratio", rq_raw)
+        rq: dict[float, float] = {}
+        for q, r in rq_raw.items():
+            qf = self.number(q, f"{name}.residual_quantiles", lo=0.0, hi=1.0, what="quantile keys in [0, 1]")
+            rq[qf] = self.number(r, f"{name}.residual_quantiles[{q}]", lo=1e-6, hi=1e6, what="a ratio in (0, 1e6]")
+        conformal = m.get("conformal")
+        if conformal is not None:
+            conformal = self.conformal(conformal, f"{name}.conformal")
+        fit_error_raw = m.get("fit_error", {})
+        if fit_error_raw is None:
+            fit_error_raw = {}
+        if not isinstance(fit_error_raw, Mapping):
+            raise self.fail(f"{name}.fit_error", "a mapping", fit_error_raw)
+        fit_error = {str(k): self.plain(v, f"{name}.fit_error.{k}") for k, v in fit_error_raw.items()}
+        kv = m.get("kv_bytes_per_token")
+        if kv is not None:
+            kv = self.integer(kv, f"{name}.kv_bytes_per_token", lo=0, hi=1 << 50)
+        return ConfigCalibration(
+            tier_idx=tier,
+            top_k=top_k,
+            num_active_blocks=blocks,
+            decode_knots=knots,
+            decode_values_ms=values,
+            prefill_coeffs=coeffs,
+            residual_quantiles=dict(sorted(rq.items())),
+            valid_past_len=self.range_(m["valid_past_len"], f"{name}.valid_past_len"),
+            valid_prefill_len=self.range_(m["valid_prefill_len"], f"{name}.valid_prefill_len"),
+            fit_error=fit_error,
+            conformal=conformal,
+            kv_bytes_per_token=kv,
+        )
+
+    def conformal(self, data: Any, name: str) -> dict[str, Any]:
+        m = self.mapping(data, name, ["alphas", "factors", "n"])
+        alphas = self.numbers(m["alphas"], f"{name}.alphas", lo=1e-9, hi=1.0 - 1e-9, what="a number in (0, 1)")
+        factors = self.numbers(m["factors"], f"{name}.factors", n=len(alphas), lo=1e-6, hi=1e6,
+                               what="a factor in (0, 1e6]")  # fmt: skip
+        for i in range(1, len(alphas)):
+            if not alphas[i] > alphas[i - 1]:
+                raise self.fail(f"{name}.alphas[{i}]", f"strictly increasing (> {alphas[i - 1]})", alphas[i])
+            if factors[i] > factors[i - 1]:
+                raise self.fail(f"{name}.factors[{i}]", f"non-increasing as alpha grows (<= {factors[i - 1]})", factors[i])
+        n = self.integer(m["n"], f"{name}.n", lo=1, hi=1 << 40)
+        return {"alphas": alphas, "factors": factors, "n": n}
+
+    def factorised(self, data: Any, name: str) -> FactorisedModel:
+        m = self.mapping(data, name, ["tier_idx", "t0", "u", "w", "v", "valid_past_len", "n_configs"])
+        return FactorisedModel(
+            tier_idx=self.integer(m["tier_idx"], f"{name}.tier_idx"),
+            t0=self.number(m["t0"], f"{name}.t0", lo=-1e12, hi=1e12),
+            u=self.number(m["u"], f"{name}.u", lo=-1e12, hi=1e12),
+            w=self.number(m["w"], f"{name}.w", lo=-1e12, hi=1e12),
+            v=self.number(m["v"], f"{name}.v", lo=-1e12, hi=1e12),
+            valid_past_len=self.range_(m["valid_past_len"], f"{name}.valid_past_len"),
+            n_configs=self.integer(m["n_configs"], f"{name}.n_configs", lo=1, hi=1 << 30),
+            heldout_median_rel=self.optional_number(m.get("heldout_median_rel"), f"{name}.heldout_median_rel"),
+            heldout_max_rel=self.optional_number(m.get("heldout_max_rel"), f"{name}.heldout_max_rel"),
+        )

@@ -1,0 +1,362 @@
+"""Samples -> Calibration: the position-dependent decode model and everything stored beside it.
+
+Per config (tier_idx, top_k, num_active_blocks):
+- decode: the median latency per past_len (robust to outlier repetitions), then a monotone
+  piecewise-linear T(L) whose knot count is chosen by leave-one-position-out cross-validation
+  (knots at quantiles of the measured positions; the simplest count within one standard error
+  of the best wins, so a straight line -- 2 knots -- is kept unless the data need more). Monotone
+  non-decreasing is enforced by non-negative least squares on the knot increments.
+- prefill: a + b*S + c*S^2 on the per-S medians, all coefficients >= 0.
+- residual quantiles: ratio of every repetition to the fitted value, pooled over decode and prefill.
+- fit error: leave-one-position-out relative error (median, max) of the chosen model.
+Across configs of one tier: the factorised model t0 + blocks*(u + w*top_k + v*L) with its
+leave-one-config-out error; the Estimator uses it for configs that were not measured.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from trt_latency.errors import SamplesError
+from trt_latency.estimator.calibration import SCHEMA_VERSION, Calibration, ConfigCalibration, FactorisedModel
+from trt_latency.estimator.samples import Samples
+
+QUANTILES = (0.5, 0.9, 0.95, 0.99)
+MAX_KNOTS = 8
+
+
+# ------------------------------------------------------------------------------- numerics
+
+
+def nnls(a: np.ndarray, b: np.ndarray, max_iter: int = 200) -> np.ndarray:
+    """min ||a x - b|| subject to x >= 0 (Lawson-Hanson active set; problems here are tiny)."""
+    m, n = a.shape
+    x = np.zeros(n)
+    passive = np.zeros(n, dtype=bool)
+    w = a.T @ (b - a @ x)
+    tol = 10 * np.finfo(float).eps * max(1.0, float(np.abs(a).max(initial=0.0))) * max(m, n)
+    for _ in range(max_iter):
+        if passive.all() or w[~passive].max(initial=-np.inf) <= tol:
+            break
+        j = int(np.argmax(np.where(passive, -np.inf, w)))
+        passive[j] = True
+        for _inner in range(max_iter):
+            z = np.zeros(n)
+            z[passive] = np.linalg.lstsq(a[:, passive], b, rcond=None)[0]
+            if (z[passive] > 0).all():
+                break
+            mask = passive & (z <= 0)
+            denom = x[mask] - z[mask]
+            alpha = float(np.min(np.where(denom > 0, x[mask] / np.where(denom > 0, denom, 1.0), np.inf)))
+            if not math.isfinite(alpha):
+                alpha = 0.0
+            x = x + alpha * (z - x)
+            passive &= x > tol
+            x[~passive] = 0.0
+        else:
+            break
+        x = z
+        w = a.T @ (b - a @ x)
+    return x
+
+
+def pwl_eval(knots: np.ndarray, values: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """T(L) with the estimator's conventions: constant below the first knot, last slope above the last."""
+    x = np.asarray(x, dtype=np.float64)
+    out = np.interp(x, knots, values)
+    slope = (values[-1] - values[-2]) / (knots[-1] - knots[-2])
+    above = x > knots[-1]
+    out[above] = values[-1] + slope * (x[above] - knots[-1])
+    return out
+
+
+def _hat_basis(knots: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Column k = piecewise-linear 'hat' at knot k, with pwl_eval's extension conventions."""
+    k = knots.shape[0]
+    seg = np.searchsorted(knots, x, side="right") - 1
+    seg[seg < 0] = 0
+    seg[seg > k - 2] = k - 2
+    t = (x - knots[seg]) / (knots[seg + 1] - knots[seg])
+    t = np.where(x < knots[0], 0.0, t)  # constant below the first knot; t > 1 above the last: last slope
+    basis = np.zeros((x.shape[0], k))
+    rows = np.arange(x.shape[0])
+    basis[rows, seg] = 1.0 - t
+    basis[rows, seg + 1] += t
+    return basis
+
+
+def fit_monotone_pwl(x: np.ndarray, y: np.ndarray, knots: np.ndarray) -> np.ndarray:
+    """Knot values (non-decreasing, >= 0) minimising relative squared error to (x, y)."""
+    h = _hat_basis(knots, x)
+    cum = np.tril(np.ones((knots.shape[0], knots.shape[0])))  # values = cum @ increments
+    weight = 1.0 / y
+    d = nnls(h @ cum * weight[:, None], np.ones_like(y))
+    values = cum @ d
+    # Strictly positive first value, non-decreasing after (rounding can make increments -0).
+    values[0] = max(values[0], float(np.min(y)) * 1e-3)
+    return np.maximum.accumulate(values)
+
+
+def _weighted_sse(x: np.ndarray, y: np.ndarray, knots: np.ndarray) -> float:
+    """Relative SSE of the unconstrained least-squares fit (cheap; used to rank candidate knots)."""
+    design = _hat_basis(knots, x) / y[:, None]
+    try:
+        coef = np.linalg.solve(design.T @ design, design.sum(axis=0))
+    except np.linalg.LinAlgError:
+        coef = np.linalg.lstsq(design, np.ones_like(y), rcond=None)[0]
+    return float(np.sum((design @ coef - 1.0) ** 2))
+
+
+def greedy_knots(x: np.ndarray, y: np.ndarray, max_knots: int) -> list[np.ndarray]:
+    """Nested knot sets (2, 3, ... max_knots knots) chosen among the measured positions by forward
+    selection: start from the two endpoints, add the position that most reduces the relative error."""
+    n = x.shape[0]
+    chosen = [0, n - 1]
+    sets = [x[chosen].astype(np.float64)]
+    while len(chosen) < min(max_knots, n):
+        best_j, best_sse = -1, math.inf
+        for j in range(1, n - 1):
+            if j in chosen:
+                continue
+            sse = _weighted_sse(x, y, x[sorted([*chosen, j])].astype(np.float64))
+            if sse < best_sse - 1e-15:
+                best_j, best_sse = j, sse
+        if best_j < 0:
+            break
+        chosen = sorted([*chosen, best_j])
+        sets.append(x[chosen].astype(np.float64))
+    return sets
+
+
+@dataclass
+class DecodeFit:
+    knots: np.ndarray
+    values: np.ndarray
+    loo_rel: np.ndarray  # signed relative error per held-out position
+    cv_scores: dict[int, float]
+
+
+def fit_decode(x: np.ndarray, y: np.ndarray, max_knots: int = MAX_KNOTS) -> DecodeFit:
+    """Choose the knot count by leave-one-position-out CV (knot placement redone inside each fold),
+    keep the fewest knots whose CV error is within one standard error of the best, refit on all."""
+    n = x.shape[0]
+    if n <= 3:
+        knots = x.astype(np.float64) if n == 2 else x[[0, n - 1]].astype(np.float64)
+        values = fit_monotone_pwl(x, y, knots)
+        errs = np.full(n, np.nan)
+        if n == 3:
+            values_loo = fit_monotone_pwl(x[[0, 2]], y[[0, 2]], x[[0, 2]].astype(np.float64))
+            errs[1] = pwl_eval(x[[0, 2]].astype(np.float64), values_loo, x[1:2])[0] / y[1] - 1.0
+        return DecodeFit(knots, values, errs, {})
+    kmax = min(max_knots, n - 1)
+    errs = np.full((kmax + 1, n), np.nan)
+    for i in range(n):
+        keep = np.arange(n) != i
+        for knots in greedy_knots(x[keep], y[keep], kmax):
+            values = fit_monotone_pwl(x[keep], y[keep], knots)
+            errs[knots.shape[0], i] = pwl_eval(knots, values, x[i : i + 1])[0] / y[i] - 1.0
+    scores = {k: float(np.mean(errs[k] ** 2)) for k in range(2, kmax + 1) if np.isfinite(errs[k]).all()}
+    ses = {k: float(np.std(errs[k] ** 2) / math.sqrt(n)) for k in scores}
+    best = min(scores, key=lambda kk: scores[kk])
+    chosen = min(k for k in scores if scores[k] <= scores[best] + ses[best])
+    sets = greedy_knots(x, y, chosen)
+    knots = sets[-1]
+    values = fit_monotone_pwl(x, y, knots)
+    return DecodeFit(knots, values, errs[chosen], scores)
+
+
+def fit_prefill(s: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """[a, b, c] >= 0 for a + b*S + c*S^2, relative least squares on per-S medians."""
+    if s.shape[0] == 1:
+        return np.array([float(y[0]), 0.0, 0.0])
+    design = np.stack([np.ones_like(s), s, s * s], axis=1) / y[:, None]
+    scale = np.array([1.0, 1.0 / max(float(s.max()), 1.0), 1.0 / max(float(s.max()), 1.0) ** 2])
+    coef = nnls(design * scale, np.ones_like(y)) * scale
+    if s.shape[0] == 2:  # two points cannot support a curvature term
+        coef = nnls(design[:, :2] * scale[:2], np.ones_like(y)) * scale[:2]
+        coef = np.array([coef[0], coef[1], 0.0])
+    return coef
+
+
+def prefill_eval(coeffs: np.ndarray | list[float], s: np.ndarray) -> np.ndarray:
+    a, b, c = coeffs
+    return np.maximum(a + s * (b + c * s), 0.0)
+
+
+def _medians(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    med = np.array([float(np.median(values[inverse == i])) for i in range(uniq.shape[0])])
+    return uniq.astype(np.float64), med, counts
+
+
+# ------------------------------------------------------------------------------- per config
+
+
+def fit_config(
+    samples: Samples, key: tuple[int, int, int], kv_bytes_per_token: int | None = None
+) -> tuple[ConfigCalibration, np.ndarray, np.ndarray]:
+    """Fit one config; returns the calibration and the decode (positions, medians) it used."""
+    tier, top_k, blocks = key
+    sel = (samples.tier_idx == tier) & (samples.top_k == top_k) & (samples.num_active_blocks == blocks)
+    sel &= samples.batch <= 1
+    dec = sel & (samples.phase == "decode") & (samples.new_tokens == 1)
+    pre = sel & (samples.phase == "prefill") & (samples.past_len == 0)
+    where = f"config (tier_idx={tier}, top_k={top_k}, num_active_blocks={blocks})"
+    if not dec.any():
+        raise SamplesError(f"{where} has no decode rows", path=samples.source or None, field="phase",
+                           expected="decode rows with new_tokens=1 at >= 2 past_len values")  # fmt: skip
+    x, y, _ = _medians(samples.past_len[dec], samples.latency_ms[dec])
+    if x.shape[0] < 2:
+        raise SamplesError(f"{where} has decode rows at one past_len only", path=samples.source or None,
+                           field="past_len", expected="decode rows at >= 2 distinct past_len values")  # fmt: skip
+    dfit = fit_decode(x, y)
+    ratios = [samples.latency_ms[dec] / pwl_eval(dfit.knots, dfit.values, samples.past_len[dec])]
+    prefill_err = None
+    if pre.any():
+        s, ps, _ = _medians(samples.new_tokens[pre], samples.latency_ms[pre])
+        coeffs = fit_prefill(s, ps)
+        fitted = prefill_eval(coeffs, samples.new_tokens[pre].astype(np.float64))
+        ratios.append(samples.latency_ms[pre] / np.maximum(fitted, 1e-12))
+        prefill_err = float(np.max(np.abs(prefill_eval(coeffs, s) / ps - 1.0)))
+        prefill_range = [float(s.min()), float(s.max())]
+    else:
+        # No prefill measured: one decode step at the first position stands in, flagged by an empty range.
+        coeffs = np.array([float(dfit.values[0]), 0.0, 0.0])
+        prefill_range = [0.0, 0.0]
+    all_ratios = np.concatenate(ratios)
+    rq = {q: float(np.quantile(all_ratios, q)) for q in QUANTILES}
+    loo = np.abs(dfit.loo_rel[np.isfinite(dfit.loo_rel)])
+    fit_error: dict[str, Any] = {
+        "loo_median_rel": float(np.median(loo)) if loo.size else None,
+        "loo_max_rel": float(np.max(loo)) if loo.size else None,
+        "n_positions": int(x.shape[0]),
+        "n_knots": int(dfit.knots.shape[0]),
+        "n_decode_samples": int(dec.sum()),
+        "n_prefill_samples": int(pre.sum()),
+        "prefill_max_rel": prefill_err,
+    }
+    cfg = ConfigCalibration(
+        tier_idx=tier,
+        top_k=top_k,
+        num_active_blocks=blocks,
+        decode_knots=[float(v) for v in dfit.knots],
+        decode_values_ms=[float(v) for v in dfit.values],
+        prefill_coeffs=[float(v) for v in coeffs],
+        residual_quantiles=rq,
+        valid_past_len=[float(x[0]), float(x[-1])],
+        valid_prefill_len=prefill_range,
+        fit_error=fit_error,
+        conformal=None,
+        kv_bytes_per_token=kv_bytes_per_token,
+    )
+    return cfg, x, y
+
+
+# ------------------------------------------------------------------------------- factorised
+
+
+def _factorised_lstsq(rows: list[tuple[int, int, np.ndarray, np.ndarray]]) -> np.ndarray:
+    design, target = [], []
+    for top_k, blocks, x, y in rows:
+        feats = np.stack([np.ones_like(x), np.full_like(x, blocks), np.full_like(x, blocks * top_k), blocks * x], axis=1)
+        design.append(feats / y[:, None])  # relative error
+        target.append(np.ones_like(y))
+    coef, *_ = np.linalg.lstsq(np.concatenate(design), np.concatenate(target), rcond=None)
+    return np.asarray(coef, dtype=np.float64)
+
+
+def fit_factorised(tier: int, rows: list[tuple[int, int, np.ndarray, np.ndarray]]) -> FactorisedModel:
+    """rows = (top_k, blocks, positions, medians) per measured config of one tier."""
+    coef = _factorised_lstsq(rows)
+    med = mx = None
+    if len(rows) >= 2:
+        errs = []
+        for i, (top_k, blocks, x, y) in enumerate(rows):
+            c = _factorised_lstsq(rows[:i] + rows[i + 1 :])
+            pred = c[0] + blocks * (c[1] + c[2] * top_k + c[3] * x)
+            errs.append(np.abs(pred / y - 1.0))
+        all_errs = np.concatenate(errs)
+        med, mx = float(np.median(all_errs)), float(np.max(all_errs))
+    lo = min(float(r[2].min()) for r in rows)
+    hi = max(float(r[2].max()) for r in rows)
+    return FactorisedModel(tier_idx=tier, t0=float(coef[0]), u=float(coef[1]), w=float(coef[2]), v=float(coef[3]),
+                           valid_past_len=[lo, hi], n_configs=len(rows), heldout_median_rel=med,
+                           heldout_max_rel=mx)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- entry point
+
+
+def default_provenance(samples: Samples) -> dict[str, Any]:
+    import trt_latency
+
+    backends = sorted({b for b in samples.backend if b})
+    devices = sorted({d for d in samples.device if d})
+    return {
+        "backend": ",".join(backends) or "unknown",
+        "device": ",".join(devices) or "unknown",
+        "engine_sha256": None,
+        "versions": {"trt_latency": trt_latency.__version__, "numpy": np.__version__},
+        "date": datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat(),
+        "samples": samples.source or None,
+    }
+
+
+def fit_samples(
+    samples: Samples,
+    provenance: Mapping[str, Any] | None = None,
+    kv_bytes_per_token: Mapping[tuple[int, int, int], int] | int | None = None,
+) -> Calibration:
+    """Fit every config present in `samples`. `provenance` entries override the defaults."""
+    if len(samples) == 0:
+        raise SamplesError("no samples", path=samples.source or None, expected="at least one decode row")
+    prov = default_provenance(samples)
+    if provenance:
+        prov.update(dict(provenance))
+    configs: list[ConfigCalibration] = []
+    per_tier: dict[int, list[tuple[int, int, np.ndarray, np.ndarray]]] = {}
+    for key in samples.configs():
+        kv = kv_bytes_per_token.get(key) if isinstance(kv_bytes_per_token, Mapping) else kv_bytes_per_token
+        cfg, x, y = fit_config(samples, key, None if kv is None else int(kv))
+        configs.append(cfg)
+        per_tier.setdefault(key[0], []).append((key[1], key[2], x, y))
+    factorised = [fit_factorised(tier, rows) for tier, rows in sorted(per_tier.items())]
+    return Calibration(SCHEMA_VERSION, prov, configs, factorised)
+
+
+def format_fit_table(cal: Calibration) -> str:
+    """One line per config: knots, valid range, LOPO error, prefill and quantiles; then the factorised model."""
+
+    def pct(v: Any) -> str:
+        return "   n/a" if v is None else f"{100 * float(v):5.2f}%"
+
+    lines = [
+        "tier top_k blocks  knots  past_len range    T(lo) ms   T(hi) ms  LOPO med   LOPO max  prefill a+bS+cS^2 (ms)        p90/p99 ratio",
+    ]
+    for c in cal.configs:
+        fe = c.fit_error
+        a, b, cc = c.prefill_coeffs
+        rq = c.residual_quantiles
+        lines.append(
+            f"{c.tier_idx:4d} {c.top_k:5d} {c.num_active_blocks:6d} {len(c.decode_knots):6d}  "
+            f"[{c.valid_past_len[0]:6.0f}, {c.valid_past_len[1]:6.0f}]  {c.decode_values_ms[0]:9.4f}  "
+            f"{c.decode_values_ms[-1]:9.4f}  {pct(fe.get('loo_median_rel')):>8}  {pct(fe.get('loo_max_rel')):>8}  "
+            f"{a:8.4f} {b:9.3e} {cc:9.3e}   {rq.get(0.9, float('nan')):.3f}/{rq.get(0.99, float('nan')):.3f}"
+        )
+    for f in cal.factorised:
+        held = (
+            f"held-out (leave-one-config-out, {f.n_configs} configs): median {pct(f.heldout_median_rel)}, "
+            f"max {pct(f.heldout_max_rel)}"
+            if f.heldout_median_rel is not None
+            else "held-out error: n/a (one config measured)"
+        )
+        lines.append(
+            f"factorised tier {f.tier_idx}: T = {f.t0:.4g} + blocks*({f.u:.4g} + {f.w:.4g}*top_k + {f.v:.4g}*L) ms; {held}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,325 @@
+"""Estimator: a Calibration turned into flat float64 tables and evaluated by the kernels.
+
+    est = Estimator.load("calibration.yaml")
+    est.admit(120.0, vision_tokens=576, text_tokens=40, max_new_tokens=64, alpha=0.01)
+
+`admit` is the kernel's own method (bound at construction), so a call from Python goes straight
+into compiled code: argument checks, O(1) config lookup, closed-form sums and the inverse all in C.
+It never raises for bad request fields: Decision(False, 0, nan, reason) says which field.
+`predict`, `decode_step_ms` and `max_new_tokens` are for tools and raise InputError instead.
+
+Semantics: P = vision_tokens + text_tokens; total(n) = prefill(P) + sum_{j=0}^{n-2} T(P + j).
+Decision.predicted_ms is total(max_new_tokens requested, or 1 when None) times the alpha factor;
+admit is True iff that fits the budget; Decision.max_new_tokens = min(requested, largest n that fits).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from trt_latency.errors import InputError
+from trt_latency.estimator import _reference as ref
+from trt_latency.estimator import kernels
+from trt_latency.estimator.calibration import Calibration, ConfigCalibration, load_calibration
+
+Decision = kernels.Decision
+_BOX_LIMIT = 4096  # most unmeasured configs per tier materialised from the factorised model
+
+
+class Prediction(NamedTuple):
+    prefill_ms: float
+    decode_ms: float
+    total_ms: float
+    flags: str = ""  # e.g. "extrapolated; factorised" ("" = measured config inside the measured range)
+
+
+class ConfigKey(NamedTuple):
+    tier_idx: int
+    top_k: int
+    num_active_blocks: int
+
+
+# ------------------------------------------------------------------------------ tables
+
+
+def decode_pieces(knots: list[float], values: list[float]) -> np.ndarray:
+    """[start, T(start), slope, cum] per piece over integer L (see _reference's docstring)."""
+    x = [float(v) for v in knots]
+    y = [float(v) for v in values]
+    raw: list[tuple[float, float, float]] = [(0.0, y[0], 0.0)]
+    for k in range(len(x) - 1):
+        s = (y[k + 1] - y[k]) / (x[k + 1] - x[k])
+        b = float(math.ceil(x[k]))
+        raw.append((b, y[k] + s * (b - x[k]), s))
+    s_last = (y[-1] - y[-2]) / (x[-1] - x[-2])
+    b = float(math.ceil(x[-1]))
+    raw.append((b, y[-1] + s_last * (b - x[-1]), s_last))
+    pieces: list[tuple[float, float, float]] = []
+    for piece in raw:  # a later piece with the same start replaces the earlier (zero-length) one
+        if pieces and pieces[-1][0] == piece[0]:
+            pieces[-1] = piece
+        else:
+            pieces.append(piece)
+    out = np.empty((len(pieces), 4))
+    cum = 0.0
+    for i, (start, v, s) in enumerate(pieces):
+        out[i] = (start, v, s, cum)
+        if i + 1 < len(pieces):
+            cnt = pieces[i + 1][0] - start
+            cum = cum + cnt * v + s * (cnt * (cnt - 1.0) * 0.5)
+    return out
+
+
+def _factorised_rows(cal: Calibration) -> list[tuple[ConfigCalibration, bool]]:
+    """Measured configs, then the unmeasured (top_k, blocks) inside each tier's measured box."""
+    rows: list[tuple[ConfigCalibration, bool]] = [(c, False) for c in cal.configs]
+    for f in cal.factorised:
+        measured = [c for c in cal.configs if c.tier_idx == f.tier_idx]
+        if not measured or f.heldout_median_rel is None:
+            continue  # a model never checked on a held-out config is not used to answer for one
+        ks = range(min(c.top_k for c in measured), max(c.top_k for c in measured) + 1)
+        bs = range(1, max(c.num_active_blocks for c in measured) + 1)
+        if len(ks) * len(bs) > _BOX_LIMIT:
+            continue
+        have = {c.key for c in measured}
+        lo, hi = f.valid_past_len
+        if hi <= lo:
+            hi = lo + 1.0
+        for k in ks:
+            for b in bs:
+                if (f.tier_idx, k, b) in have:
+                    continue
+                y_lo, y_hi = f.step_ms(lo, k, b), f.step_ms(hi, k, b)
+                if not (y_lo > 0.0 and math.isfinite(y_lo) and math.isfinite(y_hi)):
+                    continue  # the linear model is not usable here: leave the config unknown
+                near = min(measured, key=lambda c: (abs(c.num_active_blocks - b), abs(c.top_k - k), -c.num_active_blocks))
+                scale = b / near.num_active_blocks if near.num_active_blocks > 0 else 1.0
+                rows.append(
+                    (
+                        ConfigCalibration(
+                            tier_idx=f.tier_idx,
+                            top_k=k,
+                            num_active_blocks=b,
+                            decode_knots=[lo, hi],
+                            decode_values_ms=[y_lo, max(y_hi, y_lo)],
+                            prefill_coeffs=[v * scale for v in near.prefill_coeffs],
+                            residual_quantiles=dict(near.residual_quantiles),
+                            valid_past_len=[lo, hi],
+                            valid_prefill_len=list(near.valid_prefill_len),
+                        ),
+                        True,
+                    )
+                )
+    return rows
+
+
+def build_tables(cal: Calibration) -> tuple[dict[str, np.ndarray], list[ConfigKey], list[bool]]:
+    """Flat tables for the kernels, the key of each row and whether it is factorised."""
+    rows = _factorised_rows(cal)
+    cfg = np.zeros((len(rows), ref.NCOL))
+    pieces: list[np.ndarray] = []
+    conf: list[tuple[float, float]] = []
+    rq: list[tuple[float, float]] = []
+    n_pieces = 0
+    keys: list[ConfigKey] = []
+    flags: list[bool] = []
+    for i, (c, fact) in enumerate(rows):
+        p = decode_pieces(c.decode_knots, c.decode_values_ms)
+        pieces.append(p)
+        row = cfg[i]
+        row[ref.PRE_A], row[ref.PRE_B], row[ref.PRE_C] = c.prefill_coeffs
+        row[ref.PAST_LO], row[ref.PAST_HI] = c.valid_past_len
+        row[ref.PRE_LO], row[ref.PRE_HI] = c.valid_prefill_len
+        row[ref.FACTORISED] = 1.0 if fact else 0.0
+        row[ref.PIECE_OFF], row[ref.PIECE_CNT] = n_pieces, p.shape[0]
+        n_pieces += p.shape[0]
+        row[ref.CONF_OFF] = len(conf)
+        if c.conformal is not None:
+            conf.extend(zip(c.conformal["alphas"], c.conformal["factors"], strict=True))
+        row[ref.CONF_CNT] = len(conf) - row[ref.CONF_OFF]
+        row[ref.RQ_OFF] = len(rq)
+        rq.extend(sorted(c.residual_quantiles.items()))
+        row[ref.RQ_CNT] = len(rq) - row[ref.RQ_OFF]
+        keys.append(ConfigKey(c.tier_idx, c.top_k, c.num_active_blocks))
+        flags.append(fact)
+
+    def dense(values: list[int]) -> tuple[np.ndarray, dict[int, int]]:
+        uniq = sorted(set(values))
+        table = np.full(max(uniq) + 1, -1, dtype=np.int64)
+        index = {v: j for j, v in enumerate(uniq)}
+        for v, j in index.items():
+            table[v] = j
+        return table, index
+
+    tier_map, tier_ix = dense([k.tier_idx for k in keys])
+    topk_map, topk_ix = dense([k.top_k for k in keys])
+    blocks_map, blocks_ix = dense([k.num_active_blocks for k in keys])
+    lut = np.full((len(tier_ix), len(topk_ix), len(blocks_ix) + 1), -1, dtype=np.int64)
+    for i, k in enumerate(keys):
+        lut[tier_ix[k.tier_idx], topk_ix[k.top_k], blocks_ix[k.num_active_blocks]] = i
+    # num_active_blocks=None: the tier's largest measured blocks (for this top_k, measured or factorised).
+    for tier in tier_ix:
+        largest = max(c.num_active_blocks for c in cal.configs if c.tier_idx == tier)
+        for ki in topk_ix.values():
+            lut[tier_ix[tier], ki, -1] = lut[tier_ix[tier], ki, blocks_ix[largest]]
+    tables = {
+        "cfg": np.ascontiguousarray(cfg),
+        "pieces": np.ascontiguousarray(np.concatenate(pieces) if pieces else np.zeros((0, 4))),
+        "conf": np.ascontiguousarray(np.array(conf, dtype=np.float64).reshape(-1, 2)),
+        "rq": np.ascontiguousarray(np.array(rq, dtype=np.float64).reshape(-1, 2)),
+        "tier_map": tier_map,
+        "topk_map": topk_map,
+        "blocks_map": blocks_map,
+        "lut": np.ascontiguousarray(lut),
+    }
+    return tables, keys, flags
+
+
+# ------------------------------------------------------------------------------ Estimator
+
+
+def _int_arg(value: Any, name: str, lo: int, allow_none: bool = False) -> int:
+    if value is None and allow_none:
+        return -1
+    x = ref.as_int(value)
+    if x is None or not lo <= x <= ref.TOKEN_MAX:
+        raise InputError(field=name, expected=f"an integer in [{lo}, {ref.TOKEN_MAX}]", got=value)
+    return x
+
+
+def _unit_arg(value: Any, name: str) -> float:
+    x = ref.as_real(value)
+    if x is None or not 0.0 < x < 1.0:
+        raise InputError(field=name, expected="a number in (0, 1)", got=value)
+    return x
+
+
+class Estimator:
+    """Position-dependent latency model of one engine; thread-safe for reads (tables are immutable)."""
+
+    def __init__(self, calibration: Calibration, path: str | os.PathLike[str] | None = None,
+                 implementation: Any = None) -> None:  # fmt: skip
+        self.calibration = calibration
+        self.path = None if path is None else os.fspath(path)
+        impl = kernels.impl if implementation is None else implementation
+        self.tables, keys, factorised = build_tables(calibration)
+        self._kernel = impl.Kernel(self.tables)
+        self.implementation: str = impl.IMPLEMENTATION
+        self._keys = keys
+        self._factorised = factorised
+        # The hot path: the kernel's compiled method itself, no Python frame in between.
+        self.admit = self._kernel.admit  # type: ignore[method-assign]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], implementation: Any = None) -> Estimator:
+        return cls(load_calibration(path), path=path, implementation=implementation)
+
+    # -------------------------------------------------------------- introspection
+    def configs(self) -> list[ConfigKey]:
+        """Measured configs."""
+        return [k for k, f in zip(self._keys, self._factorised, strict=True) if not f]
+
+    def estimated_configs(self) -> list[ConfigKey]:
+        """Configs answered by the factorised model (not measured)."""
+        return [k for k, f in zip(self._keys, self._factorised, strict=True) if f]
+
+    def _row(self, tier_idx: Any, top_k: Any, num_active_blocks: Any) -> int:
+        tier = _int_arg(tier_idx, "tier_idx", 0)
+        k = _int_arg(top_k, "top_k", 0)
+        blocks = _int_arg(num_active_blocks, "num_active_blocks", 0, allow_none=True)
+        row = int(self._kernel.lookup(tier, k, blocks))
+        if row < 0:
+            raise InputError(
+                "unknown config", field="tier_idx/top_k/num_active_blocks",
+                expected="one of " + ", ".join(str(tuple(c)) for c in self.configs()),
+                got=(tier_idx, top_k, num_active_blocks),
+            )  # fmt: skip
+        return row
+
+    def _prompt(self, vision_tokens: Any, text_tokens: Any) -> int:
+        prompt = _int_arg(vision_tokens, "vision_tokens", 0) + _int_arg(text_tokens, "text_tokens", 0)
+        if prompt == 0:
+            raise InputError(field="vision_tokens + text_tokens", expected=">= 1 prompt token", got=0)
+        return prompt
+
+    def _flags(self, row: int, prompt: int, n: int, clipped: bool = False) -> str:
+        parts = []
+        if self._factorised[row]:
+            parts.append("factorised")
+        if self._kernel.extrapolated(row, float(prompt), float(n)):
+            parts.append("extrapolated")
+        if clipped:
+            parts.append("quantile beyond calibrated")
+        return "; ".join(parts)
+
+    # -------------------------------------------------------------- evaluation
+    def decode_step_ms(self, past_len: Any, tier_idx: Any = 0, top_k: Any = 1, num_active_blocks: Any = None) -> float:
+        row = self._row(tier_idx, top_k, num_active_blocks)
+        return float(self._kernel.step(row, float(_int_arg(past_len, "past_len", 0))))
+
+    def predict(self, vision_tokens: Any, text_tokens: Any, output_tokens: Any, tier_idx: Any = 0, top_k: Any = 1,
+                num_active_blocks: Any = None, quantile: Any = None) -> Prediction:  # fmt: skip
+        """Prefill + closed-form decode sum for `output_tokens` generated tokens (>= 1)."""
+        prompt = self._prompt(vision_tokens, text_tokens)
+        n = _int_arg(output_tokens, "output_tokens", 1)
+        row = self._row(tier_idx, top_k, num_active_blocks)
+        factor, src = (1.0, ref.F_NONE) if quantile is None else self._kernel.quantile_factor(row, _unit_arg(quantile, "quantile"))
+        pre, dec, tot = self._kernel.predict(row, float(prompt), float(n), factor)
+        return Prediction(pre, dec, tot, self._flags(row, prompt, n, src == ref.F_CLIPPED))
+
+    def max_new_tokens(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, tier_idx: Any = 0, top_k: Any = 1,
+                       num_active_blocks: Any = None, alpha: Any = None) -> int:  # fmt: skip
+        """Largest n with predict(n) <= budget_ms (times the alpha factor); 0 if not even one token."""
+        budget = ref.as_real(budget_ms)
+        if budget is None or not 0.0 <= budget < math.inf:
+            raise InputError(field="budget_ms", expected="a finite number >= 0", got=budget_ms)
+        prompt = self._prompt(vision_tokens, text_tokens)
+        row = self._row(tier_idx, top_k, num_active_blocks)
+        factor = 1.0 if alpha is None else self._kernel.alpha_factor(row, _unit_arg(alpha, "alpha"))[0]
+        return int(self._kernel.nfit(row, float(prompt), budget, factor))
+
+    def admit(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any = None,  # type: ignore[no-redef]
+              tier_idx: Any = 0, top_k: Any = 1, num_active_blocks: Any = None, alpha: Any = None) -> Any:  # fmt: skip
+        """Replaced per instance by the kernel's method (see __init__); documented here."""
+        return self._kernel.admit(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
+                                  num_active_blocks, alpha)  # fmt: skip
+
+    # -------------------------------------------------------------- batch
+    def admit_batch(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any = -1,
+                    tier_idx: Any = 0, top_k: Any = 1, num_active_blocks: Any = -1,
+                    alpha: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+        """Vectorised admit over arrays (scalars broadcast). -1 = None for max_new_tokens and
+        num_active_blocks. Returns (admit bool, max_new_tokens int64, predicted_ms, reason code);
+        `reason_text(code)` gives the words."""
+        budget = np.asarray(budget_ms, dtype=np.float64)
+        arrays = np.broadcast_arrays(budget, *(np.asarray(a) for a in (vision_tokens, text_tokens, max_new_tokens,
+                                                                        tier_idx, top_k, num_active_blocks)))  # fmt: skip
+        b = np.ascontiguousarray(arrays[0], dtype=np.float64).ravel()
+        ints = [np.ascontiguousarray(a, dtype=np.int64).ravel() for a in arrays[1:]]
+        a = -1.0 if alpha is None else float(alpha)
+        if alpha is not None and not 0.0 < a < 1.0:
+            a = math.nan  # every row gets the bad-alpha decision
+        return self._kernel.admit_batch(b, *ints, a)  # type: ignore[no-any-return]
+
+    def predict_batch(self, vision_tokens: Any, text_tokens: Any, output_tokens: Any, tier_idx: Any = 0,
+                      top_k: Any = 1, num_active_blocks: Any = -1,
+                      quantile: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+        """(prefill_ms, decode_ms, total_ms, flags) arrays; flags bit 0 extrapolated, 1 factorised,
+        2 quantile beyond calibrated, 3 invalid row (NaN results)."""
+        arrays = np.broadcast_arrays(*(np.asarray(a) for a in (vision_tokens, text_tokens, output_tokens, tier_idx,
+                                                              top_k, num_active_blocks)))  # fmt: skip
+        ints = [np.ascontiguousarray(a, dtype=np.int64).ravel() for a in arrays]
+        q = -1.0 if quantile is None else _unit_arg(quantile, "quantile")
+        return self._kernel.predict_batch(*ints, q)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def reason_text(code: int) -> str:
+        return ref.reason_text(code)
+
+    def __repr__(self) -> str:
+        return (f"Estimator({self.path or 'in-memory'}, {len(self.configs())} measured configs, "
+                f"{len(self.estimated_configs())} factorised, kernels={self.implementation})")  # fmt: skip

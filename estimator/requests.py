@@ -1,0 +1,236 @@
+"""Request log CSV: one row per end-to-end request (replay output, production traces).
+
+Columns (REQUEST_COLUMNS) plus free metadata columns. Required: vision_tokens, text_tokens,
+output_tokens, ttft_ms, total_ms. Optional with defaults: request_id (0, 1, 2, ... in file order),
+tier_idx (0), top_k (1), num_active_blocks (0 = "the tier's largest measured config").
+
+Decode ms/token of a request = (total_ms - ttft_ms) / (output_tokens - 1): the first output token
+comes out of the prefill (TTFT), each later one costs one decode step.
+
+Pure stdlib + numpy: a serving process may read logs without the engine stack.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from trt_latency.errors import RequestLogError
+
+REQUEST_COLUMNS: tuple[str, ...] = (
+    "request_id",
+    "vision_tokens",
+    "text_tokens",
+    "output_tokens",
+    "tier_idx",
+    "top_k",
+    "num_active_blocks",
+    "ttft_ms",
+    "total_ms",
+)
+REQUIRED_COLUMNS: tuple[str, ...] = ("vision_tokens", "text_tokens", "output_tokens", "ttft_ms", "total_ms")
+_INT_COLUMNS = ("request_id", "vision_tokens", "text_tokens", "output_tokens", "tier_idx", "top_k", "num_active_blocks")
+_FLOAT_COLUMNS = ("ttft_ms", "total_ms")
+_DEFAULTS = {"tier_idx": 0, "top_k": 1, "num_active_blocks": 0}
+
+
+@dataclass(frozen=True)
+class RequestLog:
+    """Columns of a request log (numpy arrays, one entry per request) and its free metadata."""
+
+    path: str
+    request_id: np.ndarray
+    vision_tokens: np.ndarray
+    text_tokens: np.ndarray
+    output_tokens: np.ndarray
+    tier_idx: np.ndarray
+    top_k: np.ndarray
+    num_active_blocks: np.ndarray
+    ttft_ms: np.ndarray
+    total_ms: np.ndarray
+    metadata: dict[str, list[str]] = field(default_factory=dict)
+    rows: np.ndarray | None = None  # file line of each entry, 1 = header (for error messages)
+
+    def __len__(self) -> int:
+        return int(self.output_tokens.shape[0])
+
+    @property
+    def prompt_tokens(self) -> np.ndarray:
+        """P = vision + text tokens: the prefill length and the KV length at the first decode step."""
+        return self.vision_tokens + self.text_tokens
+
+    def decode_ms_per_token(self) -> np.ndarray:
+        """(total - ttft) / (output_tokens - 1); NaN where a request has fewer than 2 output tokens."""
+        steps = (self.output_tokens - 1).astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = (self.total_ms - self.ttft_ms) / steps
+        out[steps < 1] = np.nan
+        return out
+
+    def row_of(self, index: int) -> int:
+        return int(self.rows[index]) if self.rows is not None else index + 2
+
+
+def _parse_number(text: str, *, path: str, row: int, column: str, integer: bool) -> float | int:
+    expected = "an integer >= 0" if integer else "a finite number >= 0"
+    stripped = text.strip()
+    try:
+        value = float(stripped)
+    except ValueError:
+        raise RequestLogError(path=path, row=row, field=column, expected=expected, got=text) from None
+    if not math.isfinite(value) or value < 0:
+        raise RequestLogError(path=path, row=row, field=column, expected=expected, got=text)
+    if integer:
+        if value != int(value):
+            raise RequestLogError(path=path, row=row, field=column, expected=expected, got=text)
+        return int(value)
+    return value
+
+
+def read_requests(path: str | os.PathLike[str], *, require_decode: bool = False) -> RequestLog:
+    """Read and validate a request log.
+
+    Every problem raises RequestLogError naming the file, the row (file line: 1 = header) and the
+    column. With ``require_decode`` every request must have output_tokens >= 2 (needed
+    for decode ms/token).
+    """
+    p = Path(path)
+    spath = str(p)
+    if not p.is_file():
+        raise RequestLogError("file not found", path=spath, expected="a request log CSV with columns "
+                              + ",".join(REQUEST_COLUMNS))
+    try:
+        handle = p.open(newline="", encoding="utf-8")
+    except OSError as exc:
+        raise RequestLogError(f"cannot open ({exc.strerror})", path=spath) from None
+    with handle:
+        reader = csv.reader(handle)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise RequestLogError("empty file", path=spath, expected="a header line "
+                                  + ",".join(REQUEST_COLUMNS)) from None
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise RequestLogError(f"not a CSV ({exc})", path=spath, row=1) from None
+        header = [h.strip() for h in header]
+        for column in REQUIRED_COLUMNS:
+            if column not in header:
+                raise RequestLogError("missing column", path=spath, field=column,
+                                      expected="header with columns " + ",".join(REQUIRED_COLUMNS),
+                                      got=",".join(header))
+        seen: set[str] = set()
+        for column in header:
+            if column in seen:
+                raise RequestLogError("duplicate column", path=spath, field=column)
+            seen.add(column)
+        index = {name: i for i, name in enumerate(header)}
+        numeric = [c for c in REQUEST_COLUMNS if c in index]
+        meta_cols = [c for c in header if c not in REQUEST_COLUMNS]
+        values: dict[str, list[float | int]] = {c: [] for c in numeric}
+        metadata: dict[str, list[str]] = {c: [] for c in meta_cols}
+        rows: list[int] = []
+        row = 1  # line number: 1 = header (same convention as samples.csv errors)
+        try:
+            for record in reader:
+                row += 1
+                if not record or all(not cell.strip() for cell in record):
+                    continue  # blank line
+                if len(record) != len(header):
+                    raise RequestLogError(path=spath, row=row,
+                                          expected=f"{len(header)} comma-separated fields", got=len(record))
+                for column in numeric:
+                    values[column].append(_parse_number(record[index[column]], path=spath, row=row,
+                                                        column=column, integer=column in _INT_COLUMNS))
+                for column in meta_cols:
+                    metadata[column].append(record[index[column]])
+                out_tokens = values["output_tokens"][-1]
+                if out_tokens < 1:
+                    raise RequestLogError(path=spath, row=row, field="output_tokens",
+                                          expected="an integer >= 1", got=record[index["output_tokens"]])
+                if require_decode and out_tokens < 2:
+                    raise RequestLogError(
+                        "decode ms/token = (total_ms - ttft_ms) / (output_tokens - 1) needs a decode step",
+                        path=spath, row=row, field="output_tokens", expected="an integer >= 2",
+                        got=record[index["output_tokens"]])
+                if values["total_ms"][-1] < values["ttft_ms"][-1]:
+                    raise RequestLogError("total_ms includes the TTFT", path=spath, row=row, field="total_ms",
+                                          expected=f">= ttft_ms ({record[index['ttft_ms']]})",
+                                          got=record[index["total_ms"]])
+                rows.append(row)
+        except csv.Error as exc:
+            raise RequestLogError(f"malformed CSV ({exc})", path=spath, row=row + 1) from None
+        except UnicodeDecodeError:
+            raise RequestLogError("not UTF-8 text", path=spath, row=row + 1) from None
+    if not rows:
+        raise RequestLogError("no requests", path=spath, expected="at least one data row")
+    n = len(rows)
+    cols: dict[str, np.ndarray] = {}
+    for column in _INT_COLUMNS:
+        if column in values:
+            cols[column] = np.asarray(values[column], dtype=np.int64)
+        elif column == "request_id":
+            cols[column] = np.arange(n, dtype=np.int64)
+        else:
+            cols[column] = np.full(n, _DEFAULTS[column], dtype=np.int64)
+    for column in _FLOAT_COLUMNS:
+        cols[column] = np.asarray(values[column], dtype=np.float64)
+    return RequestLog(path=spath, metadata=metadata, rows=np.asarray(rows, dtype=np.int64), **cols)
+
+
+def append_requests(path: str | os.PathLike[str], rows: Iterable[Mapping[str, object]]) -> int:
+    """Append request rows to a log, creating it with a header if needed; returns rows written.
+
+    A new file gets REQUEST_COLUMNS followed by the rows' extra (metadata) keys in first-seen order;
+    an existing file keeps its header, and a key it lacks is an error. The data is flushed and
+    fsync'ed before returning, so a replay killed later keeps every row appended so far.
+    """
+    p = Path(path)
+    spath = str(p)
+    batch = [dict(r) for r in rows]
+    if not batch:
+        return 0
+    exists = p.is_file() and p.stat().st_size > 0
+    if exists:
+        with p.open(newline="", encoding="utf-8") as handle:
+            header = [h.strip() for h in next(csv.reader(handle), [])]
+        with p.open("rb") as raw:
+            raw.seek(-1, os.SEEK_END)
+            needs_newline = raw.read(1) not in (b"\n", b"\r")
+    else:
+        header = list(REQUEST_COLUMNS)
+        for r in batch:
+            for key in r:
+                if key not in header:
+                    header.append(key)
+        needs_newline = False
+    for i, r in enumerate(batch):
+        for key in r:
+            if key not in header:
+                raise RequestLogError("row has a column the file lacks", path=spath, field=key,
+                                      expected="one of " + ",".join(header), got=f"appended row {i + 1}")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with p.open("a", newline="", encoding="utf-8") as handle:
+        if needs_newline:
+            handle.write("\n")
+        writer = csv.writer(handle, lineterminator="\n")
+        if not exists:
+            writer.writerow(header)
+        for r in batch:
+            writer.writerow([_format(r.get(key, "")) for key in header])
+        handle.flush()
+        os.fsync(handle.fileno())
+    return len(batch)
+
+
+def _format(value: object) -> str:
+    if isinstance(value, float | np.floating):
+        return repr(float(value))
+    if isinstance(value, np.integer):
+        return str(int(value))
+    return str(value)

@@ -1,0 +1,183 @@
+"""samples.csv -> numpy columns (no pandas: the estimator side stays light).
+
+One row per timed repetition. `fit` needs phase, past_len, new_tokens and latency_ms; the config
+columns (tier_idx, top_k, num_active_blocks) default to 0 and batch to 1 when absent.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from trt_latency.errors import SamplesError
+
+SAMPLES_COLUMNS = (
+    "tier_idx", "top_k", "num_active_blocks", "batch", "phase", "past_len", "new_tokens", "rep",
+    "latency_ms", "backend", "device",
+)  # fmt: skip
+REQUIRED_COLUMNS = ("phase", "past_len", "new_tokens", "latency_ms")
+INT_COLUMNS = ("tier_idx", "top_k", "num_active_blocks", "batch", "past_len", "new_tokens", "rep")
+_INT_DEFAULTS = {"tier_idx": 0, "top_k": 0, "num_active_blocks": 0, "batch": 1, "rep": 0}
+PHASES = ("decode", "prefill")
+_MAX_INT = 1 << 40
+
+
+@dataclass
+class Samples:
+    """Columns of equal length; `phase` holds 'decode' / 'prefill'."""
+
+    tier_idx: np.ndarray
+    top_k: np.ndarray
+    num_active_blocks: np.ndarray
+    batch: np.ndarray
+    phase: np.ndarray
+    past_len: np.ndarray
+    new_tokens: np.ndarray
+    rep: np.ndarray
+    latency_ms: np.ndarray
+    backend: list[str] = field(default_factory=list)
+    device: list[str] = field(default_factory=list)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return int(self.latency_ms.shape[0])
+
+    def configs(self) -> list[tuple[int, int, int]]:
+        keys = {(int(t), int(k), int(b)) for t, k, b in zip(self.tier_idx, self.top_k, self.num_active_blocks, strict=True)}
+        return sorted(keys)
+
+
+def _parse_int(text: str, path: str, row: int, column: str) -> int:
+    s = text.strip()
+    try:
+        value = int(s)
+    except ValueError:
+        try:
+            f = float(s)
+        except ValueError:
+            raise SamplesError(path=path, row=row, field=column, expected="an integer", got=text) from None
+        if not math.isfinite(f) or f != int(f):
+            raise SamplesError(path=path, row=row, field=column, expected="an integer", got=text) from None
+        value = int(f)
+    if not 0 <= value <= _MAX_INT:
+        raise SamplesError(path=path, row=row, field=column, expected=f"an integer in [0, {_MAX_INT}]", got=text)
+    return value
+
+
+def _parse_latency(text: str, path: str, row: int) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise SamplesError(path=path, row=row, field="latency_ms", expected="a finite number > 0", got=text) from None
+    if not math.isfinite(value) or value <= 0.0:
+        raise SamplesError(path=path, row=row, field="latency_ms", expected="a finite number > 0", got=text)
+    return value
+
+
+def samples_from_rows(rows: Iterable[dict[str, object]], source: str = "") -> Samples:
+    """Build Samples from already-typed dicts (e.g. trtexec import); values are checked like a CSV."""
+    cols: dict[str, list[object]] = {c: [] for c in SAMPLES_COLUMNS}
+    for i, r in enumerate(rows, start=1):
+        for c in INT_COLUMNS:
+            cols[c].append(_parse_int(str(r.get(c, _INT_DEFAULTS.get(c, 0))), source, i, c))
+        phase = str(r.get("phase", ""))
+        if phase not in PHASES:
+            raise SamplesError(path=source, row=i, field="phase", expected="'decode' or 'prefill'", got=phase)
+        cols["phase"].append(phase)
+        cols["latency_ms"].append(_parse_latency(str(r.get("latency_ms", "")), source, i))
+        cols["backend"].append(str(r.get("backend", "")))
+        cols["device"].append(str(r.get("device", "")))
+    return _to_samples(cols, source)
+
+
+def _to_samples(cols: dict[str, list[object]], source: str) -> Samples:
+    ints = {c: np.asarray(cols[c], dtype=np.int64) for c in INT_COLUMNS}
+    return Samples(
+        tier_idx=ints["tier_idx"],
+        top_k=ints["top_k"],
+        num_active_blocks=ints["num_active_blocks"],
+        batch=ints["batch"],
+        phase=np.asarray(cols["phase"], dtype=object).astype(str) if cols["phase"] else np.zeros(0, dtype="<U7"),
+        past_len=ints["past_len"],
+        new_tokens=ints["new_tokens"],
+        rep=ints["rep"],
+        latency_ms=np.asarray(cols["latency_ms"], dtype=np.float64),
+        backend=[str(x) for x in cols["backend"]],
+        device=[str(x) for x in cols["device"]],
+        source=source,
+    )
+
+
+def read_samples(path: str | os.PathLike[str]) -> Samples:
+    """Parse samples.csv. Errors are SamplesError naming the file, the row (1 = header) and the column."""
+    p = os.fspath(path)
+    try:
+        fh = Path(p).open(newline="", encoding="utf-8")
+    except FileNotFoundError:
+        raise SamplesError("file not found", path=p) from None
+    except OSError as exc:
+        raise SamplesError(f"cannot read ({exc.strerror or exc})", path=p) from None
+    cols: dict[str, list[object]] = {c: [] for c in SAMPLES_COLUMNS}
+    try:
+        with fh:
+            reader = csv.reader(fh)
+            try:
+                header = next(reader)
+            except StopIteration:
+                raise SamplesError("empty file", path=p, expected="a header row " + ",".join(SAMPLES_COLUMNS)) from None
+            names = [h.strip() for h in header]
+            missing = [c for c in REQUIRED_COLUMNS if c not in names]
+            if missing:
+                raise SamplesError(
+                    path=p, row=1, field=missing[0], expected="a header with columns " + ",".join(REQUIRED_COLUMNS),
+                    got=",".join(names)[:80],
+                )  # fmt: skip
+            index = {name: i for i, name in enumerate(names)}
+            for rowno, row in enumerate(reader, start=2):
+                if not row or all(not x.strip() for x in row):
+                    continue
+                if len(row) != len(names):
+                    raise SamplesError(path=p, row=rowno, expected=f"{len(names)} fields", got=f"{len(row)} fields")
+                for c in INT_COLUMNS:
+                    if c in index:
+                        cols[c].append(_parse_int(row[index[c]], p, rowno, c))
+                    else:
+                        cols[c].append(_INT_DEFAULTS.get(c, 0))
+                phase = row[index["phase"]].strip()
+                if phase not in PHASES:
+                    raise SamplesError(path=p, row=rowno, field="phase", expected="'decode' or 'prefill'", got=phase)
+                cols["phase"].append(phase)
+                cols["latency_ms"].append(_parse_latency(row[index["latency_ms"]], p, rowno))
+                cols["backend"].append(row[index["backend"]].strip() if "backend" in index else "")
+                cols["device"].append(row[index["device"]].strip() if "device" in index else "")
+    except UnicodeDecodeError:
+        raise SamplesError("not UTF-8 text", path=p, expected="a CSV file") from None
+    except csv.Error as exc:
+        raise SamplesError(f"malformed CSV ({exc})", path=p) from None
+    if not cols["latency_ms"]:
+        raise SamplesError("no data rows", path=p, expected="at least one sample row")
+    return _to_samples(cols, p)
+
+
+def concat_samples(parts: Iterable[Samples]) -> Samples:
+    """One Samples from several (e.g. a samples.csv plus trtexec files)."""
+    items = list(parts)
+    if len(items) == 1:
+        return items[0]
+    arrays = {
+        name: np.concatenate([getattr(s, name) for s in items])
+        for name in ("tier_idx", "top_k", "num_active_blocks", "batch", "phase", "past_len", "new_tokens", "rep",
+                     "latency_ms")
+    }  # fmt: skip
+    return Samples(
+        **arrays,
+        backend=[b for s in items for b in s.backend],
+        device=[d for s in items for d in s.device],
+        source=",".join(s.source for s in items if s.source),
+    )

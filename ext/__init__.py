@@ -1,0 +1,1 @@
+"""Compiled kernels (Cython). Optional: trt_latency.estimator.kernels falls back to the reference."""

@@ -1,0 +1,191 @@
+"""Cython kernels == pure-Python reference (same process, both imported directly), and exactness of
+max_new_tokens: predict(n) <= budget < predict(n+1) in floating point."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from trt_latency.estimator import _reference
+from trt_latency.estimator.calibration import (
+    Calibration,
+    ConfigCalibration,
+    FactorisedModel,
+    validate_calibration,
+)
+from trt_latency.estimator.model import Estimator, build_tables
+
+cy = pytest.importorskip("trt_latency.ext._kernels", reason="Cython extension not built")
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def config_cal(draw: st.DrawFn, key: tuple[int, int, int]) -> ConfigCalibration:
+    n = draw(st.one_of(st.integers(2, 8), st.integers(15, 30)))  # > 16 pieces: the bisection path too
+    integer_knots = draw(st.booleans())
+    if integer_knots:
+        knots = sorted(draw(st.sets(st.integers(0, 6000), min_size=n, max_size=n)))
+    else:
+        knots = sorted(draw(st.sets(st.floats(0.0, 6000.0, allow_nan=False).map(lambda x: round(x, 3)),
+                                    min_size=n, max_size=n)))
+    assume(all(b > a for a, b in zip(knots, knots[1:], strict=False)))
+    first = draw(st.floats(0.01, 50.0))
+    steps = draw(st.lists(st.one_of(st.just(0.0), st.floats(0.0, 5.0)), min_size=n - 1, max_size=n - 1))
+    values = [first]
+    for s in steps:
+        values.append(values[-1] + s)
+    a = draw(st.floats(0.0, 100.0))
+    b = draw(st.floats(0.0, 0.5))
+    c = draw(st.floats(0.0, 1e-4))
+    qs = sorted(draw(st.sets(st.sampled_from([0.5, 0.8, 0.9, 0.95, 0.99]), min_size=0, max_size=5)))
+    ratios = sorted(draw(st.lists(st.floats(0.5, 3.0), min_size=len(qs), max_size=len(qs))))
+    conformal = None
+    if draw(st.booleans()):
+        alphas = sorted(draw(st.sets(st.sampled_from([0.01, 0.05, 0.1, 0.2]), min_size=1, max_size=4)))
+        factors = sorted(draw(st.lists(st.floats(1.0, 3.0), min_size=len(alphas), max_size=len(alphas))), reverse=True)
+        conformal = {"alphas": alphas, "factors": factors, "n": 100}
+    return ConfigCalibration(
+        tier_idx=key[0], top_k=key[1], num_active_blocks=key[2], decode_knots=[float(k) for k in knots],
+        decode_values_ms=values, prefill_coeffs=[a, b, c], residual_quantiles=dict(zip(qs, ratios, strict=True)),
+        valid_past_len=[float(knots[0]), float(knots[-1])],
+        valid_prefill_len=sorted(draw(st.lists(st.integers(0, 4000).map(float), min_size=2, max_size=2))),
+        conformal=conformal,
+    )
+
+
+@st.composite
+def calibrations(draw: st.DrawFn) -> Calibration:
+    keys = sorted(draw(st.sets(st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(1, 6)), min_size=1,
+                               max_size=4)))
+    configs = [draw(config_cal(k)) for k in keys]
+    factorised = []
+    for tier in sorted({k[0] for k in keys}):
+        if draw(st.booleans()):
+            factorised.append(FactorisedModel(tier_idx=tier, t0=draw(st.floats(0.01, 5.0)), u=draw(st.floats(0.0, 1.0)),
+                                              w=draw(st.floats(-0.1, 0.5)), v=draw(st.floats(0.0, 1e-3)),
+                                              valid_past_len=[1.0, 4096.0], n_configs=2))
+    cal = Calibration(1, {}, configs, factorised)
+    validate_calibration(cal)
+    return cal
+
+
+requests = st.fixed_dictionaries({
+    "budget": st.one_of(st.floats(0.0, 5e4), st.integers(0, 10**5)),
+    "vision": st.integers(0, 3000),
+    "text": st.integers(0, 3000),
+    "req": st.one_of(st.none(), st.integers(1, 5000)),
+    "tier": st.integers(0, 4),
+    "top_k": st.integers(0, 4),
+    "blocks": st.one_of(st.none(), st.integers(0, 7)),
+    "alpha": st.one_of(st.none(), st.sampled_from([0.005, 0.01, 0.05, 0.1, 0.3]), st.floats(0.001, 0.999)),
+})
+
+
+def kernels(cal: Calibration) -> tuple[object, object]:
+    tables, _, _ = build_tables(cal)
+    return cy.Kernel(tables), _reference.Kernel(tables)
+
+
+def close(a: float, b: float) -> bool:
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return a == b or abs(a - b) <= 1e-9 * max(abs(a), abs(b))
+
+
+@SETTINGS
+@given(calibrations(), st.lists(requests, min_size=1, max_size=25))
+def test_admit_cython_equals_reference(cal: Calibration, reqs: list[dict]) -> None:
+    kc, kr = kernels(cal)
+    for r in reqs:
+        args = (r["budget"], r["vision"], r["text"], r["req"], r["tier"], r["top_k"], r["blocks"], r["alpha"])
+        dc, dr = kc.admit(*args), kr.admit(*args)
+        assert (dc.admit, dc.max_new_tokens, dc.reason) == (dr.admit, dr.max_new_tokens, dr.reason), args
+        assert close(dc.predicted_ms, dr.predicted_ms), args
+
+
+@SETTINGS
+@given(calibrations(), st.data())
+def test_predict_step_nfit_cython_equals_reference(cal: Calibration, data: st.DataObject) -> None:
+    kc, kr = kernels(cal)
+    tables, _, _ = build_tables(cal)
+    for _ in range(10):
+        c = data.draw(st.integers(0, tables["cfg"].shape[0] - 1))
+        prompt = float(data.draw(st.integers(1, 7000)))
+        n = float(data.draw(st.integers(1, 10000)))
+        factor = data.draw(st.floats(0.5, 3.0))
+        past = data.draw(st.floats(0.0, 9000.0))
+        assert close(kc.step(c, past), kr.step(c, past))
+        for a, b in zip(kc.predict(c, prompt, n, factor), kr.predict(c, prompt, n, factor), strict=True):
+            assert close(a, b)
+        budget = data.draw(st.floats(0.0, 1e5))
+        assert kc.nfit(c, prompt, budget, factor) == kr.nfit(c, prompt, budget, factor)
+        q = data.draw(st.floats(0.01, 0.999))
+        assert kc.quantile_factor(c, q) == kr.quantile_factor(c, q)
+        assert kc.alpha_factor(c, q) == kr.alpha_factor(c, q)
+
+
+@SETTINGS
+@given(calibrations(), st.data())
+def test_max_new_tokens_is_exact(cal: Calibration, data: st.DataObject) -> None:
+    """Both implementations: total(n) <= budget < total(n+1), n = 0 iff total(1) > budget."""
+    for kernel in kernels(cal):
+        tables, _, _ = build_tables(cal)
+        for _ in range(8):
+            c = data.draw(st.integers(0, tables["cfg"].shape[0] - 1))
+            prompt = float(data.draw(st.integers(1, 7000)))
+            factor = data.draw(st.one_of(st.just(1.0), st.floats(0.5, 3.0)))
+            # budgets around interesting values: just at a total, or random
+            pick = data.draw(st.integers(1, 3000))
+            exact = kernel.total(c, prompt, float(pick), factor)
+            budget = data.draw(st.one_of(st.just(exact), st.just(math.nextafter(exact, 0.0)), st.floats(0.0, 2e5)))
+            n = kernel.nfit(c, prompt, budget, factor)
+            if n == 0:
+                assert kernel.total(c, prompt, 1.0, factor) > budget
+            else:
+                assert kernel.total(c, prompt, float(n), factor) <= budget < kernel.total(c, prompt, float(n + 1), factor)
+
+
+@SETTINGS
+@given(calibrations(), st.lists(requests, min_size=1, max_size=40), st.one_of(st.none(), st.floats(0.01, 0.5)))
+def test_batch_equals_scalar(cal: Calibration, reqs: list[dict], alpha: float | None) -> None:
+    for impl in (cy, _reference):
+        est = Estimator(cal, implementation=impl)
+        ok, n, pred, code = est.admit_batch(
+            [float(r["budget"]) for r in reqs], [r["vision"] for r in reqs], [r["text"] for r in reqs],
+            [-1 if r["req"] is None else r["req"] for r in reqs], [r["tier"] for r in reqs],
+            [r["top_k"] for r in reqs], [-1 if r["blocks"] is None else r["blocks"] for r in reqs], alpha=alpha,
+        )
+        for i, r in enumerate(reqs):
+            d = est.admit(float(r["budget"]), r["vision"], r["text"], r["req"], r["tier"], r["top_k"], r["blocks"], alpha)
+            assert (bool(ok[i]), int(n[i]), est.reason_text(int(code[i]))) == (d.admit, d.max_new_tokens, d.reason)
+            assert close(float(pred[i]), d.predicted_ms)
+
+
+def test_predict_batch_matches_predict() -> None:
+    cal = Calibration(1, {}, [ConfigCalibration(0, 1, 4, [1.0, 100.0, 1000.0], [1.0, 1.5, 4.0], [2.0, 0.01, 1e-6],
+                                                {0.5: 1.0, 0.99: 1.3}, [1.0, 1000.0], [8.0, 512.0])])
+    for impl in (cy, _reference):
+        est = Estimator(cal, implementation=impl)
+        pre, dec, tot, flags = est.predict_batch([0, 64, 0], [10, 100, 0], [5, 2000, 3], quantile=0.99)
+        for i, (v, t, o) in enumerate([(0, 10, 5), (64, 100, 2000)]):
+            p = est.predict(v, t, o, quantile=0.99)
+            assert (pre[i], dec[i], tot[i]) == (p.prefill_ms, p.decode_ms, p.total_ms)
+        assert flags[1] & 1 and not flags[0] & 1  # 164 + 1998 > 1000: extrapolated
+        assert flags[2] == 8 and np.isnan(tot[2])  # empty prompt
+
+
+def test_closed_form_sum_matches_loop() -> None:
+    """The O(log knots) sum equals the plain per-token loop over T(L) (non-integer knots too)."""
+    cal = Calibration(1, {}, [ConfigCalibration(0, 1, 4, [2.5, 10.0, 33.3, 80.0], [1.0, 1.2, 2.0, 2.5], [0.5, 0.0, 0.0],
+                                                {}, [2.5, 80.0], [1.0, 100.0])])
+    for impl in (cy, _reference):
+        k = impl.Kernel(build_tables(cal)[0])
+        for prompt in (1, 5, 30, 79, 150):
+            for n in (1, 2, 3, 17, 64, 200):
+                loop = sum(k.step(0, float(prompt + j)) for j in range(n - 1))
+                assert math.isclose(k.predict(0, float(prompt), float(n), 1.0)[1], loop, rel_tol=1e-11, abs_tol=1e-9)

@@ -1,0 +1,150 @@
+"""End to end on a tiny calibrated model: loadtest structure and sanity (not the accuracy targets),
+and the replay killed with SIGKILL midway resumes to exactly the planned rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from trt_latency.cli import main  # noqa: E402
+
+PLAN = """\
+schema_version: 1
+tiers:
+  - {tier_idx: 0, name: tiny, hidden: 32, layers: 2, heads: 4, kv_heads: 2, head_dim: 8, intermediate: 48,
+     vocab: 64, experts: 1, dtype: float32, max_past_len: 256, max_prefill_len: 64}
+configs:
+  - {tier_idx: 0, top_k: 1, num_active_blocks: 2}
+runtime: {intra_op_threads: 1, inter_op_threads: 1}
+sweep:
+  decode: {log_points: 5, linear_points: 4, reps: 3, warmup: 1}
+  prefill: {lengths: [4, 16, 64], reps: 2}
+  seed: 0
+quick:
+  decode: {log_points: 5, linear_points: 4, reps: 3, warmup: 1}
+  prefill: {lengths: [4, 16, 64], reps: 2}
+  replay: {requests: REQUESTS}
+replay:
+  requests: REQUESTS
+  vision_tokens: [0, 8]
+  text_tokens: [4, 40]
+  output_tokens: [2, 24]
+  seed: 0
+"""
+
+
+def write_plan(directory: Path, requests: int = 30) -> Path:
+    path = directory / "plan.yaml"
+    path.write_text(PLAN.replace("REQUESTS", str(requests)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("serving")
+    plan = write_plan(d)
+    assert main(["calibrate", str(plan), "--quick", "--out", str(d / "cal"), "--backend", "ort-cpu",
+                 "--no-progress"]) == 0
+    return d / "cal"
+
+
+def test_loadtest_json_structure_and_sanity(calibrated: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    rc = main(["loadtest", "-c", str(calibrated / "calibration.yaml"), "--requests", "40", "--alpha", "0.1",
+               "--calibrate-requests", "20", "--slowdown-at", "20", "--slowdown-ms-per-step", "0.2",
+               "--report-window", "10", "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["requests"] == 40 and report["config"] == [0, 1, 2]
+    assert 0 <= report["admitted"] <= 40 and 0 <= report["oracle_admitted"] <= 40
+    assert report["admitted_and_oracle"] <= min(report["admitted"], report["oracle_admitted"])
+    if report["admitted"]:
+        assert 0.0 <= report["violation_rate"] <= 1.0
+        assert report["violations"] == round(report["violation_rate"] * report["admitted"])
+    c = report["controller"]
+    assert c["decisions"] >= 40 and c["observations"] == report["admitted"] and c["invalid"] == 0
+    assert report["controller_ns_per_decision"] > 0 and report["decisions_per_s"] > 0
+    assert report["serving_requests_per_s"] > 0
+    # the slowdown report: two halves and windows of 10 covering the second half
+    assert report["before_slowdown"]["requests"] == 20 and report["after_slowdown"]["requests"] == 20
+    assert [w["from"] for w in report["windows_after_change"]] == [0, 10]
+    # conformal factors fitted on the 20 live requests, with a held-out coverage report
+    conf = report["conformal"]
+    assert conf["source"] == "20 live requests"
+    assert conf["stored"]["n"] == 20 and 0.2 in conf["stored"]["alphas"]
+    assert set(conf["unavailable_alphas"]) == {0.01, 0.02}  # 20 requests back 0.05 (19 needed), not 0.02
+    levels = conf["coverage"]["configs"][0]["levels"]
+    assert [lv["alpha"] for lv in levels] == [0.01, 0.02, 0.05, 0.1, 0.2]
+
+
+def test_loadtest_usage_and_missing_model(calibrated: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["loadtest", "-c", str(calibrated / "calibration.yaml"), "--alpha", "1.5"]) == 2
+    assert main(["loadtest", "-c", str(calibrated / "calibration.yaml"), "--requests", "0"]) == 2
+    lonely = tmp_path / "calibration.yaml"
+    lonely.write_bytes((calibrated / "calibration.yaml").read_bytes())
+    assert main(["loadtest", "-c", str(lonely), "--requests", "2"]) == 1
+    assert "model.onnx" in capsys.readouterr().err
+
+
+def test_conformal_from_the_calibrate_replay(calibrated: Path) -> None:
+    from trt_latency.estimator.calibration import load_calibration
+
+    # calibrate stored conformal factors from its own replay through estimator.conformal
+    cfg = load_calibration(calibrated / "calibration.yaml").config(0, 1, 2)
+    assert cfg.conformal is not None and cfg.conformal["n"] == 30
+    assert 0.5 in cfg.conformal["alphas"] and 0.05 in cfg.conformal["alphas"]
+
+
+@pytest.mark.slow
+def test_replay_sigkill_midway_then_rerun_gives_exactly_the_planned_rows(tmp_path: Path) -> None:
+    from trt_latency.estimator.requests import read_requests
+
+    plan = write_plan(tmp_path, requests=400)
+    log = tmp_path / "out" / "requests.csv"
+    script = textwrap.dedent(f"""
+        from trt_latency.engines.backends import open_runner
+        from trt_latency.engines.config import load_plan
+        from trt_latency.engines.export import export_decoder
+        from trt_latency.engines.replay import run_replay
+        plan = load_plan({str(plan)!r})
+        key = plan.configs[0]
+        model = export_decoder(plan.tier(0), key.top_k, key.num_active_blocks, {str(tmp_path / "model.onnx")!r})
+        runner = open_runner(model, "ort-cpu", threads=1)
+        print("ready", flush=True)
+        run_replay(runner, key, plan.tier(0), plan.replay, {str(log)!r}, progress=False)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if log.exists() and log.read_bytes().count(b"\n") > 40:
+            break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    partial = log.read_bytes().count(b"\n") - 1
+    assert 0 < partial < 400
+    # Rerun in this process: only the missing requests are run.
+    from trt_latency.engines.backends import open_runner
+    from trt_latency.engines.config import load_plan
+    from trt_latency.engines.replay import run_replay
+
+    p = load_plan(plan)
+    with open_runner(tmp_path / "model.onnx", "ort-cpu", threads=1) as runner:
+        res = run_replay(runner, p.configs[0], p.tier(0), p.replay, log, progress=False)
+    assert res.rows_skipped >= partial - 1  # a row cut mid-write by the kill is rerun
+    reqs = read_requests(log)
+    assert sorted(reqs.request_id.tolist()) == list(range(400))

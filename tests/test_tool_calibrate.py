@@ -1,0 +1,123 @@
+"""`trt-latency calibrate` end to end on a tiny plan: real export, real ONNX Runtime sweep, fit, plot, replay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trt_latency.cli import main
+
+TINY_PLAN = """\
+schema_version: 1
+tiers:
+  - {tier_idx: 0, name: tiny, hidden: 64, layers: 2, heads: 2, kv_heads: 1, head_dim: 32, intermediate: 128,
+     vocab: 128, experts: 1, dtype: float32, max_past_len: 256, max_prefill_len: 64}
+configs:
+  - {tier_idx: 0, top_k: 1, num_active_blocks: 2}
+  - {tier_idx: 0, top_k: 1, num_active_blocks: 1}
+runtime: {intra_op_threads: 1, inter_op_threads: 1}
+sweep:
+  decode: {log_points: 4, linear_points: 3, reps: 2, warmup: 1}
+  prefill: {lengths: [4, 16, 48], reps: 2}
+  seed: 0
+quick:
+  decode: {log_points: 3, linear_points: 2, reps: 2, warmup: 1}
+  prefill: {lengths: [4, 32], reps: 2}
+  replay: {requests: 4}
+replay:
+  requests: 6
+  vision_tokens: [0, 8]
+  text_tokens: [4, 24]
+  output_tokens: [2, 12]
+  seed: 0
+"""
+
+
+@pytest.fixture()
+def plan(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_PLAN)
+    return path
+
+
+@pytest.mark.slow
+def test_calibrate_quick_end_to_end(tmp_path: Path, plan: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from trt_latency.estimator.model import Estimator
+    from trt_latency.estimator.requests import read_requests
+    from trt_latency.estimator.samples import read_samples
+
+    out = tmp_path / "q"
+    assert main(["calibrate", str(plan), "--quick", "--out", str(out), "--backend", "ort-cpu", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    for name in ("model.onnx", "samples.csv", "calibration.yaml", "decode.png", "requests.csv"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("model.t*.onnx"))  # --quick: first config only
+    assert (out / "decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = read_samples(out / "samples.csv")
+    assert set(samples.configs()) == {(0, 1, 2)}
+    assert len(read_requests(out / "requests.csv")) == 4
+    est = Estimator.load(out / "calibration.yaml")
+    decision = est.admit(1e6, vision_tokens=8, text_tokens=16, max_new_tokens=8, tier_idx=0, top_k=1,
+                         num_active_blocks=2)
+    assert decision.admit and decision.max_new_tokens >= 8
+    assert "past_len" in text and "median ms" in text and "knots" in text and "wall time" in text
+
+    # Rerun = resume: nothing is timed again, the files are rewritten from the same rows.
+    n_rows = len(samples)
+    assert main(["calibrate", str(plan), "--quick", "--out", str(out), "--backend", "ort-cpu", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "0 repetitions timed" in text and "reused" in text
+    assert len(read_samples(out / "samples.csv")) == n_rows
+    assert len(read_requests(out / "requests.csv")) == 4
+
+
+@pytest.mark.slow
+def test_calibrate_all_configs_and_analyze(tmp_path: Path, plan: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from trt_latency.estimator.calibration import load_calibration
+    from trt_latency.estimator.model import Estimator
+
+    out = tmp_path / "full"
+    assert main(["calibrate", str(plan), "--out", str(out), "--backend", "ort-cpu", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert (out / "model.onnx").is_file() and (out / "model.t0.k1.b1.onnx").is_file()
+    cal = load_calibration(out / "calibration.yaml")
+    assert {c.key for c in cal.configs} == {(0, 1, 2), (0, 1, 1)}
+    prov = cal.provenance
+    assert prov["backend"] == "ort-cpu" and len(prov["engine_sha256"]) == 64 and prov["plan"]["quick"] is False
+    assert "numpy" in prov["versions"]
+    assert {c.key: c.kv_bytes_per_token for c in cal.configs} == {(0, 1, 2): 2 * 2 * 32 * 4, (0, 1, 1): 32 * 4 * 2}
+    est = Estimator.load(out / "calibration.yaml")
+    for c in cal.configs:
+        d = est.admit(1e6, vision_tokens=0, text_tokens=10, max_new_tokens=4, tier_idx=c.tier_idx, top_k=c.top_k,
+                      num_active_blocks=c.num_active_blocks)
+        assert d.admit, d.reason
+    assert main(["analyze", str(out / "requests.csv"), "-c", str(out / "calibration.yaml"),
+                 "--plot", str(out / "analyze.png")]) == 0
+    text = capsys.readouterr().out
+    assert "output tokens" in text and "Check (a)" in text
+    assert (out / "analyze.png").is_file()
+
+
+@pytest.mark.slow
+def test_calibrate_user_onnx_without_metadata(tmp_path: Path, plan: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A decoder with no trt_latency metadata: dims come from its input shapes."""
+    import onnx
+    from trt_latency.engines.config import load_plan
+    from trt_latency.engines.export import export_decoder
+    from trt_latency.estimator.calibration import load_calibration
+
+    tier = load_plan(plan).tiers[0]
+    model_file = export_decoder(tier, 1, 2, tmp_path / "exported.onnx")
+    model = onnx.load(str(model_file))
+    del model.metadata_props[:]
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(model, str(foreign))
+    out = tmp_path / "o"
+    assert main(["calibrate", str(plan), "--quick", "--onnx", str(foreign), "--out", str(out), "--no-replay",
+                 "--backend", "ort-cpu", "--no-progress"]) == 0
+    assert "requests     -: skipped (--no-replay)" in capsys.readouterr().out
+    cal = load_calibration(out / "calibration.yaml")
+    assert [c.key for c in cal.configs] == [(0, 1, 2)]
+    assert cal.configs[0].kv_bytes_per_token == 2 * 2 * 1 * 32 * 4  # inferred: 2 blocks, 1 kv head, 32, fp32
+    assert not (out / "requests.csv").exists() and not (out / "model.onnx").exists()

@@ -1,0 +1,136 @@
+"""TensorRT loader pieces that run without TensorRT: profile planning, cache keys, availability."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from pathlib import Path
+
+import pytest
+from trt_latency.engines.config import TierSpec
+from trt_latency.engines.export import export_decoder
+from trt_latency.engines.trt import loader
+
+from trt_latency.errors import BackendUnavailable, InputError
+
+TINY = TierSpec(tier_idx=0, name="tiny", hidden=64, layers=2, heads=2, kv_heads=1, head_dim=32,
+                intermediate=128, vocab=256, experts=1, dtype="float32", max_past_len=64, max_prefill_len=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_decoder(TINY, 1, 2, tmp_path_factory.mktemp("trt") / "model.onnx")
+
+
+def test_profile_from_exported_model(tiny_onnx: Path) -> None:
+    shapes = loader.onnx_input_shapes(tiny_onnx)
+    assert shapes[loader.INPUTS_EMBEDS] == (-1, -1, 64)
+    assert shapes[loader.past_name(1, "value")] == (-1, 1, -1, 32)
+    profile = loader.profile_shapes(shapes, max_past_len=4096, max_prefill_len=1024)
+    assert set(profile) == {"inputs_embeds", "position_ids"} | {
+        loader.past_name(b, k) for b in (0, 1) for k in ("key", "value")}
+    embeds = profile[loader.INPUTS_EMBEDS]
+    assert embeds.min == (1, 1, 64) and embeds.opt == (1, 1, 64) and embeds.max == (1, 1024, 64)
+    assert profile[loader.POSITION_IDS] == ((1, 1), (1, 1), (1, 1024))
+    past = profile[loader.past_name(0, "key")]
+    # Prefill runs with an empty past; opt defaults to the middle of the decode range.
+    assert past.min == (1, 1, 0, 32) and past.opt == (1, 1, 2048, 32) and past.max == (1, 1, 4096, 32)
+
+
+def test_profile_options_and_fixed_batch() -> None:
+    shapes = {"inputs_embeds": (1, -1, 8), "position_ids": (1, -1),
+              "past_key_values.0.key": (1, 2, -1, 4), "past_key_values.0.value": (1, 2, -1, 4)}
+    profile = loader.profile_shapes(shapes, max_past_len=100, max_prefill_len=10, opt_past_len=7,
+                                    opt_new_tokens=3, batch=4)
+    assert profile["inputs_embeds"] == ((1, 1, 8), (1, 3, 8), (1, 10, 8))  # a fixed batch axis stays fixed
+    assert profile["past_key_values.0.value"].opt == (1, 2, 7, 4)
+    fallback = loader.profile_shapes(shapes, max_past_len=100, max_prefill_len=10, min_past_len=1)
+    assert fallback["past_key_values.0.key"].min == (1, 2, 1, 4)  # for a TensorRT without empty tensors
+    dyn_batch = dict(shapes, inputs_embeds=(-1, -1, 8))
+    assert loader.profile_shapes(dyn_batch, max_past_len=100, max_prefill_len=10, batch=4)[
+        "inputs_embeds"].max == (4, 10, 8)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "kwargs", "field"),
+    [
+        ({"inputs_embeds": (1, -1, -1), "position_ids": (1, -1), "past_key_values.0.key": (1, 2, -1, 4)},
+         {}, "inputs_embeds"),  # dynamic hidden axis: no role
+        ({"inputs_embeds": (1, -1, 8), "past_key_values.0.key": (1, 2, -1, 4)}, {}, "position_ids"),
+        ({"inputs_embeds": (1, -1, 8), "position_ids": (1, -1)}, {}, "past_key_values.0.key"),
+        ({"inputs_embeds": (1, -1, 8), "position_ids": (1, -1), "past_key_values.0.key": (1, 2, -1, 4)},
+         {"opt_past_len": 101}, "opt_past_len"),
+        ({"inputs_embeds": (1, -1, 8), "position_ids": (1, -1), "past_key_values.0.key": (1, 2, -1, 4)},
+         {"min_past_len": 5, "opt_past_len": 2}, "opt_past_len"),
+    ],
+)
+def test_profile_rejects_bad_inputs(shapes: dict[str, tuple[int, ...]], kwargs: dict[str, int], field: str) -> None:
+    with pytest.raises(InputError) as info:
+        loader.profile_shapes(shapes, max_past_len=100, max_prefill_len=10, **kwargs)
+    assert field in str(info.value)
+
+
+def test_kv_names_round_trip() -> None:
+    assert loader.parse_kv_name(loader.past_name(3, "value")) == ("past", 3, "value")
+    assert loader.parse_kv_name(loader.present_name(0, "key")) == ("present", 0, "key")
+    assert loader.parse_kv_name("past_key_values.x.key") is None
+    assert loader.parse_kv_name("logits") is None
+
+
+def test_file_sha256_matches_hashlib(tiny_onnx: Path) -> None:
+    assert loader.file_sha256(tiny_onnx) == hashlib.sha256(tiny_onnx.read_bytes()).hexdigest()
+
+
+def test_engine_key_changes_with_every_input(tiny_onnx: Path) -> None:
+    sha = loader.file_sha256(tiny_onnx)
+    base = loader.engine_key(sha, "10.13.0.35", "NVIDIA H100 80GB HBM3", max_past_len=4096, max_prefill_len=1024)
+    again = loader.engine_key(sha, "10.13.0.35", "NVIDIA H100 80GB HBM3", max_past_len=4096,
+                              max_prefill_len=1024, opt_past_len=2048)
+    assert base == again and base.filename() == again.filename()  # opt default = max // 2
+    variants = [
+        loader.engine_key("0" * 64, "10.13.0.35", "NVIDIA H100 80GB HBM3", max_past_len=4096, max_prefill_len=1024),
+        loader.engine_key(sha, "11.0.0.1", "NVIDIA H100 80GB HBM3", max_past_len=4096, max_prefill_len=1024),
+        loader.engine_key(sha, "10.13.0.35", "NVIDIA H200", max_past_len=4096, max_prefill_len=1024),
+        loader.engine_key(sha, "10.13.0.35", "NVIDIA H100 80GB HBM3", max_past_len=8192, max_prefill_len=1024),
+        loader.engine_key(sha, "10.13.0.35", "NVIDIA H100 80GB HBM3", max_past_len=4096, max_prefill_len=512),
+        loader.engine_key(sha, "10.13.0.35", "NVIDIA H100 80GB HBM3", max_past_len=4096, max_prefill_len=1024,
+                          opt_past_len=100),
+        loader.engine_key(sha, "10.13.0.35", "NVIDIA H100 80GB HBM3", max_past_len=4096, max_prefill_len=1024,
+                          min_past_len=1),
+    ]
+    names = {v.filename() for v in variants}
+    assert len(names) == len(variants) and base.filename() not in names
+    name = base.filename()
+    assert name.startswith(sha[:12]) and "trt10.13.0.35" in name and "nvidia-h100-80gb-hbm3" in name
+    assert name.endswith(".engine") and "/" not in name
+
+
+def test_default_cache_dir_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TRT_LATENCY_CACHE", str(tmp_path))
+    assert loader.default_cache_dir() == tmp_path
+    monkeypatch.delenv("TRT_LATENCY_CACHE")
+    assert loader.default_cache_dir() == Path.home() / ".cache" / "trt-latency"
+
+
+def _real_tensorrt() -> bool:
+    try:
+        module = importlib.import_module("tensorrt")
+    except ImportError:
+        return False
+    return hasattr(module, "Builder")
+
+
+@pytest.mark.skipif(_real_tensorrt(), reason="TensorRT is installed here")
+def test_missing_tensorrt_is_backend_unavailable(tiny_onnx: Path) -> None:
+    # tensorrt-stubs leaves an importable, empty `tensorrt` namespace: it must not pass for TensorRT.
+    assert loader.tensorrt_available() is False
+    with pytest.raises(BackendUnavailable, match="TensorRT|tensorrt"):
+        loader.import_tensorrt()
+    from trt_latency.engines.trt.runner import TrtRunner
+
+    with pytest.raises(BackendUnavailable):
+        TrtRunner.from_onnx(tiny_onnx, max_past_len=64)
+    from trt_latency.engines.backends import open_runner
+
+    with pytest.raises(BackendUnavailable):
+        open_runner(tiny_onnx, "tensorrt")

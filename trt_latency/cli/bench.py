@@ -1,0 +1,127 @@
+"""`trt-latency bench`: ns per admit decision, Cython and pure-Python reference in the same run.
+
+Each figure is the median of several rounds of timeit loops. The "bare" line is a plain Python
+function with admit's signature, called with the same arguments: the floor any Python-callable
+admission check pays. Targets (issue 3): Cython <= 500 ns and <= 10x bare; reference/Cython >= 10x;
+batch >= 10 M decisions/s on one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import timeit
+from typing import Any
+
+import numpy as np
+
+EXAMPLE = """\
+examples:
+  trt-latency bench -c calibration.yaml
+  trt-latency bench -c calibration.yaml --rounds 9 --json
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "bench",
+        help="time admit decisions: Cython vs reference vs a bare Python call, and batch throughput",
+        description=__doc__,
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-c", "--calibration", required=True, metavar="CAL", help="calibration.yaml to load")
+    p.add_argument("--rounds", type=int, default=7, metavar="R", help="rounds per figure; medians are shown")
+    p.add_argument("--number", type=int, default=200_000, metavar="N", help="calls per round (Cython, bare)")
+    p.add_argument("--batch", type=int, default=1_000_000, metavar="N", help="requests per batch call")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def bare_admit(budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any = None, tier_idx: Any = 0,
+               top_k: Any = 1, num_active_blocks: Any = None, alpha: Any = None) -> None:  # fmt: skip
+    """Same signature as Estimator.admit, does nothing: the cost of calling Python at all."""
+    return None
+
+
+def _ns_per_call(func: Any, kwargs: dict[str, Any], number: int, rounds: int) -> float:
+    timer = timeit.Timer("f(budget, vision_tokens=v, text_tokens=t, max_new_tokens=n, tier_idx=ti, top_k=k, "
+                         "num_active_blocks=b, alpha=a)", globals={"f": func, **kwargs})  # fmt: skip
+    return statistics.median(timer.repeat(repeat=rounds, number=number)) / number * 1e9
+
+
+def run_bench(path: str, rounds: int = 7, number: int = 200_000, batch: int = 1_000_000) -> dict[str, Any]:
+    from trt_latency.estimator import _reference
+    from trt_latency.estimator.kernels import impl
+    from trt_latency.estimator.model import Estimator
+
+    est = Estimator.load(path)
+    ref = Estimator.load(path, implementation=_reference)
+    key = est.configs()[0]
+    pred = est.predict(64, 100, 64, *key)
+    kwargs = {"budget": round(pred.total_ms * 1.1, 3), "v": 64, "t": 100, "n": 64, "ti": key.tier_idx,
+              "k": key.top_k, "b": key.num_active_blocks, "a": 0.05}  # fmt: skip
+    out: dict[str, Any] = {"calibration": path, "kernels": impl.IMPLEMENTATION, "rounds": rounds,
+                           "request": kwargs}  # fmt: skip
+    out["cython_ns"] = _ns_per_call(est.admit, kwargs, number, rounds) if est.implementation == "cython" else None
+    out["reference_ns"] = _ns_per_call(ref.admit, kwargs, max(number // 50, 1000), rounds)
+    out["bare_python_ns"] = _ns_per_call(bare_admit, kwargs, number, rounds)
+    fast = out["cython_ns"]
+    out["cython_over_bare"] = None if fast is None else fast / out["bare_python_ns"]
+    out["reference_over_cython"] = None if fast is None else out["reference_ns"] / fast
+
+    rng = np.random.default_rng(0)
+    keys = est.configs()
+    pick = rng.integers(0, len(keys), batch)
+    arrays = {
+        "budget_ms": rng.uniform(0.5, 2.0, batch) * pred.total_ms,
+        "vision_tokens": rng.choice(np.array([0, 64, 256, 576]), batch),
+        "text_tokens": rng.integers(8, 512, batch),
+        "max_new_tokens": np.where(rng.random(batch) < 0.2, -1, rng.integers(1, 256, batch)),
+        "tier_idx": np.array([keys[i].tier_idx for i in range(len(keys))])[pick],
+        "top_k": np.array([keys[i].top_k for i in range(len(keys))])[pick],
+        "num_active_blocks": np.array([keys[i].num_active_blocks for i in range(len(keys))])[pick],
+    }
+    rates, cpu_rates = [], []
+    for _ in range(rounds):
+        t, c = timeit.default_timer(), time.process_time()
+        est.admit_batch(alpha=0.05, **arrays)
+        rates.append(batch / (timeit.default_timer() - t))
+        cpu_rates.append(batch / max(time.process_time() - c, 1e-9))
+    out["batch_decisions_per_s"] = statistics.median(rates)
+    # CPU time of this process: what one core delivers when the machine is shared (wall clock is not).
+    out["batch_decisions_per_cpu_s"] = statistics.median(cpu_rates)
+    small = {k: v[: max(batch // 200, 1000)] for k, v in arrays.items()}
+    t = timeit.default_timer()
+    ref.admit_batch(alpha=0.05, **small)
+    out["reference_batch_decisions_per_s"] = len(small["budget_ms"]) / (timeit.default_timer() - t)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    res = run_bench(args.calibration, args.rounds, args.number, args.batch)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+
+    def ns(v: float | None) -> str:
+        return "n/a (extension not built)" if v is None else f"{v:8.1f} ns"
+
+    def x(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.2f}x"
+
+    r = res["request"]
+    print(f"admit(budget_ms={r['budget']}, vision_tokens={r['v']}, text_tokens={r['t']}, max_new_tokens={r['n']}, "
+          f"tier_idx={r['ti']}, top_k={r['k']}, num_active_blocks={r['b']}, alpha={r['a']})  "
+          f"median of {res['rounds']} rounds")  # fmt: skip
+    print(f"  cython      {ns(res['cython_ns'])} per call")
+    print(f"  reference   {ns(res['reference_ns'])} per call")
+    print(f"  bare python {ns(res['bare_python_ns'])} per call (same signature and arguments, empty body)")
+    print(f"  cython / bare python   {x(res['cython_over_bare'])}   (target <= 10x, and <= 500 ns)")
+    print(f"  reference / cython     {x(res['reference_over_cython'])}   (target >= 10x)")
+    print(f"  batch (admit_batch)    {res['batch_decisions_per_s'] / 1e6:8.1f} M decisions/s wall clock, "
+          f"{res['batch_decisions_per_cpu_s'] / 1e6:.1f} M per CPU-second, one thread "
+          f"(reference {res['reference_batch_decisions_per_s'] / 1e3:.1f} k/s; target >= 10 M/s)")  # fmt: skip
+    return 0

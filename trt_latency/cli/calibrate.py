@@ -1,0 +1,445 @@
+"""`trt-latency calibrate`: export -> sweep -> fit -> calibration.yaml, decode.png, replay -> requests.csv.
+
+Every step writes a file a user can keep; a rerun into the same --out continues where the last run
+stopped (existing models are reused when their metadata matches, the sweep and the replay skip rows
+already in samples.csv / requests.csv, the fit is redone from all rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trt_latency.errors import ConfigError, TrtLatencyError
+
+BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
+DEFAULT_OUT = "trt-latency-out"
+
+EXAMPLE = """\
+examples:
+  trt-latency calibrate --quick                     # packaged default plan, first config, < 2 min on 2 cores
+  trt-latency calibrate --out out                   # all configs of configs/default.yaml
+  trt-latency calibrate my_plan.yaml --backend ort-cuda --out out
+  trt-latency calibrate --onnx decoder.onnx --out out   # time your own exported decoder
+  trt-latency calibrate plan.yaml --engine decoder.plan --out out   # a TensorRT engine (GPU host)
+
+Writes OUT/{model.onnx, samples.csv, calibration.yaml, decode.png, requests.csv}. Rerunning with the same
+--out resumes: finished sweep rows and replayed requests are kept.
+"""
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser(
+        "calibrate",
+        help="export, time per KV position, fit, plot and replay: the whole calibration in one command",
+        description=textwrap.fill(
+            "Export the plan's reference decoder(s) (or take --onnx / --engine), time each decode step per "
+            "KV-cache position and prefill per prompt length, fit the position-dependent decode model, write "
+            "calibration.yaml and decode.png, and replay real end-to-end requests into requests.csv."
+        ),
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", nargs="?", metavar="CONFIG",
+                        help="plan YAML (tiers, configs, sweep, replay); default: the packaged configs/default.yaml")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--onnx", metavar="F", help="time this ONNX decoder instead of exporting the plan's models")
+    source.add_argument("--engine", metavar="F", help="time this TensorRT engine (implies --backend tensorrt)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="runtime (default auto: TensorRT EP / CUDA EP when usable, else the CPU provider)")
+    parser.add_argument("--out", metavar="DIR", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    parser.add_argument("--quick", action="store_true",
+                        help="first config only, the plan's quick: sweep and replay sizes (smoke run)")
+    parser.add_argument("--no-replay", action="store_true", help="skip the end-to-end replay into requests.csv")
+    parser.add_argument("--requests", type=int, metavar="N", help="replay N requests (default: the plan's replay size)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+@dataclass
+class Target:
+    """One config to time: its key, tier dims and the model/engine file."""
+
+    key: Any  # ConfigKey
+    tier: Any  # TierSpec
+    path: Path
+    exported: bool = False  # written by this run (vs reused / supplied)
+
+
+def model_path(out: Path, key: Any, primary: bool) -> Path:
+    if primary:
+        return out / "model.onnx"
+    return out / f"model.t{key.tier_idx}.k{key.top_k}.b{key.num_active_blocks}.onnx"
+
+
+def _export_if_needed(tier: Any, key: Any, path: Path, seed: int) -> bool:
+    """Export unless `path` already holds this exact model (same content hash); True if written."""
+    from trt_latency.engines.export import (
+        EXTERNAL_DATA_THRESHOLD,
+        build_model,
+        export_decoder,
+        model_metadata,
+    )
+
+    if path.is_file():
+        model, weight_bytes = build_model(tier, key.top_k, key.num_active_blocks, seed)
+        if weight_bytes <= EXTERNAL_DATA_THRESHOLD:
+            if hashlib.sha256(model.SerializeToString()).hexdigest() == _sha256(path):
+                return False
+        else:  # weights live in a side file: the metadata (dims, config, seed) identifies the model
+            try:
+                meta = model_metadata(path)
+            except Exception:  # noqa: BLE001 - an unreadable leftover is simply rewritten
+                meta = {}
+            wanted = {**{f: getattr(tier, f) for f in tier.__dataclass_fields__},
+                      "top_k": key.top_k, "num_active_blocks": key.num_active_blocks, "seed": seed}
+            if meta and all(meta.get(k) == v for k, v in wanted.items()):
+                return False
+    export_decoder(tier, key.top_k, key.num_active_blocks, path, seed=seed)
+    return True
+
+
+def _tier_from_onnx(path: Path, plan: Any) -> tuple[Any, Any]:
+    """(TierSpec, ConfigKey) of a user's decoder: from trt_latency metadata, else inferred from its inputs."""
+    import onnx
+
+    from trt_latency.engines.config import ConfigKey, TierSpec
+    from trt_latency.engines.export import model_metadata, tier_from_metadata
+
+    spath = str(path)
+    if not path.is_file():
+        raise ConfigError("file not found", path=spath, expected="an ONNX decoder model")
+    try:
+        meta = model_metadata(path)
+    except Exception as exc:  # noqa: BLE001 - onnx raises several types for a bad file
+        raise ConfigError(f"not a readable ONNX model ({type(exc).__name__})", path=spath) from None
+    if meta and all(f in meta for f in TierSpec.__dataclass_fields__):
+        return tier_from_metadata(meta)
+    model = onnx.load(spath, load_external_data=False)
+    inputs = {i.name: i for i in model.graph.input}
+
+    def dims(name: str) -> list[int | str]:
+        shape = inputs[name].type.tensor_type.shape.dim
+        return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in shape]
+
+    if "inputs_embeds" not in inputs:
+        raise ConfigError("missing model input", path=spath, field="inputs_embeds",
+                          expected="inputs inputs_embeds [B,S,H], position_ids, past_key_values.{i}.key|value",
+                          got=",".join(inputs))
+    hidden = dims("inputs_embeds")[-1]
+    blocks = 0
+    while f"past_key_values.{blocks}.key" in inputs:
+        blocks += 1
+    if blocks == 0 or not isinstance(hidden, int) or hidden <= 0:
+        raise ConfigError("cannot infer the decoder's dims", path=spath, field="inputs",
+                          expected="a static hidden size and past_key_values.0.key [B,kv_heads,past,head_dim]",
+                          got=",".join(inputs))
+    kv = dims("past_key_values.0.key")
+    kv_heads, head_dim = kv[1], kv[3]
+    if not isinstance(kv_heads, int) or not isinstance(head_dim, int) or kv_heads <= 0 or head_dim <= 0:
+        raise ConfigError("cannot infer the KV dims", path=spath, field="past_key_values.0.key",
+                          expected="static kv_heads and head_dim", got=str(kv))
+    elem = inputs["past_key_values.0.key"].type.tensor_type.elem_type
+    dtype = "float16" if elem == onnx.TensorProto.FLOAT16 else "float32"
+    outputs = {o.name: o for o in model.graph.output}
+    vocab = 0
+    if "logits" in outputs:
+        d = outputs["logits"].type.tensor_type.shape.dim
+        vocab = d[-1].dim_value if d and d[-1].HasField("dim_value") else 0
+    base = plan.tier(plan.primary.tier_idx)
+    tier = TierSpec(tier_idx=int(meta.get("tier_idx", 0)), name=path.stem, hidden=hidden, layers=blocks,
+                    heads=kv_heads, kv_heads=kv_heads, head_dim=head_dim, intermediate=0, vocab=vocab, experts=1,
+                    dtype=dtype, max_past_len=base.max_past_len, max_prefill_len=base.max_prefill_len)
+    return tier, ConfigKey(tier.tier_idx, int(meta.get("top_k", 1)), blocks)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _targets(args: argparse.Namespace, plan: Any, out: Path) -> tuple[Any, list[Target]]:
+    if args.onnx:
+        tier, key = _tier_from_onnx(Path(args.onnx), plan)
+        plan = replace(plan, tiers={tier.tier_idx: tier}, configs=[key])
+        return plan, [Target(key, tier, Path(args.onnx))]
+    if args.engine:
+        engine = Path(args.engine)
+        if not engine.is_file():
+            raise ConfigError("file not found", path=str(engine), expected="a TensorRT engine (.plan / .engine)")
+        key = plan.primary
+        return plan, [Target(key, plan.tier(key.tier_idx), engine)]
+    targets = []
+    for i, key in enumerate(plan.configs):
+        tier = plan.tier(key.tier_idx)
+        targets.append(Target(key, tier, model_path(out, key, primary=i == 0)))
+    return plan, targets
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out: dict[str, str] = {"python": sys.version.split()[0], "numpy": np.__version__}
+    for dist in ("trt-latency", "onnxruntime", "onnxruntime-gpu", "onnx", "tensorrt"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def position_table(samples: Any, cal: Any) -> str:
+    """Per config: past_len, reps, measured median and p90, fitted value, relative error."""
+    from trt_latency.estimator.model import Estimator
+
+    est = Estimator(cal)
+    lines: list[str] = []
+    for cfg in cal.configs:
+        m = ((samples.phase == "decode") & (samples.new_tokens == 1) & (samples.tier_idx == cfg.tier_idx)
+             & (samples.top_k == cfg.top_k) & (samples.num_active_blocks == cfg.num_active_blocks))
+        past = samples.past_len[m]
+        lat = samples.latency_ms[m]
+        lines.append(f"config tier_idx={cfg.tier_idx} top_k={cfg.top_k} num_active_blocks={cfg.num_active_blocks}")
+        lines.append(f"  {'past_len':>8}  {'reps':>4}  {'median ms':>10}  {'p90 ms':>9}  {'fitted ms':>10}  {'fit err':>8}")
+        for p in np.unique(past):
+            y = lat[past == p]
+            med = float(np.median(y))
+            fitted = float(est.decode_step_ms(int(p), tier_idx=cfg.tier_idx, top_k=cfg.top_k,
+                                              num_active_blocks=cfg.num_active_blocks))
+            lines.append(f"  {int(p):>8}  {y.size:>4}  {med:>10.4f}  {float(np.quantile(y, 0.9)):>9.4f}  "
+                         f"{fitted:>10.4f}  {(fitted - med) / med:>+8.1%}")
+        lines.append(fit_summary(cfg))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def fit_summary(cfg: Any) -> str:
+    knots = [float(k) for k in cfg.decode_knots]
+    values = [float(v) for v in cfg.decode_values_ms]
+    slopes = [(values[i + 1] - values[i]) / (knots[i + 1] - knots[i]) * 1e3 for i in range(len(knots) - 1)]
+    overall = (values[-1] - values[0]) / (knots[-1] - knots[0]) * 1e3
+    err = cfg.fit_error or {}
+    loo_med, loo_max = err.get("loo_median_rel"), err.get("loo_max_rel")
+    a, b, c = (float(x) for x in cfg.prefill_coeffs)
+    parts = [
+        "  fit: " + f"{len(knots)} knots at past_len " + ", ".join(f"{k:.0f}" for k in knots),
+        "       T(L) at knots (ms): " + ", ".join(f"{v:.4f}" for v in values),
+        f"       slope {overall:.3f} us per KV token overall (per segment: "
+        + ", ".join(f"{s:.3f}" for s in slopes) + ")",
+    ]
+    if isinstance(loo_med, int | float) and isinstance(loo_max, int | float):
+        parts.append(f"       leave-one-position-out error: median {loo_med:.1%}, max {loo_max:.1%}"
+                     f" over {err.get('n_positions', '?')} positions")
+    parts.append(f"       prefill(S) = {a:.4f} + {b:.3e}*S + {c:.3e}*S^2 ms")
+    if cfg.kv_bytes_per_token:
+        line = f"       KV cache: {cfg.kv_bytes_per_token} bytes per token"
+        if overall > 0:
+            ms_per_mib = overall * 1e-3 / cfg.kv_bytes_per_token * 2**20
+            line += (f"; slope = {ms_per_mib:.3f} ms per MiB of KV "
+                     f"(an effective {2**20 / (ms_per_mib * 1e-3) / 1e9:.1f} GB/s if it were all KV reads)")
+        parts.append(line)
+    return "\n".join(parts)
+
+
+def _fmt_time(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+def run(args: argparse.Namespace) -> int:
+    from trt_latency.engines.config import load_plan
+
+    started = time.perf_counter()
+    if args.requests is not None and args.requests < 0:
+        raise ConfigError(field="--requests", expected="an integer >= 0", got=args.requests)
+    plan = load_plan(args.config, quick=args.quick)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    backend = "tensorrt" if args.engine and args.backend == "auto" else args.backend
+    if args.engine and backend != "tensorrt":
+        raise ConfigError(field="--backend", expected="tensorrt (or auto) with --engine", got=backend)
+    plan, targets = _targets(args, plan, out)
+    progress = not args.no_progress
+    samples_path = out / "samples.csv"
+    cal_path = out / "calibration.yaml"
+    plot_path = out / "decode.png"
+    requests_path = out / "requests.csv"
+    say = _Say()
+
+    say(f"trt-latency calibrate: plan {plan.source}{' (--quick)' if plan.quick else ''}, "
+        f"{len(targets)} config(s), output {out}/")
+    if not (args.onnx or args.engine):
+        for t in targets:
+            t.exported = _export_if_needed(t.tier, t.key, t.path, plan.sweep.seed)
+            say(f"  model {t.path.name}: {'exported' if t.exported else 'reused (same content hash)'}")
+    runner_info: dict[str, str] = {}
+    sweep_stats: list[str] = []
+    for t in targets:
+        info = _sweep_one(t, plan, backend, samples_path, progress)
+        runner_info.update(info)
+        sweep_stats.append(info.get("summary", ""))
+
+    cal, samples = _fit(samples_path, plan, targets, runner_info, args)
+    from trt_latency.estimator.calibration import save_calibration
+
+    save_calibration(cal, cal_path)
+    plot_written = _plot(samples, cal, plot_path, runner_info)
+
+    n_requests = plan.replay.requests if args.requests is None else args.requests
+    replay_note = "skipped (--no-replay)" if args.no_replay else "skipped (0 requests)"
+    if not args.no_replay and n_requests > 0:
+        replay_note = _replay(targets[0], plan, backend, requests_path, n_requests, progress)
+        replay_note += _conformal(cal_path, requests_path)
+
+    say("")
+    say("Decode step latency per KV position: measured (median, p90 over repetitions) vs the fitted model")
+    say(position_table(samples, _load(cal_path)))
+    wall = time.perf_counter() - started
+    say("Summary")
+    say(f"  backend      {runner_info.get('backend', backend)} on {runner_info.get('device', '?')}")
+    for t in targets:
+        say(f"  model        {t.path}")
+    say(f"  samples      {samples_path} ({len(samples)} timed repetitions)")
+    say(f"  calibration  {cal_path}")
+    say(f"  plot         {plot_path if plot_written else 'not written (matplotlib missing)'}")
+    say(f"  requests     {requests_path if not args.no_replay and n_requests > 0 else '-'}: {replay_note}")
+    say(f"  wall time    {_fmt_time(wall)}")
+    if not args.no_replay and n_requests > 0:
+        say(f"Next: trt-latency analyze {requests_path} -c {cal_path}")
+    return 0
+
+
+class _Say:
+    def __call__(self, text: str) -> None:
+        print(text, flush=True)
+
+
+def _open(target: Target, plan: Any, backend: str) -> Any:
+    from trt_latency.engines.backends import open_runner
+
+    return open_runner(target.path, backend=backend, threads=plan.runtime.intra_op_threads,
+                       inter_threads=plan.runtime.inter_op_threads, max_past_len=target.tier.max_past_len,
+                       max_new_tokens=target.tier.max_prefill_len, seed=plan.sweep.seed)
+
+
+def _sweep_one(target: Target, plan: Any, backend: str, samples_path: Path, progress: bool) -> dict[str, str]:
+    from trt_latency.engines.sweep import run_sweep
+
+    with _open(target, plan, backend) as runner:
+        result = run_sweep(runner, target.key, plan, samples_path, progress=progress)
+        k = target.key
+        summary = (f"  sweep tier_idx={k.tier_idx} top_k={k.top_k} num_active_blocks={k.num_active_blocks}: "
+                   f"{result.rows_written} repetitions timed, {result.rows_skipped} already in "
+                   f"{samples_path.name}, {len(result.positions)} decode positions up to "
+                   f"{max(result.positions) if result.positions else 0}, {len(result.prefill_lengths)} prefill "
+                   f"lengths, {_fmt_time(result.seconds)} ({runner.backend} on {runner.device})")
+        print(summary, flush=True)
+        return {"backend": runner.backend, "device": runner.device, "summary": summary}
+
+
+def _fit(samples_path: Path, plan: Any, targets: list[Target], runner_info: dict[str, str],
+         args: argparse.Namespace) -> tuple[Any, Any]:
+    from trt_latency.estimator.fit import fit_samples
+    from trt_latency.estimator.samples import read_samples
+
+    samples = read_samples(samples_path)
+    keys = {tuple(t.key) for t in targets}
+    keep = np.array([(int(a), int(b), int(c)) in keys for a, b, c in
+                     zip(samples.tier_idx, samples.top_k, samples.num_active_blocks, strict=True)], dtype=bool)
+    if not keep.all():  # rows of configs this plan does not list (an older run into the same folder)
+        samples = _subset(samples, keep)
+    kv_bytes = {tuple(t.key): t.tier.kv_bytes_per_token(t.key.num_active_blocks) for t in targets}
+    cal = fit_samples(samples, kv_bytes_per_token=kv_bytes)
+    provenance = dict(cal.provenance)
+    provenance.update(
+        backend=runner_info.get("backend", ""),
+        device=runner_info.get("device", ""),
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        versions=_versions(),
+        plan={"source": str(plan.source), "quick": bool(plan.quick),
+              "configs": [list(t.key) for t in targets]},
+        models={f"t{t.key.tier_idx}.k{t.key.top_k}.b{t.key.num_active_blocks}": {
+            "path": str(t.path), "sha256": _sha256(t.path)} for t in targets},
+        engine_sha256=_sha256(targets[0].path),
+        tiers={str(t.tier.tier_idx): {f: getattr(t.tier, f) for f in t.tier.__dataclass_fields__} for t in targets},
+    )
+    cal = replace(cal, provenance=provenance)
+    return cal, samples
+
+
+def _subset(samples: Any, keep: np.ndarray) -> Any:
+    from dataclasses import fields
+
+    values = {}
+    for f in fields(samples):
+        v = getattr(samples, f.name)
+        if isinstance(v, np.ndarray):
+            values[f.name] = v[keep]
+        elif isinstance(v, list):
+            values[f.name] = [x for x, k in zip(v, keep, strict=True) if k]
+        else:
+            values[f.name] = v
+    return type(samples)(**values)
+
+
+def _load(path: Path) -> Any:
+    from trt_latency.estimator.calibration import load_calibration
+
+    return load_calibration(path)
+
+
+def _plot(samples: Any, cal: Any, path: Path, runner_info: dict[str, str]) -> bool:
+    try:
+        from trt_latency.plots import plot_calibration
+    except ImportError:
+        return False
+    title = f"trt-latency calibration: {runner_info.get('backend', '')} on {runner_info.get('device', '')}"
+    try:
+        plot_calibration(samples, cal, path, title=title)
+    except ImportError:  # matplotlib missing: the calibration stands without its picture
+        return False
+    return True
+
+
+def _replay(target: Target, plan: Any, backend: str, requests_path: Path, n: int, progress: bool) -> str:
+    from trt_latency.engines.replay import run_replay
+
+    spec = replace(plan.replay, requests=n)
+    with _open(target, plan, backend) as runner:
+        result = run_replay(runner, target.key, target.tier, spec, requests_path, n, progress=progress)
+    note = (f"{result.rows_written + result.rows_skipped} requests ({result.rows_written} replayed in "
+            f"{_fmt_time(result.seconds)}, {result.rows_skipped} already there)")
+    print(f"  replay: {note}", flush=True)
+    return note
+
+
+def _conformal(cal_path: Path, requests_path: Path) -> str:
+    """Store conformal factors from the replay in calibration.yaml (admit(alpha=...) needs them)."""
+    from trt_latency.estimator.conformal import calibrate_from_log
+
+    try:
+        report = calibrate_from_log(cal_path, requests_path)
+    except TrtLatencyError as exc:
+        return f"; conformal factors not stored ({exc})"
+    factors = report.get("factors", {})
+    return f"; conformal factors stored for {len(factors)} config(s)" if factors else ""

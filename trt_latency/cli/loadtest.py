@@ -1,0 +1,205 @@
+"""`trt-latency loadtest`: a real serving loop over the calibrated engine, judged against an oracle."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+EPILOG = """\
+example:
+  trt-latency calibrate --quick --out cal
+  trt-latency loadtest -c cal/calibration.yaml --requests 600 --alpha 0.05 --calibrate-requests 300 --json
+  trt-latency loadtest -c cal/calibration.yaml --requests 1000 --slowdown-at 500 --slowdown-ms-per-step 0.5
+
+Every request is executed for real (rejected ones in shadow mode), so the oracle decision
+(true total <= budget) is known; the controller only observes the requests it admitted.
+Budgets are predicted total * U(0.6, 1.6) unless --budget-ms fixes them.
+Conformal factors come from --calibrate-requests N live requests, else from the calibration,
+else from requests.csv next to it.
+"""
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "loadtest",
+        help="serve a request stream with the admission controller and compare with an oracle",
+        description="Run a real serving loop over the calibrated engine: every request decided by the "
+        "AdmissionController and executed (rejected ones in shadow), reporting violation rate, "
+        "admitted vs oracle, and the controller's cost per decision.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-c", "--calibration", required=True, metavar="CAL", help="calibration.yaml")
+    p.add_argument("--onnx", metavar="F", help="model to serve (default: model.onnx next to CAL)")
+    p.add_argument("--backend", default="ort-cpu", help="runner backend (default ort-cpu)")
+    p.add_argument("--plan", metavar="YAML", default=None,
+                   help="plan whose replay lengths the stream draws (default: the one the calibration names)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the runner's)")
+    p.add_argument("--requests", type=int, default=600, metavar="N", help="requests in the stream (default 600)")
+    p.add_argument("--budget-ms", type=float, default=None, metavar="B",
+                   help="fixed budget for every request (default: predicted * U(0.6, 1.6))")
+    p.add_argument("--alpha", type=float, default=0.05, metavar="A", help="violation level (default 0.05)")
+    p.add_argument("--policy", choices=("reject", "admit", "cap"), default="reject",
+                   help="requests the estimator cannot judge (default reject)")
+    p.add_argument("--window", type=int, default=32, help="controller window per bucket (default 32)")
+    p.add_argument("--min-observations", type=int, default=8, help="before a correction acts (default 8)")
+    p.add_argument("--slowdown-at", type=int, default=None, metavar="K",
+                   help="inject a per-decode-step stall from request K on")
+    p.add_argument("--slowdown-ms-per-step", type=float, default=0.0, metavar="X",
+                   help="stall per decode step after --slowdown-at (ms)")
+    p.add_argument("--calibrate-requests", type=int, default=0, metavar="N",
+                   help="first run N live requests and fit the conformal factors on them")
+    p.add_argument("--write-conformal", action="store_true",
+                   help="store the fitted conformal factors into CAL (atomic write)")
+    p.add_argument("--no-warm-start", action="store_true",
+                   help="do not seed the controller's windows with the conformal requests")
+    p.add_argument("--report-window", type=int, default=50, help="window (requests) of the slowdown report")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run)
+
+
+def _usage(message: str) -> int:
+    print(f"trt-latency loadtest: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.requests < 1:
+        return _usage("--requests must be >= 1")
+    if not 0.0 < args.alpha < 1.0:
+        return _usage("--alpha must be in (0, 1)")
+    if args.budget_ms is not None and not (math.isfinite(args.budget_ms) and args.budget_ms > 0):
+        return _usage("--budget-ms must be a finite number > 0")
+    if args.slowdown_at is not None and args.slowdown_at < 0:
+        return _usage("--slowdown-at must be >= 0")
+    if args.slowdown_ms_per_step < 0 or not math.isfinite(args.slowdown_ms_per_step):
+        return _usage("--slowdown-ms-per-step must be >= 0")
+    if args.calibrate_requests < 0:
+        return _usage("--calibrate-requests must be >= 0")
+    report = loadtest(args)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=False, default=_json_default))
+    else:
+        _print_report(report)
+    return 0
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def loadtest(args: argparse.Namespace) -> dict[str, Any]:
+    from trt_latency.engines import loadgen
+    from trt_latency.estimator import conformal
+    from trt_latency.estimator.admission import AdmissionController, Request
+    from trt_latency.estimator.calibration import load_calibration, save_calibration
+    from trt_latency.estimator.model import Estimator
+
+    cal_path = Path(args.calibration)
+    cal = load_calibration(cal_path)
+    model_path = loadgen.find_model(cal_path, args.onnx)
+    plan = loadgen.plan_of(cal, args.plan)
+    # The thread count the sweep measured with: same engine, same speed.
+    threads = args.threads if args.threads is not None else plan.runtime.intra_op_threads
+    runner = loadgen.open_model(model_path, args.backend, threads)
+    try:
+        key = loadgen.served_key(model_path, cal)
+        cfg = cal.config(*key)
+        spec = loadgen.stream_spec(cfg, plan, budget_ms=args.budget_ms)
+        estimator = Estimator(cal)
+        conformal_info: dict[str, Any] = {"source": None}
+        fits = None
+        log: Any = None
+        # Warm the engine (first runs allocate / page in) before anything is measured.
+        loadgen.warm_up(runner, spec)
+        if args.calibrate_requests > 0:
+            log = loadgen.calibrate_conformal_live(runner, estimator, key, spec, args.calibrate_requests,
+                                                   seed=args.seed + 1000, hidden=int(runner.hidden))
+            conformal_info["source"] = f"{args.calibrate_requests} live requests"
+        elif cfg.conformal is not None:
+            conformal_info["source"] = f"{cal_path} (stored)"
+        elif (cal_path.parent / "requests.csv").is_file():
+            from trt_latency.estimator.requests import read_requests
+
+            log = read_requests(cal_path.parent / "requests.csv")
+            conformal_info["source"] = str(cal_path.parent / "requests.csv")
+        if log is not None:
+            fits = conformal.fit_conformal(estimator, log)
+            conformal_info["coverage"] = conformal.coverage_check(estimator, log, seed=args.seed)
+            cal = conformal.attach_conformal(cal, fits)
+            estimator = Estimator(cal)
+            if args.write_conformal:
+                save_calibration(cal, cal_path)
+                conformal_info["written_to"] = str(cal_path)
+        stored = cal.config(*key).conformal
+        conformal_info["stored"] = stored
+        if fits is not None and key in fits:
+            conformal_info["unavailable_alphas"] = list(fits[key].unavailable)
+
+        controller = AdmissionController(estimator, alpha=args.alpha, policy=args.policy, window=args.window,
+                                         min_observations=args.min_observations)
+        if log is not None and not args.no_warm_start:
+            # The conformal requests were really executed on this engine: start the online windows
+            # from them rather than from nothing.
+            conformal_info["warm_start_rows"] = controller.warm_start(log)
+        result = loadgen.run_stream(runner, controller, estimator, key, spec, args.requests, seed=args.seed,
+                                    slowdown_at=args.slowdown_at, slowdown_ms_per_step=args.slowdown_ms_per_step)
+    finally:
+        runner.close()
+    report: dict[str, Any] = {
+        "calibration": str(cal_path),
+        "model": str(model_path),
+        "backend": getattr(runner, "backend", args.backend),
+        "config": list(key),
+        "alpha": args.alpha,
+        "policy": args.policy,
+        "budget": f"fixed {args.budget_ms} ms" if args.budget_ms is not None else "predicted total * U(0.6, 1.6)",
+        "slowdown": None if args.slowdown_at is None else {"at_request": args.slowdown_at,
+                                                            "ms_per_decode_step": args.slowdown_ms_per_step},
+        "target_violation_rate": loadgen.TARGET_VIOLATION_RATE,
+    }
+    report.update(loadgen.summarize(result, args.slowdown_at, window=args.report_window))
+    report["controller"] = controller.counters()
+    requests = [Request(r.vision_tokens, r.text_tokens, r.output_tokens, key[0], key[1], key[2], r.budget_ms)
+                for r in result.rows]
+    report.update(loadgen.decide_benchmark(controller, requests))
+    report["conformal"] = conformal_info
+    return report
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    print(f"served {report['requests']} requests of config {tuple(report['config'])} on {report['backend']} "
+          f"(alpha {report['alpha']}, budgets {report['budget']})")
+    for name in ("admitted", "oracle_admitted", "violations", "violation_rate", "admitted_vs_oracle",
+                 "controller_ns_per_decision", "estimator_admit_ns", "bare_python_call_ns", "decisions_per_s",
+                 "serving_requests_per_s"):
+        print(f"  {name:28s} {_fmt(report.get(name))}")
+    if report.get("slowdown"):
+        s = report["slowdown"]
+        print(f"slowdown of {s['ms_per_decode_step']} ms per decode step from request {s['at_request']}:")
+        for part in ("before_slowdown", "after_slowdown"):
+            r = report[part]
+            print(f"  {part:16s} violation_rate {_fmt(r['violation_rate'])}  admitted_vs_oracle "
+                  f"{_fmt(r['admitted_vs_oracle'])}")
+        for w in report["windows_after_change"]:
+            print(f"  requests {w['from']:4d}-{w['to']:4d} after the change: {w['violations']:3d} violations / "
+                  f"{w['admitted']:3d} admitted = {_fmt(w['violation_rate'])}")
+        print(f"  back under {report['target_violation_rate']} after {_fmt(report['recovered_within_requests'])} "
+              f"requests; violation rate after 200: {_fmt(report['violation_rate_after_200'])}")
+    conf = report["conformal"]
+    print(f"conformal factors from {conf['source'] or 'nowhere (no request log)'}: {conf.get('stored')}")

@@ -1,0 +1,53 @@
+"""`trt-latency predict`: predicted prefill / decode / total ms of one request."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+EXAMPLE = """\
+examples:
+  trt-latency predict -c calibration.yaml --vision-tokens 576 --text-tokens 40 --output-tokens 64
+  trt-latency predict -c calibration.yaml --text-tokens 200 --output-tokens 32 --quantile 0.99 --json
+"""
+
+
+def add_request_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--calibration", required=True, metavar="CAL", help="calibration.yaml from `fit`/`calibrate`")
+    p.add_argument("--vision-tokens", type=int, default=0, metavar="N", help="vision tokens in the prompt (default 0)")
+    p.add_argument("--text-tokens", type=int, required=True, metavar="N", help="text tokens in the prompt")
+    p.add_argument("--tier", type=int, default=0, metavar="T", help="tier_idx (default 0)")
+    p.add_argument("--top-k", type=int, default=1, metavar="K", help="top_k (default 1)")
+    p.add_argument("--blocks", type=int, default=None, metavar="B",
+                   help="num_active_blocks (default: the tier's largest measured)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "predict",
+        help="predict prefill, decode and total ms for one request",
+        description="Prefill(P) + the closed-form sum of decode steps over past_len P .. P+n-2 "
+        "(P = vision + text tokens, n = output tokens).",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_request_args(p)
+    p.add_argument("--output-tokens", type=int, required=True, metavar="N", help="tokens generated (>= 1)")
+    p.add_argument("--quantile", type=float, default=None, metavar="Q",
+                   help="scale by the residual quantile Q (e.g. 0.99) instead of the median model")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from trt_latency.estimator.model import Estimator
+
+    est = Estimator.load(args.calibration)
+    pred = est.predict(args.vision_tokens, args.text_tokens, args.output_tokens, tier_idx=args.tier, top_k=args.top_k,
+                       num_active_blocks=args.blocks, quantile=args.quantile)  # fmt: skip
+    if args.json:
+        print(json.dumps(pred._asdict()))
+    else:
+        print(f"prefill {pred.prefill_ms:.3f} ms + decode {pred.decode_ms:.3f} ms = total {pred.total_ms:.3f} ms"
+              + (f"  [{pred.flags}]" if pred.flags else ""))  # fmt: skip
+    return 0
