@@ -40,7 +40,8 @@ class StreamSpec:
     vision_tokens: tuple[int, ...] = (0, 64, 256)
     text_tokens: tuple[int, int] = (8, 256)  # uniform, inclusive
     output_tokens: tuple[int, int] = (2, 48)  # log-uniform, inclusive
-    budget_spread: tuple[float, float] = (0.6, 1.6)  # budget = predicted total * U(lo, hi)
+    budget_spread: tuple[float, float] = (0.6, 1.6)  # budget = predicted total * center * U(lo, hi)
+    budget_center: float = 1.0  # typical actual / predicted (the conformal median), so ~half the budgets fit
     budget_ms: float | None = None  # fixed budget instead of the spread
     min_prompt: int | None = None  # clip to the calibration's measured prefill range
     max_prompt: int | None = None
@@ -140,7 +141,7 @@ def run_stream(
         else:
             predicted = float(estimator.predict(vision, text, output, tier_idx=tier, top_k=top_k,
                                                 num_active_blocks=blocks).total_ms)
-            budget = predicted * float(rng.uniform(*spec.budget_spread))
+            budget = predicted * spec.budget_center * float(rng.uniform(*spec.budget_spread))
         request = Request(vision, text, output, tier, top_k, blocks, budget)
         t0 = time.perf_counter_ns()
         decision = controller.decide(request)
@@ -156,6 +157,20 @@ def run_stream(
             progress(i + 1, n)
     result.wall_s = time.perf_counter() - start
     return result
+
+
+def dump_rows(result: LoadtestResult, path: str | os.PathLike[str]) -> None:
+    """Every executed request as CSV (index, lengths, budget, decision, true latencies)."""
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["index", "vision_tokens", "text_tokens", "output_tokens", "budget_ms", "admitted", "oracle_admit",
+                    "violation", "ttft_ms", "total_ms", "slowed", "decide_ns", "reason"])
+        for r in result.rows:
+            w.writerow([r.index, r.vision_tokens, r.text_tokens, r.output_tokens, repr(r.budget_ms), int(r.admitted),
+                        int(r.oracle_admit), int(r.violation), repr(r.ttft_ms), repr(r.total_ms), int(r.slowed),
+                        r.decide_ns, r.reason])
 
 
 def _rates(rows: Sequence[Executed]) -> dict[str, Any]:

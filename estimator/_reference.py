@@ -3,7 +3,8 @@
 Tables (built by estimator.model.build_tables, shared by both implementations):
 
 - ``cfg``     float64 [n_cfg, NCOL]: prefill a, b, c; valid past_len lo, hi; valid prefill lo, hi;
-  factorised flag; offsets/counts into ``pieces``, ``conf`` and ``rq``.
+  factorised flag; offsets/counts into ``pieces``, ``conf`` and ``rq``; serving-loop first-step
+  transient c (LOOP_FIRST) and prefill overhead o_p (LOOP_PRE), both ms >= 0 (0 = none).
 - ``pieces``  float64 [n, 4]: per piece of T(L) over integer L: start B (integer valued), T(B) = v,
   slope beta, cum = sum_{L=0}^{B-1} T(L). Piece 0 starts at 0 (constant T = first knot value below the
   first knot); the last piece continues the last segment's slope (extrapolation above the last knot).
@@ -11,8 +12,11 @@ Tables (built by estimator.model.build_tables, shared by both implementations):
 - ``tier_map``, ``topk_map``, ``blocks_map`` int64: value -> dense index or -1; ``lut`` int64
   [n_tier, n_topk, n_blocks + 1] -> config row or -1 (the last slot is num_active_blocks=None).
 
-Semantics: C(m) = sum_{L=0}^{m-1} T(L) in closed form per piece; total(n) = (prefill(P) + C(P+n-1) - C(P)) * f
-for n >= 1, where f is the alpha / quantile factor. ``nfit`` is the largest n with total(n) <= budget,
+Semantics: C(m) = sum_{L=0}^{m-1} T(L) in closed form per piece; prefill(P) = max(a + b P + c P^2, 0) + o_p;
+total(n) = (prefill(P) + [n >= 2] ((C(P+n-1) - C(P)) + c)) * f for n >= 1, where f is the alpha / quantile
+factor. T here is the step the tables were built with: the serving step T_engine(L) + o when the
+per-step loop overhead o is folded into the piece values (Estimator does that at load time), so the
+kernels never see o itself. ``nfit`` is the largest n with total(n) <= budget,
 found by a binary search over pieces, a quadratic solve inside the piece, then a fix-up against total()
 itself so that total(n) <= budget < total(n+1) holds exactly in floating point.
 """
@@ -31,7 +35,8 @@ IMPLEMENTATION = "reference"
 # cfg columns
 PRE_A, PRE_B, PRE_C, PAST_LO, PAST_HI, PRE_LO, PRE_HI, FACTORISED = 0, 1, 2, 3, 4, 5, 6, 7
 PIECE_OFF, PIECE_CNT, CONF_OFF, CONF_CNT, RQ_OFF, RQ_CNT = 8, 9, 10, 11, 12, 13
-NCOL = 14
+LOOP_FIRST, LOOP_PRE = 14, 15
+NCOL = 16
 # pieces columns
 P_START, P_VALUE, P_SLOPE, P_CUM = 0, 1, 2, 3
 
@@ -185,12 +190,12 @@ class Kernel:
     def prefill(self, c: int, prompt: float) -> float:
         row = self.cfg[c]
         x = row[PRE_A] + prompt * (row[PRE_B] + row[PRE_C] * prompt)
-        return x if x > 0.0 else 0.0
+        return (x if x > 0.0 else 0.0) + row[LOOP_PRE]
 
     def decode_sum(self, c: int, prompt: float, n: float) -> float:
         if n <= 1.0:
             return 0.0
-        return self.cumsum(c, prompt + n - 1.0) - self.cumsum(c, prompt)
+        return (self.cumsum(c, prompt + n - 1.0) - self.cumsum(c, prompt)) + self.cfg[c][LOOP_FIRST]
 
     def total(self, c: int, prompt: float, n: float, factor: float) -> float:
         return (self.prefill(c, prompt) + self.decode_sum(c, prompt, n)) * factor
@@ -204,7 +209,7 @@ class Kernel:
         """total() with prefill(prompt) = pre and cumsum(prompt) = cp precomputed (same arithmetic)."""
         if n <= 1.0:
             return (pre + 0.0) * factor
-        return (pre + (self.cumsum(c, prompt + n - 1.0) - cp)) * factor
+        return (pre + ((self.cumsum(c, prompt + n - 1.0) - cp) + self.cfg[c][LOOP_FIRST])) * factor
 
     def nfit(self, c: int, prompt: float, budget: float, factor: float) -> int:
         """Largest n in [0, TOKEN_MAX] with total(n) <= budget (0: not even the first token)."""
@@ -214,7 +219,7 @@ class Kernel:
         cp = self.cumsum(c, prompt)
         row = self.cfg[c]
         off, cnt = int(row[PIECE_OFF]), int(row[PIECE_CNT])
-        target = cp + (budget / factor - pre)
+        target = cp + ((budget / factor - pre) - row[LOOP_FIRST])  # an estimate: _fixup makes it exact
         i = bisect_right(self._cums[c], target) - 1
         if i < 0:
             i = 0

@@ -28,10 +28,11 @@ the conservative survival (#{r > u} + 1) / (n + 1), stays <= alpha; g never exce
 split-conformal quantile of r, which bounds P(r > g) by alpha whatever the budgets. Until the
 residual window holds ``conformal.min_requests_for(alpha)`` observations (warm-up), the
 Estimator's stored conformal factor is applied to the raw prediction: ``admit(budget, alpha)``.
-A step slowdown raises the residuals at once, so g rises within a few observations; once the
-medians catch up (about window/2 observations), residuals and g fall back. Residuals are scored
-against medians that include them: with a median of ``window`` ratios one observation barely
-moves the prediction it is scored against. ``warm_start(log)`` seeds the windows from a replay.
+Residuals judged with a correction that has moved by more than ``regime_tolerance`` since are
+dropped (the newest half of the window is always kept), so after a step change the window
+describes today's noise, not the jump. Budget ratios are re-taken against the current correction.
+``warm_start(log)`` seeds the windows from a replay; ``reset_after`` (off by default) lets a
+controller that has rejected everything for a while fall back to the calibration.
 
 Requests the Estimator cannot judge (config not in the calibration, lengths outside the measured
 range) follow ``policy``: 'reject' (default), 'admit', or 'cap' (admit with max_new_tokens capped to
@@ -41,7 +42,9 @@ never raise. In a Request, num_active_blocks None or 0 means the tier's largest 
 (as in the request log).
 
 Thread safety: one lock guards the windows and counters; corrections are published as immutable
-tuples in dicts that ``decide`` reads without the lock.
+tuples / floats in dicts that ``decide`` reads without the lock (it takes the lock once, to count).
+Cost: ``decide`` is a few Python frames around two kernel calls; ``observe`` recomputes the
+threshold (O(residual_window + budget_window log)) and belongs after the request, off the hot path.
 """
 
 from __future__ import annotations
@@ -176,7 +179,8 @@ class AdmissionController:
       on the corrected prediction alone);
     - ``policy`` for requests the Estimator cannot judge, ``cap_tokens`` the max_new_tokens cap
       of policy 'cap';
-    - ``window``: ratios kept per config and component (the drift medians);
+    - ``window``: ratios kept per config and component (the drift medians; short, because
+      co-tenant noise comes in bursts a short median can follow);
       ``min_observations`` before a median acts; ``bucket_edges``: KV-length edges
       (prompt + max_new_tokens) of the length buckets, ``bucket_window`` relative ratios kept
       per bucket; ``clamp``: bounds of the correction and of the threshold;
@@ -185,9 +189,11 @@ class AdmissionController:
       and ``min_budgets`` before they may lower the threshold below the conformal quantile;
       ``regime_tolerance``: residuals judged with a correction that has moved by more than this
       since are dropped (the newest half of the window is always kept);
-    - ``probe_after``: optional; after that many rejections in a row for a config, admit one
-      request that the corrected median prediction says fits (a controller that admits nothing
-      learns nothing; off by default: probes cost violations when the machine is very noisy);
+    - ``reset_after``: after that many rejections in a row for a config, forget its windows and
+      go back to the calibration's conformal factors (a controller that admits nothing learns
+      nothing: a drift estimate from a burst long gone would otherwise reject for ever). Off by
+      default: the fallback admits on the calibration's belief, which costs violations when the
+      machine really did slow down;
     - ``max_buckets``: hard cap on tracked configs + buckets (bounded memory whatever the stream).
     """
 
@@ -197,14 +203,14 @@ class AdmissionController:
         alpha: float | None = 0.05,
         policy: str = "reject",
         cap_tokens: int = 16,
-        window: int = 32,
-        min_observations: int = 8,
+        window: int = 8,
+        min_observations: int = 4,
         clamp: tuple[float, float] = (0.25, 8.0),
         residual_window: int = 200,
         budget_window: int = 256,
         min_budgets: int = 50,
         regime_tolerance: float = 0.1,
-        probe_after: int | None = None,
+        reset_after: int | None = None,
         bucket_edges: Sequence[int] = (64, 128, 256, 512, 1024, 2048, 4096),
         bucket_window: int = 128,
         max_buckets: int = 256,
@@ -233,7 +239,7 @@ class AdmissionController:
         self.budget_window = int(budget_window)
         self.min_budgets = int(min_budgets)
         self.regime_tolerance = float(regime_tolerance)
-        self.probe_after = probe_after if probe_after is not None else 1 << 62
+        self.reset_after = reset_after if reset_after is not None else 1 << 62
         # Residuals needed before the online threshold replaces the stored factors.
         self.min_residuals = min_requests_for(alpha) if alpha is not None else 1
         self.bucket_edges = tuple(sorted(int(e) for e in bucket_edges))
@@ -253,7 +259,7 @@ class AdmissionController:
         self._budgets: dict[tuple[int, int, int], deque[tuple[float, float, float, int]]] = {}
         self._reasons: dict[str, str] = {}
         self._since_admit: dict[tuple[int, int, int], int] = {}
-        self._probes = 0
+        self._resets = 0
         self._decisions = 0
         self._admits = 0
         self._rejects = 0
@@ -339,7 +345,7 @@ class AdmissionController:
         return self._judge(v, t, n, tier, k, blocks, budget)
 
     def _judge(self, v: int, t: int, n: int, tier: int, k: int, blocks: int | None, budget: float) -> Decision:
-        online = probe = False
+        online = False
         key = (tier, k, blocks or 0)
         try:
             p, d = self._split(v, t, n, tier, k, blocks)
@@ -355,10 +361,6 @@ class AdmissionController:
                 else:
                     g = self._threshold.get(key)
                     if g is not None:
-                        if self._since_admit.get(key, 0) >= self.probe_after:
-                            # Starving: a controller that admits nothing learns nothing. Admit what
-                            # the corrected median prediction says fits, once per probe_after.
-                            g, probe = 1.0, True
                         factor, online = c * g, True
             dec = self.estimator.admit(budget / factor, v, t, n, tier, k, blocks, None if online else self.alpha)
         except Exception as exc:  # noqa: BLE001
@@ -370,21 +372,34 @@ class AdmissionController:
             reason = self._reasons.get(dec.reason)
             if reason is None:  # a handful of distinct reasons: build each once
                 reason = self._reasons[dec.reason] = dec.reason + "; online drift correction and threshold"
-            if probe and dec.admit:
-                reason = dec.reason + "; probe after a long run of rejections"
             dec = Decision(dec.admit, dec.max_new_tokens, dec.predicted_ms * factor, reason)
         with self._lock:
             self._decisions += 1
             if dec.admit:
                 self._admits += 1
                 self._since_admit[key] = 0
-                if probe:
-                    self._probes += 1
             else:
                 self._rejects += 1
-                if key in self._since_admit or len(self._since_admit) < self.max_buckets:
-                    self._since_admit[key] = self._since_admit.get(key, 0) + 1
+                if key in self._configs:
+                    streak = self._since_admit[key] = self._since_admit.get(key, 0) + 1
+                    if streak >= self.reset_after:
+                        self._forget(key)
         return dec
+
+    def _forget(self, key: tuple[int, int, int]) -> None:
+        """Starving: a controller that admits nothing learns nothing, and its drift estimate is as
+        old as its last admit. Drop the config's windows (under the lock): back to the warm-up,
+        the calibration's own conformal factors, until fresh observations come in."""
+        self._configs.pop(key, None)
+        self._config_medians.pop(key, None)
+        self._threshold.pop(key, None)
+        self._residuals.pop(key, None)
+        self._budgets.pop(key, None)
+        for bkey in [b for b in self._buckets if b[0] == key]:
+            del self._buckets[bkey]
+            self._published.pop(bkey, None)
+        self._since_admit[key] = 0
+        self._resets += 1
 
     def _apply_policy(self, d: Decision, n: int) -> Decision:
         if self.policy == "admit":
@@ -569,7 +584,7 @@ class AdmissionController:
                 "invalid": self._invalid,
                 "unjudged": self._unjudged,
                 "policy_admits": self._policy_admits,
-                "probes": self._probes,
+                "resets": self._resets,
                 "observations": self._observations,
                 "ignored_observations": self._ignored_observations,
                 "violations": self._violations,
@@ -595,7 +610,7 @@ class AdmissionController:
             self._threshold.clear()
             self._budgets.clear()
             self._since_admit.clear()
-            self._probes = 0
+            self._resets = 0
             for name in ("_decisions", "_admits", "_rejects", "_invalid", "_unjudged", "_policy_admits",
                          "_observations", "_ignored_observations", "_violations", "_untracked"):
                 setattr(self, name, 0)

@@ -9,7 +9,11 @@ AnalysisReport with
   (predicted growth / measured growth, clamped to [0, 1], with a verdict in words);
 - the trace authors' two checks: (a) decode ms/token against the mean KV size in bytes of each request
   (correlation, slope, and the memory bandwidth that slope implies), (b) decode ms/token at fixed output
-  length across prefill-length terciles.
+  length across prefill-length terciles;
+- with a calibration that carries serving-loop terms (o per decode step, c once after the prefill,
+  o_p on the prefill; see estimator.fit.fit_serving_loop): the model column is engine + loop, the
+  engine-only prediction is shown beside it, and the loop's share of the predicted time is stated.
+  The KV-explained share always compares the engine-only growth (KV reads are engine work).
 
 Pure numpy: no plotting or engine imports here.
 """
@@ -22,9 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-from trt_latency.estimator.requests import RequestLog
 
 from trt_latency.errors import RequestLogError, TrtLatencyError
+from trt_latency.estimator.requests import RequestLog
 
 # Output-token buckets of the production trace (DESIGN.md): (label, lo, hi) inclusive.
 BUCKETS: tuple[tuple[str, int, int], ...] = (
@@ -62,6 +66,7 @@ class BucketRow:
     predicted_std: float
     mean_kv_tokens: float  # mean over requests of the mean past_len of their decode steps
     mean_prompt_tokens: float
+    engine_mean: float = math.nan  # engine-only predicted ms/token (= predicted_mean without loop terms)
 
 
 @dataclass
@@ -75,6 +80,7 @@ class GrowthShare:
     share_raw: float  # predicted / measured (unclamped); NaN when not defined
     share: float  # clamped to [0, 1]; NaN when not defined
     verdict: str
+    loop_growth: float = math.nan  # what the serving-loop terms add to the predicted growth (c weighs on short requests)
 
     def share_text(self) -> str:
         if math.isfinite(self.share):
@@ -130,6 +136,10 @@ class AnalysisReport:
     prefill_check: PrefillCheck | None
     has_model: bool
     level_ratio: float = math.nan  # mean measured / mean predicted ms/token over all requests
+    engine_level_ratio: float = math.nan  # the same against the engine-only prediction
+    serving_loop: dict[str, Any] = field(default_factory=dict)  # {"tier,top_k,blocks": {o, c, o_p, source}}
+    loop_share_decode: float = math.nan  # share of the predicted decode time that is serving-loop terms
+    loop_share_total: float = math.nan  # share of the predicted total time that is serving-loop terms
     notes: list[str] = field(default_factory=list)
     source: dict[str, Any] = field(default_factory=dict)  # e.g. calibration path and provenance
 
@@ -152,6 +162,10 @@ class AnalysisReport:
             "n_decode": self.n_decode,
             "has_model": self.has_model,
             "level_ratio": self.level_ratio,
+            "engine_level_ratio": self.engine_level_ratio,
+            "serving_loop": dict(self.serving_loop),
+            "loop_share_decode": self.loop_share_decode,
+            "loop_share_total": self.loop_share_total,
             "buckets": [vars(b) for b in self.buckets],
             "growth": None if self.growth is None else vars(self.growth),
             "kv_check": None if self.kv_check is None else vars(self.kv_check),
@@ -170,9 +184,12 @@ class AnalysisReport:
         if self.source.get("calibration"):
             lines.append(f"Calibration: {self.source['calibration']}")
         lines.append("")
+        loop = self.has_model and bool(self.serving_loop)
         header = f"{'output tokens':>13}  {'n':>5}  {'measured ms/token':>19}  {'mean KV len':>11}"
         if self.has_model:
             header += f"  {'predicted ms/token':>19}  {'pred/meas':>9}"
+        if loop:
+            header += f"  {'engine only':>11}"
         lines.append(header)
         lines.append("-" * len(header))
         for b in self.buckets:
@@ -180,23 +197,44 @@ class AnalysisReport:
                 row = f"{b.label:>13}  {0:>5}  {'-':>19}  {'-':>11}"
                 if self.has_model:
                     row += f"  {'-':>19}  {'-':>9}"
+                if loop:
+                    row += f"  {'-':>11}"
             else:
                 row = (f"{b.label:>13}  {b.count:>5}  {_pm(b.measured_mean, b.measured_std):>19}"
                        f"  {b.mean_kv_tokens:>11.0f}")
                 if self.has_model:
                     ratio = b.predicted_mean / b.measured_mean if b.measured_mean > 0 else math.nan
                     row += f"  {_pm(b.predicted_mean, b.predicted_std):>19}  {ratio:>9.2f}"
+                if loop:
+                    row += f"  {b.engine_mean:>11.3f}"
             lines.append(row)
         lines.append("")
+        if loop:
+            lines.append("Predicted = engine per-position model + serving-loop terms (from the calibration):")
+            for key, t in sorted(self.serving_loop.items()):
+                lines.append(f"  config ({key}): o = {t['decode_step_ms']:.4f} ms per decode step, c = "
+                             f"{t['first_step_ms']:.4f} ms once after the prefill, o_p = {t['prefill_ms']:.4f} ms "
+                             f"on the prefill ({t['source']}, {t['n_requests']} requests)")
+            lines.append(_wrap(f"Loop share: the serving-loop terms are {self.loop_share_decode:.1%} of the predicted "
+                               f"decode time and {self.loop_share_total:.1%} of the predicted total time of these "
+                               "requests."))
+            lines.append("")
         if self.has_model and math.isfinite(self.level_ratio):
-            lines.append(_wrap(f"Level: the requests decode at {self.level_ratio:.2f}x the engine's per-position "
-                               "prediction overall." + (_LEVEL_HINT if abs(self.level_ratio - 1.0) > 0.2 else "")))
+            what = "the model's prediction (engine + serving loop)" if loop else "the engine's per-position prediction"
+            text = f"Level: the requests decode at {self.level_ratio:.2f}x {what} overall"
+            if loop and math.isfinite(self.engine_level_ratio):
+                text += f" ({self.engine_level_ratio:.2f}x the engine-only prediction)"
+            lines.append(_wrap(text + "." + (_LEVEL_HINT if abs(self.level_ratio - 1.0) > 0.2 else "")))
             lines.append("")
         if self.growth is not None:
             g = self.growth
             lines.append(f"Growth {g.first} -> {g.last}: measured {g.measured_growth:+.3f} ms/token "
                          f"(2 SE = {SIGNIFICANCE_SE * g.measured_se:.3f})"
-                         + (f", model {g.predicted_growth:+.3f} ms/token" if self.has_model else ""))
+                         + (f", model {g.predicted_growth + (g.loop_growth if math.isfinite(g.loop_growth) else 0.0):+.3f}"
+                            " ms/token" if self.has_model else ""))
+            if self.has_model and math.isfinite(g.loop_growth):
+                lines.append(f"  of the model's growth: KV (engine) {g.predicted_growth:+.3f}, serving loop "
+                             f"{g.loop_growth:+.3f} ms/token (the one-off c weighs most on short requests)")
             if self.has_model:
                 lines.append("KV-explained share of the growth: " + g.share_text())
             lines.append(_wrap("Verdict: " + g.verdict))
@@ -276,10 +314,21 @@ def predict_ms_per_token(log: RequestLog, estimator: Predictor, mask: np.ndarray
     return _predict(log, estimator, mask)[0]
 
 
-def _predict(log: RequestLog, estimator: Predictor, mask: np.ndarray | None) -> tuple[np.ndarray, dict[str, int]]:
+def _predict(log: RequestLog, estimator: Predictor, mask: np.ndarray | None,
+             serving: bool | None = None) -> tuple[np.ndarray, dict[str, int]]:  # fmt: skip
     """(ms/token per request, count of each Prediction flag such as 'extrapolated' / 'factorised')."""
+    per_token, flags, _, _ = _predict_full(log, estimator, mask, serving)
+    return per_token, flags
+
+
+def _predict_full(log: RequestLog, estimator: Predictor, mask: np.ndarray | None,
+                  serving: bool | None = None) -> tuple[np.ndarray, dict[str, int], np.ndarray, np.ndarray]:
+    """(ms/token, flag counts, decode ms, total ms) per request; `serving` passed on when not None."""
     flags: dict[str, int] = {}
     out = np.full(len(log), np.nan)
+    dec = np.full(len(log), np.nan)
+    tot = np.full(len(log), np.nan)
+    extra = {} if serving is None else {"serving": serving}
     for i in range(len(log)):
         n = int(log.output_tokens[i])
         if n < 2 or (mask is not None and not mask[i]):
@@ -288,7 +337,8 @@ def _predict(log: RequestLog, estimator: Predictor, mask: np.ndarray | None) -> 
         try:
             pred = estimator.predict(
                 vision_tokens=int(log.vision_tokens[i]), text_tokens=int(log.text_tokens[i]), output_tokens=n,
-                tier_idx=int(log.tier_idx[i]), top_k=int(log.top_k[i]), num_active_blocks=nab if nab > 0 else None)
+                tier_idx=int(log.tier_idx[i]), top_k=int(log.top_k[i]), num_active_blocks=nab if nab > 0 else None,
+                **extra)
         except (TrtLatencyError, ValueError, KeyError, IndexError) as exc:
             raise RequestLogError(
                 f"the calibrated model cannot answer this request ({exc})", path=log.path, row=log.row_of(i),
@@ -297,10 +347,11 @@ def _predict(log: RequestLog, estimator: Predictor, mask: np.ndarray | None) -> 
                 got=f"tier_idx={int(log.tier_idx[i])}, top_k={int(log.top_k[i])}, num_active_blocks={nab}",
             ) from None
         out[i] = float(pred.decode_ms) / (n - 1)
+        dec[i], tot[i] = float(pred.decode_ms), float(pred.total_ms)
         for flag in str(getattr(pred, "flags", "") or "").split(";"):
             if flag.strip():
                 flags[flag.strip()] = flags.get(flag.strip(), 0) + 1
-    return out, flags
+    return out, flags, dec, tot
 
 
 def _kv_bytes_per_request(log: RequestLog,
@@ -322,7 +373,8 @@ def _kv_bytes_per_request(log: RequestLog,
     return None if np.isnan(out).any() else out
 
 
-def _growth(buckets: list[BucketRow], measured: dict[str, np.ndarray], has_model: bool) -> GrowthShare | None:
+def _growth(buckets: list[BucketRow], measured: dict[str, np.ndarray], has_model: bool,
+            with_loop: bool = False) -> GrowthShare | None:  # fmt: skip
     filled = [b for b in buckets if b.count > 0]
     if len(filled) < 2:
         return None
@@ -334,7 +386,10 @@ def _growth(buckets: list[BucketRow], measured: dict[str, np.ndarray], has_model
         significant: bool | None = abs(g) > SIGNIFICANCE_SE * se
     else:
         se, significant = math.nan, None
-    p = last.predicted_mean - first.predicted_mean if has_model else math.nan
+    p_model = last.predicted_mean - first.predicted_mean if has_model else math.nan
+    # KV reads are engine work: the KV-explained share compares the engine-only growth.
+    p = last.engine_mean - first.engine_mean if has_model and with_loop else p_model
+    loop_growth = p_model - p if with_loop else math.nan
     share_raw = p / g if has_model and g != 0 else math.nan
     # A share of a change that is not there is noise: only report it for a real growth.
     share = min(1.0, max(0.0, share_raw)) if math.isfinite(share_raw) and significant is not False and g > 0 \
@@ -352,6 +407,11 @@ def _growth(buckets: list[BucketRow], measured: dict[str, np.ndarray], has_model
                    f"steps slower (the model predicts {p:+.3f}), so the KV cache cannot explain this change. A first "
                    "decode step that costs more than later ones (warm-up after prefill, a shape change) weighs most "
                    "in short requests and shows up this way.")
+        if with_loop:
+            fits = math.isfinite(se) and abs(p_model - g) <= SIGNIFICANCE_SE * se
+            verdict += (f" With the calibrated serving-loop terms (first-step transient c, per-step o) the model "
+                        f"predicts {p_model:+.3f} ms/token"
+                        + (": they account for the fall." if fits else ", which does not match the measured fall."))
     elif share_raw >= 0.8:
         extra = (f" (the model predicts {share_raw:.0%} of it, more than measured; clamped to 100%)"
                  if share_raw > 1.0 else "")
@@ -368,7 +428,7 @@ def _growth(buckets: list[BucketRow], measured: dict[str, np.ndarray], has_model
                    "decode loop, batching or contention with other requests, host-side sampling or scheduling.")
     if significant is None:
         verdict += " (Too few requests in the first or last bucket to test significance.)"
-    return GrowthShare(first.label, last.label, g, se, significant, p, share_raw, share, verdict)
+    return GrowthShare(first.label, last.label, g, se, significant, p, share_raw, share, verdict, loop_growth)
 
 
 def _linfit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
@@ -505,8 +565,18 @@ def analyze(requests: RequestLog, estimator: Predictor | None = None,
     ok = np.isfinite(measured)
     notes: list[str] = []
     predicted: np.ndarray | None = None
+    engine: np.ndarray | None = None
+    loops = _serving_loops(estimator)
+    loop_share_decode = loop_share_total = math.nan
     if estimator is not None:
-        predicted, flags = _predict(log, estimator, ok)
+        predicted, flags, dec, tot = _predict_full(log, estimator, ok, True if loops else None)
+        engine = predicted
+        if loops:
+            engine, _, edec, etot = _predict_full(log, estimator, ok, False)
+            fin = ok & np.isfinite(dec) & np.isfinite(edec)
+            if fin.any() and float(np.sum(dec[fin])) > 0:
+                loop_share_decode = float(np.sum(dec[fin] - edec[fin]) / np.sum(dec[fin]))
+                loop_share_total = float(np.sum(tot[fin] - etot[fin]) / np.sum(tot[fin]))
         for flag, count in sorted(flags.items()):
             why = {"extrapolated": "outside the calibrated KV / prompt range",
                    "factorised": "for a config that was not measured (factorised model)"}.get(flag, flag)
@@ -526,8 +596,9 @@ def analyze(requests: RequestLog, estimator: Predictor | None = None,
             predicted_mean=_mean(predicted[m]) if predicted is not None else math.nan,
             predicted_std=_std(predicted[m]) if predicted is not None else math.nan,
             mean_kv_tokens=_mean(mean_past[m]), mean_prompt_tokens=_mean(log.prompt_tokens[m].astype(np.float64)),
+            engine_mean=_mean(engine[m]) if engine is not None else math.nan,
         ))
-    growth = _growth(buckets, by_label, predicted is not None)
+    growth = _growth(buckets, by_label, predicted is not None, bool(loops))
     if growth is None:
         notes.append("Fewer than two output-token buckets have requests; no growth to measure.")
     kv_bytes = _kv_bytes_per_request(log, kv_bytes_per_token)
@@ -537,6 +608,25 @@ def analyze(requests: RequestLog, estimator: Predictor | None = None,
     prefill_check = _prefill_check(log, ok, measured, predicted)
     level = (float(np.mean(measured[ok]) / np.mean(predicted[ok]))
              if predicted is not None and ok.any() and np.mean(predicted[ok]) > 0 else math.nan)
+    engine_level = (float(np.mean(measured[ok]) / np.mean(engine[ok]))
+                    if engine is not None and ok.any() and np.mean(engine[ok]) > 0 else math.nan)
     return AnalysisReport(path=log.path, n_requests=len(log), n_decode=int(ok.sum()), buckets=buckets,
                           growth=growth, kv_check=kv_check, prefill_check=prefill_check,
-                          has_model=predicted is not None, level_ratio=level, notes=notes)
+                          has_model=predicted is not None, level_ratio=level, engine_level_ratio=engine_level,
+                          serving_loop=loops, loop_share_decode=loop_share_decode,
+                          loop_share_total=loop_share_total, notes=notes)
+
+
+def _serving_loops(estimator: Any) -> dict[str, Any]:
+    """Serving-loop terms of the estimator's calibration ({} when it has none or is not an Estimator)."""
+    cal = getattr(estimator, "calibration", None)
+    if estimator is None or not getattr(estimator, "has_serving_loop", False) or cal is None:
+        return {}
+    out: dict[str, Any] = {}
+    for c in cal.configs:
+        lp = c.serving_loop
+        if lp is not None:
+            out[f"{c.tier_idx},{c.top_k},{c.num_active_blocks}"] = {
+                "decode_step_ms": lp.decode_step_ms, "first_step_ms": lp.first_step_ms, "prefill_ms": lp.prefill_ms,
+                "n_requests": lp.n_requests, "source": lp.source}
+    return out

@@ -17,8 +17,15 @@ Schema version 1 (one mapping)::
         valid_prefill_len: [lo, hi]
         fit_error: {loo_median_rel, loo_max_rel, n_positions, knots_chosen_by}
         kv_bytes_per_token: null | int
+        serving_loop:                                # optional (absent = zeros; not written when unset)
+          {decode_step_ms: o, first_step_ms: c, prefill_ms: o_p, n_requests: int, source: replay|none}
     factorised:                                       # per tier: t0 + blocks*(u + w*top_k + v*L)
       - {tier_idx, t0, u, w, v, valid_past_len, heldout_median_rel, heldout_max_rel, n_configs}
+
+The serving-loop section models what a real generate loop adds to the engine-only sweep
+(estimator.fit.fit_serving_loop): total(n) = prefill(P) + o_p + [n >= 2] * c + sum_{j=0}^{n-2} (T(P+j) + o).
+It is optional inside schema 1, so files written before it existed load unchanged (and round-trip
+byte identical: the key is only written when set).
 
 Loading only ever raises CalibrationError (naming the file, the field and what was expected);
 saving is atomic (temp file in the same folder + os.replace) and canonical, so
@@ -46,6 +53,25 @@ SCHEMA_VERSION = 1
 MAX_CONFIG_INT = 4095
 
 
+SERVING_LOOP_SOURCES = ("replay", "none")
+
+
+@dataclass(frozen=True)
+class ServingLoop:
+    """Per-request cost of the serving loop around the engine, fitted from replayed requests (all ms, >= 0).
+
+    decode_step_ms (o): added to every decode step (re-binding, argmax, embedding copy);
+    first_step_ms (c): once per request with >= 1 decode step (cold caches after the prefill);
+    prefill_ms (o_p): added to the prefill (TTFT) side.
+    """
+
+    decode_step_ms: float = 0.0
+    first_step_ms: float = 0.0
+    prefill_ms: float = 0.0
+    n_requests: int = 0
+    source: str = "none"
+
+
 @dataclass
 class ConfigCalibration:
     """Everything the estimator needs for one measured config (tier_idx, top_k, num_active_blocks)."""
@@ -62,6 +88,7 @@ class ConfigCalibration:
     fit_error: dict[str, Any] = field(default_factory=dict)
     conformal: dict[str, Any] | None = None
     kv_bytes_per_token: int | None = None
+    serving_loop: ServingLoop | None = None  # None = no loop terms (zeros)
 
     @property
     def key(self) -> tuple[int, int, int]:
@@ -124,6 +151,54 @@ def with_conformal(
     return out
 
 
+def with_serving_loop(cal: Calibration, loops: Mapping[tuple[int, int, int], ServingLoop]) -> Calibration:
+    """A copy of `cal` with the serving-loop terms set on the configs named in `loops` (validated)."""
+    known = {c.key for c in cal.configs}
+    for key in loops:
+        if tuple(key) not in known:
+            raise CalibrationError(field="configs", expected=f"a measured config {tuple(key)}", got=None)
+    configs = [dataclasses.replace(c, serving_loop=loops[c.key]) if c.key in loops else c for c in cal.configs]
+    out = dataclasses.replace(cal, configs=configs)
+    validate_calibration(out)
+    return out
+
+
+def _loop_dict(loop: ServingLoop) -> dict[str, Any]:
+    return {
+        "decode_step_ms": float(loop.decode_step_ms),
+        "first_step_ms": float(loop.first_step_ms),
+        "prefill_ms": float(loop.prefill_ms),
+        "n_requests": int(loop.n_requests),
+        "source": str(loop.source),
+    }
+
+
+def _config_dict(c: ConfigCalibration) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "tier_idx": c.tier_idx,
+        "top_k": c.top_k,
+        "num_active_blocks": c.num_active_blocks,
+        "decode_knots": [float(x) for x in c.decode_knots],
+        "decode_values_ms": [float(x) for x in c.decode_values_ms],
+        "prefill_coeffs": [float(x) for x in c.prefill_coeffs],
+        "residual_quantiles": {float(q): float(r) for q, r in sorted(c.residual_quantiles.items())},
+        "conformal": None
+        if c.conformal is None
+        else {
+            "alphas": [float(a) for a in c.conformal["alphas"]],
+            "factors": [float(f) for f in c.conformal["factors"]],
+            "n": int(c.conformal["n"]),
+        },
+        "valid_past_len": [float(x) for x in c.valid_past_len],
+        "valid_prefill_len": [float(x) for x in c.valid_prefill_len],
+        "fit_error": _plain(c.fit_error),
+        "kv_bytes_per_token": None if c.kv_bytes_per_token is None else int(c.kv_bytes_per_token),
+    }
+    if c.serving_loop is not None:  # absent when unset: files without it stay byte identical
+        out["serving_loop"] = _loop_dict(c.serving_loop)
+    return out
+
+
 # ----------------------------------------------------------------------------------------- save
 
 
@@ -132,29 +207,7 @@ def calibration_to_dict(cal: Calibration) -> dict[str, Any]:
     return {
         "schema_version": cal.schema_version,
         "provenance": _plain(cal.provenance),
-        "configs": [
-            {
-                "tier_idx": c.tier_idx,
-                "top_k": c.top_k,
-                "num_active_blocks": c.num_active_blocks,
-                "decode_knots": [float(x) for x in c.decode_knots],
-                "decode_values_ms": [float(x) for x in c.decode_values_ms],
-                "prefill_coeffs": [float(x) for x in c.prefill_coeffs],
-                "residual_quantiles": {float(q): float(r) for q, r in sorted(c.residual_quantiles.items())},
-                "conformal": None
-                if c.conformal is None
-                else {
-                    "alphas": [float(a) for a in c.conformal["alphas"]],
-                    "factors": [float(f) for f in c.conformal["factors"]],
-                    "n": int(c.conformal["n"]),
-                },
-                "valid_past_len": [float(x) for x in c.valid_past_len],
-                "valid_prefill_len": [float(x) for x in c.valid_prefill_len],
-                "fit_error": _plain(c.fit_error),
-                "kv_bytes_per_token": None if c.kv_bytes_per_token is None else int(c.kv_bytes_per_token),
-            }
-            for c in cal.configs
-        ],
+        "configs": [_config_dict(c) for c in cal.configs],
         "factorised": [
             {
                 "tier_idx": f.tier_idx,
@@ -417,6 +470,9 @@ class _Validator:
         kv = m.get("kv_bytes_per_token")
         if kv is not None:
             kv = self.integer(kv, f"{name}.kv_bytes_per_token", lo=0, hi=1 << 50)
+        loop = m.get("serving_loop")
+        if loop is not None:
+            loop = self.serving_loop(loop, f"{name}.serving_loop")
         return ConfigCalibration(
             tier_idx=tier,
             top_k=top_k,
@@ -430,6 +486,21 @@ class _Validator:
             fit_error=fit_error,
             conformal=conformal,
             kv_bytes_per_token=kv,
+            serving_loop=loop,
+        )
+
+    def serving_loop(self, data: Any, name: str) -> ServingLoop:
+        m = self.mapping(data, name, ["decode_step_ms", "first_step_ms", "prefill_ms"])
+        ms = "a finite number of ms in [0, 1e9]"
+        source = m.get("source", "replay")
+        if source not in SERVING_LOOP_SOURCES:
+            raise self.fail(f"{name}.source", " or ".join(SERVING_LOOP_SOURCES), source)
+        return ServingLoop(
+            decode_step_ms=self.number(m["decode_step_ms"], f"{name}.decode_step_ms", lo=0.0, hi=1e9, what=ms),
+            first_step_ms=self.number(m["first_step_ms"], f"{name}.first_step_ms", lo=0.0, hi=1e9, what=ms),
+            prefill_ms=self.number(m["prefill_ms"], f"{name}.prefill_ms", lo=0.0, hi=1e9, what=ms),
+            n_requests=self.integer(m.get("n_requests", 0), f"{name}.n_requests", lo=0, hi=1 << 40),
+            source=str(source),
         )
 
     def conformal(self, data: Any, name: str) -> dict[str, Any]:

@@ -11,6 +11,14 @@ Per config (tier_idx, top_k, num_active_blocks):
 - fit error: leave-one-position-out relative error (median, max) of the chosen model.
 Across configs of one tier: the factorised model t0 + blocks*(u + w*top_k + v*L) with its
 leave-one-config-out error; the Estimator uses it for configs that were not measured.
+
+Serving loop (from a replayed request log, not from samples): the real generate loop pays more than
+the engine-only sweep (re-binding, argmax, embedding copy per step; cold caches on the first steps
+after a prefill). `fit_serving_loop` regresses each request's decode residual
+r = measured_decode - engine_decode on (n - 1) and 1 (Huber IRLS, o, c >= 0) and the TTFT residual
+on a constant (o_p >= 0): total(n) = prefill(P) + o_p + [n >= 2] c + sum_{j=0}^{n-2} (T(P + j) + o).
+Fit it on one half of the log (`split_requests`) and keep the other half for validation and the
+conformal factors, so those stay exchangeable with new requests.
 """
 
 from __future__ import annotations
@@ -24,7 +32,13 @@ from typing import Any
 import numpy as np
 
 from trt_latency.errors import SamplesError
-from trt_latency.estimator.calibration import SCHEMA_VERSION, Calibration, ConfigCalibration, FactorisedModel
+from trt_latency.estimator.calibration import (
+    SCHEMA_VERSION,
+    Calibration,
+    ConfigCalibration,
+    FactorisedModel,
+    ServingLoop,
+)
 from trt_latency.estimator.samples import Samples
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
@@ -360,3 +374,157 @@ def format_fit_table(cal: Calibration) -> str:
             f"factorised tier {f.tier_idx}: T = {f.t0:.4g} + blocks*({f.u:.4g} + {f.w:.4g}*top_k + {f.v:.4g}*L) ms; {held}"
         )
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- serving loop
+
+MIN_LOOP_REQUESTS = 4  # fewer decode requests than this in the fit half: no loop terms (source "none")
+HUBER_K = 1.345  # 95% efficiency under Gaussian noise, bounded influence of outlier requests
+
+
+def _huber_nnls(a: np.ndarray, b: np.ndarray, weights: np.ndarray | None = None, iters: int = 50) -> np.ndarray:
+    """Huber regression min sum rho((a x - b) / s) with x >= 0, by IRLS over non-negative least squares.
+
+    The scale s is the MAD of the current residuals (re-estimated every iteration); `weights` are
+    fixed per-row weights (e.g. for rows whose noise grows with their size)."""
+    w0 = np.ones(b.shape[0]) if weights is None else np.asarray(weights, dtype=np.float64)
+    sq = np.sqrt(w0)
+    x = nnls(a * sq[:, None], b * sq)
+    for _ in range(iters):
+        r = (b - a @ x) * sq
+        scale = 1.4826 * float(np.median(np.abs(r - np.median(r))))
+        if not scale > 1e-12:
+            break
+        u = np.abs(r) / (HUBER_K * scale)
+        hw = np.where(u <= 1.0, 1.0, 1.0 / np.maximum(u, 1e-300))
+        s = np.sqrt(w0 * hw)
+        x_new = nnls(a * s[:, None], b * s)
+        if np.allclose(x_new, x, rtol=1e-9, atol=1e-12):
+            x = x_new
+            break
+        x = x_new
+    return x
+
+
+def fit_loop_terms(output_tokens: np.ndarray, decode_residual_ms: np.ndarray,
+                   prefill_residual_ms: np.ndarray) -> tuple[float, float, float]:
+    """(o, c, o_p) from per-request residuals over the engine-only prediction.
+
+    decode_residual_ms[i] = measured decode - engine decode of request i (used where output_tokens >= 2):
+    r = o * (n - 1) + c, rows weighted 1 / (n - 1) since a sum of n - 1 noisy steps has variance ~ n - 1.
+    prefill_residual_ms = measured TTFT - engine prefill: o_p is its Huber location. All clamped >= 0.
+    """
+    n = np.asarray(output_tokens, dtype=np.float64)
+    r = np.asarray(decode_residual_ms, dtype=np.float64)
+    rp = np.asarray(prefill_residual_ms, dtype=np.float64)
+    dec = (n >= 2) & np.isfinite(r)
+    o = c = 0.0
+    if dec.any():
+        steps = n[dec] - 1.0
+        if np.unique(steps).size >= 2:
+            o, c = (float(v) for v in _huber_nnls(np.column_stack([steps, np.ones_like(steps)]), r[dec], 1.0 / steps))
+        else:  # one output length only: o and c cannot be told apart; call it all per-step
+            o = float(_huber_nnls(steps[:, None], r[dec], 1.0 / steps)[0])
+    rp = rp[np.isfinite(rp)]
+    o_p = float(_huber_nnls(np.ones((rp.size, 1)), rp)[0]) if rp.size else 0.0
+    return o, c, o_p
+
+
+@dataclass
+class LoopFitReport:
+    """Serving-loop terms of one config and their held-out check (request-level |relative error| of total)."""
+
+    key: tuple[int, int, int]
+    loop: ServingLoop
+    n_fit: int
+    n_holdout: int
+    holdout_median_rel_engine: float  # engine-only prediction (what the conformal factor absorbed before)
+    holdout_median_rel_serving: float  # with the loop terms
+    holdout_median_ratio_engine: float  # median measured / predicted total
+    holdout_median_ratio_serving: float
+    holdout_decode_median_rel_engine: float = math.nan  # decode part only (requests with >= 2 tokens)
+    holdout_decode_median_rel_serving: float = math.nan
+
+
+def split_requests(request_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fit mask, holdout mask): even request_id fits the loop terms, odd ones validate them and
+    calibrate the conformal factors (a fixed rule, so a resumed replay keeps every request's side)."""
+    rid = np.asarray(request_id, dtype=np.int64)
+    fit = rid % 2 == 0
+    return fit, ~fit
+
+
+def _log_key(log: Any, i: int) -> tuple[int, int, int]:
+    return (int(log.tier_idx[i]), int(log.top_k[i]), int(log.num_active_blocks[i]))
+
+
+def engine_predictions(log: Any, estimator: Any, serving: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(prefill_ms, decode_ms) per request of a RequestLog from the Estimator (NaN where it cannot answer)."""
+    pre = np.full(len(log), np.nan)
+    dec = np.full(len(log), np.nan)
+    for i in range(len(log)):
+        t, k, b = _log_key(log, i)
+        try:
+            p = estimator.predict(int(log.vision_tokens[i]), int(log.text_tokens[i]), int(log.output_tokens[i]),
+                                  tier_idx=t, top_k=k, num_active_blocks=b or None, serving=serving)  # fmt: skip
+        except Exception:  # noqa: BLE001 - a request the model cannot answer takes no part
+            continue
+        pre[i], dec[i] = p.prefill_ms, p.decode_ms
+    return pre, dec
+
+
+def _median_rel(measured: np.ndarray, predicted: np.ndarray) -> tuple[float, float]:
+    ok = np.isfinite(measured) & np.isfinite(predicted) & (predicted > 0)
+    if not ok.any():
+        return math.nan, math.nan
+    ratio = measured[ok] / predicted[ok]
+    return float(np.median(np.abs(ratio - 1.0))), float(np.median(ratio))
+
+
+def fit_serving_loop(log: Any, estimator: Any, fit_mask: np.ndarray | None = None,
+                     holdout_mask: np.ndarray | None = None) -> dict[tuple[int, int, int], LoopFitReport]:
+    """Serving-loop terms per config of a RequestLog, fitted on `fit_mask` rows, checked on `holdout_mask`.
+
+    Keys are the calibration's config keys (a log's num_active_blocks 0 = the tier's largest measured).
+    Default masks: `split_requests(log.request_id)`. The estimator's engine-only prediction
+    (predict(serving=False)) is the baseline the residuals are taken against.
+    """
+    if fit_mask is None or holdout_mask is None:
+        fit_mask, holdout_mask = split_requests(log.request_id)
+    pre, dec = engine_predictions(log, estimator, serving=False)
+    ttft = np.asarray(log.ttft_ms, dtype=np.float64)
+    total = np.asarray(log.total_ms, dtype=np.float64)
+    n_out = np.asarray(log.output_tokens, dtype=np.int64)
+    keys: list[tuple[int, int, int] | None] = []
+    for i in range(len(log)):
+        t, k, b = _log_key(log, i)
+        try:
+            keys.append(tuple(estimator.config_key(t, k, b or None)))
+        except Exception:  # noqa: BLE001 - unknown config: not fitted
+            keys.append(None)
+    measured = {tuple(k) for k in estimator.configs()}  # factorised configs borrow their nearest's terms
+    out: dict[tuple[int, int, int], LoopFitReport] = {}
+    for key in sorted({k for k in keys if k is not None and k in measured}):
+        mine = np.array([k == key for k in keys]) & np.isfinite(pre) & np.isfinite(dec)
+        fit = mine & fit_mask
+        n_dec = int((fit & (n_out >= 2)).sum())
+        if n_dec >= MIN_LOOP_REQUESTS:
+            o, c, o_p = fit_loop_terms(n_out[fit], (total - ttft)[fit] - dec[fit], ttft[fit] - pre[fit])
+            loop = ServingLoop(o, c, o_p, int(fit.sum()), "replay")
+        else:
+            loop = ServingLoop(0.0, 0.0, 0.0, int(fit.sum()), "none")
+        hold = mine & holdout_mask
+        engine_total = pre[hold] + dec[hold]
+        steps = np.maximum(n_out[hold] - 1, 0).astype(np.float64)
+        serving_total = (engine_total + loop.prefill_ms + np.where(steps > 0, loop.first_step_ms, 0.0)
+                         + steps * loop.decode_step_ms)
+        rel_e, ratio_e = _median_rel(total[hold], engine_total)
+        rel_s, ratio_s = _median_rel(total[hold], serving_total)
+        has_dec = steps > 0
+        measured_dec = (total - ttft)[hold][has_dec]
+        dec_e = _median_rel(measured_dec, dec[hold][has_dec])[0]
+        dec_s = _median_rel(measured_dec, (serving_total - pre[hold] - loop.prefill_ms)[has_dec])[0]
+        out[key] = LoopFitReport(key, loop, int(fit.sum()), int(hold.sum()), rel_e, rel_s, ratio_e, ratio_s,
+                                 dec_e, dec_s)
+    return out
+

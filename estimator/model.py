@@ -8,7 +8,14 @@ into compiled code: argument checks, O(1) config lookup, closed-form sums and th
 It never raises for bad request fields: Decision(False, 0, nan, reason) says which field.
 `predict`, `decode_step_ms` and `max_new_tokens` are for tools and raise InputError instead.
 
-Semantics: P = vision_tokens + text_tokens; total(n) = prefill(P) + sum_{j=0}^{n-2} T(P + j).
+Semantics: P = vision_tokens + text_tokens and, with the config's serving-loop terms (o, c, o_p; zeros
+when the calibration has none),
+
+    total(n) = prefill(P) + o_p + [n >= 2] * c + sum_{j=0}^{n-2} (T(P + j) + o)
+
+where T is the engine-only step fitted from the sweep. The serving step T + o is folded into the
+kernel tables at load time (o shifts every knot value), c and o_p are table columns; a second set of
+tables without the loop terms answers `serving=False` (engine only, for reports and the sweep).
 Decision.predicted_ms is total(max_new_tokens requested, or 1 when None) times the alpha factor;
 admit is True iff that fits the budget; Decision.max_new_tokens = min(requested, largest n that fits).
 """
@@ -24,7 +31,7 @@ import numpy as np
 from trt_latency.errors import InputError
 from trt_latency.estimator import _reference as ref
 from trt_latency.estimator import kernels
-from trt_latency.estimator.calibration import Calibration, ConfigCalibration, load_calibration
+from trt_latency.estimator.calibration import Calibration, ConfigCalibration, ServingLoop, load_calibration
 
 Decision = kernels.Decision
 _BOX_LIMIT = 4096  # most unmeasured configs per tier materialised from the factorised model
@@ -110,6 +117,7 @@ def _factorised_rows(cal: Calibration) -> list[tuple[ConfigCalibration, bool]]:
                             residual_quantiles=dict(near.residual_quantiles),
                             valid_past_len=[lo, hi],
                             valid_prefill_len=list(near.valid_prefill_len),
+                            serving_loop=near.serving_loop,  # the loop around the engine is the same
                         ),
                         True,
                     )
@@ -117,8 +125,12 @@ def _factorised_rows(cal: Calibration) -> list[tuple[ConfigCalibration, bool]]:
     return rows
 
 
-def build_tables(cal: Calibration) -> tuple[dict[str, np.ndarray], list[ConfigKey], list[bool]]:
-    """Flat tables for the kernels, the key of each row and whether it is factorised."""
+def build_tables(cal: Calibration, serving: bool = True) -> tuple[dict[str, np.ndarray], list[ConfigKey], list[bool]]:
+    """Flat tables for the kernels, the key of each row and whether it is factorised.
+
+    serving=True folds each config's serving-loop terms in: o into every piece value (T + o per
+    step), c and o_p into the LOOP_FIRST / LOOP_PRE columns. serving=False: engine-only tables.
+    """
     rows = _factorised_rows(cal)
     cfg = np.zeros((len(rows), ref.NCOL))
     pieces: list[np.ndarray] = []
@@ -128,9 +140,12 @@ def build_tables(cal: Calibration) -> tuple[dict[str, np.ndarray], list[ConfigKe
     keys: list[ConfigKey] = []
     flags: list[bool] = []
     for i, (c, fact) in enumerate(rows):
-        p = decode_pieces(c.decode_knots, c.decode_values_ms)
+        loop = c.serving_loop if serving and c.serving_loop is not None else ServingLoop()
+        o = loop.decode_step_ms
+        p = decode_pieces(c.decode_knots, [v + o for v in c.decode_values_ms] if o else c.decode_values_ms)
         pieces.append(p)
         row = cfg[i]
+        row[ref.LOOP_FIRST], row[ref.LOOP_PRE] = loop.first_step_ms, loop.prefill_ms
         row[ref.PRE_A], row[ref.PRE_B], row[ref.PRE_C] = c.prefill_coeffs
         row[ref.PAST_LO], row[ref.PAST_HI] = c.valid_past_len
         row[ref.PRE_LO], row[ref.PRE_HI] = c.valid_prefill_len
@@ -206,8 +221,13 @@ class Estimator:
         self.calibration = calibration
         self.path = None if path is None else os.fspath(path)
         impl = kernels.impl if implementation is None else implementation
-        self.tables, keys, factorised = build_tables(calibration)
+        self.tables, keys, factorised = build_tables(calibration, serving=True)
         self._kernel = impl.Kernel(self.tables)
+        # Engine-only tables (no serving-loop terms): exact engine values for reports and the sweep.
+        self.has_serving_loop = any(c.serving_loop is not None for c in calibration.configs)
+        self._engine_kernel = impl.Kernel(build_tables(calibration, serving=False)[0]) if self.has_serving_loop \
+            else self._kernel
+        self._loops = [c.serving_loop or ServingLoop() for c, _ in _factorised_rows(calibration)]  # per table row
         self.implementation: str = impl.IMPLEMENTATION
         self._keys = keys
         self._factorised = factorised
@@ -256,19 +276,40 @@ class Estimator:
             parts.append("quantile beyond calibrated")
         return "; ".join(parts)
 
+    def config_key(self, tier_idx: Any = 0, top_k: Any = 1, num_active_blocks: Any = None) -> ConfigKey:
+        """The config that answers for these fields (None blocks = the tier's largest measured)."""
+        return self._keys[self._row(tier_idx, top_k, num_active_blocks)]
+
+    def serving_loop(self, tier_idx: Any = 0, top_k: Any = 1, num_active_blocks: Any = None) -> ServingLoop:
+        """The config's serving-loop terms (o, c, o_p); zeros with source "none" when not calibrated."""
+        return self._loops[self._row(tier_idx, top_k, num_active_blocks)]
+
     # -------------------------------------------------------------- evaluation
-    def decode_step_ms(self, past_len: Any, tier_idx: Any = 0, top_k: Any = 1, num_active_blocks: Any = None) -> float:
+    def decode_step_ms(self, past_len: Any, tier_idx: Any = 0, top_k: Any = 1, num_active_blocks: Any = None,
+                       serving: bool = True) -> float:  # fmt: skip
+        """One decode step at KV length past_len, in ms.
+
+        serving=True (default): the step as the serving loop pays it, T_engine(L) + o (the per-step
+        loop overhead; the one-off first-step transient c is not a per-step cost and is left out).
+        serving=False: the engine-only step T_engine(L), what the sweep's `time_step` measures.
+        """
         row = self._row(tier_idx, top_k, num_active_blocks)
-        return float(self._kernel.step(row, float(_int_arg(past_len, "past_len", 0))))
+        kernel = self._kernel if serving else self._engine_kernel
+        return float(kernel.step(row, float(_int_arg(past_len, "past_len", 0))))
 
     def predict(self, vision_tokens: Any, text_tokens: Any, output_tokens: Any, tier_idx: Any = 0, top_k: Any = 1,
-                num_active_blocks: Any = None, quantile: Any = None) -> Prediction:  # fmt: skip
-        """Prefill + closed-form decode sum for `output_tokens` generated tokens (>= 1)."""
+                num_active_blocks: Any = None, quantile: Any = None, serving: bool = True) -> Prediction:  # fmt: skip
+        """Prefill + closed-form decode sum for `output_tokens` generated tokens (>= 1).
+
+        serving=True (default): with the serving-loop terms (prefill_ms includes o_p, decode_ms
+        includes c and o per step); serving=False: the engine alone, as the sweep timed it.
+        """
         prompt = self._prompt(vision_tokens, text_tokens)
         n = _int_arg(output_tokens, "output_tokens", 1)
         row = self._row(tier_idx, top_k, num_active_blocks)
-        factor, src = (1.0, ref.F_NONE) if quantile is None else self._kernel.quantile_factor(row, _unit_arg(quantile, "quantile"))
-        pre, dec, tot = self._kernel.predict(row, float(prompt), float(n), factor)
+        kernel = self._kernel if serving else self._engine_kernel
+        factor, src = (1.0, ref.F_NONE) if quantile is None else kernel.quantile_factor(row, _unit_arg(quantile, "quantile"))
+        pre, dec, tot = kernel.predict(row, float(prompt), float(n), factor)
         return Prediction(pre, dec, tot, self._flags(row, prompt, n, src == ref.F_CLIPPED))
 
     def max_new_tokens(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, tier_idx: Any = 0, top_k: Any = 1,

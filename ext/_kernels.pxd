@@ -19,7 +19,9 @@ cdef enum:
     CONF_CNT = 11
     RQ_OFF = 12
     RQ_CNT = 13
-    NCOL = 14
+    LOOP_FIRST = 14   # serving loop: one-off post-prefill transient c (ms), when n >= 2
+    LOOP_PRE = 15     # serving loop: prefill-side overhead o_p (ms)
+    NCOL = 16
     # pieces columns
     P_START = 0
     P_VALUE = 1

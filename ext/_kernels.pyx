@@ -26,8 +26,9 @@ cdef object _as_int = _ref.as_int
 cdef object _as_real = _ref.as_real
 
 # The table layout is defined once (in the reference); refuse to run against another one.
-if (NCOL, CODE_BAD, CODE_EMPTY_PROMPT, CODE_UNKNOWN_CONFIG, PIECE_OFF, RQ_CNT) != (
-        _ref.NCOL, _ref.CODE_BAD, _ref.CODE_EMPTY_PROMPT, _ref.CODE_UNKNOWN_CONFIG, _ref.PIECE_OFF, _ref.RQ_CNT):
+if (NCOL, CODE_BAD, CODE_EMPTY_PROMPT, CODE_UNKNOWN_CONFIG, PIECE_OFF, RQ_CNT, LOOP_FIRST, LOOP_PRE) != (
+        _ref.NCOL, _ref.CODE_BAD, _ref.CODE_EMPTY_PROMPT, _ref.CODE_UNKNOWN_CONFIG, _ref.PIECE_OFF, _ref.RQ_CNT,
+        _ref.LOOP_FIRST, _ref.LOOP_PRE):
     raise ImportError("trt_latency.ext._kernels is stale (table layout differs from the reference); rebuild it")
 
 
@@ -89,13 +90,13 @@ cdef double c_cumsum(const Tables* t, Py_ssize_t c, double m) noexcept nogil:
 cdef double c_prefill(const Tables* t, Py_ssize_t c, double prompt) noexcept nogil:
     cdef const double* row = t.cfg + c * NCOL
     cdef double x = row[PRE_A] + prompt * (row[PRE_B] + row[PRE_C] * prompt)
-    return x if x > 0.0 else 0.0
+    return (x if x > 0.0 else 0.0) + row[LOOP_PRE]
 
 
 cdef inline double _decode_sum(const Tables* t, Py_ssize_t c, double prompt, double n) noexcept nogil:
     if n <= 1.0:
         return 0.0
-    return c_cumsum(t, c, prompt + n - 1.0) - c_cumsum(t, c, prompt)
+    return (c_cumsum(t, c, prompt + n - 1.0) - c_cumsum(t, c, prompt)) + t.cfg[c * NCOL + LOOP_FIRST]
 
 
 cdef double c_total(const Tables* t, Py_ssize_t c, double prompt, double n, double factor) noexcept nogil:
@@ -123,7 +124,7 @@ cdef inline double _total_at(const Tables* t, Py_ssize_t c, double prompt, doubl
     """c_total with prefill(prompt) = pre and cumsum(prompt) = cp precomputed (same arithmetic)."""
     if n <= 1.0:
         return (pre + 0.0) * factor
-    return (pre + (_cumsum_hint(t, c, prompt + n - 1.0, hint) - cp)) * factor
+    return (pre + ((_cumsum_hint(t, c, prompt + n - 1.0, hint) - cp) + t.cfg[c * NCOL + LOOP_FIRST])) * factor
 
 
 cdef long long _fixup(const Tables* t, Py_ssize_t c, double prompt, double budget, double factor,
@@ -179,7 +180,7 @@ cdef long long _nfit_at(const Tables* t, Py_ssize_t c, double prompt, double bud
     off = <Py_ssize_t>row[PIECE_OFF]
     cnt = <Py_ssize_t>row[PIECE_CNT]
     first = t.pieces + off * PCOL
-    target = cp + (budget / factor - pre)
+    target = cp + ((budget / factor - pre) - row[LOOP_FIRST])  # an estimate: _fixup makes it exact
     i = _bisect(first + P_CUM, cnt, target)
     if i < 0:
         i = 0

@@ -4,6 +4,7 @@ max_new_tokens: predict(n) <= budget < predict(n+1) in floating point."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from trt_latency.estimator.calibration import (
     Calibration,
     ConfigCalibration,
     FactorisedModel,
+    ServingLoop,
     validate_calibration,
 )
 from trt_latency.estimator.model import Estimator, build_tables
@@ -22,14 +24,28 @@ from trt_latency.estimator.model import Estimator, build_tables
 cy = pytest.importorskip("trt_latency.ext._kernels", reason="Cython extension not built")
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+LOOP_SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+serving_loops = st.one_of(
+    st.none(),
+    st.builds(ServingLoop, decode_step_ms=st.one_of(st.just(0.0), st.floats(0.0, 2.0)),
+              first_step_ms=st.one_of(st.just(0.0), st.floats(0.0, 20.0)),
+              prefill_ms=st.one_of(st.just(0.0), st.floats(0.0, 10.0)), n_requests=st.integers(0, 100),
+              source=st.sampled_from(["replay", "none"])),
+)
+nonzero_loops = st.builds(ServingLoop, decode_step_ms=st.floats(1e-3, 2.0), first_step_ms=st.floats(1e-3, 20.0),
+                          prefill_ms=st.floats(1e-3, 10.0), n_requests=st.just(8), source=st.just("replay"))
 
 
 @st.composite
-def config_cal(draw: st.DrawFn, key: tuple[int, int, int]) -> ConfigCalibration:
+def config_cal(draw: st.DrawFn, key: tuple[int, int, int],
+               loops: st.SearchStrategy[ServingLoop | None] = serving_loops) -> ConfigCalibration:
     n = draw(st.one_of(st.integers(2, 8), st.integers(15, 30)))  # > 16 pieces: the bisection path too
     integer_knots = draw(st.booleans())
+    knots: list[float]
     if integer_knots:
-        knots = sorted(draw(st.sets(st.integers(0, 6000), min_size=n, max_size=n)))
+        knots = [float(k) for k in sorted(draw(st.sets(st.integers(0, 6000), min_size=n, max_size=n)))]
     else:
         knots = sorted(draw(st.sets(st.floats(0.0, 6000.0, allow_nan=False).map(lambda x: round(x, 3)),
                                     min_size=n, max_size=n)))
@@ -55,14 +71,15 @@ def config_cal(draw: st.DrawFn, key: tuple[int, int, int]) -> ConfigCalibration:
         valid_past_len=[float(knots[0]), float(knots[-1])],
         valid_prefill_len=sorted(draw(st.lists(st.integers(0, 4000).map(float), min_size=2, max_size=2))),
         conformal=conformal,
+        serving_loop=draw(loops),
     )
 
 
 @st.composite
-def calibrations(draw: st.DrawFn) -> Calibration:
+def calibrations(draw: st.DrawFn, loops: st.SearchStrategy[ServingLoop | None] = serving_loops) -> Calibration:
     keys = sorted(draw(st.sets(st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(1, 6)), min_size=1,
                                max_size=4)))
-    configs = [draw(config_cal(k)) for k in keys]
+    configs = [draw(config_cal(k, loops)) for k in keys]
     factorised = []
     for tier in sorted({k[0] for k in keys}):
         if draw(st.booleans()):
@@ -86,7 +103,7 @@ requests = st.fixed_dictionaries({
 })
 
 
-def kernels(cal: Calibration) -> tuple[object, object]:
+def kernels(cal: Calibration) -> tuple[Any, Any]:
     tables, _, _ = build_tables(cal)
     return cy.Kernel(tables), _reference.Kernel(tables)
 
@@ -189,3 +206,47 @@ def test_closed_form_sum_matches_loop() -> None:
             for n in (1, 2, 3, 17, 64, 200):
                 loop = sum(k.step(0, float(prompt + j)) for j in range(n - 1))
                 assert math.isclose(k.predict(0, float(prompt), float(n), 1.0)[1], loop, rel_tol=1e-11, abs_tol=1e-9)
+
+
+@LOOP_SETTINGS
+@given(calibrations(nonzero_loops), st.data())
+def test_max_new_tokens_is_exact_with_serving_loop(cal: Calibration, data: st.DataObject) -> None:
+    """Nonzero o, c, o_p: both implementations keep predict(n) <= budget < predict(n+1) through the
+    Estimator API, and the jump at n = 2 (where c starts to apply) is handled."""
+    for impl in (cy, _reference):
+        est = Estimator(cal, implementation=impl)
+        for _ in range(6):
+            key = data.draw(st.sampled_from(est.configs()))
+            vision, text = data.draw(st.integers(0, 3000)), data.draw(st.integers(1, 3000))
+            kw = {"tier_idx": key.tier_idx, "top_k": key.top_k, "num_active_blocks": key.num_active_blocks}
+            pick = data.draw(st.sampled_from([1, 2, 3, data.draw(st.integers(1, 3000))]))
+            exact = est.predict(vision, text, pick, **kw).total_ms
+            budget = data.draw(st.one_of(st.just(exact), st.just(math.nextafter(exact, 0.0)), st.floats(0.0, 2e5)))
+            n = est.max_new_tokens(budget, vision, text, **kw)
+            if n == 0:
+                assert est.predict(vision, text, 1, **kw).total_ms > budget
+            else:
+                assert est.predict(vision, text, n, **kw).total_ms <= budget < est.predict(vision, text, n + 1, **kw).total_ms
+            d = est.admit(budget, vision, text, None, key.tier_idx, key.top_k, key.num_active_blocks)
+            assert d.max_new_tokens == n
+
+
+@LOOP_SETTINGS
+@given(calibrations(nonzero_loops), st.data())
+def test_serving_loop_terms_are_exactly_the_documented_sum(cal: Calibration, data: st.DataObject) -> None:
+    """predict(serving=True) = engine prefill + o_p, engine decode + c + (n - 1) o (n >= 2); steps + o."""
+    for impl in (cy, _reference):
+        est = Estimator(cal, implementation=impl)
+        for _ in range(5):
+            key = data.draw(st.sampled_from(est.configs()))
+            kw = {"tier_idx": key.tier_idx, "top_k": key.top_k, "num_active_blocks": key.num_active_blocks}
+            loop = cal.config(*key).serving_loop
+            assert loop is not None and est.serving_loop(**kw) == loop
+            prompt, n = data.draw(st.integers(1, 5000)), data.draw(st.integers(1, 4000))
+            served, engine = est.predict(0, prompt, n, **kw), est.predict(0, prompt, n, serving=False, **kw)
+            extra = loop.first_step_ms + (n - 1) * loop.decode_step_ms if n >= 2 else 0.0
+            assert served.prefill_ms == pytest.approx(engine.prefill_ms + loop.prefill_ms, rel=1e-12, abs=1e-9)
+            assert served.decode_ms == pytest.approx(engine.decode_ms + extra, rel=1e-9, abs=1e-7)
+            past = data.draw(st.integers(0, 9000))
+            assert est.decode_step_ms(past, serving=True, **kw) == pytest.approx(
+                est.decode_step_ms(past, serving=False, **kw) + loop.decode_step_ms, rel=1e-12, abs=1e-12)

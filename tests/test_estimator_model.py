@@ -206,3 +206,31 @@ def test_missing_extension_warns_and_falls_back() -> None:
     )
     r = _run(code, TRT_LATENCY_PUREPYTHON="0")
     assert r.stdout.split() == ["reference", "1", "True"], r.stderr
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda m: m.IMPLEMENTATION)
+def test_serving_loop_terms_in_step_predict_and_factorised_configs(impl: object) -> None:
+    """serving=True (default) adds o per step, c once (n >= 2) and o_p to the prefill; serving=False is
+    the engine alone; a factorised config borrows its nearest measured config's loop terms."""
+    import dataclasses
+
+    from trt_latency.estimator.calibration import ServingLoop
+
+    loop = ServingLoop(decode_step_ms=0.4, first_step_ms=1.5, prefill_ms=0.7, n_requests=10, source="replay")
+    base = make_cal()
+    cal = dataclasses.replace(base, configs=[dataclasses.replace(c, serving_loop=loop) for c in base.configs])
+    est, engine = Estimator(cal, implementation=impl), Estimator(base, implementation=impl)
+    for blocks in (4, 2, 3):  # 3: factorised
+        kw = {"num_active_blocks": blocks}
+        assert est.decode_step_ms(700, serving=False, **kw) == engine.decode_step_ms(700, **kw)
+        assert est.decode_step_ms(700, **kw) == pytest.approx(engine.decode_step_ms(700, **kw) + 0.4, rel=1e-12)
+        one, many = est.predict(100, 28, 1, **kw), est.predict(100, 28, 50, **kw)
+        assert one.prefill_ms == pytest.approx(engine.predict(100, 28, 1, **kw).prefill_ms + 0.7, rel=1e-12)
+        assert one.decode_ms == 0.0  # no decode step: neither c nor o
+        assert many.decode_ms == pytest.approx(engine.predict(100, 28, 50, **kw).decode_ms + 1.5 + 49 * 0.4, rel=1e-12)
+        assert est.predict(100, 28, 50, serving=False, **kw) == engine.predict(100, 28, 50, **kw)
+        assert est.serving_loop(**kw) == loop
+        # The inverse stays exact with the jump c at n = 2.
+        budget = est.predict(100, 28, 2, **kw).total_ms
+        assert est.max_new_tokens(budget, 100, 28, **kw) == 2
+        assert est.max_new_tokens(math.nextafter(budget, 0.0), 100, 28, **kw) == 1

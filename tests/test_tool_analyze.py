@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from trt_latency.cli import main
 from trt_latency.estimator.analyze import BUCKETS, analyze
 from trt_latency.estimator.calibration import Calibration, ConfigCalibration, save_calibration
 from trt_latency.estimator.requests import append_requests, read_requests
-
-from trt_latency.cli import main
 
 A, B = 2.0, 0.004  # ms, ms per KV token
 KV_BYTES = 2 * 2 * 1 * 32 * 4  # 2 * blocks * kv_heads * head_dim * fp32

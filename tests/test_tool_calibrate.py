@@ -103,6 +103,7 @@ def test_calibrate_all_configs_and_analyze(tmp_path: Path, plan: Path, capsys: p
 def test_calibrate_user_onnx_without_metadata(tmp_path: Path, plan: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A decoder with no trt_latency metadata: dims come from its input shapes."""
     import onnx
+
     from trt_latency.engines.config import load_plan
     from trt_latency.engines.export import export_decoder
     from trt_latency.estimator.calibration import load_calibration
@@ -121,3 +122,32 @@ def test_calibrate_user_onnx_without_metadata(tmp_path: Path, plan: Path, capsys
     assert [c.key for c in cal.configs] == [(0, 1, 2)]
     assert cal.configs[0].kv_bytes_per_token == 2 * 2 * 1 * 32 * 4  # inferred: 2 blocks, 1 kv head, 32, fp32
     assert not (out / "requests.csv").exists() and not (out / "model.onnx").exists()
+
+
+@pytest.mark.slow
+def test_calibrate_fits_serving_loop_on_one_half_and_conformal_on_the_other(
+        tmp_path: Path, plan: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Real replay on the tiny plan: loop terms from the even request_ids (present, >= 0), conformal
+    factors from the odd ones only, and the Estimator's serving prediction = engine + loop terms."""
+    from trt_latency.estimator.calibration import load_calibration
+    from trt_latency.estimator.model import Estimator
+    from trt_latency.estimator.requests import read_requests
+
+    out = tmp_path / "loop"
+    assert main(["calibrate", str(plan), "--quick", "--out", str(out), "--backend", "ort-cpu", "--no-progress",
+                 "--requests", "12"]) == 0
+    text = capsys.readouterr().out
+    cal = load_calibration(out / "calibration.yaml")
+    loop = cal.config(0, 1, 2).serving_loop
+    assert loop is not None and loop.source == "replay" and loop.n_requests == 6
+    assert loop.decode_step_ms >= 0.0 and loop.first_step_ms >= 0.0 and loop.prefill_ms >= 0.0
+    log = read_requests(out / "requests.csv")
+    assert len(log) == 12
+    conformal = cal.config(0, 1, 2).conformal
+    assert conformal is not None and conformal["n"] == int((log.request_id % 2 == 1).sum()) == 6
+    est = Estimator(cal)
+    served, engine = est.predict(8, 16, 5), est.predict(8, 16, 5, serving=False)
+    assert served.total_ms == pytest.approx(
+        engine.total_ms + loop.prefill_ms + loop.first_step_ms + 4 * loop.decode_step_ms, rel=1e-9)
+    assert "serving loop" in text and "o = " in text and "held-out total (6 requests)" in text
+    assert "conformal factors (0, 1, 2) from 6 held-out requests" in text

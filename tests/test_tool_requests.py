@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from trt_latency.estimator.requests import REQUEST_COLUMNS, append_requests, read_requests
 
 from trt_latency.errors import RequestLogError
+from trt_latency.estimator.requests import REQUEST_COLUMNS, append_requests, read_requests
 
 
 def _row(i: int, out: int = 5, ttft: float = 3.0, total: float = 11.0) -> dict[str, object]:

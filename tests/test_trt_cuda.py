@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from trt_latency.engines import cuda
 
+from trt_latency.engines import cuda
 from trt_latency.errors import BackendUnavailable
 
 rt = pytest.importorskip("cuda.bindings.runtime", reason="cuda-bindings is not installed")

@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from trt_latency.engines import cuda
 from trt_latency.engines.config import TierSpec
 from trt_latency.engines.export import export_decoder
 from trt_latency.engines.trt import loader
-
 from trt_latency.errors import InputError
 
 trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed")

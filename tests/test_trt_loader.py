@@ -7,10 +7,10 @@ import importlib
 from pathlib import Path
 
 import pytest
+
 from trt_latency.engines.config import TierSpec
 from trt_latency.engines.export import export_decoder
 from trt_latency.engines.trt import loader
-
 from trt_latency.errors import BackendUnavailable, InputError
 
 TINY = TierSpec(tier_idx=0, name="tiny", hidden=64, layers=2, heads=2, kv_heads=1, head_dim=32,

@@ -23,13 +23,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
+
 from trt_latency.engines import cuda
 from trt_latency.engines.trt import loader
-
 from trt_latency.errors import BackendUnavailable, InputError, TrtLatencyError
 
 if TYPE_CHECKING:
     import tensorrt as trt
+
     from trt_latency.engines.base import GenerateResult
 
 _EMBED_TABLE_ROWS = 4096  # host stand-in for the token embedding table used by generate()

@@ -1,4 +1,5 @@
-"""`trt-latency calibrate`: export -> sweep -> fit -> calibration.yaml, decode.png, replay -> requests.csv.
+"""`trt-latency calibrate`: export -> sweep -> fit -> calibration.yaml, decode.png, replay -> requests.csv
+-> serving-loop terms (fitted on the even request_ids) -> conformal factors (from the odd ones).
 
 Every step writes a file a user can keep; a rerun into the same --out continues where the last run
 stopped (existing models are reused when their metadata matches, the sweep and the replay skip rows
@@ -223,7 +224,7 @@ def position_table(samples: Any, cal: Any) -> str:
             y = lat[past == p]
             med = float(np.median(y))
             fitted = float(est.decode_step_ms(int(p), tier_idx=cfg.tier_idx, top_k=cfg.top_k,
-                                              num_active_blocks=cfg.num_active_blocks))
+                                              num_active_blocks=cfg.num_active_blocks, serving=False))
             lines.append(f"  {int(p):>8}  {y.size:>4}  {med:>10.4f}  {float(np.quantile(y, 0.9)):>9.4f}  "
                          f"{fitted:>10.4f}  {(fitted - med) / med:>+8.1%}")
         lines.append(fit_summary(cfg))
@@ -309,11 +310,13 @@ def run(args: argparse.Namespace) -> int:
     replay_note = "skipped (--no-replay)" if args.no_replay else "skipped (0 requests)"
     if not args.no_replay and n_requests > 0:
         replay_note = _replay(targets[0], plan, backend, requests_path, n_requests, progress)
-        replay_note += _conformal(cal_path, requests_path)
+        loop_lines, conformal_note = _serving_loop_and_conformal(cal_path, requests_path)
+        replay_note += conformal_note
 
     say("")
     say("Decode step latency per KV position: measured (median, p90 over repetitions) vs the fitted model")
     say(position_table(samples, _load(cal_path)))
+    loop_lines = loop_lines if not args.no_replay and n_requests > 0 else []
     wall = time.perf_counter() - started
     say("Summary")
     say(f"  backend      {runner_info.get('backend', backend)} on {runner_info.get('device', '?')}")
@@ -323,6 +326,8 @@ def run(args: argparse.Namespace) -> int:
     say(f"  calibration  {cal_path}")
     say(f"  plot         {plot_path if plot_written else 'not written (matplotlib missing)'}")
     say(f"  requests     {requests_path if not args.no_replay and n_requests > 0 else '-'}: {replay_note}")
+    for line in loop_lines:
+        say(line)
     say(f"  wall time    {_fmt_time(wall)}")
     if not args.no_replay and n_requests > 0:
         say(f"Next: trt-latency analyze {requests_path} -c {cal_path}")
@@ -433,13 +438,47 @@ def _replay(target: Target, plan: Any, backend: str, requests_path: Path, n: int
     return note
 
 
-def _conformal(cal_path: Path, requests_path: Path) -> str:
-    """Store conformal factors from the replay in calibration.yaml (admit(alpha=...) needs them)."""
-    from trt_latency.estimator.conformal import calibrate_from_log
+def _serving_loop_and_conformal(cal_path: Path, requests_path: Path) -> tuple[list[str], str]:
+    """Fit the serving-loop terms on the even request_ids, store them, then the conformal factors from
+    the odd ones only (scored against the serving prediction), so the factors' coverage guarantee is not
+    spent on data the loop terms were fitted to. Returns (summary lines, note for the requests line)."""
+    from trt_latency.estimator.calibration import save_calibration, with_serving_loop
+    from trt_latency.estimator.conformal import attach_conformal, fit_conformal
+    from trt_latency.estimator.fit import fit_serving_loop, split_requests
+    from trt_latency.estimator.model import Estimator
+    from trt_latency.estimator.requests import read_requests
 
     try:
-        report = calibrate_from_log(cal_path, requests_path)
+        cal = _load(cal_path)
+        log = read_requests(requests_path)
+        fit_mask, holdout = split_requests(log.request_id)
+        reports = fit_serving_loop(log, Estimator(cal), fit_mask, holdout)
+        cal = with_serving_loop(cal, {k: r.loop for k, r in reports.items()})
+        save_calibration(cal, cal_path)
     except TrtLatencyError as exc:
-        return f"; conformal factors not stored ({exc})"
-    factors = report.get("factors", {})
-    return f"; conformal factors stored for {len(factors)} config(s)" if factors else ""
+        return [], f"; serving-loop terms and conformal factors not stored ({exc})"
+    lines = ["  serving loop (fit on even request_ids, checked on the odd ones; total(n) = prefill + o_p "
+             "+ [n>=2] c + sum (T_engine + o))"]
+    for key, r in sorted(reports.items()):
+        lp = r.loop
+        lines.append(f"    config {key}: o = {lp.decode_step_ms:.4f} ms/step, c = {lp.first_step_ms:.4f} ms once, "
+                     f"o_p = {lp.prefill_ms:.4f} ms ({lp.source}, {r.n_fit} requests)")
+        lines.append(f"    held-out total ({r.n_holdout} requests): median |rel err| engine-only "
+                     f"{r.holdout_median_rel_engine:.1%} -> with loop terms {r.holdout_median_rel_serving:.1%}; "
+                     f"median measured/predicted {r.holdout_median_ratio_engine:.3f} -> "
+                     f"{r.holdout_median_ratio_serving:.3f}; decode part {r.holdout_decode_median_rel_engine:.1%} -> "
+                     f"{r.holdout_decode_median_rel_serving:.1%}")
+    held = {name: np.asarray(getattr(log, name))[holdout] for name in
+            ("vision_tokens", "text_tokens", "output_tokens", "tier_idx", "top_k", "num_active_blocks", "total_ms")}
+    try:
+        fits = fit_conformal(Estimator(cal), held)
+        if not fits:
+            return lines, "; conformal factors not stored (no held-out request could be scored)"
+        cal = attach_conformal(cal, fits)
+        save_calibration(cal, cal_path)
+    except TrtLatencyError as exc:
+        return lines, f"; conformal factors not stored ({exc})"
+    for key, f in sorted(fits.items()):
+        shown = ", ".join(f"alpha {a:g}: {v:.3f}" for a, v in zip(f.alphas, f.factors, strict=True))
+        lines.append(f"    conformal factors {key} from {f.n} held-out requests: {shown}")
+    return lines, f"; serving-loop terms + conformal factors stored for {len(fits)} config(s)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -17,7 +18,8 @@ example:
 
 Every request is executed for real (rejected ones in shadow mode), so the oracle decision
 (true total <= budget) is known; the controller only observes the requests it admitted.
-Budgets are predicted total * U(0.6, 1.6) unless --budget-ms fixes them.
+Budgets are predicted total * m * U(0.6, 1.6), m the conformal median of actual/predicted (so about
+half of them fit; --raw-budgets: m = 1), unless --budget-ms fixes them.
 Conformal factors come from --calibrate-requests N live requests, else from the calibration,
 else from requests.csv next to it.
 """
@@ -42,11 +44,13 @@ def register(sub: Any) -> None:
     p.add_argument("--requests", type=int, default=600, metavar="N", help="requests in the stream (default 600)")
     p.add_argument("--budget-ms", type=float, default=None, metavar="B",
                    help="fixed budget for every request (default: predicted * U(0.6, 1.6))")
+    p.add_argument("--raw-budgets", action="store_true",
+                   help="budgets around the raw prediction, not the conformal median of actual/predicted")
     p.add_argument("--alpha", type=float, default=0.05, metavar="A", help="violation level (default 0.05)")
     p.add_argument("--policy", choices=("reject", "admit", "cap"), default="reject",
                    help="requests the estimator cannot judge (default reject)")
-    p.add_argument("--window", type=int, default=32, help="controller window per bucket (default 32)")
-    p.add_argument("--min-observations", type=int, default=8, help="before a correction acts (default 8)")
+    p.add_argument("--window", type=int, default=8, help="controller drift window per config (default 8)")
+    p.add_argument("--min-observations", type=int, default=4, help="before a correction acts (default 4)")
     p.add_argument("--slowdown-at", type=int, default=None, metavar="K",
                    help="inject a per-decode-step stall from request K on")
     p.add_argument("--slowdown-ms-per-step", type=float, default=0.0, metavar="X",
@@ -55,11 +59,14 @@ def register(sub: Any) -> None:
                    help="first run N live requests and fit the conformal factors on them")
     p.add_argument("--write-conformal", action="store_true",
                    help="store the fitted conformal factors into CAL (atomic write)")
+    p.add_argument("--reset-after", type=int, default=None, metavar="N",
+                   help="controller forgets a config's windows after N rejections in a row (default: never)")
     p.add_argument("--no-warm-start", action="store_true",
                    help="do not seed the controller's windows with the conformal requests")
     p.add_argument("--report-window", type=int, default=50, help="window (requests) of the slowdown report")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--dump", metavar="CSV", default=None, help="write every executed request to CSV")
     p.set_defaults(func=run)
 
 
@@ -140,11 +147,17 @@ def loadtest(args: argparse.Namespace) -> dict[str, Any]:
                 conformal_info["written_to"] = str(cal_path)
         stored = cal.config(*key).conformal
         conformal_info["stored"] = stored
+        if args.budget_ms is None and not args.raw_budgets and stored:
+            # Budgets around what requests really take (the conformal median of actual/predicted),
+            # not around a prediction that may be biased: then about half of them fit.
+            center = dict(zip(stored["alphas"], stored["factors"], strict=True)).get(0.5)
+            if center:
+                spec = dataclasses.replace(spec, budget_center=float(center))
         if fits is not None and key in fits:
             conformal_info["unavailable_alphas"] = list(fits[key].unavailable)
 
         controller = AdmissionController(estimator, alpha=args.alpha, policy=args.policy, window=args.window,
-                                         min_observations=args.min_observations)
+                                         min_observations=args.min_observations, reset_after=args.reset_after)
         if log is not None and not args.no_warm_start:
             # The conformal requests were really executed on this engine: start the online windows
             # from them rather than from nothing.
@@ -160,12 +173,16 @@ def loadtest(args: argparse.Namespace) -> dict[str, Any]:
         "config": list(key),
         "alpha": args.alpha,
         "policy": args.policy,
-        "budget": f"fixed {args.budget_ms} ms" if args.budget_ms is not None else "predicted total * U(0.6, 1.6)",
+        "budget": f"fixed {args.budget_ms} ms" if args.budget_ms is not None
+        else f"predicted total * {spec.budget_center:.4g} (conformal median) * U(0.6, 1.6)",
         "slowdown": None if args.slowdown_at is None else {"at_request": args.slowdown_at,
                                                             "ms_per_decode_step": args.slowdown_ms_per_step},
         "target_violation_rate": loadgen.TARGET_VIOLATION_RATE,
     }
     report.update(loadgen.summarize(result, args.slowdown_at, window=args.report_window))
+    if args.dump:
+        loadgen.dump_rows(result, args.dump)
+        report["dump"] = args.dump
     report["controller"] = controller.counters()
     requests = [Request(r.vision_tokens, r.text_tokens, r.output_tokens, key[0], key[1], key[2], r.budget_ms)
                 for r in result.rows]

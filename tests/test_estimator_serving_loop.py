@@ -1,0 +1,184 @@
+"""Serving-loop terms (o per decode step, c once after the prefill, o_p on the prefill): the file
+section (optional, validated, exact round trip), the robust fit on synthetic request logs with known
+terms, the held-out split, and analyze's loop share."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from trt_latency.errors import CalibrationError
+from trt_latency.estimator.analyze import analyze
+from trt_latency.estimator.calibration import (
+    Calibration,
+    ConfigCalibration,
+    ServingLoop,
+    calibration_to_dict,
+    dump_calibration,
+    load_calibration,
+    save_calibration,
+    with_serving_loop,
+)
+from trt_latency.estimator.fit import fit_loop_terms, fit_serving_loop, split_requests
+from trt_latency.estimator.model import Estimator
+from trt_latency.estimator.requests import append_requests, read_requests
+
+KEY = (0, 1, 2)
+TRUE = ServingLoop(decode_step_ms=0.45, first_step_ms=1.2, prefill_ms=0.8, n_requests=0, source="replay")
+
+
+def engine_cal(loop: ServingLoop | None = None) -> Calibration:
+    cfg = ConfigCalibration(
+        tier_idx=0, top_k=1, num_active_blocks=2, decode_knots=[0.0, 512.0, 2048.0], decode_values_ms=[1.5, 1.8, 3.0],
+        prefill_coeffs=[2.0, 0.05, 1e-5], residual_quantiles={0.5: 1.0, 0.9: 1.05}, valid_past_len=[0.0, 2048.0],
+        valid_prefill_len=[1.0, 1024.0], kv_bytes_per_token=256, serving_loop=loop)
+    return Calibration(1, {"backend": "ort-cpu", "device": "test"}, [cfg])
+
+
+def synthetic_log(path: Path, loop: ServingLoop, n_requests: int = 120, noise_ms: float = 0.08,
+                  outliers: int = 4, seed: int = 0) -> Path:
+    """Requests whose totals are engine + the given loop terms, with per-step noise and a few gross
+    outliers (a descheduled step) that a least-squares fit would chase."""
+    rng = np.random.default_rng(seed)
+    est = Estimator(engine_cal())
+    rows = []
+    for i in range(n_requests):
+        prompt, n = int(rng.integers(16, 800)), int(rng.integers(1, 64))
+        p = est.predict(0, prompt, n)
+        ttft = p.prefill_ms + loop.prefill_ms + rng.normal(0.0, noise_ms)
+        decode = p.decode_ms + (loop.first_step_ms + (n - 1) * loop.decode_step_ms if n >= 2 else 0.0)
+        decode += rng.normal(0.0, noise_ms) * np.sqrt(max(n - 1, 0))
+        if i < outliers:
+            decode += 40.0
+        rows.append({"request_id": i, "vision_tokens": 0, "text_tokens": prompt, "output_tokens": n,
+                     "tier_idx": 0, "top_k": 1, "num_active_blocks": 2, "ttft_ms": ttft, "total_ms": ttft + decode})
+    append_requests(path, rows)
+    return path
+
+
+# ------------------------------------------------------------------------------ file section
+
+
+def test_round_trip_with_serving_loop_is_exact(tmp_path: Path) -> None:
+    cal = with_serving_loop(engine_cal(), {KEY: dataclasses.replace(TRUE, first_step_ms=0.1 + 0.2, n_requests=16)})
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    save_calibration(cal, a)
+    loaded = load_calibration(a)
+    assert loaded == cal and loaded.configs[0].serving_loop == cal.configs[0].serving_loop
+    save_calibration(loaded, b)
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_files_without_the_section_load_as_zeros_and_stay_byte_identical(tmp_path: Path) -> None:
+    cal = engine_cal()
+    text = dump_calibration(cal)
+    assert "serving_loop" not in text  # an unset section is not written: old files round-trip unchanged
+    path = tmp_path / "old.yaml"
+    path.write_text(text)
+    loaded = load_calibration(path)
+    assert loaded.configs[0].serving_loop is None and loaded.schema_version == 1
+    est = Estimator(loaded)
+    assert est.serving_loop() == ServingLoop() and not est.has_serving_loop
+    assert est.predict(0, 100, 10) == est.predict(0, 100, 10, serving=False)
+
+
+@pytest.mark.parametrize(("section", "field"), [
+    ({"decode_step_ms": -0.1, "first_step_ms": 0.0, "prefill_ms": 0.0}, "serving_loop.decode_step_ms"),
+    ({"decode_step_ms": 0.1, "first_step_ms": float("nan"), "prefill_ms": 0.0}, "serving_loop.first_step_ms"),
+    ({"decode_step_ms": 0.1, "first_step_ms": 0.0}, "serving_loop.prefill_ms"),
+    ({"decode_step_ms": 0.1, "first_step_ms": 0.0, "prefill_ms": "x"}, "serving_loop.prefill_ms"),
+    ({"decode_step_ms": 0.1, "first_step_ms": 0.0, "prefill_ms": 0.0, "source": "guess"}, "serving_loop.source"),
+    ({"decode_step_ms": 0.1, "first_step_ms": 0.0, "prefill_ms": 0.0, "n_requests": -1}, "serving_loop.n_requests"),
+    ([0.1, 0.2, 0.3], "serving_loop"),
+])
+def test_bad_section_names_file_and_field(tmp_path: Path, section: object, field: str) -> None:
+    data = calibration_to_dict(engine_cal())
+    data["configs"][0]["serving_loop"] = section
+    path = tmp_path / "cal.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(CalibrationError) as info:
+        load_calibration(path)
+    assert str(path) in str(info.value) and f"configs[0].{field}" in str(info.value)
+
+
+def test_with_serving_loop_rejects_unknown_config_and_bad_values() -> None:
+    with pytest.raises(CalibrationError):
+        with_serving_loop(engine_cal(), {(9, 9, 9): TRUE})
+    with pytest.raises(CalibrationError, match="decode_step_ms"):
+        with_serving_loop(engine_cal(), {KEY: dataclasses.replace(TRUE, decode_step_ms=-1.0)})
+
+
+# ------------------------------------------------------------------------------ fit
+
+
+def test_fit_loop_terms_recovers_known_terms_despite_outliers() -> None:
+    rng = np.random.default_rng(3)
+    n = rng.integers(1, 80, 200)
+    steps = np.maximum(n - 1, 0)
+    r = 0.3 * steps + 2.0 + rng.normal(0.0, 0.05, n.size) * np.sqrt(np.maximum(steps, 1))
+    r[:6] += 50.0  # descheduled requests
+    rp = 0.7 + rng.normal(0.0, 0.05, n.size)
+    rp[:3] += 30.0
+    o, c, o_p = fit_loop_terms(n, r, rp)
+    assert o == pytest.approx(0.3, abs=0.02) and c == pytest.approx(2.0, abs=0.3) and o_p == pytest.approx(0.7, abs=0.03)
+    # A loop cheaper than the sweep's engine step is clamped, not turned into negative terms.
+    o2, c2, o_p2 = fit_loop_terms(n, -0.2 * steps - 1.0, rp - 5.0)
+    assert (o2, c2, o_p2) == (0.0, 0.0, 0.0)
+
+
+def test_fit_serving_loop_on_synthetic_requests(tmp_path: Path) -> None:
+    log = read_requests(synthetic_log(tmp_path / "req.csv", TRUE))
+    fit, hold = split_requests(log.request_id)
+    assert fit.sum() == hold.sum() == 60 and not (fit & hold).any()
+    reports = fit_serving_loop(log, Estimator(engine_cal()), fit, hold)
+    r = reports[KEY]
+    assert r.loop.source == "replay" and r.n_fit == 60 and r.n_holdout == 60
+    assert r.loop.decode_step_ms == pytest.approx(TRUE.decode_step_ms, abs=0.03)
+    assert r.loop.first_step_ms == pytest.approx(TRUE.first_step_ms, abs=0.4)
+    assert r.loop.prefill_ms == pytest.approx(TRUE.prefill_ms, abs=0.05)
+    # Held out: the loop terms remove the bias the engine-only prediction has.
+    assert r.holdout_median_rel_serving < 0.5 * r.holdout_median_rel_engine
+    assert r.holdout_median_ratio_engine > 1.05 and abs(r.holdout_median_ratio_serving - 1.0) < 0.02
+    assert r.holdout_decode_median_rel_serving < 0.5 * r.holdout_decode_median_rel_engine
+    # Stored and re-loaded, the Estimator's serving prediction carries the fitted terms.
+    est = Estimator(with_serving_loop(engine_cal(), {KEY: r.loop}))
+    served, engine = est.predict(0, 300, 20), est.predict(0, 300, 20, serving=False)
+    assert served.total_ms - engine.total_ms == pytest.approx(
+        r.loop.prefill_ms + r.loop.first_step_ms + 19 * r.loop.decode_step_ms, rel=1e-9)
+
+
+def test_too_few_requests_give_no_loop_terms(tmp_path: Path) -> None:
+    log = read_requests(synthetic_log(tmp_path / "req.csv", TRUE, n_requests=6, outliers=0))
+    r = fit_serving_loop(log, Estimator(engine_cal()))[KEY]
+    assert r.loop.source == "none" and (r.loop.decode_step_ms, r.loop.first_step_ms, r.loop.prefill_ms) == (0, 0, 0)
+
+
+# ------------------------------------------------------------------------------ analyze
+
+
+def test_analyze_reports_loop_share_and_engine_column(tmp_path: Path) -> None:
+    log = read_requests(synthetic_log(tmp_path / "req.csv", TRUE, noise_ms=0.0, outliers=0), require_decode=False)
+    est = Estimator(engine_cal(TRUE))
+    report = analyze(log, est, 256)
+    assert report.serving_loop["0,1,2"]["decode_step_ms"] == TRUE.decode_step_ms
+    assert report.level_ratio == pytest.approx(1.0, abs=1e-9)  # the log is exactly engine + loop
+    assert report.engine_level_ratio > 1.1
+    # Loop share of decode = (c + (n-1) o) summed / serving decode summed over the decode requests.
+    ok = log.output_tokens >= 2
+    loop_ms = sum(TRUE.first_step_ms + (int(n) - 1) * TRUE.decode_step_ms for n in log.output_tokens[ok])
+    dec = sum(est.predict(0, int(p), int(n)).decode_ms for p, n in zip(log.text_tokens[ok], log.output_tokens[ok],
+                                                                      strict=True))
+    assert report.loop_share_decode == pytest.approx(loop_ms / dec, rel=1e-9)
+    assert 0.0 < report.loop_share_total < report.loop_share_decode
+    text = report.format_table()
+    assert "engine only" in text and "Loop share" in text and "o = 0.4500 ms" in text
+    for b in report.buckets:
+        if b.count:
+            assert b.predicted_mean > b.engine_mean
+    # Without loop terms nothing about the loop is printed.
+    plain = analyze(log, Estimator(engine_cal()), 256).format_table()
+    assert "Loop share" not in plain and "engine only" not in plain
