@@ -189,6 +189,9 @@ class AdmissionController:
       and ``min_budgets`` before they may lower the threshold below the conformal quantile;
       ``regime_tolerance``: residuals judged with a correction that has moved by more than this
       since are dropped (the newest half of the window is always kept);
+    - ``probe_after``: after that many rejections in a row for a config, admit one request that
+      the corrected median prediction says fits (a controller that admits nothing learns nothing:
+      a threshold learnt in a burst long gone would otherwise reject for ever); None: never;
     - ``reset_after``: after that many rejections in a row for a config, forget its windows and
       go back to the calibration's conformal factors (a controller that admits nothing learns
       nothing: a drift estimate from a burst long gone would otherwise reject for ever). Off by
@@ -210,6 +213,7 @@ class AdmissionController:
         budget_window: int = 256,
         min_budgets: int = 50,
         regime_tolerance: float = 0.1,
+        probe_after: int | None = 50,
         reset_after: int | None = None,
         bucket_edges: Sequence[int] = (64, 128, 256, 512, 1024, 2048, 4096),
         bucket_window: int = 128,
@@ -240,6 +244,7 @@ class AdmissionController:
         self.min_budgets = int(min_budgets)
         self.regime_tolerance = float(regime_tolerance)
         self.reset_after = reset_after if reset_after is not None else 1 << 62
+        self.probe_after = probe_after if probe_after is not None else 1 << 62
         # Residuals needed before the online threshold replaces the stored factors.
         self.min_residuals = min_requests_for(alpha) if alpha is not None else 1
         self.bucket_edges = tuple(sorted(int(e) for e in bucket_edges))
@@ -260,6 +265,7 @@ class AdmissionController:
         self._reasons: dict[str, str] = {}
         self._since_admit: dict[tuple[int, int, int], int] = {}
         self._resets = 0
+        self._probes = 0
         self._decisions = 0
         self._admits = 0
         self._rejects = 0
@@ -345,7 +351,7 @@ class AdmissionController:
         return self._judge(v, t, n, tier, k, blocks, budget)
 
     def _judge(self, v: int, t: int, n: int, tier: int, k: int, blocks: int | None, budget: float) -> Decision:
-        online = False
+        online = probe = False
         key = (tier, k, blocks or 0)
         try:
             p, d = self._split(v, t, n, tier, k, blocks)
@@ -361,6 +367,11 @@ class AdmissionController:
                 else:
                     g = self._threshold.get(key)
                     if g is not None:
+                        if self._since_admit.get(key, 0) >= self.probe_after:
+                            # Starving: a controller that admits nothing learns nothing, and a
+                            # threshold learnt in a burst long gone would reject for ever. Once per
+                            # probe_after rejections, admit what the corrected median says fits.
+                            g, probe = 1.0, True
                         factor, online = c * g, True
             dec = self.estimator.admit(budget / factor, v, t, n, tier, k, blocks, None if online else self.alpha)
         except Exception as exc:  # noqa: BLE001
@@ -372,12 +383,16 @@ class AdmissionController:
             reason = self._reasons.get(dec.reason)
             if reason is None:  # a handful of distinct reasons: build each once
                 reason = self._reasons[dec.reason] = dec.reason + "; online drift correction and threshold"
+            if probe:
+                reason += "; probe after a run of rejections"
             dec = Decision(dec.admit, dec.max_new_tokens, dec.predicted_ms * factor, reason)
         with self._lock:
             self._decisions += 1
             if dec.admit:
                 self._admits += 1
                 self._since_admit[key] = 0
+                if probe:
+                    self._probes += 1
             else:
                 self._rejects += 1
                 if key in self._configs:
@@ -585,6 +600,7 @@ class AdmissionController:
                 "unjudged": self._unjudged,
                 "policy_admits": self._policy_admits,
                 "resets": self._resets,
+                "probes": self._probes,
                 "observations": self._observations,
                 "ignored_observations": self._ignored_observations,
                 "violations": self._violations,
@@ -611,6 +627,7 @@ class AdmissionController:
             self._budgets.clear()
             self._since_admit.clear()
             self._resets = 0
+            self._probes = 0
             for name in ("_decisions", "_admits", "_rejects", "_invalid", "_unjudged", "_policy_admits",
                          "_observations", "_ignored_observations", "_violations", "_untracked"):
                 setattr(self, name, 0)

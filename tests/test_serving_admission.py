@@ -252,7 +252,8 @@ def test_a_starving_controller_falls_back_to_the_calibration(estimator: Estimato
     # A burst 3x slower than the model: the correction rejects a budget of 1.5x the raw
     # prediction for ever, unless the stale windows are dropped after reset_after rejections.
     def burst(reset_after: int | None) -> AdmissionController:
-        ctl = AdmissionController(estimator, alpha=0.05, residual_window=40, reset_after=reset_after)
+        ctl = AdmissionController(estimator, alpha=0.05, residual_window=40, reset_after=reset_after,
+                                  probe_after=None)
         for _ in range(40):
             ctl.observe(req(), *true_total(estimator, req(), slow=3.0))
         return ctl
@@ -266,3 +267,23 @@ def test_a_starving_controller_falls_back_to_the_calibration(estimator: Estimato
     c = resetting.counters()
     assert c["resets"] == 1 and c["corrections"] == {} and c["thresholds"] == {}
     assert plain.counters()["resets"] == 0
+
+
+def test_probe_breaks_a_starvation(estimator: Estimator) -> None:
+    # Ratios 3.0 / 3.6 alternate: the corrected median is 3.3x the raw prediction and the
+    # threshold lifts it to 3.6x. A budget of 3.4x fits the median, not the promise: it is
+    # rejected for ever, unless probes are on.
+    def starving(probe_after: int | None) -> AdmissionController:
+        ctl = AdmissionController(estimator, alpha=0.05, window=8, min_observations=4, residual_window=40,
+                                  min_budgets=10, probe_after=probe_after)
+        for i in range(40):
+            ctl.observe(req(), *true_total(estimator, req(), slow=3.0 if i % 2 else 3.6))
+        return ctl
+
+    _, total = true_total(estimator, req())
+    budget = req(budget=total * 3.4)
+    plain, probing = starving(None), starving(10)
+    assert not any(plain.decide(budget).admit for _ in range(100))
+    decisions = [probing.decide(budget).admit for _ in range(22)]
+    assert decisions == ([False] * 10 + [True]) * 2
+    assert probing.counters()["probes"] == 2 and plain.counters()["probes"] == 0
