@@ -5,15 +5,28 @@ Every request of the stream is decided by an AdmissionController and then really
 shadow mode. So the true latency of every request is known, and with it the oracle's decision
 (true total <= budget). The controller observes only the requests it admitted, as in production.
 
+Budgets (``StreamSpec.budget_mode``):
+- ``classes`` (default, what a serving deployment has): a few SLO classes, each a fixed budget in
+  ms, set from quantiles of the predicted totals of the request mix (times the typical
+  actual/predicted, the conformal median); every request gets one class at random. Request lengths
+  vary widely (prompt from the plan's replay spec, output tokens log-uniform), so some requests fit
+  their class by far, some miss it by far, and some sit near the boundary;
+- ``relative`` (the old stress mode): budget = the request's own predicted total * center * U(lo, hi),
+  i.e. every request sits near its own boundary, where measurement noise alone makes any
+  alpha-bounded controller reject much of what the oracle admits;
+- ``fixed``: one budget for every request.
+
 Reported: violation_rate (violations / admitted), admitted_vs_oracle (admitted / oracle-admitted),
 decisions per second and ns per decision, and with a slowdown injected at request K (a sleep per
 decode step inside the loop) the violation rate in windows after the change and how many requests
 the online correction needed to bring it back under the target.
 
-The slowdown is a per-step stall of the serving loop: it is added after each request's engine
-run as ``(output_tokens - 1)`` sleeps of the configured length, timed with the wall clock, so the
-request's true total (what the oracle and the controller see) includes exactly the time the loop
-stalled. TTFT is unchanged because the stall is per decode step.
+The slowdown is a stall of the serving loop's decode steps, added after each request's engine
+run and timed with the wall clock, so the request's true total (what the oracle and the controller
+see) includes exactly the time the loop stalled; TTFT is unchanged. Either a fixed stall per decode
+step (``(output_tokens - 1)`` sleeps of X ms), or a decode factor F: one sleep of (F - 1) times the
+request's measured decode time, i.e. every decode step F times slower (a clear step, e.g. F = 1.4,
+not lost in the noise).
 
 Heavy imports (onnxruntime) happen inside the runner; this module imports only numpy at the top.
 """
@@ -40,9 +53,11 @@ class StreamSpec:
     vision_tokens: tuple[int, ...] = (0, 64, 256)
     text_tokens: tuple[int, int] = (8, 256)  # uniform, inclusive
     output_tokens: tuple[int, int] = (2, 48)  # log-uniform, inclusive
-    budget_spread: tuple[float, float] = (0.6, 1.6)  # budget = predicted total * center * U(lo, hi)
-    budget_center: float = 1.0  # typical actual / predicted (the conformal median), so ~half the budgets fit
-    budget_ms: float | None = None  # fixed budget instead of the spread
+    budget_mode: str = "classes"  # "classes" (SLO classes), "relative" (old stress mode) or "fixed"
+    budget_classes: tuple[float, ...] = ()  # ms, one per SLO class (mode "classes")
+    budget_spread: tuple[float, float] = (0.6, 1.6)  # mode "relative": predicted total * center * U(lo, hi)
+    budget_center: float = 1.0  # typical actual / predicted (the conformal median)
+    budget_ms: float | None = None  # mode "fixed"
     min_prompt: int | None = None  # clip to the calibration's measured prefill range
     max_prompt: int | None = None
     max_kv: int | None = None  # clip prompt + output to the measured KV range
@@ -63,6 +78,7 @@ class Executed:
     ttft_ms: float
     total_ms: float
     slowed: bool
+    predicted_ms: float = math.nan  # the Estimator's raw predicted total (no correction, no factor)
 
     @property
     def oracle_admit(self) -> bool:
@@ -100,17 +116,35 @@ def draw_lengths(spec: StreamSpec, n: int, rng: np.random.Generator) -> list[tup
 
 
 def execute(runner: Any, vision: int, text: int, output: int, hidden: int, rng: np.random.Generator,
-            stall_ms_per_step: float = 0.0) -> tuple[float, float]:
-    """Run one request for real; returns (ttft_ms, total_ms) including any injected per-step stall."""
+            stall_ms_per_step: float = 0.0, decode_factor: float = 1.0) -> tuple[float, float]:
+    """Run one request for real; returns (ttft_ms, total_ms) including any injected stall: a fixed
+    stall per decode step, or the decode part stretched by ``decode_factor``."""
     embeds = rng.standard_normal((1, vision + text, hidden)).astype(np.float32)
     result = runner.generate(embeds, output)
-    total = float(result.total_ms)
-    if stall_ms_per_step > 0 and output > 1:
+    ttft, total = float(result.ttft_ms), float(result.total_ms)
+    if output > 1 and (stall_ms_per_step > 0 or decode_factor > 1.0):
         start = time.perf_counter()
-        for _ in range(output - 1):
-            time.sleep(stall_ms_per_step / 1e3)
+        if stall_ms_per_step > 0:
+            for _ in range(output - 1):
+                time.sleep(stall_ms_per_step / 1e3)
+        if decode_factor > 1.0:
+            time.sleep(max(0.0, total - ttft) * (decode_factor - 1.0) / 1e3)
         total += (time.perf_counter() - start) * 1e3
-    return float(result.ttft_ms), total
+    return ttft, total
+
+
+def slo_classes(estimator: Any, key: tuple[int, int, int], spec: StreamSpec,
+                quantiles: Sequence[float] = (0.2, 0.4, 0.6, 0.8), sample: int = 4000,
+                seed: int = 4242) -> tuple[float, ...]:
+    """SLO class budgets (ms): quantiles of the predicted totals of the request mix (a sample of
+    the stream's own length distribution), times the typical actual/predicted (spec.budget_center).
+    With classes spread over the mix, requests of each class range from far under to far over."""
+    lengths = np.asarray(draw_lengths(spec, sample, np.random.default_rng(seed)), dtype=np.int64)
+    _, _, total, _ = estimator.predict_batch(lengths[:, 0], lengths[:, 1], lengths[:, 2], *key)
+    total = total[np.isfinite(total)]
+    if total.size == 0:
+        raise ValueError("no predictable request in the stream's length distribution")
+    return tuple(round(float(q) * spec.budget_center, 1) for q in np.quantile(total, quantiles))
 
 
 def run_stream(
@@ -124,6 +158,7 @@ def run_stream(
     slowdown_at: int | None = None,
     slowdown_ms_per_step: float = 0.0,
     progress: Callable[[int, int], None] | None = None,
+    slowdown_factor: float = 1.0,
 ) -> LoadtestResult:
     """The serving loop: decide, execute (shadow if rejected), observe admitted ones."""
     from trt_latency.estimator.admission import Request
@@ -135,12 +170,17 @@ def run_stream(
     hidden = int(runner.hidden)
     result = LoadtestResult()
     start = time.perf_counter()
+    mode = "fixed" if spec.budget_ms is not None else spec.budget_mode
+    if mode == "classes" and not spec.budget_classes:
+        raise ValueError("budget mode 'classes' needs StreamSpec.budget_classes (see slo_classes)")
     for i, (vision, text, output) in enumerate(lengths):
-        if spec.budget_ms is not None:
-            budget = float(spec.budget_ms)
+        predicted = float(estimator.predict(vision, text, output, tier_idx=tier, top_k=top_k,
+                                            num_active_blocks=blocks).total_ms)
+        if mode == "fixed":
+            budget = float(spec.budget_ms)  # type: ignore[arg-type]
+        elif mode == "classes":
+            budget = float(spec.budget_classes[int(rng.integers(len(spec.budget_classes)))])
         else:
-            predicted = float(estimator.predict(vision, text, output, tier_idx=tier, top_k=top_k,
-                                                num_active_blocks=blocks).total_ms)
             budget = predicted * spec.budget_center * float(rng.uniform(*spec.budget_spread))
         request = Request(vision, text, output, tier, top_k, blocks, budget)
         t0 = time.perf_counter_ns()
@@ -148,11 +188,11 @@ def run_stream(
         decide_ns = time.perf_counter_ns() - t0
         slowed = slowdown_at is not None and i >= slowdown_at
         ttft, total = execute(runner, vision, text, output, hidden, exec_rng,
-                              slowdown_ms_per_step if slowed else 0.0)
+                              slowdown_ms_per_step if slowed else 0.0, slowdown_factor if slowed else 1.0)
         if decision.admit:
             controller.observe(request, ttft, total)
         result.rows.append(Executed(i, vision, text, output, budget, bool(decision.admit), str(decision.reason),
-                                    decide_ns, ttft, total, slowed))
+                                    decide_ns, ttft, total, slowed, predicted))
         if progress is not None:
             progress(i + 1, n)
     result.wall_s = time.perf_counter() - start
@@ -166,10 +206,10 @@ def dump_rows(result: LoadtestResult, path: str | os.PathLike[str]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["index", "vision_tokens", "text_tokens", "output_tokens", "budget_ms", "admitted", "oracle_admit",
-                    "violation", "ttft_ms", "total_ms", "slowed", "decide_ns", "reason"])
+                    "violation", "ttft_ms", "total_ms", "predicted_ms", "slowed", "decide_ns", "reason"])
         for r in result.rows:
             w.writerow([r.index, r.vision_tokens, r.text_tokens, r.output_tokens, repr(r.budget_ms), int(r.admitted),
-                        int(r.oracle_admit), int(r.violation), repr(r.ttft_ms), repr(r.total_ms), int(r.slowed),
+                        int(r.oracle_admit), int(r.violation), repr(r.ttft_ms), repr(r.total_ms), repr(r.predicted_ms), int(r.slowed),
                         r.decide_ns, r.reason])
 
 
@@ -186,7 +226,14 @@ def _rates(rows: Sequence[Executed]) -> dict[str, Any]:
         "violations": violations,
         "violation_rate": violations / admitted if admitted else None,
         "admitted_vs_oracle": admitted / oracle if oracle else None,
+        # how far the machine is from the calibration: median true total / raw predicted total
+        "median_actual_over_predicted": _median_ratio(rows),
     }
+
+
+def _median_ratio(rows: Sequence[Executed]) -> float | None:
+    ratios = [r.total_ms / r.predicted_ms for r in rows if r.predicted_ms > 0]
+    return float(np.median(ratios)) if ratios else None
 
 
 def summarize(result: LoadtestResult, slowdown_at: int | None = None, window: int = 50,

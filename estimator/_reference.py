@@ -52,7 +52,9 @@ BAD_FIELDS = ("budget_ms", "vision_tokens", "text_tokens", "max_new_tokens", "ti
 CODE_BAD = 64  # + index in BAD_FIELDS
 CODE_EMPTY_PROMPT = 72
 CODE_UNKNOWN_CONFIG = 73
-N_CODES = 74
+CODE_BAD_SCALE = 74  # admit_scaled: a prefill/decode scale or factor not finite > 0
+N_CODES = 75
+EXTRAPOLATED_BIT = 4  # set in a judged code (< CODE_BAD) when the request leaves the measured range
 
 _BAD_EXPECTED = {
     "budget_ms": "a finite number >= 0",
@@ -86,10 +88,12 @@ def _build_reasons() -> tuple[str, ...]:
         out[CODE_BAD + i] = f"bad field '{name}': expected {_BAD_EXPECTED[name]}"
     out[CODE_EMPTY_PROMPT] = "bad request: vision_tokens + text_tokens is 0 (empty prompt)"
     out[CODE_UNKNOWN_CONFIG] = "unknown config (tier_idx, top_k, num_active_blocks): not measured nor predictable"
+    out[CODE_BAD_SCALE] = "bad scale: prefill_scale, decode_scale and factor must be finite numbers > 0"
     return tuple(out)
 
 
 REASONS = _build_reasons()
+_CODE_OF_REASON = {text: code for code, text in enumerate(REASONS)}
 
 
 def reason_text(code: int) -> str:
@@ -129,6 +133,51 @@ class Decision(NamedTuple):
     max_new_tokens: int
     predicted_ms: float
     reason: str
+
+    @property
+    def code(self) -> int:
+        """The decision code (see REASONS); -1 for a Decision not made by a kernel."""
+        return _CODE_OF_REASON.get(self.reason, -1)
+
+    @property
+    def judged(self) -> bool:
+        """True when the model judged the request (fields valid, config known), extrapolated or not."""
+        return 0 <= self.code < CODE_BAD
+
+    @property
+    def extrapolated(self) -> bool:
+        """True when the request leaves the measured range (the model extrapolates)."""
+        code = self.code
+        return 0 <= code < CODE_BAD and bool(code & EXTRAPOLATED_BIT)
+
+
+class Tally:
+    """Per-config decision counts of a serving loop, updated by Kernel.admit_tallied in the same
+    call as the decision (the compiled one counts under the GIL; this one under a lock), so a
+    controller needs no lock of its own on its hot path. streak = rejections since the last admit."""
+
+    __slots__ = ("decisions", "admits", "rejects", "probes", "streak", "_lock")
+
+    def __init__(self) -> None:
+        import threading
+
+        self.decisions = self.admits = self.rejects = self.probes = self.streak = 0
+        self._lock = threading.Lock()
+
+    def count(self, admitted: bool, probe: bool) -> None:
+        with self._lock:
+            self.decisions += 1
+            if admitted:
+                self.admits += 1
+                self.streak = 0
+                if probe:
+                    self.probes += 1
+            else:
+                self.rejects += 1
+                self.streak += 1
+
+    def reset_streak(self) -> None:
+        self.streak = 0
 
 
 class Kernel:
@@ -205,21 +254,36 @@ class Kernel:
         dec = self.decode_sum(c, prompt, n)
         return pre * factor, dec * factor, (pre + dec) * factor
 
-    def _total_at(self, c: int, prompt: float, n: float, factor: float, pre: float, cp: float) -> float:
-        """total() with prefill(prompt) = pre and cumsum(prompt) = cp precomputed (same arithmetic)."""
+    def _total_at(self, c: int, prompt: float, n: float, factor: float, pre: float, cp: float,
+                  ds: float = 1.0) -> float:
+        """total() with prefill(prompt) = pre (already times the prefill scale) and cumsum(prompt) = cp
+        precomputed, the decode part times ds (same arithmetic; ds = 1.0 is exact)."""
         if n <= 1.0:
             return (pre + 0.0) * factor
-        return (pre + ((self.cumsum(c, prompt + n - 1.0) - cp) + self.cfg[c][LOOP_FIRST])) * factor
+        return (pre + ds * ((self.cumsum(c, prompt + n - 1.0) - cp) + self.cfg[c][LOOP_FIRST])) * factor
 
     def nfit(self, c: int, prompt: float, budget: float, factor: float) -> int:
         """Largest n in [0, TOKEN_MAX] with total(n) <= budget (0: not even the first token)."""
-        pre = self.prefill(c, prompt)
+        return self._nfit_at(c, prompt, budget, factor, self.prefill(c, prompt), 1.0)
+
+    def nfit_scaled(self, c: int, prompt: float, budget: float, prefill_scale: float, decode_scale: float,
+                    factor: float) -> int:
+        """Largest n with total_scaled(n) <= budget, total_scaled(n) = (prefill_scale * prefill
+        + decode_scale * decode_sum(n)) * factor (scales > 0)."""
+        return self._nfit_at(c, prompt, budget, factor, self.prefill(c, prompt) * prefill_scale, decode_scale)
+
+    def total_scaled(self, c: int, prompt: float, n: float, prefill_scale: float, decode_scale: float,
+                     factor: float) -> float:
+        return self._total_at(c, prompt, n, factor, self.prefill(c, prompt) * prefill_scale,
+                              self.cumsum(c, prompt), decode_scale)
+
+    def _nfit_at(self, c: int, prompt: float, budget: float, factor: float, pre: float, ds: float) -> int:
         if (pre + 0.0) * factor > budget:
             return 0
         cp = self.cumsum(c, prompt)
         row = self.cfg[c]
         off, cnt = int(row[PIECE_OFF]), int(row[PIECE_CNT])
-        target = cp + ((budget / factor - pre) - row[LOOP_FIRST])  # an estimate: _fixup makes it exact
+        target = cp + ((budget / factor - pre) / ds - row[LOOP_FIRST])  # an estimate: _fixup makes it exact
         i = bisect_right(self._cums[c], target) - 1
         if i < 0:
             i = 0
@@ -243,12 +307,13 @@ class Kernel:
                 m = nxt
         n_est = m - prompt + 1.0
         n = 1 if not n_est >= 1.0 else (TOKEN_MAX if n_est >= TOKEN_MAX else int(n_est))
-        return self._fixup(c, prompt, budget, factor, n, pre, cp)
+        return self._fixup(c, prompt, budget, factor, n, pre, cp, ds)
 
-    def _fixup(self, c: int, prompt: float, budget: float, factor: float, n: int, pre: float, cp: float) -> int:
+    def _fixup(self, c: int, prompt: float, budget: float, factor: float, n: int, pre: float, cp: float,
+               ds: float) -> int:
         # Invariant wanted: total(lo) <= budget < total(hi); total(1) <= budget is known.
         def fits(k: int) -> bool:
-            return self._total_at(c, prompt, float(k), factor, pre, cp) <= budget
+            return self._total_at(c, prompt, float(k), factor, pre, cp, ds) <= budget
 
         if fits(n):
             lo, step = n, 1
@@ -338,42 +403,16 @@ class Kernel:
         alpha: Any,
     ) -> tuple[int, int, float]:
         nan = math.nan
-        budget = as_real(budget_ms)
-        if budget is None or not (0.0 <= budget < math.inf):
-            return CODE_BAD + 0, 0, nan
-        ints = []
-        for i, value in ((1, vision_tokens), (2, text_tokens)):
-            x = as_int(value)
-            if x is None or not 0 <= x <= TOKEN_MAX:
-                return CODE_BAD + i, 0, nan
-            ints.append(x)
-        if max_new_tokens is None:
-            req = -1
-        else:
-            x = as_int(max_new_tokens)
-            if x is None or not 1 <= x <= TOKEN_MAX:
-                return CODE_BAD + 3, 0, nan
-            req = x
-        keys = []
-        for i, value in ((4, tier_idx), (5, top_k)):
-            x = as_int(value)
-            if x is None or not 0 <= x <= TOKEN_MAX:
-                return CODE_BAD + i, 0, nan
-            keys.append(x)
-        if num_active_blocks is None:
-            blocks = -1
-        else:
-            x = as_int(num_active_blocks)
-            if x is None or not 0 <= x <= TOKEN_MAX:
-                return CODE_BAD + 6, 0, nan
-            blocks = x
+        bad, budget, prompt, req, keys, blocks = self._fields(budget_ms, vision_tokens, text_tokens, max_new_tokens,
+                                                              tier_idx, top_k, num_active_blocks)
+        if bad >= 0:
+            return bad, 0, nan
         a = -1.0
         if alpha is not None:
             af = as_real(alpha)
             if af is None or not (0.0 < af < 1.0):
                 return CODE_BAD + 7, 0, nan
             a = af
-        prompt = ints[0] + ints[1]
         if prompt == 0:
             return CODE_EMPTY_PROMPT, 0, nan
         c = self.lookup(keys[0], keys[1], blocks)
@@ -381,18 +420,113 @@ class Kernel:
             return CODE_UNKNOWN_CONFIG, 0, nan
         return self.decide(c, float(prompt), budget, req, a)
 
+    def _fields(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any, tier_idx: Any,
+                top_k: Any, num_active_blocks: Any) -> tuple[int, float, int, int, list[int], int]:
+        """(bad code or -1, budget, prompt, req (-1 = None), [tier, top_k], blocks (-1 = None))."""
+        nothing: tuple[int, float, int, int, list[int], int] = (-1, 0.0, 0, -1, [0, 0], -1)
+        budget = as_real(budget_ms)
+        if budget is None or not (0.0 <= budget < math.inf):
+            return (CODE_BAD + 0,) + nothing[1:]
+        ints = []
+        for i, value in ((1, vision_tokens), (2, text_tokens)):
+            x = as_int(value)
+            if x is None or not 0 <= x <= TOKEN_MAX:
+                return (CODE_BAD + i,) + nothing[1:]
+            ints.append(x)
+        if max_new_tokens is None:
+            req = -1
+        else:
+            x = as_int(max_new_tokens)
+            if x is None or not 1 <= x <= TOKEN_MAX:
+                return (CODE_BAD + 3,) + nothing[1:]
+            req = x
+        keys = []
+        for i, value in ((4, tier_idx), (5, top_k)):
+            x = as_int(value)
+            if x is None or not 0 <= x <= TOKEN_MAX:
+                return (CODE_BAD + i,) + nothing[1:]
+            keys.append(x)
+        if num_active_blocks is None:
+            blocks = -1
+        else:
+            x = as_int(num_active_blocks)
+            if x is None or not 0 <= x <= TOKEN_MAX:
+                return (CODE_BAD + 6,) + nothing[1:]
+            blocks = x
+        return -1, budget, ints[0] + ints[1], req, keys, blocks
+
+    def admit_scaled(
+        self,
+        budget_ms: Any,
+        vision_tokens: Any,
+        text_tokens: Any,
+        max_new_tokens: Any,
+        tier_idx: Any,
+        top_k: Any,
+        num_active_blocks: Any,
+        prefill_scale: Any,
+        decode_scale: Any,
+        factor: Any,
+    ) -> Decision:
+        """admit() on the scaled model total_scaled(n) = (prefill_scale * prefill(P) + decode_scale *
+        decode_sum(P, n)) * factor: a serving loop's online corrections and safety factor applied
+        inside the kernel. max_new_tokens is exact under the scaled model:
+        total_scaled(n) <= budget < total_scaled(n + 1); predicted_ms is total_scaled(requested or 1).
+        Never raises; Decision.code / .extrapolated / .judged say how the request was judged."""
+        code, n, pred = self.admit_scaled_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx,
+                                               top_k, num_active_blocks, prefill_scale, decode_scale, factor)
+        return Decision(code < 16, n, pred, REASONS[code])
+
+    def admit_tallied(self, tally: Tally, probe: bool, budget_ms: Any, vision_tokens: Any, text_tokens: Any,
+                      max_new_tokens: Any, tier_idx: Any, top_k: Any, num_active_blocks: Any, prefill_scale: Any,
+                      decode_scale: Any, factor: Any) -> Decision:
+        """admit_scaled, counted into ``tally`` when judged inside the measured range (a decision
+        that is neither refused nor extrapolated; those are the caller's to count)."""
+        code, n, pred = self.admit_scaled_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx,
+                                               top_k, num_active_blocks, prefill_scale, decode_scale, factor)
+        if code < CODE_BAD and not code & EXTRAPOLATED_BIT:
+            tally.count(code < 16, probe)
+        return Decision(code < 16, n, pred, REASONS[code])
+
+    def admit_scaled_code(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any,
+                          tier_idx: Any, top_k: Any, num_active_blocks: Any, prefill_scale: Any,
+                          decode_scale: Any, factor: Any) -> tuple[int, int, float]:
+        nan = math.nan
+        bad, budget, prompt, req, keys, blocks = self._fields(budget_ms, vision_tokens, text_tokens, max_new_tokens,
+                                                              tier_idx, top_k, num_active_blocks)
+        if bad >= 0:
+            return bad, 0, nan
+        scales = []
+        for value in (prefill_scale, decode_scale, factor):
+            x = as_real(value)
+            if x is None or not (0.0 < x < math.inf):
+                return CODE_BAD_SCALE, 0, nan
+            scales.append(x)
+        if prompt == 0:
+            return CODE_EMPTY_PROMPT, 0, nan
+        c = self.lookup(keys[0], keys[1], blocks)
+        if c < 0:
+            return CODE_UNKNOWN_CONFIG, 0, nan
+        return self._decide_f(c, float(prompt), budget, req, scales[2], F_NONE, scales[0], scales[1])
+
     def decide(self, c: int, prompt: float, budget: float, req: int, alpha: float) -> tuple[int, int, float]:
         """Validated request -> (code, max_new_tokens, predicted_ms). req < 0: no requested length."""
         if alpha > 0.0:
             factor, fsrc = self.alpha_factor(c, alpha)
         else:
             factor, fsrc = 1.0, F_NONE
+        return self._decide_f(c, prompt, budget, req, factor, fsrc, 1.0, 1.0)
+
+    def _decide_f(self, c: int, prompt: float, budget: float, req: int, factor: float, fsrc: int, ps: float,
+                  ds: float) -> tuple[int, int, float]:
         need = req if req > 0 else 1
-        pred = self.total(c, prompt, float(need), factor)
+        pre = self.prefill(c, prompt) * ps
+        cp = self.cumsum(c, prompt)
+        pred = self._total_at(c, prompt, float(need), factor, pre, cp, ds)
         if req > 0 and pred <= budget:
             n, status = req, ST_FITS
         else:
-            n = self.nfit(c, prompt, budget, factor)
+            n = self._nfit_at(c, prompt, budget, factor, pre, ds)
             status = ST_FITS if n >= need else (ST_FEWER if n >= 1 else ST_NONE)
         ext = self.extrapolated(c, prompt, float(n if n > need else need))
         fact = 1 if self.cfg[c][FACTORISED] != 0.0 else 0
@@ -487,3 +621,72 @@ class Kernel:
                 | (4 if fsrc == F_CLIPPED else 0)
             )
         return pre, dec, tot, flags
+
+
+class Traffic:
+    """A bounded ring of recent decisions (budget_ms, prompt, max_new_tokens, bucket) of one config."""
+
+    def __init__(self, capacity: int) -> None:
+        from collections import deque
+
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self._ring: Any = deque(maxlen=capacity)
+
+    def push(self, budget: float, prompt: int, n: int, bucket: int) -> None:
+        self._ring.append((float(budget), int(prompt), int(n), int(bucket)))  # deque.append is atomic
+
+    def snapshot(self) -> list[tuple[float, int, int, int]]:
+        return list(self._ring)
+
+    def __len__(self) -> int:
+        return len(self._ring)
+
+
+class Gate:
+    """One config's published admission state (same contract as the compiled Gate): decide(request)
+    -> Decision on the scaled model, or None when the request needs the caller's checked path."""
+
+    MAX_EDGES = 64
+
+    def __init__(self, kernel: Kernel, row: int, edges: Any, scales: Any, factor: float, online: bool,
+                 probe_after: int, max_tokens: int, tally: Tally, traffic: Traffic) -> None:
+        edges, scales = tuple(int(e) for e in edges), tuple((float(p), float(d)) for p, d in scales)
+        if len(edges) > self.MAX_EDGES or len(scales) != len(edges) + 1:
+            raise ValueError(f"need <= {self.MAX_EDGES} edges and len(edges) + 1 scales")
+        if not 0 <= row < len(kernel.cfg):
+            raise IndexError(f"config row {row} out of range")
+        if not (math.isfinite(factor) and factor > 0.0):
+            raise ValueError("factor must be finite > 0")
+        if not all(math.isfinite(x) and x > 0.0 for pair in scales for x in pair):
+            raise ValueError("scales must be finite > 0")
+        self.kernel, self.row, self.edges, self.scales = kernel, row, edges, scales
+        self.factor, self.online, self.probe_after, self.max_tokens = float(factor), bool(online), probe_after, max_tokens
+        self.tally, self.traffic = tally, traffic
+
+    def decide(self, request: Any) -> Decision | None:
+        if not isinstance(request, tuple) or len(request) != 7:
+            return None
+        fields = list(request[:6])
+        if fields[5] is None:
+            fields[5] = 0
+        if not all(type(x) is int and 0 <= x <= self.max_tokens for x in fields):
+            return None
+        budget = request[6]
+        if type(budget) is not float or not (0.0 < budget < math.inf) or fields[2] < 1:
+            return None
+        prompt = fields[0] + fields[1]
+        if prompt == 0:
+            return None
+        n = fields[2]
+        bucket = sum(1 for e in self.edges if e <= prompt + n)
+        factor, probe = self.factor, False
+        if self.online and self.tally.streak >= self.probe_after:
+            factor, probe = 1.0, True
+        ps, ds = self.scales[bucket]
+        code, nout, pred = self.kernel._decide_f(self.row, float(prompt), budget, n, factor, F_NONE, ps, ds)
+        if code & EXTRAPOLATED_BIT:
+            return None
+        self.traffic.push(budget, prompt, n, bucket)
+        self.tally.count(code < 16, probe)
+        return Decision(code < 16, nout, pred, REASONS[code])

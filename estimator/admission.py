@@ -16,8 +16,9 @@ The correction, per (config, length bucket):
   the config's medians (a longer, slower window): the shape of the error over lengths. A global
   step change is thus followed at the speed of all the config's traffic, not of a bucket's share;
 - nothing until ``min_observations`` ratios are in a window; then, for a request with predicted
-  prefill p and decode d, the corrected prediction is ``m_p * r_p * p + m_d * r_d * d``, clamped
-  to ``clamp`` times the raw one.
+  prefill p and decode d, the corrected prediction is ``m_p * r_p * p + m_d * r_d * d``, each
+  scale (m_p * r_p, m_d * r_d) clamped to ``clamp``, so the whole stays within ``clamp`` times the
+  raw prediction; the kernel evaluates exactly this scaled model (``admit_scaled``).
 
 The threshold (what keeps the promise), per config: the last ``residual_window`` observations
 (actual total and raw prefill / decode prediction) are scored against the current medians,
@@ -41,10 +42,19 @@ rejected with a reason: no policy should hand an engine a NaN length. ``decide``
 never raise. In a Request, num_active_blocks None or 0 means the tier's largest measured config
 (as in the request log).
 
-Thread safety: one lock guards the windows and counters; corrections are published as immutable
-tuples / floats in dicts that ``decide`` reads without the lock (it takes the lock once, to count).
-Cost: ``decide`` is a few Python frames around two kernel calls; ``observe`` recomputes the
-threshold (O(residual_window + budget_window log)) and belongs after the request, off the hot path.
+Thread safety and cost: one lock guards the windows and the slow-path counters. After each
+observation the config's state is published whole (under the lock) as a new immutable gate:
+per length bucket the (prefill, decode) scales (m_p * r_p, m_d * r_d, each clamped), the safety
+factor (the threshold g, or the stored conformal factor during warm-up) and references to the
+config's kernels.Tally and kernels.Traffic ring. ``decide`` reads the gate with one dict lookup
+(no lock) and makes ONE compiled call, ``Gate.decide(request)``: field checks, bucket,
+``admit_scaled`` on the scaled model (max_new_tokens exact under it), the traffic push and the
+count (C increments under the GIL: atomic for Python threads). Anything the gate does not take
+(non-int fields, garbage, extrapolated lengths, unknown configs, ``reset_after`` set) goes through
+the Python path, which applies the same model with ``Kernel.admit_tallied`` and reads the
+Decision's explicit ``code`` / ``extrapolated`` flags (no reason-text parsing). ``observe``
+recomputes the threshold (O(residual_window + budget_window log)) and belongs after the request,
+off the hot path.
 """
 
 from __future__ import annotations
@@ -58,10 +68,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from trt_latency.estimator import _reference as ref
+from trt_latency.estimator import kernels
 from trt_latency.estimator.conformal import conformal_factor, min_requests_for
 from trt_latency.estimator.model import Decision, Estimator
 
 POLICIES = ("reject", "admit", "cap")
+_CODE_BAD = ref.CODE_BAD  # decision codes >= this: a field the kernel refused (or unknown config)
+_CODE_UNKNOWN = ref.CODE_UNKNOWN_CONFIG
+_EXTRAPOLATED = ref.EXTRAPOLATED_BIT
 MAX_TOKENS = 1 << 24  # far beyond any KV cache; larger counts are garbage, not requests
 NAN = math.nan
 
@@ -251,7 +266,13 @@ class AdmissionController:
         self.bucket_window = max(int(bucket_window), self.min_observations)
         self.max_buckets = int(max_buckets)
         # The kernel's own lookup/predict (compiled when the extension is built): no validation frame.
-        self._kernel = getattr(estimator, "_kernel", None)
+        self._kernel: Any = getattr(estimator, "_kernel", None)
+        # One compiled call per decision: admit on the scaled model (corrections + safety factor).
+        self._admit_scaled = estimator._kernel.admit_scaled
+        # Published per config (replaced whole under the lock, read by decide without it):
+        # (per-bucket (prefill, decode) scales, safety factor, traffic deque, threshold online?).
+        self._gate: dict[tuple[int, int, int], tuple[tuple[tuple[float, float], ...], float,
+                                                     Any, bool, Any]] = {}
         self._lock = threading.Lock()
         self._configs: dict[tuple[int, int, int], _Bucket] = {}
         self._buckets: dict[tuple[tuple[int, int, int], int], _Bucket] = {}
@@ -261,9 +282,14 @@ class AdmissionController:
         self._config_medians: dict[tuple[int, int, int], tuple[float, float]] = {}
         self._published: dict[tuple[tuple[int, int, int], int], tuple[float, float]] = {}
         self._threshold: dict[tuple[int, int, int], float] = {}
-        self._budgets: dict[tuple[int, int, int], deque[tuple[float, float, float, int]]] = {}
-        self._reasons: dict[str, str] = {}
-        self._since_admit: dict[tuple[int, int, int], int] = {}
+        self._budgets: dict[tuple[int, int, int], Any] = {}  # kernels.Traffic rings
+        # Per config decision counts (kernels.Tally: counted inside the kernel call, no lock).
+        self._tallies: dict[tuple[int, int, int], Any] = {}
+        self._admit_tallied = estimator._kernel.admit_tallied
+        # The implementation of the Estimator's kernel (compiled or reference) for Tally/Traffic/Gate.
+        self._impl: Any = ref if isinstance(estimator._kernel, ref.Kernel) else kernels.impl
+        # Compiled gates by the Request's own (tier_idx, top_k, num_active_blocks) (None and 0 alike).
+        self._fast: dict[tuple[Any, Any, Any], Any] = {}
         self._resets = 0
         self._probes = 0
         self._decisions = 0
@@ -294,19 +320,59 @@ class AdmissionController:
         pred = self.estimator.predict(v, t, n, tier_idx=tier, top_k=k, num_active_blocks=blocks)
         return float(pred.prefill_ms), float(pred.decode_ms)
 
-    def _corrected(self, key: tuple[int, int, int], bucket: int, p: float, d: float) -> float:
-        """Corrected / raw prediction for a request with raw prefill p and decode d, clamped."""
-        raw = p + d
+    def _scales(self, key: tuple[int, int, int], bucket: int) -> tuple[float, float]:
+        """(prefill scale, decode scale) on the raw prediction for this config and length bucket, each
+        clamped (so any mix of the two stays within the clamp too); (1, 1) before the data."""
         medians = self._config_medians.get(key)
-        if medians is None or not raw > 0:
-            return 1.0
+        if medians is None:
+            return (1.0, 1.0)
         rel = self._published.get((key, bucket))
-        if rel is None:
-            c = (medians[0] * p + medians[1] * d) / raw
-        else:
-            c = (medians[0] * rel[0] * p + medians[1] * rel[1] * d) / raw
+        ps, ds = medians if rel is None else (medians[0] * rel[0], medians[1] * rel[1])
         lo, hi = self.clamp
-        return lo if c < lo else hi if c > hi else c
+        return (lo if ps < lo else hi if ps > hi else ps, lo if ds < lo else hi if ds > hi else ds)
+
+    def _corrected(self, key: tuple[int, int, int], bucket: int, p: float, d: float) -> float:
+        """Corrected / raw prediction for a request with raw prefill p and decode d."""
+        raw = p + d
+        if not raw > 0:
+            return 1.0
+        ps, ds = self._scales(key, bucket)
+        return (ps * p + ds * d) / raw
+
+    def _publish(self, key: tuple[int, int, int]) -> None:
+        """Rebuild the immutable gate decide reads for this config (under the lock): per length
+        bucket the (prefill, decode) scales, the safety factor, and the traffic deque to append to."""
+        budgets = self._budgets.get(key)
+        if budgets is None:
+            budgets = self._budgets[key] = self._impl.Traffic(self.budget_window)
+        scales = tuple(self._scales(key, b) for b in range(len(self.bucket_edges) + 1))
+        g = self._threshold.get(key)
+        if self.alpha is None:
+            factor = 1.0
+        elif g is not None:
+            factor = g
+        else:  # warm-up: the calibration's conformal factor on the raw prediction (no correction yet)
+            scales = ((1.0, 1.0),) * len(scales)
+            factor = self._stored_factor(key)
+        tally = self._tallies.get(key)
+        if tally is None:
+            tally = self._tallies[key] = self._impl.Tally()
+        online = g is not None
+        self._gate[key] = (scales, factor, budgets, online, tally)
+        row = self._kernel.lookup(key[0], key[1], key[2] or -1)
+        if row < 0 or self.reset_after < 1 << 62:  # reset_after (off by default) is handled in Python
+            return
+        fast = self._impl.Gate(self._kernel, row, self.bucket_edges, scales, factor, online,
+                               min(self.probe_after, 1 << 62), MAX_TOKENS, tally, budgets)
+        for alias in ((key[0], key[1], None), key) if key[2] == 0 else (key,):
+            self._fast[alias] = fast
+
+    def _stored_factor(self, key: tuple[int, int, int]) -> float:
+        kernel = self._kernel
+        if kernel is None or self.alpha is None:
+            return 1.0
+        row = kernel.lookup(key[0], key[1], key[2] or -1)
+        return float(kernel.alpha_factor(row, self.alpha)[0]) if row >= 0 else 1.0
 
     def correction(self, request: object) -> float:
         """The factor on this request's raw prediction that ``decide`` compares with the budget now:
@@ -323,22 +389,77 @@ class AdmissionController:
         except Exception:  # noqa: BLE001
             return 1.0
 
-    def decide(self, request: object) -> Decision:
-        """Admit or reject one request; never raises."""
-        # Fast path: a well-formed Request of plain ints and a float budget (the serving loop's case).
-        if type(request) is Request:
-            v, t, n, tier, k, blocks, budget = request
-            if type(blocks) is int and blocks == 0:
-                blocks = None
-            if not (type(v) is int and type(t) is int and type(n) is int and type(tier) is int and type(k) is int
-                    and (blocks is None or type(blocks) is int) and type(budget) is float
-                    and 0 <= v <= MAX_TOKENS and 0 <= t <= MAX_TOKENS and 1 <= n <= MAX_TOKENS
-                    and 0 <= tier <= MAX_TOKENS and 0 <= k <= MAX_TOKENS
-                    and (blocks is None or 0 <= blocks <= MAX_TOKENS) and 0.0 < budget < math.inf):
-                return self._decide_checked(request)
-        else:
+    def decide(self, request: object, _validated: bool = False) -> Decision:
+        """Admit or reject one request; never raises.
+
+        The hot path: a Request of plain ints and a float budget -> the config's published gate (a
+        plain dict read, no lock) -> one kernel call, ``admit_scaled`` with the per-bucket
+        (prefill, decode) corrections and the safety factor -> one locked counter update."""
+        if type(request) is not Request:
             return self._decide_checked(request)
-        return self._judge(v, t, n, tier, k, blocks, budget)
+        # The compiled gate: field checks, bucket, scaled decision, traffic and count in one call.
+        # None = anything it does not handle (garbage, extrapolated, ...): the path below does.
+        try:
+            gate = self._fast.get(request[3:6])
+        except TypeError:  # an unhashable field
+            gate = None
+        if gate is not None:
+            dec = gate.decide(request)
+            if dec is not None:
+                return dec
+        v, t, n, tier, k, blocks, budget = request
+        probe = False
+        try:
+            if blocks is None:
+                b0 = 0
+            elif type(blocks) is int:
+                b0 = blocks
+                if b0 == 0:
+                    blocks = None  # 0 = the tier's largest measured, as in the request log
+            else:
+                return self._decide_checked(request)
+            if not (type(v) is int and type(t) is int and type(n) is int and type(tier) is int and type(k) is int):
+                return self._decide_checked(request)  # numpy scalars and garbage: validated first
+            prompt = v + t
+            # The kernel checks types and signs; what is left: a budget > 0 and the controller's
+            # stricter MAX_TOKENS (non-negative fields summing under it are each under it).
+            if not (_validated or type(budget) is float and budget > 0.0
+                    and prompt + n + tier + k + b0 <= MAX_TOKENS):
+                return self._decide_checked(request)
+            key = (tier, k, b0)
+            gate = self._gate.get(key)
+            if gate is None:  # never observed: the Estimator's own decision, with the stored factor
+                dec = self.estimator.admit(budget, v, t, n, tier, k, blocks, self.alpha)
+            else:
+                scales, factor, budgets, online, tally = gate
+                bucket = bisect.bisect_right(self.bucket_edges, prompt + n)
+                if online and tally.streak >= self.probe_after:
+                    # Starving: a controller that admits nothing learns nothing, and a threshold
+                    # learnt in a burst long gone would reject for ever. Once per probe_after
+                    # rejections, admit what the corrected median says fits.
+                    factor, probe = 1.0, True
+                ps, ds = scales[bucket]
+                # One compiled call: scaled model, exact max_new_tokens, and the count (in C, atomic
+                # under the GIL) when the request was judged inside the measured range.
+                dec = self._admit_tallied(tally, probe, budget, v, t, n, tier, k, blocks, ps, ds, factor)
+                code = dec.code
+                if code < _CODE_BAD:
+                    budgets.push(budget, prompt, n, bucket)  # atomic: no lock here
+                    if not code & _EXTRAPOLATED:
+                        if tally.streak >= self.reset_after:
+                            with self._lock:
+                                self._forget(key)
+                        return dec
+        except Exception as exc:  # noqa: BLE001 - garbage fields: the checked path says which
+            if _validated:
+                return self._tally(Decision(False, 0, NAN, f"estimator error: {type(exc).__name__}"), invalid=True)
+            return self._decide_checked(request)
+        code = dec.code
+        if code >= _CODE_BAD or code & _EXTRAPOLATED:
+            if code >= _CODE_BAD and code != _CODE_UNKNOWN:
+                return self._tally(Decision(False, 0, NAN, f"invalid request: {dec.reason}"), invalid=True)
+            return self._tally(self._apply_policy(dec, n), unjudged=True)
+        return self._tally(dec)
 
     def _decide_checked(self, request: object) -> Decision:
         try:
@@ -348,58 +469,11 @@ class AdmissionController:
             return self._tally(Decision(False, 0, NAN, f"invalid request: {exc}"), invalid=True)
         except Exception as exc:  # noqa: BLE001 - never take the serving loop down
             return self._tally(Decision(False, 0, NAN, f"invalid request: {type(exc).__name__}"), invalid=True)
-        return self._judge(v, t, n, tier, k, blocks, budget)
-
-    def _judge(self, v: int, t: int, n: int, tier: int, k: int, blocks: int | None, budget: float) -> Decision:
-        online = probe = False
-        key = (tier, k, blocks or 0)
-        try:
-            p, d = self._split(v, t, n, tier, k, blocks)
-            factor = 1.0
-            if p + d > 0:  # else an unknown config: the Estimator says why
-                bucket = self._bucket_of(v + t + n)
-                c = self._corrected(key, bucket, p, d)
-                budgets = self._budgets.get(key)
-                if budgets is not None:
-                    budgets.append((budget, p, d, bucket))  # deque.append is atomic: no lock on this path
-                if self.alpha is None:
-                    factor, online = c, True
-                else:
-                    g = self._threshold.get(key)
-                    if g is not None:
-                        if self._since_admit.get(key, 0) >= self.probe_after:
-                            # Starving: a controller that admits nothing learns nothing, and a
-                            # threshold learnt in a burst long gone would reject for ever. Once per
-                            # probe_after rejections, admit what the corrected median says fits.
-                            g, probe = 1.0, True
-                        factor, online = c * g, True
-            dec = self.estimator.admit(budget / factor, v, t, n, tier, k, blocks, None if online else self.alpha)
-        except Exception as exc:  # noqa: BLE001
-            dec = Decision(False, 0, NAN, f"estimator error: {type(exc).__name__}: {exc}")
-            factor, online = 1.0, False
-        if not (dec.admit or dec.predicted_ms == dec.predicted_ms) or "extrapolated" in dec.reason:
-            return self._tally(self._apply_policy(dec, n), unjudged=True)
-        if online:
-            reason = self._reasons.get(dec.reason)
-            if reason is None:  # a handful of distinct reasons: build each once
-                reason = self._reasons[dec.reason] = dec.reason + "; online drift correction and threshold"
-            if probe:
-                reason += "; probe after a run of rejections"
-            dec = Decision(dec.admit, dec.max_new_tokens, dec.predicted_ms * factor, reason)
-        with self._lock:
-            self._decisions += 1
-            if dec.admit:
-                self._admits += 1
-                self._since_admit[key] = 0
-                if probe:
-                    self._probes += 1
-            else:
-                self._rejects += 1
-                if key in self._configs:
-                    streak = self._since_admit[key] = self._since_admit.get(key, 0) + 1
-                    if streak >= self.reset_after:
-                        self._forget(key)
-        return dec
+        if n < 1:
+            return self._tally(Decision(False, 0, NAN, "invalid request: max_new_tokens must be >= 1"), invalid=True)
+        if blocks is not None and blocks > MAX_TOKENS:
+            return self._tally(Decision(False, 0, NAN, "invalid request: num_active_blocks too large"), invalid=True)
+        return self.decide(Request(v, t, n, tier, k, blocks, budget), True)
 
     def _forget(self, key: tuple[int, int, int]) -> None:
         """Starving: a controller that admits nothing learns nothing, and its drift estimate is as
@@ -410,10 +484,15 @@ class AdmissionController:
         self._threshold.pop(key, None)
         self._residuals.pop(key, None)
         self._budgets.pop(key, None)
+        self._gate.pop(key, None)
+        for alias in ((key[0], key[1], None), key) if key[2] == 0 else (key,):
+            self._fast.pop(alias, None)
         for bkey in [b for b in self._buckets if b[0] == key]:
             del self._buckets[bkey]
             self._published.pop(bkey, None)
-        self._since_admit[key] = 0
+        tally = self._tallies.get(key)
+        if tally is not None:
+            tally.reset_streak()
         self._resets += 1
 
     def _apply_policy(self, d: Decision, n: int) -> Decision:
@@ -526,10 +605,13 @@ class AdmissionController:
                 history = self._residuals.get(key)
                 if history is None:
                     history = self._residuals[key] = deque(maxlen=self.residual_window)
-                    self._budgets[key] = deque(maxlen=self.budget_window)
+                    if key not in self._budgets:
+                        self._budgets[key] = self._impl.Traffic(self.budget_window)
                 history.append((total, p, d, bkey[1], c_then))
                 if len(history) >= self.min_residuals:
                     self._threshold[key] = self._threshold_of(key, history, self.alpha)
+            if key in self._configs:
+                self._publish(key)
 
     def _threshold_of(self, key: tuple[int, int, int], history: deque[tuple[float, float, float, int, float]],
                       alpha: float) -> float:
@@ -560,8 +642,15 @@ class AdmissionController:
         # tuple() copies in one C call under the GIL, so decide's lock-free appends cannot interleave.
         # Budget ratios are taken against the current correction too: a ratio stored with the
         # correction of its time would be stale right after a step change, when it matters most.
-        traffic = tuple(self._budgets.get(key, ()))
-        budgets = sorted((b / ((p + d) * self._corrected(key, k, p, d)) for b, p, d, k in traffic), reverse=True)
+        ring = self._budgets.get(key)
+        traffic = ring.snapshot() if ring is not None else []
+        kernel = self._kernel
+        row = kernel.lookup(key[0], key[1], key[2] or -1)
+        budgets = []
+        for b, prompt, n, k in traffic:
+            p, d, raw = kernel.predict(row, float(prompt), float(n), 1.0)
+            budgets.append(b / (raw * self._corrected(key, k, p, d)))
+        budgets.sort(reverse=True)
         g = g_conformal
         if len(budgets) >= self.min_budgets:
             n = len(scores)
@@ -581,6 +670,7 @@ class AdmissionController:
     def counters(self) -> dict[str, Any]:
         """A consistent snapshot: decision and observation counts and the current corrections."""
         with self._lock:
+            tallies = list(self._tallies.values())
             corrections: dict[str, Any] = {}
             for key, m in sorted(self._config_medians.items()):
                 name = f"{key[0]},{key[1]},{key[2]}"
@@ -593,14 +683,14 @@ class AdmissionController:
                                                      "budgets": len(self._budgets[k])}
                           for k, g in sorted(self._threshold.items())}
             return {
-                "decisions": self._decisions,
-                "admits": self._admits,
-                "rejects": self._rejects,
+                "decisions": self._decisions + sum(t.decisions for t in tallies),
+                "admits": self._admits + sum(t.admits for t in tallies),
+                "rejects": self._rejects + sum(t.rejects for t in tallies),
                 "invalid": self._invalid,
                 "unjudged": self._unjudged,
                 "policy_admits": self._policy_admits,
                 "resets": self._resets,
-                "probes": self._probes,
+                "probes": self._probes + sum(t.probes for t in tallies),
                 "observations": self._observations,
                 "ignored_observations": self._ignored_observations,
                 "violations": self._violations,
@@ -625,7 +715,9 @@ class AdmissionController:
             self._published.clear()
             self._threshold.clear()
             self._budgets.clear()
-            self._since_admit.clear()
+            self._gate.clear()
+            self._fast.clear()
+            self._tallies.clear()
             self._resets = 0
             self._probes = 0
             for name in ("_decisions", "_admits", "_rejects", "_invalid", "_unjudged", "_policy_admits",

@@ -203,6 +203,22 @@ def prefill_eval(coeffs: np.ndarray | list[float], s: np.ndarray) -> np.ndarray:
     return np.maximum(a + s * (b + c * s), 0.0)
 
 
+def median_rel_se(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Relative standard error of each key's median, from its own spread: 1.2533 * sigma / sqrt(n) / median,
+    sigma = 1.4826 * MAD (nan below 3 repetitions). It is the floor that measurement noise alone puts
+    under the leave-one-position-out error: a held-out position is compared with its own noisy median."""
+    uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    out = np.full(uniq.shape[0], np.nan)
+    for i in range(uniq.shape[0]):
+        if counts[i] < 3:
+            continue
+        v = values[inverse == i]
+        med = float(np.median(v))
+        sigma = 1.4826 * float(np.median(np.abs(v - med)))
+        out[i] = 1.2533 * sigma / math.sqrt(counts[i]) / med
+    return out
+
+
 def _medians(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
     med = np.array([float(np.median(values[inverse == i])) for i in range(uniq.shape[0])])
@@ -246,6 +262,8 @@ def fit_config(
     all_ratios = np.concatenate(ratios)
     rq = {q: float(np.quantile(all_ratios, q)) for q in QUANTILES}
     loo = np.abs(dfit.loo_rel[np.isfinite(dfit.loo_rel)])
+    se = median_rel_se(samples.past_len[dec], samples.latency_ms[dec])
+    se = se[np.isfinite(se)]
     fit_error: dict[str, Any] = {
         "loo_median_rel": float(np.median(loo)) if loo.size else None,
         "loo_max_rel": float(np.max(loo)) if loo.size else None,
@@ -254,6 +272,9 @@ def fit_config(
         "n_decode_samples": int(dec.sum()),
         "n_prefill_samples": int(pre.sum()),
         "prefill_max_rel": prefill_err,
+        # Measurement-noise floor of the LOPO figures (relative standard error of the per-position medians).
+        "position_se_median_rel": float(np.median(se)) if se.size else None,
+        "position_se_max_rel": float(np.max(se)) if se.size else None,
     }
     cfg = ConfigCalibration(
         tier_idx=tier,

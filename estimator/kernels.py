@@ -39,6 +39,9 @@ def _select() -> ModuleType:
 impl: ModuleType = _select()
 Kernel = impl.Kernel
 Decision = impl.Decision
+Tally = impl.Tally
+Gate = impl.Gate
+Traffic = impl.Traffic
 IMPLEMENTATION: str = impl.IMPLEMENTATION
 reason_text = _reference.reason_text
 REASONS = _reference.REASONS

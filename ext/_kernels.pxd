@@ -37,6 +37,8 @@ cdef enum:
     CODE_BAD = 64
     CODE_EMPTY_PROMPT = 72
     CODE_UNKNOWN_CONFIG = 73
+    CODE_BAD_SCALE = 74
+    EXTRAPOLATED_BIT = 4
 
 cdef struct Tables:
     const double* cfg        # [n_cfg, NCOL]

@@ -10,7 +10,9 @@ reference's converters, so both implementations accept and reject exactly the sa
 cimport cython
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
-from libc.math cimport INFINITY, NAN, floor, isnan, sqrt
+from cpython.tuple cimport PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from libc.math cimport INFINITY, NAN, floor, isfinite, isnan, sqrt
+from libc.stdlib cimport free, malloc
 
 from ext._kernels cimport *  # shared types: Tables + column / code enums (ext/_kernels.pxd)
 
@@ -24,11 +26,13 @@ cdef long long TOKEN_MAX = _ref.TOKEN_MAX
 cdef tuple _REASONS = _ref.REASONS
 cdef object _as_int = _ref.as_int
 cdef object _as_real = _ref.as_real
+cdef dict _CODE_OF_REASON = {text: code for code, text in enumerate(_REASONS)}
 
 # The table layout is defined once (in the reference); refuse to run against another one.
-if (NCOL, CODE_BAD, CODE_EMPTY_PROMPT, CODE_UNKNOWN_CONFIG, PIECE_OFF, RQ_CNT, LOOP_FIRST, LOOP_PRE) != (
+if (NCOL, CODE_BAD, CODE_EMPTY_PROMPT, CODE_UNKNOWN_CONFIG, PIECE_OFF, RQ_CNT, LOOP_FIRST, LOOP_PRE,
+        CODE_BAD_SCALE, EXTRAPOLATED_BIT) != (
         _ref.NCOL, _ref.CODE_BAD, _ref.CODE_EMPTY_PROMPT, _ref.CODE_UNKNOWN_CONFIG, _ref.PIECE_OFF, _ref.RQ_CNT,
-        _ref.LOOP_FIRST, _ref.LOOP_PRE):
+        _ref.LOOP_FIRST, _ref.LOOP_PRE, _ref.CODE_BAD_SCALE, _ref.EXTRAPOLATED_BIT):
     raise ImportError("trt_latency.ext._kernels is stale (table layout differs from the reference); rebuild it")
 
 
@@ -120,24 +124,25 @@ cdef inline double _cumsum_hint(const Tables* t, Py_ssize_t c, double m, Py_ssiz
 
 
 cdef inline double _total_at(const Tables* t, Py_ssize_t c, double prompt, double n, double factor,
-                             double pre, double cp, Py_ssize_t hint) noexcept nogil:
-    """c_total with prefill(prompt) = pre and cumsum(prompt) = cp precomputed (same arithmetic)."""
+                             double pre, double cp, Py_ssize_t hint, double ds) noexcept nogil:
+    """c_total with prefill(prompt) = pre (times the prefill scale) and cumsum(prompt) = cp
+    precomputed, the decode part times ds (same arithmetic; ds = 1.0 is exact)."""
     if n <= 1.0:
         return (pre + 0.0) * factor
-    return (pre + ((_cumsum_hint(t, c, prompt + n - 1.0, hint) - cp) + t.cfg[c * NCOL + LOOP_FIRST])) * factor
+    return (pre + ds * ((_cumsum_hint(t, c, prompt + n - 1.0, hint) - cp) + t.cfg[c * NCOL + LOOP_FIRST])) * factor
 
 
 cdef long long _fixup(const Tables* t, Py_ssize_t c, double prompt, double budget, double factor,
-                      long long n, double pre, double cp, Py_ssize_t hint) noexcept nogil:
+                      long long n, double pre, double cp, Py_ssize_t hint, double ds) noexcept nogil:
     cdef long long lo, hi, step, probe, mid
-    if _total_at(t, c, prompt, <double>n, factor, pre, cp, hint) <= budget:
+    if _total_at(t, c, prompt, <double>n, factor, pre, cp, hint, ds) <= budget:
         lo = n
         step = 1
         while True:
             if lo >= TOKEN_MAX:
                 return TOKEN_MAX
             probe = lo + step if lo + step <= TOKEN_MAX else TOKEN_MAX
-            if _total_at(t, c, prompt, <double>probe, factor, pre, cp, hint) <= budget:
+            if _total_at(t, c, prompt, <double>probe, factor, pre, cp, hint, ds) <= budget:
                 lo = probe
                 step = step * 2
             else:
@@ -148,14 +153,14 @@ cdef long long _fixup(const Tables* t, Py_ssize_t c, double prompt, double budge
         step = 1
         while True:
             probe = hi - step if hi - step >= 1 else 1
-            if probe == 1 or _total_at(t, c, prompt, <double>probe, factor, pre, cp, hint) <= budget:
+            if probe == 1 or _total_at(t, c, prompt, <double>probe, factor, pre, cp, hint, ds) <= budget:
                 lo = probe
                 break
             hi = probe
             step = step * 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if _total_at(t, c, prompt, <double>mid, factor, pre, cp, hint) <= budget:
+        if _total_at(t, c, prompt, <double>mid, factor, pre, cp, hint, ds) <= budget:
             lo = mid
         else:
             hi = mid
@@ -163,11 +168,11 @@ cdef long long _fixup(const Tables* t, Py_ssize_t c, double prompt, double budge
 
 
 cdef long long c_nfit(const Tables* t, Py_ssize_t c, double prompt, double budget, double factor) noexcept nogil:
-    return _nfit_at(t, c, prompt, budget, factor, c_prefill(t, c, prompt), c_cumsum(t, c, prompt))
+    return _nfit_at(t, c, prompt, budget, factor, c_prefill(t, c, prompt), c_cumsum(t, c, prompt), 1.0)
 
 
 cdef long long _nfit_at(const Tables* t, Py_ssize_t c, double prompt, double budget, double factor,
-                        double pre, double cp) noexcept nogil:
+                        double pre, double cp, double ds) noexcept nogil:
     cdef const double* row
     cdef const double* first
     cdef const double* p
@@ -180,7 +185,7 @@ cdef long long _nfit_at(const Tables* t, Py_ssize_t c, double prompt, double bud
     off = <Py_ssize_t>row[PIECE_OFF]
     cnt = <Py_ssize_t>row[PIECE_CNT]
     first = t.pieces + off * PCOL
-    target = cp + ((budget / factor - pre) - row[LOOP_FIRST])  # an estimate: _fixup makes it exact
+    target = cp + ((budget / factor - pre) / ds - row[LOOP_FIRST])  # an estimate: _fixup makes it exact
     i = _bisect(first + P_CUM, cnt, target)
     if i < 0:
         i = 0
@@ -210,7 +215,7 @@ cdef long long _nfit_at(const Tables* t, Py_ssize_t c, double prompt, double bud
         n = TOKEN_MAX
     else:
         n = <long long>n_est
-    return _fixup(t, c, prompt, budget, factor, n, pre, cp, i)
+    return _fixup(t, c, prompt, budget, factor, n, pre, cp, i, ds)
 
 
 cdef double c_quantile_factor(const Tables* t, Py_ssize_t c, double q, int* src) noexcept nogil:
@@ -252,23 +257,24 @@ cdef int c_decide(const Tables* t, Py_ssize_t c, double prompt, double budget, l
     cdef double factor = 1.0
     if alpha > 0.0:
         factor = c_alpha_factor(t, c, alpha, &fsrc)
-    return _decide_f(t, c, prompt, budget, req, factor, fsrc, n_out, pred_out)
+    return _decide_f(t, c, prompt, budget, req, factor, fsrc, n_out, pred_out, 1.0, 1.0)
 
 
 cdef inline int _decide_f(const Tables* t, Py_ssize_t c, double prompt, double budget, long long req,
-                          double factor, int fsrc, long long* n_out, double* pred_out) noexcept nogil:
+                          double factor, int fsrc, long long* n_out, double* pred_out,
+                          double ps, double ds) noexcept nogil:
     cdef int status
     cdef double pred, pre, cp
     cdef long long need, n
     need = req if req > 0 else 1
-    pre = c_prefill(t, c, prompt)
+    pre = c_prefill(t, c, prompt) * ps
     cp = c_cumsum(t, c, prompt)
-    pred = _total_at(t, c, prompt, <double>need, factor, pre, cp, -1)
+    pred = _total_at(t, c, prompt, <double>need, factor, pre, cp, -1, ds)
     if req > 0 and pred <= budget:
         n = req
         status = 0
     else:
-        n = _nfit_at(t, c, prompt, budget, factor, pre, cp)
+        n = _nfit_at(t, c, prompt, budget, factor, pre, cp, ds)
         status = 0 if n >= need else (1 if n >= 1 else 2)
     n_out[0] = n
     pred_out[0] = pred
@@ -323,6 +329,7 @@ cdef class Decision:
     cdef readonly long long max_new_tokens
     cdef readonly double predicted_ms
     cdef readonly object reason
+    cdef readonly int code  # the decision code (REASONS); -1 for a Decision not made by a kernel
 
     _fields = ("admit", "max_new_tokens", "predicted_ms", "reason")
 
@@ -331,6 +338,17 @@ cdef class Decision:
         self.max_new_tokens = max_new_tokens
         self.predicted_ms = predicted_ms
         self.reason = reason
+        self.code = _CODE_OF_REASON.get(reason, -1)
+
+    @property
+    def judged(self):
+        """True when the model judged the request (fields valid, config known), extrapolated or not."""
+        return 0 <= self.code < CODE_BAD
+
+    @property
+    def extrapolated(self):
+        """True when the request leaves the measured range (the model extrapolates)."""
+        return 0 <= self.code < CODE_BAD and (self.code & EXTRAPOLATED_BIT) != 0
 
     def _astuple(self):
         return (self.admit, self.max_new_tokens, self.predicted_ms, self.reason)
@@ -369,7 +387,33 @@ cdef inline Decision _decision(int code, long long n, double pred):
     d.max_new_tokens = n
     d.predicted_ms = pred
     d.reason = _REASONS[code]
+    d.code = code
     return d
+
+
+cdef class Tally:
+    """Per-config decision counts of a serving loop, updated by Kernel.admit_tallied in the same
+    call as the decision: plain C increments while the GIL is held, atomic for Python threads, so
+    a controller needs no lock of its own on its hot path. streak = rejections since the last admit."""
+
+    cdef readonly long long decisions, admits, rejects, probes, streak
+
+    cdef inline void _count(self, bint admitted, bint probe) noexcept:
+        self.decisions += 1
+        if admitted:
+            self.admits += 1
+            self.streak = 0
+            if probe:
+                self.probes += 1
+        else:
+            self.rejects += 1
+            self.streak += 1
+
+    def count(self, admitted, probe):
+        self._count(admitted, probe)
+
+    def reset_streak(self):
+        self.streak = 0
 
 
 cdef class Kernel:
@@ -455,6 +499,18 @@ cdef class Kernel:
     def extrapolated(self, Py_ssize_t c, double prompt, double n):
         return c_extrapolated(&self.t, self._row(c), prompt, n)
 
+    def nfit_scaled(self, Py_ssize_t c, double prompt, double budget, double prefill_scale, double decode_scale,
+                    double factor):
+        self._row(c)
+        return _nfit_at(&self.t, c, prompt, budget, factor, c_prefill(&self.t, c, prompt) * prefill_scale,
+                        c_cumsum(&self.t, c, prompt), decode_scale)
+
+    def total_scaled(self, Py_ssize_t c, double prompt, double n, double prefill_scale, double decode_scale,
+                     double factor):
+        self._row(c)
+        return _total_at(&self.t, c, prompt, n, factor, c_prefill(&self.t, c, prompt) * prefill_scale,
+                         c_cumsum(&self.t, c, prompt), -1, decode_scale)
+
     def decide(self, Py_ssize_t c, double prompt, double budget, long long req, double alpha):
         cdef long long n = 0
         cdef double pred = NAN
@@ -500,6 +556,69 @@ cdef class Kernel:
         cdef int code = self._admit_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
                                          num_active_blocks, alpha, &n, &pred)
         return _decision(code, n, pred)
+
+    cdef int _scaled_code(self, object budget_ms, object vision_tokens, object text_tokens,
+                          object max_new_tokens, object tier_idx, object top_k, object num_active_blocks,
+                          object prefill_scale, object decode_scale, object factor,
+                          long long* n, double* pred) except -1:
+        cdef double budget = 0.0, ps = 0.0, ds = 0.0, f = 0.0
+        cdef long long vt = 0, tt = 0, req = -1, ti = 0, tk = 0, bl = -1, c
+        if not _to_real(budget_ms, &budget) or not (0.0 <= budget < INFINITY):
+            return CODE_BAD + 0
+        if not _to_ll(vision_tokens, &vt) or not (0 <= vt <= TOKEN_MAX):
+            return CODE_BAD + 1
+        if not _to_ll(text_tokens, &tt) or not (0 <= tt <= TOKEN_MAX):
+            return CODE_BAD + 2
+        if max_new_tokens is not None:
+            if not _to_ll(max_new_tokens, &req) or not (1 <= req <= TOKEN_MAX):
+                return CODE_BAD + 3
+        if not _to_ll(tier_idx, &ti) or not (0 <= ti <= TOKEN_MAX):
+            return CODE_BAD + 4
+        if not _to_ll(top_k, &tk) or not (0 <= tk <= TOKEN_MAX):
+            return CODE_BAD + 5
+        if num_active_blocks is not None:
+            if not _to_ll(num_active_blocks, &bl) or not (0 <= bl <= TOKEN_MAX):
+                return CODE_BAD + 6
+        if (not _to_real(prefill_scale, &ps) or not (0.0 < ps < INFINITY)
+                or not _to_real(decode_scale, &ds) or not (0.0 < ds < INFINITY)
+                or not _to_real(factor, &f) or not (0.0 < f < INFINITY)):
+            return CODE_BAD_SCALE
+        if vt + tt == 0:
+            return CODE_EMPTY_PROMPT
+        c = c_lookup(&self.t, ti, tk, bl)
+        if c < 0:
+            return CODE_UNKNOWN_CONFIG
+        return _decide_f(&self.t, c, <double>(vt + tt), budget, req, f, F_NONE, n, pred, ps, ds)
+
+    def admit_scaled(self, budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
+                     num_active_blocks, prefill_scale, decode_scale, factor):
+        """admit() on total_scaled(n) = (prefill_scale * prefill + decode_scale * decode_sum(n)) * factor;
+        never raises; Decision.code / .extrapolated / .judged say how it was judged."""
+        cdef long long n = 0
+        cdef double pred = NAN
+        cdef int code = self._scaled_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
+                                          num_active_blocks, prefill_scale, decode_scale, factor, &n, &pred)
+        return _decision(code, n, pred)
+
+    def admit_tallied(self, Tally tally not None, bint probe, budget_ms, vision_tokens, text_tokens, max_new_tokens,
+                      tier_idx, top_k, num_active_blocks, prefill_scale, decode_scale, factor):
+        """admit_scaled, counted into ``tally`` when judged inside the measured range (a decision
+        that is neither refused nor extrapolated; those are the caller's to count)."""
+        cdef long long n = 0
+        cdef double pred = NAN
+        cdef int code = self._scaled_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
+                                          num_active_blocks, prefill_scale, decode_scale, factor, &n, &pred)
+        if code < CODE_BAD and (code & EXTRAPOLATED_BIT) == 0:
+            tally._count(code < 16, probe)
+        return _decision(code, n, pred)
+
+    def admit_scaled_code(self, budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
+                          num_active_blocks, prefill_scale, decode_scale, factor):
+        cdef long long n = 0
+        cdef double pred = NAN
+        cdef int code = self._scaled_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
+                                          num_active_blocks, prefill_scale, decode_scale, factor, &n, &pred)
+        return code, n, pred
 
     def admit_code(self, budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
                    num_active_blocks, alpha):
@@ -575,7 +694,7 @@ cdef class Kernel:
                     else:
                         n = 0
                         p = NAN
-                        cd = _decide_f(&self.t, c, <double>(vt + tt), b, req, factor[c], fsrc[c], &n, &p)
+                        cd = _decide_f(&self.t, c, <double>(vt + tt), b, req, factor[c], fsrc[c], &n, &p, 1.0, 1.0)
                         code[i] = cd
                         nout[i] = n
                         pred[i] = p
@@ -633,3 +752,161 @@ cdef class Kernel:
                             | (2 if self.t.cfg[c * NCOL + FACTORISED] != 0.0 else 0)
                             | (4 if fsrc == F_CLIPPED else 0))
         return pre_arr, dec_arr, tot_arr, flags_arr
+
+
+# ------------------------------------------------------------------------------ serving-loop gate
+
+cdef enum:
+    MAX_EDGES = 64  # length-bucket edges a Gate holds
+
+
+cdef class Traffic:
+    """A bounded ring of recent decisions (budget_ms, prompt, max_new_tokens, bucket) of one config;
+    push is C under the GIL (atomic for Python threads), snapshot copies it in one call."""
+
+    cdef double* budget
+    cdef long long* prompt
+    cdef long long* n
+    cdef long long* bucket
+    cdef Py_ssize_t capacity, head, size
+
+    def __cinit__(self, Py_ssize_t capacity):
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.capacity = capacity
+        self.head = 0
+        self.size = 0
+        self.budget = <double*>malloc(capacity * sizeof(double))
+        self.prompt = <long long*>malloc(capacity * sizeof(long long))
+        self.n = <long long*>malloc(capacity * sizeof(long long))
+        self.bucket = <long long*>malloc(capacity * sizeof(long long))
+        if not (self.budget and self.prompt and self.n and self.bucket):
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.budget)
+        free(self.prompt)
+        free(self.n)
+        free(self.bucket)
+
+    cdef inline void _push(self, double budget, long long prompt, long long n, long long bucket) noexcept:
+        cdef Py_ssize_t i = self.head
+        self.budget[i] = budget
+        self.prompt[i] = prompt
+        self.n[i] = n
+        self.bucket[i] = bucket
+        self.head = i + 1 if i + 1 < self.capacity else 0
+        if self.size < self.capacity:
+            self.size += 1
+
+    def push(self, double budget, long long prompt, long long n, long long bucket):
+        self._push(budget, prompt, n, bucket)
+
+    def snapshot(self):
+        """[(budget_ms, prompt, max_new_tokens, bucket)], oldest first."""
+        cdef Py_ssize_t j, i
+        out = []
+        for j in range(self.size):
+            i = (self.head - self.size + j) % self.capacity
+            if i < 0:
+                i += self.capacity
+            out.append((self.budget[i], self.prompt[i], self.n[i], self.bucket[i]))
+        return out
+
+    def __len__(self):
+        return self.size
+
+
+cdef class Gate:
+    """One config's published admission state, decided in one compiled call.
+
+    decide(request) takes the controller's Request tuple (vision, text, max_new, tier, top_k,
+    blocks, budget) and, when every field is a plain int / float within range and the request is
+    judged inside the measured range, returns the Decision of the scaled model
+    (prefill_scale[bucket] * prefill + decode_scale[bucket] * decode_sum) * factor, pushing the
+    request onto the traffic ring and counting it into the tally. Anything else returns None: the
+    caller's checked path handles it (and counts it). The gate is immutable: a new state is a new Gate."""
+
+    cdef Kernel kernel
+    cdef Py_ssize_t row
+    cdef long long edges[MAX_EDGES]
+    cdef double ps[MAX_EDGES + 1]
+    cdef double ds[MAX_EDGES + 1]
+    cdef Py_ssize_t n_edges
+    cdef double factor
+    cdef bint online
+    cdef long long probe_after, max_tokens
+    cdef readonly Tally tally
+    cdef readonly Traffic traffic
+
+    def __init__(self, Kernel kernel not None, Py_ssize_t row, edges, scales, double factor, bint online,
+                 long long probe_after, long long max_tokens, Tally tally not None, Traffic traffic not None):
+        cdef Py_ssize_t i
+        edges = tuple(edges)
+        scales = tuple(scales)
+        if len(edges) > MAX_EDGES or len(scales) != len(edges) + 1:
+            raise ValueError(f"need <= {MAX_EDGES} edges and len(edges) + 1 scales")
+        if not 0 <= row < kernel.t.n_cfg:
+            raise IndexError(f"config row {row} out of range")
+        if not (isfinite(factor) and factor > 0.0):
+            raise ValueError("factor must be finite > 0")
+        self.kernel = kernel
+        self.row = row
+        self.n_edges = len(edges)
+        for i in range(self.n_edges):
+            self.edges[i] = edges[i]
+        for i in range(self.n_edges + 1):
+            self.ps[i] = scales[i][0]
+            self.ds[i] = scales[i][1]
+            if not (isfinite(self.ps[i]) and self.ps[i] > 0.0 and isfinite(self.ds[i]) and self.ds[i] > 0.0):
+                raise ValueError("scales must be finite > 0")
+        self.factor = factor
+        self.online = online
+        self.probe_after = probe_after
+        self.max_tokens = max_tokens
+        self.tally = tally
+        self.traffic = traffic
+
+    def decide(self, request):
+        cdef long long f[6]
+        cdef int overflow = 0, code
+        cdef Py_ssize_t i, bucket
+        cdef object o
+        cdef double budget, factor, pred = NAN
+        cdef long long prompt, nout = 0
+        cdef bint probe = False
+        if not PyTuple_Check(request) or PyTuple_GET_SIZE(request) != 7:
+            return None
+        for i in range(6):
+            o = <object>PyTuple_GET_ITEM(request, i)
+            if i == 5 and o is None:
+                f[5] = 0
+                continue
+            if not PyLong_CheckExact(o):
+                return None
+            f[i] = PyLong_AsLongLongAndOverflow(o, &overflow)
+            if overflow or not (0 <= f[i] <= self.max_tokens):
+                return None
+        o = <object>PyTuple_GET_ITEM(request, 6)
+        if not PyFloat_CheckExact(o):
+            return None
+        budget = PyFloat_AS_DOUBLE(o)
+        if not (budget > 0.0 and budget < INFINITY) or f[2] < 1:
+            return None
+        prompt = f[0] + f[1]
+        if prompt == 0:
+            return None
+        bucket = 0
+        for i in range(self.n_edges):
+            bucket += self.edges[i] <= prompt + f[2]
+        factor = self.factor
+        if self.online and self.tally.streak >= self.probe_after:
+            factor = 1.0  # starving: probe with the corrected median (see AdmissionController)
+            probe = True
+        code = _decide_f(&self.kernel.t, self.row, <double>prompt, budget, f[2], factor, F_NONE, &nout, &pred,
+                         self.ps[bucket], self.ds[bucket])
+        if code & EXTRAPOLATED_BIT:
+            return None
+        self.traffic._push(budget, prompt, f[2], bucket)
+        self.tally._count(code < 16, probe)
+        return _decision(code, nout, pred)

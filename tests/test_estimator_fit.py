@@ -71,6 +71,20 @@ def test_straight_line_keeps_two_knots() -> None:
     assert cal.configs[0].fit_error["loo_max_rel"] < 0.02
 
 
+def test_position_noise_floor_matches_the_injected_noise() -> None:
+    """fit_error states the standard error of the per-position medians: the floor under the LOPO error."""
+    for noise in (0.004, 0.04):
+        cal = fit_samples(samples_from_rows(synthetic_rows(noise=noise, outliers=0.0, reps=25, seed=3)))
+        fe = cal.configs[0].fit_error
+        expected = 1.2533 * noise / 5.0  # SE of a median of 25 normal draws
+        assert 0.7 * expected < fe["position_se_median_rel"] < 1.3 * expected, fe
+        assert fe["position_se_max_rel"] >= fe["position_se_median_rel"]
+        # the LOPO error of a correct model is of the order of that floor, not far below or above it
+        assert 0.3 * expected < fe["loo_median_rel"] < 3.0 * expected, fe
+    few = fit_samples(samples_from_rows(synthetic_rows(noise=0.01, outliers=0.0, reps=2)))
+    assert few.configs[0].fit_error["position_se_median_rel"] is None  # < 3 repetitions: no spread estimate
+
+
 def test_factorised_model_predicts_held_out_config() -> None:
     def linear_truth(L, blocks, top_k):  # type: ignore[no-untyped-def]
         return 0.2 + blocks * (0.1 + 0.02 * top_k + 1e-4 * L)

@@ -250,3 +250,102 @@ def test_serving_loop_terms_are_exactly_the_documented_sum(cal: Calibration, dat
             past = data.draw(st.integers(0, 9000))
             assert est.decode_step_ms(past, serving=True, **kw) == pytest.approx(
                 est.decode_step_ms(past, serving=False, **kw) + loop.decode_step_ms, rel=1e-12, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------ scaled admission (serving loop)
+
+scales = st.tuples(st.floats(0.25, 8.0), st.floats(0.25, 8.0), st.floats(0.5, 3.0))
+
+
+@SETTINGS
+@given(calibrations(), st.lists(st.tuples(requests, scales), min_size=1, max_size=25))
+def test_admit_scaled_cython_equals_reference(cal: Calibration, reqs: list[tuple[dict, tuple]]) -> None:
+    kc, kr = kernels(cal)
+    for r, (ps, ds, f) in reqs:
+        args = (r["budget"], r["vision"], r["text"], r["req"], r["tier"], r["top_k"], r["blocks"], ps, ds, f)
+        dc, dr = kc.admit_scaled(*args), kr.admit_scaled(*args)
+        assert (dc.admit, dc.max_new_tokens, dc.reason, dc.code) == (dr.admit, dr.max_new_tokens, dr.reason,
+                                                                     dr.code), args
+        assert (dc.extrapolated, dc.judged) == (dr.extrapolated, dr.judged)
+        assert close(dc.predicted_ms, dr.predicted_ms), args
+        assert kc.admit_scaled_code(*args)[0] == dc.code
+
+
+@SETTINGS
+@given(calibrations(), st.data())
+def test_admit_scaled_is_exact_and_flags_extrapolation(cal: Calibration, data: st.DataObject) -> None:
+    """Both implementations: on the scaled model, total_s(n) <= budget < total_s(n+1) when fewer than
+    requested fit; the extrapolated flag is the kernel's range check; scales of 1 = plain admit."""
+    tables, keys, _ = build_tables(cal)
+    for kernel in kernels(cal):
+        for _ in range(8):
+            c = data.draw(st.integers(0, tables["cfg"].shape[0] - 1))
+            key = keys[c]
+            v, t = data.draw(st.integers(0, 3000)), data.draw(st.integers(1, 3000))
+            req = data.draw(st.integers(1, 5000))
+            ps, ds, f = data.draw(scales)
+            prompt = float(v + t)
+            budget = data.draw(st.one_of(st.floats(0.0, 1e5),
+                                         st.just(kernel.total_scaled(c, prompt, float(data.draw(st.integers(1, 3000))),
+                                                                     ps, ds, f))))
+            d = kernel.admit_scaled(budget, v, t, req, *key, ps, ds, f)
+            assert d.judged and d.code < 64
+            assert d.predicted_ms == kernel.total_scaled(c, prompt, float(req), ps, ds, f)
+            assert d.admit == (d.predicted_ms <= budget)
+            n = d.max_new_tokens
+            if not d.admit:
+                assert n == kernel.nfit_scaled(c, prompt, budget, ps, ds, f)
+                assert n == 0 or kernel.total_scaled(c, prompt, float(n), ps, ds, f) <= budget
+                assert kernel.total_scaled(c, prompt, float(n + 1), ps, ds, f) > budget
+            assert d.extrapolated == bool(kernel.extrapolated(c, prompt, float(max(n, req))))
+            plain = kernel.admit(budget, v, t, req, *key, None)
+            assert tuple(kernel.admit_scaled(budget, v, t, req, *key, 1.0, 1.0, 1.0)) == tuple(plain)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.nan, math.inf, None, "1", True])
+def test_admit_scaled_refuses_bad_scales(bad: Any) -> None:
+    cal = Calibration(1, {}, [ConfigCalibration(
+        tier_idx=0, top_k=1, num_active_blocks=2, decode_knots=[0.0, 100.0], decode_values_ms=[1.0, 2.0],
+        prefill_coeffs=[1.0, 0.01, 0.0], residual_quantiles={}, valid_past_len=[0.0, 100.0],
+        valid_prefill_len=[1.0, 100.0])])  # fmt: skip
+    for kernel in kernels(cal):
+        for pos in range(3):
+            s: list[Any] = [1.0, 1.0, 1.0]
+            s[pos] = bad
+            d = kernel.admit_scaled(100.0, 0, 10, 4, 0, 1, 2, *s)
+            assert not d.admit and d.code == _reference.CODE_BAD_SCALE and not d.judged and "scale" in d.reason
+
+
+@SETTINGS
+@given(calibrations(), st.data())
+def test_gate_cython_equals_reference(cal: Calibration, data: st.DataObject) -> None:
+    """The serving-loop Gate: same decisions (or the same None), same counts, same traffic ring."""
+    tables, keys, _ = build_tables(cal)
+    kc, kr = kernels(cal)
+    c = data.draw(st.integers(0, tables["cfg"].shape[0] - 1))
+    key = keys[c]
+    edges = sorted(data.draw(st.sets(st.integers(1, 8000), max_size=6)))
+    bucket_scales = [data.draw(scales)[:2] for _ in range(len(edges) + 1)]
+    factor = data.draw(st.floats(0.5, 3.0))
+    online = data.draw(st.booleans())
+    probe_after = data.draw(st.integers(1, 5))
+    gates = []
+    for mod, kernel in ((cy, kc), (_reference, kr)):
+        gates.append(mod.Gate(kernel, c, edges, bucket_scales, factor, online, probe_after, 1 << 24, mod.Tally(),
+                              mod.Traffic(8)))
+    fields = st.one_of(st.integers(0, 3000), st.just(-1), st.just(True), st.just(1.5), st.just(1 << 25))
+    for _ in range(20):
+        r = (data.draw(fields), data.draw(fields), data.draw(st.one_of(st.integers(0, 400), fields)), key[0], key[1],
+             data.draw(st.sampled_from([None, key[2]])),
+             data.draw(st.one_of(st.floats(0.0, 5e3), st.just(math.nan), st.just(-1.0), st.integers(1, 10))))
+        dc, dr = (g.decide(r) for g in gates)
+        assert (dc is None) == (dr is None), r
+        if dc is not None:
+            assert (dc.admit, dc.max_new_tokens, dc.code) == (dr.admit, dr.max_new_tokens, dr.code), r
+            assert close(dc.predicted_ms, dr.predicted_ms)
+            assert not dc.extrapolated and dc.judged
+    tc, tr = gates[0].tally, gates[1].tally
+    assert (tc.decisions, tc.admits, tc.rejects, tc.probes, tc.streak) == (tr.decisions, tr.admits, tr.rejects,
+                                                                           tr.probes, tr.streak)
+    assert gates[0].traffic.snapshot() == gates[1].traffic.snapshot()
+    assert len(gates[0].traffic) == min(8, tc.decisions)

@@ -101,10 +101,10 @@ def test_correction_is_clamped(estimator: Estimator) -> None:
     r = req()
     for _ in range(8):
         ctl.observe(r, *true_total(estimator, r, slow=10.0))
-    assert ctl.correction(r) == 1.25
+    assert ctl.correction(r) == pytest.approx(1.25)
     for _ in range(8):
         ctl.observe(r, *true_total(estimator, r, slow=0.1))
-    assert ctl.correction(r) == 0.8
+    assert ctl.correction(r) == pytest.approx(0.8)
 
 
 def _simulate(est: Estimator, ctl: AdmissionController, n: int, step_at: int, step: float,
@@ -214,7 +214,8 @@ def test_dict_and_request_agree(estimator: Estimator) -> None:
     assert a.predicted_ms == pytest.approx(b.predicted_ms)
 
 
-def test_eight_threads_give_the_same_counters_as_one(estimator: Estimator) -> None:
+@pytest.mark.parametrize("alpha", [None, 0.05])
+def test_eight_threads_give_the_same_counters_as_one(estimator: Estimator, alpha: float | None) -> None:
     # Budgets far from the threshold (beyond any clamped correction), and one ratio per bucket,
     # so the counts and the final corrections do not depend on the interleaving.
     stream = []
@@ -230,9 +231,9 @@ def test_eight_threads_give_the_same_counters_as_one(estimator: Estimator) -> No
             if ctl.decide(r).admit:
                 ctl.observe(r, ttft, total)
 
-    one = AdmissionController(estimator, alpha=None, window=16, min_observations=4)
+    one = AdmissionController(estimator, alpha=alpha, window=16, min_observations=4)
     work(one, stream)
-    many = AdmissionController(estimator, alpha=None, window=16, min_observations=4)
+    many = AdmissionController(estimator, alpha=alpha, window=16, min_observations=4)
     threads = [threading.Thread(target=work, args=(many, stream[k::8])) for k in range(8)]
     for t in threads:
         t.start()
@@ -287,3 +288,31 @@ def test_probe_breaks_a_starvation(estimator: Estimator) -> None:
     decisions = [probing.decide(budget).admit for _ in range(22)]
     assert decisions == ([False] * 10 + [True]) * 2
     assert probing.counters()["probes"] == 2 and plain.counters()["probes"] == 0
+
+
+def test_compiled_gate_decides_as_the_reference_controller() -> None:
+    """The same stream through a controller over the compiled kernels and one over the pure-Python
+    reference: identical decisions, counters and thresholds (the fast gate is only a faster path)."""
+    import numpy as np
+
+    from trt_latency.estimator import _reference
+
+    cal = make_calibration({"alphas": [0.05, 0.5], "factors": [1.1, 1.0], "n": 100})
+    fast, slow = Estimator(cal), Estimator(cal, implementation=_reference)
+    ctls = [AdmissionController(e, alpha=0.05, min_budgets=10, probe_after=20) for e in (fast, slow)]
+    rng = np.random.default_rng(3)
+    for i in range(600):
+        r = Request(int(rng.choice([0, 64, 256])), int(rng.integers(8, 257)), int(rng.integers(2, 49)), 0, 1,
+                    int(rng.choice([4, 0])) or None, float(rng.uniform(5.0, 200.0)))
+        ttft, total = true_total(fast, r, slow=float(rng.lognormal(0.0, 0.1)) * (1.4 if i >= 300 else 1.0))
+        decisions = [c.decide(r) for c in ctls]
+        assert tuple(decisions[0]) == pytest.approx(tuple(decisions[1]), rel=1e-9), (i, r)
+        if decisions[0].admit:
+            for c in ctls:
+                c.observe(r, ttft, total)
+    a, b = (c.counters() for c in ctls)
+    assert a["thresholds"].keys() == b["thresholds"].keys() and a["thresholds"]
+    for name in ("decisions", "admits", "rejects", "probes", "observations", "violations"):
+        assert a[name] == b[name], name
+    assert a["admits"] > 0 and a["rejects"] > 0
+    assert ctls[0]._fast and ctls[1]._fast  # both went through their gates

@@ -61,7 +61,7 @@ def _is_garbage(fields: dict[str, Any], estimator: bool = False) -> bool:
         else:
             ok = isinstance(v, int | np.integer) and not isinstance(v, bool) and 0 <= int(v) <= top
             if name == "max_new_tokens":
-                ok = ok and int(v) >= 1
+                ok = ok and int(v) >= 1  # type: ignore[arg-type]
         if not ok:
             return True
     return False

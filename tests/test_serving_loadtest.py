@@ -12,6 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("onnxruntime")
@@ -151,3 +152,32 @@ def test_replay_sigkill_midway_then_rerun_gives_exactly_the_planned_rows(tmp_pat
     assert res.rows_skipped >= partial - 1  # a row cut mid-write by the kill is rerun
     reqs = read_requests(log)
     assert sorted(reqs.request_id.tolist()) == list(range(400))
+
+
+def test_slo_classes_and_budget_modes(calibrated: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from trt_latency.engines import loadgen
+    from trt_latency.estimator.calibration import load_calibration
+    from trt_latency.estimator.model import Estimator
+
+    cal = load_calibration(calibrated / "calibration.yaml")
+    est = Estimator(cal)
+    cfg = cal.configs[0]
+    spec = loadgen.stream_spec(cfg, loadgen.plan_of(cal))  # the plan the calibration names (the fixture's)
+    key = (cfg.tier_idx, cfg.top_k, cfg.num_active_blocks)
+    classes = loadgen.slo_classes(est, key, spec, (0.2, 0.5, 0.8))
+    assert len(classes) == 3 and classes[0] < classes[1] < classes[2]
+    # Over the mix, each class is met by some predicted totals and missed by others.
+    rows = np.asarray(loadgen.draw_lengths(spec, 500, np.random.default_rng(0)))
+    total = est.predict_batch(rows[:, 0], rows[:, 1], rows[:, 2], *key)[2] * spec.budget_center
+    for budget, q in zip(classes, (0.2, 0.5, 0.8), strict=True):
+        assert abs(float(np.mean(total <= budget)) - q) < 0.1
+
+    capsys.readouterr()
+    assert main(["loadtest", "-c", str(calibrated / "calibration.yaml"), "--requests", "12", "--budgets", "relative",
+                 "--slowdown-at", "6", "--slowdown-factor", "1.5", "--report-window", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["budget"]["mode"] == "relative"
+    assert report["slowdown"]["decode_factor"] == 1.5
+    assert report["requests"] == 12 and report["before_slowdown"]["requests"] == 6
+    assert report["before_slowdown"]["median_actual_over_predicted"] > 0
+    assert main(["loadtest", "-c", str(calibrated / "calibration.yaml"), "--slowdown-factor", "0.5"]) == 2

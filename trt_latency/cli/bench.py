@@ -3,7 +3,9 @@
 Each figure is the median of several rounds of timeit loops. The "bare" line is a plain Python
 function with admit's signature, called with the same arguments: the floor any Python-callable
 admission check pays. Targets (issue 3): Cython <= 500 ns and <= 10x bare; reference/Cython >= 10x;
-batch >= 10 M decisions/s on one core.
+batch >= 10 M decisions/s on one core. The serving-loop line times AdmissionController.decide(request)
+(issue 5: <= 1 us) on a controller whose online correction and threshold are live (fed a few
+hundred synthetic observations first), next to a bare Python method taking the same Request.
 """
 
 from __future__ import annotations
@@ -97,7 +99,40 @@ def run_bench(path: str, rounds: int = 7, number: int = 200_000, batch: int = 1_
     t = timeit.default_timer()
     ref.admit_batch(alpha=0.05, **small)
     out["reference_batch_decisions_per_s"] = len(small["budget_ms"]) / (timeit.default_timer() - t)
+    out.update(_bench_decide(est, kwargs, number, rounds))
     return out
+
+
+class _BareController:
+    def decide(self, request: Any) -> None:
+        """Same call shape as AdmissionController.decide, does nothing."""
+        return None
+
+
+def _bench_decide(est: Any, kw: dict[str, Any], number: int, rounds: int) -> dict[str, Any]:
+    """ns per AdmissionController.decide with the correction and threshold live, vs a bare method."""
+    from trt_latency.estimator.admission import AdmissionController, Request
+
+    ctl = AdmissionController(est, alpha=0.05)
+    rng = np.random.default_rng(1)
+    for _ in range(400):  # synthetic traffic: true = predicted * lognormal noise, budgets around it
+        v, t, n = int(rng.choice([0, 64, 256])), int(rng.integers(8, 257)), int(rng.integers(2, 65))
+        p = est.predict(v, t, n, kw["ti"], kw["k"], kw["b"])
+        noise = float(np.exp(0.08 * rng.standard_normal()))
+        r = Request(v, t, n, kw["ti"], kw["k"], kw["b"], p.total_ms * float(rng.uniform(0.5, 2.0)))
+        if ctl.decide(r).admit:
+            ctl.observe(r, p.prefill_ms * noise, p.total_ms * noise)
+    request = Request(kw["v"], kw["t"], kw["n"], kw["ti"], kw["k"], kw["b"], float(kw["budget"]))
+    online = bool(ctl.counters()["thresholds"])
+
+    def per_call(obj: Any) -> float:
+        timer = timeit.Timer("f(r)", globals={"f": obj.decide, "r": request})
+        return statistics.median(timer.repeat(repeat=rounds, number=number)) / number * 1e9
+
+    decide_ns = per_call(ctl)
+    bare_ns = per_call(_BareController())
+    return {"decide_ns": decide_ns, "decide_bare_python_ns": bare_ns, "decide_over_bare": decide_ns / bare_ns,
+            "decide_threshold_online": online, "decide_reason": str(ctl.decide(request).reason)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,4 +159,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"  batch (admit_batch)    {res['batch_decisions_per_s'] / 1e6:8.1f} M decisions/s wall clock, "
           f"{res['batch_decisions_per_cpu_s'] / 1e6:.1f} M per CPU-second, one thread "
           f"(reference {res['reference_batch_decisions_per_s'] / 1e3:.1f} k/s; target >= 10 M/s)")  # fmt: skip
+    print(f"AdmissionController.decide(Request(...)) with the online correction and threshold "
+          f"{'live' if res['decide_threshold_online'] else 'NOT live'}:")
+    print(f"  decide      {ns(res['decide_ns'])} per call   (target <= 1 us; Estimator.admit above: "
+          f"{ns(res['cython_ns']).strip()})")
+    print(f"  bare python {ns(res['decide_bare_python_ns'])} per call (a method taking the same Request)")
+    print(f"  decide / bare python   {x(res['decide_over_bare'])}")
     return 0

@@ -12,16 +12,27 @@ from typing import Any
 
 EPILOG = """\
 example:
-  trt-latency calibrate --quick --out cal
-  trt-latency loadtest -c cal/calibration.yaml --requests 600 --alpha 0.05 --calibrate-requests 300 --json
-  trt-latency loadtest -c cal/calibration.yaml --requests 1000 --slowdown-at 500 --slowdown-ms-per-step 0.5
+  trt-latency calibrate --quick --requests 120 --out cal
+  trt-latency loadtest -c cal/calibration.yaml --alpha 0.05 --json
+  trt-latency loadtest -c cal/calibration.yaml --alpha 0.05 --slowdown-at 300 --slowdown-factor 1.4 --json
+  trt-latency loadtest -c cal/calibration.yaml --budgets relative --json   # the old stress mode
 
 Every request is executed for real (rejected ones in shadow mode), so the oracle decision
-(true total <= budget) is known; the controller only observes the requests it admitted.
-Budgets are predicted total * m * U(0.6, 1.6), m the conformal median of actual/predicted (so about
-half of them fit; --raw-budgets: m = 1), unless --budget-ms fixes them.
+(true total <= budget, on that same execution) is known; the controller only observes the requests
+it admitted. violation_rate = violations / admitted; admitted_vs_oracle = admitted / oracle-admitted.
+
+Budgets (--budgets): serving SLOs are per-class budgets, not per-request multiples of a prediction.
+  classes (default): SLO classes at the 20/40/60/80% quantiles of the predicted totals of the
+    request mix, times m, the conformal median of actual/predicted; each request gets a class at
+    random. Lengths vary widely (prompt from the plan's replay spec, output tokens log-uniform), so
+    some requests fit their class by far, some miss it by far, a few are near the boundary.
+  relative: budget = the request's own predicted total * m * U(0.6, 1.6) (--raw-budgets: m = 1):
+    every request near its own boundary, where measurement noise makes any alpha-bounded
+    controller reject much of what an oracle admits. A stress test, not a serving workload.
+  --budget-ms B fixes one budget for all.
 Conformal factors come from --calibrate-requests N live requests, else from the calibration,
-else from requests.csv next to it.
+else from requests.csv next to it. alpha 0.05 needs >= 19 held-out requests: calibrate with
+--requests 120 (60 held out) or pass --calibrate-requests.
 """
 
 
@@ -43,7 +54,12 @@ def register(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the runner's)")
     p.add_argument("--requests", type=int, default=600, metavar="N", help="requests in the stream (default 600)")
     p.add_argument("--budget-ms", type=float, default=None, metavar="B",
-                   help="fixed budget for every request (default: predicted * U(0.6, 1.6))")
+                   help="fixed budget for every request (overrides --budgets)")
+    p.add_argument("--budgets", choices=("classes", "relative"), default="classes",
+                   help="budget model: SLO classes from quantiles of the predicted totals of the mix "
+                        "(default), or the old per-request predicted * U(0.6, 1.6) stress mode")
+    p.add_argument("--slo-quantiles", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8], metavar="Q",
+                   help="quantiles of the mix's predicted totals that set the SLO classes (default 0.2 0.4 0.6 0.8)")
     p.add_argument("--raw-budgets", action="store_true",
                    help="budgets around the raw prediction, not the conformal median of actual/predicted")
     p.add_argument("--alpha", type=float, default=0.05, metavar="A", help="violation level (default 0.05)")
@@ -55,6 +71,8 @@ def register(sub: Any) -> None:
                    help="inject a per-decode-step stall from request K on")
     p.add_argument("--slowdown-ms-per-step", type=float, default=0.0, metavar="X",
                    help="stall per decode step after --slowdown-at (ms)")
+    p.add_argument("--slowdown-factor", type=float, default=1.0, metavar="F",
+                   help="after --slowdown-at every decode step takes F times as long (e.g. 1.4 = +40%%)")
     p.add_argument("--calibrate-requests", type=int, default=0, metavar="N",
                    help="first run N live requests and fit the conformal factors on them")
     p.add_argument("--write-conformal", action="store_true",
@@ -86,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
         return _usage("--slowdown-at must be >= 0")
     if args.slowdown_ms_per_step < 0 or not math.isfinite(args.slowdown_ms_per_step):
         return _usage("--slowdown-ms-per-step must be >= 0")
+    if not (math.isfinite(args.slowdown_factor) and args.slowdown_factor >= 1.0):
+        return _usage("--slowdown-factor must be >= 1")
+    if not all(0.0 < q < 1.0 for q in args.slo_quantiles):
+        return _usage("--slo-quantiles must be in (0, 1)")
     if args.calibrate_requests < 0:
         return _usage("--calibrate-requests must be >= 0")
     report = loadtest(args)
@@ -145,9 +167,15 @@ def loadtest(args: argparse.Namespace) -> dict[str, Any]:
             if args.write_conformal:
                 save_calibration(cal, cal_path)
                 conformal_info["written_to"] = str(cal_path)
+        if log is None and not args.no_warm_start and (cal_path.parent / "requests.csv").is_file():
+            from trt_latency.estimator.requests import read_requests
+
+            # The replay `calibrate` ran on this machine: real requests to seed the online windows.
+            log = read_requests(cal_path.parent / "requests.csv")
+            conformal_info["warm_start_source"] = str(cal_path.parent / "requests.csv")
         stored = cal.config(*key).conformal
         conformal_info["stored"] = stored
-        if args.budget_ms is None and not args.raw_budgets and stored:
+        if args.budget_ms is None and not (args.raw_budgets and args.budgets == "relative") and stored:
             # Budgets around what requests really take (the conformal median of actual/predicted),
             # not around a prediction that may be biased: then about half of them fit.
             center = dict(zip(stored["alphas"], stored["factors"], strict=True)).get(0.5)
@@ -162,8 +190,13 @@ def loadtest(args: argparse.Namespace) -> dict[str, Any]:
             # The conformal requests were really executed on this engine: start the online windows
             # from them rather than from nothing.
             conformal_info["warm_start_rows"] = controller.warm_start(log)
+        spec = dataclasses.replace(spec, budget_mode=args.budgets)
+        if args.budget_ms is None and args.budgets == "classes":
+            spec = dataclasses.replace(spec, budget_classes=loadgen.slo_classes(estimator, key, spec,
+                                                                                args.slo_quantiles))
         result = loadgen.run_stream(runner, controller, estimator, key, spec, args.requests, seed=args.seed,
-                                    slowdown_at=args.slowdown_at, slowdown_ms_per_step=args.slowdown_ms_per_step)
+                                    slowdown_at=args.slowdown_at, slowdown_ms_per_step=args.slowdown_ms_per_step,
+                                    slowdown_factor=args.slowdown_factor)
     finally:
         runner.close()
     report: dict[str, Any] = {
@@ -173,10 +206,10 @@ def loadtest(args: argparse.Namespace) -> dict[str, Any]:
         "config": list(key),
         "alpha": args.alpha,
         "policy": args.policy,
-        "budget": f"fixed {args.budget_ms} ms" if args.budget_ms is not None
-        else f"predicted total * {spec.budget_center:.4g} (conformal median) * U(0.6, 1.6)",
+        "budget": _budget_report(args, spec),
         "slowdown": None if args.slowdown_at is None else {"at_request": args.slowdown_at,
-                                                            "ms_per_decode_step": args.slowdown_ms_per_step},
+                                                            "ms_per_decode_step": args.slowdown_ms_per_step,
+                                                            "decode_factor": args.slowdown_factor},
         "target_violation_rate": loadgen.TARGET_VIOLATION_RATE,
     }
     report.update(loadgen.summarize(result, args.slowdown_at, window=args.report_window))
@@ -191,6 +224,20 @@ def loadtest(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def _budget_report(args: argparse.Namespace, spec: Any) -> dict[str, Any]:
+    if args.budget_ms is not None:
+        return {"mode": "fixed", "budget_ms": args.budget_ms}
+    if args.budgets == "classes":
+        return {"mode": "slo-classes", "classes_ms": list(spec.budget_classes),
+                "quantiles": list(args.slo_quantiles), "center": spec.budget_center,
+                "how": "serving SLOs are per-class budgets: class budgets = quantiles of the predicted totals "
+                       "of the request mix * center (conformal median of actual/predicted); each request "
+                       "gets a class at random"}
+    return {"mode": "relative", "center": spec.budget_center, "spread": list(spec.budget_spread),
+            "how": "budget = the request's predicted total * center * U(0.6, 1.6): every request near its "
+                   "own boundary (a stress test, not a serving workload)"}
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -201,14 +248,15 @@ def _fmt(value: Any) -> str:
 
 def _print_report(report: dict[str, Any]) -> None:
     print(f"served {report['requests']} requests of config {tuple(report['config'])} on {report['backend']} "
-          f"(alpha {report['alpha']}, budgets {report['budget']})")
+          f"(alpha {report['alpha']}, budgets {report['budget']['mode']})")
     for name in ("admitted", "oracle_admitted", "violations", "violation_rate", "admitted_vs_oracle",
                  "controller_ns_per_decision", "estimator_admit_ns", "bare_python_call_ns", "decisions_per_s",
                  "serving_requests_per_s"):
         print(f"  {name:28s} {_fmt(report.get(name))}")
     if report.get("slowdown"):
         s = report["slowdown"]
-        print(f"slowdown of {s['ms_per_decode_step']} ms per decode step from request {s['at_request']}:")
+        print(f"slowdown of {s['ms_per_decode_step']} ms per decode step, decode x{s['decode_factor']}, "
+              f"from request {s['at_request']}:")
         for part in ("before_slowdown", "after_slowdown"):
             r = report[part]
             print(f"  {part:16s} violation_rate {_fmt(r['violation_rate'])}  admitted_vs_oracle "
