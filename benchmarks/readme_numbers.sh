@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Regenerates every number the README quotes, on this machine, into runs/readme/ (about 10 minutes on 2 cores).
+#   bash benchmarks/readme_numbers.sh
+# Each step's full output is kept in runs/readme/*.txt / *.json; the README quotes them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=runs/readme
+mkdir -p "$out"
+step() { echo "== $*" >&2; }
+
+step "full calibrate on the embedded default (ort-cpu)"
+rm -rf "$out/default"
+{ time trt-latency calibrate --out "$out/default" --no-progress ; } > "$out/calibrate.txt" 2>&1
+
+step "quick calibrate (the smoke run; also the loadtest's calibration)"
+rm -rf "$out/quick"
+{ time trt-latency calibrate --quick --out "$out/quick" --no-progress ; } > "$out/calibrate-quick.txt" 2>&1
+
+step "analyze the default run's replay"
+trt-latency analyze "$out/default/requests.csv" -c "$out/default/calibration.yaml" --plot "$out/default/analyze.png" \
+  > "$out/analyze.txt"
+
+step "admission cost: Cython vs reference vs a bare Python call"
+trt-latency bench -c "$out/default/calibration.yaml" > "$out/bench.txt"
+
+step "harness overhead: sweep step vs a bare run_with_iobinding loop"
+python benchmarks/bench_harness.py --rounds 300 > "$out/harness.txt"
+
+step "serving loop: steady stream, then a +50% decode slowdown from request 300 (1000 requests each)"
+trt-latency loadtest -c "$out/quick/calibration.yaml" --requests 1000 --alpha 0.05 --json > "$out/loadtest.json"
+trt-latency loadtest -c "$out/quick/calibration.yaml" --requests 1000 --alpha 0.05 --slowdown-at 300 --slowdown-factor 1.5 \
+  --json > "$out/loadtest-slowdown.json"
+step "done: $out"
