@@ -305,9 +305,9 @@ def load_plan(path: str | os.PathLike[str] | None = None, quick: bool = False) -
         raw = yaml.safe_load(read(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else None
-        raise ConfigError(f"malformed YAML ({getattr(exc, 'problem', None) or exc})", path=spath,
-                          field=where) from None
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"malformed YAML{where} ({getattr(exc, 'problem', None) or exc})", path=spath,
+                          expected="a YAML mapping (see configs/default.yaml)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read ({exc})", path=spath) from None
     top = ctx.mapping(raw, "<top level>")

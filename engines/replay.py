@@ -5,6 +5,9 @@ a resumed run replays exactly the same requests), random input embeddings, then
 ``runner.generate``: one prefill, then output_tokens - 1 decode steps that feed each step's present KV
 back as the next past. One request-log row per request (estimator.requests format), flushed and
 fsync'ed as it finishes; a rerun skips request_ids already in the file.
+
+Several configs share one requests.csv: each replays under its own request_id range (``id_offset``,
+e.g. config index * REPLAY_ID_STRIDE), drawing the same request mix by its index within the range.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import csv
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,10 @@ import numpy as np
 from trt_latency.engines.base import Runner
 from trt_latency.engines.config import ConfigKey, ReplaySpec, TierSpec
 from trt_latency.errors import RequestLogError
+
+# request_id offset between configs sharing one log: even, so every request keeps its even/odd
+# (fit/holdout) side, and far above any plan's replay size.
+REPLAY_ID_STRIDE = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -61,41 +68,67 @@ def draw_requests(spec: ReplaySpec, n: int, tier: TierSpec | None = None) -> lis
 
 def done_request_ids(path: Path) -> set[int]:
     """request_ids already in the log (a partial trailing line from a killed run is cut first)."""
+    return set(done_requests(path))
+
+
+def done_requests(path: Path) -> dict[int, tuple[int, int, int] | None]:
+    """request_id -> config key (tier_idx, top_k, num_active_blocks) of the rows already in the log
+    (None where the log has no config columns); a partial trailing line from a killed run is cut first."""
     from trt_latency.engines.sweep import repair_trailing_line
 
     if not path.is_file() or path.stat().st_size == 0:
-        return set()
+        return {}
     repair_trailing_line(path)
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.reader(fh)
         header = [h.strip() for h in next(reader, [])]
         if not header:
-            return set()
+            return {}
         if "request_id" not in header:
             raise RequestLogError("cannot resume a log without request ids", path=str(path), field="request_id",
                                   expected="a request_id column", got=",".join(header))
         col = header.index("request_id")
-        ids: set[int] = set()
+        key_cols = [header.index(c) if c in header else -1 for c in ("tier_idx", "top_k", "num_active_blocks")]
+        done: dict[int, tuple[int, int, int] | None] = {}
         for n, rec in enumerate(reader, start=1):
             if not rec:
                 continue
             try:
-                ids.add(int(rec[col]))
+                rid = int(rec[col])
             except (ValueError, IndexError):
                 raise RequestLogError(path=str(path), row=n, field="request_id", expected="an integer",
                                       got=rec[col] if col < len(rec) else None) from None
-    return ids
+            try:
+                t, k, b = (int(rec[c]) for c in key_cols)
+                done[rid] = (t, k, b)
+            except (ValueError, IndexError):  # no config columns: the reader of the log reports bad values
+                done[rid] = None
+    return done
 
 
 def run_replay(runner: Runner, key: ConfigKey, tier: TierSpec, spec: ReplaySpec,
-               requests_path: str | os.PathLike[str], n: int | None = None, progress: bool = True) -> ReplayResult:
-    """Replay ``n`` (default spec.requests) requests; append one row per request to ``requests_path``."""
+               requests_path: str | os.PathLike[str], n: int | None = None, progress: bool = True,
+               id_offset: int = 0) -> ReplayResult:
+    """Replay ``n`` (default spec.requests) requests; append one row per request to ``requests_path``.
+
+    Request i of this config is written as request_id ``id_offset + i``. A request_id already in the
+    log is skipped when its row is this config's; a row of another config there means the log was
+    written by a different plan (RequestLogError: appending would make the ids ambiguous)."""
     from trt_latency.estimator.requests import append_requests
 
     path = Path(requests_path)
     count = spec.requests if n is None else n
-    requests = draw_requests(spec, count, tier)
-    done = done_request_ids(path)
+    if id_offset < 0 or id_offset % 2:
+        raise ValueError(f"id_offset must be even and >= 0 (it keeps each request's fit/holdout side), got {id_offset}")
+    requests = [replace(r, request_id=id_offset + r.request_id) for r in draw_requests(spec, count, tier)]
+    done = done_requests(path)
+    mine = tuple(key)
+    for r in requests:
+        other = done.get(r.request_id, mine)
+        if other is not None and other != mine:
+            raise RequestLogError("request_id already used by another config", path=str(path),
+                                  field="request_id", expected=f"request {r.request_id} of config {mine} or none",
+                                  got=f"a row of config {other} (a log from a different plan: use a new output)")
     todo = [r for r in requests if r.request_id not in done]
     dtype = np.float16 if tier.dtype == "float16" else np.float32
     bar: Any = None

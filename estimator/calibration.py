@@ -18,7 +18,7 @@ Schema version 1 (one mapping)::
         fit_error: {loo_median_rel, loo_max_rel, n_positions, knots_chosen_by}
         kv_bytes_per_token: null | int
         serving_loop:                                # optional (absent = zeros; not written when unset)
-          {decode_step_ms: o, first_step_ms: c, prefill_ms: o_p, n_requests: int, source: replay|none}
+          {decode_step_ms: o, first_step_ms: c, prefill_ms: o_p, n_requests: int, source: replay|none|borrowed:t<i>.k<k>.b<b>}
     factorised:                                       # per tier: t0 + blocks*(u + w*top_k + v*L)
       - {tier_idx, t0, u, w, v, valid_past_len, heldout_median_rel, heldout_max_rel, n_configs}
 
@@ -38,6 +38,7 @@ import dataclasses
 import datetime
 import math
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,13 @@ MAX_CONFIG_INT = 4095
 
 
 SERVING_LOOP_SOURCES = ("replay", "none")
+# Terms copied from another config's replay (a config with no replay of its own): "borrowed:t0.k1.b4".
+BORROWED_SOURCE = re.compile(r"borrowed:t\d+\.k\d+\.b\d+")
+
+
+def borrowed_source(key: tuple[int, int, int]) -> str:
+    """The serving-loop `source` of terms borrowed from config `key`."""
+    return f"borrowed:t{int(key[0])}.k{int(key[1])}.b{int(key[2])}"
 
 
 @dataclass(frozen=True)
@@ -493,8 +501,9 @@ class _Validator:
         m = self.mapping(data, name, ["decode_step_ms", "first_step_ms", "prefill_ms"])
         ms = "a finite number of ms in [0, 1e9]"
         source = m.get("source", "replay")
-        if source not in SERVING_LOOP_SOURCES:
-            raise self.fail(f"{name}.source", " or ".join(SERVING_LOOP_SOURCES), source)
+        if source not in SERVING_LOOP_SOURCES and not (isinstance(source, str) and BORROWED_SOURCE.fullmatch(source)):
+            raise self.fail(f"{name}.source", " or ".join(SERVING_LOOP_SOURCES) + " or borrowed:t<i>.k<k>.b<b>",
+                            source)
         return ServingLoop(
             decode_step_ms=self.number(m["decode_step_ms"], f"{name}.decode_step_ms", lo=0.0, hi=1e9, what=ms),
             first_step_ms=self.number(m["first_step_ms"], f"{name}.first_step_ms", lo=0.0, hi=1e9, what=ms),

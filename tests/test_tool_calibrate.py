@@ -72,14 +72,27 @@ def test_calibrate_quick_end_to_end(tmp_path: Path, plan: Path, capsys: pytest.C
     assert len(read_requests(out / "requests.csv")) == 4
 
 
+def _rows_by_id(path: Path) -> dict[int, tuple[int, ...]]:
+    from trt_latency.estimator.requests import read_requests
+
+    log = read_requests(path)
+    ids = [int(i) for i in log.request_id]
+    assert len(ids) == len(set(ids)), "request ids must be unique across configs"
+    return {int(r): (int(v), int(t), int(o), int(a), int(k), int(b)) for r, v, t, o, a, k, b in zip(
+        log.request_id, log.vision_tokens, log.text_tokens, log.output_tokens, log.tier_idx, log.top_k,
+        log.num_active_blocks, strict=True)}
+
+
 @pytest.mark.slow
 def test_calibrate_all_configs_and_analyze(tmp_path: Path, plan: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from trt_latency.engines.replay import REPLAY_ID_STRIDE
     from trt_latency.estimator.calibration import load_calibration
     from trt_latency.estimator.model import Estimator
 
     out = tmp_path / "full"
-    assert main(["calibrate", str(plan), "--out", str(out), "--backend", "ort-cpu", "--no-progress"]) == 0
-    capsys.readouterr()
+    cmd = ["calibrate", str(plan), "--out", str(out), "--backend", "ort-cpu", "--no-progress", "--requests", "8"]
+    assert main(cmd) == 0
+    text = capsys.readouterr().out
     assert (out / "model.onnx").is_file() and (out / "model.t0.k1.b1.onnx").is_file()
     cal = load_calibration(out / "calibration.yaml")
     assert {c.key for c in cal.configs} == {(0, 1, 2), (0, 1, 1)}
@@ -87,6 +100,20 @@ def test_calibrate_all_configs_and_analyze(tmp_path: Path, plan: Path, capsys: p
     assert prov["backend"] == "ort-cpu" and len(prov["engine_sha256"]) == 64 and prov["plan"]["quick"] is False
     assert "numpy" in prov["versions"]
     assert {c.key: c.kv_bytes_per_token for c in cal.configs} == {(0, 1, 2): 2 * 2 * 32 * 4, (0, 1, 1): 32 * 4 * 2}
+
+    # Every config replayed under its own request_id range, with its own loop terms and conformal factors.
+    rows = _rows_by_id(out / "requests.csv")
+    assert set(rows) == set(range(8)) | set(range(REPLAY_ID_STRIDE, REPLAY_ID_STRIDE + 8))
+    assert {r[3:] for i, r in rows.items() if i < REPLAY_ID_STRIDE} == {(0, 1, 2)}
+    assert {r[3:] for i, r in rows.items() if i >= REPLAY_ID_STRIDE} == {(0, 1, 1)}
+    for c in cal.configs:
+        assert c.serving_loop is not None and c.serving_loop.source == "replay", c.key
+        assert c.serving_loop.n_requests == 4  # its own even request_ids
+        assert c.conformal is not None and c.conformal["n"] == 4, c.key  # its own odd ones
+    for name in ("t0.k1.b2", "t0.k1.b1"):  # one summary line per config in each table
+        assert sum(line.strip().startswith(name) for line in text.splitlines()) == 3, name
+    assert "loop terms fitted for 2 config(s), conformal factors for 2 config(s)" in text
+
     est = Estimator.load(out / "calibration.yaml")
     for c in cal.configs:
         d = est.admit(1e6, vision_tokens=0, text_tokens=10, max_new_tokens=4, tier_idx=c.tier_idx, top_k=c.top_k,
@@ -97,6 +124,54 @@ def test_calibrate_all_configs_and_analyze(tmp_path: Path, plan: Path, capsys: p
     text = capsys.readouterr().out
     assert "output tokens" in text and "Check (a)" in text
     assert (out / "analyze.png").is_file()
+
+    # A run killed mid-replay of the second config: its last rows lost, a half-written row left.
+    # The rerun replays exactly the missing requests (same draws), nothing twice.
+    log_path = out / "requests.csv"
+    lines = log_path.read_text().splitlines(keepends=True)
+    log_path.write_text("".join(lines[:-3]) + lines[-3][: len(lines[-3]) // 2])
+    assert main(cmd) == 0
+    assert "3 replayed" in capsys.readouterr().out
+    again = _rows_by_id(log_path)
+    assert again == rows
+
+
+@pytest.mark.slow
+def test_calibrate_no_replay_borrows_primary_loop_terms(
+        tmp_path: Path, plan: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No request log: engine-only (no loop terms, no factors). Only the primary replayed (a --quick run
+    before): the other config borrows its loop terms, flagged, and gets no conformal factors."""
+    from trt_latency.estimator.calibration import load_calibration
+    from trt_latency.estimator.model import Estimator
+
+    out = tmp_path / "nr"
+    full_no_replay = ["calibrate", str(plan), "--out", str(out), "--backend", "ort-cpu", "--no-progress",
+                      "--no-replay"]
+    assert main(full_no_replay) == 0
+    assert "no replayed requests" in capsys.readouterr().out
+    cal = load_calibration(out / "calibration.yaml")
+    assert all(c.serving_loop is None and c.conformal is None for c in cal.configs)
+
+    assert main(["calibrate", str(plan), "--quick", "--out", str(out), "--backend", "ort-cpu", "--no-progress",
+                 "--requests", "8"]) == 0
+    capsys.readouterr()
+    assert main(full_no_replay) == 0
+    text = capsys.readouterr().out
+    cal = load_calibration(out / "calibration.yaml")
+    primary, other = cal.config(0, 1, 2), cal.config(0, 1, 1)
+    assert primary.serving_loop is not None and primary.serving_loop.source == "replay"
+    assert primary.conformal is not None and primary.conformal["n"] == 4
+    lp = other.serving_loop
+    assert lp is not None and lp.source == "borrowed:t0.k1.b2"
+    assert (lp.decode_step_ms, lp.first_step_ms, lp.prefill_ms) == (
+        primary.serving_loop.decode_step_ms, primary.serving_loop.first_step_ms, primary.serving_loop.prefill_ms)
+    assert other.conformal is None  # factors are never borrowed
+    assert "borrowed:t0.k1.b2" in text and "borrowed by 1" in text
+    est = Estimator(cal)  # the borrowed terms are what its serving prediction adds
+    served = est.predict(8, 16, 5, tier_idx=0, top_k=1, num_active_blocks=1)
+    engine = est.predict(8, 16, 5, tier_idx=0, top_k=1, num_active_blocks=1, serving=False)
+    assert served.total_ms == pytest.approx(
+        engine.total_ms + lp.prefill_ms + lp.first_step_ms + 4 * lp.decode_step_ms, rel=1e-9)
 
 
 @pytest.mark.slow
@@ -149,5 +224,5 @@ def test_calibrate_fits_serving_loop_on_one_half_and_conformal_on_the_other(
     served, engine = est.predict(8, 16, 5), est.predict(8, 16, 5, serving=False)
     assert served.total_ms == pytest.approx(
         engine.total_ms + loop.prefill_ms + loop.first_step_ms + 4 * loop.decode_step_ms, rel=1e-9)
-    assert "serving loop" in text and "o = " in text and "held-out total (6 requests)" in text
-    assert "conformal factors (0, 1, 2) from 6 held-out requests" in text
+    assert "serving loop" in text and "o ms/step" in text and "replay (6 requests)" in text
+    assert "t0.k1.b2  n =    6" in text

@@ -75,7 +75,13 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         from trt_latency.plots import plot_analysis
 
-        plot_analysis(report, args.plot)
+        try:
+            plot_analysis(report, args.plot)
+        except OSError as exc:
+            from trt_latency.errors import InputError
+
+            raise InputError(f"cannot write the plot ({exc.strerror or exc})", path=args.plot,
+                             expected="a writable PNG path in an existing folder") from None
         report.source["plot"] = os.fspath(args.plot)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

@@ -1,6 +1,11 @@
 """`trt-latency calibrate`: export -> sweep -> fit -> calibration.yaml, decode.png, replay -> requests.csv
 -> serving-loop terms (fitted on the even request_ids) -> conformal factors (from the odd ones).
 
+Every config is replayed with its own model and runner into the one requests.csv, config i under
+request_ids i * REPLAY_ID_STRIDE + (0 .. n-1); its loop terms and conformal factors come from its own
+rows. A config left without a replay (--no-replay, or too few requests) borrows the primary config's
+loop terms (source "borrowed:t<i>.k<k>.b<b>") and gets no conformal factors.
+
 Every step writes a file a user can keep; a rerun into the same --out continues where the last run
 stopped (existing models are reused when their metadata matches, the sweep and the replay skip rows
 already in samples.csv / requests.csv, the fit is redone from all rows).
@@ -307,16 +312,34 @@ def run(args: argparse.Namespace) -> int:
     plot_written = _plot(samples, cal, plot_path, runner_info)
 
     n_requests = plan.replay.requests if args.requests is None else args.requests
+    replaying = not args.no_replay and n_requests > 0
     replay_note = "skipped (--no-replay)" if args.no_replay else "skipped (0 requests)"
-    if not args.no_replay and n_requests > 0:
-        replay_note = _replay(targets[0], plan, backend, requests_path, n_requests, progress)
-        loop_lines, conformal_note = _serving_loop_and_conformal(cal_path, requests_path)
+    if replaying:
+        from trt_latency.engines.replay import REPLAY_ID_STRIDE
+
+        if n_requests > REPLAY_ID_STRIDE:
+            raise ConfigError(field="--requests", expected=f"at most {REPLAY_ID_STRIDE} requests per config",
+                              got=n_requests)
+        written = skipped = 0
+        seconds = 0.0
+        for i, t in enumerate(targets):
+            result = _replay(t, plan, backend, requests_path, n_requests, progress, id_offset=i * REPLAY_ID_STRIDE)
+            written += result.rows_written
+            skipped += result.rows_skipped
+            seconds += result.seconds
+        replay_note = (f"{written + skipped} requests, {n_requests} per config ({written} replayed in "
+                       f"{_fmt_time(seconds)}, {skipped} already there)")
+    loop_lines: list[str] = []
+    if requests_path.is_file() and requests_path.stat().st_size > 0:
+        # Also with --no-replay: the rows an earlier run left keep their loop terms and factors.
+        loop_lines, conformal_note = _serving_loop_and_conformal(cal_path, requests_path, [t.key for t in targets])
         replay_note += conformal_note
+    else:
+        loop_lines = _no_log_lines()
 
     say("")
     say("Decode step latency per KV position: measured (median, p90 over repetitions) vs the fitted model")
     say(position_table(samples, _load(cal_path)))
-    loop_lines = loop_lines if not args.no_replay and n_requests > 0 else []
     wall = time.perf_counter() - started
     say("Summary")
     say(f"  backend      {runner_info.get('backend', backend)} on {runner_info.get('device', '?')}")
@@ -325,11 +348,11 @@ def run(args: argparse.Namespace) -> int:
     say(f"  samples      {samples_path} ({len(samples)} timed repetitions)")
     say(f"  calibration  {cal_path}")
     say(f"  plot         {plot_path if plot_written else 'not written (matplotlib missing)'}")
-    say(f"  requests     {requests_path if not args.no_replay and n_requests > 0 else '-'}: {replay_note}")
+    say(f"  requests     {requests_path if replaying else '-'}: {replay_note}")
     for line in loop_lines:
         say(line)
     say(f"  wall time    {_fmt_time(wall)}")
-    if not args.no_replay and n_requests > 0:
+    if replaying:
         say(f"Next: trt-latency analyze {requests_path} -c {cal_path}")
     return 0
 
@@ -426,59 +449,142 @@ def _plot(samples: Any, cal: Any, path: Path, runner_info: dict[str, str]) -> bo
     return True
 
 
-def _replay(target: Target, plan: Any, backend: str, requests_path: Path, n: int, progress: bool) -> str:
+def _replay(target: Target, plan: Any, backend: str, requests_path: Path, n: int, progress: bool,
+            id_offset: int = 0) -> Any:
     from trt_latency.engines.replay import run_replay
 
     spec = replace(plan.replay, requests=n)
     with _open(target, plan, backend) as runner:
-        result = run_replay(runner, target.key, target.tier, spec, requests_path, n, progress=progress)
-    note = (f"{result.rows_written + result.rows_skipped} requests ({result.rows_written} replayed in "
-            f"{_fmt_time(result.seconds)}, {result.rows_skipped} already there)")
-    print(f"  replay: {note}", flush=True)
-    return note
+        result = run_replay(runner, target.key, target.tier, spec, requests_path, n, progress=progress,
+                            id_offset=id_offset)
+    print(f"  replay {_key_name(target.key)} (request_id {id_offset}..{id_offset + n - 1}): "
+          f"{result.rows_written} replayed in {_fmt_time(result.seconds)}, {result.rows_skipped} already there",
+          flush=True)
+    return result
 
 
-def _serving_loop_and_conformal(cal_path: Path, requests_path: Path) -> tuple[list[str], str]:
-    """Fit the serving-loop terms on the even request_ids, store them, then the conformal factors from
-    the odd ones only (scored against the serving prediction), so the factors' coverage guarantee is not
-    spent on data the loop terms were fitted to. Returns (summary lines, note for the requests line)."""
+def _key_name(key: Any) -> str:
+    t, k, b = (int(x) for x in key)
+    return f"t{t}.k{k}.b{b}"
+
+
+def borrow_primary_loop(loops: dict[Any, Any], primary: Any, keys: list[Any]) -> dict[Any, Any]:
+    """`loops` with every config of `keys` that has no replay-fitted terms given the primary's (when
+    the primary has them), flagged source "borrowed:<primary>". Conformal factors are never borrowed."""
+    from trt_latency.estimator.calibration import ServingLoop, borrowed_source
+
+    donor = loops.get(tuple(primary))
+    if donor is None or donor.source != "replay":
+        return dict(loops)
+    out = dict(loops)
+    for key in keys:
+        key = tuple(key)
+        if key != tuple(primary) and (key not in out or out[key].source != "replay"):
+            out[key] = ServingLoop(donor.decode_step_ms, donor.first_step_ms, donor.prefill_ms,
+                                   donor.n_requests, borrowed_source(tuple(primary)))
+    return out
+
+
+LOOP_HEADER = ("  serving loop: total(n) = prefill + o_p + [n>=2] c + sum (T_engine + o); terms fitted on the "
+               "even request_ids of each config, checked on the odd ones")
+
+
+def _in_plan_order(cal: Any, keys: list[Any]) -> list[Any]:
+    """The calibration's configs in the plan's order (primary first)."""
+    by_key = {c.key: c for c in cal.configs}
+    return [by_key[tuple(int(x) for x in k)] for k in keys if tuple(int(x) for x in k) in by_key]
+
+
+def _loop_rows(configs: list[Any], reports: dict[Any, Any]) -> list[str]:
+    """One line per config: its terms and where they come from."""
+    lines = [f"    {'config':<9} {'o ms/step':>9} {'c ms once':>9} {'o_p ms':>8}  source"]
+    for c in configs:
+        lp = c.serving_loop
+        if lp is None:
+            lines.append(f"    {_key_name(c.key):<9} {'-':>9} {'-':>9} {'-':>8}  none (no replay): engine-only")
+            continue
+        src = lp.source
+        r = reports.get(c.key)
+        if lp.source == "replay":
+            src = f"replay ({lp.n_requests} requests)"
+        elif lp.source == "none":
+            src = f"none (only {r.n_fit if r else 0} fit requests): zero"
+        else:
+            src = f"{lp.source} ({lp.n_requests} requests there)"
+        lines.append(f"    {_key_name(c.key):<9} {lp.decode_step_ms:>9.4f} {lp.first_step_ms:>9.4f} "
+                     f"{lp.prefill_ms:>8.4f}  {src}")
+    return lines
+
+
+def _no_log_lines() -> list[str]:
+    """No request log at all: nothing to fit or borrow; say so in one line."""
+    return ["  serving loop: no replayed requests: engine-only predictions, no conformal factors "
+            "(admit(alpha=...) uses the residual quantiles)"]
+
+
+def _serving_loop_and_conformal(cal_path: Path, requests_path: Path, keys: list[Any]) -> tuple[list[str], str]:
+    """Fit the serving-loop terms per config on its even request_ids, store them (configs without
+    enough rows borrow the primary's), then the conformal factors per config from its odd ones only
+    (scored against the serving prediction), so the factors' coverage guarantee is not spent on data
+    the loop terms were fitted to. Returns (summary lines, note for the requests line)."""
     from trt_latency.estimator.calibration import save_calibration, with_serving_loop
     from trt_latency.estimator.conformal import attach_conformal, fit_conformal
     from trt_latency.estimator.fit import fit_serving_loop, split_requests
     from trt_latency.estimator.model import Estimator
     from trt_latency.estimator.requests import read_requests
 
+    wanted = {tuple(int(x) for x in k) for k in keys}
     try:
         cal = _load(cal_path)
         log = read_requests(requests_path)
+        if len(log) == 0:
+            return _no_log_lines(), ""
+        # Rows of configs this plan does not list (an older run into the same folder) take no part.
+        mine = np.array([(int(a), int(b), int(c)) in wanted for a, b, c in
+                         zip(log.tier_idx, log.top_k, log.num_active_blocks, strict=True)], dtype=bool)
         fit_mask, holdout = split_requests(log.request_id)
-        reports = fit_serving_loop(log, Estimator(cal), fit_mask, holdout)
-        cal = with_serving_loop(cal, {k: r.loop for k, r in reports.items()})
+        reports = fit_serving_loop(log, Estimator(cal), fit_mask & mine, holdout & mine)
+        loops = borrow_primary_loop({k: r.loop for k, r in reports.items()}, keys[0], keys)
+        cal = with_serving_loop(cal, loops)
         save_calibration(cal, cal_path)
     except TrtLatencyError as exc:
         return [], f"; serving-loop terms and conformal factors not stored ({exc})"
-    lines = ["  serving loop (fit on even request_ids, checked on the odd ones; total(n) = prefill + o_p "
-             "+ [n>=2] c + sum (T_engine + o))"]
-    for key, r in sorted(reports.items()):
-        lp = r.loop
-        lines.append(f"    config {key}: o = {lp.decode_step_ms:.4f} ms/step, c = {lp.first_step_ms:.4f} ms once, "
-                     f"o_p = {lp.prefill_ms:.4f} ms ({lp.source}, {r.n_fit} requests)")
-        lines.append(f"    held-out total ({r.n_holdout} requests): median |rel err| engine-only "
-                     f"{r.holdout_median_rel_engine:.1%} -> with loop terms {r.holdout_median_rel_serving:.1%}; "
-                     f"median measured/predicted {r.holdout_median_ratio_engine:.3f} -> "
-                     f"{r.holdout_median_ratio_serving:.3f}; decode part {r.holdout_decode_median_rel_engine:.1%} -> "
-                     f"{r.holdout_decode_median_rel_serving:.1%}")
-    held = {name: np.asarray(getattr(log, name))[holdout] for name in
-            ("vision_tokens", "text_tokens", "output_tokens", "tier_idx", "top_k", "num_active_blocks", "total_ms")}
+    configs = _in_plan_order(cal, keys)
+    lines = [LOOP_HEADER, *_loop_rows(configs, reports)]
+    lines.append("  held-out total time, median |measured/predicted - 1|: engine-only -> with loop terms "
+                 "(decode part alone; median measured/predicted)")
+    for c in configs:
+        r = reports.get(c.key)
+        if r is None or r.n_holdout == 0:
+            lines.append(f"    {_key_name(c.key):<9} no held-out requests")
+            continue
+        lines.append(f"    {_key_name(c.key):<9} {r.n_holdout:>4} requests: {r.holdout_median_rel_engine:6.1%} -> "
+                     f"{r.holdout_median_rel_serving:6.1%}  (decode {r.holdout_decode_median_rel_engine:6.1%} -> "
+                     f"{r.holdout_decode_median_rel_serving:6.1%}; ratio {r.holdout_median_ratio_engine:.3f} -> "
+                     f"{r.holdout_median_ratio_serving:.3f})")
+    names = ("vision_tokens", "text_tokens", "output_tokens", "tier_idx", "top_k", "num_active_blocks", "total_ms")
+    held = {name: np.asarray(getattr(log, name))[holdout & mine] for name in names}
+    lines.append("  conformal factors (each config's odd request_ids, against its serving prediction)")
     try:
         fits = fit_conformal(Estimator(cal), held)
-        if not fits:
-            return lines, "; conformal factors not stored (no held-out request could be scored)"
-        cal = attach_conformal(cal, fits)
-        save_calibration(cal, cal_path)
+        if fits:
+            cal = attach_conformal(cal, fits)
+            save_calibration(cal, cal_path)
     except TrtLatencyError as exc:
         return lines, f"; conformal factors not stored ({exc})"
-    for key, f in sorted(fits.items()):
-        shown = ", ".join(f"alpha {a:g}: {v:.3f}" for a, v in zip(f.alphas, f.factors, strict=True))
-        lines.append(f"    conformal factors {key} from {f.n} held-out requests: {shown}")
-    return lines, f"; serving-loop terms + conformal factors stored for {len(fits)} config(s)"
+    for c in configs:
+        f = fits.get(c.key)
+        if f is None:
+            lines.append(f"    {_key_name(c.key):<9} none (no held-out requests of its own): admit(alpha=...) "
+                         "uses the residual quantiles")
+            continue
+        shown = ", ".join(f"{a:g}: {v:.3f}" if np.isfinite(v) else f"{a:g}: n/a"
+                          for a, v in zip(f.alphas, f.factors, strict=True))
+        lines.append(f"    {_key_name(c.key):<9} n = {f.n:>4}, alpha -> factor  {shown}")
+    n_loop = sum(1 for c in cal.configs if c.serving_loop is not None and c.serving_loop.source == "replay")
+    n_borrowed = sum(1 for c in cal.configs if c.serving_loop is not None
+                     and c.serving_loop.source.startswith("borrowed:"))
+    note = f"; loop terms fitted for {n_loop} config(s)"
+    if n_borrowed:
+        note += f", borrowed by {n_borrowed}"
+    return lines, note + f", conformal factors for {len(fits)} config(s)"

@@ -51,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
     if args.samples:
         parts.append(read_samples(args.samples))
     if args.trtexec_times:
+        for name in args.trtexec_times:  # before the file-name shape check, which would hide a typo
+            if not Path(name).is_file():
+                raise SamplesError("file not found", path=name, expected="a trtexec --exportTimes JSON file")
         parts.append(trtexec_samples(args.trtexec_times, args.trtexec_shape or None))
     elif args.trtexec_shape:
         raise SamplesError(field="--trtexec-shape", expected="--trtexec-times FILE... to go with it")

@@ -110,6 +110,14 @@ def run(args: argparse.Namespace) -> int:
         return _usage("--slo-quantiles must be in (0, 1)")
     if args.calibrate_requests < 0:
         return _usage("--calibrate-requests must be >= 0")
+    if args.window < 1:
+        return _usage("--window must be >= 1")
+    if not 1 <= args.min_observations <= args.window:
+        return _usage(f"--min-observations must be in 1 .. --window ({args.window})")
+    if args.report_window < 1:
+        return _usage("--report-window must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        return _usage("--threads must be >= 1")
     report = loadtest(args)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=False, default=_json_default))
@@ -137,6 +145,7 @@ def loadtest(args: argparse.Namespace) -> dict[str, Any]:
     plan = loadgen.plan_of(cal, args.plan)
     # The thread count the sweep measured with: same engine, same speed.
     threads = args.threads if args.threads is not None else plan.runtime.intra_op_threads
+    _check_model_is_calibrated(model_path, cal_path, cal)
     runner = loadgen.open_model(model_path, args.backend, threads)
     try:
         key = loadgen.served_key(model_path, cal)
@@ -222,6 +231,23 @@ def loadtest(args: argparse.Namespace) -> dict[str, Any]:
     report.update(loadgen.decide_benchmark(controller, requests))
     report["conformal"] = conformal_info
     return report
+
+
+def _check_model_is_calibrated(model_path: Path, cal_path: Path, cal: Any) -> None:
+    """A model exported for a config the calibration lacks would be judged with another config's model."""
+    from trt_latency.engines.export import model_metadata
+    from trt_latency.errors import CalibrationError
+
+    try:
+        meta = model_metadata(model_path)
+        key = (int(meta["tier_idx"]), int(meta["top_k"]), int(meta["num_active_blocks"]))
+    except Exception:  # noqa: BLE001 - a foreign model without our metadata: served as the primary config
+        return
+    calibrated = [(int(c.tier_idx), int(c.top_k), int(c.num_active_blocks)) for c in cal.configs]
+    if key not in calibrated:
+        raise CalibrationError(
+            f"no config for the model {model_path} (tier_idx, top_k, num_active_blocks) = {key}",
+            path=cal_path, field="configs", expected="one of " + ", ".join(map(str, calibrated)))
 
 
 def _budget_report(args: argparse.Namespace, spec: Any) -> dict[str, Any]:

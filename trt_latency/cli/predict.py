@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from trt_latency.errors import InputError
+
 EXAMPLE = """\
 examples:
   trt-latency predict -c calibration.yaml --vision-tokens 576 --text-tokens 40 --output-tokens 64
@@ -43,8 +45,14 @@ def run(args: argparse.Namespace) -> int:
     from trt_latency.estimator.model import Estimator
 
     est = Estimator.load(args.calibration)
-    pred = est.predict(args.vision_tokens, args.text_tokens, args.output_tokens, tier_idx=args.tier, top_k=args.top_k,
-                       num_active_blocks=args.blocks, quantile=args.quantile)  # fmt: skip
+    try:
+        pred = est.predict(args.vision_tokens, args.text_tokens, args.output_tokens, tier_idx=args.tier,
+                           top_k=args.top_k, num_active_blocks=args.blocks, quantile=args.quantile)  # fmt: skip
+    except InputError as exc:
+        if exc.path is not None:
+            raise
+        # The estimator knows the field, not the file: name the calibration the lookup ran against.
+        raise type(exc)(str(exc), path=args.calibration) from None
     if args.json:
         print(json.dumps(pred._asdict()))
     else:
