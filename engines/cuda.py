@@ -13,11 +13,12 @@ driver or device) and returns the outputs.
 from __future__ import annotations
 
 from collections.abc import Callable
-from types import ModuleType, TracebackType
-from typing import Any, Self
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
+from trt_latency.engines.base import Closing
 from trt_latency.errors import BackendUnavailable, TrtLatencyError
 
 # cudaError_t names that mean "no usable GPU here" rather than "your call was wrong".
@@ -132,7 +133,7 @@ def synchronize() -> None:
     check(rt.cudaDeviceSynchronize(), "cudaDeviceSynchronize")
 
 
-class Stream:
+class Stream(Closing):
     """A non-blocking, non-default CUDA stream (TensorRT syncs extra on the legacy default stream)."""
 
     def __init__(self) -> None:
@@ -155,16 +156,9 @@ class Stream:
             check(self._rt.cudaStreamDestroy(self.handle), "cudaStreamDestroy")
             self.handle = None
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
-class DeviceBuffer:
+class DeviceBuffer(Closing):
     """``nbytes`` of device memory from ``cudaMalloc``, with host copies and memset."""
 
     def __init__(self, nbytes: int) -> None:
@@ -255,16 +249,9 @@ class DeviceBuffer:
             check(self._rt.cudaFree(self._handle), "cudaFree")
             self._handle = None
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
-class EventTimer:
+class EventTimer(Closing):
     """A start/end CUDA event pair: GPU time between two points of one stream, in ms."""
 
     def __init__(self) -> None:
@@ -298,16 +285,9 @@ class EventTimer:
                 check(self._rt.cudaEventDestroy(event), "cudaEventDestroy")
                 setattr(self, attr, None)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
-class CudaGraph:
+class CudaGraph(Closing):
     """Work enqueued by a callable on a stream, captured once and replayed with one launch.
 
     The callable must only enqueue (no synchronization, no allocation) and must have been run
@@ -350,13 +330,6 @@ class CudaGraph:
             check(self._rt.cudaGraphDestroy(self._graph), "cudaGraphDestroy")
             self._graph = None
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 def time_device_copy_ms(nbytes: int, reps: int = 10, warmup: int = 2) -> np.ndarray:

@@ -15,12 +15,11 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 
-from trt_latency.engines.base import GenerateResult
+from trt_latency.engines.base import Closing, GenerateResult
 from trt_latency.errors import BackendUnavailable, InputError
 
 _BACKENDS = {"cpu": "ort-cpu", "cuda": "ort-cuda", "trt": "ort-trt"}
@@ -106,7 +105,7 @@ def _trt_profile(path: Path, max_past_len: int | None, max_new_tokens: int | Non
     return prof
 
 
-class OrtRunner:
+class OrtRunner(Closing):
     """Runner on ONNX Runtime with IOBinding over preallocated flat buffers."""
 
     def __init__(self, path: str | os.PathLike[str], device: str = "cpu", *, intra_op_threads: int = 0,
@@ -300,9 +299,3 @@ class OrtRunner:
         self._binding = None
         self.session = None
 
-    def __enter__(self) -> OrtRunner:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()

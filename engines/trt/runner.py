@@ -19,12 +19,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from trt_latency.engines import cuda
+from trt_latency.engines.base import Closing
 from trt_latency.engines.trt import loader
 from trt_latency.errors import BackendUnavailable, InputError, TrtLatencyError
 
@@ -65,7 +65,7 @@ class _Tensor:
         self.nbytes = int(np.prod(max_shape, dtype=np.int64)) * dtype.itemsize
 
 
-class TrtRunner:
+class TrtRunner(Closing):
     """Runner (ARCHITECTURE.md contract) over a deserialized TensorRT engine."""
 
     backend = "tensorrt"
@@ -432,13 +432,6 @@ class TrtRunner:
         if stream is not None:
             stream.close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 def _fill_random(buf: cuda.DeviceBuffer, dtype: np.dtype[Any], rng: np.random.Generator,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
+from trt_latency.cli._args import nonnegative_ms, open_unit, positive_int
 from trt_latency.cli.predict import add_request_args
 
 EXAMPLE = """\
@@ -13,36 +13,6 @@ examples:
   trt-latency admit -c calibration.yaml --budget-ms 120 --vision-tokens 576 --text-tokens 40 --max-new-tokens 64
   trt-latency admit -c calibration.yaml --budget-ms 80 --text-tokens 300 --alpha 0.01 --json
 """
-
-
-def _budget_ms(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number of ms >= 0, got {text!r}")
-    return value
-
-
-def _alpha(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
-    return value
-
-
-def _tokens(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -55,9 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_request_args(p)
-    p.add_argument("--budget-ms", type=_budget_ms, required=True, metavar="MS", help="end-to-end latency budget")
-    p.add_argument("--max-new-tokens", type=_tokens, default=None, metavar="N", help="tokens the request wants")
-    p.add_argument("--alpha", type=_alpha, default=None, metavar="A",
+    p.add_argument("--budget-ms", type=nonnegative_ms, required=True, metavar="MS", help="end-to-end latency budget")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None, metavar="N", help="tokens the request wants")
+    p.add_argument("--alpha", type=open_unit, default=None, metavar="A",
                    help="violation rate to guard against (conformal factor if calibrated, else residual quantile)")
     p.set_defaults(func=run)
 

@@ -19,21 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from trt_latency.cli._args import positive_int
+
 EXAMPLE = """\
 examples:
   trt-latency bench -c calibration.yaml
   trt-latency bench -c calibration.yaml --rounds 9 --json
 """
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -45,9 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("-c", "--calibration", required=True, metavar="CAL", help="calibration.yaml to load")
-    p.add_argument("--rounds", type=_positive_int, default=7, metavar="R", help="rounds per figure; medians are shown")
-    p.add_argument("--number", type=_positive_int, default=200_000, metavar="N", help="calls per round (Cython, bare)")
-    p.add_argument("--batch", type=_positive_int, default=1_000_000, metavar="N", help="requests per batch call")
+    p.add_argument("--rounds", type=positive_int, default=7, metavar="R", help="rounds per figure; medians are shown")
+    p.add_argument("--number", type=positive_int, default=200_000, metavar="N", help="calls per round (Cython, bare)")
+    p.add_argument("--batch", type=positive_int, default=1_000_000, metavar="N", help="requests per batch call")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
