@@ -75,6 +75,7 @@ def done_requests(path: Path) -> dict[int, tuple[int, int, int] | None]:
     """request_id -> config key (tier_idx, top_k, num_active_blocks) of the rows already in the log
     (None where the log has no config columns); a partial trailing line from a killed run is cut first."""
     from trt_latency.engines.sweep import repair_trailing_line
+    from trt_latency.estimator.requests import REQUEST_COLUMNS
 
     if not path.is_file() or path.stat().st_size == 0:
         return {}
@@ -87,6 +88,11 @@ def done_requests(path: Path) -> dict[int, tuple[int, int, int] | None]:
         if "request_id" not in header:
             raise RequestLogError("cannot resume a log without request ids", path=str(path), field="request_id",
                                   expected="a request_id column", got=",".join(header))
+        missing = [c for c in REQUEST_COLUMNS if c not in header]
+        if missing:  # its rows could not be counted as done, nor new rows appended under the same columns
+            raise RequestLogError("cannot resume into a log with another header", path=str(path), row=1,
+                                  field=missing[0], expected="a header with columns " + ",".join(REQUEST_COLUMNS),
+                                  got=",".join(header))
         col = header.index("request_id")
         key_cols = [header.index(c) if c in header else -1 for c in ("tier_idx", "top_k", "num_active_blocks")]
         done: dict[int, tuple[int, int, int] | None] = {}

@@ -93,6 +93,7 @@ class Case:
     # one change: (file, old, new) replaces old (a string or a regex) by new once; (file, None, text) writes it
     change: tuple[str, str | re.Pattern[str] | None, str] | None = None
     needs: tuple[str, ...] = field(default=())  # importable modules the case needs
+    known_bug: str = ""  # strict xfail: the verb does not do this yet (the fix is named)
 
     @property
     def id(self) -> str:
@@ -100,8 +101,9 @@ class Case:
 
 
 def C(verb: str, name: str, argv: str, *needles: str, code: int = 1,
-      change: tuple[str, str | re.Pattern[str] | None, str] | None = None, needs: tuple[str, ...] = ()) -> Case:  # noqa: N802
-    return Case(verb, name, tuple(argv.split()), needles, code, change, needs)
+      change: tuple[str, str | re.Pattern[str] | None, str] | None = None, needs: tuple[str, ...] = (),
+      known_bug: str = "") -> Case:  # noqa: N802
+    return Case(verb, name, tuple(argv.split()), needles, code, change, needs, known_bug)
 
 
 P, S, K, R = "plan.yaml", "samples.csv", "calibration.yaml", "requests.csv"
@@ -228,6 +230,8 @@ CASES = [
       "field 'tier_idx'", "expected one of 0", "got 9"),
     C("replay", "missing-onnx", "replay {d}/plan.yaml --onnx {d}/none.onnx --backend ort-cpu --out {d}/r.csv",
       "{d}/none.onnx: file not found", "expected an ONNX model"),
+    C("replay", "wrong-column-resume", "replay {d}/plan.yaml --backend ort-cpu --no-progress --out {d}/requests.csv",
+      "{d}/requests.csv", "row 1", "expected", "total_ms", change=(R, "total_ms", "e2e_ms"), needs=ORT),
     C("replay", "bad-flag-value", "replay {d}/plan.yaml -n 0 --out {d}/r.csv", "field '--requests'",
       "expected an integer >= 1", "got 0"),
     C("replay", "usage", "replay -n many", "argument -n/--requests: invalid int value: 'many'", code=2),
@@ -318,7 +322,10 @@ def _run(argv: list[str]) -> int:
         return int(exc.code or 0)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", [
+    pytest.param(c, id=c.id, marks=[pytest.mark.xfail(reason=c.known_bug, strict=True)] if c.known_bug else [])
+    for c in CASES
+])
 def test_bad_input(case: Case, valid_inputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for module in case.needs:
         pytest.importorskip(module)

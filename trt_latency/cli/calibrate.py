@@ -333,6 +333,8 @@ def run(args: argparse.Namespace) -> int:
     if requests_path.is_file() and requests_path.stat().st_size > 0:
         # Also with --no-replay: the rows an earlier run left keep their loop terms and factors.
         loop_lines, conformal_note = _serving_loop_and_conformal(cal_path, requests_path, [t.key for t in targets])
+        if not replaying:
+            replay_note += f", the {requests_path.name} an earlier run left is used"
         replay_note += conformal_note
     else:
         loop_lines = _no_log_lines()
@@ -348,7 +350,7 @@ def run(args: argparse.Namespace) -> int:
     say(f"  samples      {samples_path} ({len(samples)} timed repetitions)")
     say(f"  calibration  {cal_path}")
     say(f"  plot         {plot_path if plot_written else 'not written (matplotlib missing)'}")
-    say(f"  requests     {requests_path if replaying else '-'}: {replay_note}")
+    say(f"  requests     {requests_path if requests_path.is_file() else '-'}: {replay_note}")
     for line in loop_lines:
         say(line)
     say(f"  wall time    {_fmt_time(wall)}")
