@@ -381,6 +381,32 @@ cdef class Decision:
                 f"predicted_ms={self.predicted_ms!r}, reason={self.reason!r})")
 
 
+cdef inline int _parse_request(object budget_ms, object vision_tokens, object text_tokens, object max_new_tokens,
+                               object tier_idx, object top_k, object num_active_blocks, double* budget,
+                               long long* prompt, long long* req, long long* ti, long long* tk,
+                               long long* bl) except -2:
+    """The request fields every admission entry point checks: -1 when all are valid, else the CODE_BAD code."""
+    cdef long long vt = 0, tt = 0
+    if not _to_real(budget_ms, budget) or not (0.0 <= budget[0] < INFINITY):
+        return CODE_BAD + 0
+    if not _to_ll(vision_tokens, &vt) or not (0 <= vt <= TOKEN_MAX):
+        return CODE_BAD + 1
+    if not _to_ll(text_tokens, &tt) or not (0 <= tt <= TOKEN_MAX):
+        return CODE_BAD + 2
+    if max_new_tokens is not None:
+        if not _to_ll(max_new_tokens, req) or not (1 <= req[0] <= TOKEN_MAX):
+            return CODE_BAD + 3
+    if not _to_ll(tier_idx, ti) or not (0 <= ti[0] <= TOKEN_MAX):
+        return CODE_BAD + 4
+    if not _to_ll(top_k, tk) or not (0 <= tk[0] <= TOKEN_MAX):
+        return CODE_BAD + 5
+    if num_active_blocks is not None:
+        if not _to_ll(num_active_blocks, bl) or not (0 <= bl[0] <= TOKEN_MAX):
+            return CODE_BAD + 6
+    prompt[0] = vt + tt
+    return -1
+
+
 cdef inline Decision _decision(int code, long long n, double pred):
     cdef Decision d = Decision.__new__(Decision)
     d.admit = code < 16
@@ -521,32 +547,20 @@ cdef class Kernel:
                          object tier_idx, object top_k, object num_active_blocks, object alpha,
                          long long* n, double* pred) except -1:
         cdef double budget = 0.0, a = -1.0
-        cdef long long vt = 0, tt = 0, req = -1, ti = 0, tk = 0, bl = -1, c
-        if not _to_real(budget_ms, &budget) or not (0.0 <= budget < INFINITY):
-            return CODE_BAD + 0
-        if not _to_ll(vision_tokens, &vt) or not (0 <= vt <= TOKEN_MAX):
-            return CODE_BAD + 1
-        if not _to_ll(text_tokens, &tt) or not (0 <= tt <= TOKEN_MAX):
-            return CODE_BAD + 2
-        if max_new_tokens is not None:
-            if not _to_ll(max_new_tokens, &req) or not (1 <= req <= TOKEN_MAX):
-                return CODE_BAD + 3
-        if not _to_ll(tier_idx, &ti) or not (0 <= ti <= TOKEN_MAX):
-            return CODE_BAD + 4
-        if not _to_ll(top_k, &tk) or not (0 <= tk <= TOKEN_MAX):
-            return CODE_BAD + 5
-        if num_active_blocks is not None:
-            if not _to_ll(num_active_blocks, &bl) or not (0 <= bl <= TOKEN_MAX):
-                return CODE_BAD + 6
+        cdef long long prompt = 0, req = -1, ti = 0, tk = 0, bl = -1, c
+        cdef int code = _parse_request(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
+                                       num_active_blocks, &budget, &prompt, &req, &ti, &tk, &bl)
+        if code >= 0:
+            return code
         if alpha is not None:
             if not _to_real(alpha, &a) or not (0.0 < a < 1.0):
                 return CODE_BAD + 7
-        if vt + tt == 0:
+        if prompt == 0:
             return CODE_EMPTY_PROMPT
         c = c_lookup(&self.t, ti, tk, bl)
         if c < 0:
             return CODE_UNKNOWN_CONFIG
-        return c_decide(&self.t, c, <double>(vt + tt), budget, req, a, n, pred)
+        return c_decide(&self.t, c, <double>prompt, budget, req, a, n, pred)
 
     def admit(self, budget_ms, vision_tokens, text_tokens, max_new_tokens=None, tier_idx=0, top_k=1,
               num_active_blocks=None, alpha=None):
@@ -562,33 +576,21 @@ cdef class Kernel:
                           object prefill_scale, object decode_scale, object factor,
                           long long* n, double* pred) except -1:
         cdef double budget = 0.0, ps = 0.0, ds = 0.0, f = 0.0
-        cdef long long vt = 0, tt = 0, req = -1, ti = 0, tk = 0, bl = -1, c
-        if not _to_real(budget_ms, &budget) or not (0.0 <= budget < INFINITY):
-            return CODE_BAD + 0
-        if not _to_ll(vision_tokens, &vt) or not (0 <= vt <= TOKEN_MAX):
-            return CODE_BAD + 1
-        if not _to_ll(text_tokens, &tt) or not (0 <= tt <= TOKEN_MAX):
-            return CODE_BAD + 2
-        if max_new_tokens is not None:
-            if not _to_ll(max_new_tokens, &req) or not (1 <= req <= TOKEN_MAX):
-                return CODE_BAD + 3
-        if not _to_ll(tier_idx, &ti) or not (0 <= ti <= TOKEN_MAX):
-            return CODE_BAD + 4
-        if not _to_ll(top_k, &tk) or not (0 <= tk <= TOKEN_MAX):
-            return CODE_BAD + 5
-        if num_active_blocks is not None:
-            if not _to_ll(num_active_blocks, &bl) or not (0 <= bl <= TOKEN_MAX):
-                return CODE_BAD + 6
+        cdef long long prompt = 0, req = -1, ti = 0, tk = 0, bl = -1, c
+        cdef int code = _parse_request(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
+                                       num_active_blocks, &budget, &prompt, &req, &ti, &tk, &bl)
+        if code >= 0:
+            return code
         if (not _to_real(prefill_scale, &ps) or not (0.0 < ps < INFINITY)
                 or not _to_real(decode_scale, &ds) or not (0.0 < ds < INFINITY)
                 or not _to_real(factor, &f) or not (0.0 < f < INFINITY)):
             return CODE_BAD_SCALE
-        if vt + tt == 0:
+        if prompt == 0:
             return CODE_EMPTY_PROMPT
         c = c_lookup(&self.t, ti, tk, bl)
         if c < 0:
             return CODE_UNKNOWN_CONFIG
-        return _decide_f(&self.t, c, <double>(vt + tt), budget, req, f, F_NONE, n, pred, ps, ds)
+        return _decide_f(&self.t, c, <double>prompt, budget, req, f, F_NONE, n, pred, ps, ds)
 
     def admit_scaled(self, budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
                      num_active_blocks, prefill_scale, decode_scale, factor):
