@@ -85,10 +85,30 @@ class PrefillSweep:
 
 
 @dataclass(frozen=True)
+class AdaptiveSpec:
+    """When the sweep stops visiting a position (plan ``sweep.adaptive``; engines/adaptive.py runs it)."""
+
+    precision: float  # target relative standard error of every position's median; 0 = the fixed plan
+    min_reps: int = 10  # rounds before a position may leave (its SE estimate needs a few values)
+    prefill_precision: float | None = None  # None = precision
+    time_budget_s: float | None = None  # cap on the whole calibrate (the CLI splits it over the configs)
+
+    @property
+    def enabled(self) -> bool:
+        return self.precision > 0
+
+    def target(self, phase: str) -> float:
+        if phase == "prefill" and self.prefill_precision is not None:
+            return self.prefill_precision
+        return self.precision
+
+
+@dataclass(frozen=True)
 class SweepSpec:
     decode: DecodeSweep
     prefill: PrefillSweep
     seed: int = 0
+    adaptive: AdaptiveSpec | None = None  # None: the fixed plan (every position gets decode.reps rounds)
 
 
 @dataclass(frozen=True)
@@ -242,6 +262,33 @@ def _prefill(ctx: _Ctx, raw: object, where: str, base: PrefillSweep | None) -> P
                         warmup=base.warmup if warmup is None else warmup)
 
 
+def _number(ctx: _Ctx, value: object, where: str, lo: float, hi: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            lo <= value and (hi is None or value <= hi)):
+        raise ctx.fail(where, f"a number in [{lo:g}, {hi:g}]" if hi is not None else f"a number >= {lo:g}",
+                       _short(value))
+    return float(value)
+
+
+def _adaptive(ctx: _Ctx, raw: object, where: str, base: AdaptiveSpec | None) -> AdaptiveSpec:
+    m = ctx.mapping(raw, where)
+    ctx.keys(m, where, ("precision", "min_reps", "prefill_precision", "time_budget_s"),
+             ("precision",) if base is None else ())
+    precision = _number(ctx, m["precision"], f"{where}.precision", 0.0, 1.0) if "precision" in m else None
+    min_reps = ctx.integer(m["min_reps"], f"{where}.min_reps", lo=3) if "min_reps" in m else None
+    pre = m.get("prefill_precision")
+    prefill = _number(ctx, pre, f"{where}.prefill_precision", 0.0, 1.0) if pre is not None else None
+    budget = m.get("time_budget_s")
+    time_budget = _number(ctx, budget, f"{where}.time_budget_s", 1.0) if budget is not None else None
+    if base is None:
+        assert precision is not None
+        return AdaptiveSpec(precision, 10 if min_reps is None else min_reps, prefill, time_budget)
+    return AdaptiveSpec(precision=base.precision if precision is None else precision,
+                        min_reps=base.min_reps if min_reps is None else min_reps,
+                        prefill_precision=prefill if "prefill_precision" in m else base.prefill_precision,
+                        time_budget_s=time_budget if "time_budget_s" in m else base.time_budget_s)
+
+
 def _replay(ctx: _Ctx, raw: object, where: str, base: ReplaySpec | None) -> ReplaySpec:
     m = ctx.mapping(raw, where)
     keys = ("requests", "vision_tokens", "text_tokens", "output_tokens", "seed")
@@ -354,19 +401,29 @@ def load_plan(path: str | os.PathLike[str] | None = None, quick: bool = False) -
         )
 
     sw = ctx.mapping(top["sweep"], "sweep")
-    ctx.keys(sw, "sweep", ("decode", "prefill", "seed"), ("decode", "prefill"))
+    ctx.keys(sw, "sweep", ("decode", "prefill", "seed", "adaptive"), ("decode", "prefill"))
     sweep = SweepSpec(decode=_decode(ctx, sw["decode"], "sweep.decode", None),
                       prefill=_prefill(ctx, sw["prefill"], "sweep.prefill", None),
-                      seed=ctx.integer(sw.get("seed", 0), "sweep.seed", lo=0))
+                      seed=ctx.integer(sw.get("seed", 0), "sweep.seed", lo=0),
+                      adaptive=_adaptive(ctx, sw["adaptive"], "sweep.adaptive", None) if "adaptive" in sw else None)
     replay = _replay(ctx, top["replay"], "replay", None)
 
     if "quick" in top:
         q = ctx.mapping(top["quick"], "quick")
-        ctx.keys(q, "quick", ("decode", "prefill", "replay"), ())
+        ctx.keys(q, "quick", ("decode", "prefill", "replay", "adaptive"), ())
+        # A preset: usually only adaptive (a looser precision, a time budget) on the same grid; decode /
+        # prefill grid overrides are still read (older plans).
+        quick_adaptive = sweep.adaptive
+        if "adaptive" in q:
+            if sweep.adaptive is None and "precision" not in ctx.mapping(q["adaptive"], "quick.adaptive"):
+                raise ctx.fail("quick.adaptive.precision", "a precision (sweep has no adaptive section)",
+                               message="missing key")
+            quick_adaptive = _adaptive(ctx, q["adaptive"], "quick.adaptive", sweep.adaptive)
         quick_sweep = SweepSpec(
             decode=_decode(ctx, q["decode"], "quick.decode", sweep.decode) if "decode" in q else sweep.decode,
             prefill=_prefill(ctx, q["prefill"], "quick.prefill", sweep.prefill) if "prefill" in q else sweep.prefill,
             seed=sweep.seed,
+            adaptive=quick_adaptive,
         )
         quick_replay = _replay(ctx, q["replay"], "quick.replay", replay) if "replay" in q else replay
     else:

@@ -1,12 +1,18 @@
 """Runner + plan -> samples.csv: per-position step timings, appended as measured, resumable.
 
-Order: repetition rounds; inside a round every (phase, past_len, new_tokens) is visited once in a
-seeded shuffled order, so slow machine drift spreads over all positions instead of masquerading as
-position dependence. Each visit warms up at its shape (the first run after a shape change pays for
-allocation) and then times one repetition; its row is appended, flushed and fsync'ed at once.
+Order: repetition rounds; inside a round every (phase, past_len, new_tokens) still in the rotation is
+visited once in a seeded shuffled order, so slow machine drift spreads over all positions instead of
+masquerading as position dependence. Each visit binds its shape once and runs warm-up + timed run in one
+``time_step`` call (the first run after a shape change pays for it); the timed region is the engine call.
+
+Fixed plan: every shape gets the plan's rounds. Adaptive (plan ``sweep.adaptive``, engines/adaptive.py):
+a shape leaves the rotation once the relative standard error of its median reaches the target, and a
+caller-supplied refiner may send it back. Rows are written in groups (flush + fsync per round or
+half-second), not one fsync per row.
 
 Resume: a rerun reads samples.csv, repairs a partial trailing line (a run killed mid-write) and
-measures only the (phase, past_len, new_tokens, rep) rows missing for that config.
+measures only the rows missing for that config: the fixed plan's missing (phase, past_len, new_tokens,
+rep) rows, or, adaptive, continues every shape at its next rep with the spread its rows already show.
 """
 
 from __future__ import annotations
@@ -21,8 +27,18 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from trt_latency.engines.adaptive import (
+    STOP_FIXED,
+    STOP_TIME,
+    PositionState,
+    Refiner,
+    Scheduler,
+    read_state,
+    state_path,
+    write_state,
+)
 from trt_latency.engines.base import Runner
-from trt_latency.engines.config import ConfigKey, Plan, SweepSpec, TierSpec
+from trt_latency.engines.config import AdaptiveSpec, ConfigKey, Plan, SweepSpec, TierSpec
 from trt_latency.errors import SamplesError
 
 SAMPLES_COLUMNS: tuple[str, ...] = ("tier_idx", "top_k", "num_active_blocks", "batch", "phase", "past_len",
@@ -47,6 +63,8 @@ class SweepResult:
     seconds: float
     positions: tuple[int, ...]
     prefill_lengths: tuple[int, ...]
+    out_of_time: bool = False  # the deadline (--time-budget) stopped it
+    states: tuple[PositionState, ...] = ()  # per shape: repetitions, achieved SE, target, stop reason
 
 
 def decode_positions(max_past_len: int, log_points: int, linear_points: int) -> list[int]:
@@ -126,21 +144,21 @@ def _int_field(text: str, path: Path, row: int, column: str) -> int:
         raise SamplesError(path=str(path), row=row, field=column, expected="an integer", got=text) from None
 
 
-def read_done(path: Path, key: ConfigKey, backend: str | None = None) -> set[PlannedRow]:
-    """Rows already in samples.csv for ``key`` (after repairing a partial trailing line)."""
+def read_rows(path: Path, key: ConfigKey, backend: str | None = None) -> dict[PlannedRow, float]:
+    """Rows already in samples.csv for ``key`` with their latency (after repairing a partial trailing line)."""
     if not path.is_file() or path.stat().st_size == 0:
-        return set()
+        return {}
     repair_trailing_line(path)
     text = path.read_text(encoding="utf-8")
     if not text:
-        return set()
+        return {}
     reader = csv.reader(io.StringIO(text))
     header = next(reader, [])
     if tuple(h.strip() for h in header) != SAMPLES_COLUMNS:
         raise SamplesError("cannot resume into a file with another header", path=str(path), row=0,
                            expected=",".join(SAMPLES_COLUMNS), got=",".join(header))
     idx = {c: i for i, c in enumerate(SAMPLES_COLUMNS)}
-    done: set[PlannedRow] = set()
+    done: dict[PlannedRow, float] = {}
     for n, rec in enumerate(reader, start=1):
         if not rec:
             continue
@@ -156,10 +174,20 @@ def read_done(path: Path, key: ConfigKey, backend: str | None = None) -> set[Pla
         phase = rec[idx["phase"]]
         if phase not in ("decode", "prefill"):
             raise SamplesError(path=str(path), row=n, field="phase", expected="decode or prefill", got=phase)
-        done.add(PlannedRow(phase, _int_field(rec[idx["past_len"]], path, n, "past_len"),
-                            _int_field(rec[idx["new_tokens"]], path, n, "new_tokens"),
-                            _int_field(rec[idx["rep"]], path, n, "rep")))
+        try:
+            ms = float(rec[idx["latency_ms"]])
+        except ValueError:
+            raise SamplesError(path=str(path), row=n, field="latency_ms", expected="a number",
+                               got=rec[idx["latency_ms"]]) from None
+        done[PlannedRow(phase, _int_field(rec[idx["past_len"]], path, n, "past_len"),
+                        _int_field(rec[idx["new_tokens"]], path, n, "new_tokens"),
+                        _int_field(rec[idx["rep"]], path, n, "rep"))] = ms
     return done
+
+
+def read_done(path: Path, key: ConfigKey, backend: str | None = None) -> set[PlannedRow]:
+    """Rows already in samples.csv for ``key`` (after repairing a partial trailing line)."""
+    return set(read_rows(path, key, backend))
 
 
 def measure_once(runner: Runner, past_len: int, new_tokens: int, warmup: int) -> float:
@@ -171,6 +199,42 @@ def measure_once(runner: Runner, past_len: int, new_tokens: int, warmup: int) ->
     return float(runner.time_step(past_len, new_tokens, warmup + 1)[-1])
 
 
+class _GroupWriter:
+    """Appends rows to samples.csv and makes them durable in groups (one flush + fsync per round or per
+    GROUP_SECONDS), not per row: an fsync per row cost more than a short decode step. A kill loses at most
+    the unsynced group (and leaves at most a partial last line, cut on resume): those rows were never
+    counted as done, so the rerun measures them again; nothing is lost or duplicated."""
+
+    GROUP_SECONDS = 0.5
+
+    def __init__(self, path: Path, header: bool) -> None:
+        self.fh = path.open("a", newline="", encoding="utf-8")
+        self.writer = csv.writer(self.fh, lineterminator="\n")
+        self.last = time.perf_counter()
+        self.pending = 0
+        if header:
+            self.writer.writerow(SAMPLES_COLUMNS)
+            self.commit()
+
+    def row(self, values: list[Any]) -> None:
+        self.writer.writerow(values)
+        self.pending += 1
+        if time.perf_counter() - self.last >= self.GROUP_SECONDS:
+            self.commit()
+
+    def commit(self) -> None:
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.last = time.perf_counter()
+        self.pending = 0
+
+    def close(self) -> None:
+        try:
+            self.commit()
+        finally:
+            self.fh.close()
+
+
 def _progress(total: int, desc: str, enabled: bool) -> Any:
     if not enabled:
         return None
@@ -180,9 +244,34 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 
 
 def run_sweep(runner: Runner, key: ConfigKey, plan: Plan, samples_path: str | os.PathLike[str],
-              progress: bool = True) -> SweepResult:
-    """Measure the rows of ``key``'s sweep missing from ``samples_path`` and append them as measured."""
-    path = Path(samples_path)
+              progress: bool = True, *, adaptive: AdaptiveSpec | None = None, refiner: Refiner | None = None,
+              deadline: float | None = None) -> SweepResult:
+    """Measure the rows of ``key``'s sweep missing from ``samples_path`` and append them as measured.
+
+    ``adaptive`` (default: the plan's ``sweep.adaptive``) with precision > 0 runs the sequential sampler
+    (engines/adaptive.py): positions leave the rotation once their median is pinned down, ``refiner`` may
+    send some back. ``deadline`` (a time.perf_counter() value) stops either kind of sweep at a round's
+    visit boundary; a rerun continues from what was written.
+    """
+    spec = adaptive if adaptive is not None else plan.sweep.adaptive
+    if spec is not None and spec.enabled:
+        return _run_adaptive(runner, key, plan, Path(samples_path), progress, spec, refiner, deadline)
+    return _run_fixed(runner, key, plan, Path(samples_path), progress, deadline)
+
+
+def _row_values(runner: Runner, key: ConfigKey, row: PlannedRow, ms: float) -> list[Any]:
+    return [key.tier_idx, key.top_k, key.num_active_blocks, BATCH, row.phase, row.past_len, row.new_tokens,
+            row.rep, f"{ms:.6f}", runner.backend, runner.device]
+
+
+def _open_writer(path: Path) -> _GroupWriter:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new_file = not path.is_file() or path.stat().st_size == 0
+    return _GroupWriter(path, header=new_file)
+
+
+def _run_fixed(runner: Runner, key: ConfigKey, plan: Plan, path: Path, progress: bool,
+               deadline: float | None) -> SweepResult:
     tier = plan.tier(key.tier_idx)
     sweep = plan.sweep
     max_new = getattr(runner, "max_new_tokens", None)
@@ -191,32 +280,138 @@ def run_sweep(runner: Runner, key: ConfigKey, plan: Plan, samples_path: str | os
     todo = [r for r in planned if r not in done]
     order = measurement_order(todo, sweep.seed, key)
     t_start = time.perf_counter()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not path.is_file() or path.stat().st_size == 0
     bar = _progress(len(order), f"sweep tier {key.tier_idx} top_k {key.top_k} blocks {key.num_active_blocks}",
                     progress and bool(order))
     written = 0
+    out_of_time = False
+    writer = _open_writer(path)
     try:
-        with path.open("a", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh, lineterminator="\n")
-            if new_file:
-                writer.writerow(SAMPLES_COLUMNS)
-                fh.flush()
-            for row in order:
-                warmup = sweep.decode.warmup if row.phase == "decode" else sweep.prefill.warmup
-                ms = measure_once(runner, row.past_len, row.new_tokens, warmup)
-                writer.writerow([key.tier_idx, key.top_k, key.num_active_blocks, BATCH, row.phase, row.past_len,
-                                 row.new_tokens, row.rep, f"{ms:.6f}", runner.backend, runner.device])
-                fh.flush()
-                os.fsync(fh.fileno())
-                written += 1
-                if bar is not None:
-                    bar.update(1)
+        for row in order:
+            if deadline is not None and time.perf_counter() >= deadline:
+                out_of_time = True
+                break
+            warmup = sweep.decode.warmup if row.phase == "decode" else sweep.prefill.warmup
+            ms = measure_once(runner, row.past_len, row.new_tokens, warmup)
+            writer.row(_row_values(runner, key, row, ms))
+            written += 1
+            if bar is not None:
+                bar.update(1)
     finally:
+        writer.close()
         if bar is not None:
             bar.close()
     positions = tuple(sorted({r.past_len for r in planned if r.phase == "decode"}))
     lengths = tuple(sorted({r.new_tokens for r in planned if r.phase == "prefill"}))
+    stop = STOP_TIME if out_of_time else STOP_FIXED
     return SweepResult(path=path, key=key, rows_planned=len(planned), rows_written=written,
                        rows_skipped=len(planned) - len(todo), seconds=time.perf_counter() - t_start,
-                       positions=positions, prefill_lengths=lengths)
+                       positions=positions, prefill_lengths=lengths, out_of_time=out_of_time,
+                       states=_fixed_states(path, key, runner.backend, planned, stop))
+
+
+def _fixed_states(path: Path, key: ConfigKey, backend: str, planned: list[PlannedRow],
+                  stop: str) -> tuple[PositionState, ...]:
+    """Per-shape summary of a fixed sweep (the same record the adaptive one keeps)."""
+    states: dict[tuple[str, int, int], PositionState] = {}
+    for r in planned:
+        states.setdefault((r.phase, r.past_len, r.new_tokens), PositionState(r.phase, r.past_len, r.new_tokens))
+    for r, ms in read_rows(path, key, backend).items():
+        st = states.get((r.phase, r.past_len, r.new_tokens))
+        if st is not None:
+            st.values.append(ms)
+    for st in states.values():
+        st.stop = stop
+    return tuple(states.values())
+
+
+REFIT_COST_SHARE = 0.05  # a refit may take at most this share of the sweep's time
+
+
+def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, path: Path, progress: bool, spec: AdaptiveSpec,
+                  refiner: Refiner | None, deadline: float | None) -> SweepResult:
+    tier = plan.tier(key.tier_idx)
+    sweep = plan.sweep
+    max_new = getattr(runner, "max_new_tokens", None)
+    cap = min(tier.max_past_len, runner.max_past_len)
+    shapes = [("decode", p, 1) for p in decode_positions(cap, sweep.decode.log_points, sweep.decode.linear_points)]
+    shapes += [("prefill", 0, s) for s in prefill_lengths(tier, sweep, max_new)]
+    max_reps = {"decode": sweep.decode.reps, "prefill": sweep.prefill.reps}
+    sched = Scheduler(shapes, spec, max_reps)
+    done = read_rows(path, key, runner.backend)
+    for r in sorted(done):
+        sched.add((r.phase, r.past_len, r.new_tokens), r.rep, done[r])
+    side = state_path(path)
+    for shape, (target, why) in read_state(side, tuple(key)).items():  # targets a refit set before a kill
+        st = sched.positions.get(shape)
+        if st is not None and target < st.target:
+            st.target, st.why = target, why
+    rng = np.random.default_rng([sweep.seed, key.tier_idx, key.top_k, key.num_active_blocks, len(done)])
+    t_start = time.perf_counter()
+    desc = f"sweep tier {key.tier_idx} top_k {key.top_k} blocks {key.num_active_blocks}"
+    bar = _progress(sum(max_reps[s[0]] for s in shapes), desc, progress)
+    if bar is not None:
+        bar.update(len(done))
+    written = 0
+    out_of_time = False
+    refit_pending = bool(done)
+    refit_cost = 0.0
+    last_refit = t_start
+    writer = _open_writer(path)
+
+    def refit() -> None:
+        nonlocal refit_cost, last_refit, refit_pending
+        if refiner is None:
+            return
+        t0 = time.perf_counter()
+        if sched.refine(refiner):
+            write_state(side, tuple(key), sched.positions.values())
+        last_refit = time.perf_counter()
+        refit_cost = last_refit - t0
+        refit_pending = False
+
+    try:
+        while True:
+            active = sched.active()
+            now = time.perf_counter()
+            warmed = all(st.n >= spec.min_reps for st in sched.positions.values())
+            # Refit when the rotation empties (the last word on who is done), and meanwhile as often as
+            # its cost allows, so re-entered positions get their rounds spread over the run (drift).
+            if refiner is not None and refit_pending and warmed and (
+                    not active or now - last_refit >= refit_cost / REFIT_COST_SHARE):
+                refit()
+                active = sched.active()
+            if not active:
+                break
+            if deadline is not None and time.perf_counter() >= deadline:
+                out_of_time = True
+                break
+            for i in rng.permutation(len(active)):
+                st = active[int(i)]
+                warmup = sweep.decode.warmup if st.phase == "decode" else sweep.prefill.warmup
+                ms = measure_once(runner, st.past_len, st.new_tokens, warmup)
+                row = PlannedRow(st.phase, st.past_len, st.new_tokens, st.next_rep)
+                writer.row(_row_values(runner, key, row, ms))
+                sched.add((st.phase, st.past_len, st.new_tokens), row.rep, ms)
+                written += 1
+                if deadline is not None and time.perf_counter() >= deadline:
+                    break
+            writer.commit()
+            refit_pending = True
+            if bar is not None:
+                bar.update(len(active))
+                worst = max(sched.positions.values(), key=lambda s: s.se_rel() / s.target if s.n else 0.0)
+                left = f", {max(deadline - time.perf_counter(), 0):.0f} s left" if deadline is not None else ""
+                bar.set_postfix_str(f"{len(active)} positions active, worst SE {worst.se_rel():.2%} "
+                                    f"(target {worst.target:.2%}){left}", refresh=False)
+    finally:
+        writer.close()
+        if bar is not None:
+            bar.close()
+    sched.finish(out_of_time)
+    write_state(side, tuple(key), sched.positions.values())
+    positions = tuple(sorted(p for ph, p, _ in shapes if ph == "decode"))
+    lengths = tuple(sorted(s for ph, _, s in shapes if ph == "prefill"))
+    planned = sum(max(st.n, 0) for st in sched.positions.values())
+    return SweepResult(path=path, key=key, rows_planned=planned, rows_written=written, rows_skipped=len(done),
+                       seconds=time.perf_counter() - t_start, positions=positions, prefill_lengths=lengths,
+                       out_of_time=out_of_time, states=tuple(sched.positions.values()))

@@ -64,7 +64,13 @@ def register(sub: Any) -> None:
                         help="runtime (default auto: TensorRT EP / CUDA EP when usable, else the CPU provider)")
     parser.add_argument("--out", metavar="DIR", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--quick", action="store_true",
-                        help="first config only, the plan's quick: sweep and replay sizes (smoke run)")
+                        help="first config only, the plan's quick: preset (a looser precision and time budget, "
+                             "a smaller replay)")
+    parser.add_argument("--precision", type=float, metavar="P",
+                        help="target relative standard error of every position's median, e.g. 0.004 "
+                             "(default: the plan's sweep.adaptive.precision; 0 = the fixed plan, every round)")
+    parser.add_argument("--time-budget", type=float, metavar="S",
+                        help="cap the whole calibrate at S seconds (default: the plan's sweep.adaptive.time_budget_s)")
     parser.add_argument("--no-replay", action="store_true", help="skip the end-to-end replay into requests.csv")
     parser.add_argument("--requests", type=int, metavar="N", help="replay N requests (default: the plan's replay size)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -279,6 +285,8 @@ def run(args: argparse.Namespace) -> int:
     if args.requests is not None and args.requests < 0:
         raise ConfigError(field="--requests", expected="an integer >= 0", got=args.requests)
     plan = load_plan(args.config, quick=args.quick)
+    plan = _with_adaptive_flags(plan, args)
+    budget = plan.sweep.adaptive.time_budget_s if plan.sweep.adaptive is not None else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     backend = "tensorrt" if args.engine and args.backend == "auto" else args.backend
@@ -300,12 +308,16 @@ def run(args: argparse.Namespace) -> int:
             say(f"  model {t.path.name}: {'exported' if t.exported else 'reused (same content hash)'}")
     runner_info: dict[str, str] = {}
     sweep_stats: list[str] = []
-    for t in targets:
-        info = _sweep_one(t, plan, backend, samples_path, progress)
+    sweeps: dict[Any, Any] = {}
+    refiner = _refiner(plan)
+    for i, t in enumerate(targets):
+        deadline = _sweep_deadline(started, budget, len(targets) - i)
+        info, sweeps[tuple(t.key)] = _sweep_one(t, plan, backend, samples_path, progress, refiner, deadline)
         runner_info.update(info)
         sweep_stats.append(info.get("summary", ""))
 
     cal, samples = _fit(samples_path, plan, targets, runner_info, args)
+    cal = _with_sweep_record(cal, sweeps, plan)
     from trt_latency.estimator.calibration import save_calibration
 
     save_calibration(cal, cal_path)
@@ -322,12 +334,16 @@ def run(args: argparse.Namespace) -> int:
                               got=n_requests)
         written = skipped = 0
         seconds = 0.0
+        cut = ""
         for i, t in enumerate(targets):
             result = _replay(t, plan, backend, requests_path, n_requests, progress, id_offset=i * REPLAY_ID_STRIDE)
             written += result.rows_written
             skipped += result.rows_skipped
             seconds += result.seconds
-        replay_note = (f"{written + skipped} requests, {n_requests} per config ({written} replayed in "
+            if budget is not None and time.perf_counter() - started > budget and i + 1 < len(targets):
+                cut = f"--time-budget spent after {i + 1} of {len(targets)} configs; "
+                break
+        replay_note = (f"{cut}{written + skipped} requests, {n_requests} per config ({written} replayed in "
                        f"{_fmt_time(seconds)}, {skipped} already there)")
     loop_lines: list[str] = []
     if requests_path.is_file() and requests_path.stat().st_size > 0:
@@ -372,11 +388,14 @@ def _open(target: Target, plan: Any, backend: str) -> Any:
                        max_new_tokens=target.tier.max_prefill_len, seed=plan.sweep.seed)
 
 
-def _sweep_one(target: Target, plan: Any, backend: str, samples_path: Path, progress: bool) -> dict[str, str]:
+def _sweep_one(target: Target, plan: Any, backend: str, samples_path: Path, progress: bool, refiner: Any = None,
+               deadline: float | None = None) -> tuple[dict[str, str], Any]:
+    from trt_latency.engines.adaptive import describe
     from trt_latency.engines.sweep import run_sweep
 
     with _open(target, plan, backend) as runner:
-        result = run_sweep(runner, target.key, plan, samples_path, progress=progress)
+        result = run_sweep(runner, target.key, plan, samples_path, progress=progress, refiner=refiner,
+                           deadline=deadline)
         k = target.key
         summary = (f"  sweep tier_idx={k.tier_idx} top_k={k.top_k} num_active_blocks={k.num_active_blocks}: "
                    f"{result.rows_written} repetitions timed, {result.rows_skipped} already in "
@@ -384,7 +403,65 @@ def _sweep_one(target: Target, plan: Any, backend: str, samples_path: Path, prog
                    f"{max(result.positions) if result.positions else 0}, {len(result.prefill_lengths)} prefill "
                    f"lengths, {_fmt_time(result.seconds)} ({runner.backend} on {runner.device})")
         print(summary, flush=True)
-        return {"backend": runner.backend, "device": runner.device, "summary": summary}
+        print(describe(result.states, plan.sweep.adaptive), flush=True)
+        return {"backend": runner.backend, "device": runner.device, "summary": summary}, result
+
+
+# ------------------------------------------------------------------------------------------ adaptive
+
+TAIL_SHARE = 0.25  # of --time-budget kept for what follows the sweeps (fit, plot, replay)
+
+
+def _with_adaptive_flags(plan: Any, args: argparse.Namespace) -> Any:
+    """The plan with --precision / --time-budget applied to its sweep.adaptive section."""
+    from trt_latency.engines.config import AdaptiveSpec
+
+    if args.precision is None and args.time_budget is None:
+        return plan
+    if args.precision is not None and not 0 <= args.precision < 1:
+        raise ConfigError(field="--precision", expected="a relative standard error in [0, 1), e.g. 0.004",
+                          got=args.precision)
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise ConfigError(field="--time-budget", expected="a number of seconds > 0", got=args.time_budget)
+    spec = plan.sweep.adaptive or AdaptiveSpec(precision=0.0)
+    if args.precision is not None:
+        spec = replace(spec, precision=float(args.precision))
+    if args.time_budget is not None:
+        spec = replace(spec, time_budget_s=float(args.time_budget))
+    return replace(plan, sweep=replace(plan.sweep, adaptive=spec))
+
+
+def _refiner(plan: Any) -> Any:
+    """The fit's say on which positions need more rounds (estimator/refine.py); None for a fixed plan."""
+    spec = plan.sweep.adaptive
+    if spec is None or not spec.enabled:
+        return None
+    from trt_latency.estimator.refine import LopoRefiner
+
+    return LopoRefiner()
+
+
+def _sweep_deadline(started: float, budget: float | None, configs_left: int) -> float | None:
+    """An equal share of what the budget leaves for sweeps to each config still to sweep (a config that
+    finishes early hands its rest on)."""
+    if budget is None:
+        return None
+    now = time.perf_counter()
+    left = budget * (1.0 - TAIL_SHARE) - (now - started)
+    return now + max(left, 0.0) / max(configs_left, 1)
+
+
+def _with_sweep_record(cal: Any, sweeps: dict[Any, Any], plan: Any) -> Any:
+    """Each config's fit_error gains the sweep's per-position repetitions, achieved SE and stop reason."""
+    from trt_latency.engines.adaptive import sweep_record
+
+    configs = []
+    for c in cal.configs:
+        result = sweeps.get(tuple(c.key))
+        if result is not None and result.states:
+            c = replace(c, fit_error={**c.fit_error, **sweep_record(result.states, plan.sweep.adaptive)})
+        configs.append(c)
+    return replace(cal, configs=configs)
 
 
 def _fit(samples_path: Path, plan: Any, targets: list[Target], runner_info: dict[str, str],
