@@ -79,6 +79,26 @@ class PositionState:
     target: float = math.inf  # tightest target asked for so far (the plan's precision until a refit)
     why: str = ""  # why the target is tighter than the plan's ("" = plan precision)
     stop: str = ""
+    warmup: int | None = None  # None = the plan's; 0 once the first run proved as fast as a warmed one
+    cold_log_ratio: list[float] = field(default_factory=list)  # log(first run / timed run), per visit
+
+    def note_warmup(self, runs: np.ndarray, min_reps: int, tolerance: float) -> None:
+        """Warm-up proportional to need: once ``min_reps`` visits show the first (cold) run within
+        ``tolerance`` of the timed one (|median log ratio| + 1 SE of that median), this shape stops
+        paying for warm-up runs. Shapes where the first run is slower (small decode steps here: x1.3-2)
+        keep them for good."""
+        if self.warmup == 0 or runs.shape[0] < 2 or runs[0] <= 0 or runs[-1] <= 0:
+            return
+        self.cold_log_ratio.append(math.log(float(runs[0]) / float(runs[-1])))
+        if len(self.cold_log_ratio) < min_reps:
+            return
+        v = np.sort(np.asarray(self.cold_log_ratio))
+        n = v.shape[0]
+        half = Z95 * math.sqrt(n) / 2.0
+        lo, hi = max(int(round(n / 2.0 - half)), 1), min(int(round(1.0 + n / 2.0 + half)), n)
+        se = float(v[hi - 1] - v[lo - 1]) / (2.0 * Z95)
+        if abs(float(np.median(v))) + se <= tolerance:
+            self.warmup = 0
 
     @property
     def x(self) -> int:
@@ -158,7 +178,7 @@ class Scheduler:
 
 
 STATE_COLUMNS = ("tier_idx", "top_k", "num_active_blocks", "phase", "past_len", "new_tokens", "n", "median_ms",
-                 "se_rel", "target_rel", "target_why", "stop")
+                 "se_rel", "target_rel", "target_why", "stop", "warmup")
 
 
 def state_path(samples_path: Path) -> Path:
@@ -201,7 +221,8 @@ def write_state(path: Path, key: tuple[int, int, int], positions: Iterable[Posit
         se = st.se_rel()
         rows.append([*(str(int(v)) for v in key), st.phase, str(st.past_len), str(st.new_tokens), str(st.n),
                      f"{st.median():.6f}", f"{se:.6g}" if math.isfinite(se) else "inf",
-                     f"{st.target:.6g}" if math.isfinite(st.target) else "inf", st.why, st.stop])
+                     f"{st.target:.6g}" if math.isfinite(st.target) else "inf", st.why, st.stop,
+                     "plan" if st.warmup is None else str(st.warmup)])
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
@@ -237,6 +258,8 @@ def sweep_record(states: Iterable[PositionState], spec: AdaptiveSpec | None) -> 
         "prefill_reps": [s.n for s in pre],
         "prefill_se_rel": [_finite(s.se_rel()) for s in pre],
         "prefill_stop": [s.stop for s in pre],
+        "prefill_warmup_dropped": [s.warmup == 0 for s in pre],
+        "position_warmup_dropped": [s.warmup == 0 for s in dec],
     }
 
 
@@ -258,11 +281,13 @@ def describe(states: Iterable[PositionState], spec: AdaptiveSpec | None) -> str:
         for s in group:
             stops[s.stop] = stops.get(s.stop, 0) + 1
         refit = sum(1 for s in group if s.why)
+        cold = sum(1 for s in group if s.warmup == 0)
         target = f"target {spec.target(phase):.2%}, " if spec is not None and spec.enabled else ""
         med = f"{float(np.median(se[finite])):.2%}" if finite.any() else "n/a"
         lines.append(f"    {phase} precision: {target}SE of the median {med} median, {worst.se_rel():.2%} max "
                      f"(at {unit} {worst.x}); target reached at {reached} of {len(group)}; reps "
                      f"{min(s.n for s in group)}-{max(s.n for s in group)}; stops: "
                      + ", ".join(f"{k} {v}" for k, v in sorted(stops.items()))
-                     + (f"; {refit} tightened by the fit" if refit else ""))
+                     + (f"; {refit} tightened by the fit" if refit else "")
+                     + (f"; warm-up dropped at {cold} (first run as fast)" if cold else ""))
     return "\n".join(lines)

@@ -283,3 +283,15 @@ def test_adaptive_sigkill_then_rerun_loses_and_duplicates_nothing(model: Path, t
     for k in finished:  # positions done before the kill get no row after it
         assert reps[k] == sum(1 for r in before if (r[4], int(r[5]), int(r[6])) == k)
     assert res.rows_written == len(rows) - len(done_rows)
+
+
+def test_warmup_is_dropped_only_where_the_first_run_is_as_fast() -> None:
+    from trt_latency.engines.adaptive import PositionState
+
+    rng = np.random.default_rng(2)
+    same, slow = PositionState("prefill", 0, 512), PositionState("decode", 1, 1)
+    for _ in range(12):
+        t = 10.0 * (1 + 0.001 * rng.standard_normal())
+        same.note_warmup(np.array([t * (1 + 0.001 * rng.standard_normal()), t]), min_reps=10, tolerance=0.01)
+        slow.note_warmup(np.array([1.5 * t, t]), min_reps=10, tolerance=0.01)
+    assert same.warmup == 0 and slow.warmup is None
