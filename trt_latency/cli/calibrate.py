@@ -310,8 +310,22 @@ def run(args: argparse.Namespace) -> int:
     sweep_stats: list[str] = []
     sweeps: dict[Any, Any] = {}
     refiner = _refiner(plan)
+    n_requests = plan.replay.requests if args.requests is None else args.requests
+    replay_costs: list[float] = []  # estimated replay seconds of the configs swept so far
     for i, t in enumerate(targets):
-        deadline = _sweep_deadline(started, budget, len(targets) - i)
+        deadline = _sweep_deadline(started, budget, len(targets) - i, replay_costs,
+                                   len(targets) if not args.no_replay and n_requests > 0 else 0)
+        info, sweeps[tuple(t.key)] = _sweep_one(t, plan, backend, samples_path, progress, refiner, deadline)
+        cost = _replay_seconds(sweeps[tuple(t.key)], plan, t.tier, n_requests)
+        if cost is not None:
+            replay_costs.append(cost)
+    # Configs that finished early left budget behind: one more pass over those the deadline cut short.
+    pending = [t for t in targets if sweeps[tuple(t.key)].out_of_time]
+    for i, t in enumerate(pending):
+        deadline = _sweep_deadline(started, budget, len(pending) - i, replay_costs,
+                                   len(targets) if not args.no_replay and n_requests > 0 else 0)
+        if deadline is None or deadline - time.perf_counter() < MIN_PASS_S:
+            continue
         info, sweeps[tuple(t.key)] = _sweep_one(t, plan, backend, samples_path, progress, refiner, deadline)
         runner_info.update(info)
         sweep_stats.append(info.get("summary", ""))
@@ -323,7 +337,6 @@ def run(args: argparse.Namespace) -> int:
     save_calibration(cal, cal_path)
     plot_written = _plot(samples, cal, plot_path, runner_info)
 
-    n_requests = plan.replay.requests if args.requests is None else args.requests
     replaying = not args.no_replay and n_requests > 0
     replay_note = "skipped (--no-replay)" if args.no_replay else "skipped (0 requests)"
     if replaying:
@@ -409,7 +422,10 @@ def _sweep_one(target: Target, plan: Any, backend: str, samples_path: Path, prog
 
 # ------------------------------------------------------------------------------------------ adaptive
 
-TAIL_SHARE = 0.25  # of --time-budget kept for what follows the sweeps (fit, plot, replay)
+TAIL_SHARE = 0.3  # of --time-budget kept for fit + replay before any sweep has priced the replay
+FIT_RESERVE_S = 4.0  # fit, plot, loop terms and conformal factors (seconds, 2 cores)
+MIN_PASS_S = 1.0  # a second pass shorter than this is not worth reopening a runner
+REPLAY_OVERHEAD = 1.3  # a replayed request costs more than its engine steps (binding, argmax, embeds per step)
 
 
 def _with_adaptive_flags(plan: Any, args: argparse.Namespace) -> Any:
@@ -441,14 +457,40 @@ def _refiner(plan: Any) -> Any:
     return LopoRefiner()
 
 
-def _sweep_deadline(started: float, budget: float | None, configs_left: int) -> float | None:
+def _sweep_deadline(started: float, budget: float | None, configs_left: int, replay_costs: list[float],
+                    n_replays: int) -> float | None:
     """An equal share of what the budget leaves for sweeps to each config still to sweep (a config that
-    finishes early hands its rest on)."""
+    finishes early hands its rest on). What follows the sweeps is priced from the sweeps already done
+    (each config's replay from its own medians); before the first one, TAIL_SHARE of the budget."""
     if budget is None:
         return None
     now = time.perf_counter()
-    left = budget * (1.0 - TAIL_SHARE) - (now - started)
+    if n_replays and not replay_costs:
+        tail = TAIL_SHARE * budget
+    else:
+        mean = sum(replay_costs) / len(replay_costs) if replay_costs else 0.0
+        tail = FIT_RESERVE_S + sum(replay_costs[:n_replays]) + mean * max(n_replays - len(replay_costs), 0)
+    left = budget - tail - (now - started)
     return now + max(left, 0.0) / max(configs_left, 1)
+
+
+def _replay_seconds(result: Any, plan: Any, tier: Any, n: int) -> float | None:
+    """The replay's cost for one config, priced from its sweep's medians: per request, prefill at the
+    prompt length plus (output - 1) decode steps at the mean position it passes through."""
+    from trt_latency.engines.replay import draw_requests
+
+    dec = sorted((s.x, s.median()) for s in result.states if s.phase == "decode" and s.n)
+    pre = sorted((s.x, s.median()) for s in result.states if s.phase == "prefill" and s.n)
+    if n <= 0 or len(dec) < 2 or not pre:
+        return None
+    dx, dy = np.array(dec, dtype=np.float64).T
+    px, py = np.array(pre, dtype=np.float64).T
+    total_ms = 0.0
+    for r in draw_requests(plan.replay, n, tier):
+        prompt = r.vision_tokens + r.text_tokens
+        total_ms += float(np.interp(prompt, px, py))
+        total_ms += (r.output_tokens - 1) * float(np.interp(prompt + r.output_tokens / 2.0, dx, dy))
+    return total_ms * 1e-3 * REPLAY_OVERHEAD
 
 
 def _with_sweep_record(cal: Any, sweeps: dict[Any, Any], plan: Any) -> Any:
