@@ -316,6 +316,8 @@ def run(args: argparse.Namespace) -> int:
         deadline = _sweep_deadline(started, budget, len(targets) - i, replay_costs,
                                    len(targets) if not args.no_replay and n_requests > 0 else 0)
         info, sweeps[tuple(t.key)] = _sweep_one(t, plan, backend, samples_path, progress, refiner, deadline)
+        runner_info.update(info)
+        sweep_stats.append(info.get("summary", ""))
         cost = _replay_seconds(sweeps[tuple(t.key)], plan, t.tier, n_requests)
         if cost is not None:
             replay_costs.append(cost)
@@ -326,9 +328,7 @@ def run(args: argparse.Namespace) -> int:
                                    len(targets) if not args.no_replay and n_requests > 0 else 0)
         if deadline is None or deadline - time.perf_counter() < MIN_PASS_S:
             continue
-        info, sweeps[tuple(t.key)] = _sweep_one(t, plan, backend, samples_path, progress, refiner, deadline)
-        runner_info.update(info)
-        sweep_stats.append(info.get("summary", ""))
+        _, sweeps[tuple(t.key)] = _sweep_one(t, plan, backend, samples_path, progress, refiner, deadline)
 
     cal, samples = _fit(samples_path, plan, targets, runner_info, args)
     cal = _with_sweep_record(cal, sweeps, plan)
