@@ -325,6 +325,7 @@ def _fixed_states(path: Path, key: ConfigKey, backend: str, planned: list[Planne
 
 
 REFIT_COST_SHARE = 0.05  # a refit may take at most this share of the sweep's time
+WARMUP_EVIDENCE = 5  # visits with a warm-up before a shape's need for it is judged
 WARMUP_TOLERANCE = 1.0  # drop a shape's warm-up when its cold run is within this share of the SE target
 
 
@@ -393,7 +394,7 @@ def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, path: Path, progre
                 runs = runner.time_step(st.past_len, st.new_tokens, warmup + 1)  # as measure_once, keep all
                 ms = float(runs[-1])
                 if warmup > 0:
-                    st.note_warmup(runs, spec.min_reps, WARMUP_TOLERANCE * spec.target(st.phase))
+                    st.note_warmup(runs, WARMUP_EVIDENCE, WARMUP_TOLERANCE * spec.target(st.phase))
                 row = PlannedRow(st.phase, st.past_len, st.new_tokens, st.next_rep)
                 writer.row(_row_values(runner, key, row, ms))
                 sched.add((st.phase, st.past_len, st.new_tokens), row.rep, ms)
