@@ -287,7 +287,7 @@ def _run_fixed(runner: Runner, key: ConfigKey, plan: Plan, path: Path, progress:
     writer = _open_writer(path)
     try:
         for row in order:
-            if deadline is not None and time.perf_counter() >= deadline:
+            if deadline is not None and row.rep >= MIN_ROUNDS and time.perf_counter() >= deadline:
                 out_of_time = True
                 break
             warmup = sweep.decode.warmup if row.phase == "decode" else sweep.prefill.warmup
@@ -324,6 +324,7 @@ def _fixed_states(path: Path, key: ConfigKey, backend: str, planned: list[Planne
     return tuple(states.values())
 
 
+MIN_ROUNDS = 3  # rounds every shape gets even past the deadline: a config is never left without a fit
 REFIT_COST_SHARE = 0.05  # a refit may take at most this share of the sweep's time
 WARMUP_EVIDENCE = 5  # visits with a warm-up before a shape's need for it is judged
 WARMUP_TOLERANCE = 1.0  # drop a shape's warm-up when its cold run is within this share of the SE target
@@ -384,7 +385,8 @@ def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, path: Path, progre
                 active = sched.active()
             if not active:
                 break
-            if deadline is not None and time.perf_counter() >= deadline:
+            floor = any(st.n < MIN_ROUNDS for st in active)  # every shape gets a median, budget or not
+            if deadline is not None and not floor and time.perf_counter() >= deadline:
                 out_of_time = True
                 break
             for i in rng.permutation(len(active)):
@@ -399,7 +401,7 @@ def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, path: Path, progre
                 writer.row(_row_values(runner, key, row, ms))
                 sched.add((st.phase, st.past_len, st.new_tokens), row.rep, ms)
                 written += 1
-                if deadline is not None and time.perf_counter() >= deadline:
+                if deadline is not None and not floor and time.perf_counter() >= deadline:
                     break
             writer.commit()
             refit_pending = True

@@ -218,16 +218,22 @@ def test_adaptive_sweep_stops_positions_and_keeps_refiner_targets_across_runs(mo
 
 def test_fixed_plan_deadline_stops_early_and_resumes(model: Path, tmp_path: Path) -> None:
     from trt_latency.engines.backends import open_runner
-    from trt_latency.engines.sweep import plan_rows, run_sweep
+    from trt_latency.engines.sweep import MIN_ROUNDS, plan_rows, run_sweep
 
     plan = load_plan(_plan(tmp_path, 0.01, 10))
     fixed = replace(plan, sweep=replace(plan.sweep, adaptive=None))
     samples = tmp_path / "samples.csv"
     with open_runner(model, "ort-cpu", threads=1) as runner:
+        planned = plan_rows(plan.tier(0), plan.sweep)
         cut = run_sweep(runner, KEY, fixed, samples, progress=False, deadline=time.perf_counter())
-        assert cut.out_of_time and cut.rows_written == 0
+        # A spent deadline still leaves every shape MIN_ROUNDS rounds: no config goes unfitted.
+        assert cut.out_of_time and cut.rows_written == sum(1 for r in planned if r.rep < MIN_ROUNDS)
         full = run_sweep(runner, KEY, fixed, samples, progress=False)
-    assert full.rows_written == len(plan_rows(plan.tier(0), plan.sweep)) and not full.out_of_time
+        assert full.rows_written == len(planned) - cut.rows_written and not full.out_of_time
+        adaptive = run_sweep(runner, KEY, plan, tmp_path / "adaptive.csv", progress=False,
+                             deadline=time.perf_counter())
+    assert adaptive.out_of_time and {s.n for s in adaptive.states} == {MIN_ROUNDS}
+    assert {s.stop for s in adaptive.states} == {"time_budget"}
 
 
 @pytest.mark.slow
