@@ -235,7 +235,7 @@ class _GroupWriter:
             self.fh.close()
 
 
-def _progress(total: int, desc: str, enabled: bool) -> Any:
+def _progress(total: int | None, desc: str, enabled: bool) -> Any:
     if not enabled:
         return None
     from tqdm import tqdm
@@ -330,6 +330,19 @@ WARMUP_EVIDENCE = 5  # visits with a warm-up before a shape's need for it is jud
 WARMUP_TOLERANCE = 1.0  # drop a shape's warm-up when its cold run is within this share of the SE target
 
 
+def _progress_note(sched: Scheduler, active: int, deadline: float | None) -> str:
+    """What the bar shows after a round: how many positions still need rounds, the worst one, time left."""
+    ses = [(st.se_rel() / st.target, st) for st in sched.positions.values() if st.n >= 3]
+    note = f"{active} positions active"
+    if ses:
+        _, worst = max(ses, key=lambda t: t[0])
+        unit = "past_len" if worst.phase == "decode" else "prefill"
+        note += f", worst SE {worst.se_rel():.2%} at {unit} {worst.x} (target {worst.target:.2%})"
+    if deadline is not None:
+        note += f", {max(deadline - time.perf_counter(), 0.0):.0f} s left"
+    return note
+
+
 def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, path: Path, progress: bool, spec: AdaptiveSpec,
                   refiner: Refiner | None, deadline: float | None) -> SweepResult:
     tier = plan.tier(key.tier_idx)
@@ -351,7 +364,8 @@ def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, path: Path, progre
     rng = np.random.default_rng([sweep.seed, key.tier_idx, key.top_k, key.num_active_blocks, len(done)])
     t_start = time.perf_counter()
     desc = f"sweep tier {key.tier_idx} top_k {key.top_k} blocks {key.num_active_blocks}"
-    bar = _progress(sum(max_reps[s[0]] for s in shapes), desc, progress)
+    # No total: how many rows the precision needs is what the sweep finds out; the postfix says how far it is.
+    bar = _progress(None, desc, progress)
     if bar is not None:
         bar.update(len(done))
     written = 0
@@ -407,10 +421,7 @@ def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, path: Path, progre
             refit_pending = True
             if bar is not None:
                 bar.update(len(active))
-                worst = max(sched.positions.values(), key=lambda s: s.se_rel() / s.target if s.n else 0.0)
-                left = f", {max(deadline - time.perf_counter(), 0):.0f} s left" if deadline is not None else ""
-                bar.set_postfix_str(f"{len(active)} positions active, worst SE {worst.se_rel():.2%} "
-                                    f"(target {worst.target:.2%}){left}", refresh=False)
+                bar.set_postfix_str(_progress_note(sched, len(active), deadline))
     finally:
         writer.close()
         if bar is not None:
