@@ -33,7 +33,7 @@ def _pct(v: Any) -> str:
     return f"{100 * float(v):5.2f}%" if isinstance(v, int | float) else "  n/a "
 
 
-def calibrate_once(work: Path, extra: list[str]) -> tuple[float, list[dict[str, Any]], int]:
+def calibrate_once(work: Path, extra: list[str]) -> tuple[float, list[dict[str, Any]], int, list[str]]:
     from trt_latency.estimator.calibration import load_calibration
 
     out = work / "calibrate"
@@ -55,7 +55,10 @@ def calibrate_once(work: Path, extra: list[str]) -> tuple[float, list[dict[str, 
                      "se_med": float(np.median(se)) if se else None, "se_max": max(se) if se else None,
                      "reps": sum(fe.get("position_reps", [])), "stops": fe.get("sweep_stop_counts", {})})
     n_samples = sum(1 for _ in (out / "samples.csv").open()) - 1
-    return wall, rows, n_samples
+    # Where the time went: calibrate's own sweep / precision / replay / wall lines.
+    keep = ("  sweep ", "    decode precision", "    prefill precision", "  requests ", "  wall time", "  replay ")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(keep)]
+    return wall, rows, n_samples, lines
 
 
 def _lopo(samples_path: Path, key: Any) -> tuple[float, float, int]:
@@ -136,9 +139,11 @@ def main() -> int:
             print("(a) trt-latency calibrate, default plan, fresh folder", flush=True)
             walls = []
             for run in range(args.runs):
-                wall, rows, n = calibrate_once(work, args.calibrate_args.split())
+                wall, rows, n, lines = calibrate_once(work, args.calibrate_args.split())
                 walls.append(wall)
                 print(f"  run {run}: wall {wall:.1f} s, {n} timed repetitions", flush=True)
+                for line in lines:
+                    print("   |" + line, flush=True)
                 for r in rows:
                     print(f"    {r['config']:<9} LOPO median {_pct(r['loo_med'])} max {_pct(r['loo_max'])}   "
                           f"SE of medians median {_pct(r['se_med'])} max {_pct(r['se_max'])}   "
