@@ -390,7 +390,8 @@ def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, path: Path, progre
         while True:
             active = sched.active()
             now = time.perf_counter()
-            warmed = all(st.n >= spec.min_reps for st in sched.positions.values())
+            # Every shape has its first rounds (the SE estimates mean something) before the fit is asked.
+            warmed = all(st.n >= min(spec.min_reps, max_reps[st.phase]) for st in sched.positions.values())
             # Refit when the rotation empties (the last word on who is done), and meanwhile as often as
             # its cost allows, so re-entered positions get their rounds spread over the run (drift).
             if refiner is not None and refit_pending and warmed and (
@@ -403,6 +404,7 @@ def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, path: Path, progre
             if deadline is not None and not floor and time.perf_counter() >= deadline:
                 out_of_time = True
                 break
+            round_start = written
             for i in rng.permutation(len(active)):
                 st = active[int(i)]
                 plan_warmup = sweep.decode.warmup if st.phase == "decode" else sweep.prefill.warmup
@@ -420,7 +422,7 @@ def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, path: Path, progre
             writer.commit()
             refit_pending = True
             if bar is not None:
-                bar.update(len(active))
+                bar.update(written - round_start)
                 bar.set_postfix_str(_progress_note(sched, len(active), deadline))
     finally:
         writer.close()

@@ -41,7 +41,7 @@ configs:
 runtime: {intra_op_threads: 1, inter_op_threads: 1}
 sweep:
   decode: {log_points: 5, linear_points: 4, reps: DREPS, warmup: 1}
-  prefill: {lengths: [4, 16], reps: 6}
+  prefill: {lengths: [4, 16], reps: PREPS}
   seed: 0
   adaptive: {precision: PREC, prefill_precision: 0.9, min_reps: 5}
 quick:
@@ -50,9 +50,10 @@ replay: {requests: 2, vision_tokens: [0], text_tokens: [1, 8], output_tokens: [1
 """
 
 
-def _plan(tmp: Path, precision: float, dreps: int) -> Path:
-    path = tmp / f"adaptive_{precision}_{dreps}.yaml"
-    path.write_text(ADAPTIVE_PLAN.replace("PREC", f"{precision:.9f}").replace("DREPS", str(dreps)))
+def _plan(tmp: Path, precision: float, dreps: int, preps: int = 6) -> Path:
+    path = tmp / f"adaptive_{precision}_{dreps}_{preps}.yaml"
+    path.write_text(ADAPTIVE_PLAN.replace("PREC", f"{precision:.9f}").replace("DREPS", str(dreps))
+                    .replace("PREPS", str(preps)))
     return path
 
 
@@ -143,7 +144,7 @@ def test_plan_adaptive_section_and_quick_preset(tmp_path: Path) -> None:
     assert default.sweep.adaptive is not None and default.sweep.adaptive.enabled
     assert load_plan(quick=True).sweep.decode == default.sweep.decode
     bad = tmp_path / "bad.yaml"
-    bad.write_text(ADAPTIVE_PLAN.replace("PREC", "1.5").replace("DREPS", "3"))
+    bad.write_text(ADAPTIVE_PLAN.replace("PREC", "1.5").replace("DREPS", "3").replace("PREPS", "2"))
     with pytest.raises(ConfigError, match="sweep.adaptive.precision"):
         load_plan(bad)
 
@@ -176,7 +177,9 @@ def test_adaptive_sweep_stops_positions_and_keeps_refiner_targets_across_runs(mo
     from trt_latency.engines.backends import open_runner
     from trt_latency.engines.sweep import run_sweep
 
-    plan = load_plan(_plan(tmp_path, 0.5, 12))  # precision 50%: every position done at min_reps (5)
+    # precision 50%: every position done at min_reps (5); prefill capped below min_reps (3), as the default
+    # plan does: the refiner must still be asked.
+    plan = load_plan(_plan(tmp_path, 0.5, 12, preps=3))
     samples = tmp_path / "samples.csv"
 
     class PinLast:  # asks for the largest past_len at a precision no run reaches: it goes to the cap
@@ -194,7 +197,8 @@ def test_adaptive_sweep_stops_positions_and_keeps_refiner_targets_across_runs(mo
         assert len(values.pop(("decode", last, 1))) == 12
         for shape, v in values.items():  # the others stop by the rule (most at min_reps under load-free runs)
             target = 0.5 if shape[0] == "decode" else 0.9
-            assert len(v) == _stop_at(v, target, 5, 12 if shape[0] == "decode" else 6), shape
+            cap = 12 if shape[0] == "decode" else 3
+            assert len(v) == _stop_at(v, target, min(5, cap), cap), shape
         assert res.rows_written == len(rows)
         stops = {(s.phase, s.x): s.stop for s in res.states}
         assert stops[("decode", last)] == STOP_MAX_REPS
@@ -204,7 +208,7 @@ def test_adaptive_sweep_stops_positions_and_keeps_refiner_targets_across_runs(mo
         assert side[("decode", last, 1)] == (1e-9, "lopo_residual")
         # A later run with a higher cap and no refiner resumes with that state: only the pinned position
         # gets rows; the positions already done stay done.
-        more = load_plan(_plan(tmp_path, 0.5, 20))
+        more = load_plan(_plan(tmp_path, 0.5, 20, preps=3))
         again = run_sweep(runner, KEY, more, samples, progress=False)
     rows2 = _rows(samples)
     assert rows2[: len(rows)] == rows
