@@ -65,9 +65,11 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from trt_latency.engines.adaptive import describe
     from trt_latency.engines.config import load_plan
     from trt_latency.engines.sweep import run_sweep
     from trt_latency.errors import ConfigError
+    from trt_latency.estimator.refine import LopoRefiner
 
     plan = load_plan(args.config, quick=args.quick)
     if args.all and (args.onnx or args.engine or args.tier is not None or args.index is not None):
@@ -76,9 +78,11 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     for key in keys:
         with open_for(plan, key, args, out.parent) as runner:
-            res = run_sweep(runner, key, plan, out, progress=not args.no_progress)
+            # The fit says where more rounds matter (adaptive plans; the fixed plan ignores it).
+            res = run_sweep(runner, key, plan, out, progress=not args.no_progress, refiner=LopoRefiner())
         print(f"config {tuple(key)} on {runner.backend} ({runner.device}): {res.rows_written} rows measured, "
               f"{res.rows_skipped} already present, {len(res.positions)} decode positions "
               f"{res.positions[0]}..{res.positions[-1]}, prefill {list(res.prefill_lengths)}, {res.seconds:.1f} s "
               f"-> {out}")
+        print(describe(res.states, plan.sweep.adaptive))
     return 0
