@@ -21,6 +21,7 @@ import csv
 import io
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -44,6 +45,10 @@ from trt_latency.errors import SamplesError
 SAMPLES_COLUMNS: tuple[str, ...] = ("tier_idx", "top_k", "num_active_blocks", "batch", "phase", "past_len",
                                     "new_tokens", "rep", "latency_ms", "backend", "device")
 BATCH = 1
+
+
+# When a sweep must stop: a time.perf_counter() value, or a function of the shapes' state returning one.
+Deadline = float | Callable[[tuple[PositionState, ...]], float] | None
 
 
 class PlannedRow(NamedTuple):
@@ -245,18 +250,21 @@ def _progress(total: int | None, desc: str, enabled: bool) -> Any:
 
 def run_sweep(runner: Runner, key: ConfigKey, plan: Plan, samples_path: str | os.PathLike[str],
               progress: bool = True, *, adaptive: AdaptiveSpec | None = None, refiner: Refiner | None = None,
-              deadline: float | None = None) -> SweepResult:
+              deadline: Deadline = None) -> SweepResult:
     """Measure the rows of ``key``'s sweep missing from ``samples_path`` and append them as measured.
 
     ``adaptive`` (default: the plan's ``sweep.adaptive``) with precision > 0 runs the sequential sampler
     (engines/adaptive.py): positions leave the rotation once their median is pinned down, ``refiner`` may
-    send some back. ``deadline`` (a time.perf_counter() value) stops either kind of sweep at a round's
+    send some back. ``deadline`` (a time.perf_counter() value, or a function of the shapes' state so far
+    that returns one, re-read every round: the caller may price what follows from the medians measured)
+    stops either kind of sweep at a round's
     visit boundary; a rerun continues from what was written.
     """
     spec = adaptive if adaptive is not None else plan.sweep.adaptive
     if spec is not None and spec.enabled:
         return _run_adaptive(runner, key, plan, Path(samples_path), progress, spec, refiner, deadline)
-    return _run_fixed(runner, key, plan, Path(samples_path), progress, deadline)
+    fixed_deadline = deadline(()) if callable(deadline) else deadline
+    return _run_fixed(runner, key, plan, Path(samples_path), progress, fixed_deadline)
 
 
 def _row_values(runner: Runner, key: ConfigKey, row: PlannedRow, ms: float) -> list[Any]:
@@ -344,7 +352,7 @@ def _progress_note(sched: Scheduler, active: int, deadline: float | None) -> str
 
 
 def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, path: Path, progress: bool, spec: AdaptiveSpec,
-                  refiner: Refiner | None, deadline: float | None) -> SweepResult:
+                  refiner: Refiner | None, deadline_at: Deadline) -> SweepResult:
     tier = plan.tier(key.tier_idx)
     sweep = plan.sweep
     max_new = getattr(runner, "max_new_tokens", None)
@@ -370,6 +378,7 @@ def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, path: Path, progre
         bar.update(len(done))
     written = 0
     out_of_time = False
+    deadline: float | None = None
     refit_pending = bool(done)
     refit_cost = 0.0
     last_refit = t_start
@@ -389,6 +398,7 @@ def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, path: Path, progre
     try:
         while True:
             active = sched.active()
+            deadline = deadline_at(tuple(sched.positions.values())) if callable(deadline_at) else deadline_at
             now = time.perf_counter()
             # Every shape has its first rounds (the SE estimates mean something) before the fit is asked.
             warmed = all(st.n >= min(spec.min_reps, max_reps[st.phase]) for st in sched.positions.values())

@@ -312,23 +312,22 @@ def run(args: argparse.Namespace) -> int:
     refiner = _refiner(plan)
     n_requests = plan.replay.requests if args.requests is None else args.requests
     replay_costs: list[float] = []  # estimated replay seconds of the configs swept so far
+    n_replays = len(targets) if not args.no_replay and n_requests > 0 else 0
     for i, t in enumerate(targets):
-        deadline = _sweep_deadline(started, budget, len(targets) - i, replay_costs,
-                                   len(targets) if not args.no_replay and n_requests > 0 else 0)
+        deadline = _deadline_fn(started, budget, len(targets) - i, replay_costs, n_replays, plan, t.tier, n_requests)
         info, sweeps[tuple(t.key)] = _sweep_one(t, plan, backend, samples_path, progress, refiner, deadline)
         runner_info.update(info)
         sweep_stats.append(info.get("summary", ""))
-        cost = _replay_seconds(sweeps[tuple(t.key)], plan, t.tier, n_requests)
+        cost = _replay_seconds(sweeps[tuple(t.key)].states, plan, t.tier, n_requests)
         if cost is not None:
             replay_costs.append(cost)
     # Configs that finished early left budget behind: one more pass over those the deadline cut short.
     pending = [t for t in targets if sweeps[tuple(t.key)].out_of_time]
     for i, t in enumerate(pending):
-        deadline = _sweep_deadline(started, budget, len(pending) - i, replay_costs,
-                                   len(targets) if not args.no_replay and n_requests > 0 else 0)
-        if deadline is None or deadline - time.perf_counter() < MIN_PASS_S:
+        end = _sweep_deadline(started, budget, len(pending) - i, replay_costs, n_replays)
+        if end is None or end - time.perf_counter() < MIN_PASS_S:
             continue
-        _, sweeps[tuple(t.key)] = _sweep_one(t, plan, backend, samples_path, progress, refiner, deadline)
+        _, sweeps[tuple(t.key)] = _sweep_one(t, plan, backend, samples_path, progress, refiner, end)
 
     cal, samples = _fit(samples_path, plan, targets, runner_info, args)
     cal = _with_sweep_record(cal, sweeps, plan)
@@ -402,7 +401,7 @@ def _open(target: Target, plan: Any, backend: str) -> Any:
 
 
 def _sweep_one(target: Target, plan: Any, backend: str, samples_path: Path, progress: bool, refiner: Any = None,
-               deadline: float | None = None) -> tuple[dict[str, str], Any]:
+               deadline: Any = None) -> tuple[dict[str, str], Any]:
     from trt_latency.engines.adaptive import describe
     from trt_latency.engines.sweep import run_sweep
 
@@ -458,13 +457,13 @@ def _refiner(plan: Any) -> Any:
 
 
 def _sweep_deadline(started: float, budget: float | None, configs_left: int, replay_costs: list[float],
-                    n_replays: int) -> float | None:
+                    n_replays: int, now: float | None = None) -> float | None:
     """An equal share of what the budget leaves for sweeps to each config still to sweep (a config that
-    finishes early hands its rest on). What follows the sweeps is priced from the sweeps already done
-    (each config's replay from its own medians); before the first one, TAIL_SHARE of the budget."""
+    finishes early hands its rest on). What follows the sweeps is priced from the sweeps measured so far
+    (each config's replay from its own medians); with nothing measured yet, TAIL_SHARE of the budget."""
     if budget is None:
         return None
-    now = time.perf_counter()
+    now = time.perf_counter() if now is None else now
     if n_replays and not replay_costs:
         tail = TAIL_SHARE * budget
     else:
@@ -474,19 +473,42 @@ def _sweep_deadline(started: float, budget: float | None, configs_left: int, rep
     return now + max(left, 0.0) / max(configs_left, 1)
 
 
-def _replay_seconds(result: Any, plan: Any, tier: Any, n: int) -> float | None:
-    """The replay's cost for one config, priced from its sweep's medians: per request, prefill at the
-    prompt length plus (output - 1) decode steps at the mean position it passes through."""
+def _deadline_fn(started: float, budget: float | None, configs_left: int, replay_costs: list[float],
+                 n_replays: int, plan: Any, tier: Any, n_requests: int) -> Any:
+    """The sweep's deadline as a function of its own state: re-read every round, it prices this config's
+    replay from the medians measured so far (from the first rounds on), not only from the configs before."""
+    if budget is None:
+        return None
+    start = time.perf_counter()
+    requests = _requests_for_pricing(plan, tier, n_requests if n_replays else 0)
+
+    def deadline(states: Any) -> float:
+        own = _replay_seconds(states, plan, tier, n_requests, requests) if states and requests else None
+        costs = replay_costs if own is None else [*replay_costs, own]
+        end = _sweep_deadline(started, budget, configs_left, costs, n_replays, now=start)
+        assert end is not None
+        return end
+
+    return deadline
+
+
+def _requests_for_pricing(plan: Any, tier: Any, n: int) -> list[Any]:
     from trt_latency.engines.replay import draw_requests
 
-    dec = sorted((s.x, s.median()) for s in result.states if s.phase == "decode" and s.n)
-    pre = sorted((s.x, s.median()) for s in result.states if s.phase == "prefill" and s.n)
+    return draw_requests(plan.replay, n, tier) if n > 0 else []
+
+
+def _replay_seconds(states: Any, plan: Any, tier: Any, n: int, requests: list[Any] | None = None) -> float | None:
+    """The replay's cost for one config, priced from its sweep's medians: per request, prefill at the
+    prompt length plus (output - 1) decode steps at the mean position it passes through."""
+    dec = sorted((s.x, s.median()) for s in states if s.phase == "decode" and s.n)
+    pre = sorted((s.x, s.median()) for s in states if s.phase == "prefill" and s.n)
     if n <= 0 or len(dec) < 2 or not pre:
         return None
     dx, dy = np.array(dec, dtype=np.float64).T
     px, py = np.array(pre, dtype=np.float64).T
     total_ms = 0.0
-    for r in draw_requests(plan.replay, n, tier):
+    for r in requests if requests is not None else _requests_for_pricing(plan, tier, n):
         prompt = r.vision_tokens + r.text_tokens
         total_ms += float(np.interp(prompt, px, py))
         total_ms += (r.output_tokens - 1) * float(np.interp(prompt + r.output_tokens / 2.0, dx, dy))
