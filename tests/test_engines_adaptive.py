@@ -236,8 +236,16 @@ def test_fixed_plan_deadline_stops_early_and_resumes(model: Path, tmp_path: Path
         assert full.rows_written == len(planned) - cut.rows_written and not full.out_of_time
         adaptive = run_sweep(runner, KEY, plan, tmp_path / "adaptive.csv", progress=False,
                              deadline=time.perf_counter())
+        seen: list[int] = []
+
+        def priced(states: tuple) -> float:  # a deadline re-read every round, from the state so far
+            seen.append(min(st.n for st in states))
+            return time.perf_counter() - 1.0
+
+        again = run_sweep(runner, KEY, plan, tmp_path / "priced.csv", progress=False, deadline=priced)
     assert adaptive.out_of_time and {s.n for s in adaptive.states} == {MIN_ROUNDS}
     assert {s.stop for s in adaptive.states} == {"time_budget"}
+    assert again.out_of_time and seen == list(range(MIN_ROUNDS + 1))
 
 
 @pytest.mark.slow
