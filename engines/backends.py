@@ -1,14 +1,19 @@
 """model.onnx / engine file + backend name -> a Runner (ONNX Runtime CPU/CUDA/TensorRT EP, or TensorRT itself).
 
-"auto" picks the fastest backend that really works here: TensorRT (library importable and a GPU
-present), else ONNX Runtime's CUDA provider if it loads, else the CPU provider.
+"auto" picks the fastest backend that really works here: TensorRT (library importable, a GPU
+present, the engine builds and loads), else ONNX Runtime's CUDA provider if it loads, else the CPU
+provider. Any failure to open a candidate (unavailable, parse, build, out of memory) moves on to
+the next one and says why on stderr.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +44,54 @@ def _open_tensorrt(path: Path, max_past_len: int | None, max_new_tokens: int | N
         kwargs["max_past_len"] = max_past_len
     if max_new_tokens is not None:
         kwargs["max_new_tokens"] = max_new_tokens
-    if path.suffix == ".onnx":
-        return trt_runner.from_onnx(path, **kwargs)  # type: ignore[no-any-return]
-    return trt_runner.from_engine(path, **kwargs)  # type: ignore[no-any-return]
+    constructor, accepted = tensorrt_constructor(trt_runner, path, kwargs)
+    return constructor(path, **accepted)  # type: ignore[no-any-return]
+
+
+def tensorrt_constructor(trt_runner: Any, path: Path, options: Mapping[str, Any]
+                         ) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """(TrtRunner.from_onnx or .from_engine for ``path``, the options it takes).
+
+    An option neither takes is an InputError; a build option given with a prebuilt engine
+    (opt_past_len, rebuild, workspace_bytes, ...) is dropped with a note on stderr, since nothing
+    is built.
+    """
+    from_onnx, from_engine = trt_runner.from_onnx, trt_runner.from_engine
+    takes = {name: set(inspect.signature(f).parameters) - {"path"} for name, f in
+             (("onnx", from_onnx), ("engine", from_engine))}
+    unknown = sorted(set(options) - takes["onnx"] - takes["engine"])
+    if unknown:
+        raise InputError("unknown TensorRT option", field="trt_options." + unknown[0],
+                         expected="one of " + ", ".join(sorted(takes["onnx"] | takes["engine"])), got=unknown[0])
+    kind = "onnx" if path.suffix == ".onnx" else "engine"
+    ignored = sorted(set(options) - takes[kind])
+    if ignored:
+        print(f"trt-latency: {path} is a prebuilt engine: ignoring build option(s) {', '.join(ignored)}",
+              file=sys.stderr)
+    constructor = from_onnx if kind == "onnx" else from_engine
+    return constructor, {k: v for k, v in options.items() if k in takes[kind]}
+
+
+AUTO_ORDER = ("tensorrt", "ort-cuda", "ort-cpu")
+
+
+def open_first(path: Path, open_one: Callable[[str], Runner], candidates: tuple[str, ...] = AUTO_ORDER) -> Runner:
+    """The first of ``candidates`` that ``open_one`` opens; the last one's failure propagates.
+
+    Any failure of an earlier candidate (BackendUnavailable, TensorRT's parser or builder, CUDA
+    out of memory, an ONNX Runtime provider error) is reported on stderr and the next one tried.
+    """
+    for i, candidate in enumerate(candidates):
+        if i == len(candidates) - 1:
+            return open_one(candidate)
+        try:
+            return open_one(candidate)
+        except BackendUnavailable as exc:
+            why = f"unavailable: {exc}"
+        except Exception as exc:  # noqa: BLE001 - parse/build/OOM/provider errors: fall back, say why
+            why = f"failed on {path}: {type(exc).__name__}: {exc}"
+        print(f"trt-latency: backend auto: {candidate} {why}; trying {candidates[i + 1]}", file=sys.stderr)
+    raise AssertionError("unreachable: candidates is empty")
 
 
 def open_runner(path: str | os.PathLike[str], backend: str = "auto", *, threads: int = 0, inter_threads: int = 0,
@@ -51,7 +101,8 @@ def open_runner(path: str | os.PathLike[str], backend: str = "auto", *, threads:
 
     ``threads``/``inter_threads``: ONNX Runtime intra/inter-op threads (0 = its default).
     ``max_past_len``/``max_new_tokens``: buffer (profile) sizes; default from the model's metadata.
-    ``trt_options``: extra keywords for TrtRunner.from_onnx / from_engine (use_cuda_graph, cache_dir, ...).
+    ``trt_options``: extra keywords for TrtRunner.from_onnx / from_engine (use_cuda_graph, cache_dir, ...);
+    build options are dropped (with a note) for a prebuilt engine, unknown ones are an InputError.
     Raises BackendUnavailable when the named backend does not work on this machine.
     """
     p = Path(path)
@@ -62,14 +113,12 @@ def open_runner(path: str | os.PathLike[str], backend: str = "auto", *, threads:
     if backend == "auto":
         if p.suffix != ".onnx":
             return _open_tensorrt(p, max_past_len, max_new_tokens, device_id, seed, trt_options)
-        for candidate in ("tensorrt", "ort-cuda"):
-            try:
-                return open_runner(p, candidate, threads=threads, inter_threads=inter_threads,
-                                   max_past_len=max_past_len, max_new_tokens=max_new_tokens,
-                                   device_id=device_id, seed=seed, trt_options=trt_options)
-            except BackendUnavailable:
-                continue
-        backend = "ort-cpu"
+        if trt_options:  # a misspelt option is the user's error, not a reason to fall back
+            runner_module: Any = importlib.import_module("trt_latency.engines.trt.runner")
+            tensorrt_constructor(runner_module.TrtRunner, p, trt_options)
+        return open_first(p, lambda candidate: open_runner(
+            p, candidate, threads=threads, inter_threads=inter_threads, max_past_len=max_past_len,
+            max_new_tokens=max_new_tokens, device_id=device_id, seed=seed, trt_options=trt_options))
     if backend == "tensorrt":
         return _open_tensorrt(p, max_past_len, max_new_tokens, device_id, seed, trt_options)
     if p.suffix != ".onnx":
