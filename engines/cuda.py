@@ -97,7 +97,7 @@ def device_count() -> int:
     """Number of CUDA devices; 0 when cuda-bindings, the driver or a GPU is missing.
 
     0 also when the driver is too old for the installed cuda-bindings major (13.x on a CUDA 12
-    driver): :func:`cuda_status` says which, and tests/test_trt_cuda.py fails on that case when
+    driver): :func:`cuda_status` says which, and tests/test_trt_driver.py fails on that case when
     nvidia-smi sees a GPU.
     """
     try:

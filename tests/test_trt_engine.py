@@ -19,7 +19,7 @@ trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed")
 if not hasattr(trt, "Builder"):
     pytest.skip("only tensorrt-stubs is installed, not TensorRT", allow_module_level=True)
 if cuda.device_count() == 0:
-    # tests/test_trt_cuda.py fails (not skips) when nvidia-smi sees a GPU that the bindings cannot.
+    # tests/test_trt_driver.py fails (not skips) when nvidia-smi sees a GPU that the bindings cannot.
     pytest.skip(f"no CUDA device for the bindings: {cuda.cuda_status().explain()}", allow_module_level=True)
 
 pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu]

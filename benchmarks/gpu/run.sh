@@ -8,7 +8,7 @@
 # 2. benchmarks/gpu/cuda_event_check.py: the shared CUDA layer's events vs torch's
 # 3. trt-latency calibrate configs/gpu.yaml --backend ort-cuda   (export ~2 GB fp16, sweep, fit, replay)
 # 4. benchmarks/gpu/independent_loop.py: the same model.onnx at three positions, no project code
-# 5. the CUDA-layer tests (tests/test_trt_cuda.py: driver/bindings check, pinned copies, graph upload,
+# 5. the CUDA-layer tests (tests/test_trt_driver.py: driver/bindings check; tests/test_trt_cuda.py: pinned copies, graph upload,
 #    capture fallback) right after step 2, and the TensorRT tests (tests/test_trt_engine.py,
 #    tests/test_trt_backends.py: build + timing cache, decode/prefill profiles, warm-up, graphs vs ONNX
 #    Runtime) at the end, when TensorRT is importable on the host (logged as SKIP otherwise)
@@ -138,7 +138,7 @@ gpu_tests() {  # gpu_tests NAME LIMIT FILES...: pytest with skip reasons shown (
   step "$name" "$limit" "$PY" -m pytest -q -rs -p no:cacheprovider -o addopts="" --junitxml "$DEST/$name.xml" "$@"
 }
 if [ "$PROVIDER" = cpu ]; then log "SKIP cuda-tests (PROVIDER=cpu)"
-elif ((have_pytest)); then gpu_tests cuda-tests 90 tests/test_trt_cuda.py
+elif ((have_pytest)); then gpu_tests cuda-tests 90 tests/test_trt_driver.py tests/test_trt_cuda.py
 else log "SKIP cuda-tests: pytest is not importable here"; FAILED+=("cuda-tests(skipped)")
 fi
 
