@@ -3,11 +3,13 @@
 "auto" picks the fastest backend that really works here: TensorRT (library importable, a GPU
 present, the engine builds and loads), else ONNX Runtime's CUDA provider if it loads, else the CPU
 provider. Any failure to open a candidate (unavailable, parse, build, out of memory) moves on to
-the next one and says why on stderr.
+the next one; it says why on stderr, except for a backend that is merely unavailable on a machine
+without a GPU.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -73,13 +75,27 @@ def tensorrt_constructor(trt_runner: Any, path: Path, options: Mapping[str, Any]
 
 
 AUTO_ORDER = ("tensorrt", "ort-cuda", "ort-cpu")
+_SAID: set[str] = set()  # auto's notes already printed in this process (one per distinct reason)
 
 
-def open_first(path: Path, open_one: Callable[[str], Runner], candidates: tuple[str, ...] = AUTO_ORDER) -> Runner:
+@functools.cache
+def _gpu_present() -> bool:
+    """Whether nvidia-smi lists a GPU (the driver's view, independent of the Python CUDA packages)."""
+    from trt_latency.engines import cuda
+
+    return bool(cuda.nvidia_smi_gpus())
+
+
+def open_first(path: Path, open_one: Callable[[str], Runner], candidates: tuple[str, ...] = AUTO_ORDER,
+               gpu_present: Callable[[], bool] = _gpu_present) -> Runner:
     """The first of ``candidates`` that ``open_one`` opens; the last one's failure propagates.
 
-    Any failure of an earlier candidate (BackendUnavailable, TensorRT's parser or builder, CUDA
-    out of memory, an ONNX Runtime provider error) is reported on stderr and the next one tried.
+    Any failure of an earlier candidate (TensorRT's parser or builder, CUDA out of memory, an ONNX
+    Runtime provider error) is reported on stderr and the next one tried. A candidate that is merely
+    unavailable (BackendUnavailable) is skipped quietly on a machine without a GPU, where the CPU is
+    the expected outcome, and reported where ``gpu_present()`` (nvidia-smi lists a GPU), since a GPU
+    backend switching itself off there (e.g. a driver/bindings mismatch) must not go unnoticed.
+    Each distinct note is printed once per process.
     """
     for i, candidate in enumerate(candidates):
         if i == len(candidates) - 1:
@@ -87,10 +103,15 @@ def open_first(path: Path, open_one: Callable[[str], Runner], candidates: tuple[
         try:
             return open_one(candidate)
         except BackendUnavailable as exc:
+            if not gpu_present():
+                continue
             why = f"unavailable: {exc}"
         except Exception as exc:  # noqa: BLE001 - parse/build/OOM/provider errors: fall back, say why
             why = f"failed on {path}: {type(exc).__name__}: {exc}"
-        print(f"trt-latency: backend auto: {candidate} {why}; trying {candidates[i + 1]}", file=sys.stderr)
+        note = f"trt-latency: backend auto: {candidate} {why}; trying {candidates[i + 1]}"
+        if note not in _SAID:
+            _SAID.add(note)
+            print(note, file=sys.stderr)
     raise AssertionError("unreachable: candidates is empty")
 
 
