@@ -167,6 +167,8 @@ class CudaStatus:
     error: str | None  # cudaGetDeviceCount's error name, None when it succeeded
 
     def explain(self) -> str:
+        if not self.bindings:
+            return f"{self.error}; pick the extra that matches the driver's CUDA major: trt-latency[cu12] or [cu13]"
         if self.error is None:
             return (f"cuda-bindings {self.bindings} (CUDA {_cuda_text(self.runtime_version)}) sees "
                     f"{self.device_count} device(s); driver supports CUDA {_cuda_text(self.driver_version)}")
@@ -179,9 +181,9 @@ def cuda_status() -> CudaStatus:
     bindings = bindings_version()
     try:
         rt = _runtime()
-    except BackendUnavailable as exc:
+        result = rt.cudaGetDeviceCount()
+    except (BackendUnavailable, RuntimeError, OSError) as exc:  # not installed, or its libraries do not load
         return CudaStatus(bindings, 0, 0, 0, str(exc))
-    result = rt.cudaGetDeviceCount()
     error = None if int(result[0]) == 0 else _error_text(rt, result[0])[0]
     count = int(result[1]) if error is None and result[1] is not None else 0
     return CudaStatus(bindings, _version_int("cudaRuntimeGetVersion"), _version_int("cudaDriverGetVersion"),
