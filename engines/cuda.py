@@ -57,10 +57,10 @@ class CudaUnavailable(CudaError, BackendUnavailable):
 def _runtime() -> ModuleType:
     try:
         from cuda.bindings import runtime
-    except ImportError as exc:  # cuda-python is the optional `tensorrt` extra
+    except ImportError as exc:  # cuda-bindings comes with the `test`, `tensorrt`, `cu12` and `cu13` extras
         raise BackendUnavailable(
-            "CUDA is not usable: the 'cuda-bindings' package is not installed "
-            "(pip install 'trt-latency[tensorrt]')"
+            "CUDA is not usable: the 'cuda-bindings' package is not installed (pip install "
+            "'trt-latency[cu12]' or 'trt-latency[cu13]', matching the NVIDIA driver's CUDA major)"
         ) from exc
     return runtime
 
@@ -168,7 +168,7 @@ class CudaStatus:
 
     def explain(self) -> str:
         if not self.bindings:
-            return f"{self.error}; pick the extra that matches the driver's CUDA major: trt-latency[cu12] or [cu13]"
+            return str(self.error)  # _runtime()'s message: not installed, and what to install
         if self.error is None:
             return (f"cuda-bindings {self.bindings} (CUDA {_cuda_text(self.runtime_version)}) sees "
                     f"{self.device_count} device(s); driver supports CUDA {_cuda_text(self.driver_version)}")
