@@ -132,7 +132,8 @@ def test_pinned_buffer_async_round_trip_on_one_stream() -> None:
         src = host.array(np.float32, (n,))
         src[:] = np.arange(n, dtype=np.float32)
         dev.memset(0, stream=stream)  # ordered before the copy: same stream
-        dev.copy_from_host(src, stream=stream)
+        dev.copy_from_host(src, stream=stream)  # truly async from pinned memory:
+        stream.synchronize()  # ... so wait before reusing it
         out = host.array(np.float32, (n,))  # the same pinned memory, read back over it
         out[:] = 0
         dev.copy_to_host(out, stream=stream)
