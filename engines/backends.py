@@ -46,12 +46,15 @@ def _open_tensorrt(path: Path, max_past_len: int | None, max_new_tokens: int | N
 
 def open_runner(path: str | os.PathLike[str], backend: str = "auto", *, threads: int = 0, inter_threads: int = 0,
                 max_past_len: int | None = None, max_new_tokens: int | None = None, device_id: int = 0,
-                seed: int = 0, trt_options: dict[str, Any] | None = None) -> Runner:
+                seed: int = 0, trt_options: dict[str, Any] | None = None, kv_mode: str = "auto",
+                io: dict[str, str] | str | None = None, dims: dict[str, int] | str | None = None) -> Runner:
     """Open ``path`` (model.onnx, or a serialized TensorRT engine for backend 'tensorrt') as a Runner.
 
     ``threads``/``inter_threads``: ONNX Runtime intra/inter-op threads (0 = its default).
     ``max_past_len``/``max_new_tokens``: buffer (profile) sizes; default from the model's metadata.
     ``trt_options``: extra keywords for TrtRunner.from_onnx / from_engine (use_cuda_graph, cache_dir, ...).
+    ``kv_mode`` ("auto", "concat", "shared"), ``io`` (--io NAME=ROLE overrides) and ``dims`` (--dims)
+    go to the model's DecoderSignature (engines/signature.py); the ONNX Runtime runners bind by it.
     Raises BackendUnavailable when the named backend does not work on this machine.
     """
     p = Path(path)
@@ -66,7 +69,8 @@ def open_runner(path: str | os.PathLike[str], backend: str = "auto", *, threads:
             try:
                 return open_runner(p, candidate, threads=threads, inter_threads=inter_threads,
                                    max_past_len=max_past_len, max_new_tokens=max_new_tokens,
-                                   device_id=device_id, seed=seed, trt_options=trt_options)
+                                   device_id=device_id, seed=seed, trt_options=trt_options, kv_mode=kv_mode,
+                                   io=io, dims=dims)
             except BackendUnavailable:
                 continue
         backend = "ort-cpu"
@@ -77,4 +81,5 @@ def open_runner(path: str | os.PathLike[str], backend: str = "auto", *, threads:
     from trt_latency.engines.ort.runner import OrtRunner
 
     return OrtRunner(p, _ORT_DEVICES[backend], intra_op_threads=threads, inter_op_threads=inter_threads,
-                     max_past_len=max_past_len, max_new_tokens=max_new_tokens, device_id=device_id, seed=seed)
+                     max_past_len=max_past_len, max_new_tokens=max_new_tokens, device_id=device_id, seed=seed,
+                     kv_mode=kv_mode, io=io, dims=dims)
