@@ -163,13 +163,14 @@ class DecoderSignature:
             add(self.position_ids, "input", "position_ids", [1, new_tokens], self.position_dtype or "int64")
         past_shape = self.kv_shape(cap if mode == "shared" else past_len)
         present_shape = self.kv_shape(cap if mode == "shared" else total)
+        kinds = ("",) if self.kv_layout == "fused" else ("_key", "_value")
         for i, kv in enumerate(self.kv):
-            for past, _ in kv.pairs():
-                add(past, "input", f"past.{i}", past_shape, self.kv_dtype)
+            for (past, _), kind in zip(kv.pairs(), kinds, strict=True):
+                add(past, "input", f"past{kind}.{i}", past_shape, self.kv_dtype)
         add(self.logits, "output", "logits", [1, new_tokens, self.vocab], self.logits_dtype)
         for i, kv in enumerate(self.kv):
-            for _, present in kv.pairs():
-                add(present, "output", f"present.{i}" + (" (same buffer as past)" if mode == "shared" else ""),
+            for (_, present), kind in zip(kv.pairs(), kinds, strict=True):
+                add(present, "output", f"present{kind}.{i}" + (" (same buffer as past)" if mode == "shared" else ""),
                     present_shape, self.kv_dtype)
         return rows
 
@@ -533,7 +534,7 @@ def signature_from_tensors(model: str | os.PathLike[str], inputs: Sequence[Tenso
         sources["max_past_len"] = f"{sources.pop('context_length')} - 1"
     else:
         max_past = None
-        sources["max_past_len"] = "unknown (the plan's max_past_len is used; --max-past-len sets it)"
+        sources["max_past_len"] = "unknown: the plan's max_past_len is used; --max-past-len sets it"
     sources.pop("context_length", None)
     for dim, value in (("kv_heads", kv_heads), ("head_dim", head_dim), ("vocab", vocab)):
         if value is None:

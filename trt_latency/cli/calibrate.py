@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from trt_latency.cli._model import VISION_NOTE, add_model_args, capped_past, model_options
 from trt_latency.errors import ConfigError, TrtLatencyError
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
@@ -36,6 +37,7 @@ examples:
   trt-latency calibrate --out out                   # all configs of configs/default.yaml
   trt-latency calibrate my_plan.yaml --backend ort-cuda --out out
   trt-latency calibrate --onnx decoder.onnx --out out   # time your own exported decoder
+  trt-latency calibrate --onnx genai/model.onnx --kv-mode shared --max-past-len 2048 --out out
   trt-latency calibrate plan.yaml --engine decoder.plan --out out   # a TensorRT engine (GPU host)
 
 Writes OUT/{model.onnx, samples.csv, calibration.yaml, decode.png, requests.csv}. Rerunning with the same
@@ -68,6 +70,7 @@ def register(sub: Any) -> None:
     parser.add_argument("--no-replay", action="store_true", help="skip the end-to-end replay into requests.csv")
     parser.add_argument("--requests", type=int, metavar="N", help="replay N requests (default: the plan's replay size)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_model_args(parser)
     parser.set_defaults(func=run)
 
 
@@ -82,6 +85,7 @@ class Target:
     tier: Any  # TierSpec
     path: Path
     exported: bool = False  # written by this run (vs reused / supplied)
+    signature: Any = None  # DecoderSignature of a user's --onnx model
 
 
 def model_path(out: Path, key: Any, primary: bool) -> Path:
@@ -117,58 +121,31 @@ def _export_if_needed(tier: Any, key: Any, path: Path, seed: int) -> bool:
     return True
 
 
-def _tier_from_onnx(path: Path, plan: Any) -> tuple[Any, Any]:
-    """(TierSpec, ConfigKey) of a user's decoder: from trt_latency metadata, else inferred from its inputs."""
-    import onnx
+def _tier_from_onnx(path: Path, plan: Any, args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(TierSpec, ConfigKey, DecoderSignature) of a user's decoder: trt_latency metadata when it has it,
+    else its signature (shapes, genai_config.json / config.json, the graph, --dims)."""
+    from trt_latency.engines.config import DTYPE_SIZES, ConfigKey, TierSpec
+    from trt_latency.engines.export import tier_from_metadata
+    from trt_latency.engines.signature import read_signature
 
-    from trt_latency.engines.config import ConfigKey, TierSpec
-    from trt_latency.engines.export import model_metadata, tier_from_metadata
-
-    spath = str(path)
-    if not path.is_file():
-        raise ConfigError("file not found", path=spath, expected="an ONNX decoder model")
-    try:
-        meta = model_metadata(path)
-    except Exception as exc:  # noqa: BLE001 - onnx raises several types for a bad file
-        raise ConfigError(f"not a readable ONNX model ({type(exc).__name__})", path=spath) from None
-    if meta and all(f in meta for f in TierSpec.__dataclass_fields__):
-        return tier_from_metadata(meta)
-    model = onnx.load(spath, load_external_data=False)
-    inputs = {i.name: i for i in model.graph.input}
-
-    def dims(name: str) -> list[int | str]:
-        shape = inputs[name].type.tensor_type.shape.dim
-        return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in shape]
-
-    if "inputs_embeds" not in inputs:
-        raise ConfigError("missing model input", path=spath, field="inputs_embeds",
-                          expected="inputs inputs_embeds [B,S,H], position_ids, past_key_values.{i}.key|value",
-                          got=",".join(inputs))
-    hidden = dims("inputs_embeds")[-1]
-    blocks = 0
-    while f"past_key_values.{blocks}.key" in inputs:
-        blocks += 1
-    if blocks == 0 or not isinstance(hidden, int) or hidden <= 0:
-        raise ConfigError("cannot infer the decoder's dims", path=spath, field="inputs",
-                          expected="a static hidden size and past_key_values.0.key [B,kv_heads,past,head_dim]",
-                          got=",".join(inputs))
-    kv = dims("past_key_values.0.key")
-    kv_heads, head_dim = kv[1], kv[3]
-    if not isinstance(kv_heads, int) or not isinstance(head_dim, int) or kv_heads <= 0 or head_dim <= 0:
-        raise ConfigError("cannot infer the KV dims", path=spath, field="past_key_values.0.key",
-                          expected="static kv_heads and head_dim", got=str(kv))
-    elem = inputs["past_key_values.0.key"].type.tensor_type.elem_type
-    dtype = "float16" if elem == onnx.TensorProto.FLOAT16 else "float32"
-    outputs = {o.name: o for o in model.graph.output}
-    vocab = 0
-    if "logits" in outputs:
-        d = outputs["logits"].type.tensor_type.shape.dim
-        vocab = d[-1].dim_value if d and d[-1].HasField("dim_value") else 0
+    sig = read_signature(path, io=getattr(args, "io", None), dims=getattr(args, "dims", None))
+    sig.resolve_kv_mode(getattr(args, "kv_mode", "auto"))  # a mode the model cannot run fails here, in one line
     base = plan.tier(plan.primary.tier_idx)
-    tier = TierSpec(tier_idx=int(meta.get("tier_idx", 0)), name=path.stem, hidden=hidden, layers=blocks,
-                    heads=kv_heads, kv_heads=kv_heads, head_dim=head_dim, intermediate=0, vocab=vocab, experts=1,
-                    dtype=dtype, max_past_len=base.max_past_len, max_prefill_len=base.max_prefill_len)
-    return tier, ConfigKey(tier.tier_idx, int(meta.get("top_k", 1)), blocks)
+    flag = getattr(args, "max_past_len", None)
+    from trt_latency.engines.export import model_metadata
+
+    meta = model_metadata(path)
+    if meta and all(f in meta for f in TierSpec.__dataclass_fields__):
+        tier, key = tier_from_metadata(meta)
+        return replace(tier, max_past_len=capped_past(tier.max_past_len, tier.max_past_len, flag)), key, sig
+    max_past = capped_past(base.max_past_len, sig.max_past_len, flag)
+    # The longest prompt fits the model too (a prefill of S writes positions 0 .. S-1).
+    max_prefill = min(base.max_prefill_len, sig.max_past_len + 1) if sig.max_past_len else base.max_prefill_len
+    tier = TierSpec(tier_idx=0, name=path.stem, hidden=sig.hidden or 1, layers=sig.blocks,
+                    heads=sig.heads or sig.kv_heads, kv_heads=sig.kv_heads, head_dim=sig.head_dim, intermediate=0,
+                    vocab=sig.vocab, experts=1, dtype=sig.kv_dtype if sig.kv_dtype in DTYPE_SIZES else "float16",
+                    max_past_len=max_past, max_prefill_len=max_prefill)
+    return tier, ConfigKey(tier.tier_idx, 1, sig.blocks), sig
 
 
 def _sha256(path: Path) -> str:
@@ -181,9 +158,9 @@ def _sha256(path: Path) -> str:
 
 def _targets(args: argparse.Namespace, plan: Any, out: Path) -> tuple[Any, list[Target]]:
     if args.onnx:
-        tier, key = _tier_from_onnx(Path(args.onnx), plan)
+        tier, key, sig = _tier_from_onnx(Path(args.onnx), plan, args)
         plan = replace(plan, tiers={tier.tier_idx: tier}, configs=[key])
-        return plan, [Target(key, tier, Path(args.onnx))]
+        return plan, [Target(key, tier, Path(args.onnx), signature=sig)]
     if args.engine:
         engine = Path(args.engine)
         if not engine.is_file():
@@ -193,6 +170,8 @@ def _targets(args: argparse.Namespace, plan: Any, out: Path) -> tuple[Any, list[
     targets = []
     for i, key in enumerate(plan.configs):
         tier = plan.tier(key.tier_idx)
+        if getattr(args, "max_past_len", None) is not None:  # our own models: the flag can only shorten
+            tier = replace(tier, max_past_len=capped_past(tier.max_past_len, tier.max_past_len, args.max_past_len))
         targets.append(Target(key, tier, model_path(out, key, primary=i == 0)))
     return plan, targets
 
@@ -300,8 +279,9 @@ def run(args: argparse.Namespace) -> int:
             say(f"  model {t.path.name}: {'exported' if t.exported else 'reused (same content hash)'}")
     runner_info: dict[str, str] = {}
     sweep_stats: list[str] = []
+    options = model_options(args)
     for t in targets:
-        info = _sweep_one(t, plan, backend, samples_path, progress)
+        info = _sweep_one(t, plan, backend, samples_path, progress, options)
         runner_info.update(info)
         sweep_stats.append(info.get("summary", ""))
 
@@ -323,7 +303,8 @@ def run(args: argparse.Namespace) -> int:
         written = skipped = 0
         seconds = 0.0
         for i, t in enumerate(targets):
-            result = _replay(t, plan, backend, requests_path, n_requests, progress, id_offset=i * REPLAY_ID_STRIDE)
+            result = _replay(t, plan, backend, requests_path, n_requests, progress, id_offset=i * REPLAY_ID_STRIDE,
+                             options=options)
             written += result.rows_written
             skipped += result.rows_skipped
             seconds += result.seconds
@@ -345,6 +326,8 @@ def run(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - started
     say("Summary")
     say(f"  backend      {runner_info.get('backend', backend)} on {runner_info.get('device', '?')}")
+    say(f"  kv_mode      {runner_info.get('kv_mode', 'concat')}"
+        + (f" (token input {runner_info['token_input']})" if runner_info.get("token_input") else ""))
     for t in targets:
         say(f"  model        {t.path}")
     say(f"  samples      {samples_path} ({len(samples)} timed repetitions)")
@@ -364,27 +347,30 @@ class _Say:
         print(text, flush=True)
 
 
-def _open(target: Target, plan: Any, backend: str) -> Any:
+def _open(target: Target, plan: Any, backend: str, options: dict[str, Any] | None = None) -> Any:
     from trt_latency.engines.backends import open_runner
 
     return open_runner(target.path, backend=backend, threads=plan.runtime.intra_op_threads,
                        inter_threads=plan.runtime.inter_op_threads, max_past_len=target.tier.max_past_len,
-                       max_new_tokens=target.tier.max_prefill_len, seed=plan.sweep.seed)
+                       max_new_tokens=target.tier.max_prefill_len, seed=plan.sweep.seed, **(options or {}))
 
 
-def _sweep_one(target: Target, plan: Any, backend: str, samples_path: Path, progress: bool) -> dict[str, str]:
+def _sweep_one(target: Target, plan: Any, backend: str, samples_path: Path, progress: bool,
+               options: dict[str, Any] | None = None) -> dict[str, str]:
     from trt_latency.engines.sweep import run_sweep
 
-    with _open(target, plan, backend) as runner:
+    with _open(target, plan, backend, options) as runner:
         result = run_sweep(runner, target.key, plan, samples_path, progress=progress)
         k = target.key
         summary = (f"  sweep tier_idx={k.tier_idx} top_k={k.top_k} num_active_blocks={k.num_active_blocks}: "
                    f"{result.rows_written} repetitions timed, {result.rows_skipped} already in "
                    f"{samples_path.name}, {len(result.positions)} decode positions up to "
                    f"{max(result.positions) if result.positions else 0}, {len(result.prefill_lengths)} prefill "
-                   f"lengths, {_fmt_time(result.seconds)} ({runner.backend} on {runner.device})")
+                   f"lengths, {_fmt_time(result.seconds)} ({runner.backend} on {runner.device}, "
+                   f"kv_mode {getattr(runner, 'kv_mode', 'concat')})")
         print(summary, flush=True)
-        return {"backend": runner.backend, "device": runner.device, "summary": summary}
+        return {"backend": runner.backend, "device": runner.device, "summary": summary,
+                "kv_mode": getattr(runner, "kv_mode", "concat"), "token_input": getattr(runner, "token_input", "")}
 
 
 def _fit(samples_path: Path, plan: Any, targets: list[Target], runner_info: dict[str, str],
@@ -404,6 +390,7 @@ def _fit(samples_path: Path, plan: Any, targets: list[Target], runner_info: dict
     provenance.update(
         backend=runner_info.get("backend", ""),
         device=runner_info.get("device", ""),
+        kv_mode=runner_info.get("kv_mode", "concat"),
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         versions=_versions(),
         plan={"source": str(plan.source), "quick": bool(plan.quick),
@@ -413,8 +400,18 @@ def _fit(samples_path: Path, plan: Any, targets: list[Target], runner_info: dict
         engine_sha256=_sha256(targets[0].path),
         tiers={str(t.tier.tier_idx): {f: getattr(t.tier, f) for f in t.tier.__dataclass_fields__} for t in targets},
     )
+    sigs = {_key_name(t.key): _signature_record(t.signature) for t in targets if t.signature is not None}
+    if sigs:
+        provenance["signatures"] = sigs
     cal = replace(cal, provenance=provenance)
     return cal, samples
+
+
+def _signature_record(sig: Any) -> dict[str, Any]:
+    """What calibration.yaml keeps of a user model's signature (how it was bound, and where dims came from)."""
+    d = sig.describe()
+    return {k: d[k] for k in ("token_input", "attention_mask", "position_ids", "kv_layout", "blocks", "kv_heads",
+                              "head_dim", "kv_dtype", "max_past_len", "share_buffer", "sources")}
 
 
 def _subset(samples: Any, keep: np.ndarray) -> Any:
@@ -452,11 +449,13 @@ def _plot(samples: Any, cal: Any, path: Path, runner_info: dict[str, str]) -> bo
 
 
 def _replay(target: Target, plan: Any, backend: str, requests_path: Path, n: int, progress: bool,
-            id_offset: int = 0) -> Any:
+            id_offset: int = 0, options: dict[str, Any] | None = None) -> Any:
     from trt_latency.engines.replay import run_replay
 
     spec = replace(plan.replay, requests=n)
-    with _open(target, plan, backend) as runner:
+    with _open(target, plan, backend, options) as runner:
+        if getattr(runner, "token_input", "") == "input_ids":
+            print("  " + VISION_NOTE, flush=True)
         result = run_replay(runner, target.key, target.tier, spec, requests_path, n, progress=progress,
                             id_offset=id_offset)
     print(f"  replay {_key_name(target.key)} (request_id {id_offset}..{id_offset + n - 1}): "

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from trt_latency.cli._model import add_model_args, model_options
 from trt_latency.cli.export import add_config_args, ensure_model, resolve_key
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
@@ -16,6 +17,7 @@ examples:
   trt-latency sweep --all --out runs/samples.csv           # every config of the plan
   trt-latency sweep plan.yaml --onnx my.onnx --tier 0 --blocks 8 --backend ort-cuda --out s.csv
   trt-latency sweep --quick --out s.csv                    # the plan's quick grid
+  trt-latency sweep --onnx genai/model.onnx --kv-mode shared --max-past-len 1024 --out s.csv
 
 Rows are appended as measured; rerunning the same command after an interruption measures only
 the missing rows. Exported models go next to the samples file (model_T_K_B.onnx) and are reused.
@@ -32,6 +34,7 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
                         help="ONNX Runtime intra-op threads (default: the plan's runtime.intra_op_threads)")
     parser.add_argument("--quick", action="store_true", help="use the plan's quick: overrides")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_args(parser)
 
 
 def open_for(plan: Any, key: Any, args: argparse.Namespace, model_dir: Path) -> Any:
@@ -47,8 +50,10 @@ def open_for(plan: Any, key: Any, args: argparse.Namespace, model_dir: Path) -> 
     else:
         path = ensure_model(model_dir / f"model_{key.tier_idx}_{key.top_k}_{key.num_active_blocks}.onnx", tier, key)
     threads = plan.runtime.intra_op_threads if args.threads is None else args.threads
+    # The runner caps both at what the model supports (its context length from its config).
+    max_past = args.max_past_len if args.max_past_len is not None else tier.max_past_len
     return open_runner(path, backend, threads=threads, inter_threads=plan.runtime.inter_op_threads,
-                       max_past_len=tier.max_past_len, max_new_tokens=tier.max_prefill_len)
+                       max_past_len=max_past, max_new_tokens=tier.max_prefill_len, **model_options(args))
 
 
 def register(sub: Any) -> None:
