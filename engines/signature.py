@@ -111,6 +111,7 @@ class DecoderSignature:
     max_past_len: int | None  # the model's longest past (context length - 1), None when unknown
     share_buffer: bool  # genai_config.json search.past_present_share_buffer
     attention_ops: tuple[str, ...]  # attention-like op types in the graph (GroupQueryAttention, ...)
+    graph_read: bool  # the ops are known (an ONNX graph; a TensorRT engine's I/O list does not say)
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     sources: dict[str, str] = field(default_factory=dict)
@@ -122,7 +123,7 @@ class DecoderSignature:
     @property
     def can_share_buffer(self) -> bool | None:
         """True when the attention writes present into the past buffer (GroupQueryAttention); None if unknown."""
-        if not self.attention_ops:
+        if not self.graph_read:
             return None
         return "GroupQueryAttention" in self.attention_ops
 
@@ -135,7 +136,8 @@ class DecoderSignature:
         if kv_mode == "shared" and self.can_share_buffer is False:
             raise SignatureError(
                 f"kv_mode shared needs an attention op that writes the new token into the past buffer "
-                f"(GroupQueryAttention); this graph concatenates past and present ({', '.join(self.attention_ops)})",
+                f"(GroupQueryAttention); this graph concatenates past and present "
+                f"({', '.join(self.attention_ops) or 'standard ops'})",
                 path=self.model, field="--kv-mode", expected="concat (or auto) for this model", got="shared")
         return kv_mode
 
@@ -306,7 +308,9 @@ def graph_facts(model: Any) -> tuple[dict[str, tuple[int, str]], tuple[str, ...]
     ops: set[str] = set()
     graph = model.graph
     init_shapes = {t.name: list(t.dims) for t in graph.initializer}
-    for node in _all_nodes(graph):
+    nodes = _all_nodes(graph)
+    producer = {out: node for node in nodes for out in node.output}
+    for node in nodes:
         if node.op_type in ("GroupQueryAttention", "MultiHeadAttention", "Attention", "PagedAttention",
                             "SparseAttention", "PackedMultiHeadAttention"):
             ops.add(node.op_type)
@@ -316,12 +320,37 @@ def graph_facts(model: Any) -> tuple[dict[str, tuple[int, str]], tuple[str, ...]
                 facts.setdefault("kv_heads", (attrs["kv_num_heads"], "graph GroupQueryAttention kv_num_heads"))
             if attrs.get("num_heads", 0) > 0:
                 facts.setdefault("heads", (attrs["num_heads"], "graph GroupQueryAttention num_heads"))
+                # head size = query width / num_heads (packed QKV: / (num_heads + 2 kv_num_heads))
+                width = _projection_width(node.input[0], producer, init_shapes)
+                packed = len(node.input) < 2 or not node.input[1]
+                groups = attrs["num_heads"] + (2 * attrs.get("kv_num_heads", 0) if packed else 0)
+                if width and groups and width % groups == 0:
+                    facts.setdefault("head_dim", (width // groups, "graph GroupQueryAttention query width / "
+                                                  + ("(num_heads + 2 kv_num_heads)" if packed else "num_heads")))
         if node.op_type == "Gather" and node.input and node.input[0] in init_shapes:
             shape = init_shapes[node.input[0]]
             if len(shape) == 2 and ("input_ids" in node.input[1:] or "embed" in node.input[0].lower()):
                 facts.setdefault("vocab", (int(shape[0]), f"graph embedding table {node.input[0]}"))
                 facts.setdefault("hidden", (int(shape[1]), f"graph embedding table {node.input[0]}"))
     return facts, tuple(sorted(ops))
+
+
+def _projection_width(name: str, producer: Mapping[str, Any], init_shapes: Mapping[str, list[int]]) -> int | None:
+    """Output width of the projection that makes tensor ``name``: MatMul by an initializer [K, N], or
+    MatMulNBits (attribute N), looking through a bias Add / Reshape / Cast."""
+    for _ in range(4):
+        node = producer.get(name)
+        if node is None:
+            return None
+        if node.op_type == "MatMulNBits":
+            return next((a.i for a in node.attribute if a.name == "N"), None)
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in init_shapes:
+            shape = init_shapes[node.input[1]]
+            return int(shape[-1]) if len(shape) == 2 else None
+        if node.op_type not in ("Add", "Cast", "Reshape"):
+            return None
+        name = node.input[0]
+    return None
 
 
 def _all_nodes(graph: Any) -> list[Any]:
@@ -513,11 +542,6 @@ def signature_from_tensors(model: str | os.PathLike[str], inputs: Sequence[Tenso
     kv_heads = pick("kv_heads", kv_dims[off + 1], f"shape of {past0_name}")
     head_dim = pick("head_dim", kv_dims[off + 3], f"shape of {past0_name}")
     heads = pick("heads", None, "")
-    if head_dim is None:  # GQA attributes give heads; hidden / heads is the head size
-        hidden_guess = pick("hidden", None, "")
-        if heads and hidden_guess and hidden_guess % heads == 0:
-            head_dim = hidden_guess // heads
-            sources["head_dim"] = f"hidden / heads ({sources.get('hidden')}, {sources.get('heads')})"
     tok_dims = _dims_of(token_shape)
     hidden = pick("hidden", tok_dims[2] if token_role == "inputs_embeds" and len(tok_dims) == 3 else None,
                   f"shape of {token_name}")
@@ -568,7 +592,7 @@ def signature_from_tensors(model: str | os.PathLike[str], inputs: Sequence[Tenso
         position_ids=pos[0] if pos else None, position_dtype=pos[2] if pos else None,
         logits=logits_name, logits_dtype=logits_dtype, kv=tuple(kv), kv_layout=layout, kv_dtype=kv_dtype,
         kv_heads=kv_heads, head_dim=head_dim, hidden=hidden or 0, vocab=vocab, heads=heads, max_past_len=max_past,
-        share_buffer=bool(share), attention_ops=attention_ops, inputs=tuple(names_in),
+        share_buffer=bool(share), attention_ops=attention_ops, graph_read=graph is not None, inputs=tuple(names_in),
         outputs=tuple(o[0] for o in outputs), sources=sources)
 
 
