@@ -280,6 +280,9 @@ def config_facts(model_dir: Path) -> tuple[dict[str, tuple[int, str]], bool | No
             if isinstance(value, int) and value > 0:
                 facts.setdefault(dim, (value, f"{src} {key}"))
         search = cfg.get("search", {}) if isinstance(cfg.get("search"), dict) else {}
+        max_length = search.get("max_length")
+        if isinstance(max_length, int) and max_length > 0:
+            facts.setdefault("context_length", (max_length, f"{src} search.max_length"))
         if "past_present_share_buffer" in search:
             share = bool(search["past_present_share_buffer"])
     hf = model_dir / "config.json"
@@ -287,16 +290,18 @@ def config_facts(model_dir: Path) -> tuple[dict[str, tuple[int, str]], bool | No
         cfg = _read_json(hf)
         cfg = cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
         src = "config.json"
-        heads = cfg.get("num_attention_heads")
+        heads = cfg.get("num_attention_heads", cfg.get("n_head"))
+        # HF names first, then GPT-2 style ones (n_head, n_embd, n_positions).
         for dim, key in (("kv_heads", "num_key_value_heads"), ("head_dim", "head_dim"), ("hidden", "hidden_size"),
-                         ("heads", "num_attention_heads"), ("vocab", "vocab_size"),
-                         ("context_length", "max_position_embeddings")):
+                         ("hidden", "n_embd"), ("heads", "num_attention_heads"), ("heads", "n_head"),
+                         ("vocab", "vocab_size"), ("context_length", "max_position_embeddings"),
+                         ("context_length", "n_positions")):
             value = cfg.get(key)
             if isinstance(value, int) and value > 0:
                 facts.setdefault(dim, (value, f"{src} {key}"))
         if isinstance(heads, int) and heads > 0:
             facts.setdefault("kv_heads", (heads, "config.json num_attention_heads (no num_key_value_heads)"))
-            hidden = cfg.get("hidden_size")
+            hidden = cfg.get("hidden_size", cfg.get("n_embd"))
             if isinstance(hidden, int) and hidden % heads == 0:
                 facts.setdefault("head_dim", (hidden // heads, "config.json hidden_size / num_attention_heads"))
     return facts, share
