@@ -29,7 +29,7 @@ def _w(rng: np.random.Generator, *shape: int, dtype: Any = np.float32) -> np.nda
 def build(path: Path, *, attention: str = "concat", token: str = "ids", mask: bool = True, positions: bool = True,
           naming: str = "pkv", dtype: str = "float32", extra_inputs: tuple[str, ...] = (), kv_inputs: bool = True,
           static_dims: bool = True, genai_config: bool | None = None, share_buffer: bool = True,
-          seed: int = 0) -> Path:
+          hf_config: bool = False, seed: int = 0) -> Path:
     """Write a 2-layer decoder to ``path`` (and genai_config.json beside it for ``gqa``); returns path."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -166,6 +166,10 @@ def build(path: Path, *, attention: str = "concat", token: str = "ids", mask: bo
                                      "num_key_value_heads": KV, "num_hidden_layers": LAYERS}},
                "search": {"past_present_share_buffer": share_buffer, "max_length": CTX}}
         (path.parent / "genai_config.json").write_text(json.dumps(cfg))
+    if hf_config:  # optimum writes the model's config.json beside model.onnx
+        (path.parent / "config.json").write_text(json.dumps({
+            "num_attention_heads": NH, "num_key_value_heads": NH, "hidden_size": H, "head_dim": D,
+            "vocab_size": VOCAB, "max_position_embeddings": CTX, "num_hidden_layers": LAYERS}))
     return path
 
 

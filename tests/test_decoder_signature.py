@@ -22,7 +22,7 @@ from trt_latency.engines.signature import SignatureError, read_signature, signat
 # name -> build() keywords: the I/O shapes of the exporters in the wild.
 VARIANTS = {
     "genai_gqa": dict(attention="gqa", positions=False, static_dims=False),  # genai builder: GQA, no positions
-    "optimum": dict(),  # input_ids, attention_mask, position_ids, past_key_values.{i}.key|value
+    "optimum": dict(hf_config=True),  # input_ids, attention_mask, position_ids, past_key_values.{i}.key|value
     "past_key": dict(naming="past_key"),  # past_key.{i} / past_value.{i} -> present_key.{i} / present_value.{i}
     "fused": dict(naming="fused"),  # past.{i} [2, B, H, L, D] -> present.{i}
     "embeds": dict(token="embeds", mask=False),  # inputs_embeds + position_ids (VLM decoders, ours)
@@ -47,7 +47,8 @@ def test_signature_roles_and_sources(models: dict[str, Path]) -> None:
 
     o = read_signature(models["optimum"])
     assert (o.token_input, o.position_ids, o.kv_heads, o.head_dim) == ("input_ids", "position_ids", graphs.NH, graphs.D)
-    assert o.sources["kv_heads"] == "shape of past_key_values.0.key" and o.max_past_len is None
+    assert o.sources["kv_heads"] == "shape of past_key_values.0.key" and o.max_past_len == graphs.CTX - 1
+    assert o.sources["max_past_len"] == "config.json max_position_embeddings - 1"
     assert o.resolve_kv_mode("auto") == "concat"
     with pytest.raises(SignatureError, match="GroupQueryAttention"):
         o.resolve_kv_mode("shared")  # Concat attention cannot write into a shared buffer
@@ -192,3 +193,32 @@ def test_max_past_len_never_exceeds_the_model(models: dict[str, Path], tmp_path:
     shutil.copy(models["genai_gqa"], copy)
     shutil.copy(models["genai_gqa"].parent / "genai_config.json", copy.parent)
     assert OrtRunner(copy, max_past_len=50).max_past_len == 50
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["genai_gqa", "optimum"])
+def test_calibrate_onnx_end_to_end(models: dict[str, Path], tmp_path: Path, name: str,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """calibrate --onnx on a token-id decoder: sweep, fit, replay through the real model (tiny plan)."""
+    from test_tool_calibrate import TINY_PLAN
+
+    from trt_latency.estimator.calibration import load_calibration
+    from trt_latency.estimator.requests import read_requests
+    from trt_latency.estimator.samples import read_samples
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(TINY_PLAN)
+    out = tmp_path / "o"
+    assert main(["calibrate", str(plan), "--quick", "--onnx", str(models[name]), "--out", str(out),
+                 "--backend", "ort-cpu", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    mode = "shared" if name == "genai_gqa" else "concat"
+    samples = read_samples(out / "samples.csv")
+    assert set(samples.kv_mode) == {mode}
+    # The model's context (128, from genai_config.json / config.json) caps the plan's max_past_len 256.
+    assert int(samples.past_len.max()) == graphs.CTX - 1
+    cal = load_calibration(out / "calibration.yaml")
+    assert cal.provenance["kv_mode"] == mode
+    assert cal.provenance["signatures"]["t0.k1.b2"]["token_input"] == "input_ids"
+    assert len(read_requests(out / "requests.csv")) == 4
+    assert f"kv_mode      {mode} (token input input_ids)" in text and "vision tokens are fed as prompt tokens" in text

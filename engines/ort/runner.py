@@ -311,11 +311,21 @@ class OrtRunner(Closing):
         run = self.session.run_with_iobinding
         out = np.empty(reps, dtype=np.float64)
         clock = time.perf_counter_ns
-        for r in range(reps):
-            t0 = clock()
-            run(binding)
-            out[r] = (clock() - t0) * 1e-6
+        try:
+            for r in range(reps):
+                t0 = clock()
+                run(binding)
+                out[r] = (clock() - t0) * 1e-6
+        except Exception as exc:  # noqa: BLE001 - ORT raises RuntimeError/Fail/...: one line that says where
+            raise self._run_error(exc, past_len, new_tokens) from None
         return out
+
+    def _run_error(self, exc: Exception, past_len: int, new_tokens: int) -> InputError:
+        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        return InputError(f"ONNX Runtime failed on a step at past_len {past_len} with {new_tokens} new token(s) "
+                          f"(kv_mode {self.kv_mode}): {msg[:300]}", path=str(self.path), field="step",
+                          expected="a model that supports this length (--max-past-len N below its context, "
+                                   "or --kv-mode concat)")
 
     def random_prompt(self, length: int, rng: np.random.Generator) -> np.ndarray:
         """A random prompt of ``length`` tokens in the model's own input kind: ids [1, S] or embeddings [1, S, H]."""
@@ -358,7 +368,10 @@ class OrtRunner(Closing):
         t_start = clock()
         self._set_tokens(values)
         self._set_positions(0, prompt)
-        run(self._bind(0, prompt, past_set=0))
+        try:
+            run(self._bind(0, prompt, past_set=0))
+        except Exception as exc:  # noqa: BLE001 - one line instead of ORT's traceback
+            raise self._run_error(exc, 0, prompt) from None
         token = self._last_token(prompt)
         ttft = clock()
         tokens, steps = [token], []
