@@ -18,6 +18,7 @@ import decoder_graphs as graphs  # noqa: E402
 from trt_latency.cli import main  # noqa: E402
 from trt_latency.engines.ort.runner import OrtRunner  # noqa: E402
 from trt_latency.engines.signature import SignatureError, read_signature, signature_from_tensors  # noqa: E402
+from trt_latency.errors import InputError  # noqa: E402
 
 # name -> build() keywords: the I/O shapes of the exporters in the wild.
 VARIANTS = {
@@ -222,3 +223,22 @@ def test_calibrate_onnx_end_to_end(models: dict[str, Path], tmp_path: Path, name
     assert cal.provenance["signatures"]["t0.k1.b2"]["token_input"] == "input_ids"
     assert len(read_requests(out / "requests.csv")) == 4
     assert f"kv_mode      {mode} (token input input_ids)" in text and "vision tokens are fed as prompt tokens" in text
+
+
+def test_backend_registry_and_prebuilt_session(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """One registry names the backends (CLI choices come from it); a runner takes an already-built session."""
+    from trt_latency.engines import backends
+    from trt_latency.engines.ort.loader import create_session
+
+    assert backends.BACKENDS == ("auto", *backends.REGISTRY)
+    monkeypatch.setattr(backends, "REGISTRY", dict(backends.REGISTRY))
+    monkeypatch.setattr(backends, "BACKENDS", backends.BACKENDS)
+    backends.register_backend("ort-cpu-1t", "trt_latency.engines.ort.runner:open_cpu")
+    assert "ort-cpu-1t" in backends.BACKENDS
+    with backends.open_runner(models["optimum"], "ort-cpu-1t", threads=1, max_past_len=32) as runner:
+        assert runner.backend == "ort-cpu" and runner.max_past_len == 32
+    with pytest.raises(InputError, match="field .backend."):
+        backends.resolve_backend("openvino")
+    session, _ = create_session(models["genai_gqa"], "cpu", intra_op_threads=1)
+    runner = OrtRunner(models["genai_gqa"], session=session, max_past_len=16, max_new_tokens=4)
+    assert runner.session is session and runner.generate(np.array([[1, 2, 3]]), 3).output_tokens == 3

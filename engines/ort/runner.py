@@ -127,7 +127,9 @@ class OrtRunner(Closing):
     def __init__(self, path: str | os.PathLike[str], device: str = "cpu", *, intra_op_threads: int = 0,
                  inter_op_threads: int = 0, max_past_len: int | None = None, max_new_tokens: int | None = None,
                  device_id: int = 0, seed: int = 0, trt_cache_dir: str | None = None, kv_mode: str = "auto",
-                 io: Any = None, dims: Any = None, signature: Any = None) -> None:
+                 io: Any = None, dims: Any = None, signature: Any = None, session: Any = None) -> None:
+        """``session``: an already-built onnxruntime.InferenceSession (engines/ort/loader.create_session) for
+        ``path``; by default the runner builds one on ``device``. ``signature``: an already-read one."""
         from trt_latency.engines.ort.loader import create_session
         from trt_latency.engines.signature import read_signature
 
@@ -148,9 +150,12 @@ class OrtRunner(Closing):
 
             trt_options = trt_provider_options(trt_cache_dir or str(self.path.parent / "ort_trt_cache"),
                                                _trt_profile(sig, dims_.max_past_len, dims_.max_new_tokens))
-        self.session, self.provider = create_session(self.path, device, intra_op_threads=intra_op_threads,
-                                                     inter_op_threads=inter_op_threads, device_id=device_id,
-                                                     trt_options=trt_options)
+        if session is not None:  # loader -> runner split: the caller built (and owns the options of) the session
+            self.session, self.provider = session, session.get_providers()[0]
+        else:
+            self.session, self.provider = create_session(self.path, device, intra_op_threads=intra_op_threads,
+                                                         inter_op_threads=inter_op_threads, device_id=device_id,
+                                                         trt_options=trt_options)
         self.backend = _BACKENDS[device]
         self.device = cpu_name() if device == "cpu" else _gpu_name(device_id)
         self.max_past_len = dims_.max_past_len
@@ -409,3 +414,23 @@ class OrtRunner(Closing):
     def close(self) -> None:
         self._binding = None
         self.session = None
+
+
+def _open(device: str, path: Path, *, threads: int = 0, inter_threads: int = 0, **options: Any) -> OrtRunner:
+    options.pop("trt_options", None)  # TensorRT-library options: not this runner's
+    return OrtRunner(path, device, intra_op_threads=threads, inter_op_threads=inter_threads, **options)
+
+
+def open_cpu(path: Path, **options: Any) -> OrtRunner:
+    """Backend registry factory "ort-cpu" (engines/backends.py)."""
+    return _open("cpu", path, **options)
+
+
+def open_cuda(path: Path, **options: Any) -> OrtRunner:
+    """Backend registry factory "ort-cuda"."""
+    return _open("cuda", path, **options)
+
+
+def open_trt(path: Path, **options: Any) -> OrtRunner:
+    """Backend registry factory "ort-trt" (ONNX Runtime's TensorRT execution provider)."""
+    return _open("trt", path, **options)

@@ -42,3 +42,10 @@ def capped_past(plan_max: int, model_max: int | None, flag: int | None) -> int:
 
 VISION_NOTE = ("note: this model takes token ids (input_ids): a request's vision tokens are fed as prompt tokens "
                "(ids), the same count as its text tokens")
+
+
+def backend_choices() -> tuple[str, ...]:
+    """--backend choices: "auto" plus the one backend registry's names (engines/backends.py)."""
+    from trt_latency.engines.backends import BACKENDS
+
+    return BACKENDS

@@ -25,10 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from trt_latency.cli._model import VISION_NOTE, add_model_args, capped_past, model_options
+from trt_latency.cli._model import VISION_NOTE, add_model_args, backend_choices, capped_past, model_options
 from trt_latency.errors import ConfigError, TrtLatencyError
 
-BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
 DEFAULT_OUT = "trt-latency-out"
 
 EXAMPLE = """\
@@ -62,7 +61,7 @@ def register(sub: Any) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--onnx", metavar="F", help="time this ONNX decoder instead of exporting the plan's models")
     source.add_argument("--engine", metavar="F", help="time this TensorRT engine (implies --backend tensorrt)")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+    parser.add_argument("--backend", choices=backend_choices(), default="auto",
                         help="runtime (default auto: TensorRT EP / CUDA EP when usable, else the CPU provider)")
     parser.add_argument("--out", metavar="DIR", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--quick", action="store_true",

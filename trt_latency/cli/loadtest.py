@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trt_latency.cli._model import add_model_args, model_options
+from trt_latency.cli._model import add_model_args, backend_choices, model_options
 
 EPILOG = """\
 example:
@@ -50,7 +50,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("-c", "--calibration", required=True, metavar="CAL", help="calibration.yaml")
     p.add_argument("--onnx", metavar="F", help="model to serve (default: model.onnx next to CAL)")
-    p.add_argument("--backend", default="ort-cpu", help="runner backend (default ort-cpu)")
+    p.add_argument("--backend", default="ort-cpu", choices=backend_choices(), help="runner backend (default ort-cpu)")
     p.add_argument("--plan", metavar="YAML", default=None,
                    help="plan whose replay lengths the stream draws (default: the one the calibration names)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the runner's)")

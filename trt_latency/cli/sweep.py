@@ -6,10 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from trt_latency.cli._model import add_model_args, model_options
+from trt_latency.cli._model import add_model_args, backend_choices, model_options
 from trt_latency.cli.export import add_config_args, ensure_model, resolve_key
-
-BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
 
 EXAMPLE = """\
 examples:
@@ -28,7 +26,7 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--onnx", metavar="F", help="time this ONNX decoder instead of exporting the plan's model")
     source.add_argument("--engine", metavar="F", help="time this serialized TensorRT engine (backend tensorrt)")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+    parser.add_argument("--backend", choices=backend_choices(), default="auto",
                         help="runtime (default auto: TensorRT, else ONNX Runtime CUDA if it loads, else CPU)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="ONNX Runtime intra-op threads (default: the plan's runtime.intra_op_threads)")
