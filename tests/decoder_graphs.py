@@ -173,8 +173,11 @@ def build(path: Path, *, attention: str = "concat", token: str = "ids", mask: bo
     return path
 
 
-def full_logits(path: Path, prompt: np.ndarray, attention: str = "concat", naming: str = "pkv") -> np.ndarray:
-    """Logits of one full recompute over ``prompt`` (ids [1,S] or embeds [1,S,H]) with an empty past."""
+def full_logits(path: Path, prompt: np.ndarray, attention: str = "concat", naming: str = "pkv",
+                kv_heads: int | None = None, head_dim: int = D) -> np.ndarray:
+    """Logits of one full recompute over ``prompt`` (ids [1,S] or embeds [1,S,H]) with an empty past.
+
+    Plain onnxruntime, feeds named by the exporters' conventions (independent of trt_latency's signature)."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -189,7 +192,7 @@ def full_logits(path: Path, prompt: np.ndarray, attention: str = "concat", namin
         if name in feeds:
             continue
         dt = np.float16 if "float16" in meta.type else np.float32
-        kvh = KV if attention == "gqa" else NH
-        shape = (2, 1, kvh, 0, D) if naming == "fused" else (1, kvh, 0, D)
+        kvh = kv_heads if kv_heads is not None else KV if attention == "gqa" else NH
+        shape = (2, 1, kvh, 0, head_dim) if naming == "fused" else (1, kvh, 0, head_dim)
         feeds[name] = np.zeros(shape, dt)
     return np.asarray(sess.run(["logits"], feeds)[0])

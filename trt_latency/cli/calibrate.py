@@ -69,6 +69,7 @@ def register(sub: Any) -> None:
     parser.add_argument("--no-replay", action="store_true", help="skip the end-to-end replay into requests.csv")
     parser.add_argument("--requests", type=int, metavar="N", help="replay N requests (default: the plan's replay size)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-plot", action="store_true", help="skip decode.png (matplotlib takes seconds)")
     add_model_args(parser)
     parser.set_defaults(func=run)
 
@@ -288,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
     from trt_latency.estimator.calibration import save_calibration
 
     save_calibration(cal, cal_path)
-    plot_written = _plot(samples, cal, plot_path, runner_info)
+    plot_written = False if getattr(args, "no_plot", False) else _plot(samples, cal, plot_path, runner_info)
 
     n_requests = plan.replay.requests if args.requests is None else args.requests
     replaying = not args.no_replay and n_requests > 0
@@ -331,7 +332,8 @@ def run(args: argparse.Namespace) -> int:
         say(f"  model        {t.path}")
     say(f"  samples      {samples_path} ({len(samples)} timed repetitions)")
     say(f"  calibration  {cal_path}")
-    say(f"  plot         {plot_path if plot_written else 'not written (matplotlib missing)'}")
+    no_plot = "not written (--no-plot)" if getattr(args, "no_plot", False) else "not written (matplotlib missing)"
+    say(f"  plot         {plot_path if plot_written else no_plot}")
     say(f"  requests     {requests_path if requests_path.is_file() else '-'}: {replay_note}")
     for line in loop_lines:
         say(line)
