@@ -627,7 +627,7 @@ def read_signature(path: str | os.PathLike[str], *, io: Mapping[str, str] | str 
 
     spath = os.fspath(path)
     if not Path(spath).is_file():
-        raise SignatureError("file not found", path=spath, expected="an ONNX decoder model")
+        raise SignatureError("file not found", path=spath, expected="an ONNX model (a decoder)")
     try:
         model = onnx.load(spath, load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - onnx raises several types for a bad file

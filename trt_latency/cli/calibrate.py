@@ -121,7 +121,7 @@ def _export_if_needed(tier: Any, key: Any, path: Path, seed: int) -> bool:
     return True
 
 
-def _tier_from_onnx(path: Path, plan: Any, args: argparse.Namespace) -> tuple[Any, Any, Any]:
+def tier_from_onnx(path: Path, plan: Any, args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(TierSpec, ConfigKey, DecoderSignature) of a user's decoder: trt_latency metadata when it has it,
     else its signature (shapes, genai_config.json / config.json, the graph, --dims)."""
     from trt_latency.engines.config import DTYPE_SIZES, ConfigKey, TierSpec
@@ -158,7 +158,7 @@ def _sha256(path: Path) -> str:
 
 def _targets(args: argparse.Namespace, plan: Any, out: Path) -> tuple[Any, list[Target]]:
     if args.onnx:
-        tier, key, sig = _tier_from_onnx(Path(args.onnx), plan, args)
+        tier, key, sig = tier_from_onnx(Path(args.onnx), plan, args)
         plan = replace(plan, tiers={tier.tier_idx: tier}, configs=[key])
         return plan, [Target(key, tier, Path(args.onnx), signature=sig)]
     if args.engine:

@@ -50,7 +50,8 @@ def register(sub: Any) -> None:
     )
     p.add_argument("-c", "--calibration", required=True, metavar="CAL", help="calibration.yaml")
     p.add_argument("--onnx", metavar="F", help="model to serve (default: model.onnx next to CAL)")
-    p.add_argument("--backend", default="ort-cpu", choices=backend_choices(), help="runner backend (default ort-cpu)")
+    p.add_argument("--backend", default="ort-cpu", help="runner backend (default ort-cpu; names: "
+                   + ", ".join(backend_choices()) + ")")
     p.add_argument("--plan", metavar="YAML", default=None,
                    help="plan whose replay lengths the stream draws (default: the one the calibration names)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the runner's)")

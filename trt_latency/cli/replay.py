@@ -9,7 +9,7 @@ from typing import Any
 
 from trt_latency.cli._model import VISION_NOTE
 from trt_latency.cli.export import add_config_args, resolve_key
-from trt_latency.cli.sweep import add_runtime_args, open_for
+from trt_latency.cli.sweep import add_runtime_args, open_for, plan_for_onnx
 
 EXAMPLE = """\
 examples:
@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     plan = load_plan(args.config, quick=args.quick)
     if args.requests is not None and args.requests < 1:
         raise ConfigError(field="--requests", expected="an integer >= 1", got=args.requests)
+    plan = plan_for_onnx(plan, args)
     key = resolve_key(plan, args)
     out = Path(args.out)
     with open_for(plan, key, args, out.parent) as runner:

@@ -54,6 +54,19 @@ def open_for(plan: Any, key: Any, args: argparse.Namespace, model_dir: Path) -> 
                        max_past_len=max_past, max_new_tokens=tier.max_prefill_len, **model_options(args))
 
 
+def plan_for_onnx(plan: Any, args: argparse.Namespace) -> Any:
+    """With --onnx (and no --tier / --index): the plan narrowed to the user's model, its tier and config read
+    from the model's signature exactly as `calibrate --onnx` reads them (one check for every verb)."""
+    if not args.onnx or args.tier is not None or args.index is not None:
+        return plan
+    from dataclasses import replace
+
+    from trt_latency.cli.calibrate import tier_from_onnx
+
+    tier, key, _ = tier_from_onnx(Path(args.onnx), plan, args)
+    return replace(plan, tiers={tier.tier_idx: tier}, configs=[key])
+
+
 def register(sub: Any) -> None:
     parser = sub.add_parser(
         "sweep", help="time decode steps per KV position (and prefill per length) into samples.csv",
@@ -75,12 +88,14 @@ def run(args: argparse.Namespace) -> int:
     plan = load_plan(args.config, quick=args.quick)
     if args.all and (args.onnx or args.engine or args.tier is not None or args.index is not None):
         raise ConfigError(field="--all", expected="--all without --onnx/--engine/--tier/--index")
+    plan = plan_for_onnx(plan, args)
     keys = plan.configs if args.all else [resolve_key(plan, args)]
     out = Path(args.out)
     for key in keys:
         with open_for(plan, key, args, out.parent) as runner:
             res = run_sweep(runner, key, plan, out, progress=not args.no_progress)
-        print(f"config {tuple(key)} on {runner.backend} ({runner.device}): {res.rows_written} rows measured, "
+        print(f"config {tuple(key)} on {runner.backend} ({runner.device}, kv_mode "
+              f"{getattr(runner, 'kv_mode', 'concat')}): {res.rows_written} rows measured, "
               f"{res.rows_skipped} already present, {len(res.positions)} decode positions "
               f"{res.positions[0]}..{res.positions[-1]}, prefill {list(res.prefill_lengths)}, {res.seconds:.1f} s "
               f"-> {out}")
