@@ -645,3 +645,13 @@ def read_signature(path: str | os.PathLike[str], *, io: Mapping[str, str] | str 
                                   io=parse_io(io) if isinstance(io, str) or io is None else io,
                                   dims=parse_dims(dims) if isinstance(dims, str) or dims is None else dims,
                                   graph=model, metadata=meta)
+
+
+def capped_past(plan_max: int, model_max: int | None, flag: int | None) -> int:
+    """The longest past to time: --max-past-len, else the plan's; never beyond the model's own limit."""
+    wanted = flag if flag is not None else plan_max
+    return min(wanted, model_max) if model_max is not None else wanted
+
+
+VISION_NOTE = ("note: this model takes token ids (input_ids): a request's vision tokens are fed as prompt tokens "
+               "(ids), the same count as its text tokens")

@@ -197,32 +197,32 @@ def test_max_past_len_never_exceeds_the_model(models: dict[str, Path], tmp_path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["genai_gqa"])  # the third-party fixtures cover the other kinds
-def test_calibrate_onnx_end_to_end(models: dict[str, Path], tmp_path: Path, name: str,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
-    """calibrate --onnx on a token-id decoder: sweep, fit, replay through the real model (tiny plan)."""
+def test_calibrate_library_function_on_a_token_id_model(models: dict[str, Path], tmp_path: Path) -> None:
+    """trt_latency.pipeline.calibrate (what the CLI verb calls): sweep, fit, replay through a genai-like model."""
     from test_tool_calibrate import TINY_PLAN
 
     from trt_latency.estimator.calibration import load_calibration
     from trt_latency.estimator.requests import read_requests
     from trt_latency.estimator.samples import read_samples
+    from trt_latency.pipeline import CalibrateOptions, calibrate
 
     plan = tmp_path / "plan.yaml"
     plan.write_text(TINY_PLAN)
-    out = tmp_path / "o"
-    assert main(["calibrate", str(plan), "--quick", "--onnx", str(models[name]), "--out", str(out),
-                 "--backend", "ort-cpu", "--no-progress", "--no-plot"]) == 0
-    text = capsys.readouterr().out
-    mode = "shared" if name == "genai_gqa" else "concat"
-    samples = read_samples(out / "samples.csv")
-    assert set(samples.kv_mode) == {mode}
-    # The model's context (128, from genai_config.json / config.json) caps the plan's max_past_len 256.
+    lines: list[str] = []
+    result = calibrate(CalibrateOptions(config=str(plan), quick=True, onnx=str(models["genai_gqa"]),
+                                        out=str(tmp_path / "o"), backend="ort-cpu", no_progress=True, no_plot=True),
+                       say=lines.append)
+    assert result.kv_mode == "shared" and result.plot is None and result.requests is not None
+    samples = read_samples(result.samples)
+    assert set(samples.kv_mode) == {"shared"}
+    # The model's context (128, genai_config.json) caps the plan's max_past_len 256.
     assert int(samples.past_len.max()) == graphs.CTX - 1
-    cal = load_calibration(out / "calibration.yaml")
-    assert cal.provenance["kv_mode"] == mode
+    cal = load_calibration(result.calibration)
+    assert cal.provenance["kv_mode"] == "shared"
     assert cal.provenance["signatures"]["t0.k1.b2"]["token_input"] == "input_ids"
-    assert len(read_requests(out / "requests.csv")) == 4
-    assert f"kv_mode      {mode} (token input input_ids)" in text and "vision tokens are fed as prompt tokens" in text
+    assert len(read_requests(result.requests)) == 4
+    text = "\n".join(lines)
+    assert "kv_mode      shared (token input input_ids)" in text and "vision tokens are fed as prompt tokens" in text
 
 
 def test_backend_registry_and_prebuilt_session(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from trt_latency.cli._args import positive_int
+from trt_latency.engines.signature import VISION_NOTE, capped_past  # noqa: F401 - re-exported for the verbs
 
 KV_MODES = ("auto", "concat", "shared")
 
@@ -32,16 +33,6 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
     """open_runner keywords from the flags (the ones a verb without them leaves at their defaults)."""
     return {"kv_mode": getattr(args, "kv_mode", "auto"), "io": getattr(args, "io", None),
             "dims": getattr(args, "dims", None)}
-
-
-def capped_past(plan_max: int, model_max: int | None, flag: int | None) -> int:
-    """The longest past to time: --max-past-len, else the plan's; never beyond the model's own limit."""
-    wanted = flag if flag is not None else plan_max
-    return min(wanted, model_max) if model_max is not None else wanted
-
-
-VISION_NOTE = ("note: this model takes token ids (input_ids): a request's vision tokens are fed as prompt tokens "
-               "(ids), the same count as its text tokens")
 
 
 def backend_choices() -> tuple[str, ...]:

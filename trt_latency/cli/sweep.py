@@ -18,7 +18,8 @@ examples:
   trt-latency sweep --onnx genai/model.onnx --kv-mode shared --max-past-len 1024 --out s.csv
 
 Rows are appended as measured; rerunning the same command after an interruption measures only
-the missing rows. Exported models go next to the samples file (model_T_K_B.onnx) and are reused.
+the missing rows. Exported models go next to the samples file (model.tT.kK.bB.onnx, calibrate's naming)
+and are reused.
 """
 
 
@@ -46,7 +47,9 @@ def open_for(plan: Any, key: Any, args: argparse.Namespace, model_dir: Path) -> 
     elif args.onnx:
         path = Path(args.onnx)
     else:
-        path = ensure_model(model_dir / f"model_{key.tier_idx}_{key.top_k}_{key.num_active_blocks}.onnx", tier, key)
+        from trt_latency.pipeline import model_path
+
+        path = ensure_model(model_path(model_dir, key), tier, key)
     threads = plan.runtime.intra_op_threads if args.threads is None else args.threads
     # The runner caps both at what the model supports (its context length from its config).
     max_past = args.max_past_len if args.max_past_len is not None else tier.max_past_len
@@ -61,7 +64,7 @@ def plan_for_onnx(plan: Any, args: argparse.Namespace) -> Any:
         return plan
     from dataclasses import replace
 
-    from trt_latency.cli.calibrate import tier_from_onnx
+    from trt_latency.pipeline import tier_from_onnx
 
     tier, key, _ = tier_from_onnx(Path(args.onnx), plan, args)
     return replace(plan, tiers={tier.tier_idx: tier}, configs=[key])
