@@ -150,8 +150,10 @@ def loadtest(args: argparse.Namespace) -> dict[str, Any]:
     # The thread count the sweep measured with: same engine, same speed.
     threads = args.threads if args.threads is not None else plan.runtime.intra_op_threads
     _check_model_is_calibrated(model_path, cal_path, cal)
-    runner = loadgen.open_model(model_path, args.backend, threads, **model_options(args),
-                                max_past_len=args.max_past_len)
+    options = model_options(args)
+    if options["kv_mode"] == "auto":  # serve the model bound the way it was calibrated
+        options["kv_mode"] = str(cal.provenance.get("kv_mode") or "auto")
+    runner = loadgen.open_model(model_path, args.backend, threads, **options, max_past_len=args.max_past_len)
     try:
         key = loadgen.served_key(model_path, cal)
         cfg = cal.config(*key)
