@@ -26,7 +26,7 @@ from trt_latency.engines.config import ConfigKey, Plan, SweepSpec, TierSpec
 from trt_latency.errors import SamplesError
 
 SAMPLES_COLUMNS: tuple[str, ...] = ("tier_idx", "top_k", "num_active_blocks", "batch", "phase", "past_len",
-                                    "new_tokens", "rep", "latency_ms", "backend", "device")
+                                    "new_tokens", "rep", "latency_ms", "backend", "device", "kv_mode")
 BATCH = 1
 
 
@@ -187,6 +187,7 @@ def run_sweep(runner: Runner, key: ConfigKey, plan: Plan, samples_path: str | os
     sweep = plan.sweep
     max_new = getattr(runner, "max_new_tokens", None)
     planned = plan_rows(tier, sweep, runner.max_past_len, max_new)
+    kv_mode = getattr(runner, "kv_mode", "concat")  # how the KV was bound: part of what was timed
     done = read_done(path, key, runner.backend)
     todo = [r for r in planned if r not in done]
     order = measurement_order(todo, sweep.seed, key)
@@ -206,7 +207,7 @@ def run_sweep(runner: Runner, key: ConfigKey, plan: Plan, samples_path: str | os
                 warmup = sweep.decode.warmup if row.phase == "decode" else sweep.prefill.warmup
                 ms = measure_once(runner, row.past_len, row.new_tokens, warmup)
                 writer.writerow([key.tier_idx, key.top_k, key.num_active_blocks, BATCH, row.phase, row.past_len,
-                                 row.new_tokens, row.rep, f"{ms:.6f}", runner.backend, runner.device])
+                                 row.new_tokens, row.rep, f"{ms:.6f}", runner.backend, runner.device, kv_mode])
                 fh.flush()
                 os.fsync(fh.fileno())
                 written += 1
