@@ -149,7 +149,7 @@ def test_trt_latency_factor_is_the_split_conformal_rank_of_the_other_fit_rows() 
     total[conf_ids] = c.total_ms[conf_ids] * ratios
     c = Columns(c.request_id, c.prompt, c.output_tokens, c.ttft_ms, total, c.keys)
     fit, held, _ = split_log(c.request_id)
-    rep = compare(c, fit, held, alpha=0.1)
+    rep = compare(c, fit, held, alpha=0.1, conformal="split")
     rank = math.ceil(41 * 0.9)  # 37th smallest of 1.00 .. 1.39
     assert rep.fitted["trt-latency"]["conformal_factor"]["t0.k1.b0"] == pytest.approx(1.0 + (rank - 1) / 100)
     assert rep.fitted["trt-latency"]["conformal_n"]["t0.k1.b0"] == 40
@@ -158,6 +158,33 @@ def test_trt_latency_factor_is_the_split_conformal_rank_of_the_other_fit_rows() 
     assert rep.strategies["trt-latency"]["mape"] < 1e-9
     assert rep.strategies["trt-latency"]["over_reservation"] == pytest.approx(0.36, rel=1e-6)
     assert rep.strategies["trt-latency"]["violation_rate"] == 0.0
+
+
+def test_trt_latency_cross_conformal_scores_are_out_of_fold() -> None:
+    """Fit half = even ids; fold k = the fit rows whose rank in request_id order is k mod 5 (ids 0, 10, 20, ...
+    are fold 0). Each fold's scores come from position refitted without it; the point model is position."""
+    c = exact_log(200, seed=1)
+    rng = np.random.default_rng(5)
+    total = c.total_ms * rng.uniform(0.9, 1.3, 200)  # noisy everywhere: each fold's model differs
+    c = Columns(c.request_id, c.prompt, c.output_tokens, c.ttft_ms, total, c.keys)
+    fit, held, _ = split_log(c.request_id)
+    rep = compare(c, fit, held, alpha=0.1)
+    fit_ids = np.arange(0, 200, 2)
+    scores = []
+    for k in range(5):
+        out_ids = fit_ids[k::5]
+        rest = np.setdiff1d(fit_ids, out_ids)
+        model = fit_position_regression(cols_at(c, rest))
+        scores += list(total[out_ids] / predict_position(model, cols_at(c, out_ids)))
+    expected = sorted(scores)[math.ceil(101 * 0.9) - 1]  # 91st smallest of 100
+    assert rep.fitted["trt-latency"]["conformal_factor"]["t0.k1.b0"] == pytest.approx(expected, rel=1e-9)
+    assert rep.fitted["trt-latency"]["position"] == rep.fitted["position"]  # the bound is position x factor
+    np.testing.assert_allclose(rep.held_bounds["trt-latency"], rep.held_bounds["position"] * expected, rtol=1e-12)
+
+
+def cols_at(c: Columns, ids: np.ndarray) -> Columns:
+    mask = np.isin(c.request_id, ids)
+    return c.take(mask)
 
 
 # ------------------------------------------------------------------------------ position with a calibration

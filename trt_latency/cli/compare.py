@@ -20,7 +20,7 @@ Strategies: average (one mean ms/token and mean TTFT), conservative-1.2 / -1.3 (
 ms/token x the safety factor), hybrid (early rate for tokens 2-5, late rate after, weighted by the fit
 half's output lengths), position (per-position model: the calibration's engine model + serving-loop
 terms fitted on the fit half; without -c, a regression on the fit half), trt-latency (position x its
-split-conformal factor for --alpha). Scores on the held-out half: mape, violation_rate,
+conformal factor for --alpha, from the fit half only). Scores on the held-out half: mape, violation_rate,
 over_reservation, admitted and goodput at loadtest's four SLO-class budgets.
 """
 
@@ -46,6 +46,10 @@ def register(sub: Any) -> None:
     parser.add_argument("--split", choices=("parity", "random"), default="parity",
                         help="fit/held-out split: request_id parity (default) or a seeded random half")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed of --split random (default 0)")
+    parser.add_argument("--conformal", choices=("cross", "split"), default="cross",
+                        help="trt-latency's factor: cross-conformal over 5 folds of the fit half (default; the bound "
+                             "uses position itself) or split conformal (position on half the fit half, exact "
+                             "guarantee)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.add_argument("--plot", metavar="F", help="write bound vs actual per strategy to this PNG")
     parser.set_defaults(func=run)
@@ -64,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
 
         estimator = Estimator(load_calibration(args.calibration))
     try:
-        report = compare_log(log, estimator, alpha=args.alpha, split=args.split, seed=args.seed)
+        report = compare_log(log, estimator, alpha=args.alpha, split=args.split, seed=args.seed,
+                             conformal=args.conformal)
     except ValueError as exc:
         raise InputError(str(exc), path=args.requests,
                          expected="requests on both sides of the split (and predictable by the calibration)") from None
