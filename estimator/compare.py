@@ -178,7 +178,9 @@ def fit_hybrid(c: Columns) -> dict[str, float]:
 
 def predict_constant(params: Mapping[str, float], c: Columns) -> np.ndarray:
     """ttft + (n - 1) * ms_per_token: every seed option is this with its own rate."""
-    return params["ttft_ms"] + np.maximum(c.output_tokens - 1, 0) * params["ms_per_token"]
+    steps = np.maximum(c.output_tokens - 1, 0)
+    with np.errstate(invalid="ignore"):  # no decode rate (no n >= 2 in the fit): n = 1 still gets its TTFT
+        return params["ttft_ms"] + np.where(steps > 0, steps * params["ms_per_token"], 0.0)
 
 
 # ------------------------------------------------------------------------------ option 2: per position

@@ -109,6 +109,20 @@ def test_score_by_hand() -> None:
     assert s3["admitted"] == 1.0 and s3["goodput"] == 0.0  # admitted, then missed the budget
 
 
+def test_a_config_with_few_fit_rows_uses_the_pooled_fit() -> None:
+    """Config A has 10 fit rows (rate 20 ms/token), config B 3 (rate 50): B is predicted by the pooled fit."""
+    n = [3] * 10 + [3] * 3 + [3, 3]
+    ttft = [10.0] * 15
+    total = [10 + 2 * 20.0] * 10 + [10 + 2 * 50.0] * 3 + [50.0, 50.0]
+    keys = [(0, 1, 0)] * 10 + [(1, 1, 0)] * 3 + [(0, 1, 0), (1, 1, 0)]
+    c = Columns(np.arange(15), np.full(15, 100.0), np.asarray(n), np.asarray(ttft), np.asarray(total), keys)
+    fit = np.array([True] * 13 + [False] * 2)
+    rep = compare(c, fit, ~fit, alpha=0.2)
+    assert set(rep.fitted["average"]) == {"pooled", "t0.k1.b0"}
+    pooled_rate = (10 * 20 + 3 * 50) / 13
+    np.testing.assert_allclose(rep.held_bounds["average"], [10 + 2 * 20.0, 10 + 2 * pooled_rate])
+
+
 # ------------------------------------------------------------------------------ position without a calibration
 
 TRUE = {"prefill_a_ms": 5.0, "prefill_b_ms": 0.1, "prefill_q_ms": 1e-4, "first_step_ms": 7.0, "step_ms": 30.0,
