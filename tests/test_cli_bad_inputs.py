@@ -251,6 +251,18 @@ CASES = [
       "{d}/requests.csv/p.png: cannot write the plot", "expected a writable PNG path", needs=("matplotlib",)),
     C("analyze", "usage-no-value", "analyze {d}/requests.csv -c", "argument -c/--calibration: expected one argument",
       code=2),
+    # ---- compare
+    C("compare", "missing-file", "compare {d}/none.csv", "{d}/none.csv: file not found", "expected a request log CSV"),
+    C("compare", "short-row", "compare {d}/requests.csv", "{d}/requests.csv", "row 3",
+      "expected 9 comma-separated fields, got 8", change=(R, "1.5,13.5", "1.5")),
+    C("compare", "nan-calibration", "compare {d}/requests.csv -c {d}/calibration.yaml", "{d}/calibration.yaml",
+      "field 'configs[0].decode_values_ms[0]'", "expected a finite number > 0", change=CAL_NAN),
+    C("compare", "one-side-empty", "compare {d}/requests.csv", "{d}/requests.csv", "both halves need requests",
+      change=(R, "1,8,16,12", "2,8,16,12")),
+    C("compare", "unwritable-plot", "compare {d}/requests.csv --plot {d}/requests.csv/p.png",
+      "{d}/requests.csv/p.png: cannot write the plot", "expected a writable PNG path", needs=("matplotlib",)),
+    C("compare", "usage-alpha", "compare {d}/requests.csv --alpha 1.5",
+      "argument --alpha: expected a number in (0, 1), got '1.5'", code=2),
     # ---- bench (bad schema_version: test_estimator_cli.py)
     C("bench", "missing-file", "bench -c {d}/none.yaml", "{d}/none.yaml: file not found"),
     C("bench", "malformed-yaml", "bench -c {d}/calibration.yaml", "{d}/calibration.yaml: malformed YAML at line 3",
