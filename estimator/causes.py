@@ -242,7 +242,7 @@ class Hypothesis:
     plausible: bool
     why: str  # why (not) plausible
     delta: float | None = None  # score - best score
-    akaike_weight: float | None = None  # exp(-delta / 2), normalised over the scored causes
+    akaike_weight: float | None = None  # exp(-delta / 2), normalised over the scored causes (AICc or BIC)
 
     def params_text(self) -> str:
         parts = []
@@ -443,7 +443,8 @@ def _compare(design: Callable[[str], np.ndarray], y: np.ndarray, w: np.ndarray, 
     m = y.size
     criterion = _criterion(m, known_scale)
     floor = 1e-24 * max(1.0, float(np.sum(w * y * y)))
-    fits = {name: (design(name), *_fit_one(name, design(name), y, w)) for name in causes}
+    designs = {name: design(name) for name in causes}
+    fits = {name: (x, *_fit_one(name, x, y, w)) for name, x in designs.items()}
     if known_scale:
         scale = 1.0
     else:
