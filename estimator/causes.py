@@ -433,6 +433,10 @@ def _plausibility(name: str, params: dict[str, float], se: dict[str, float], bou
                        "A rise this steep is not KV reads.")
     if a < 0:  # a is the step cost at KV length 0 (the features carry P)
         return False, (f"with {p_text} the step at KV length 0 would cost a = {_num(a)} ms < 0.")
+    if b > limit:
+        return True, (f"b = {_num(b)} ms per KV token is {_ratio(b / bound if bound > 0 else math.inf)} the bound "
+                      f"{_num(bound)} ({bound_source}), but within 2 standard errors (± {_num(b_se)}) of a slope the "
+                      "engine can pay: not ruled out.")
     return True, (f"b = {_num(b)} ms per KV token is within {SLOPE_TOLERANCE:g}x the bound {_num(bound)} "
                   f"({bound_source}).")
 
