@@ -20,6 +20,12 @@ step "analyze the default run's replay"
 trt-latency analyze "$out/default/requests.csv" -c "$out/default/calibration.yaml" --plot "$out/default/analyze.png" \
   > "$out/analyze.txt"
 
+step "compare the seed's estimator options on the default run's replay and on a seed-like trace"
+trt-latency compare "$out/default/requests.csv" -c "$out/default/calibration.yaml" --alpha 0.05 \
+  --plot "$out/default/compare.png" > "$out/compare.txt"
+python benchmarks/seed_like_trace.py --out "$out/seed_like.csv" --first-step-ms -20 --t0 38 --t1 0.008 > "$out/seed_like.txt"
+trt-latency compare "$out/seed_like.csv" --alpha 0.05 --plot "$out/seed_like_compare.png" >> "$out/seed_like.txt"
+
 step "admission cost: Cython vs reference vs a bare Python call"
 trt-latency bench -c "$out/default/calibration.yaml" > "$out/bench.txt"
 

@@ -51,7 +51,10 @@ class Runner(Protocol):
         ...
 
     def generate(self, inputs_embeds: np.ndarray, output_tokens: int) -> GenerateResult:
-        """Prefill inputs_embeds [1, S, H], then output_tokens - 1 decode steps feeding present KV back as past."""
+        """Prefill the prompt, then output_tokens - 1 decode steps feeding present KV back as past.
+
+        The prompt is embeddings [1, S, H]; runners of token-id models (the ORT runner, by the model's
+        signature) also take token ids [1, S] and feed the greedy next token's id back."""
         ...
 
     def close(self) -> None: ...

@@ -12,7 +12,11 @@ driver or device) and returns the outputs.
 
 from __future__ import annotations
 
+import ctypes
+import shutil
+import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -53,10 +57,10 @@ class CudaUnavailable(CudaError, BackendUnavailable):
 def _runtime() -> ModuleType:
     try:
         from cuda.bindings import runtime
-    except ImportError as exc:  # cuda-python is the optional `tensorrt` extra
+    except ImportError as exc:  # cuda-bindings comes with the `test`, `tensorrt`, `cu12` and `cu13` extras
         raise BackendUnavailable(
-            "CUDA is not usable: the 'cuda-bindings' package is not installed "
-            "(pip install 'trt-latency[tensorrt]')"
+            "CUDA is not usable: the 'cuda-bindings' package is not installed (pip install "
+            "'trt-latency[cu12]' or 'trt-latency[cu13]', matching the NVIDIA driver's CUDA major)"
         ) from exc
     return runtime
 
@@ -90,7 +94,12 @@ def check(result: tuple[Any, ...], call: str) -> Any:
 
 
 def device_count() -> int:
-    """Number of CUDA devices; 0 (quietly) when cuda-bindings, the driver or a GPU is missing."""
+    """Number of CUDA devices; 0 when cuda-bindings, the driver or a GPU is missing.
+
+    0 also when the driver is too old for the installed cuda-bindings major (13.x on a CUDA 12
+    driver): :func:`cuda_status` says which, and tests/test_trt_driver.py fails on that case when
+    nvidia-smi sees a GPU.
+    """
     try:
         rt = _runtime()
         result = rt.cudaGetDeviceCount()
@@ -101,17 +110,115 @@ def device_count() -> int:
     return int(result[1])
 
 
+def bindings_version() -> str:
+    """Version of the installed cuda-bindings package ('' when it is not installed)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("cuda-bindings")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def _version_int(call: str) -> int:
+    """cudaDriverGetVersion / cudaRuntimeGetVersion as 1000 * major + 10 * minor (0 = no driver)."""
+    try:
+        rt = _runtime()
+        result = getattr(rt, call)()
+    except (BackendUnavailable, RuntimeError, OSError):
+        return 0
+    if int(result[0]) != 0 or result[1] is None:
+        return 0
+    return int(result[1])
+
+
+def _cuda_text(version: int) -> str:
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def explain_no_device(error: str, *, bindings: str, runtime_version: int, driver_version: int) -> str:
+    """Why cudaGetDeviceCount failed, and what to install: one sentence for error messages.
+
+    ``runtime_version`` / ``driver_version`` are cudaRuntimeGetVersion / cudaDriverGetVersion
+    (1000 * major + 10 * minor; a driver version of 0 means no NVIDIA driver could be loaded).
+    """
+    if driver_version <= 0:
+        return f"{error}: no NVIDIA driver could be loaded (no GPU on this machine?)"
+    need, have = runtime_version // 1000, driver_version // 1000
+    if runtime_version > 0 and have < need:
+        return (
+            f"{error}: driver/bindings mismatch: cuda-bindings {bindings or '?'} is built for CUDA "
+            f"{_cuda_text(runtime_version)} and needs a CUDA {need} driver, but the NVIDIA driver supports "
+            f"CUDA {_cuda_text(driver_version)}; install the bindings that match it: "
+            f"pip install 'trt-latency[cu{have}]' (cuda-bindings {have}.x), or upgrade the driver"
+        )
+    return (f"{error}: the NVIDIA driver (CUDA {_cuda_text(driver_version)}) and cuda-bindings "
+            f"{bindings or '?'} (CUDA {_cuda_text(runtime_version)}) see no usable device")
+
+
+@dataclass(frozen=True)
+class CudaStatus:
+    """What the bindings see, next to what the driver reports: for the GPU tests and error messages."""
+
+    bindings: str
+    runtime_version: int
+    driver_version: int
+    device_count: int
+    error: str | None  # cudaGetDeviceCount's error name, None when it succeeded
+
+    def explain(self) -> str:
+        if not self.bindings:
+            return str(self.error)  # _runtime()'s message: not installed, and what to install
+        if self.error is None:
+            return (f"cuda-bindings {self.bindings} (CUDA {_cuda_text(self.runtime_version)}) sees "
+                    f"{self.device_count} device(s); driver supports CUDA {_cuda_text(self.driver_version)}")
+        return explain_no_device(self.error, bindings=self.bindings, runtime_version=self.runtime_version,
+                                 driver_version=self.driver_version)
+
+
+def cuda_status() -> CudaStatus:
+    """The bindings' device count and versions; never raises (error names why there is no device)."""
+    bindings = bindings_version()
+    try:
+        rt = _runtime()
+        result = rt.cudaGetDeviceCount()
+    except (BackendUnavailable, RuntimeError, OSError) as exc:  # not installed, or its libraries do not load
+        return CudaStatus(bindings, 0, 0, 0, str(exc))
+    error = None if int(result[0]) == 0 else _error_text(rt, result[0])[0]
+    count = int(result[1]) if error is None and result[1] is not None else 0
+    return CudaStatus(bindings, _version_int("cudaRuntimeGetVersion"), _version_int("cudaDriverGetVersion"),
+                      count, error)
+
+
+def nvidia_smi_gpus(timeout_s: float = 20.0) -> list[str] | None:
+    """GPU names nvidia-smi lists (the driver's view, independent of cuda-bindings); None without nvidia-smi."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=timeout_s, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return []  # nvidia-smi present but no driver / no GPU ("NVIDIA-SMI has failed ...")
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
 def require_device(index: int = 0) -> None:
-    """Raise :class:`BackendUnavailable` unless device ``index`` exists; make it current."""
+    """Raise :class:`BackendUnavailable` unless device ``index`` exists; make it current.
+
+    When the bindings see no device the message says why, naming a driver/bindings mismatch
+    (cuda-bindings 13.x on a CUDA 12 driver) and the extra that fixes it.
+    """
     rt = _runtime()
     result = rt.cudaGetDeviceCount()
     if int(result[0]) != 0:
         name, desc = _error_text(rt, result[0])
-        hint = ""
-        if name == "cudaErrorInsufficientDriver":
-            # cuda-bindings 13.x needs a CUDA 13 driver; pick the major that matches the driver.
-            hint = "; install the cuda-python/cuda-bindings major version that matches your NVIDIA driver"
-        raise CudaUnavailable("cudaGetDeviceCount", int(result[0]), name, desc + hint)
+        why = explain_no_device(name, bindings=bindings_version(),
+                                runtime_version=_version_int("cudaRuntimeGetVersion"),
+                                driver_version=_version_int("cudaDriverGetVersion"))
+        raise CudaUnavailable("cudaGetDeviceCount", int(result[0]), name, f"{desc}; {why}")
     count = int(result[1])
     if not 0 <= index < count:
         raise BackendUnavailable(f"no CUDA device {index}: {count} device(s) visible")
@@ -134,7 +241,11 @@ def synchronize() -> None:
 
 
 class Stream(Closing):
-    """A non-blocking, non-default CUDA stream (TensorRT syncs extra on the legacy default stream)."""
+    """A non-blocking, non-default CUDA stream (TensorRT syncs extra on the legacy default stream).
+
+    Non-blocking means it does not order itself against the legacy default stream: every copy and
+    memset meant to precede work on it must be enqueued on it (``stream=``), never stream-less.
+    """
 
     def __init__(self) -> None:
         rt = _runtime()
@@ -155,7 +266,6 @@ class Stream(Closing):
         if self.handle is not None:
             check(self._rt.cudaStreamDestroy(self.handle), "cudaStreamDestroy")
             self.handle = None
-
 
 
 class DeviceBuffer(Closing):
@@ -250,6 +360,38 @@ class DeviceBuffer(Closing):
             self._handle = None
 
 
+class PinnedHostBuffer(Closing):
+    """``nbytes`` of page-locked host memory (``cudaMallocHost``) viewed as numpy arrays.
+
+    Copies between pinned memory and the device run truly asynchronously on a stream; from
+    pageable memory ``cudaMemcpyAsync`` stages through a driver buffer and may block the host.
+    Serving loops (and the TensorRT runner's ``generate``) keep their per-step inputs and logits here.
+    """
+
+    def __init__(self, nbytes: int) -> None:
+        if nbytes < 0:
+            raise ValueError(f"PinnedHostBuffer size must be >= 0, got {nbytes}")
+        rt = _runtime()
+        self._rt = rt
+        self.nbytes = int(nbytes)
+        self._ptr: Any = check(rt.cudaMallocHost(max(self.nbytes, 1)), "cudaMallocHost")
+
+    def array(self, dtype: np.dtype[Any] | type[np.generic], shape: tuple[int, ...]) -> np.ndarray:
+        """A numpy view of the first ``prod(shape)`` elements (valid until close())."""
+        if self._ptr is None:
+            raise ValueError("PinnedHostBuffer used after close()")
+        dt = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        if count * dt.itemsize > self.nbytes:
+            raise ValueError(f"a {shape} {dt} view needs {count * dt.itemsize} bytes; buffer has {self.nbytes}")
+        raw = (ctypes.c_uint8 * max(count * dt.itemsize, 1)).from_address(int(self._ptr))
+        return np.frombuffer(memoryview(raw), dtype=dt, count=count).reshape(shape)
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            check(self._rt.cudaFreeHost(self._ptr), "cudaFreeHost")
+            self._ptr = None
+
 
 class EventTimer(Closing):
     """A start/end CUDA event pair: GPU time between two points of one stream, in ms."""
@@ -286,6 +428,9 @@ class EventTimer(Closing):
                 setattr(self, attr, None)
 
 
+class CaptureFailed(TrtLatencyError):
+    """``work`` could not be captured into a CUDA graph; the stream is usable again (run it uncaptured)."""
+
 
 class CudaGraph(Closing):
     """Work enqueued by a callable on a stream, captured once and replayed with one launch.
@@ -293,6 +438,12 @@ class CudaGraph(Closing):
     The callable must only enqueue (no synchronization, no allocation) and must have been run
     once before capture where the library requires it (TensorRT: one ``execute_async_v3`` after
     every shape change). Replays use the addresses and shapes seen at capture.
+
+    A capture that fails (``work`` raises, e.g. TensorRT's enqueue returning False, or the
+    capture is invalidated, or instantiation fails) raises :class:`CaptureFailed` after ending the
+    capture and clearing the error, as trtexec does, so the caller can fall back to plain enqueue.
+    After instantiation the graph is uploaded (``cudaGraphUpload``) and the stream synchronized,
+    so the first timed launch does not pay for the upload.
     """
 
     def __init__(self, stream: Stream, work: Callable[[], object]) -> None:
@@ -304,18 +455,35 @@ class CudaGraph(Closing):
         check(rt.cudaStreamBeginCapture(stream.handle, mode), "cudaStreamBeginCapture")
         try:
             work()
+        except Exception as exc:
+            self._end_capture_on_error(stream)
+            raise CaptureFailed(f"CUDA graph capture failed while enqueuing: {exc}") from exc
         except BaseException:
-            # End the capture anyway, or the stream stays unusable; drop the partial graph.
-            end = rt.cudaStreamEndCapture(stream.handle)
-            if int(end[0]) == 0 and end[1] is not None:
-                rt.cudaGraphDestroy(end[1])
+            self._end_capture_on_error(stream)
             raise
-        self._graph = check(rt.cudaStreamEndCapture(stream.handle), "cudaStreamEndCapture")
+        end = rt.cudaStreamEndCapture(stream.handle)
+        if int(end[0]) != 0 or end[1] is None:
+            name = _error_text(rt, end[0])[0] if int(end[0]) != 0 else "no graph"
+            rt.cudaGetLastError()  # capture errors must not leak into the next call
+            raise CaptureFailed(f"CUDA graph capture was invalidated ({name}): the work is not capturable")
+        self._graph = end[1]
         try:
             self._exec = check(rt.cudaGraphInstantiate(self._graph, 0), "cudaGraphInstantiate")
-        except CudaError:
+            # Upload now, not inside the first (timed) launch.
+            check(rt.cudaGraphUpload(self._exec, stream.handle), "cudaGraphUpload")
+            stream.synchronize()
+        except CudaError as exc:
             self.close()
-            raise
+            rt.cudaGetLastError()
+            raise CaptureFailed(f"CUDA graph could not be instantiated or uploaded: {exc}") from exc
+
+    def _end_capture_on_error(self, stream: Stream) -> None:
+        # End the capture anyway, or the stream stays unusable; drop the partial graph (trtexec's
+        # endCaptureOnError), then clear the error it leaves (cudaErrorStreamCaptureInvalidated).
+        end = self._rt.cudaStreamEndCapture(stream.handle)
+        if int(end[0]) == 0 and end[1] is not None:
+            self._rt.cudaGraphDestroy(end[1])
+        self._rt.cudaGetLastError()
 
     def launch(self, stream: Stream) -> None:
         if self._exec is None:
@@ -329,7 +497,6 @@ class CudaGraph(Closing):
         if self._graph is not None:
             check(self._rt.cudaGraphDestroy(self._graph), "cudaGraphDestroy")
             self._graph = None
-
 
 
 def time_device_copy_ms(nbytes: int, reps: int = 10, warmup: int = 2) -> np.ndarray:

@@ -334,11 +334,12 @@ def calibrate_conformal_live(runner: Any, estimator: Any, key: tuple[int, int, i
     return {k: np.asarray(v) for k, v in cols.items()}
 
 
-def open_model(path: str | os.PathLike[str], backend: str = "ort-cpu", threads: int | None = None) -> Any:
-    """A Runner for the model (engines.backends.open_runner)."""
+def open_model(path: str | os.PathLike[str], backend: str = "ort-cpu", threads: int | None = None,
+               **options: Any) -> Any:
+    """A Runner for the model (engines.backends.open_runner; ``options``: kv_mode, io, dims, max_past_len)."""
     from trt_latency.engines.backends import open_runner
 
-    return open_runner(path, backend, threads=0 if threads is None else threads)
+    return open_runner(path, backend, threads=0 if threads is None else threads, **options)
 
 
 def served_key(model_path: str | os.PathLike[str], cal: Any) -> tuple[int, int, int]:

@@ -148,7 +148,11 @@ def run_replay(runner: Runner, key: ConfigKey, tier: TierSpec, spec: ReplaySpec,
         for req in todo:
             rng = np.random.default_rng([spec.seed, req.request_id])
             prompt = req.vision_tokens + req.text_tokens
-            embeds = (rng.standard_normal((1, prompt, runner.hidden), dtype=np.float32) * 0.5).astype(dtype)
+            # The model's own input kind (runner.random_prompt): token ids for a token-id model, where
+            # vision tokens are prompt tokens like the text ones; embeddings otherwise.
+            make = getattr(runner, "random_prompt", None)
+            embeds = (make(prompt, rng) if make is not None else
+                      (rng.standard_normal((1, prompt, runner.hidden), dtype=np.float32) * 0.5).astype(dtype))
             res = runner.generate(embeds, req.output_tokens)
             append_requests(path, [{
                 "request_id": req.request_id, "vision_tokens": req.vision_tokens, "text_tokens": req.text_tokens,

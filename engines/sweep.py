@@ -43,7 +43,7 @@ from trt_latency.engines.config import AdaptiveSpec, ConfigKey, Plan, SweepSpec,
 from trt_latency.errors import SamplesError
 
 SAMPLES_COLUMNS: tuple[str, ...] = ("tier_idx", "top_k", "num_active_blocks", "batch", "phase", "past_len",
-                                    "new_tokens", "rep", "latency_ms", "backend", "device")
+                                    "new_tokens", "rep", "latency_ms", "backend", "device", "kv_mode")
 BATCH = 1
 
 
@@ -268,8 +268,9 @@ def run_sweep(runner: Runner, key: ConfigKey, plan: Plan, samples_path: str | os
 
 
 def _row_values(runner: Runner, key: ConfigKey, row: PlannedRow, ms: float) -> list[Any]:
+    kv_mode = getattr(runner, "kv_mode", "concat")  # how the KV was bound: part of what was timed
     return [key.tier_idx, key.top_k, key.num_active_blocks, BATCH, row.phase, row.past_len, row.new_tokens,
-            row.rep, f"{ms:.6f}", runner.backend, runner.device]
+            row.rep, f"{ms:.6f}", runner.backend, runner.device, kv_mode]
 
 
 def _open_writer(path: Path) -> _GroupWriter:

@@ -10,6 +10,9 @@ AnalysisReport with
 - the trace authors' two checks: (a) decode ms/token against the mean KV size in bytes of each request
   (correlation, slope, and the memory bandwidth that slope implies), (b) decode ms/token at fixed output
   length across prefill-length terciles;
+- the competing causes of a ms/token change (estimator.causes: constant, first_step, kv_growth; counting
+  cannot occur, ms/token is per decode step here) fitted per request, scored by AICc, kv_growth's slope
+  checked against the calibration's;
 - with a calibration that carries serving-loop terms (o per decode step, c once after the prefill,
   o_p on the prefill; see estimator.fit.fit_serving_loop): the model column is engine + loop, the
   engine-only prediction is shown beside it, and the loop's share of the predicted time is stated.
@@ -28,6 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from trt_latency.errors import RequestLogError, TrtLatencyError
+from trt_latency.estimator.causes import CauseReport, explain_requests, kv_slope_from_calibration
 from trt_latency.estimator.requests import RequestLog
 
 # Output-token buckets of the production trace (DESIGN.md): (label, lo, hi) inclusive.
@@ -142,6 +146,7 @@ class AnalysisReport:
     loop_share_total: float = math.nan  # share of the predicted total time that is serving-loop terms
     notes: list[str] = field(default_factory=list)
     source: dict[str, Any] = field(default_factory=dict)  # e.g. calibration path and provenance
+    causes: CauseReport | None = None  # constant / first_step / kv_growth fitted per request (estimator.causes)
 
     def to_dict(self) -> dict[str, Any]:
         def clean(value: Any) -> Any:
@@ -175,6 +180,7 @@ class AnalysisReport:
             },
             "notes": list(self.notes),
             "source": dict(self.source),
+            "causes": None if self.causes is None else self.causes.to_dict(),
         }
         return clean(out)  # type: ignore[no-any-return]
 
@@ -272,6 +278,8 @@ class AnalysisReport:
             lines.append(summary)
             lines.append(_wrap("  " + pc.verdict, indent="  "))
             lines.append("")
+        if self.causes is not None:
+            lines.append(self.causes.format_table())
         for note in self.notes:
             lines.append(_wrap("Note: " + note))
         return "\n".join(lines).rstrip() + "\n"
@@ -553,8 +561,12 @@ def _prefill_check(log: RequestLog, ok: np.ndarray, measured: np.ndarray,
 
 
 def analyze(requests: RequestLog, estimator: Predictor | None = None,
-            kv_bytes_per_token: float | Mapping[ConfigTuple, float] | None = None) -> AnalysisReport:
-    """Bucket table, KV-explained share and the two verification checks for one request log.
+            kv_bytes_per_token: float | Mapping[ConfigTuple, float] | None = None,
+            kv_slope_bound: float | None = None, kv_bound_source: str = "") -> AnalysisReport:
+    """Bucket table, KV-explained share, the two verification checks and the competing causes for one log.
+
+    ``kv_slope_bound``: ms per KV token the engine can pay (kv_growth's plausibility); default: the
+    estimator's calibration's steepest decode slope, else estimator.causes' assumed bound.
 
     ``kv_bytes_per_token``: bytes of K and V per token of KV length (2 * layers * kv_heads * head_dim *
     dtype size), one number or one per (tier_idx, top_k, num_active_blocks); without it check (a) uses
@@ -610,11 +622,16 @@ def analyze(requests: RequestLog, estimator: Predictor | None = None,
              if predicted is not None and ok.any() and np.mean(predicted[ok]) > 0 else math.nan)
     engine_level = (float(np.mean(measured[ok]) / np.mean(engine[ok]))
                     if engine is not None and ok.any() and np.mean(engine[ok]) > 0 else math.nan)
+    cal = getattr(estimator, "calibration", None)
+    if kv_slope_bound is None and cal is not None:
+        kv_slope_bound, kv_bound_source = kv_slope_from_calibration(cal), "the calibration's steepest decode slope"
+    causes = explain_requests(log.output_tokens, log.prompt_tokens, measured, log.path, kv_slope_bound,
+                              kv_bound_source)
     return AnalysisReport(path=log.path, n_requests=len(log), n_decode=int(ok.sum()), buckets=buckets,
                           growth=growth, kv_check=kv_check, prefill_check=prefill_check,
                           has_model=predicted is not None, level_ratio=level, engine_level_ratio=engine_level,
                           serving_loop=loops, loop_share_decode=loop_share_decode,
-                          loop_share_total=loop_share_total, notes=notes)
+                          loop_share_total=loop_share_total, notes=notes, causes=causes)
 
 
 def _serving_loops(estimator: Any) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 This is the fit's half of the adaptive sweep. The sweep (engines/adaptive.py) only knows "a position is
 done when the relative SE of its median is under its target"; this module, which knows the fit, says
 where that target must be tighter. It satisfies engines' ``Refiner`` protocol structurally (plain numpy
-in, plain numpy out), so neither package imports the other; `trt-latency calibrate` wires them.
+in, plain numpy out), so neither package imports the other; the calibrate pipeline (trt_latency/pipeline.py) wires them.
 
 Rules, per phase (decode: the monotone piecewise-linear fit of estimator.fit; prefill: the quadratic):
 - a position whose leave-one-position-out residual is large compared with its noise

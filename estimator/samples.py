@@ -19,7 +19,7 @@ from trt_latency.errors import SamplesError
 
 SAMPLES_COLUMNS = (
     "tier_idx", "top_k", "num_active_blocks", "batch", "phase", "past_len", "new_tokens", "rep",
-    "latency_ms", "backend", "device",
+    "latency_ms", "backend", "device", "kv_mode",
 )  # fmt: skip
 REQUIRED_COLUMNS = ("phase", "past_len", "new_tokens", "latency_ms")
 INT_COLUMNS = ("tier_idx", "top_k", "num_active_blocks", "batch", "past_len", "new_tokens", "rep")
@@ -43,6 +43,7 @@ class Samples:
     latency_ms: np.ndarray
     backend: list[str] = field(default_factory=list)
     device: list[str] = field(default_factory=list)
+    kv_mode: list[str] = field(default_factory=list)  # "concat" / "shared" ("" in files written before it)
     source: str = ""
 
     def __len__(self) -> int:
@@ -93,6 +94,7 @@ def samples_from_rows(rows: Iterable[dict[str, object]], source: str = "") -> Sa
         cols["latency_ms"].append(_parse_latency(str(r.get("latency_ms", "")), source, i))
         cols["backend"].append(str(r.get("backend", "")))
         cols["device"].append(str(r.get("device", "")))
+        cols["kv_mode"].append(str(r.get("kv_mode", "")))
     return _to_samples(cols, source)
 
 
@@ -110,6 +112,7 @@ def _to_samples(cols: dict[str, list[object]], source: str) -> Samples:
         latency_ms=np.asarray(cols["latency_ms"], dtype=np.float64),
         backend=[str(x) for x in cols["backend"]],
         device=[str(x) for x in cols["device"]],
+        kv_mode=[str(x) for x in cols["kv_mode"]],
         source=source,
     )
 
@@ -156,6 +159,7 @@ def read_samples(path: str | os.PathLike[str]) -> Samples:
                 cols["latency_ms"].append(_parse_latency(row[index["latency_ms"]], p, rowno))
                 cols["backend"].append(row[index["backend"]].strip() if "backend" in index else "")
                 cols["device"].append(row[index["device"]].strip() if "device" in index else "")
+                cols["kv_mode"].append(row[index["kv_mode"]].strip() if "kv_mode" in index else "")
     except UnicodeDecodeError:
         raise SamplesError("not UTF-8 text", path=p, expected="a CSV file") from None
     except csv.Error as exc:
@@ -179,5 +183,6 @@ def concat_samples(parts: Iterable[Samples]) -> Samples:
         **arrays,
         backend=[b for s in items for b in s.backend],
         device=[d for s in items for d in s.device],
+        kv_mode=[m for s in items for m in (s.kv_mode or [""] * len(s))],
         source=",".join(s.source for s in items if s.source),
     )

@@ -38,9 +38,9 @@ replay:
   output_tokens: [2, 6]
   seed: 0
 """
-SAMPLES_HEADER = "tier_idx,top_k,num_active_blocks,batch,phase,past_len,new_tokens,rep,latency_ms,backend,device"
+SAMPLES_HEADER = "tier_idx,top_k,num_active_blocks,batch,phase,past_len,new_tokens,rep,latency_ms,backend,device,kv_mode"
 # One known decode row; the other rows follow T(L) = 1 + 0.002 L ms, prefill 0.5 + 0.02 S ms.
-SAMPLES_ROW = "0,1,2,1,decode,4,1,0,1.0080,ort-cpu,cpu"
+SAMPLES_ROW = "0,1,2,1,decode,4,1,0,1.0080,ort-cpu,cpu,concat"
 REQUESTS = """\
 request_id,vision_tokens,text_tokens,output_tokens,tier_idx,top_k,num_active_blocks,ttft_ms,total_ms
 0,0,16,3,0,1,2,1.0,3.0
@@ -59,10 +59,10 @@ def _write_samples(path: Path) -> None:
         for rep in range(3):
             for past_len in (1, 2, 8, 16, 32, 64, 128):
                 out.writerow([0, 1, 2, 1, "decode", past_len, 1, rep, f"{1.0 + 0.002 * past_len + 0.01 * rep:.4f}",
-                              "ort-cpu", "cpu"])
+                              "ort-cpu", "cpu", "concat"])
             for new_tokens in (4, 16, 32):
                 out.writerow([0, 1, 2, 1, "prefill", 0, new_tokens, rep, f"{0.5 + 0.02 * new_tokens + 0.01 * rep:.4f}",
-                              "ort-cpu", "cpu"])
+                              "ort-cpu", "cpu", "concat"])
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ CASES = [
       "expected an integer", "got 'x4'", change=(S, SAMPLES_ROW, SAMPLES_ROW.replace(",4,", ",x4,"))),
     C("fit", "bad-phase", "fit {d}/samples.csv -o {d}/c.yaml", "{d}/samples.csv", "row 2, field 'phase'",
       "expected 'decode' or 'prefill'", "got 'decod'", change=(S, SAMPLES_ROW, SAMPLES_ROW.replace("decode", "decod"))),
-    C("fit", "short-row", "fit {d}/samples.csv -o {d}/c.yaml", "{d}/samples.csv", "row 2", "expected 11 fields",
+    C("fit", "short-row", "fit {d}/samples.csv -o {d}/c.yaml", "{d}/samples.csv", "row 2", "expected 12 fields",
       change=(S, SAMPLES_ROW, "0,1,2,1,decode,4,1")),
     C("fit", "empty-file", "fit {d}/samples.csv -o {d}/c.yaml", "{d}/samples.csv: empty file",
       "expected a header row " + SAMPLES_HEADER, change=(S, None, "")),
@@ -251,6 +251,18 @@ CASES = [
       "{d}/requests.csv/p.png: cannot write the plot", "expected a writable PNG path", needs=("matplotlib",)),
     C("analyze", "usage-no-value", "analyze {d}/requests.csv -c", "argument -c/--calibration: expected one argument",
       code=2),
+    # ---- compare
+    C("compare", "missing-file", "compare {d}/none.csv", "{d}/none.csv: file not found", "expected a request log CSV"),
+    C("compare", "short-row", "compare {d}/requests.csv", "{d}/requests.csv", "row 3",
+      "expected 9 comma-separated fields, got 8", change=(R, "1.5,13.5", "1.5")),
+    C("compare", "nan-calibration", "compare {d}/requests.csv -c {d}/calibration.yaml", "{d}/calibration.yaml",
+      "field 'configs[0].decode_values_ms[0]'", "expected a finite number > 0", change=CAL_NAN),
+    C("compare", "one-side-empty", "compare {d}/requests.csv", "{d}/requests.csv", "both halves need requests",
+      change=(R, "1,8,16,12", "2,8,16,12")),
+    C("compare", "unwritable-plot", "compare {d}/requests.csv --plot {d}/requests.csv/p.png",
+      "{d}/requests.csv/p.png: cannot write the plot", "expected a writable PNG path", needs=("matplotlib",)),
+    C("compare", "usage-alpha", "compare {d}/requests.csv --alpha 1.5",
+      "argument --alpha: expected a number in (0, 1), got '1.5'", code=2),
     # ---- bench (bad schema_version: test_estimator_cli.py)
     C("bench", "missing-file", "bench -c {d}/none.yaml", "{d}/none.yaml: file not found"),
     C("bench", "malformed-yaml", "bench -c {d}/calibration.yaml", "{d}/calibration.yaml: malformed YAML at line 3",
@@ -286,6 +298,17 @@ CASES = [
       "missing column", change=(R, "total_ms", "e2e_ms"), needs=ORT),
     C("loadtest", "nan-log", LT + " --requests 1", "{d}/requests.csv", "row 3, field 'total_ms'",
       "expected a finite number", change=(R, "1.5,13.5", "1.5,nan"), needs=ORT),
+    # ---- inspect (roles missing per exporter: test_decoder_signature.py, test_thirdparty_decoders.py)
+    C("inspect", "missing-file", "inspect {d}/none.onnx", "{d}/none.onnx: file not found", "expected an ONNX model"),
+    C("inspect", "not-a-decoder", "inspect {d}/plan.yaml", "{d}/plan.yaml", "not a readable ONNX model", needs=ORT),
+    C("inspect", "bad-io", "inspect {d}/model.onnx --io inputs_embeds=words", "field '--io'", "expected NAME=ROLE pairs",
+      needs=ORT),
+    C("inspect", "io-unknown-name", "inspect {d}/model.onnx --io nothing=input_ids", "{d}/model.onnx",
+      "field '--io'", "got 'nothing'", needs=ORT),
+    C("inspect", "past-len-too-long", "inspect {d}/model.onnx --past-len 100000", "{d}/model.onnx",
+      "field '--past-len'", "got 100000", needs=ORT),
+    C("inspect", "shared-on-concat", "inspect {d}/model.onnx --kv-mode shared", "{d}/model.onnx",
+      "field '--kv-mode'", "GroupQueryAttention", needs=ORT),
     C("loadtest", "bad-backend", LT + " --backend bogus", "field 'backend'", "expected one of auto, ort-cpu",
       "got 'bogus'", needs=ORT),
     C("loadtest", "bad-alpha", "loadtest -c {d}/calibration.yaml --alpha 2", "--alpha must be in (0, 1)", code=2),

@@ -36,7 +36,7 @@ def test_export_sweep_replay_end_to_end(tmp_path: Path, capsys: pytest.CaptureFi
     with samples.open() as fh:
         rows = list(csv.DictReader(fh))
     assert {(r["tier_idx"], r["top_k"], r["num_active_blocks"]) for r in rows} == {("0", "1", "2"), ("1", "2", "1")}
-    assert (tmp_path / "run" / "model_0_1_2.onnx").is_file()
+    assert (tmp_path / "run" / "model.t0.k1.b2.onnx").is_file()  # one naming scheme with calibrate
     assert main(args) == 0 and "0 rows measured" in capsys.readouterr().out  # resume: nothing left
     log = tmp_path / "run" / "requests.csv"
     assert main(["replay", plan, "--onnx", str(model), "--tier", "1", "--top-k", "2", "--blocks", "1",

@@ -126,10 +126,10 @@ def test_read_samples_defaults_and_errors(tmp_path: Path) -> None:
     header = ",".join(SAMPLES_COLUMNS)
     cases = [
         ("phase,past_len,latency_ms", ["decode,1,1.0"], "new_tokens", None),
-        (header, ["0,1,4,1,decode,5,1,0,nan,ort,cpu"], "latency_ms", 2),
-        (header, ["0,1,4,1,decode,5,1,0,-1,ort,cpu"], "latency_ms", 2),
-        (header, ["0,1,4,1,decode,x,1,0,1.0,ort,cpu"], "past_len", 2),
-        (header, ["0,1,4,1,decode,5,1,0,1.0,ort,cpu", "0,1,4,1,sideways,5,1,0,1.0,ort,cpu"], "phase", 3),
+        (header, ["0,1,4,1,decode,5,1,0,nan,ort,cpu,concat"], "latency_ms", 2),
+        (header, ["0,1,4,1,decode,5,1,0,-1,ort,cpu,concat"], "latency_ms", 2),
+        (header, ["0,1,4,1,decode,x,1,0,1.0,ort,cpu,concat"], "past_len", 2),
+        (header, ["0,1,4,1,decode,5,1,0,1.0,ort,cpu,concat", "0,1,4,1,sideways,5,1,0,1.0,ort,cpu,concat"], "phase", 3),
         (header, ["0,1,4,1,decode,5,1,0,1.0"], None, 2),
     ]
     for i, (h, rows, field, row) in enumerate(cases):

@@ -15,6 +15,15 @@ needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA device on this machi
 without_gpu = pytest.mark.skipif(HAS_GPU, reason="a CUDA device is present")
 
 
+@without_gpu
+def test_require_device_says_why_there_is_no_device() -> None:
+    status = cuda.cuda_status()
+    assert status.device_count == 0 and status.error is not None
+    with pytest.raises(cuda.CudaUnavailable) as info:
+        cuda.require_device()
+    assert status.explain() in str(info.value)  # the same diagnosis the GPU check prints
+
+
 def test_check_returns_outputs_by_arity() -> None:
     ok = rt.cudaError_t.cudaSuccess
     assert cuda.check((ok,), "cudaX") is None
@@ -110,3 +119,37 @@ def test_event_timer_and_graph_replay() -> None:
     times = cuda.time_device_copy_ms(16 << 20, reps=3)
     assert times.shape == (3,) and (times > 0).all()
     assert cuda.memcpy_bandwidth_gbps(16 << 20, reps=3) > 0
+
+
+@needs_gpu
+def test_pinned_buffer_async_round_trip_on_one_stream() -> None:
+    n = 1 << 18
+    with (
+        cuda.PinnedHostBuffer(n * 4) as host,
+        cuda.DeviceBuffer(n * 4) as dev,
+        cuda.Stream() as stream,
+    ):
+        src = host.array(np.float32, (n,))
+        src[:] = np.arange(n, dtype=np.float32)
+        dev.memset(0, stream=stream)  # ordered before the copy: same stream
+        dev.copy_from_host(src, stream=stream)  # truly async from pinned memory:
+        stream.synchronize()  # ... so wait before reusing it
+        out = host.array(np.float32, (n,))  # the same pinned memory, read back over it
+        out[:] = 0
+        dev.copy_to_host(out, stream=stream)
+        np.testing.assert_array_equal(out, np.arange(n, dtype=np.float32))
+        with pytest.raises(ValueError, match="needs"):
+            host.array(np.float32, (n + 1,))
+
+
+@needs_gpu
+def test_failed_capture_is_recoverable() -> None:
+    with cuda.DeviceBuffer(1024) as a, cuda.DeviceBuffer(1024) as b, cuda.Stream() as stream:
+        # Synchronizing a capturing stream is illegal: the capture fails, the stream must stay usable.
+        with pytest.raises(cuda.CaptureFailed):
+            cuda.CudaGraph(stream, stream.synchronize)
+        b.memset(3, stream=stream)
+        a.copy_from_device(b, stream=stream)
+        with cuda.CudaGraph(stream, lambda: a.copy_from_device(b, stream=stream)) as graph:
+            graph.launch(stream)  # uploaded at construction; launch still works
+        assert (a.copy_to_host(np.empty(1024, dtype=np.uint8), stream=stream) == 3).all()

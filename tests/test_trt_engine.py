@@ -19,7 +19,8 @@ trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed")
 if not hasattr(trt, "Builder"):
     pytest.skip("only tensorrt-stubs is installed, not TensorRT", allow_module_level=True)
 if cuda.device_count() == 0:
-    pytest.skip("no CUDA device on this machine", allow_module_level=True)
+    # tests/test_trt_driver.py fails (not skips) when nvidia-smi sees a GPU that the bindings cannot.
+    pytest.skip(f"no CUDA device for the bindings: {cuda.cuda_status().explain()}", allow_module_level=True)
 
 pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu]
 
@@ -83,6 +84,34 @@ def test_engine_cached_on_disk(model: Path, cache_dir: Path, runner: Any) -> Non
     assert cached.cache_hit and cached.path.parent == cache_dir
     assert cached.key.device == cuda.device_name() and cached.key.tensorrt_version == trt.__version__
     assert cached.path.with_suffix(".json").is_file()
+    assert cached.timing_cache is not None and cached.timing_cache.stat().st_size > 0  # persisted beside it
+    assert cached.timing_cache.parent == cache_dir
+
+
+def test_build_is_announced_and_reuses_the_timing_cache(model: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    first = loader.build_or_load_cached(model, max_past_len=32, max_prefill_len=8, cache_dir=tmp_path,
+                                        workspace_bytes=256 << 20)
+    err = capsys.readouterr().err
+    assert not first.cache_hit and "building a TensorRT engine" in err and str(first.path) in err
+    assert first.timing_cache is not None and first.timing_cache.is_file()
+    timing = first.timing_cache.read_bytes()
+    # Another workspace is another engine (a miss), built with the timing cache the first one left.
+    second = loader.build_or_load_cached(model, max_past_len=32, max_prefill_len=8, cache_dir=tmp_path,
+                                         workspace_bytes=512 << 20)
+    err = capsys.readouterr().err
+    assert not second.cache_hit and second.path != first.path and "ignoring" not in err
+    assert second.timing_cache == first.timing_cache and second.timing_cache.stat().st_size > 0 and timing
+
+
+def test_two_profiles_one_context_each(runner: Any) -> None:
+    assert runner.profiles == ["decode", "prefill"] and len(runner._contexts) == 2
+    runner.time_step(7, 1, reps=1)
+    assert runner._active == 0  # decode step on the decode profile
+    runner.time_step(0, 16, reps=1)
+    assert runner._active == 1  # prompt on the prefill profile
+    runner.time_step(0, 1, reps=1)
+    assert runner._active == 0
 
 
 @pytest.mark.parametrize(("past_len", "new_tokens"), [(0, 16), (0, 1), (5, 1), (63, 1), (40, 7)])
@@ -106,6 +135,8 @@ def test_time_step_positive_ms(runner: Any, graph: bool) -> None:
             times = runner.time_step(past_len, new_tokens, reps=5)
             assert times.dtype == np.float64 and times.shape == (5,)
             assert (times > 0).all() and np.isfinite(times).all()
+        if graph:
+            assert runner.graph_fallbacks == {}  # this engine is capturable at every shape
     finally:
         runner.use_cuda_graph = False
 
@@ -119,10 +150,9 @@ def test_cuda_graph_replays_the_same_computation(runner: Any) -> None:
     finally:
         runner.use_cuda_graph = False
     logits_buf = runner._addr["logits"]
-    logits_buf.memset(0)
+    logits_buf.memset(0, stream=runner._stream)
     runner._graphs[(20, 1)].launch(runner._stream)
-    runner._stream.synchronize()
-    replayed = logits_buf.copy_to_host(np.empty(plain.shape, dtype=plain.dtype))
+    replayed = logits_buf.copy_to_host(np.empty(plain.shape, dtype=plain.dtype), stream=runner._stream)
     np.testing.assert_allclose(replayed, plain, rtol=1e-5, atol=1e-6)
 
 
@@ -148,6 +178,18 @@ def test_generate_follows_ort_greedy_decode(model: Path, runner: Any) -> None:
                  "position_ids": np.array([[past_len]], dtype=np.int64)}
         feeds.update({loader.past_name(b, k): out[loader.present_name(b, k)] for b in range(2)
                       for k in ("key", "value")})
+
+
+def test_first_generate_is_warmed_up(model: Path, cache_dir: Path) -> None:
+    from trt_latency.engines.trt.runner import TrtRunner
+
+    prompt = (np.random.default_rng(6).standard_normal((1, 5, TINY.hidden)) * 0.1).astype(np.float32)
+    with TrtRunner.from_onnx(model, cache_dir=cache_dir) as r:
+        assert not r._warmed
+        first = r.generate(prompt, output_tokens=3)
+        assert r._warmed
+        second = r.generate(prompt, output_tokens=3)
+    assert first.tokens == second.tokens  # the warm-up request leaves no state behind
 
 
 def test_from_engine_loads_the_cached_plan(model: Path, cache_dir: Path) -> None:

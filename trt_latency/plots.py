@@ -193,3 +193,47 @@ def decode_series(samples: Any, cal: Any) -> list[DecodeSeries]:
 def plot_calibration(samples: Any, cal: Any, path: str | os.PathLike[str], title: str = "") -> str:
     """decode.png for a calibration and the samples it was fitted from."""
     return plot_decode(decode_series(samples, cal), path, title=title)
+
+
+def plot_causes(report: Any, path: str | os.PathLike[str]) -> str:
+    """A bucket table's measured ms/token (error bars: the sigma it was weighted with, else none) at each
+    bucket's mean n, beside each cause's per-n curve and its bucket averages (estimator.causes.CauseReport)."""
+    from trt_latency.estimator.causes import CAUSES, per_n_curve
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    x = np.asarray(report.mean_n, dtype=np.float64)
+    y = np.asarray(report.measured, dtype=np.float64)
+    err = np.asarray(report.errors, dtype=np.float64)
+    lo = np.asarray([r[0] for r in report.bucket_ranges], dtype=np.float64)
+    hi = np.asarray([r[1] for r in report.bucket_ranges], dtype=np.float64)
+    ax.errorbar(x, y, yerr=None if not np.isfinite(err).any() else np.nan_to_num(err),
+                xerr=[x - lo, hi - x], fmt="o", color="black", ms=6, capsize=4, elinewidth=1.2, zorder=5,
+                label="measured (bar: n range; whisker: " + ("SE" if report.known_scale else "std") + ")")
+    grid = np.unique(np.round(np.geomspace(2, max(3.0, float(hi.max())), 200)))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, name in enumerate(c for c in CAUSES if c in report.hypotheses):
+        h = report.hypotheses[name]
+        color = colors[i % len(colors)]
+        curve = per_n_curve(name, h.params, report.prompt_tokens or 0.0)
+        score = f"{report.criterion} {h.score:.1f}" if h.score is not None else "not scored"
+        mark = "" if h.plausible else ", implausible"
+        ax.plot(grid, curve(grid), "-" if h.plausible else ":", lw=2.2 if name == report.best else 1.3,
+                color=color, label=f"{name} ({score}{mark})" + (" = best" if name == report.best else ""))
+        ax.plot(x, h.predicted, "s", ms=5, mfc="white", mec=color, mew=1.3)
+    ax.set_xscale("log")
+    ticks = sorted({int(v) for v in lo} | {int(hi[-1])})
+    ax.set_xticks(ticks, [str(t) for t in ticks])  # where each bucket starts (and the last ends), plain numbers
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
+    ax.set_xlabel("output tokens n (log; ticks where buckets start); squares: each cause's bucket average")
+    ax.set_ylabel("decode ms/token")
+    ax.set_title(f"Which cause explains the buckets? best: {report.best or 'none'}", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    top = float(np.nanmax(y + np.nan_to_num(err)))
+    ax.set_ylim(0, top * 1.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    out = os.fspath(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

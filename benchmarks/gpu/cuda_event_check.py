@@ -71,7 +71,7 @@ def run(nbytes: int, copies: int, samples: int) -> dict[str, Any]:
         copies_work()  # warm-up
         stream.synchronize()
         probe = np.empty(min(nbytes, 1 << 20), dtype=np.uint8)
-        dst.copy_to_host(probe, offset=nbytes - probe.nbytes)
+        dst.copy_to_host(probe, offset=nbytes - probe.nbytes, stream=stream)
         copied_ok = bool((probe == 0xA5).all())
 
         for i in range(samples):

@@ -8,13 +8,18 @@
 # 2. benchmarks/gpu/cuda_event_check.py: the shared CUDA layer's events vs torch's
 # 3. trt-latency calibrate configs/gpu.yaml --backend ort-cuda   (export ~2 GB fp16, sweep, fit, replay)
 # 4. benchmarks/gpu/independent_loop.py: the same model.onnx at three positions, no project code
+# 5. the CUDA-layer tests (tests/test_trt_driver.py: driver/bindings check; tests/test_trt_cuda.py: pinned copies, graph upload,
+#    capture fallback) right after step 2, and the TensorRT tests (tests/test_trt_engine.py,
+#    tests/test_trt_backends.py: build + timing cache, decode/prefill profiles, warm-up, graphs vs ONNX
+#    Runtime) at the end, when TensorRT is importable on the host (logged as SKIP otherwise)
 #
 # Results land in $OUT/<device-slug>/ (samples.csv, calibration.yaml, decode.png, requests.csv,
-# summary.json, cuda_event_check.json, run.log: 7 files, small). The models (~2 GB) stay in $WORK, outside
+# summary.json, cuda_event_check.json, run.log, cuda-tests.xml, trt-tests.xml: small). The models (~2 GB) stay in $WORK, outside
 # $OUT, so a rerun on the same warm machine resumes (export reused, swept rows kept).
 # Every step runs under `timeout`, inside one overall budget (BUDGET_S, default 540 s).
 # Environment: OUT (default ./gpu-out), WORK (default /tmp/trt-latency-gpu), BUDGET_S, QUICK=1 (--quick plan),
-# REQUESTS=N (replay size; 0 skips the replay and its second session load),
+# REQUESTS=N (replay size; 0 skips the replay and its second session load), TRT_ONLY=1 (only install and the
+# CUDA / TensorRT tests: skips calibrate and the independent loop),
 # PYTHON (default python3). CPU smoke test of this script (tests/test_gpu_data.py): PROVIDER=cpu PLAN=tiny.yaml
 # SKIP_INSTALL=1 runs the same steps on ONNX Runtime's CPU provider and skips the CUDA-only ones.
 set -uo pipefail
@@ -125,16 +130,30 @@ if [ "$PROVIDER" = cpu ]; then log "SKIP cuda-event-check (PROVIDER=cpu)"
 else step cuda-event-check 60 "$PY" benchmarks/gpu/cuda_event_check.py --out "$DEST"
 fi
 
+# pytest for the GPU test steps; addopts cleared (the host may lack pytest-benchmark's --benchmark-disable).
+have_pytest=0
+[ "$PROVIDER" != cpu ] && timeout 60 "$PY" -c 'import pytest' 2>/dev/null && have_pytest=1
+gpu_tests() {  # gpu_tests NAME LIMIT FILES...: pytest with skip reasons shown (-rs), a junit report in $DEST
+  local name=$1 limit=$2; shift 2
+  step "$name" "$limit" "$PY" -m pytest -q -rs -p no:cacheprovider -o addopts="" --junitxml "$DEST/$name.xml" "$@"
+}
+if [ "$PROVIDER" = cpu ]; then log "SKIP cuda-tests (PROVIDER=cpu)"
+elif ((have_pytest)); then gpu_tests cuda-tests 90 tests/test_trt_driver.py tests/test_trt_cuda.py
+else log "SKIP cuda-tests: pytest is not importable here"; FAILED+=("cuda-tests(skipped)")
+fi
+
 # 3. The calibration sweep on the CUDA provider.
+if [ "${TRT_ONLY:-0}" = 1 ]; then log "SKIP calibrate and independent (TRT_ONLY=1)"; fi
 quick=(); [ "${QUICK:-0}" = 1 ] && quick=(--quick)
 [ -n "${REQUESTS:-}" ] && quick+=(--requests "$REQUESTS")  # REQUESTS=0: no replay (saves one session load)
-step calibrate 330 "$PY" -m trt_latency calibrate "$PLAN" --backend "ort-$PROVIDER" --out "$WORK" --no-progress "${quick[@]}"
+[ "${TRT_ONLY:-0}" = 1 ] || step calibrate 330 "$PY" -m trt_latency calibrate "$PLAN" --backend "ort-$PROVIDER" --out "$WORK" --no-progress "${quick[@]}"
 for f in samples.csv calibration.yaml decode.png requests.csv; do
   [ -f "$WORK/$f" ] && cp "$WORK/$f" "$DEST/"
 done
 
 # 4. The independent loop (needs calibrate's samples.csv and calibration.yaml).
-if [ -f "$WORK/calibration.yaml" ] && [ -f "$WORK/model.onnx" ]; then
+if [ "${TRT_ONLY:-0}" = 1 ]; then :
+elif [ -f "$WORK/calibration.yaml" ] && [ -f "$WORK/model.onnx" ]; then
   bw=(); [ "$PROVIDER" = cpu ] && bw=(--bandwidth-mib 64)
   # Exit 3 = it ran and the medians differ by more than 5%: a result to report, not a failed step.
   step independent 150 "$PY" benchmarks/gpu/independent_loop.py --run-dir "$WORK" --out "$DEST" \
@@ -147,6 +166,14 @@ else
   log "SKIP independent: calibrate left no calibration.yaml / model.onnx in $WORK"; FAILED+=("independent(skipped)")
 fi
 
+# 5. The TensorRT backend's tests, when TensorRT (not only its stubs) is importable here.
+if [ "$PROVIDER" = cpu ]; then log "SKIP trt-tests (PROVIDER=cpu)"
+elif ! timeout 60 "$PY" -c 'import sys, tensorrt; print("tensorrt", tensorrt.__version__); sys.exit(0 if hasattr(tensorrt, "Builder") else 1)'; then
+  log "SKIP trt-tests: TensorRT is not importable on this host (nothing of the TensorRT backend ran)"
+elif ((have_pytest)); then
+  TRT_LATENCY_CACHE=$WORK/trt-cache gpu_tests trt-tests 240 tests/test_trt_engine.py tests/test_trt_backends.py
+else log "SKIP trt-tests: pytest is not importable here"; FAILED+=("trt-tests(skipped)")
+fi
 
 log "files in $DEST:"; ls -la "$DEST"
 if ((${#FAILED[@]})); then log "FAILED steps: ${FAILED[*]}"; exit 1; fi

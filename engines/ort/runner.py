@@ -1,9 +1,17 @@
 """ONNX Runtime session -> per-position step timings and real end-to-end requests (the Runner contract).
 
-All buffers are allocated once, at the largest shape (max_past_len + max_new_tokens KV tokens per
-block, two ping-pong sets so a decode loop can feed present KV back as past without copies). A step
-binds contiguous prefixes of those flat buffers with the needed shape (IOBinding by pointer), so
-the timed region of ``time_step`` is exactly ``session.run_with_iobinding``.
+What is bound comes from the model's DecoderSignature (engines/signature.py): token ids or embeddings,
+attention_mask and position_ids when the model has them, KV by its own names and layout. Two KV modes:
+
+- ``concat``: present = past + S tokens, written to a second buffer; two ping-pong sets so a decode
+  loop feeds present back as past without copies (optimum / torch.onnx exports, ours);
+- ``shared``: ONE [1, kv_heads, max_len, head_dim] buffer per layer bound as both past and present,
+  the step writes its token in place, the mask's length is past + S (onnxruntime-genai's
+  past_present_share_buffer; GroupQueryAttention derives seqlens_k from the mask's contents).
+
+All buffers are allocated once, at the largest shape (max_past_len + max_new_tokens KV tokens). A
+step binds contiguous prefixes of those flat buffers with the needed shape (IOBinding by pointer),
+so the timed region of ``time_step`` is exactly ``session.run_with_iobinding``.
 
 device "cpu": numpy buffers; "cuda" / "trt": OrtValue device buffers (``OrtValue.ortvalue_from_numpy`` /
 ``ortvalue_from_shape_and_type`` on 'cuda'), host staging + ``OrtValue.update_inplace`` for the
@@ -49,91 +57,111 @@ def _gpu_name(device_id: int) -> str:
         return f"cuda:{device_id}"
 
 
-class _Dims:
-    """What the runner needs to know about the model: from metadata, else from the session's inputs."""
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
-    def __init__(self, path: Path, sess: Any, max_past_len: int | None, max_new_tokens: int | None) -> None:
+
+def _np_dtype(name: str | None, what: str, path: Path) -> Any:
+    if name is None:
+        return np.int64
+    if name not in _NP_DTYPES:
+        raise InputError(f"{what} is {name}, which the ONNX Runtime runner cannot bind from numpy", path=str(path),
+                         field=what, expected="float32, float16, int32 or int64")
+    return _NP_DTYPES[name]
+
+
+class _Dims:
+    """Sizes the runner allocates for: the signature's dims, and the requested lengths capped by the model's."""
+
+    def __init__(self, sig: Any, max_past_len: int | None, max_new_tokens: int | None) -> None:
         from trt_latency.engines.export import model_metadata
 
-        meta = model_metadata(path)
-        inputs = {i.name: i for i in sess.get_inputs()}
-        if "inputs_embeds" not in inputs or "position_ids" not in inputs:
-            raise InputError("not a decoder with explicit KV bindings", path=str(path), field="inputs",
-                             expected="inputs inputs_embeds, position_ids, past_key_values.{i}.key|value",
-                             got=",".join(inputs))
-        self.blocks = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
-        if self.blocks == 0:
-            raise InputError("no KV-cache inputs", path=str(path), field="inputs",
-                             expected="past_key_values.{i}.key|value inputs", got=",".join(inputs))
-        past0 = inputs["past_key_values.0.key"].shape
-        emb = inputs["inputs_embeds"].shape
-        self.kv_heads = int(meta.get("kv_heads", past0[1]))
-        self.head_dim = int(meta.get("head_dim", past0[3]))
-        self.hidden = int(meta.get("hidden", emb[2]))
-        logits = next(o for o in sess.get_outputs() if o.name == "logits")
-        self.vocab = int(meta.get("vocab", logits.shape[2]))
-        for name, value in (("kv_heads", self.kv_heads), ("head_dim", self.head_dim), ("hidden", self.hidden),
-                            ("vocab", self.vocab)):
-            if not isinstance(value, int) or value <= 0:
-                raise InputError("dimension not fixed in the model", path=str(path), field=name,
-                                 expected="a static dimension or trt_latency metadata", got=value)
-        self.dtype = np.float16 if "float16" in inputs["inputs_embeds"].type else np.float32
-        self.max_past_len = int(max_past_len if max_past_len is not None else meta.get("max_past_len", 4096))
-        self.max_new_tokens = int(max_new_tokens if max_new_tokens is not None else meta.get("max_prefill_len", 1024))
+        meta = model_metadata(sig.model)
+        path = Path(sig.model)
+        self.blocks = sig.blocks
+        self.kv_heads = sig.kv_heads
+        self.head_dim = sig.head_dim
+        self.vocab = sig.vocab
+        # A token-id model needs no hidden size to be fed; 1 keeps the Runner contract's int.
+        self.hidden = sig.hidden or 1
+        self.kv_dtype = _np_dtype(sig.kv_dtype, "kv_dtype", path)
+        self.dtype = self.kv_dtype  # embeddings / KV element type (kept for callers of .dims.dtype)
+        self.token_dtype = _np_dtype(sig.token_dtype, sig.token_input, path)
+        self.logits_dtype = _np_dtype(sig.logits_dtype, "logits", path)
+        self.mask_dtype = _np_dtype(sig.mask_dtype, "attention_mask", path)
+        self.pos_dtype = _np_dtype(sig.position_dtype, "position_ids", path)
+        model_past = sig.max_past_len
+        past = int(max_past_len if max_past_len is not None else model_past if model_past is not None else 4096)
+        # Never time past what the model supports (its context length from its config).
+        self.max_past_len = min(past, model_past) if model_past is not None else past
+        new = int(max_new_tokens if max_new_tokens is not None else meta.get("max_prefill_len", 1024))
+        self.max_new_tokens = min(new, model_past + 1) if model_past is not None else new
         self.meta = meta
 
 
-def _trt_profile(path: Path, max_past_len: int | None, max_new_tokens: int | None) -> dict[str, tuple[str, str, str]] | None:
-    """One explicit TensorRT EP profile (min/opt/max) over S and past_len, from the model's metadata.
+def _trt_profile(sig: Any, max_past: int, max_new: int) -> dict[str, tuple[str, str, str]]:
+    """One explicit TensorRT EP profile (min/opt/max) over S and past_len, from the signature.
 
     Without it the EP rebuilds its engine whenever a shape leaves the range seen so far, which a
     per-position sweep would time as a giant outlier.
     """
-    from trt_latency.engines.export import model_metadata
-
-    meta = model_metadata(path)
-    if not meta:
-        return None
-    past = int(max_past_len if max_past_len is not None else meta["max_past_len"])
-    new = int(max_new_tokens if max_new_tokens is not None else meta["max_prefill_len"])
-    h, kv, d = meta["hidden"], meta["kv_heads"], meta["head_dim"]
-    prof = {"inputs_embeds": (f"1x1x{h}", f"1x1x{h}", f"1x{new}x{h}"),
-            "position_ids": ("1x1", "1x1", f"1x{new}")}
-    for i in range(int(meta["num_active_blocks"])):
-        for kind in ("key", "value"):
-            prof[f"past_key_values.{i}.{kind}"] = (f"1x{kv}x0x{d}", f"1x{kv}x{past // 2}x{d}", f"1x{kv}x{past}x{d}")
+    h = sig.hidden
+    if sig.token_input == "input_ids":
+        prof = {sig.token_name: ("1x1", "1x1", f"1x{max_new}")}
+    else:
+        prof = {sig.token_name: (f"1x1x{h}", f"1x1x{h}", f"1x{max_new}x{h}")}
+    if sig.position_ids:
+        prof[sig.position_ids] = ("1x1", "1x1", f"1x{max_new}")
+    if sig.attention_mask:
+        prof[sig.attention_mask] = ("1x1", f"1x{max_past // 2 + 1}", f"1x{max_past + max_new}")
+    lead = "2x1" if sig.kv_layout == "fused" else "1"
+    kv, d = sig.kv_heads, sig.head_dim
+    for block in sig.kv:
+        for past, _ in block.pairs():
+            prof[past] = (f"{lead}x{kv}x0x{d}", f"{lead}x{kv}x{max_past // 2}x{d}", f"{lead}x{kv}x{max_past}x{d}")
     return prof
 
 
 class OrtRunner(Closing):
-    """Runner on ONNX Runtime with IOBinding over preallocated flat buffers."""
+    """Runner on ONNX Runtime with IOBinding over preallocated flat buffers, bound by the model's signature."""
 
     def __init__(self, path: str | os.PathLike[str], device: str = "cpu", *, intra_op_threads: int = 0,
                  inter_op_threads: int = 0, max_past_len: int | None = None, max_new_tokens: int | None = None,
-                 device_id: int = 0, seed: int = 0, trt_cache_dir: str | None = None) -> None:
+                 device_id: int = 0, seed: int = 0, trt_cache_dir: str | None = None, kv_mode: str = "auto",
+                 io: Any = None, dims: Any = None, signature: Any = None, session: Any = None) -> None:
+        """``session``: an already-built onnxruntime.InferenceSession (engines/ort/loader.create_session) for
+        ``path``; by default the runner builds one on ``device``. ``signature``: an already-read one."""
         from trt_latency.engines.ort.loader import create_session
+        from trt_latency.engines.signature import read_signature
 
         if device not in _BACKENDS:
             raise BackendUnavailable(f"unknown ONNX Runtime device {device!r}; expected cpu, cuda or trt")
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError("file not found", path=str(self.path), expected="an ONNX model")
+        sig = signature if signature is not None else read_signature(self.path, io=io, dims=dims)
+        self.signature = sig
+        self.kv_mode = sig.resolve_kv_mode(kv_mode)
+        self.token_input = sig.token_input
+        dims_ = _Dims(sig, max_past_len, max_new_tokens)
+        self.dims = dims_
         trt_options = None
         if device == "trt":
             from trt_latency.engines.ort.loader import trt_provider_options
 
             trt_options = trt_provider_options(trt_cache_dir or str(self.path.parent / "ort_trt_cache"),
-                                               _trt_profile(self.path, max_past_len, max_new_tokens))
-        self.session, self.provider = create_session(self.path, device, intra_op_threads=intra_op_threads,
-                                                     inter_op_threads=inter_op_threads, device_id=device_id,
-                                                     trt_options=trt_options)
-        dims = _Dims(self.path, self.session, max_past_len, max_new_tokens)
-        self.dims = dims
+                                               _trt_profile(sig, dims_.max_past_len, dims_.max_new_tokens))
+        if session is not None:  # loader -> runner split: the caller built (and owns the options of) the session
+            self.session, self.provider = session, session.get_providers()[0]
+        else:
+            self.session, self.provider = create_session(self.path, device, intra_op_threads=intra_op_threads,
+                                                         inter_op_threads=inter_op_threads, device_id=device_id,
+                                                         trt_options=trt_options)
         self.backend = _BACKENDS[device]
         self.device = cpu_name() if device == "cpu" else _gpu_name(device_id)
-        self.max_past_len = dims.max_past_len
-        self.max_new_tokens = dims.max_new_tokens
-        self.hidden = dims.hidden
+        self.max_past_len = dims_.max_past_len
+        self.max_new_tokens = dims_.max_new_tokens
+        self.hidden = dims_.hidden
+        self.vocab = dims_.vocab
         self.threads = (intra_op_threads, inter_op_threads)
         self._on_device = device != "cpu"
         self._device_id = device_id
@@ -141,86 +169,117 @@ class OrtRunner(Closing):
         self._rng = np.random.default_rng(seed)
         self._allocate()
         self._binding = self.session.io_binding()
+        self._last_past_set = 0
 
     # -- buffers -----------------------------------------------------------------------------
 
     def _allocate(self) -> None:
         import onnxruntime as ort
 
-        d = self.dims
+        d, sig = self.dims, self.signature
+        fused = sig.kv_layout == "fused"
         per_token = d.kv_heads * d.head_dim
-        cap = (self.max_past_len + self.max_new_tokens) * per_token
+        self._max_len = self.max_past_len + self.max_new_tokens  # KV tokens one buffer holds
+        cap = self._max_len * per_token * (2 if fused else 1)
         self._per_token = per_token
 
-        def filled(n: int) -> np.ndarray:
+        def filled(n: int, dtype: Any) -> np.ndarray:
             # Small finite values: the contents never matter for timing, only that they are finite.
-            return (self._rng.standard_normal(n, dtype=np.float32) * 0.1).astype(d.dtype)
+            return (self._rng.standard_normal(n, dtype=np.float32) * 0.1).astype(dtype)
 
-        self._host_embeds = filled(self.max_new_tokens * d.hidden)
-        self._host_pos = np.zeros(self.max_new_tokens, dtype=np.int64)
-        # Greedy decoding feeds the embedding of the chosen token back in (the model has no embedding table).
-        self._embed_table = filled(d.vocab * d.hidden).reshape(d.vocab, d.hidden)
-        self._host_logits = np.empty(self.max_new_tokens * d.vocab, dtype=d.dtype)
-        self._host_logits_step = np.empty(d.vocab, dtype=d.dtype)
-        # kv[set][block] = (key, value) flat buffers; set 0 / 1 ping-pong between past and present.
+        ids = sig.token_input == "input_ids"
+        self._token_width = 1 if ids else d.hidden  # values per token of the token input
+        if ids:
+            self._host_tokens = self._rng.integers(0, d.vocab, self.max_new_tokens).astype(d.token_dtype)
+        else:
+            self._host_tokens = filled(self.max_new_tokens * d.hidden, d.token_dtype)
+        self._host_pos = np.zeros(self.max_new_tokens, dtype=d.pos_dtype)
+        self._host_mask = np.ones(self._max_len, dtype=d.mask_dtype)  # a prefix of ones of length past + S
+        # Greedy decoding of an embeddings model feeds the embedding of the chosen token back in (the
+        # model has no embedding table of its own); a token-id model is fed the token id.
+        self._embed_table = filled(d.vocab * d.hidden, d.token_dtype).reshape(d.vocab, d.hidden) if not ids else None
+        self._host_logits = np.empty(self.max_new_tokens * d.vocab, dtype=d.logits_dtype)
+        self._host_logits_step = np.empty(d.vocab, dtype=d.logits_dtype)
+        n_sets = 1 if self.kv_mode == "shared" else 2  # shared: past and present are one buffer
+        n_kv = len(sig.kv[0].pairs())
+        # kv[set][block][j] flat buffers (j: key, value; or the one fused tensor).
         if not self._on_device:
-            self._embeds: Any = self._host_embeds
-            self._embeds_step: Any = self._host_embeds
+            self._tokens: Any = self._host_tokens
+            self._tokens_step: Any = self._host_tokens
             self._pos: Any = self._host_pos
+            self._mask: Any = self._host_mask
             self._logits: Any = self._host_logits
             self._logits_step: Any = self._host_logits_step
-            self._kv: Any = [[(filled(cap), filled(cap)) for _ in range(d.blocks)] for _ in range(2)]
+            self._kv: Any = [[tuple(filled(cap, d.kv_dtype) for _ in range(n_kv)) for _ in range(d.blocks)]
+                             for _ in range(n_sets)]
             return
         ov = ort.OrtValue
         dev, did = self._ort_device, self._device_id
-        self._embeds = ov.ortvalue_from_numpy(self._host_embeds, dev, did)
+        self._tokens = ov.ortvalue_from_numpy(self._host_tokens, dev, did)
         # Decode steps update only this one-token buffer: update_inplace copies a whole OrtValue, and
         # the prompt-sized one is max_new_tokens x hidden (4 MB on the GPU tier) per generated token.
-        self._embeds_step = ov.ortvalue_from_numpy(self._host_embeds[: d.hidden].copy(), dev, did)
+        self._tokens_step = ov.ortvalue_from_numpy(self._host_tokens[: self._token_width].copy(), dev, did)
         self._pos = ov.ortvalue_from_numpy(self._host_pos, dev, did)
-        self._logits = ov.ortvalue_from_shape_and_type([self._host_logits.size], d.dtype, dev, did)
-        self._logits_step = ov.ortvalue_from_shape_and_type([d.vocab], d.dtype, dev, did)
+        self._mask = ov.ortvalue_from_numpy(self._host_mask, dev, did)
+        self._logits = ov.ortvalue_from_shape_and_type([self._host_logits.size], d.logits_dtype, dev, did)
+        self._logits_step = ov.ortvalue_from_shape_and_type([d.vocab], d.logits_dtype, dev, did)
         # One random host pattern copied into every device buffer: the contents never matter for
         # timing, and 4 * blocks random fills of cap values cost about a minute of CPU on a 1B tier.
-        pattern = filled(cap)
-        self._kv = [[(ov.ortvalue_from_numpy(pattern, dev, did), ov.ortvalue_from_numpy(pattern, dev, did))
-                     for _ in range(d.blocks)] for _ in range(2)]
+        pattern = filled(cap, d.kv_dtype)
+        self._kv = [[tuple(ov.ortvalue_from_numpy(pattern, dev, did) for _ in range(n_kv)) for _ in range(d.blocks)]
+                    for _ in range(n_sets)]
 
     def _ptr(self, buf: Any) -> int:
         return int(buf.ctypes.data) if isinstance(buf, np.ndarray) else int(buf.data_ptr())
 
     def _bind(self, past_len: int, new_tokens: int, past_set: int) -> Any:
-        """Bind shapes for one step: past from set ``past_set``, present into the other set."""
-        d, b = self.dims, self._binding
+        """Bind shapes for one step: past from set ``past_set``, present into the other set (concat) or the
+        same buffer (shared)."""
+        d, b, sig = self.dims, self._binding, self.signature
         dev, did = self._ort_device, self._device_id
-        embeds = self._embeds_step if new_tokens == 1 else self._embeds
-        b.bind_input("inputs_embeds", dev, did, d.dtype, [1, new_tokens, d.hidden], self._ptr(embeds))
-        b.bind_input("position_ids", dev, did, np.int64, [1, new_tokens], self._ptr(self._pos))
+        tokens = self._tokens_step if new_tokens == 1 else self._tokens
+        tok_shape = [1, new_tokens] if sig.token_input == "input_ids" else [1, new_tokens, d.hidden]
+        b.bind_input(sig.token_name, dev, did, d.token_dtype, tok_shape, self._ptr(tokens))
+        if sig.attention_mask:
+            b.bind_input(sig.attention_mask, dev, did, d.mask_dtype, [1, past_len + new_tokens], self._ptr(self._mask))
+        if sig.position_ids:
+            b.bind_input(sig.position_ids, dev, did, d.pos_dtype, [1, new_tokens], self._ptr(self._pos))
         logits = self._logits_step if new_tokens == 1 else self._logits
-        b.bind_output("logits", dev, did, d.dtype, [1, new_tokens, d.vocab], self._ptr(logits))
-        past_shape = [1, d.kv_heads, past_len, d.head_dim]
-        present_shape = [1, d.kv_heads, past_len + new_tokens, d.head_dim]
-        for i in range(d.blocks):
-            for j, kv in enumerate(("key", "value")):
-                b.bind_input(f"past_key_values.{i}.{kv}", dev, did, d.dtype, past_shape,
-                             self._ptr(self._kv[past_set][i][j]))
-                b.bind_output(f"present.{i}.{kv}", dev, did, d.dtype, present_shape,
-                              self._ptr(self._kv[1 - past_set][i][j]))
+        b.bind_output(sig.logits, dev, did, d.logits_dtype, [1, new_tokens, d.vocab], self._ptr(logits))
+        if self.kv_mode == "shared":
+            past_shape = present_shape = sig.kv_shape(self._max_len)
+            present_set = past_set = 0
+        else:
+            past_shape, present_shape = sig.kv_shape(past_len), sig.kv_shape(past_len + new_tokens)
+            present_set = 1 - past_set
+        for i, block in enumerate(sig.kv):
+            for j, (past, present) in enumerate(block.pairs()):
+                b.bind_input(past, dev, did, d.kv_dtype, past_shape, self._ptr(self._kv[past_set][i][j]))
+                b.bind_output(present, dev, did, d.kv_dtype, present_shape, self._ptr(self._kv[present_set][i][j]))
         return b
 
     def _set_positions(self, start: int, new_tokens: int) -> None:
-        self._host_pos[:new_tokens] = np.arange(start, start + new_tokens, dtype=np.int64)
+        if not self.signature.position_ids:
+            return
+        self._host_pos[:new_tokens] = np.arange(start, start + new_tokens, dtype=self._host_pos.dtype)
         if self._on_device:
             self._pos.update_inplace(self._host_pos)
 
-    def _set_embeds(self, embeds: np.ndarray) -> None:
-        flat = np.ascontiguousarray(embeds, dtype=self.dims.dtype).reshape(-1)
-        self._host_embeds[: flat.size] = flat
+    def _set_tokens(self, values: np.ndarray) -> None:
+        flat = np.ascontiguousarray(values, dtype=self.dims.token_dtype).reshape(-1)
+        self._host_tokens[: flat.size] = flat
         if self._on_device:
-            if flat.size == self.dims.hidden:
-                self._embeds_step.update_inplace(flat)
+            if flat.size == self._token_width:
+                self._tokens_step.update_inplace(flat)
             else:
-                self._embeds.update_inplace(self._host_embeds)
+                self._tokens.update_inplace(self._host_tokens)
+
+    def _feed_token(self, token: int) -> None:
+        """Feed the greedy token back: its id (token-id model) or its embedding (embeddings model)."""
+        if self._embed_table is None:
+            self._set_tokens(np.asarray([token]))
+        else:
+            self._set_tokens(self._embed_table[token])
 
     def _last_token(self, new_tokens: int) -> int:
         v = self.dims.vocab
@@ -230,6 +289,13 @@ class OrtRunner(Closing):
             full = self._logits if not self._on_device else self._logits.numpy()
             row = full[(new_tokens - 1) * v: new_tokens * v]
         return int(np.argmax(row))
+
+    def last_logits(self, new_tokens: int) -> np.ndarray:
+        """Copy of the last step's last-token logits (tests compare them with a full recompute)."""
+        v = self.dims.vocab
+        buf = self._logits_step if new_tokens == 1 else self._logits
+        host = buf if isinstance(buf, np.ndarray) else buf.numpy()
+        return np.array(host[(new_tokens - 1) * v: new_tokens * v] if new_tokens > 1 else host[:v])
 
     def _check(self, past_len: int, new_tokens: int) -> None:
         if not 0 <= past_len <= self.max_past_len:
@@ -250,52 +316,121 @@ class OrtRunner(Closing):
         run = self.session.run_with_iobinding
         out = np.empty(reps, dtype=np.float64)
         clock = time.perf_counter_ns
-        for r in range(reps):
-            t0 = clock()
-            run(binding)
-            out[r] = (clock() - t0) * 1e-6
+        try:
+            for r in range(reps):
+                t0 = clock()
+                run(binding)
+                out[r] = (clock() - t0) * 1e-6
+        except Exception as exc:  # noqa: BLE001 - ORT raises RuntimeError/Fail/...: one line that says where
+            raise self._run_error(exc, past_len, new_tokens) from None
         return out
 
+    def _run_error(self, exc: Exception, past_len: int, new_tokens: int) -> InputError:
+        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        return InputError(f"ONNX Runtime failed on a step at past_len {past_len} with {new_tokens} new token(s) "
+                          f"(kv_mode {self.kv_mode}): {msg[:300]}", path=str(self.path), field="step",
+                          expected="a model that supports this length (--max-past-len N below its context, "
+                                   "or --kv-mode concat)")
+
+    def random_prompt(self, length: int, rng: np.random.Generator) -> np.ndarray:
+        """A random prompt of ``length`` tokens in the model's own input kind: ids [1, S] or embeddings [1, S, H]."""
+        if self.token_input == "input_ids":
+            return rng.integers(0, self.dims.vocab, (1, length)).astype(np.int64)
+        return (rng.standard_normal((1, length, self.hidden), dtype=np.float32) * 0.5).astype(self.dims.token_dtype)
+
+    def prompt_values(self, prompt: np.ndarray) -> np.ndarray:
+        """``prompt`` as the model's token input: ids [1, S] (token-id model) or embeddings [1, S, H].
+
+        A prompt of the other kind is converted: embeddings for a token-id model become S token ids
+        drawn deterministically from their values (only the length matters for timing; this keeps
+        callers that make random embeddings working); ids for an embeddings model are looked up in
+        the runner's random embedding table."""
+        arr = np.asarray(prompt)
+        ids_model = self.token_input == "input_ids"
+        if arr.ndim == 2 and np.issubdtype(arr.dtype, np.integer):
+            if arr.shape[0] != 1 or arr.shape[1] < 1:
+                raise ValueError(f"input_ids must be [1, S], got {list(arr.shape)}")
+            if (arr < 0).any() or (arr >= self.dims.vocab).any():
+                raise ValueError(f"token ids must be in [0, {self.dims.vocab})")
+            return arr if ids_model else self._embed_table[arr[0]][None]  # type: ignore[index]
+        if arr.ndim != 3 or arr.shape[0] != 1 or arr.shape[1] < 1 or (not ids_model and arr.shape[2] != self.hidden):
+            raise ValueError(f"inputs_embeds must be [1, S, {self.hidden}] (or input_ids [1, S]), got {list(arr.shape)}")
+        if not ids_model:
+            return arr
+        bits = np.abs(np.asarray(arr[0, :, 0], dtype=np.float64)) * 1e6
+        return (bits.astype(np.int64) % self.dims.vocab)[None]
+
     def generate(self, inputs_embeds: np.ndarray, output_tokens: int) -> GenerateResult:
-        embeds = np.asarray(inputs_embeds)
-        if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[2] != self.hidden:
-            raise ValueError(f"inputs_embeds must be [1, S, {self.hidden}], got {list(embeds.shape)}")
-        prompt = embeds.shape[1]
+        """Prefill the prompt (ids [1, S] or embeddings [1, S, H]), then output_tokens - 1 greedy decode steps."""
+        values = self.prompt_values(inputs_embeds)
+        prompt = values.shape[1]
         self._check(0, prompt)
         if output_tokens < 1 or prompt + output_tokens - 1 > self.max_past_len + 1:
             raise ValueError(f"output_tokens must be in [1, {self.max_past_len + 2 - prompt}], got {output_tokens}")
         run = self.session.run_with_iobinding
         clock = time.perf_counter_ns
+        shared = self.kv_mode == "shared"
         t_start = clock()
-        self._set_embeds(embeds)
+        self._set_tokens(values)
         self._set_positions(0, prompt)
-        run(self._bind(0, prompt, past_set=0))
+        try:
+            run(self._bind(0, prompt, past_set=0))
+        except Exception as exc:  # noqa: BLE001 - one line instead of ORT's traceback
+            raise self._run_error(exc, 0, prompt) from None
         token = self._last_token(prompt)
         ttft = clock()
         tokens, steps = [token], []
-        past_len, past_set = prompt, 1  # present of the prefill landed in set 1
+        past_len, past_set = prompt, 0 if shared else 1  # concat: present of the prefill landed in set 1
         for _ in range(output_tokens - 1):
             t0 = clock()
-            self._set_embeds(self._embed_table[token])
+            self._feed_token(token)
             self._set_positions(past_len, 1)
             run(self._bind(past_len, 1, past_set))
             token = self._last_token(1)
             steps.append((clock() - t0) * 1e-6)
             tokens.append(token)
-            past_len, past_set = past_len + 1, 1 - past_set
+            past_len = past_len + 1
+            past_set = past_set if shared else 1 - past_set
         end = clock()
         self._last_past_set = past_set
         return GenerateResult(ttft_ms=(ttft - t_start) * 1e-6, total_ms=(end - t_start) * 1e-6, step_ms=steps,
                               tokens=tokens)
 
     def present(self, block: int, kind: str, length: int, kv_set: int) -> np.ndarray:
-        """Copy of a KV buffer's first ``length`` tokens as [1, kv_heads, length, head_dim] (tests, debugging)."""
-        buf = self._kv[kv_set][block][0 if kind == "key" else 1]
+        """Copy of a KV buffer's first ``length`` tokens as [1, kv_heads, length, head_dim] (tests, debugging).
+
+        Fused layout: ``kind`` "key" / "value" picks the first / second half of the [2, ...] tensor."""
+        d, sig = self.dims, self.signature
+        fused = sig.kv_layout == "fused"
+        j = 0 if fused or kind == "key" else 1
+        buf = self._kv[0 if self.kv_mode == "shared" else kv_set][block][j]
         host = buf if isinstance(buf, np.ndarray) else buf.numpy()
-        d = self.dims
-        return np.array(host[: length * self._per_token].reshape(1, d.kv_heads, length, d.head_dim))
+        stride = self._max_len if self.kv_mode == "shared" else length
+        lead = 2 if fused else 1
+        full = host[: lead * d.kv_heads * stride * d.head_dim].reshape(lead, d.kv_heads, stride, d.head_dim)
+        half = 1 if fused and kind == "value" else 0
+        return np.array(full[half: half + 1, :, :length])
 
     def close(self) -> None:
         self._binding = None
         self.session = None
 
+
+def _open(device: str, path: Path, *, threads: int = 0, inter_threads: int = 0, **options: Any) -> OrtRunner:
+    options.pop("trt_options", None)  # TensorRT-library options: not this runner's
+    return OrtRunner(path, device, intra_op_threads=threads, inter_op_threads=inter_threads, **options)
+
+
+def open_cpu(path: Path, **options: Any) -> OrtRunner:
+    """Backend registry factory "ort-cpu" (engines/backends.py)."""
+    return _open("cpu", path, **options)
+
+
+def open_cuda(path: Path, **options: Any) -> OrtRunner:
+    """Backend registry factory "ort-cuda"."""
+    return _open("cuda", path, **options)
+
+
+def open_trt(path: Path, **options: Any) -> OrtRunner:
+    """Backend registry factory "ort-trt" (ONNX Runtime's TensorRT execution provider)."""
+    return _open("trt", path, **options)

@@ -1,15 +1,22 @@
 """Build, cache and load TensorRT engines for the exported decoder.
 
-One optimization profile covers the whole sweep: ``past_len`` from 0 (prefill) to the tier's
-``max_past_len`` and the new-token axis ``S`` from 1 (decode) to ``max_prefill_len``. Networks are
+Two optimization profiles, as production LLM builds do, so prefill is not timed with kernels
+tuned for decode: profile 0 ("decode") fixes the new-token axis ``S`` at 1 with ``past_len`` from 0
+to the tier's ``max_past_len`` (opt in the middle); profile 1 ("prefill") spans ``S`` from 1 to
+``max_prefill_len`` (opt at half of it) with the same ``past_len`` range (opt 1: a prompt starts
+with an (almost) empty cache). The runner keeps one execution context per profile and picks it
+per step (:func:`choose_profile`). Networks are
 created strongly typed, so an fp16 ONNX runs fp16 kernels: TensorRT 11 removed ``BuilderFlag.FP16``
 (weak typing) and always types networks from the ONNX; on TensorRT 10 the ``STRONGLY_TYPED`` flag
 gives the same behaviour. Only APIs present in both 10.x and 11.x are used (no implicit batch,
 no binding-index APIs, ``build_serialized_network``, ``set_memory_pool_limit``).
 
-Serialized engines are cached on disk under a key of sha256(ONNX bytes), TensorRT version, device
-name and the profile, so a rebuilt ONNX, another TensorRT, another GPU or another profile never
-reuses a stale plan. ``tensorrt`` is imported inside functions.
+Serialized engines are cached on disk under a key of sha256 over the ONNX file and every
+external-data (weights) file it references, the TensorRT version, the device name, the profiles
+and the build settings (workspace limit), so new weights, another TensorRT, another GPU, another
+profile or another workspace never reuse a stale plan. A TensorRT timing cache per (TensorRT
+version, device) is kept next to the engines, so a rebuild reuses the measured tactics instead of
+re-timing (and possibly picking other kernels). ``tensorrt`` is imported inside functions.
 """
 
 from __future__ import annotations
@@ -18,8 +25,9 @@ import hashlib
 import json
 import os
 import re
+import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -36,7 +44,8 @@ LOGITS = "logits"
 _PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _PRESENT_RE = re.compile(r"^present\.(\d+)\.(key|value)$")
 
-CACHE_FORMAT = 1  # bump when the cache layout or the profile rule changes
+CACHE_FORMAT = 2  # bump when the cache layout or the profile rule changes (2: decode + prefill profiles)
+PROFILES = ("decode", "prefill")  # optimization profile index -> role
 
 
 def past_name(block: int, kind: str) -> str:
@@ -115,35 +124,18 @@ def _axis_role(name: str, axis: int) -> str | None:
     return None
 
 
-def profile_shapes(
-    input_shapes: Mapping[str, Sequence[int]],
-    *,
-    max_past_len: int,
-    max_prefill_len: int,
-    opt_past_len: int | None = None,
-    opt_new_tokens: int = 1,
-    batch: int = 1,
-    min_past_len: int = 0,
-) -> dict[str, ProfileShape]:
-    """min/opt/max shapes of every decoder input for the single optimization profile.
-
-    ``input_shapes`` maps input name to its network shape, -1 for a dynamic axis. Fixed axes keep
-    their size. Dynamic axes: batch = ``batch``; S (axis 1 of inputs_embeds / position_ids) from 1
-    over ``opt_new_tokens`` to ``max_prefill_len``; past_len (axis 2 of past_key_values.*) from
-    ``min_past_len`` (default 0: prefill runs with an empty past, which TensorRT accepts as an empty
-    tensor) over ``opt_past_len`` (default max_past_len // 2) to ``max_past_len``.
-    """
+def _check_limits(max_past_len: int, max_prefill_len: int, min_past_len: int) -> None:
     if max_past_len < 1:
         raise InputError(field="max_past_len", expected="an integer >= 1", got=max_past_len)
     if max_prefill_len < 1:
         raise InputError(field="max_prefill_len", expected="an integer >= 1", got=max_prefill_len)
     if not 0 <= min_past_len <= max_past_len:
         raise InputError(field="min_past_len", expected=f"0..{max_past_len}", got=min_past_len)
-    opt_past = max(max_past_len // 2, min_past_len) if opt_past_len is None else opt_past_len
-    if not min_past_len <= opt_past <= max_past_len:
-        raise InputError(field="opt_past_len", expected=f"{min_past_len}..{max_past_len}", got=opt_past)
-    if not 1 <= opt_new_tokens <= max_prefill_len:
-        raise InputError(field="opt_new_tokens", expected=f"1..{max_prefill_len}", got=opt_new_tokens)
+
+
+def _shapes_for(input_shapes: Mapping[str, Sequence[int]], ranges: Mapping[str, tuple[int, int, int]]
+                ) -> dict[str, ProfileShape]:
+    """min/opt/max of every input from the (min, opt, max) of each dynamic role (batch, seq, past)."""
     names = set(input_shapes)
     missing = [n for n in (INPUTS_EMBEDS, POSITION_IDS) if n not in names]
     if not any(parse_kv_name(n) for n in names):
@@ -153,8 +145,6 @@ def profile_shapes(
             "decoder inputs missing", field=", ".join(missing),
             expected="inputs_embeds, position_ids, past_key_values.{i}.key|value", got=sorted(names),
         )
-    ranges = {"batch": (batch, batch, batch), "seq": (1, opt_new_tokens, max_prefill_len),
-              "past": (min_past_len, opt_past, max_past_len)}
     shapes: dict[str, ProfileShape] = {}
     for name, shape in input_shapes.items():
         lo: list[int] = []
@@ -179,6 +169,97 @@ def profile_shapes(
             hi.append(c)
         shapes[name] = ProfileShape(tuple(lo), tuple(mid), tuple(hi))
     return shapes
+
+
+def profile_shapes(
+    input_shapes: Mapping[str, Sequence[int]],
+    *,
+    max_past_len: int,
+    max_prefill_len: int,
+    opt_past_len: int | None = None,
+    opt_new_tokens: int = 1,
+    batch: int = 1,
+    min_past_len: int = 0,
+) -> dict[str, ProfileShape]:
+    """min/opt/max shapes of every decoder input for one optimization profile over both phases.
+
+    ``input_shapes`` maps input name to its network shape, -1 for a dynamic axis. Fixed axes keep
+    their size. Dynamic axes: batch = ``batch``; S (axis 1 of inputs_embeds / position_ids) from 1
+    over ``opt_new_tokens`` to ``max_prefill_len``; past_len (axis 2 of past_key_values.*) from
+    ``min_past_len`` (default 0: prefill runs with an empty past, which TensorRT accepts as an empty
+    tensor) over ``opt_past_len`` (default max_past_len // 2) to ``max_past_len``.
+    :func:`decoder_profiles` builds the decode and prefill profiles the engines use.
+    """
+    _check_limits(max_past_len, max_prefill_len, min_past_len)
+    opt_past = max(max_past_len // 2, min_past_len) if opt_past_len is None else opt_past_len
+    if not min_past_len <= opt_past <= max_past_len:
+        raise InputError(field="opt_past_len", expected=f"{min_past_len}..{max_past_len}", got=opt_past)
+    if not 1 <= opt_new_tokens <= max_prefill_len:
+        raise InputError(field="opt_new_tokens", expected=f"1..{max_prefill_len}", got=opt_new_tokens)
+    return _shapes_for(input_shapes, {"batch": (batch, batch, batch), "seq": (1, opt_new_tokens, max_prefill_len),
+                                      "past": (min_past_len, opt_past, max_past_len)})
+
+
+def default_opt_prefill_len(max_prefill_len: int) -> int:
+    return max(1, max_prefill_len // 2)
+
+
+def prefill_opt_past_len(min_past_len: int, max_past_len: int) -> int:
+    # 1, not 0: tactics are timed at opt, and an empty past leaves attention nothing to time.
+    return min(max(min_past_len, 1), max_past_len)
+
+
+def decoder_profiles(
+    input_shapes: Mapping[str, Sequence[int]],
+    *,
+    max_past_len: int,
+    max_prefill_len: int,
+    opt_past_len: int | None = None,
+    opt_prefill_len: int | None = None,
+    batch: int = 1,
+    min_past_len: int = 0,
+) -> dict[str, dict[str, ProfileShape]]:
+    """The engine's optimization profiles, in index order (:data:`PROFILES`): decode, then prefill.
+
+    decode: S = 1, past_len ``min_past_len`` .. ``max_past_len`` with opt ``opt_past_len`` (default
+    the middle). prefill: S 1 .. ``max_prefill_len`` with opt ``opt_prefill_len`` (default half the
+    max), past_len over the same range with opt :func:`prefill_opt_past_len`.
+    """
+    _check_limits(max_past_len, max_prefill_len, min_past_len)
+    opt_past = max(max_past_len // 2, min_past_len) if opt_past_len is None else opt_past_len
+    if not min_past_len <= opt_past <= max_past_len:
+        raise InputError(field="opt_past_len", expected=f"{min_past_len}..{max_past_len}", got=opt_past)
+    opt_seq = default_opt_prefill_len(max_prefill_len) if opt_prefill_len is None else opt_prefill_len
+    if not 1 <= opt_seq <= max_prefill_len:
+        raise InputError(field="opt_prefill_len", expected=f"1..{max_prefill_len}", got=opt_seq)
+    batch_range = (batch, batch, batch)
+    decode = _shapes_for(input_shapes, {"batch": batch_range, "seq": (1, 1, 1),
+                                        "past": (min_past_len, opt_past, max_past_len)})
+    prefill = _shapes_for(input_shapes, {
+        "batch": batch_range, "seq": (1, opt_seq, max_prefill_len),
+        "past": (min_past_len, prefill_opt_past_len(min_past_len, max_past_len), max_past_len)})
+    return {"decode": decode, "prefill": prefill}
+
+
+class ProfileRange(NamedTuple):
+    """What one optimization profile allows: (min, opt, max) of S and of past_len."""
+
+    seq: tuple[int, int, int]
+    past: tuple[int, int, int]
+
+
+def choose_profile(ranges: Sequence[ProfileRange], past_len: int, new_tokens: int) -> int:
+    """Index of the profile to run (past_len, new_tokens) with: among those that contain it, the one
+    whose opt S is closest to ``new_tokens`` (decode steps get the decode profile, prompts the
+    prefill one); ties go to the lower index. -1 when none contains it."""
+    best, best_gap = -1, 0
+    for i, r in enumerate(ranges):
+        if not (r.seq[0] <= new_tokens <= r.seq[2] and r.past[0] <= past_len <= r.past[2]):
+            continue
+        gap = abs(r.seq[1] - new_tokens)
+        if best < 0 or gap < best_gap:
+            best, best_gap = i, gap
+    return best
 
 
 def onnx_input_shapes(onnx_path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
@@ -215,6 +296,59 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def _tensors(graph: Any) -> Iterator[Any]:
+    """Every TensorProto of a graph: initializers, sparse initializers, Constant/attribute tensors, subgraphs."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
+
+
+def model_files(onnx_path: str | os.PathLike[str]) -> list[Path]:
+    """The ONNX file followed by every external-data file it references (sorted, each once).
+
+    TensorRT's parser reads these files too (``parse_from_file`` resolves them next to the model),
+    so an engine depends on all of them.
+    """
+    import onnx
+
+    path = Path(onnx_path)
+    model = onnx.load(str(path), load_external_data=False)
+    locations: set[str] = set()
+    for tensor in _tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    locations.add(entry.value)
+    files = [path]
+    for location in sorted(locations):
+        data = path.parent / location
+        if not data.is_file():
+            raise InputError("external data file of the model not found", path=data, field="location",
+                             expected=f"a file next to {path.name}")
+        files.append(data)
+    return files
+
+
+def model_sha256(onnx_path: str | os.PathLike[str]) -> str:
+    """One sha256 over the model and every weight file it references (names and contents)."""
+    files = model_files(onnx_path)
+    digest = hashlib.sha256()
+    for i, f in enumerate(files):
+        name = "<model>" if i == 0 else f.name  # the model's own name does not change the engine
+        digest.update(f"{name}\0{file_sha256(f)}\n".encode())
+    return digest.hexdigest()
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower() or "unknown"
 
@@ -223,7 +357,7 @@ def _slug(text: str) -> str:
 class EngineKey:
     """Everything a serialized engine depends on; its digest names the cache file."""
 
-    onnx_sha256: str
+    model_sha256: str  # model.onnx and every external weight file (model_sha256())
     tensorrt_version: str
     device: str
     max_past_len: int
@@ -231,6 +365,9 @@ class EngineKey:
     opt_past_len: int
     batch: int = 1
     min_past_len: int = 0
+    opt_prefill_len: int = 1
+    profiles: str = "+".join(PROFILES)
+    workspace_bytes: int | None = None  # None: TensorRT's default (the device's memory)
 
     def as_dict(self) -> dict[str, Any]:
         return {"format": CACHE_FORMAT, **self.__dict__}
@@ -242,24 +379,26 @@ class EngineKey:
 
     def filename(self) -> str:
         return (
-            f"{self.onnx_sha256[:12]}-trt{_slug(self.tensorrt_version)}-{_slug(self.device)}"
+            f"{self.model_sha256[:12]}-trt{_slug(self.tensorrt_version)}-{_slug(self.device)}"
             f"-{self.digest[:16]}.engine"
         )
 
 
 def engine_key(
-    onnx_sha256: str,
+    model_digest: str,
     tensorrt_version: str,
     device: str,
     *,
     max_past_len: int,
     max_prefill_len: int,
     opt_past_len: int | None = None,
+    opt_prefill_len: int | None = None,
     batch: int = 1,
     min_past_len: int = 0,
+    workspace_bytes: int | None = None,
 ) -> EngineKey:
     return EngineKey(
-        onnx_sha256=onnx_sha256,
+        model_sha256=model_digest,
         tensorrt_version=tensorrt_version,
         device=device,
         max_past_len=int(max_past_len),
@@ -267,7 +406,19 @@ def engine_key(
         opt_past_len=int(max(max_past_len // 2, min_past_len) if opt_past_len is None else opt_past_len),
         batch=int(batch),
         min_past_len=int(min_past_len),
+        opt_prefill_len=int(default_opt_prefill_len(max_prefill_len) if opt_prefill_len is None
+                            else opt_prefill_len),
+        workspace_bytes=None if workspace_bytes is None else int(workspace_bytes),
     )
+
+
+def timing_cache_path(cache_dir: str | os.PathLike[str], tensorrt_version: str, device: str) -> Path:
+    """Where the TensorRT timing cache for (TensorRT version, device) lives: beside the engines.
+
+    One file serves every model: its entries are per layer configuration, and TensorRT rejects a
+    cache from another version or device (which is also why both are in the name).
+    """
+    return Path(cache_dir) / f"timing-trt{_slug(tensorrt_version)}-{_slug(device)}.cache"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -320,18 +471,38 @@ def network_input_shapes(network: trt.INetworkDefinition) -> dict[str, tuple[int
     return shapes
 
 
+def _load_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> trt.ITimingCache:
+    """The timing cache at ``path`` (empty when absent or unusable), attached to ``config``."""
+    data = b""
+    if path is not None and path.is_file():
+        data = path.read_bytes()
+    cache = config.create_timing_cache(data)
+    if not config.set_timing_cache(cache, False):
+        # A cache from another TensorRT / device / corrupted: start empty rather than fail the build.
+        print(f"trt-latency: ignoring the unusable TensorRT timing cache {path}", file=sys.stderr)
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, False)
+    return cache
+
+
 def build_serialized_engine(
     onnx_path: str | os.PathLike[str],
     *,
     max_past_len: int,
     max_prefill_len: int,
     opt_past_len: int | None = None,
+    opt_prefill_len: int | None = None,
     batch: int = 1,
     min_past_len: int = 0,
     workspace_bytes: int | None = None,
+    timing_cache: str | os.PathLike[str] | None = None,
     verbose: bool = False,
 ) -> bytes:
-    """Parse ``onnx_path`` and build a serialized engine with the decoder's one profile."""
+    """Parse ``onnx_path`` and build a serialized engine with the decode and prefill profiles.
+
+    ``timing_cache``: a file to read the TensorRT timing cache from (if present) and to write the
+    updated cache back to after the build.
+    """
     import_tensorrt()
     import tensorrt as trt
 
@@ -341,20 +512,26 @@ def build_serialized_engine(
     logger = make_logger(verbose)
     builder = trt.Builder(logger)
     network, _parser = _parse_onnx(builder, path, logger)
-    shapes = profile_shapes(
+    profiles = decoder_profiles(
         network_input_shapes(network), max_past_len=max_past_len, max_prefill_len=max_prefill_len,
-        opt_past_len=opt_past_len, batch=batch, min_past_len=min_past_len,
+        opt_past_len=opt_past_len, opt_prefill_len=opt_prefill_len, batch=batch, min_past_len=min_past_len,
     )
     config = builder.create_builder_config()
     if workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    profile = builder.create_optimization_profile()
-    for name, shape in shapes.items():
-        profile.set_shape(name, trt.Dims(list(shape.min)), trt.Dims(list(shape.opt)), trt.Dims(list(shape.max)))
-    config.add_optimization_profile(profile)
+    cache_path = None if timing_cache is None else Path(timing_cache)
+    cache = _load_timing_cache(config, cache_path)
+    for role in PROFILES:  # index order: the runner maps profile i to PROFILES[i] by its shapes
+        profile = builder.create_optimization_profile()
+        for name, shape in profiles[role].items():
+            profile.set_shape(name, trt.Dims(list(shape.min)), trt.Dims(list(shape.opt)),
+                              trt.Dims(list(shape.max)))
+        config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise TrtLatencyError(f"{path}: TensorRT engine build failed (see the TensorRT log above)")
+    if cache_path is not None:
+        _atomic_write(cache_path, bytes(memoryview(cache.serialize())))
     return bytes(memoryview(serialized))
 
 
@@ -364,6 +541,7 @@ class CachedEngine:
     path: Path
     key: EngineKey
     cache_hit: bool
+    timing_cache: Path | None = None
 
 
 def build_or_load_cached(
@@ -372,6 +550,7 @@ def build_or_load_cached(
     max_past_len: int,
     max_prefill_len: int,
     opt_past_len: int | None = None,
+    opt_prefill_len: int | None = None,
     batch: int = 1,
     min_past_len: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -379,7 +558,10 @@ def build_or_load_cached(
     workspace_bytes: int | None = None,
     device_id: int = 0,
 ) -> CachedEngine:
-    """The serialized engine for ``onnx_path`` from the cache, building and storing it on a miss."""
+    """The serialized engine for ``onnx_path`` from the cache, building and storing it on a miss.
+
+    A miss is announced on stderr before the build starts (minutes for a large model).
+    """
     from trt_latency.engines import cuda
 
     trt_mod = import_tensorrt()
@@ -387,24 +569,31 @@ def build_or_load_cached(
     path = Path(onnx_path)
     if not path.is_file():
         raise InputError("ONNX model not found", path=path)
+    version, device = str(trt_mod.__version__), cuda.device_name(device_id)
     key = engine_key(
-        file_sha256(path), str(trt_mod.__version__), cuda.device_name(device_id),
-        max_past_len=max_past_len, max_prefill_len=max_prefill_len, opt_past_len=opt_past_len, batch=batch,
-        min_past_len=min_past_len,
+        model_sha256(path), version, device,
+        max_past_len=max_past_len, max_prefill_len=max_prefill_len, opt_past_len=opt_past_len,
+        opt_prefill_len=opt_prefill_len, batch=batch, min_past_len=min_past_len, workspace_bytes=workspace_bytes,
     )
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     plan = directory / key.filename()
+    timing = timing_cache_path(directory, version, device)
     if plan.is_file() and not rebuild:
-        return CachedEngine(plan.read_bytes(), plan, key, cache_hit=True)
+        return CachedEngine(plan.read_bytes(), plan, key, cache_hit=True, timing_cache=timing)
+    print(f"trt-latency: building a TensorRT engine for {path} (decode + prefill profiles, past_len <= "
+          f"{max_past_len}, prefill <= {max_prefill_len}) on {device}: this can take minutes; cached as {plan}",
+          file=sys.stderr, flush=True)
     data = build_serialized_engine(
         path, max_past_len=max_past_len, max_prefill_len=max_prefill_len,
-        opt_past_len=key.opt_past_len, batch=batch, min_past_len=min_past_len, workspace_bytes=workspace_bytes,
+        opt_past_len=key.opt_past_len, opt_prefill_len=key.opt_prefill_len, batch=batch, min_past_len=min_past_len,
+        workspace_bytes=workspace_bytes, timing_cache=timing,
     )
     _atomic_write(plan, data)
     # Sidecar so a user can see what a cached plan was built from.
     _atomic_write(plan.with_suffix(".json"), json.dumps(
-        {**key.as_dict(), "onnx_path": str(path.resolve())}, indent=2, sort_keys=True).encode())
-    return CachedEngine(data, plan, key, cache_hit=False)
+        {**key.as_dict(), "onnx_path": str(path.resolve()), "files": [str(f) for f in model_files(path)],
+         "timing_cache": str(timing)}, indent=2, sort_keys=True).encode())
+    return CachedEngine(data, plan, key, cache_hit=False, timing_cache=timing)
 
 
 def deserialize_engine(

@@ -1,11 +1,21 @@
 """TensorRT Runner: per-position timing and a real prefill + decode loop on one engine.
 
-Buffers are allocated once at the profile maximum; each call sets the input shapes and tensor
-addresses and enqueues ``execute_async_v3`` on a non-default stream, timed by CUDA events around
-the enqueue only. With ``use_cuda_graph`` each (past_len, new_tokens) gets a CUDA graph captured
-after one warm-up enqueue at that shape (TensorRT needs one enqueue after a shape change before
-capture); the context is created with the default STATIC allocation strategy, so its scratch memory
-keeps one address and the graphs stay valid.
+The engine has a decode and a prefill optimization profile (loader.decoder_profiles); the runner
+keeps one execution context per profile and runs each step on the context whose profile fits it
+best (loader.choose_profile: S = 1 on the decode profile, prompts on the prefill one). An engine
+with a single profile (e.g. built by trtexec) runs everything on it. Each context is created with the
+default STATIC allocation strategy (its own scratch memory, one fixed address), so graphs stay valid.
+
+Buffers are allocated once at the profiles' maximum; each call sets the input shapes and tensor
+addresses and enqueues ``execute_async_v3`` on a non-default, non-blocking stream, timed by CUDA
+events around the enqueue only. Every copy and memset goes to that stream (a non-blocking stream
+does not wait for the legacy default stream); ``generate`` stages its per-step inputs and logits in
+pinned host memory so they really are asynchronous. With ``use_cuda_graph`` each
+(past_len, new_tokens) gets a CUDA graph captured after one enqueue at that shape (TensorRT needs
+one enqueue after a shape change before capture) and uploaded before its first timed launch; a
+shape that cannot be captured falls back to plain enqueue, as trtexec does, and is recorded in
+``graph_fallbacks``. The first ``generate`` is preceded by an untimed warm-up request, so lazy
+kernel loading is not billed to the first replayed request's TTFT.
 
 KV cache: two buffers per past/present tensor, both sized for ``max_past_len + max_prefill_len``
 tokens. A present tensor [1, kv_heads, past+S, head_dim] laid out contiguously is exactly the past
@@ -15,6 +25,7 @@ tensor of the next step, so ``generate`` swaps the two buffers' roles instead of
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -91,7 +102,12 @@ class TrtRunner(Closing):
         self._engine = engine
         self._graph_cache_size = graph_cache_size
         self._graphs: OrderedDict[tuple[int, int], cuda.CudaGraph] = OrderedDict()
-        self._buffers: list[cuda.DeviceBuffer] = []
+        # (past_len, new_tokens) whose capture failed -> why; those shapes run as plain enqueues.
+        self.graph_fallbacks: dict[tuple[int, int], str] = {}
+        self._buffers: list[cuda.Closing] = []
+        self._contexts: list[Any] = []
+        self._active = 0
+        self._warmed = False
         self._closed = False
         try:
             self._setup(trt, engine, seed)
@@ -100,26 +116,77 @@ class TrtRunner(Closing):
             raise
 
     def _setup(self, trt: Any, engine: trt.ICudaEngine, seed: int) -> None:
-        context = engine.create_execution_context()
-        if context is None:
-            raise TrtLatencyError(f"{self.source}: TensorRT could not create an execution context (out of memory?)")
-        self._context = context
-
-        inputs: dict[str, _Tensor] = {}
-        outputs: dict[str, _Tensor] = {}
-        for i in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(i)
-            dtype = _numpy_dtype(engine.get_tensor_dtype(name))
-            if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                lo, _opt, hi = engine.get_tensor_profile_shape(name, 0)
-                inputs[name] = _Tensor(name, dtype, loader.dims_tuple(hi), loader.dims_tuple(lo))
-            else:
-                outputs[name] = _Tensor(name, dtype, ())
-        for required, group in ((loader.INPUTS_EMBEDS, inputs), (loader.POSITION_IDS, inputs),
-                                (loader.LOGITS, outputs)):
+        self._stream = cuda.Stream()  # first: profiles are selected and buffers filled on it
+        self._timer = cuda.EventTimer()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        for required, group in ((loader.INPUTS_EMBEDS, input_names), (loader.POSITION_IDS, input_names),
+                                (loader.LOGITS, names)):
             if required not in group:
                 raise InputError("engine lacks a decoder tensor", path=self.source, field=required,
                                  expected="inputs_embeds, position_ids, past_key_values.*, logits, present.*")
+        blocks = sorted({kv[1] for n in input_names if (kv := loader.parse_kv_name(n)) and kv[0] == "past"})
+        if not blocks:
+            raise InputError("engine has no past_key_values inputs", path=self.source,
+                             field="past_key_values.0.key")
+        past0_name = loader.past_name(blocks[0], "key")
+
+        # Per profile: its S and past_len ranges (to pick one per step) and its input extremes.
+        num_profiles = int(engine.num_optimization_profiles)
+        ranges: list[loader.ProfileRange] = []
+        profile_max: list[dict[str, tuple[int, ...]]] = []
+        inputs: dict[str, _Tensor] = {}
+        for p in range(num_profiles):
+            shapes = {n: [loader.dims_tuple(d) for d in engine.get_tensor_profile_shape(n, p)] for n in input_names}
+            emb, past = shapes[loader.INPUTS_EMBEDS], shapes[past0_name]
+            ranges.append(loader.ProfileRange((emb[0][1], emb[1][1], emb[2][1]), (past[0][2], past[1][2], past[2][2])))
+            profile_max.append({n: sh[2] for n, sh in shapes.items()})
+            for n, (lo, _opt, hi) in shapes.items():
+                t = inputs.get(n)
+                if t is None:
+                    inputs[n] = _Tensor(n, _numpy_dtype(engine.get_tensor_dtype(n)), hi, lo)
+                else:
+                    t.max_shape = tuple(max(a, b) for a, b in zip(t.max_shape, hi, strict=True))
+                    t.min_shape = tuple(min(a, b) for a, b in zip(t.min_shape, lo, strict=True))
+        for t in inputs.values():
+            t.nbytes = int(np.prod(t.max_shape, dtype=np.int64)) * t.dtype.itemsize
+        self._ranges = ranges
+
+        # One context per profile (profile p selected on context p), used one at a time on one stream.
+        for p in range(num_profiles):
+            context = engine.create_execution_context()
+            if context is None:
+                raise TrtLatencyError(f"{self.source}: TensorRT could not create an execution context "
+                                      f"for profile {p} (out of memory?)")
+            self._contexts.append(context)
+            if p > 0 and not context.set_optimization_profile_async(p, self._stream.ptr):
+                raise TrtLatencyError(f"{self.source}: TensorRT could not select optimization profile {p}")
+        self._stream.synchronize()
+        self._context = self._contexts[0]
+
+        # Output max shapes: every input at its profile max on each context; TensorRT infers the rest.
+        outputs: dict[str, _Tensor] = {}
+        for p, context in enumerate(self._contexts):
+            self._context = context
+            for n, shape in profile_max[p].items():
+                self._set_shape(n, shape)
+            unspecified = context.infer_shapes()
+            if unspecified:
+                raise TrtLatencyError(f"{self.source}: engine inputs without a shape: {', '.join(unspecified)}")
+            for name in names:
+                if name in inputs:
+                    continue
+                shape = loader.dims_tuple(context.get_tensor_shape(name))
+                if any(d < 0 for d in shape):
+                    raise TrtLatencyError(f"{self.source}: output {name} has no static max shape {shape}")
+                t = outputs.get(name)
+                if t is None:
+                    outputs[name] = _Tensor(name, _numpy_dtype(engine.get_tensor_dtype(name)), shape)
+                else:
+                    t.max_shape = tuple(max(a, b) for a, b in zip(t.max_shape, shape, strict=True))
+        for t in outputs.values():
+            t.nbytes = int(np.prod(t.max_shape, dtype=np.int64)) * t.dtype.itemsize
+        self._context = self._contexts[0]
         self._inputs = inputs
         self._outputs = outputs
 
@@ -127,37 +194,22 @@ class TrtRunner(Closing):
         self.hidden = int(embeds.max_shape[2])
         self.max_prefill_len = int(embeds.max_shape[1])
         self.max_new_tokens = self.max_prefill_len  # the name the ORT runner uses
-        blocks = sorted({kv[1] for n in inputs if (kv := loader.parse_kv_name(n)) and kv[0] == "past"})
-        if not blocks:
-            raise InputError("engine has no past_key_values inputs", path=self.source,
-                             field="past_key_values.0.key")
         self.num_blocks = len(blocks)
-        past0 = inputs[loader.past_name(blocks[0], "key")]
+        past0 = inputs[past0_name]
         self.max_past_len = int(past0.max_shape[2])
         self.min_past_len = int(past0.min_shape[2])
         self.kv_heads = int(past0.max_shape[1])
         self.head_dim = int(past0.max_shape[3])
         self._blocks = blocks
-
-        # Output max shapes: set every input to its profile max and let TensorRT infer.
-        for t in inputs.values():
-            self._set_shape(t.name, t.max_shape)
-        unspecified = context.infer_shapes()
-        if unspecified:
-            raise TrtLatencyError(f"{self.source}: engine inputs without a shape: {', '.join(unspecified)}")
-        for name, t in outputs.items():
-            t.max_shape = loader.dims_tuple(context.get_tensor_shape(name))
-            if any(d < 0 for d in t.max_shape):
-                raise TrtLatencyError(f"{self.source}: output {name} has no static max shape {t.max_shape}")
-            t.nbytes = int(np.prod(t.max_shape, dtype=np.int64)) * t.dtype.itemsize
         self.vocab = int(outputs[loader.LOGITS].max_shape[-1])
+        # Which role each profile plays, for reports: "decode" when it only takes S = 1.
+        self.profiles = ["decode" if r.seq[2] == 1 else "prefill" for r in ranges]
 
-        self._stream = cuda.Stream()
-        self._timer = cuda.EventTimer()
         self._addr: dict[str, cuda.DeviceBuffer] = {}
         # KV pairs: index 0 = canonical past, 1 = canonical present; both fit past+S tokens.
         self._kv: dict[tuple[int, str], tuple[cuda.DeviceBuffer, cuda.DeviceBuffer]] = {}
         rng = np.random.default_rng(seed)
+        stream = self._stream
         for block in blocks:
             for kind in ("key", "value"):
                 pin = inputs[loader.past_name(block, kind)]
@@ -165,15 +217,21 @@ class TrtRunner(Closing):
                 size = max(pin.nbytes, pout.nbytes if pout else 0)
                 pair = (self._alloc(size), self._alloc(size))
                 # Realistic magnitudes so attention does ordinary work (no NaN/denormal paths).
-                _fill_random(pair[0], pin.dtype, rng)
+                _fill_random(pair[0], pin.dtype, rng, stream)
                 self._kv[(block, kind)] = pair
         for name, t in {**inputs, **outputs}.items():
             if loader.parse_kv_name(name) is None:
                 self._addr[name] = self._alloc(t.nbytes)
-        _fill_random(self._addr[loader.INPUTS_EMBEDS], embeds.dtype, rng, scale=1 / np.sqrt(self.hidden))
+        _fill_random(self._addr[loader.INPUTS_EMBEDS], embeds.dtype, rng, stream, scale=1 / np.sqrt(self.hidden))
         rows = min(self.vocab, _EMBED_TABLE_ROWS)
         self._embed_table = (rng.standard_normal((rows, self.hidden)) / np.sqrt(self.hidden)).astype(embeds.dtype)
         self._positions_dtype = inputs[loader.POSITION_IDS].dtype
+        # Pinned staging for generate()/time_step(): per-step copies are truly async on the stream.
+        logits = outputs[loader.LOGITS]
+        self._pinned_embeds = self._pin(embeds.dtype, (1, self.max_prefill_len, self.hidden))
+        self._pinned_positions = self._pin(self._positions_dtype, (1, self.max_prefill_len))
+        self._pinned_logits = self._pin(logits.dtype, (self.vocab,))
+        stream.synchronize()
 
     # ------------------------------------------------------------------ construction
 
@@ -186,7 +244,9 @@ class TrtRunner(Closing):
         max_new_tokens: int | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         opt_past_len: int | None = None,
+        opt_prefill_len: int | None = None,
         min_past_len: int = 0,
+        workspace_bytes: int | None = None,
         use_cuda_graph: bool = False,
         rebuild: bool = False,
         device_id: int = 0,
@@ -198,13 +258,16 @@ class TrtRunner(Closing):
         default to the tier's max_past_len / max_prefill_len stored in the ONNX metadata.
         ``min_past_len`` 0 lets prefill run with an empty past; 1 is the fallback for a TensorRT
         that rejects empty-tensor profiles (prefill timing then needs past_len >= 1).
+        ``opt_past_len`` / ``opt_prefill_len``: where the decode / prefill profiles are tuned;
+        ``workspace_bytes``: TensorRT's workspace limit (part of the cache key).
         """
         loader.import_tensorrt()
         cuda.require_device(device_id)
         past, prefill = _profile_limits(Path(path), max_past_len, max_new_tokens)
         cached = loader.build_or_load_cached(
             path, max_past_len=past, max_prefill_len=prefill, opt_past_len=opt_past_len,
-            min_past_len=min_past_len, cache_dir=cache_dir, rebuild=rebuild, device_id=device_id,
+            opt_prefill_len=opt_prefill_len, min_past_len=min_past_len, cache_dir=cache_dir, rebuild=rebuild,
+            workspace_bytes=workspace_bytes, device_id=device_id,
         )
         runtime, engine = loader.deserialize_engine(cached.data, source=cached.path)
         return cls(runtime, engine, source=cached.path, use_cuda_graph=use_cuda_graph, device_id=device_id,
@@ -246,6 +309,11 @@ class TrtRunner(Closing):
         self._buffers.append(buf)
         return buf
 
+    def _pin(self, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+        host = cuda.PinnedHostBuffer(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+        self._buffers.append(host)
+        return host.array(dtype, shape)
+
     def _set_shape(self, name: str, shape: tuple[int, ...]) -> None:
         if not self._context.set_input_shape(name, shape):
             raise InputError("TensorRT rejected the input shape", path=self.source, field=name,
@@ -258,9 +326,15 @@ class TrtRunner(Closing):
         if not 1 <= new_tokens <= self.max_prefill_len:
             raise InputError(field="new_tokens", expected=f"1..{self.max_prefill_len} (the engine profile)",
                              got=new_tokens)
+        if loader.choose_profile(self._ranges, past_len, new_tokens) < 0:
+            raise InputError(field="new_tokens", expected="a (past_len, new_tokens) inside one of the engine's "
+                             f"profiles {[tuple(r) for r in self._ranges]}", got=(past_len, new_tokens))
 
     def _bind(self, past_len: int, new_tokens: int, swap: bool = False) -> None:
-        """Set shapes for (past_len, new_tokens) and every tensor address (``swap``: KV roles)."""
+        """Pick the profile's context for (past_len, new_tokens); set its shapes and every tensor
+        address (``swap``: KV roles)."""
+        self._active = loader.choose_profile(self._ranges, past_len, new_tokens)
+        self._context = self._contexts[self._active]
         self._set_shape(loader.INPUTS_EMBEDS, (1, new_tokens, self.hidden))
         self._set_shape(loader.POSITION_IDS, (1, new_tokens))
         past_shape = (1, self.kv_heads, past_len, self.head_dim)
@@ -277,20 +351,34 @@ class TrtRunner(Closing):
         if not self._context.set_tensor_address(name, buf.ptr):
             raise TrtLatencyError(f"{self.source}: set_tensor_address failed for {name}")
 
-    def _write_positions(self, past_len: int, new_tokens: int) -> np.ndarray:
-        positions = np.arange(past_len, past_len + new_tokens, dtype=self._positions_dtype).reshape(1, -1)
+    def _write_positions(self, past_len: int, new_tokens: int) -> None:
+        # Pinned staging: the caller syncs the stream before the next write reuses it.
+        positions = self._pinned_positions[:, :new_tokens]
+        positions[0] = np.arange(past_len, past_len + new_tokens, dtype=self._positions_dtype)
         self._addr[loader.POSITION_IDS].copy_from_host(positions, stream=self._stream)
-        return positions  # caller keeps it alive until the stream syncs
 
     def _enqueue(self) -> None:
         if not self._context.execute_async_v3(self._stream.ptr):
             raise TrtLatencyError(f"{self.source}: execute_async_v3 failed (see the TensorRT log above)")
 
-    def _graph(self, past_len: int, new_tokens: int) -> cuda.CudaGraph:
+    def _graph(self, past_len: int, new_tokens: int) -> cuda.CudaGraph | None:
+        """The CUDA graph for this shape (captured on first use); None when it cannot be captured."""
         key = (past_len, new_tokens)
+        if key in self.graph_fallbacks:
+            return None
         graph = self._graphs.get(key)
         if graph is None:
-            graph = cuda.CudaGraph(self._stream, self._enqueue)
+            try:
+                graph = cuda.CudaGraph(self._stream, self._enqueue)
+            except cuda.CaptureFailed as exc:
+                # trtexec's rule: an engine (or shape) that cannot be captured runs as plain enqueues.
+                if not self.graph_fallbacks:
+                    print(f"trt-latency: {self.source}: CUDA graph capture failed at past_len={past_len}, "
+                          f"new_tokens={new_tokens} ({exc}); timing plain enqueues for such shapes",
+                          file=sys.stderr)
+                self.graph_fallbacks[key] = str(exc)
+                self._stream.synchronize()
+                return None
             self._graphs[key] = graph
             while len(self._graphs) > self._graph_cache_size:
                 _, old = self._graphs.popitem(last=False)
@@ -298,6 +386,18 @@ class TrtRunner(Closing):
         else:
             self._graphs.move_to_end(key)
         return graph
+
+    def warm_up(self, prompt_len: int | None = None) -> None:
+        """One untimed request (prefill of ``prompt_len`` tokens, default the prefill profile's opt,
+        then one decode step) through generate's path: lazily loaded kernels, both profiles'
+        contexts and the pinned staging are ready before anything is timed."""
+        if prompt_len is None:
+            prefill = [r for r in self._ranges if r.seq[2] > 1]
+            prompt_len = prefill[0].seq[1] if prefill else 1
+        prompt = max(1, min(int(prompt_len), self.max_prefill_len))
+        x = np.zeros((1, prompt, self.hidden), dtype=self._inputs[loader.INPUTS_EMBEDS].dtype)
+        self._run_request(x, 2 if prompt <= self.max_past_len else 1)
+        self._warmed = True
 
     # ------------------------------------------------------------------ Runner contract
 
@@ -307,16 +407,12 @@ class TrtRunner(Closing):
         if reps < 1:
             raise InputError(field="reps", expected="an integer >= 1", got=reps)
         self._bind(past_len, new_tokens)
-        positions = self._write_positions(past_len, new_tokens)
+        self._write_positions(past_len, new_tokens)
         self._enqueue()  # first enqueue after a shape change; required before graph capture
         self._stream.synchronize()
-        del positions
         stream = self._stream
-        if self.use_cuda_graph:
-            graph = self._graph(past_len, new_tokens)
-            work = lambda: graph.launch(stream)  # noqa: E731
-        else:
-            work = self._enqueue
+        graph = self._graph(past_len, new_tokens) if self.use_cuda_graph else None
+        work: Any = self._enqueue if graph is None else (lambda: graph.launch(stream))
         times = np.empty(reps, dtype=np.float64)
         for r in range(reps):
             times[r] = self._timer.time_ms(stream, work)
@@ -327,10 +423,9 @@ class TrtRunner(Closing):
 
         Each step reads the last token's logits back, takes the argmax and feeds that token's row
         of a fixed random embedding table (the exported decoder takes embeddings, not ids), so
-        the loop pays what a serving loop pays: H2D input, enqueue, D2H logits, sync.
+        the loop pays what a serving loop pays: H2D input, enqueue, D2H logits, sync. The first
+        call is preceded by :meth:`warm_up` at the same prompt length (untimed).
         """
-        from trt_latency.engines.base import GenerateResult
-
         x = np.asarray(inputs_embeds)
         if x.ndim != 3 or x.shape[0] != 1 or x.shape[2] != self.hidden:
             raise InputError(field="inputs_embeds", expected=f"shape [1, S, {self.hidden}]", got=x.shape)
@@ -342,21 +437,31 @@ class TrtRunner(Closing):
         if output_tokens > 1 and last_past > self.max_past_len:
             raise InputError(field="output_tokens", expected=f"prompt + output_tokens - 2 <= {self.max_past_len}",
                              got=output_tokens)
-        x = np.ascontiguousarray(x, dtype=self._inputs[loader.INPUTS_EMBEDS].dtype)
+        if not self._warmed:
+            self.warm_up(prompt)
+        return self._run_request(np.ascontiguousarray(x, dtype=self._inputs[loader.INPUTS_EMBEDS].dtype),
+                                 output_tokens)
+
+    def _run_request(self, x: np.ndarray, output_tokens: int) -> GenerateResult:
+        from trt_latency.engines.base import GenerateResult
+
+        prompt = int(x.shape[1])
         logits_t = self._outputs[loader.LOGITS]
         row_bytes = self.vocab * logits_t.dtype.itemsize
-        logits = np.empty(self.vocab, dtype=logits_t.dtype)
+        logits = self._pinned_logits
         embeds_buf = self._addr[loader.INPUTS_EMBEDS]
         logits_buf = self._addr[loader.LOGITS]
+        staged = self._pinned_embeds
         stream = self._stream
 
         start = time.perf_counter()
         swap = False
         self._bind(0, prompt, swap)
-        embeds_buf.copy_from_host(x, stream=stream)
-        positions = self._write_positions(0, prompt)
+        staged[:, :prompt] = x
+        embeds_buf.copy_from_host(staged[:, :prompt], stream=stream)
+        self._write_positions(0, prompt)
         self._enqueue()
-        logits_buf.copy_to_host(logits, offset=(prompt - 1) * row_bytes, stream=stream)
+        logits_buf.copy_to_host(logits, offset=(prompt - 1) * row_bytes, stream=stream)  # syncs the stream
         ttft_ms = (time.perf_counter() - start) * 1e3
 
         token = int(np.argmax(logits))
@@ -367,9 +472,9 @@ class TrtRunner(Closing):
             t0 = time.perf_counter()
             swap = not swap  # this step's past is the previous step's present
             self._bind(past_len, 1, swap)
-            row = self._embed_table[token % self._embed_table.shape[0]]
-            embeds_buf.copy_from_host(row, stream=stream)
-            positions = self._write_positions(past_len, 1)
+            staged[0, 0] = self._embed_table[token % self._embed_table.shape[0]]
+            embeds_buf.copy_from_host(staged[:, :1], stream=stream)
+            self._write_positions(past_len, 1)
             self._enqueue()
             logits_buf.copy_to_host(logits, stream=stream)
             token = int(np.argmax(logits))
@@ -377,7 +482,6 @@ class TrtRunner(Closing):
             tokens.append(token)
             past_len += 1
         total_ms = (time.perf_counter() - start) * 1e3
-        del positions
         return GenerateResult(ttft_ms=ttft_ms, total_ms=total_ms, step_ms=step_ms, tokens=tokens)
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -425,7 +529,9 @@ class TrtRunner(Closing):
             stream.synchronize()
         if timer is not None:
             timer.close()
-        self.__dict__.pop("_context", None)  # before the buffers it points at and before the engine
+        # Contexts before the buffers they point at and before the engine.
+        self.__dict__.pop("_context", None)
+        self._contexts.clear()
         for buf in self._buffers:
             buf.close()
         self._buffers.clear()
@@ -433,10 +539,13 @@ class TrtRunner(Closing):
             stream.close()
 
 
-
-def _fill_random(buf: cuda.DeviceBuffer, dtype: np.dtype[Any], rng: np.random.Generator,
+def _fill_random(buf: cuda.DeviceBuffer, dtype: np.dtype[Any], rng: np.random.Generator, stream: cuda.Stream,
                  scale: float = 1.0, chunk_bytes: int = 16 << 20) -> None:
-    """Fill a device buffer with N(0, scale) values, tiling one bounded host chunk (huge KV caches)."""
+    """Fill a device buffer with N(0, scale) values, tiling one bounded host chunk (huge KV caches).
+
+    On the runner's stream: the stream is non-blocking, so a stream-less copy could race with work
+    on it. The pageable chunk is reused, so each copy is synchronized before the next.
+    """
     count = max(1, min(buf.nbytes, chunk_bytes) // dtype.itemsize)
     chunk = (rng.standard_normal(count) * scale).astype(dtype)
     offset = 0
@@ -444,7 +553,8 @@ def _fill_random(buf: cuda.DeviceBuffer, dtype: np.dtype[Any], rng: np.random.Ge
         part = chunk[: (buf.nbytes - offset) // dtype.itemsize]
         if part.nbytes == 0:
             break
-        buf.copy_from_host(part, offset=offset)
+        buf.copy_from_host(part, offset=offset, stream=stream)
+        stream.synchronize()
         offset += part.nbytes
 
 

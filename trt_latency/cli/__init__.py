@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from trt_latency.errors import TrtLatencyError
 
 # Order = order in `trt-latency --help`: the data flow from engine to serving loop.
-VERBS = ("calibrate", "export", "sweep", "fit", "predict", "admit", "replay", "analyze", "bench", "loadtest")
+VERBS = ("calibrate", "inspect", "export", "sweep", "fit", "predict", "admit", "replay", "analyze", "compare",
+         "bench", "loadtest")
 
 
 class _Parser(argparse.ArgumentParser):

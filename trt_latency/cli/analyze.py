@@ -1,23 +1,55 @@
 """`trt-latency analyze REQUESTS.csv [-c CAL] [--json] [--plot F]`: how much of the decode ms/token growth
-does KV-cache growth explain?"""
+does KV-cache growth explain? `trt-latency analyze --table TABLE.csv [...]`: which cause (constant, counting,
+first_step, kv_growth) explains a bucket table of mean ms/token per output length?"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import textwrap
 from typing import Any
+
+from trt_latency.cli._args import positive_int
+from trt_latency.estimator.causes import DEFAULT_BANDWIDTH_GB_S, DEFAULT_KV_BYTES_PER_TOKEN, OPEN_UPPER_FACTOR
 
 EXAMPLE = """\
 example:
   trt-latency analyze out/requests.csv -c out/calibration.yaml --plot out/analyze.png
   trt-latency analyze prod_trace.csv -c calibration.yaml --json > report.json
+  trt-latency analyze --table benchmarks/seed_table.csv --plot causes.png
 
 The request log needs the columns vision_tokens,text_tokens,output_tokens,ttft_ms,total_ms
 (optional: request_id,tier_idx,top_k,num_active_blocks; 0 blocks = the tier's largest measured).
 Decode ms/token = (total_ms - ttft_ms) / (output_tokens - 1), so every request needs >= 2 output tokens.
+
+--table instead of a request log: columns output_tokens (a bucket: 2, 3-5, 21+), ms_per_token (the mean
+over the bucket's requests), optional std and count. Four causes are fitted and compared (AICc):
+constant R; counting R (n-1)/n (decode time divided by n, not n - 1); first_step R + c/(n-1);
+kv_growth a + b (P + (n-2)/2), b >= 0 and checked against the calibration's KV slope (-c) or an assumed
+bound (--kv-bytes-per-token / --bandwidth-gbs).
 """
+
+
+def positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def nonnegative_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
 
 
 def register(sub: Any) -> None:
@@ -33,12 +65,25 @@ def register(sub: Any) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("requests", metavar="REQUESTS.csv", help="request log (replay output or a production trace)")
+    parser.add_argument("requests", metavar="REQUESTS.csv", nargs="?",
+                        help="request log (replay output or a production trace); or use --table")
+    parser.add_argument("--table", metavar="TABLE.csv",
+                        help="a bucket table (output_tokens, ms_per_token[, std][, count]) instead of a request log: "
+                             "test which cause explains it")
+    parser.add_argument("--prompt-tokens", type=nonnegative_number, default=0.0, metavar="P",
+                        help="--table: prompt tokens assumed for kv_growth (default 0; P moves only its a, not b)")
+    parser.add_argument("--open-upper", type=positive_int, default=None, metavar="N",
+                        help=f"--table: upper end of an open last bucket like 21+ (default {OPEN_UPPER_FACTOR}x its start)")
+    parser.add_argument("--kv-bytes-per-token", type=positive_number, default=DEFAULT_KV_BYTES_PER_TOKEN, metavar="B",
+                        help="without -c: KV bytes read per token of KV length, for the kv_growth slope bound "
+                             f"(default {DEFAULT_KV_BYTES_PER_TOKEN:.0e}, an assumption)")
+    parser.add_argument("--bandwidth-gbs", type=positive_number, default=DEFAULT_BANDWIDTH_GB_S, metavar="G",
+                        help=f"without -c: memory bandwidth in GB/s for that bound (default {DEFAULT_BANDWIDTH_GB_S:g})")
     parser.add_argument("-c", "--calibration", metavar="CAL",
                         help="calibration.yaml to compare with (without it: measured table and checks only)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.add_argument("--plot", metavar="F", help="write measured vs predicted ms/token per bucket to this PNG")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, parser=parser)
 
 
 def kv_bytes_from_calibration(cal: Any) -> dict[tuple[int, int, int], float]:
@@ -51,12 +96,62 @@ def kv_bytes_from_calibration(cal: Any) -> dict[tuple[int, int, int], float]:
     return out
 
 
+def _kv_bound(args: argparse.Namespace, cal: Any) -> tuple[float, str]:
+    """ms per KV token the engine can pay: the calibration's steepest decode slope, else the assumed bound."""
+    from trt_latency.estimator.causes import default_kv_bound, kv_slope_from_calibration
+
+    if cal is not None:
+        return kv_slope_from_calibration(cal), f"the steepest decode slope of {args.calibration}"
+    return default_kv_bound(args.kv_bytes_per_token, args.bandwidth_gbs)
+
+
+def _write_plot(plot: Any, report: Any, path: str) -> None:
+    try:
+        plot(report, path)
+    except OSError as exc:
+        from trt_latency.errors import InputError
+
+        raise InputError(f"cannot write the plot ({exc.strerror or exc})", path=path,
+                         expected="a writable PNG path in an existing folder") from None
+
+
+def run_table(args: argparse.Namespace) -> int:
+    from trt_latency.estimator.causes import explain_table, read_bucket_table
+
+    table = read_bucket_table(args.table, open_upper=args.open_upper)
+    cal = None
+    if args.calibration:
+        from trt_latency.estimator.calibration import load_calibration
+
+        cal = load_calibration(args.calibration)
+    bound, source = _kv_bound(args, cal)
+    report = explain_table(table, prompt_tokens=args.prompt_tokens, kv_slope_bound=bound, bound_source=source)
+    if args.plot:
+        from trt_latency.plots import plot_causes
+
+        _write_plot(plot_causes, report, args.plot)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.format_table(), end="")
+        if args.plot:
+            print(f"Plot: {args.plot}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.requests is None and args.table is None:
+        args.parser.error("the following arguments are required: REQUESTS.csv (or --table TABLE.csv)")
+    if args.requests is not None and args.table is not None:
+        args.parser.error("REQUESTS.csv and --table TABLE.csv are mutually exclusive: give one of them")
+    if args.table is not None:
+        return run_table(args)
     from trt_latency.estimator.analyze import analyze
     from trt_latency.estimator.requests import read_requests
 
     log = read_requests(args.requests, require_decode=True)
     estimator = None
+    cal = None
     kv_bytes: dict[tuple[int, int, int], float] | None = None
     source: dict[str, Any] = {}
     if args.calibration:
@@ -70,18 +165,13 @@ def run(args: argparse.Namespace) -> int:
         desc = ", ".join(str(prov[k]) for k in ("backend", "device") if prov.get(k))
         source = {"calibration": os.fspath(args.calibration) + (f" ({desc})" if desc else ""),
                   "provenance": {k: v for k, v in prov.items() if isinstance(v, str | int | float)}}
-    report = analyze(log, estimator, kv_bytes)
+    bound, bound_source = _kv_bound(args, cal if args.calibration else None)
+    report = analyze(log, estimator, kv_bytes, kv_slope_bound=bound, kv_bound_source=bound_source)
     report.source.update(source)
     if args.plot:
         from trt_latency.plots import plot_analysis
 
-        try:
-            plot_analysis(report, args.plot)
-        except OSError as exc:
-            from trt_latency.errors import InputError
-
-            raise InputError(f"cannot write the plot ({exc.strerror or exc})", path=args.plot,
-                             expected="a writable PNG path in an existing folder") from None
+        _write_plot(plot_analysis, report, args.plot)
         report.source["plot"] = os.fspath(args.plot)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

@@ -97,8 +97,14 @@ def run(args: argparse.Namespace) -> int:
     key = resolve_key(plan, args)
     tier = plan.tier(key.tier_idx)
     path = export_decoder(tier, key.top_k, key.num_active_blocks, Path(args.out), seed=args.seed)
+    from trt_latency.engines.signature import read_signature
+
+    # The same check every verb that opens a model makes: the export must read back as a decoder signature.
+    sig = read_signature(path)
     size = sum(p.stat().st_size for p in (path, path.with_name(path.name + ".data")) if p.exists())
     print(f"wrote {path}: tier {tier.tier_idx} ({tier.name}), top_k {key.top_k}, "
           f"num_active_blocks {key.num_active_blocks}, {tier.params(key.num_active_blocks) / 1e6:.2f} M params, "
-          f"{tier.dtype}, {size / 1e6:.1f} MB")
+          f"{tier.dtype}, {size / 1e6:.1f} MB; signature {sig.token_input}"
+          f"{', ' + sig.position_ids if sig.position_ids else ''}, {sig.blocks} KV blocks ({sig.kv_layout}, "
+          f"kv_heads {sig.kv_heads}, head_dim {sig.head_dim})")
     return 0

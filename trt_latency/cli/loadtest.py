@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from trt_latency.cli._model import add_model_args, backend_choices, model_options
+
 EPILOG = """\
 example:
   trt-latency calibrate --quick --requests 120 --out cal
@@ -48,10 +50,12 @@ def register(sub: Any) -> None:
     )
     p.add_argument("-c", "--calibration", required=True, metavar="CAL", help="calibration.yaml")
     p.add_argument("--onnx", metavar="F", help="model to serve (default: model.onnx next to CAL)")
-    p.add_argument("--backend", default="ort-cpu", help="runner backend (default ort-cpu)")
+    p.add_argument("--backend", default="ort-cpu", help="runner backend (default ort-cpu; names: "
+                   + ", ".join(backend_choices()) + ")")
     p.add_argument("--plan", metavar="YAML", default=None,
                    help="plan whose replay lengths the stream draws (default: the one the calibration names)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the runner's)")
+    add_model_args(p)
     p.add_argument("--requests", type=int, default=600, metavar="N", help="requests in the stream (default 600)")
     p.add_argument("--budget-ms", type=float, default=None, metavar="B",
                    help="fixed budget for every request (overrides --budgets)")
@@ -146,7 +150,10 @@ def loadtest(args: argparse.Namespace) -> dict[str, Any]:
     # The thread count the sweep measured with: same engine, same speed.
     threads = args.threads if args.threads is not None else plan.runtime.intra_op_threads
     _check_model_is_calibrated(model_path, cal_path, cal)
-    runner = loadgen.open_model(model_path, args.backend, threads)
+    options = model_options(args)
+    if options["kv_mode"] == "auto":  # serve the model bound the way it was calibrated
+        options["kv_mode"] = str(cal.provenance.get("kv_mode") or "auto")
+    runner = loadgen.open_model(model_path, args.backend, threads, **options, max_past_len=args.max_past_len)
     try:
         key = loadgen.served_key(model_path, cal)
         cfg = cal.config(*key)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from trt_latency.cli._model import VISION_NOTE
 from trt_latency.cli.export import add_config_args, resolve_key
-from trt_latency.cli.sweep import add_runtime_args, open_for
+from trt_latency.cli.sweep import add_runtime_args, open_for, plan_for_onnx
 
 EXAMPLE = """\
 examples:
@@ -43,11 +45,18 @@ def run(args: argparse.Namespace) -> int:
     plan = load_plan(args.config, quick=args.quick)
     if args.requests is not None and args.requests < 1:
         raise ConfigError(field="--requests", expected="an integer >= 1", got=args.requests)
+    plan = plan_for_onnx(plan, args)
     key = resolve_key(plan, args)
     out = Path(args.out)
     with open_for(plan, key, args, out.parent) as runner:
-        res = run_replay(runner, key, plan.tier(key.tier_idx), plan.replay, out, args.requests,
-                         progress=not args.no_progress)
-    print(f"config {tuple(key)} on {runner.backend}: {res.rows_written} requests replayed, "
-          f"{res.rows_skipped} already present, {res.seconds:.1f} s -> {out}")
+        # Requests never run past what the runner (the model) supports.
+        tier = plan.tier(key.tier_idx)
+        tier = replace(tier, max_past_len=min(tier.max_past_len, runner.max_past_len),
+                       max_prefill_len=min(tier.max_prefill_len, getattr(runner, "max_new_tokens",
+                                                                         tier.max_prefill_len)))
+        if getattr(runner, "token_input", "") == "input_ids":
+            print(VISION_NOTE)
+        res = run_replay(runner, key, tier, plan.replay, out, args.requests, progress=not args.no_progress)
+    print(f"config {tuple(key)} on {runner.backend} (kv_mode {getattr(runner, 'kv_mode', 'concat')}): "
+          f"{res.rows_written} requests replayed, {res.rows_skipped} already present, {res.seconds:.1f} s -> {out}")
     return 0
