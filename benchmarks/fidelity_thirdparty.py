@@ -15,7 +15,9 @@ interleaved round by round in one run (so machine load hits them alike):
   (``--genai-python``; it brings its own onnxruntime). Getting to position L: ``append_tokens`` of an
   L-token prompt once; then per repetition ``rewind_to(L-1)``, ``append_tokens([t])`` (runs the step
   at L-1), one untimed ``generate_next_token()`` (samples the pending logits, no model run), and the
-  timed ``generate_next_token()``: one model run with L tokens of KV plus greedy selection.
+  timed ``generate_next_token()``: one model run with L tokens of KV plus greedy selection. Column
+  genai_select_ms is the untimed-in-genai_ms selection-only call: genai's own per-token overhead outside
+  the model run (on this tiny model it is a visible part of a 25 us step).
 
 Every visit first runs one untimed warm-up step at its shape. One intra-op and one inter-op thread
 everywhere. Medians over rounds x reps. Run:
@@ -49,9 +51,9 @@ DEFAULT_FIXTURES = ("genai-llama-fp32", "genai-llama-int4", "genai-llama-embeds"
                     "genai-phi3-fp32", "optimum-llama-fp32", "optimum-llama-fp16", "torch-llama-embeds",
                     "torch-llama-embeds-dynamo")
 
-# onnxruntime-genai re-runs the whole sequence each time a model of type "phi3" crosses 4096 tokens (its
-# LongRoPE switch, hard-wired for that type: ~0.5 s on this 8192-context fixture whose config has no long
-# factors), so the rewind-based genai timing at 4096 would time a re-prefill: genai column off by default.
+# onnxruntime-genai re-runs the whole sequence each time a model of type "phi3" crosses 4096 tokens (a
+# special case for that type in its runtime: ~0.5 s on this 8192-context fixture, whose config has no rope
+# scaling), so the rewind-based genai timing at 4096 would time a re-prefill: genai column off by default.
 GENAI_SKIP = ("genai-phi3-fp32",)
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -181,15 +183,17 @@ for line in sys.stdin:
         g.append_tokens(rng.integers(4, int(req["vocab"]), L).astype(np.int32))
         gens[L] = g
     g = gens[L]
-    out = []
+    out, sel = [], []
     for r in range(reps + 1):  # the first is a warm-up at this position
         g.rewind_to(L - 1)
         g.append_tokens(np.array([5], dtype=np.int32))  # step at L-1; logits pending
-        g.generate_next_token()  # selects from the pending logits (no model run); count L+1
         t0 = time.perf_counter_ns()
+        g.generate_next_token()  # selects from the pending logits (no model run); count L+1
+        t1 = time.perf_counter_ns()
         g.generate_next_token()  # one model run with L tokens of KV + greedy selection
-        out.append((time.perf_counter_ns() - t0) * 1e-6)
-    print(json.dumps({"ms": out[1:]}), flush=True)
+        out.append((time.perf_counter_ns() - t1) * 1e-6)
+        sel.append((t1 - t0) * 1e-6)
+    print(json.dumps({"ms": out[1:], "select_ms": sel[1:]}), flush=True)
 """
 
 
@@ -202,13 +206,16 @@ class GenaiLoop:
                                      stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         self.version = json.loads(self.proc.stdout.readline())["ready"]
+        self.last_select = np.empty(0)
 
     def time(self, past: int, reps: int) -> np.ndarray:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         req = {"L": past, "reps": reps, "max_length": self.facts.max_length, "vocab": self.facts.vocab}
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
-        return np.asarray(json.loads(self.proc.stdout.readline())["ms"])
+        reply = json.loads(self.proc.stdout.readline())
+        self.last_select = np.asarray(reply["select_ms"])
+        return np.asarray(reply["ms"])
 
     def close(self) -> None:
         if self.proc.stdin is not None:
@@ -229,8 +236,8 @@ class ProjectLoop:
                                 max_past_len=max_pos, max_new_tokens=16)
 
     def time(self, past: int, reps: int) -> np.ndarray:
-        self.runner.time_step(past, 1, 1)  # warm-up at this shape, as the sweep does
-        return np.asarray(self.runner.time_step(past, 1, reps))
+        # warm-up and timed runs in one bound call, as the sweep's measure_once does
+        return np.asarray(self.runner.time_step(past, 1, reps + 1))[1:]
 
     def close(self) -> None:
         self.runner.close()
@@ -278,8 +285,11 @@ def measure_fixture(name: str, modes: list[str], positions: list[int], rounds: i
                 whos = [w for (m, w) in loops if m == cell.mode]
                 for j in rng.permutation(len(whos)):
                     who = whos[int(j)]
-                    ms = loops[(cell.mode, who)].time(cell.position, reps)
+                    loop = loops[(cell.mode, who)]
+                    ms = loop.time(cell.position, reps)
                     cell.samples.setdefault(who, []).extend(float(v) for v in ms)
+                    if who == "genai":  # genai's token selection alone (its own per-step overhead)
+                        cell.samples.setdefault("genai_select", []).extend(float(v) for v in loop.last_select)
     finally:
         for loop in loops.values():
             loop.close()
@@ -323,13 +333,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} cores; load average {load0[0]:.1f} -> {load1[0]:.1f} (busy machine when > 1); "
           f"{args.rounds} rounds x {args.reps} reps per cell, interleaved; {time.time() - t0:.0f} s")
     header = ("fixture", "mode", "position", "independent_ms", "project_ms", "project/indep", "genai_ms",
-              "project/genai")
+              "project/genai", "genai_select_ms")
     rows = []
     for c in cells:
         ind, proj, gen = c.median("independent"), c.median("project"), c.median("genai")
         rows.append((c.fixture, c.mode, str(c.position), _fmt(ind), _fmt(proj),
                      _fmt(proj / ind if ind and proj else None, 3), _fmt(gen),
-                     _fmt(proj / gen if gen and proj else None, 3)))
+                     _fmt(proj / gen if gen and proj else None, 3), _fmt(c.median("genai_select"))))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
     for r in rows:
