@@ -15,7 +15,13 @@ interleaved round by round in one run (so machine load hits them alike):
   (``--genai-python``; it brings its own onnxruntime). Getting to position L: ``append_tokens`` of an
   L-token prompt once; then per repetition ``rewind_to(L-1)``, ``append_tokens([t])`` (runs the step
   at L-1), one untimed ``generate_next_token()`` (samples the pending logits, no model run), and the
-  timed ``generate_next_token()``: one model run with L tokens of KV plus greedy selection.
+  timed ``generate_next_token()``: one model run with L tokens of KV plus greedy selection. Column
+  genai_select_ms is the untimed-in-genai_ms selection-only call: genai's own per-token overhead outside
+  the model run (on this tiny model it is a visible part of a 25 us step).
+
+With ``--sweep-cli DIR`` it also runs ``trt-latency sweep --onnx F --kv-mode MODE --quick`` per fixture
+as a user would (one warm-up + one timed step per visit, prefills shuffled in, a row fsync'ed per step)
+and compares its medians with the independent loop run just before and after it (cli/indep_around).
 
 Every visit first runs one untimed warm-up step at its shape. One intra-op and one inter-op thread
 everywhere. Medians over rounds x reps. Run:
@@ -49,9 +55,9 @@ DEFAULT_FIXTURES = ("genai-llama-fp32", "genai-llama-int4", "genai-llama-embeds"
                     "genai-phi3-fp32", "optimum-llama-fp32", "optimum-llama-fp16", "torch-llama-embeds",
                     "torch-llama-embeds-dynamo")
 
-# onnxruntime-genai re-runs the whole sequence each time a model of type "phi3" crosses 4096 tokens (its
-# LongRoPE switch, hard-wired for that type: ~0.5 s on this 8192-context fixture whose config has no long
-# factors), so the rewind-based genai timing at 4096 would time a re-prefill: genai column off by default.
+# onnxruntime-genai re-runs the whole sequence each time a model of type "phi3" crosses 4096 tokens (a
+# special case for that type in its runtime: ~0.5 s on this 8192-context fixture, whose config has no rope
+# scaling), so the rewind-based genai timing at 4096 would time a re-prefill: genai column off by default.
 GENAI_SKIP = ("genai-phi3-fp32",)
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -181,15 +187,17 @@ for line in sys.stdin:
         g.append_tokens(rng.integers(4, int(req["vocab"]), L).astype(np.int32))
         gens[L] = g
     g = gens[L]
-    out = []
+    out, sel = [], []
     for r in range(reps + 1):  # the first is a warm-up at this position
         g.rewind_to(L - 1)
         g.append_tokens(np.array([5], dtype=np.int32))  # step at L-1; logits pending
-        g.generate_next_token()  # selects from the pending logits (no model run); count L+1
         t0 = time.perf_counter_ns()
+        g.generate_next_token()  # selects from the pending logits (no model run); count L+1
+        t1 = time.perf_counter_ns()
         g.generate_next_token()  # one model run with L tokens of KV + greedy selection
-        out.append((time.perf_counter_ns() - t0) * 1e-6)
-    print(json.dumps({"ms": out[1:]}), flush=True)
+        out.append((time.perf_counter_ns() - t1) * 1e-6)
+        sel.append((t1 - t0) * 1e-6)
+    print(json.dumps({"ms": out[1:], "select_ms": sel[1:]}), flush=True)
 """
 
 
@@ -202,13 +210,16 @@ class GenaiLoop:
                                      stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         self.version = json.loads(self.proc.stdout.readline())["ready"]
+        self.last_select = np.empty(0)
 
     def time(self, past: int, reps: int) -> np.ndarray:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         req = {"L": past, "reps": reps, "max_length": self.facts.max_length, "vocab": self.facts.vocab}
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
-        return np.asarray(json.loads(self.proc.stdout.readline())["ms"])
+        reply = json.loads(self.proc.stdout.readline())
+        self.last_select = np.asarray(reply["select_ms"])
+        return np.asarray(reply["ms"])
 
     def close(self) -> None:
         if self.proc.stdin is not None:
@@ -229,11 +240,63 @@ class ProjectLoop:
                                 max_past_len=max_pos, max_new_tokens=16)
 
     def time(self, past: int, reps: int) -> np.ndarray:
-        self.runner.time_step(past, 1, 1)  # warm-up at this shape, as the sweep does
-        return np.asarray(self.runner.time_step(past, 1, reps))
+        # warm-up and timed runs in one bound call, as the sweep's measure_once does
+        return np.asarray(self.runner.time_step(past, 1, reps + 1))[1:]
 
     def close(self) -> None:
         self.runner.close()
+
+
+def sweep_cli_medians(name: str, mode: str, positions: list[int], out_dir: Path) -> dict[int, float]:
+    """`trt-latency sweep --onnx F --kv-mode MODE --quick` as a user runs it (after the interleaved
+    rounds, in its own process): decode medians at ``positions`` from its samples.csv (the quick grid
+    holds 16, 1024 and 4096 when --max-past-len is 4096)."""
+    import csv
+
+    samples = out_dir / f"{name}-{mode}.csv"
+    samples.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "trt_latency", "sweep", "--onnx", str(FIXTURES / name / "model.onnx"),
+           "--kv-mode", mode, "--max-past-len", str(max(positions)), "--backend", "ort-cpu", "--threads", "1",
+           "--quick", "--no-progress", "--out", str(samples)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    by_pos: dict[int, list[float]] = {}
+    with open(samples, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(line for line in fh if not line.startswith("#")):
+            if row["phase"] == "decode" and int(row["past_len"]) in positions:
+                by_pos.setdefault(int(row["past_len"]), []).append(float(row["latency_ms"]))
+    return {p: float(np.median(v)) for p, v in by_pos.items()}
+
+
+VISIT_KINDS = ("burst", "w1", "w1_after_fsync", "w1_after_prefill", "w1_after_prefill_fsync", "w3_after_prefill_fsync")
+
+
+def visit_probe(name: str, mode: str, positions: list[int], rounds: int, rng: np.random.Generator,
+                scratch: Path) -> dict[str, dict[int, float]]:
+    """Why a sweep visit reads more than a back-to-back step: the project's runner timed as the sweep
+    does (warm-up + one timed step per visit), after a visit elsewhere, optionally after a 256-token
+    prefill and/or an fsync'ed write (the sweep appends and fsyncs a samples row per step), vs a burst
+    of back-to-back steps (a runtime's decode loop). Kinds interleaved in shuffled order; medians."""
+    from trt_latency.engines.ort.runner import OrtRunner
+
+    runner = OrtRunner(FIXTURES / name / "model.onnx", "cpu", intra_op_threads=1, inter_op_threads=1,
+                       kv_mode=mode, max_past_len=max(positions), max_new_tokens=256)
+    res: dict[str, dict[int, list[float]]] = {k: {p: [] for p in positions} for k in VISIT_KINDS}
+    with runner, open(scratch, "w", encoding="utf-8") as fh:
+        for _ in range(rounds):
+            for p in (int(v) for v in rng.permutation(positions)):
+                for kind in (str(k) for k in rng.permutation(VISIT_KINDS)):
+                    runner.time_step(int(rng.choice([q for q in positions if q != p])), 1, 2)
+                    if "prefill" in kind:
+                        runner.time_step(0, 256, 1)
+                    if "fsync" in kind:
+                        fh.write("row\n")
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                    if kind == "burst":
+                        res[kind][p].extend(float(v) for v in runner.time_step(p, 1, 11)[1:])
+                    else:
+                        res[kind][p].append(float(runner.time_step(p, 1, 4 if kind.startswith("w3") else 2)[-1]))
+    return {k: {p: float(np.median(v)) for p, v in by_pos.items()} for k, by_pos in res.items()}
 
 
 # -- driver ---------------------------------------------------------------------------------------------
@@ -278,12 +341,23 @@ def measure_fixture(name: str, modes: list[str], positions: list[int], rounds: i
                 whos = [w for (m, w) in loops if m == cell.mode]
                 for j in rng.permutation(len(whos)):
                     who = whos[int(j)]
-                    ms = loops[(cell.mode, who)].time(cell.position, reps)
+                    loop = loops[(cell.mode, who)]
+                    ms = loop.time(cell.position, reps)
                     cell.samples.setdefault(who, []).extend(float(v) for v in ms)
+                    if who == "genai":  # genai's token selection alone (its own per-step overhead)
+                        cell.samples.setdefault("genai_select", []).extend(float(v) for v in loop.last_select)
     finally:
         for loop in loops.values():
             loop.close()
     return cells
+
+
+def _bracket(loop: IndependentLoop, positions: list[int], reps: int, rng: np.random.Generator,
+             into: dict[int, list[float]]) -> None:
+    """5 shuffled rounds of the independent loop (measured around the sweep CLI run)."""
+    for _ in range(5):
+        for p in rng.permutation(positions):
+            into[int(p)].extend(float(v) for v in loop.time(int(p), reps))
 
 
 def _fmt(v: float | None, digits: int = 4) -> str:
@@ -303,6 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--genai-python", default=os.environ.get("GENAI_PYTHON"),
                     help="python of a venv with onnxruntime-genai (default $GENAI_PYTHON; none: genai column '-')")
     ap.add_argument("--genai-all", action="store_true", help=f"genai column also for {', '.join(GENAI_SKIP)}")
+    ap.add_argument("--sweep-cli", metavar="DIR", help="also run `trt-latency sweep --quick` per fixture and mode "
+                    "(samples in DIR) and add its medians (column sweep_cli_ms; it runs after the interleaved "
+                    "rounds, compared with the independent loop run just before and after it: cli/indep_around)")
+    ap.add_argument("--visit-probe", action="store_true", help="instead: time the project's runner the way a "
+                    "sweep visit does (warm-up count, prefill and fsync before it) vs back-to-back steps")
     ap.add_argument("--json", help="also write every cell's medians here")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -313,23 +392,56 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     load0 = os.getloadavg()
     t0 = time.time()
+    if args.visit_probe:
+        import tempfile
+
+        print(f"# visit probe: onnxruntime {ort.__version__} CPU EP, 1 thread; {args.rounds} rounds; load average "
+              f"{load0[0]:.1f}; median ms (x back-to-back burst)")
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in args.fixtures.split(","):
+                mode = _runtime_mode(FIXTURES / name) if args.modes == "runtime" else args.modes.split(",")[0]
+                med = visit_probe(name, mode, positions, args.rounds, rng, Path(tmp) / "rows.csv")
+                print(f"{name} ({mode})")
+                for kind, by_pos in med.items():
+                    print(f"  {kind:24s}" + "  ".join(f"{p}: {by_pos[p]:.4f} ({by_pos[p] / med['burst'][p]:.2f}x)"
+                                                      for p in positions))
+        return 0
     cells: list[Cell] = []
     for name in args.fixtures.split(","):
         modes = [_runtime_mode(FIXTURES / name)] if args.modes == "runtime" else args.modes.split(",")
         cells += measure_fixture(name, modes, positions, args.rounds, args.reps, args.genai_python, rng,
                                  args.genai_all)
+    if args.sweep_cli:
+        # The CLI cannot interleave with the loops here: bracket it with the independent loop run just
+        # before and just after (same positions, 5 rounds), and compare it with those.
+        out_dir = Path(args.sweep_cli)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for fixture, mode in dict.fromkeys((c.fixture, c.mode) for c in cells):
+            loop = IndependentLoop(FIXTURES / fixture / "model.onnx", mode, max(positions))
+            around: dict[int, list[float]] = {p: [] for p in positions}
+            _bracket(loop, positions, args.reps, rng, around)
+            medians = sweep_cli_medians(fixture, mode, positions, out_dir)
+            _bracket(loop, positions, args.reps, rng, around)
+            loop.close()
+            for c in cells:
+                if (c.fixture, c.mode) == (fixture, mode) and c.position in medians:
+                    c.samples["sweep_cli"] = [medians[c.position]]
+                    c.samples["independent_around_cli"] = around[c.position]
     load1 = os.getloadavg()
     print(f"# onnxruntime {ort.__version__} CPU EP, 1 intra-op thread; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores; load average {load0[0]:.1f} -> {load1[0]:.1f} (busy machine when > 1); "
           f"{args.rounds} rounds x {args.reps} reps per cell, interleaved; {time.time() - t0:.0f} s")
     header = ("fixture", "mode", "position", "independent_ms", "project_ms", "project/indep", "genai_ms",
-              "project/genai")
+              "project/genai", "genai_select_ms", "sweep_cli_ms", "cli/indep_around")
     rows = []
     for c in cells:
         ind, proj, gen = c.median("independent"), c.median("project"), c.median("genai")
         rows.append((c.fixture, c.mode, str(c.position), _fmt(ind), _fmt(proj),
                      _fmt(proj / ind if ind and proj else None, 3), _fmt(gen),
-                     _fmt(proj / gen if gen and proj else None, 3)))
+                     _fmt(proj / gen if gen and proj else None, 3), _fmt(c.median("genai_select")),
+                     _fmt(c.median("sweep_cli")),
+                     _fmt(cli / ia if (cli := c.median("sweep_cli")) and (ia := c.median("independent_around_cli"))
+                          else None, 3)))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
     for r in rows:
