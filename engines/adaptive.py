@@ -87,7 +87,8 @@ class PositionState:
         ``tolerance`` of the timed one (|median log ratio| + 1 SE of that median), this shape stops
         paying for warm-up runs. Shapes where the first run is slower (small decode steps here: x1.3-2)
         keep them for good."""
-        if self.warmup == 0 or runs.shape[0] < 2 or runs[0] <= 0 or runs[-1] <= 0:
+        if (self.warmup == 0 or runs.shape[0] < 2 or runs[0] <= 0 or runs[-1] <= 0
+                or len(self.cold_log_ratio) >= 4 * min_reps):  # judged long enough: keep the warm-up
             return
         self.cold_log_ratio.append(math.log(float(runs[0]) / float(runs[-1])))
         if len(self.cold_log_ratio) < min_reps:

@@ -7,8 +7,8 @@ masquerading as position dependence. Each visit binds its shape once and runs wa
 
 Fixed plan: every shape gets the plan's rounds. Adaptive (plan ``sweep.adaptive``, engines/adaptive.py):
 a shape leaves the rotation once the relative standard error of its median reaches the target, and a
-caller-supplied refiner may send it back. Rows are written in groups (flush + fsync per round or
-half-second), not one fsync per row.
+caller-supplied refiner may send it back. Rows are written in groups (flush + fsync every
+half-second and at the end), not one fsync per row.
 
 Resume: a rerun reads samples.csv, repairs a partial trailing line (a run killed mid-write) and
 measures only the rows missing for that config: the fixed plan's missing (phase, past_len, new_tokens,
@@ -205,7 +205,7 @@ def measure_once(runner: Runner, past_len: int, new_tokens: int, warmup: int) ->
 
 
 class _GroupWriter:
-    """Appends rows to samples.csv and makes them durable in groups (one flush + fsync per round or per
+    """Appends rows to samples.csv and makes them durable in groups (one flush + fsync per
     GROUP_SECONDS), not per row: an fsync per row cost more than a short decode step. A kill loses at most
     the unsynced group (and leaves at most a partial last line, cut on resume): those rows were never
     counted as done, so the rerun measures them again; nothing is lost or duplicated."""
@@ -430,8 +430,7 @@ def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, path: Path, progre
                 written += 1
                 if deadline is not None and not floor and time.perf_counter() >= deadline:
                     break
-            writer.commit()
-            refit_pending = True
+            refit_pending = True  # rows reach the disk in half-second groups (the writer), not per round
             if bar is not None:
                 bar.update(written - round_start)
                 bar.set_postfix_str(_progress_note(sched, len(active), deadline))
