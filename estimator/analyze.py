@@ -305,15 +305,6 @@ def _mean(x: np.ndarray) -> float:
     return float(np.mean(x)) if x.size else math.nan
 
 
-def predict_ms_per_token(log: RequestLog, estimator: Predictor, mask: np.ndarray | None = None) -> np.ndarray:
-    """Model decode ms/token per request: Estimator.predict(...).decode_ms / (output_tokens - 1).
-
-    NaN where a request has fewer than 2 output tokens. A request the model cannot answer (unknown
-    tier, ...) raises RequestLogError naming the row.
-    """
-    return _predict(log, estimator, mask)[0]
-
-
 def _predict(log: RequestLog, estimator: Predictor, mask: np.ndarray | None,
              serving: bool | None = None) -> tuple[np.ndarray, dict[str, int]]:  # fmt: skip
     """(ms/token per request, count of each Prediction flag such as 'extrapolated' / 'factorised')."""

@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from trt_latency.errors import SamplesError
+from trt_latency.schema import SAMPLES_COLUMNS
 
-SAMPLES_COLUMNS = (
-    "tier_idx", "top_k", "num_active_blocks", "batch", "phase", "past_len", "new_tokens", "rep",
-    "latency_ms", "backend", "device",
-)  # fmt: skip
+__all__ = ["SAMPLES_COLUMNS", "Samples", "concat_samples", "read_samples", "samples_from_rows"]
+
 REQUIRED_COLUMNS = ("phase", "past_len", "new_tokens", "latency_ms")
 INT_COLUMNS = ("tier_idx", "top_k", "num_active_blocks", "batch", "past_len", "new_tokens", "rep")
 _INT_DEFAULTS = {"tier_idx": 0, "top_k": 0, "num_active_blocks": 0, "batch": 1, "rep": 0}

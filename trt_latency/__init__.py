@@ -21,7 +21,7 @@ _EXPORTS = {
     "Estimator": "trt_latency.estimator.model",
     "Prediction": "trt_latency.estimator.model",
     "Decision": "trt_latency.estimator.model",
-    "AdmissionController": "trt_latency.estimator.admission",
+    "AdmissionController": "trt_latency.serving.admission",
     "Calibration": "trt_latency.estimator.calibration",
     "load_calibration": "trt_latency.estimator.calibration",
     "save_calibration": "trt_latency.estimator.calibration",

@@ -113,7 +113,7 @@ class _BareController:
 
 def _bench_decide(est: Any, kw: dict[str, Any], number: int, rounds: int) -> dict[str, Any]:
     """ns per AdmissionController.decide with the correction and threshold live, vs a bare method."""
-    from trt_latency.estimator.admission import AdmissionController, Request
+    from trt_latency.serving.admission import AdmissionController, Request
 
     ctl = AdmissionController(est, alpha=0.05)
     rng = np.random.default_rng(1)

@@ -161,7 +161,7 @@ def run_stream(
     slowdown_factor: float = 1.0,
 ) -> LoadtestResult:
     """The serving loop: decide, execute (shadow if rejected), observe admitted ones."""
-    from trt_latency.estimator.admission import Request
+    from trt_latency.serving.admission import Request
 
     rng = np.random.default_rng(seed)
     exec_rng = np.random.default_rng(seed + 1)
