@@ -14,7 +14,12 @@ import pytest
 from trt_latency.cli import main
 from trt_latency.errors import CalibrationError
 from trt_latency.estimator import _reference
-from trt_latency.estimator.calibration import Calibration, ConfigCalibration, load_calibration, save_calibration
+from trt_latency.estimator.calibration import (
+    Calibration,
+    ConfigCalibration,
+    load_calibration,
+    save_calibration,
+)
 from trt_latency.estimator.model import Estimator
 from trt_latency.schema import ConfigKey
 
