@@ -107,6 +107,7 @@ class Kernel:
         self.tier_map = [int(v) for v in tables["tier_map"]]
         self.topk_map = [int(v) for v in tables["topk_map"]]
         self.blocks_map = [int(v) for v in tables["blocks_map"]]
+        self.preference: tuple[Any, ...] = ()  # choose's candidates when none are given (Estimator sets it)
         lut = np.asarray(tables["lut"], dtype=np.int64)
         self.n_blocks_slots = int(lut.shape[2])
         self.lut = lut.tolist()
@@ -437,12 +438,15 @@ class Kernel:
         fact = 1 if self.cfg[c][FACTORISED] != 0.0 else 0
         return status * 16 + fact * 8 + (4 if ext else 0) + fsrc, n, pred
 
-    def choose(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any, candidates: Any,
-               alpha: Any = None) -> Decision:
+    def choose(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any = None,
+               candidates: Any = None, alpha: Any = None) -> Decision:
         """The admit Decision of the first candidate config (tier_idx, top_k, num_active_blocks) that
-        admits, in the given order, with .config = that candidate; when none admits, candidate 0's
-        Decision (with .config = candidate 0). No candidates: CODE_NO_CANDIDATE. Never raises."""
-        if type(candidates) is not tuple and type(candidates) is not list:
+        admits, in the given order (None: self.preference), with .config = that candidate; when none
+        admits, candidate 0's Decision (with .config = candidate 0). No candidates: CODE_NO_CANDIDATE.
+        Never raises."""
+        if candidates is None:
+            candidates = self.preference
+        elif type(candidates) is not tuple and type(candidates) is not list:
             try:
                 candidates = tuple(candidates)
             except Exception:  # noqa: BLE001 - not iterable: no candidates

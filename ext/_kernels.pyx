@@ -202,6 +202,7 @@ cdef class Kernel:
 
     cdef Tables t
     cdef object _arrays
+    cdef public tuple preference  # choose's candidates when none are given (Estimator sets it)
 
     def __init__(self, tables):
         cdef const double[:, ::1] cfg = np.ascontiguousarray(tables["cfg"], dtype=np.float64).reshape(-1, NCOL)
@@ -216,6 +217,7 @@ cdef class Kernel:
             raise ValueError("lut must be 3-D [n_tier, n_topk, n_blocks + 1]")
         cdef const long long[:, :, ::1] lut = lut_arr
         self._arrays = (cfg, pieces, conf, rq, tier_map, topk_map, blocks_map, lut)  # keep buffers alive
+        self.preference = ()
         self.t.cfg = &cfg[0, 0] if cfg.shape[0] else NULL
         self.t.pieces = &pieces[0, 0] if pieces.shape[0] else NULL
         self.t.conf = &conf[0, 0] if conf.shape[0] else NULL
@@ -370,17 +372,20 @@ cdef class Kernel:
         """A capsule holding a pointer to this Kernel's Tables (for serving/_gate.pyx; keep the Kernel alive)."""
         return PyCapsule_New(&self.t, _TABLES_NAME, NULL)
 
-    def choose(self, budget_ms, vision_tokens, text_tokens, max_new_tokens, candidates, alpha=None):
+    def choose(self, budget_ms, vision_tokens, text_tokens, max_new_tokens=None, candidates=None, alpha=None):
         """The admit Decision of the first candidate config (tier_idx, top_k, num_active_blocks) that
-        admits, in the given order, with .config = that candidate; when none admits, candidate 0's
-        Decision (with .config = candidate 0). No candidates: CODE_NO_CANDIDATE. Never raises.
+        admits, in the given order (None: self.preference), with .config = that candidate; when none
+        admits, candidate 0's Decision (with .config = candidate 0). No candidates: CODE_NO_CANDIDATE.
+        Never raises.
         The request fields are read once; a later candidate costs a lookup and one predicted total."""
         cdef long long n = 0, prompt = 0, req = -1, ti = 0, tk = 0, bl = -1, row
         cdef double pred = NAN, budget = 0.0, a = -1.0
         cdef int code
         cdef Py_ssize_t i, size
         cdef Decision d, first
-        if type(candidates) is not tuple and type(candidates) is not list:
+        if candidates is None:
+            candidates = self.preference
+        elif type(candidates) is not tuple and type(candidates) is not list:
             try:
                 candidates = tuple(candidates)
             except Exception:  # noqa: BLE001 - not iterable: no candidates
