@@ -340,37 +340,24 @@ class Kernel:
     def _fields(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any, tier_idx: Any,
                 top_k: Any, num_active_blocks: Any) -> tuple[int, float, int, int, list[int], int]:
         """(bad code or -1, budget, prompt, req (-1 = None), [tier, top_k], blocks (-1 = None))."""
-        nothing: tuple[int, float, int, int, list[int], int] = (-1, 0.0, 0, -1, [0, 0], -1)
+        bad = (0.0, 0, -1, [0, 0], -1)
         budget = as_real(budget_ms)
         if budget is None or not (0.0 <= budget < math.inf):
-            return (CODE_BAD + 0,) + nothing[1:]
-        ints = []
-        for i, value in ((1, vision_tokens), (2, text_tokens)):
+            return (CODE_BAD + 0, *bad)
+        got: list[int] = []
+        # (index in BAD_FIELDS, value, lowest valid, None allowed (-1 then)), in the order the kernels check
+        for i, value, lo, optional in ((1, vision_tokens, 0, False), (2, text_tokens, 0, False),
+                                       (3, max_new_tokens, 1, True), (4, tier_idx, 0, False), (5, top_k, 0, False),
+                                       (6, num_active_blocks, 0, True)):  # fmt: skip
+            if optional and value is None:
+                got.append(-1)
+                continue
             x = as_int(value)
-            if x is None or not 0 <= x <= TOKEN_MAX:
-                return (CODE_BAD + i,) + nothing[1:]
-            ints.append(x)
-        if max_new_tokens is None:
-            req = -1
-        else:
-            x = as_int(max_new_tokens)
-            if x is None or not 1 <= x <= TOKEN_MAX:
-                return (CODE_BAD + 3,) + nothing[1:]
-            req = x
-        keys = []
-        for i, value in ((4, tier_idx), (5, top_k)):
-            x = as_int(value)
-            if x is None or not 0 <= x <= TOKEN_MAX:
-                return (CODE_BAD + i,) + nothing[1:]
-            keys.append(x)
-        if num_active_blocks is None:
-            blocks = -1
-        else:
-            x = as_int(num_active_blocks)
-            if x is None or not 0 <= x <= TOKEN_MAX:
-                return (CODE_BAD + 6,) + nothing[1:]
-            blocks = x
-        return -1, budget, ints[0] + ints[1], req, keys, blocks
+            if x is None or not lo <= x <= TOKEN_MAX:
+                return (CODE_BAD + i, *bad)
+            got.append(x)
+        v, t, req, tier, top, blocks = got
+        return -1, budget, v + t, req, [tier, top], blocks
 
     def admit_scaled(
         self,
