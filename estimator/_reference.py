@@ -59,6 +59,7 @@ from trt_latency.ext.layout import (
     ST_FITS,
     ST_NONE,
     TOKEN_MAX,
+    as_candidates,
     as_int,
     as_real,
 )
@@ -431,13 +432,7 @@ class Kernel:
         admits, in the given order (None: self.preference), with .config = that candidate; when none
         admits, candidate 0's Decision (with .config = candidate 0). No candidates: CODE_NO_CANDIDATE.
         Never raises."""
-        if candidates is None:
-            candidates = self.preference
-        elif type(candidates) is not tuple and type(candidates) is not list:
-            try:
-                candidates = tuple(candidates)
-            except Exception:  # noqa: BLE001 - not iterable: no candidates
-                candidates = ()
+        candidates = self.preference if candidates is None else as_candidates(candidates)
         first: tuple[int, int, float] = (CODE_NO_CANDIDATE, 0, math.nan)
         for i, cand in enumerate(candidates):
             try:

@@ -32,6 +32,7 @@ DECISION_CAPSULE_NAME = <bytes>_DECISION_NAME
 cdef tuple _REASONS = layout.REASONS
 cdef object _as_int = layout.as_int
 cdef object _as_real = layout.as_real
+cdef object _as_candidates = layout.as_candidates
 cdef dict _CODE_OF_REASON = layout.CODE_OF_REASON
 
 
@@ -381,13 +382,7 @@ cdef class Kernel:
         cdef double pred = NAN
         cdef Py_ssize_t chosen = -1
         cdef Decision d
-        if candidates is None:
-            candidates = self.preference
-        elif type(candidates) is not tuple and type(candidates) is not list:
-            try:
-                candidates = tuple(candidates)
-            except Exception:  # noqa: BLE001 - not iterable: no candidates
-                candidates = ()
+        candidates = self.preference if candidates is None else _as_candidates(candidates)
         d = _decision(self._choose_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, candidates, alpha,
                                         &n, &pred, &chosen), n, pred)
         d.config = None if chosen < 0 else candidates[chosen]
