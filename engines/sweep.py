@@ -22,11 +22,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from trt_latency.engines.base import Runner
-from trt_latency.engines.config import ConfigKey, Plan, SweepSpec, TierSpec
+from trt_latency.engines.config import Plan, SweepSpec, TierSpec
 from trt_latency.errors import SamplesError
+from trt_latency.schema import SAMPLES_COLUMNS, ConfigKey
 
-SAMPLES_COLUMNS: tuple[str, ...] = ("tier_idx", "top_k", "num_active_blocks", "batch", "phase", "past_len",
-                                    "new_tokens", "rep", "latency_ms", "backend", "device", "kv_mode")
 BATCH = 1
 
 
@@ -176,7 +175,7 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="row", dynamic_ncols=True, leave=False)
+    return tqdm(total=total, desc=desc, unit="row", dynamic_ncols=True, leave=False, disable=None)
 
 
 def run_sweep(runner: Runner, key: ConfigKey, plan: Plan, samples_path: str | os.PathLike[str],
