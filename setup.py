@@ -1,7 +1,8 @@
 """Build for trt-latency.
 
-Three code folders (engines/, estimator/, ext/) are mapped into one import namespace,
-`trt_latency`, so nothing generic lands in site-packages. The Cython kernels in ext/ are
+Four code folders (engines/, estimator/, serving/, ext/) are mapped into one import namespace,
+`trt_latency`, so nothing generic lands in site-packages. The Cython modules (ext/*.pyx, the math
+core and kernels; serving/*.pyx, the serving loop's gate) are
 optional at build time (msgpack-python's pattern): if the compiler or Cython is missing
 the package still installs and falls back to the pure-Python reference, saying so once.
 Set TRT_LATENCY_REQUIRE_EXT=1 to make a failed extension build an error (CI does).
@@ -40,21 +41,38 @@ class OptionalBuildExt(build_ext):
         sys.stderr.write(f"trt-latency: Cython extension not built ({exc}); using the pure-Python reference\n")
 
 
+# Source folder -> package, for every folder holding .pyx modules.
+CYTHON_FOLDERS = {"ext": "trt_latency.ext", "serving": "trt_latency.serving"}
+
+
+def write_layout_pxi() -> None:
+    """ext/_layout.pxi: the C enums of ext/layout.py (the one place the table layout is written)."""
+    import runpy
+
+    text = runpy.run_path(os.path.join("ext", "layout.py"))["pxd_enums"]()
+    target = os.path.join("ext", "_layout.pxi")
+    if not os.path.exists(target) or open(target, encoding="utf-8").read() != text:
+        with open(target, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+
 def extensions() -> list[Extension]:
     try:
         import numpy
         from Cython.Build import cythonize
 
-        sources = sorted(glob.glob(os.path.join("ext", "*.pyx")))
+        write_layout_pxi()
+        sources = [(pkg, src) for folder, pkg in CYTHON_FOLDERS.items()
+                   for src in sorted(glob.glob(os.path.join(folder, "*.pyx")))]
         exts = [
             Extension(
-                "trt_latency.ext." + os.path.splitext(os.path.basename(src))[0],
+                pkg + "." + os.path.splitext(os.path.basename(src))[0],
                 [src],
                 include_dirs=[numpy.get_include(), "ext", "."],
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
                 extra_compile_args=["-O3"],
             )
-            for src in sources
+            for pkg, src in sources
         ]
         return cythonize(
             exts,
@@ -75,6 +93,7 @@ setup(
         "trt_latency.engines.ort",
         "trt_latency.engines.trt",
         "trt_latency.estimator",
+        "trt_latency.serving",
         "trt_latency.ext",
         "trt_latency.configs",
     ],
@@ -82,12 +101,14 @@ setup(
         "trt_latency": "trt_latency",
         "trt_latency.engines": "engines",
         "trt_latency.estimator": "estimator",
+        "trt_latency.serving": "serving",
         "trt_latency.ext": "ext",
         "trt_latency.configs": "configs",
     },
     package_data={
         "trt_latency": ["py.typed"],
-        "trt_latency.ext": ["*.pxd", "*.pyx"],
+        "trt_latency.ext": ["*.pxd", "*.pyx", "*.pxi"],
+        "trt_latency.serving": ["*.pyx"],
         "trt_latency.configs": ["*.yaml"],
     },
     ext_modules=extensions(),

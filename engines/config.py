@@ -10,9 +10,12 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from trt_latency.errors import ConfigError
+from trt_latency.schema import ConfigKey
+
+__all__ = ["AdaptiveSpec", "ConfigKey", "Plan", "ReplaySpec", "RuntimeSpec", "SweepSpec", "TierSpec", "load_plan"]
 
 DTYPE_SIZES: dict[str, int] = {"float32": 4, "float16": 2}
 DEFAULT_CONFIG_NAME = "default.yaml"
@@ -53,14 +56,6 @@ class TierSpec:
     def params(self, num_active_blocks: int | None = None) -> int:
         blocks = self.layers if num_active_blocks is None else num_active_blocks
         return blocks * self.params_per_block() + self.hidden * self.vocab + self.hidden
-
-
-class ConfigKey(NamedTuple):
-    """A measured configuration: which tier, how many experts per token, how many blocks executed."""
-
-    tier_idx: int
-    top_k: int
-    num_active_blocks: int
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from trt_latency.engines.config import ConfigKey, TierSpec
+from trt_latency.engines.config import TierSpec
+from trt_latency.schema import ConfigKey
 
 OPSET = 17
 IR_VERSION = 8  # onnxruntime 1.31 reads IR <= 10; opset 17 needs IR >= 8
@@ -284,10 +285,6 @@ def export_decoder(tier: TierSpec, top_k: int, num_active_blocks: int, path: str
             stale.unlink()
     os.replace(tmp, out)  # atomic: a killed export never leaves a half-written model.onnx
     return out
-
-
-def export_config(tier: TierSpec, key: ConfigKey, path: str | os.PathLike[str], seed: int = 0) -> Path:
-    return export_decoder(tier, key.top_k, key.num_active_blocks, path, seed=seed)
 
 
 def model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from trt_latency.engines.base import Runner
-from trt_latency.engines.config import ConfigKey, ReplaySpec, TierSpec
+from trt_latency.engines.config import ReplaySpec, TierSpec
 from trt_latency.errors import RequestLogError
+from trt_latency.schema import ConfigKey
 
 # request_id offset between configs sharing one log: even, so every request keeps its even/odd
 # (fit/holdout) side, and far above any plan's replay size.
@@ -66,16 +67,11 @@ def draw_requests(spec: ReplaySpec, n: int, tier: TierSpec | None = None) -> lis
     return reqs
 
 
-def done_request_ids(path: Path) -> set[int]:
-    """request_ids already in the log (a partial trailing line from a killed run is cut first)."""
-    return set(done_requests(path))
-
-
 def done_requests(path: Path) -> dict[int, tuple[int, int, int] | None]:
     """request_id -> config key (tier_idx, top_k, num_active_blocks) of the rows already in the log
     (None where the log has no config columns); a partial trailing line from a killed run is cut first."""
     from trt_latency.engines.sweep import repair_trailing_line
-    from trt_latency.estimator.requests import REQUEST_COLUMNS
+    from trt_latency.schema import REQUEST_COLUMNS
 
     if not path.is_file() or path.stat().st_size == 0:
         return {}
@@ -120,7 +116,7 @@ def run_replay(runner: Runner, key: ConfigKey, tier: TierSpec, spec: ReplaySpec,
     Request i of this config is written as request_id ``id_offset + i``. A request_id already in the
     log is skipped when its row is this config's; a row of another config there means the log was
     written by a different plan (RequestLogError: appending would make the ids ambiguous)."""
-    from trt_latency.estimator.requests import append_requests
+    from trt_latency.schema import append_requests
 
     path = Path(requests_path)
     count = spec.requests if n is None else n
@@ -141,7 +137,7 @@ def run_replay(runner: Runner, key: ConfigKey, tier: TierSpec, spec: ReplaySpec,
     if progress and todo:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(todo), desc="replay", unit="req", dynamic_ncols=True, leave=False)
+        bar = tqdm(total=len(todo), desc="replay", unit="req", dynamic_ncols=True, leave=False, disable=None)
     t_start = time.perf_counter()
     written = 0
     try:

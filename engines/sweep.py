@@ -39,11 +39,10 @@ from trt_latency.engines.adaptive import (
     write_state,
 )
 from trt_latency.engines.base import Runner
-from trt_latency.engines.config import AdaptiveSpec, ConfigKey, Plan, SweepSpec, TierSpec
+from trt_latency.engines.config import AdaptiveSpec, Plan, SweepSpec, TierSpec
 from trt_latency.errors import SamplesError
+from trt_latency.schema import SAMPLES_COLUMNS, ConfigKey
 
-SAMPLES_COLUMNS: tuple[str, ...] = ("tier_idx", "top_k", "num_active_blocks", "batch", "phase", "past_len",
-                                    "new_tokens", "rep", "latency_ms", "backend", "device", "kv_mode")
 BATCH = 1
 
 
@@ -245,7 +244,7 @@ def _progress(total: int | None, desc: str, enabled: bool) -> Any:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="row", dynamic_ncols=True, leave=False)
+    return tqdm(total=total, desc=desc, unit="row", dynamic_ncols=True, leave=False, disable=None)
 
 
 def run_sweep(runner: Runner, key: ConfigKey, plan: Plan, samples_path: str | os.PathLike[str],

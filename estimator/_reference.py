@@ -1,16 +1,9 @@
-"""Pure-Python reference of the evaluation kernels (same contract as ext/_kernels.pyx).
+"""Pure-Python mirror of the math core (ext/_kernels.pxd) and of the Kernel entry points (ext/_kernels.pyx).
 
-Tables (built by estimator.model.build_tables, shared by both implementations):
-
-- ``cfg``     float64 [n_cfg, NCOL]: prefill a, b, c; valid past_len lo, hi; valid prefill lo, hi;
-  factorised flag; offsets/counts into ``pieces``, ``conf`` and ``rq``; serving-loop first-step
-  transient c (LOOP_FIRST) and prefill overhead o_p (LOOP_PRE), both ms >= 0 (0 = none).
-- ``pieces``  float64 [n, 4]: per piece of T(L) over integer L: start B (integer valued), T(B) = v,
-  slope beta, cum = sum_{L=0}^{B-1} T(L). Piece 0 starts at 0 (constant T = first knot value below the
-  first knot); the last piece continues the last segment's slope (extrapolation above the last knot).
-- ``conf``    float64 [n, 2]: (alpha, factor), alphas ascending.  ``rq`` float64 [n, 2]: (q, ratio), q ascending.
-- ``tier_map``, ``topk_map``, ``blocks_map`` int64: value -> dense index or -1; ``lut`` int64
-  [n_tier, n_topk, n_blocks + 1] -> config row or -1 (the last slot is num_active_blocks=None).
+The fallback when the Cython extension is not built (or TRT_LATENCY_PUREPYTHON=1), and the
+readable statement of what the compiled code computes; tests/test_estimator_kernels.py checks the
+two equal on random tables and requests. The table layout, decision codes, reasons, field limits
+and field converters are ext/layout.py's (both implementations import that one module).
 
 Semantics: C(m) = sum_{L=0}^{m-1} T(L) in closed form per piece; prefill(P) = max(a + b P + c P^2, 0) + o_p;
 total(n) = (prefill(P) + [n >= 2] ((C(P+n-1) - C(P)) + c)) * f for n >= 1, where f is the alpha / quantile
@@ -24,120 +17,73 @@ itself so that total(n) <= budget < total(n+1) holds exactly in floating point.
 from __future__ import annotations
 
 import math
-import operator
 from bisect import bisect_right
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from trt_latency.ext.layout import (
+    CODE_BAD,
+    CODE_BAD_SCALE,
+    CODE_EMPTY_PROMPT,
+    CODE_NO_CANDIDATE,
+    CODE_OF_REASON,
+    CODE_UNKNOWN_CONFIG,
+    CONF_CNT,
+    CONF_OFF,
+    EXTRAPOLATED_BIT,
+    F_CLIPPED,
+    F_CONFORMAL,
+    F_NONE,
+    F_RESIDUAL,
+    FACTORISED,
+    LOOP_FIRST,
+    LOOP_PRE,
+    P_CUM,
+    P_SLOPE,
+    P_START,
+    P_VALUE,
+    PAST_HI,
+    PAST_LO,
+    PIECE_CNT,
+    PIECE_OFF,
+    PRE_A,
+    PRE_B,
+    PRE_C,
+    PRE_HI,
+    PRE_LO,
+    REASONS,
+    RQ_CNT,
+    RQ_OFF,
+    ST_FEWER,
+    ST_FITS,
+    ST_NONE,
+    TOKEN_MAX,
+    as_candidates,
+    as_int,
+    as_real,
+)
+
 IMPLEMENTATION = "reference"
 
-# cfg columns
-PRE_A, PRE_B, PRE_C, PAST_LO, PAST_HI, PRE_LO, PRE_HI, FACTORISED = 0, 1, 2, 3, 4, 5, 6, 7
-PIECE_OFF, PIECE_CNT, CONF_OFF, CONF_CNT, RQ_OFF, RQ_CNT = 8, 9, 10, 11, 12, 13
-LOOP_FIRST, LOOP_PRE = 14, 15
-NCOL = 16
-# pieces columns
-P_START, P_VALUE, P_SLOPE, P_CUM = 0, 1, 2, 3
 
-TOKEN_MAX = 2**31 - 1  # largest token count / config int a request may carry; also the cap of nfit
-
-# Factor sources (low 2 bits of a decision code)
-F_NONE, F_CONFORMAL, F_RESIDUAL, F_CLIPPED = 0, 1, 2, 3
-# Decision codes: status*16 + factorised*8 + extrapolated*4 + factor source, for status in
-# 0 = fits, 1 = requested tokens over budget (fewer fit), 2 = over budget even for one token.
-ST_FITS, ST_FEWER, ST_NONE = 0, 1, 2
-BAD_FIELDS = ("budget_ms", "vision_tokens", "text_tokens", "max_new_tokens", "tier_idx", "top_k",
-              "num_active_blocks", "alpha")  # fmt: skip
-CODE_BAD = 64  # + index in BAD_FIELDS
-CODE_EMPTY_PROMPT = 72
-CODE_UNKNOWN_CONFIG = 73
-CODE_BAD_SCALE = 74  # admit_scaled: a prefill/decode scale or factor not finite > 0
-N_CODES = 75
-EXTRAPOLATED_BIT = 4  # set in a judged code (< CODE_BAD) when the request leaves the measured range
-
-_BAD_EXPECTED = {
-    "budget_ms": "a finite number >= 0",
-    "vision_tokens": f"an integer in [0, {TOKEN_MAX}]",
-    "text_tokens": f"an integer in [0, {TOKEN_MAX}]",
-    "max_new_tokens": f"None or an integer in [1, {TOKEN_MAX}]",
-    "tier_idx": f"an integer in [0, {TOKEN_MAX}]",
-    "top_k": f"an integer in [0, {TOKEN_MAX}]",
-    "num_active_blocks": f"None or an integer in [0, {TOKEN_MAX}]",
-    "alpha": "None or a number in (0, 1)",
-}
-
-
-def _build_reasons() -> tuple[str, ...]:
-    status = ("fits the budget", "over budget for the requested tokens; max_new_tokens is what fits",
-              "over budget even for one token (prefill alone)")  # fmt: skip
-    factor = ("", "; alpha from conformal factors", "; alpha/quantile from residual quantiles",
-              "; alpha/quantile beyond calibrated quantiles (largest stored used)")  # fmt: skip
-    out = [""] * N_CODES
-    for st in range(3):
-        for fact in range(2):
-            for ext in range(2):
-                for fs in range(4):
-                    out[st * 16 + fact * 8 + ext * 4 + fs] = (
-                        status[st]
-                        + ("; config predicted by the factorised model" if fact else "")
-                        + ("; outside the measured range (extrapolated)" if ext else "")
-                        + factor[fs]
-                    )
-    for i, name in enumerate(BAD_FIELDS):
-        out[CODE_BAD + i] = f"bad field '{name}': expected {_BAD_EXPECTED[name]}"
-    out[CODE_EMPTY_PROMPT] = "bad request: vision_tokens + text_tokens is 0 (empty prompt)"
-    out[CODE_UNKNOWN_CONFIG] = "unknown config (tier_idx, top_k, num_active_blocks): not measured nor predictable"
-    out[CODE_BAD_SCALE] = "bad scale: prefill_scale, decode_scale and factor must be finite numbers > 0"
-    return tuple(out)
-
-
-REASONS = _build_reasons()
-_CODE_OF_REASON = {text: code for code, text in enumerate(REASONS)}
-
-
-def reason_text(code: int) -> str:
-    return REASONS[int(code)]
-
-
-def as_int(o: Any) -> int | None:
-    """Integer value of a request field, or None when it is not an integer (bool is not one)."""
-    if type(o) is int:
-        return o
-    if isinstance(o, bool | float | str | bytes):
-        return None
-    try:
-        return operator.index(o)
-    except Exception:  # noqa: BLE001 - any failure means "not an integer"
-        return None
-
-
-def as_real(o: Any) -> float | None:
-    """Float value of a real-number field, or None (bool, str, complex, ... are not real numbers here)."""
-    if type(o) is float:
-        return o
-    if isinstance(o, bool | str | bytes | bytearray):
-        return None
-    if not (hasattr(type(o), "__float__") or hasattr(type(o), "__index__")):
-        return None
-    try:
-        return float(o)
-    except Exception:  # noqa: BLE001 - overflow, custom __float__ failures: not a usable number
-        return None
-
-
-class Decision(NamedTuple):
-    """An admission decision: admit, max_new_tokens that fit, predicted total ms, reason."""
-
+class _DecisionFields(NamedTuple):
     admit: bool
     max_new_tokens: int
     predicted_ms: float
     reason: str
 
+
+class Decision(_DecisionFields):
+    """An admission decision: admit, max_new_tokens that fit, predicted total ms, reason (a 4-tuple);
+    ``config`` (not in the tuple) is the candidate Kernel.choose decided on, None from admit."""
+
+    config: Any = None
+
     @property
     def code(self) -> int:
         """The decision code (see REASONS); -1 for a Decision not made by a kernel."""
-        return _CODE_OF_REASON.get(self.reason, -1)
+        return CODE_OF_REASON.get(self.reason, -1)
 
     @property
     def judged(self) -> bool:
@@ -151,35 +97,6 @@ class Decision(NamedTuple):
         return 0 <= code < CODE_BAD and bool(code & EXTRAPOLATED_BIT)
 
 
-class Tally:
-    """Per-config decision counts of a serving loop, updated by Kernel.admit_tallied in the same
-    call as the decision (the compiled one counts under the GIL; this one under a lock), so a
-    controller needs no lock of its own on its hot path. streak = rejections since the last admit."""
-
-    __slots__ = ("decisions", "admits", "rejects", "probes", "streak", "_lock")
-
-    def __init__(self) -> None:
-        import threading
-
-        self.decisions = self.admits = self.rejects = self.probes = self.streak = 0
-        self._lock = threading.Lock()
-
-    def count(self, admitted: bool, probe: bool) -> None:
-        with self._lock:
-            self.decisions += 1
-            if admitted:
-                self.admits += 1
-                self.streak = 0
-                if probe:
-                    self.probes += 1
-            else:
-                self.rejects += 1
-                self.streak += 1
-
-    def reset_streak(self) -> None:
-        self.streak = 0
-
-
 class Kernel:
     """Holds the tables of one Estimator and evaluates them (pure Python)."""
 
@@ -191,6 +108,7 @@ class Kernel:
         self.tier_map = [int(v) for v in tables["tier_map"]]
         self.topk_map = [int(v) for v in tables["topk_map"]]
         self.blocks_map = [int(v) for v in tables["blocks_map"]]
+        self.preference: tuple[Any, ...] = ()  # choose's candidates when none are given (Estimator sets it)
         lut = np.asarray(tables["lut"], dtype=np.int64)
         self.n_blocks_slots = int(lut.shape[2])
         self.lut = lut.tolist()
@@ -423,37 +341,24 @@ class Kernel:
     def _fields(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any, tier_idx: Any,
                 top_k: Any, num_active_blocks: Any) -> tuple[int, float, int, int, list[int], int]:
         """(bad code or -1, budget, prompt, req (-1 = None), [tier, top_k], blocks (-1 = None))."""
-        nothing: tuple[int, float, int, int, list[int], int] = (-1, 0.0, 0, -1, [0, 0], -1)
+        bad = (0.0, 0, -1, [0, 0], -1)
         budget = as_real(budget_ms)
         if budget is None or not (0.0 <= budget < math.inf):
-            return (CODE_BAD + 0,) + nothing[1:]
-        ints = []
-        for i, value in ((1, vision_tokens), (2, text_tokens)):
+            return (CODE_BAD + 0, *bad)
+        got: list[int] = []
+        # (index in BAD_FIELDS, value, lowest valid, None allowed (-1 then)), in the order the kernels check
+        for i, value, lo, optional in ((1, vision_tokens, 0, False), (2, text_tokens, 0, False),
+                                       (3, max_new_tokens, 1, True), (4, tier_idx, 0, False), (5, top_k, 0, False),
+                                       (6, num_active_blocks, 0, True)):  # fmt: skip
+            if optional and value is None:
+                got.append(-1)
+                continue
             x = as_int(value)
-            if x is None or not 0 <= x <= TOKEN_MAX:
-                return (CODE_BAD + i,) + nothing[1:]
-            ints.append(x)
-        if max_new_tokens is None:
-            req = -1
-        else:
-            x = as_int(max_new_tokens)
-            if x is None or not 1 <= x <= TOKEN_MAX:
-                return (CODE_BAD + 3,) + nothing[1:]
-            req = x
-        keys = []
-        for i, value in ((4, tier_idx), (5, top_k)):
-            x = as_int(value)
-            if x is None or not 0 <= x <= TOKEN_MAX:
-                return (CODE_BAD + i,) + nothing[1:]
-            keys.append(x)
-        if num_active_blocks is None:
-            blocks = -1
-        else:
-            x = as_int(num_active_blocks)
-            if x is None or not 0 <= x <= TOKEN_MAX:
-                return (CODE_BAD + 6,) + nothing[1:]
-            blocks = x
-        return -1, budget, ints[0] + ints[1], req, keys, blocks
+            if x is None or not lo <= x <= TOKEN_MAX:
+                return (CODE_BAD + i, *bad)
+            got.append(x)
+        v, t, req, tier, top, blocks = got
+        return -1, budget, v + t, req, [tier, top], blocks
 
     def admit_scaled(
         self,
@@ -473,24 +378,13 @@ class Kernel:
         inside the kernel. max_new_tokens is exact under the scaled model:
         total_scaled(n) <= budget < total_scaled(n + 1); predicted_ms is total_scaled(requested or 1).
         Never raises; Decision.code / .extrapolated / .judged say how the request was judged."""
-        code, n, pred = self.admit_scaled_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx,
+        code, n, pred = self._scaled_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx,
                                                top_k, num_active_blocks, prefill_scale, decode_scale, factor)
         return Decision(code < 16, n, pred, REASONS[code])
 
-    def admit_tallied(self, tally: Tally, probe: bool, budget_ms: Any, vision_tokens: Any, text_tokens: Any,
-                      max_new_tokens: Any, tier_idx: Any, top_k: Any, num_active_blocks: Any, prefill_scale: Any,
-                      decode_scale: Any, factor: Any) -> Decision:
-        """admit_scaled, counted into ``tally`` when judged inside the measured range (a decision
-        that is neither refused nor extrapolated; those are the caller's to count)."""
-        code, n, pred = self.admit_scaled_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx,
-                                               top_k, num_active_blocks, prefill_scale, decode_scale, factor)
-        if code < CODE_BAD and not code & EXTRAPOLATED_BIT:
-            tally.count(code < 16, probe)
-        return Decision(code < 16, n, pred, REASONS[code])
-
-    def admit_scaled_code(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any,
-                          tier_idx: Any, top_k: Any, num_active_blocks: Any, prefill_scale: Any,
-                          decode_scale: Any, factor: Any) -> tuple[int, int, float]:
+    def _scaled_code(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any,
+                     tier_idx: Any, top_k: Any, num_active_blocks: Any, prefill_scale: Any,
+                     decode_scale: Any, factor: Any) -> tuple[int, int, float]:
         nan = math.nan
         bad, budget, prompt, req, keys, blocks = self._fields(budget_ms, vision_tokens, text_tokens, max_new_tokens,
                                                               tier_idx, top_k, num_active_blocks)
@@ -507,7 +401,7 @@ class Kernel:
         c = self.lookup(keys[0], keys[1], blocks)
         if c < 0:
             return CODE_UNKNOWN_CONFIG, 0, nan
-        return self._decide_f(c, float(prompt), budget, req, scales[2], F_NONE, scales[0], scales[1])
+        return self.decide_scaled(c, float(prompt), budget, req, scales[2], F_NONE, scales[0], scales[1])
 
     def decide(self, c: int, prompt: float, budget: float, req: int, alpha: float) -> tuple[int, int, float]:
         """Validated request -> (code, max_new_tokens, predicted_ms). req < 0: no requested length."""
@@ -515,10 +409,10 @@ class Kernel:
             factor, fsrc = self.alpha_factor(c, alpha)
         else:
             factor, fsrc = 1.0, F_NONE
-        return self._decide_f(c, prompt, budget, req, factor, fsrc, 1.0, 1.0)
+        return self.decide_scaled(c, prompt, budget, req, factor, fsrc, 1.0, 1.0)
 
-    def _decide_f(self, c: int, prompt: float, budget: float, req: int, factor: float, fsrc: int, ps: float,
-                  ds: float) -> tuple[int, int, float]:
+    def decide_scaled(self, c: int, prompt: float, budget: float, req: int, factor: float, fsrc: int, ps: float,
+                      ds: float) -> tuple[int, int, float]:
         need = req if req > 0 else 1
         pre = self.prefill(c, prompt) * ps
         cp = self.cumsum(c, prompt)
@@ -531,6 +425,36 @@ class Kernel:
         ext = self.extrapolated(c, prompt, float(n if n > need else need))
         fact = 1 if self.cfg[c][FACTORISED] != 0.0 else 0
         return status * 16 + fact * 8 + (4 if ext else 0) + fsrc, n, pred
+
+    def choose(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any = None,
+               candidates: Any = None, alpha: Any = None) -> Decision:
+        """The admit Decision of the first candidate config (tier_idx, top_k, num_active_blocks) that
+        admits, in the given order (None: self.preference), with .config = that candidate; when none
+        admits, candidate 0's Decision (with .config = candidate 0). No candidates: CODE_NO_CANDIDATE.
+        Never raises."""
+        candidates = self.preference if candidates is None else as_candidates(candidates)
+        first: tuple[int, int, float] = (CODE_NO_CANDIDATE, 0, math.nan)
+        for i, cand in enumerate(candidates):
+            try:
+                ti, tk, bl = cand
+            except Exception:  # noqa: BLE001 - a candidate that is not a 3-tuple is an unknown config
+                code, n, pred = CODE_UNKNOWN_CONFIG, 0, math.nan
+            else:
+                code, n, pred = self.admit_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, ti, tk, bl,
+                                                alpha)  # fmt: skip
+            if code < 16:
+                return self._chosen(code, n, pred, cand)
+            if i == 0:
+                first = (code, n, pred)
+                if CODE_BAD <= code < CODE_BAD + 4:
+                    break  # a bad request field: every candidate gets the same answer
+        return self._chosen(*first, candidates[0] if candidates else None)
+
+    @staticmethod
+    def _chosen(code: int, n: int, pred: float, config: Any) -> Decision:
+        d = Decision(code < 16, n, pred, REASONS[code])
+        d.config = config
+        return d
 
     def admit_batch(
         self,
@@ -550,37 +474,14 @@ class Kernel:
         nout = np.zeros(size, dtype=np.int64)
         pred = np.full(size, math.nan)
         code = np.zeros(size, dtype=np.int64)
-        alpha_v = float(alpha)
-        bad_alpha = alpha_v == alpha_v and alpha_v >= 1.0 or alpha_v != alpha_v
+        a = float(alpha)
+        alpha_v = None if a <= 0.0 else a  # NaN stays: admit_code refuses it as it refuses alpha >= 1
         for i in range(size):
-            b = float(budget_ms[i])
-            vt, tt, req = int(vision_tokens[i]), int(text_tokens[i]), int(max_new_tokens[i])
-            ti, tk, bl = int(tier_idx[i]), int(top_k[i]), int(num_active_blocks[i])
-            if not (0.0 <= b < math.inf):
-                code[i] = CODE_BAD + 0
-            elif not 0 <= vt <= TOKEN_MAX:
-                code[i] = CODE_BAD + 1
-            elif not 0 <= tt <= TOKEN_MAX:
-                code[i] = CODE_BAD + 2
-            elif not (req == -1 or 1 <= req <= TOKEN_MAX):
-                code[i] = CODE_BAD + 3
-            elif not 0 <= ti <= TOKEN_MAX:
-                code[i] = CODE_BAD + 4
-            elif not 0 <= tk <= TOKEN_MAX:
-                code[i] = CODE_BAD + 5
-            elif not (bl == -1 or 0 <= bl <= TOKEN_MAX):
-                code[i] = CODE_BAD + 6
-            elif bad_alpha:
-                code[i] = CODE_BAD + 7
-            elif vt + tt == 0:
-                code[i] = CODE_EMPTY_PROMPT
-            else:
-                c = self.lookup(ti, tk, bl)
-                if c < 0:
-                    code[i] = CODE_UNKNOWN_CONFIG
-                else:
-                    cd, n, p = self.decide(c, float(vt + tt), b, req, alpha_v)
-                    code[i], nout[i], pred[i], ok[i] = cd, n, p, cd < 16
+            req, bl = int(max_new_tokens[i]), int(num_active_blocks[i])
+            cd, n, p = self.admit_code(float(budget_ms[i]), int(vision_tokens[i]), int(text_tokens[i]),
+                                       None if req == -1 else req, int(tier_idx[i]), int(top_k[i]),
+                                       None if bl == -1 else bl, alpha_v)  # fmt: skip
+            code[i], nout[i], pred[i], ok[i] = cd, n, p, cd < 16
         return ok, nout, pred, code
 
     def predict_batch(
@@ -621,72 +522,3 @@ class Kernel:
                 | (4 if fsrc == F_CLIPPED else 0)
             )
         return pre, dec, tot, flags
-
-
-class Traffic:
-    """A bounded ring of recent decisions (budget_ms, prompt, max_new_tokens, bucket) of one config."""
-
-    def __init__(self, capacity: int) -> None:
-        from collections import deque
-
-        if capacity < 1:
-            raise ValueError("capacity must be >= 1")
-        self._ring: Any = deque(maxlen=capacity)
-
-    def push(self, budget: float, prompt: int, n: int, bucket: int) -> None:
-        self._ring.append((float(budget), int(prompt), int(n), int(bucket)))  # deque.append is atomic
-
-    def snapshot(self) -> list[tuple[float, int, int, int]]:
-        return list(self._ring)
-
-    def __len__(self) -> int:
-        return len(self._ring)
-
-
-class Gate:
-    """One config's published admission state (same contract as the compiled Gate): decide(request)
-    -> Decision on the scaled model, or None when the request needs the caller's checked path."""
-
-    MAX_EDGES = 64
-
-    def __init__(self, kernel: Kernel, row: int, edges: Any, scales: Any, factor: float, online: bool,
-                 probe_after: int, max_tokens: int, tally: Tally, traffic: Traffic) -> None:
-        edges, scales = tuple(int(e) for e in edges), tuple((float(p), float(d)) for p, d in scales)
-        if len(edges) > self.MAX_EDGES or len(scales) != len(edges) + 1:
-            raise ValueError(f"need <= {self.MAX_EDGES} edges and len(edges) + 1 scales")
-        if not 0 <= row < len(kernel.cfg):
-            raise IndexError(f"config row {row} out of range")
-        if not (math.isfinite(factor) and factor > 0.0):
-            raise ValueError("factor must be finite > 0")
-        if not all(math.isfinite(x) and x > 0.0 for pair in scales for x in pair):
-            raise ValueError("scales must be finite > 0")
-        self.kernel, self.row, self.edges, self.scales = kernel, row, edges, scales
-        self.factor, self.online, self.probe_after, self.max_tokens = float(factor), bool(online), probe_after, max_tokens
-        self.tally, self.traffic = tally, traffic
-
-    def decide(self, request: Any) -> Decision | None:
-        if not isinstance(request, tuple) or len(request) != 7:
-            return None
-        fields = list(request[:6])
-        if fields[5] is None:
-            fields[5] = 0
-        if not all(type(x) is int and 0 <= x <= self.max_tokens for x in fields):
-            return None
-        budget = request[6]
-        if type(budget) is not float or not (0.0 < budget < math.inf) or fields[2] < 1:
-            return None
-        prompt = fields[0] + fields[1]
-        if prompt == 0:
-            return None
-        n = fields[2]
-        bucket = sum(1 for e in self.edges if e <= prompt + n)
-        factor, probe = self.factor, False
-        if self.online and self.tally.streak >= self.probe_after:
-            factor, probe = 1.0, True
-        ps, ds = self.scales[bucket]
-        code, nout, pred = self.kernel._decide_f(self.row, float(prompt), budget, n, factor, F_NONE, ps, ds)
-        if code & EXTRAPOLATED_BIT:
-            return None
-        self.traffic.push(budget, prompt, n, bucket)
-        self.tally.count(code < 16, probe)
-        return Decision(code < 16, nout, pred, REASONS[code])

@@ -33,6 +33,7 @@ import numpy as np
 from trt_latency.errors import RequestLogError, TrtLatencyError
 from trt_latency.estimator.causes import CauseReport, explain_requests, kv_slope_from_calibration
 from trt_latency.estimator.requests import RequestLog
+from trt_latency.schema import ConfigKey
 
 # Output-token buckets of the production trace (DESIGN.md): (label, lo, hi) inclusive.
 BUCKETS: tuple[tuple[str, int, int], ...] = (
@@ -45,7 +46,6 @@ BUCKETS: tuple[tuple[str, int, int], ...] = (
 # |difference| must exceed this many standard errors to count as a real change.
 SIGNIFICANCE_SE = 2.0
 
-ConfigTuple = tuple[int, int, int]
 
 
 class _Prediction(Protocol):
@@ -313,15 +313,6 @@ def _mean(x: np.ndarray) -> float:
     return float(np.mean(x)) if x.size else math.nan
 
 
-def predict_ms_per_token(log: RequestLog, estimator: Predictor, mask: np.ndarray | None = None) -> np.ndarray:
-    """Model decode ms/token per request: Estimator.predict(...).decode_ms / (output_tokens - 1).
-
-    NaN where a request has fewer than 2 output tokens. A request the model cannot answer (unknown
-    tier, ...) raises RequestLogError naming the row.
-    """
-    return _predict(log, estimator, mask)[0]
-
-
 def _predict(log: RequestLog, estimator: Predictor, mask: np.ndarray | None,
              serving: bool | None = None) -> tuple[np.ndarray, dict[str, int]]:  # fmt: skip
     """(ms/token per request, count of each Prediction flag such as 'extrapolated' / 'factorised')."""
@@ -363,7 +354,7 @@ def _predict_full(log: RequestLog, estimator: Predictor, mask: np.ndarray | None
 
 
 def _kv_bytes_per_request(log: RequestLog,
-                          kv_bytes_per_token: float | Mapping[ConfigTuple, float] | None) -> np.ndarray | None:
+                          kv_bytes_per_token: float | Mapping[ConfigKey, float] | None) -> np.ndarray | None:
     if kv_bytes_per_token is None:
         return None
     if isinstance(kv_bytes_per_token, int | float):
@@ -373,7 +364,7 @@ def _kv_bytes_per_request(log: RequestLog,
     for (tier, _top_k, _blocks), v in kv_bytes_per_token.items():
         by_tier[tier] = max(by_tier.get(tier, 0.0), float(v))
     for i in range(len(log)):
-        key = (int(log.tier_idx[i]), int(log.top_k[i]), int(log.num_active_blocks[i]))
+        key = ConfigKey(int(log.tier_idx[i]), int(log.top_k[i]), int(log.num_active_blocks[i]))
         if key in kv_bytes_per_token:
             out[i] = float(kv_bytes_per_token[key])
         elif key[2] == 0 and key[0] in by_tier:  # 0 = the tier's largest measured config
@@ -561,7 +552,7 @@ def _prefill_check(log: RequestLog, ok: np.ndarray, measured: np.ndarray,
 
 
 def analyze(requests: RequestLog, estimator: Predictor | None = None,
-            kv_bytes_per_token: float | Mapping[ConfigTuple, float] | None = None,
+            kv_bytes_per_token: float | Mapping[ConfigKey, float] | None = None,
             kv_slope_bound: float | None = None, kv_bound_source: str = "") -> AnalysisReport:
     """Bucket table, KV-explained share, the two verification checks and the competing causes for one log.
 

@@ -2,7 +2,8 @@
 
 `TRT_LATENCY_PUREPYTHON=1` forces the reference; if the extension is missing (not built, wrong
 platform) the reference is used and a warning says so once per process. Both modules expose the
-same names: Kernel, Decision, IMPLEMENTATION (+ the table layout constants of _reference).
+same names: Kernel, Decision, IMPLEMENTATION. The table layout, codes and reasons are
+trt_latency.ext.layout's (re-exported here: reason_text, REASONS).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import warnings
 from types import ModuleType
 
 from trt_latency.estimator import _reference
+from trt_latency.ext.layout import REASONS, reason_text
 
 FORCE_ENV = "TRT_LATENCY_PUREPYTHON"
 _warned = False
@@ -39,9 +41,5 @@ def _select() -> ModuleType:
 impl: ModuleType = _select()
 Kernel = impl.Kernel
 Decision = impl.Decision
-Tally = impl.Tally
-Gate = impl.Gate
-Traffic = impl.Traffic
 IMPLEMENTATION: str = impl.IMPLEMENTATION
-reason_text = _reference.reason_text
-REASONS = _reference.REASONS
+__all__ = ["FORCE_ENV", "IMPLEMENTATION", "REASONS", "Decision", "Kernel", "impl", "reason_text"]

@@ -29,9 +29,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from trt_latency.errors import InputError
-from trt_latency.estimator import _reference as ref
 from trt_latency.estimator import kernels
 from trt_latency.estimator.calibration import Calibration, ConfigCalibration, ServingLoop, load_calibration
+from trt_latency.ext import layout
+from trt_latency.schema import ConfigKey
 
 Decision = kernels.Decision
 _BOX_LIMIT = 4096  # most unmeasured configs per tier materialised from the factorised model
@@ -42,12 +43,6 @@ class Prediction(NamedTuple):
     decode_ms: float
     total_ms: float
     flags: str = ""  # e.g. "extrapolated; factorised" ("" = measured config inside the measured range)
-
-
-class ConfigKey(NamedTuple):
-    tier_idx: int
-    top_k: int
-    num_active_blocks: int
 
 
 # ------------------------------------------------------------------------------ tables
@@ -132,7 +127,7 @@ def build_tables(cal: Calibration, serving: bool = True) -> tuple[dict[str, np.n
     step), c and o_p into the LOOP_FIRST / LOOP_PRE columns. serving=False: engine-only tables.
     """
     rows = _factorised_rows(cal)
-    cfg = np.zeros((len(rows), ref.NCOL))
+    cfg = np.zeros((len(rows), layout.NCOL))
     pieces: list[np.ndarray] = []
     conf: list[tuple[float, float]] = []
     rq: list[tuple[float, float]] = []
@@ -145,20 +140,20 @@ def build_tables(cal: Calibration, serving: bool = True) -> tuple[dict[str, np.n
         p = decode_pieces(c.decode_knots, [v + o for v in c.decode_values_ms] if o else c.decode_values_ms)
         pieces.append(p)
         row = cfg[i]
-        row[ref.LOOP_FIRST], row[ref.LOOP_PRE] = loop.first_step_ms, loop.prefill_ms
-        row[ref.PRE_A], row[ref.PRE_B], row[ref.PRE_C] = c.prefill_coeffs
-        row[ref.PAST_LO], row[ref.PAST_HI] = c.valid_past_len
-        row[ref.PRE_LO], row[ref.PRE_HI] = c.valid_prefill_len
-        row[ref.FACTORISED] = 1.0 if fact else 0.0
-        row[ref.PIECE_OFF], row[ref.PIECE_CNT] = n_pieces, p.shape[0]
+        row[layout.LOOP_FIRST], row[layout.LOOP_PRE] = loop.first_step_ms, loop.prefill_ms
+        row[layout.PRE_A], row[layout.PRE_B], row[layout.PRE_C] = c.prefill_coeffs
+        row[layout.PAST_LO], row[layout.PAST_HI] = c.valid_past_len
+        row[layout.PRE_LO], row[layout.PRE_HI] = c.valid_prefill_len
+        row[layout.FACTORISED] = 1.0 if fact else 0.0
+        row[layout.PIECE_OFF], row[layout.PIECE_CNT] = n_pieces, p.shape[0]
         n_pieces += p.shape[0]
-        row[ref.CONF_OFF] = len(conf)
+        row[layout.CONF_OFF] = len(conf)
         if c.conformal is not None:
             conf.extend(zip(c.conformal["alphas"], c.conformal["factors"], strict=True))
-        row[ref.CONF_CNT] = len(conf) - row[ref.CONF_OFF]
-        row[ref.RQ_OFF] = len(rq)
+        row[layout.CONF_CNT] = len(conf) - row[layout.CONF_OFF]
+        row[layout.RQ_OFF] = len(rq)
         rq.extend(sorted(c.residual_quantiles.items()))
-        row[ref.RQ_CNT] = len(rq) - row[ref.RQ_OFF]
+        row[layout.RQ_CNT] = len(rq) - row[layout.RQ_OFF]
         keys.append(ConfigKey(c.tier_idx, c.top_k, c.num_active_blocks))
         flags.append(fact)
 
@@ -200,14 +195,14 @@ def build_tables(cal: Calibration, serving: bool = True) -> tuple[dict[str, np.n
 def _int_arg(value: Any, name: str, lo: int, allow_none: bool = False) -> int:
     if value is None and allow_none:
         return -1
-    x = ref.as_int(value)
-    if x is None or not lo <= x <= ref.TOKEN_MAX:
-        raise InputError(field=name, expected=f"an integer in [{lo}, {ref.TOKEN_MAX}]", got=value)
+    x = layout.as_int(value)
+    if x is None or not lo <= x <= layout.TOKEN_MAX:
+        raise InputError(field=name, expected=f"an integer in [{lo}, {layout.TOKEN_MAX}]", got=value)
     return x
 
 
 def _unit_arg(value: Any, name: str) -> float:
-    x = ref.as_real(value)
+    x = layout.as_real(value)
     if x is None or not 0.0 < x < 1.0:
         raise InputError(field=name, expected="a number in (0, 1)", got=value)
     return x
@@ -233,6 +228,13 @@ class Estimator:
         self._factorised = factorised
         # The hot path: the kernel's compiled method itself, no Python frame in between.
         self.admit = self._kernel.admit  # type: ignore[method-assign]
+        # choose's default order: the calibration's preference, else the measured configs most expensive
+        # first (predicted total of a 256-token prompt and 64 new tokens, the serving model). The kernel
+        # holds it, so choose too is the kernel's own method (one compiled call, no Python frame).
+        self.preference: tuple[ConfigKey, ...] = tuple(calibration.preference) or tuple(sorted(
+            self.configs(), key=lambda k: -self._kernel.total(self._keys.index(k), 256.0, 64.0, 1.0)))
+        self._kernel.preference = self.preference
+        self.choose = self._kernel.choose  # type: ignore[method-assign]
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], implementation: Any = None) -> Estimator:
@@ -308,14 +310,14 @@ class Estimator:
         n = _int_arg(output_tokens, "output_tokens", 1)
         row = self._row(tier_idx, top_k, num_active_blocks)
         kernel = self._kernel if serving else self._engine_kernel
-        factor, src = (1.0, ref.F_NONE) if quantile is None else kernel.quantile_factor(row, _unit_arg(quantile, "quantile"))
+        factor, src = (1.0, layout.F_NONE) if quantile is None else kernel.quantile_factor(row, _unit_arg(quantile, "quantile"))
         pre, dec, tot = kernel.predict(row, float(prompt), float(n), factor)
-        return Prediction(pre, dec, tot, self._flags(row, prompt, n, src == ref.F_CLIPPED))
+        return Prediction(pre, dec, tot, self._flags(row, prompt, n, src == layout.F_CLIPPED))
 
     def max_new_tokens(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, tier_idx: Any = 0, top_k: Any = 1,
                        num_active_blocks: Any = None, alpha: Any = None) -> int:  # fmt: skip
         """Largest n with predict(n) <= budget_ms (times the alpha factor); 0 if not even one token."""
-        budget = ref.as_real(budget_ms)
+        budget = layout.as_real(budget_ms)
         if budget is None or not 0.0 <= budget < math.inf:
             raise InputError(field="budget_ms", expected="a finite number >= 0", got=budget_ms)
         prompt = self._prompt(vision_tokens, text_tokens)
@@ -328,6 +330,18 @@ class Estimator:
         """Replaced per instance by the kernel's method (see __init__); documented here."""
         return self._kernel.admit(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
                                   num_active_blocks, alpha)  # fmt: skip
+
+    def choose(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any = None,  # type: ignore[no-redef]
+               candidates: Any = None, alpha: Any = None) -> Any:
+        """The first config, in preference order, whose admit decision fits the budget: its Decision,
+        with ``.config`` = that (tier_idx, top_k, num_active_blocks). When none fits, the first
+        candidate's Decision (admit False, ``.config`` = that candidate); no candidates: a Decision
+        with code CODE_NO_CANDIDATE and ``.config`` None. Order: ``candidates`` (an iterable of
+        (tier_idx, top_k, num_active_blocks), blocks None = the tier's largest), else ``preference``
+        (the calibration's, else most expensive first). One compiled call for all candidates; never
+        raises (bad fields and unknown configs are decisions that do not admit, as in admit).
+        Replaced per instance by the kernel's method (see __init__); documented here."""
+        return self._kernel.choose(budget_ms, vision_tokens, text_tokens, max_new_tokens, candidates, alpha)
 
     # -------------------------------------------------------------- batch
     def admit_batch(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any = -1,
@@ -359,7 +373,7 @@ class Estimator:
 
     @staticmethod
     def reason_text(code: int) -> str:
-        return ref.reason_text(code)
+        return layout.reason_text(code)
 
     def __repr__(self) -> str:
         return (f"Estimator({self.path or 'in-memory'}, {len(self.configs())} measured configs, "

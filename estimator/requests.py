@@ -15,25 +15,16 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from trt_latency.errors import RequestLogError
+from trt_latency.schema import REQUEST_COLUMNS, append_requests
 
-REQUEST_COLUMNS: tuple[str, ...] = (
-    "request_id",
-    "vision_tokens",
-    "text_tokens",
-    "output_tokens",
-    "tier_idx",
-    "top_k",
-    "num_active_blocks",
-    "ttft_ms",
-    "total_ms",
-)
+__all__ = ["REQUEST_COLUMNS", "RequestLog", "append_requests", "read_requests"]  # the writer lives in schema
+
 REQUIRED_COLUMNS: tuple[str, ...] = ("vision_tokens", "text_tokens", "output_tokens", "ttft_ms", "total_ms")
 _INT_COLUMNS = ("request_id", "vision_tokens", "text_tokens", "output_tokens", "tier_idx", "top_k", "num_active_blocks")
 _FLOAT_COLUMNS = ("ttft_ms", "total_ms")
@@ -181,56 +172,3 @@ def read_requests(path: str | os.PathLike[str], *, require_decode: bool = False)
     for column in _FLOAT_COLUMNS:
         cols[column] = np.asarray(values[column], dtype=np.float64)
     return RequestLog(path=spath, metadata=metadata, rows=np.asarray(rows, dtype=np.int64), **cols)
-
-
-def append_requests(path: str | os.PathLike[str], rows: Iterable[Mapping[str, object]]) -> int:
-    """Append request rows to a log, creating it with a header if needed; returns rows written.
-
-    A new file gets REQUEST_COLUMNS followed by the rows' extra (metadata) keys in first-seen order;
-    an existing file keeps its header, and a key it lacks is an error. The data is flushed and
-    fsync'ed before returning, so a replay killed later keeps every row appended so far.
-    """
-    p = Path(path)
-    spath = str(p)
-    batch = [dict(r) for r in rows]
-    if not batch:
-        return 0
-    exists = p.is_file() and p.stat().st_size > 0
-    if exists:
-        with p.open(newline="", encoding="utf-8") as handle:
-            header = [h.strip() for h in next(csv.reader(handle), [])]
-        with p.open("rb") as raw:
-            raw.seek(-1, os.SEEK_END)
-            needs_newline = raw.read(1) not in (b"\n", b"\r")
-    else:
-        header = list(REQUEST_COLUMNS)
-        for r in batch:
-            for key in r:
-                if key not in header:
-                    header.append(key)
-        needs_newline = False
-    for i, r in enumerate(batch):
-        for key in r:
-            if key not in header:
-                raise RequestLogError("row has a column the file lacks", path=spath, field=key,
-                                      expected="one of " + ",".join(header), got=f"appended row {i + 1}")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with p.open("a", newline="", encoding="utf-8") as handle:
-        if needs_newline:
-            handle.write("\n")
-        writer = csv.writer(handle, lineterminator="\n")
-        if not exists:
-            writer.writerow(header)
-        for r in batch:
-            writer.writerow([_format(r.get(key, "")) for key in header])
-        handle.flush()
-        os.fsync(handle.fileno())
-    return len(batch)
-
-
-def _format(value: object) -> str:
-    if isinstance(value, float | np.floating):
-        return repr(float(value))
-    if isinstance(value, np.integer):
-        return str(int(value))
-    return str(value)

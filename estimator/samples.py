@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from trt_latency.errors import SamplesError
+from trt_latency.schema import SAMPLES_COLUMNS, ConfigKey
 
-SAMPLES_COLUMNS = (
-    "tier_idx", "top_k", "num_active_blocks", "batch", "phase", "past_len", "new_tokens", "rep",
-    "latency_ms", "backend", "device", "kv_mode",
-)  # fmt: skip
+__all__ = ["SAMPLES_COLUMNS", "Samples", "concat_samples", "read_samples", "samples_from_rows"]
+
 REQUIRED_COLUMNS = ("phase", "past_len", "new_tokens", "latency_ms")
 INT_COLUMNS = ("tier_idx", "top_k", "num_active_blocks", "batch", "past_len", "new_tokens", "rep")
 _INT_DEFAULTS = {"tier_idx": 0, "top_k": 0, "num_active_blocks": 0, "batch": 1, "rep": 0}
@@ -49,8 +48,8 @@ class Samples:
     def __len__(self) -> int:
         return int(self.latency_ms.shape[0])
 
-    def configs(self) -> list[tuple[int, int, int]]:
-        keys = {(int(t), int(k), int(b)) for t, k, b in zip(self.tier_idx, self.top_k, self.num_active_blocks, strict=True)}
+    def configs(self) -> list[ConfigKey]:
+        keys = {ConfigKey(int(t), int(k), int(b)) for t, k, b in zip(self.tier_idx, self.top_k, self.num_active_blocks, strict=True)}
         return sorted(keys)
 
 

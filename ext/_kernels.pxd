@@ -1,44 +1,22 @@
-# Shared C types of the evaluation kernels (layout documented in estimator/_reference.py).
-# Types only (no functions, no classes), so cimporting it needs no module at run time. setup.py names
-# the extension trt_latency.ext._kernels but the source folder is ext/, so Cython does not pair this
-# file with _kernels.pyx by itself: the .pyx cimports it explicitly (`from ext._kernels cimport *`).
+# The math core of the evaluation kernels, as C-level inline functions over flat tables
+# (scikit-learn's tree/_utils.pxd habit: other .pyx modules `from ext._kernels cimport *` and get the
+# same compiled arithmetic; serving/_gate.pyx does). Inline functions and types only, so cimporting
+# needs no module at run time. The constants (column indices, codes, TOKEN_MAX) come from
+# ext/layout.py through the generated _layout.pxi. The pure-Python mirror, property-tested equal, is
+# trt_latency.estimator._reference.
+#
+# Semantics: C(m) = sum_{L=0}^{m-1} T(L) in closed form per piece; prefill(P) = max(a + b P + c P^2, 0) + o_p;
+# total(n) = (ps * prefill(P) + ds * [n >= 2] ((C(P+n-1) - C(P)) + c)) * f for n >= 1; nfit = the largest
+# n with total(n) <= budget: bisect over pieces, a quadratic solve inside the piece, then a fix-up
+# against total() itself so that total(n) <= budget < total(n+1) holds exactly in floating point.
 
-cdef enum:
-    # cfg columns
-    PRE_A = 0
-    PRE_B = 1
-    PRE_C = 2
-    PAST_LO = 3
-    PAST_HI = 4
-    PRE_LO = 5
-    PRE_HI = 6
-    FACTORISED = 7
-    PIECE_OFF = 8
-    PIECE_CNT = 9
-    CONF_OFF = 10
-    CONF_CNT = 11
-    RQ_OFF = 12
-    RQ_CNT = 13
-    LOOP_FIRST = 14   # serving loop: one-off post-prefill transient c (ms), when n >= 2
-    LOOP_PRE = 15     # serving loop: prefill-side overhead o_p (ms)
-    NCOL = 16
-    # pieces columns
-    P_START = 0
-    P_VALUE = 1
-    P_SLOPE = 2
-    P_CUM = 3
-    PCOL = 4
-    # factor sources
-    F_NONE = 0
-    F_CONFORMAL = 1
-    F_RESIDUAL = 2
-    F_CLIPPED = 3
-    # decision codes
-    CODE_BAD = 64
-    CODE_EMPTY_PROMPT = 72
-    CODE_UNKNOWN_CONFIG = 73
-    CODE_BAD_SCALE = 74
-    EXTRAPOLATED_BIT = 4
+from libc.math cimport floor, sqrt
+
+include "_layout.pxi"
+
+# The kernels' Decision constructor (code, max_new_tokens, predicted_ms), handed to other compiled
+# modules as a capsule (_kernels.DECISION_CAPSULE) so they build the same Decision type without a Python call.
+ctypedef object (*decision_fn)(int, long long, double)
 
 cdef struct Tables:
     const double* cfg        # [n_cfg, NCOL]
@@ -55,3 +33,259 @@ cdef struct Tables:
     Py_ssize_t n_blocks_map
     Py_ssize_t lut_k
     Py_ssize_t lut_b
+
+
+cdef inline long long c_lookup(const Tables* t, long long tier, long long top_k, long long blocks) noexcept nogil:
+    cdef long long ti, ki, bi
+    if tier < 0 or tier >= t.n_tier_map or top_k < 0 or top_k >= t.n_topk_map:
+        return -1
+    ti = t.tier_map[tier]
+    ki = t.topk_map[top_k]
+    if ti < 0 or ki < 0:
+        return -1
+    if blocks < 0:
+        bi = t.lut_b - 1
+    else:
+        if blocks >= t.n_blocks_map:
+            return -1
+        bi = t.blocks_map[blocks]
+        if bi < 0:
+            return -1
+    return t.lut[(ti * t.lut_k + ki) * t.lut_b + bi]
+
+
+cdef inline Py_ssize_t _bisect(const double* base, Py_ssize_t cnt, double x) noexcept nogil:
+    """Last j < cnt with base[j * PCOL] <= x, else -1 (= bisect_right - 1 on sorted starts / cums)."""
+    cdef Py_ssize_t lo = 0, n = cnt, half, j
+    if cnt <= 16:  # typical knot counts: a branch-free count, no dependent loads
+        for j in range(cnt):
+            lo += base[j * PCOL] <= x
+        return lo - 1
+    while n > 1:
+        half = n >> 1
+        lo = lo + half if base[(lo + half) * PCOL] <= x else lo
+        n -= half
+    return lo if base[lo * PCOL] <= x else lo - 1
+
+
+cdef inline const double* _piece(const Tables* t, Py_ssize_t c, double m) noexcept nogil:
+    cdef const double* row = t.cfg + c * NCOL
+    cdef const double* first = t.pieces + (<Py_ssize_t>row[PIECE_OFF]) * PCOL
+    cdef Py_ssize_t i = _bisect(first + P_START, <Py_ssize_t>row[PIECE_CNT], m)
+    if i < 0:
+        i = 0
+    return first + i * PCOL
+
+
+cdef inline double c_step(const Tables* t, Py_ssize_t c, double past_len) noexcept nogil:
+    cdef const double* p = _piece(t, c, past_len)
+    return p[P_VALUE] + p[P_SLOPE] * (past_len - p[P_START])
+
+
+cdef inline double c_cumsum(const Tables* t, Py_ssize_t c, double m) noexcept nogil:
+    cdef const double* p = _piece(t, c, m)
+    cdef double k = m - p[P_START]
+    return p[P_CUM] + k * p[P_VALUE] + p[P_SLOPE] * (k * (k - 1.0) * 0.5)
+
+
+cdef inline double c_prefill(const Tables* t, Py_ssize_t c, double prompt) noexcept nogil:
+    cdef const double* row = t.cfg + c * NCOL
+    cdef double x = row[PRE_A] + prompt * (row[PRE_B] + row[PRE_C] * prompt)
+    return (x if x > 0.0 else 0.0) + row[LOOP_PRE]
+
+
+cdef inline double c_decode_sum(const Tables* t, Py_ssize_t c, double prompt, double n) noexcept nogil:
+    if n <= 1.0:
+        return 0.0
+    return (c_cumsum(t, c, prompt + n - 1.0) - c_cumsum(t, c, prompt)) + t.cfg[c * NCOL + LOOP_FIRST]
+
+
+cdef inline double c_total(const Tables* t, Py_ssize_t c, double prompt, double n, double factor) noexcept nogil:
+    return (c_prefill(t, c, prompt) + c_decode_sum(t, c, prompt, n)) * factor
+
+
+cdef inline double _cumsum_hint(const Tables* t, Py_ssize_t c, double m, Py_ssize_t hint) noexcept nogil:
+    """c_cumsum, trying piece `hint` first (the piece is unique, so the arithmetic is the same)."""
+    cdef const double* row = t.cfg + c * NCOL
+    cdef Py_ssize_t cnt = <Py_ssize_t>row[PIECE_CNT]
+    cdef const double* first = t.pieces + (<Py_ssize_t>row[PIECE_OFF]) * PCOL
+    cdef const double* p
+    cdef double k
+    if (0 <= hint < cnt and first[hint * PCOL + P_START] <= m
+            and (hint + 1 == cnt or m < first[(hint + 1) * PCOL + P_START])):
+        p = first + hint * PCOL
+    else:
+        p = _piece(t, c, m)
+    k = m - p[P_START]
+    return p[P_CUM] + k * p[P_VALUE] + p[P_SLOPE] * (k * (k - 1.0) * 0.5)
+
+
+cdef inline double c_total_at(const Tables* t, Py_ssize_t c, double prompt, double n, double factor,
+                             double pre, double cp, Py_ssize_t hint, double ds) noexcept nogil:
+    """c_total with prefill(prompt) = pre (times the prefill scale) and cumsum(prompt) = cp
+    precomputed, the decode part times ds (same arithmetic; ds = 1.0 is exact)."""
+    if n <= 1.0:
+        return (pre + 0.0) * factor
+    return (pre + ds * ((_cumsum_hint(t, c, prompt + n - 1.0, hint) - cp) + t.cfg[c * NCOL + LOOP_FIRST])) * factor
+
+
+cdef inline long long _fixup(const Tables* t, Py_ssize_t c, double prompt, double budget, double factor,
+                      long long n, double pre, double cp, Py_ssize_t hint, double ds) noexcept nogil:
+    cdef long long lo, hi, step, probe, mid
+    if c_total_at(t, c, prompt, <double>n, factor, pre, cp, hint, ds) <= budget:
+        lo = n
+        step = 1
+        while True:
+            if lo >= TOKEN_MAX:
+                return TOKEN_MAX
+            probe = lo + step if lo + step <= TOKEN_MAX else TOKEN_MAX
+            if c_total_at(t, c, prompt, <double>probe, factor, pre, cp, hint, ds) <= budget:
+                lo = probe
+                step = step * 2
+            else:
+                hi = probe
+                break
+    else:
+        hi = n
+        step = 1
+        while True:
+            probe = hi - step if hi - step >= 1 else 1
+            if probe == 1 or c_total_at(t, c, prompt, <double>probe, factor, pre, cp, hint, ds) <= budget:
+                lo = probe
+                break
+            hi = probe
+            step = step * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if c_total_at(t, c, prompt, <double>mid, factor, pre, cp, hint, ds) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+cdef inline long long c_nfit(const Tables* t, Py_ssize_t c, double prompt, double budget, double factor) noexcept nogil:
+    return c_nfit_at(t, c, prompt, budget, factor, c_prefill(t, c, prompt), c_cumsum(t, c, prompt), 1.0)
+
+
+cdef inline long long c_nfit_at(const Tables* t, Py_ssize_t c, double prompt, double budget, double factor,
+                        double pre, double cp, double ds) noexcept nogil:
+    cdef const double* row
+    cdef const double* first
+    cdef const double* p
+    cdef Py_ssize_t off, cnt, i
+    cdef double target, r, v, beta, q, disc, k, m, nxt, n_est
+    cdef long long n
+    if (pre + 0.0) * factor > budget:
+        return 0
+    row = t.cfg + c * NCOL
+    off = <Py_ssize_t>row[PIECE_OFF]
+    cnt = <Py_ssize_t>row[PIECE_CNT]
+    first = t.pieces + off * PCOL
+    target = cp + ((budget / factor - pre) / ds - row[LOOP_FIRST])  # an estimate: _fixup makes it exact
+    i = _bisect(first + P_CUM, cnt, target)
+    if i < 0:
+        i = 0
+    p = first + i * PCOL
+    r = target - p[P_CUM]
+    if r < 0.0:
+        r = 0.0
+    v = p[P_VALUE]
+    beta = p[P_SLOPE]
+    if beta == 0.0:
+        k = r / v
+    else:
+        q = v - 0.5 * beta
+        disc = sqrt(q * q + 2.0 * beta * r)
+        k = (disc - q) / beta if q < 0.0 else 2.0 * r / (q + disc)
+    if not k < 1e18:
+        k = 1e18
+    m = p[P_START] + floor(k)
+    if i + 1 < cnt:
+        nxt = first[(i + 1) * PCOL + P_START]
+        if m > nxt:
+            m = nxt
+    n_est = m - prompt + 1.0
+    if not n_est >= 1.0:
+        n = 1
+    elif n_est >= TOKEN_MAX:
+        n = TOKEN_MAX
+    else:
+        n = <long long>n_est
+    return _fixup(t, c, prompt, budget, factor, n, pre, cp, i, ds)
+
+
+cdef inline double c_quantile_factor(const Tables* t, Py_ssize_t c, double q, int* src) noexcept nogil:
+    cdef const double* row = t.cfg + c * NCOL
+    cdef Py_ssize_t off = <Py_ssize_t>row[RQ_OFF], cnt = <Py_ssize_t>row[RQ_CNT], j
+    if cnt == 0:
+        src[0] = F_CLIPPED
+        return 1.0
+    for j in range(cnt):
+        if t.rq[(off + j) * 2] >= q - 1e-12:
+            src[0] = F_RESIDUAL
+            return t.rq[(off + j) * 2 + 1]
+    src[0] = F_CLIPPED
+    return t.rq[(off + cnt - 1) * 2 + 1]
+
+
+cdef inline double c_alpha_factor(const Tables* t, Py_ssize_t c, double alpha, int* src) noexcept nogil:
+    cdef const double* row = t.cfg + c * NCOL
+    cdef Py_ssize_t off = <Py_ssize_t>row[CONF_OFF], cnt = <Py_ssize_t>row[CONF_CNT], j, best = -1
+    for j in range(cnt):
+        if t.conf[(off + j) * 2] <= alpha:
+            best = j
+    if best >= 0:
+        src[0] = F_CONFORMAL
+        return t.conf[(off + best) * 2 + 1]
+    return c_quantile_factor(t, c, 1.0 - alpha, src)
+
+
+cdef inline bint c_extrapolated(const Tables* t, Py_ssize_t c, double prompt, double n) noexcept nogil:
+    cdef const double* row = t.cfg + c * NCOL
+    if prompt < row[PRE_LO] or prompt > row[PRE_HI]:
+        return True
+    return n >= 2.0 and (prompt < row[PAST_LO] or prompt + n - 2.0 > row[PAST_HI])
+
+
+cdef inline bint c_fits(const Tables* t, Py_ssize_t c, double prompt, double budget, long long req,
+                        double alpha) noexcept nogil:
+    """Whether c_decide admits: its predicted total for the requested tokens (1 when none) fits the
+    budget (the same arithmetic, without the inverse c_decide also runs when it does not)."""
+    cdef int fsrc = F_NONE
+    cdef double factor = 1.0
+    if alpha > 0.0:
+        factor = c_alpha_factor(t, c, alpha, &fsrc)
+    return c_total_at(t, c, prompt, <double>(req if req > 0 else 1), factor, c_prefill(t, c, prompt) * 1.0,
+                      c_cumsum(t, c, prompt), -1, 1.0) <= budget
+
+
+cdef inline int c_decide(const Tables* t, Py_ssize_t c, double prompt, double budget, long long req, double alpha,
+                  long long* n_out, double* pred_out) noexcept nogil:
+    cdef int fsrc = F_NONE
+    cdef double factor = 1.0
+    if alpha > 0.0:
+        factor = c_alpha_factor(t, c, alpha, &fsrc)
+    return c_decide_scaled(t, c, prompt, budget, req, factor, fsrc, n_out, pred_out, 1.0, 1.0)
+
+
+cdef inline int c_decide_scaled(const Tables* t, Py_ssize_t c, double prompt, double budget, long long req,
+                          double factor, int fsrc, long long* n_out, double* pred_out,
+                          double ps, double ds) noexcept nogil:
+    cdef int status
+    cdef double pred, pre, cp
+    cdef long long need, n
+    need = req if req > 0 else 1
+    pre = c_prefill(t, c, prompt) * ps
+    cp = c_cumsum(t, c, prompt)
+    pred = c_total_at(t, c, prompt, <double>need, factor, pre, cp, -1, ds)
+    if req > 0 and pred <= budget:
+        n = req
+        status = 0
+    else:
+        n = c_nfit_at(t, c, prompt, budget, factor, pre, cp, ds)
+        status = 0 if n >= need else (1 if n >= 1 else 2)
+    n_out[0] = n
+    pred_out[0] = pred
+    return (status * 16 + (8 if t.cfg[c * NCOL + FACTORISED] != 0.0 else 0)
+            + (4 if c_extrapolated(t, c, prompt, <double>(n if n > need else need)) else 0) + fsrc)

@@ -29,7 +29,6 @@ from trt_latency.engines.config import AdaptiveSpec, ConfigKey, load_plan
 from trt_latency.errors import ConfigError
 
 KEY = ConfigKey(0, 1, 2)
-ROOT = Path(__file__).resolve().parents[1]
 
 ADAPTIVE_PLAN = """\
 schema_version: 1
@@ -147,18 +146,6 @@ def test_plan_adaptive_section_and_quick_preset(tmp_path: Path) -> None:
     bad.write_text(ADAPTIVE_PLAN.replace("PREC", "1.5").replace("DREPS", "3").replace("PREPS", "2"))
     with pytest.raises(ConfigError, match="sweep.adaptive.precision"):
         load_plan(bad)
-
-
-def test_the_sweep_never_imports_the_estimator() -> None:
-    """The fit reaches the sweep only through the Refiner protocol (engines/loadgen.py, which still imports
-    the estimator, is moving to serving/ on another branch; a package-wide check lands with it)."""
-    import ast
-
-    for path in (ROOT / "engines" / "adaptive.py", ROOT / "engines" / "sweep.py", ROOT / "engines" / "config.py"):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            assert not any(n.startswith(("trt_latency.estimator", "estimator")) for n in names), path
 
 
 # ---- real ONNX Runtime sweeps ----------------------------------------------------------------------

@@ -20,6 +20,7 @@ from trt_latency.estimator.calibration import (
     validate_calibration,
 )
 from trt_latency.estimator.model import Estimator, build_tables
+from trt_latency.ext import layout
 
 cy = pytest.importorskip("trt_latency.ext._kernels", reason="Cython extension not built")
 
@@ -268,7 +269,6 @@ def test_admit_scaled_cython_equals_reference(cal: Calibration, reqs: list[tuple
                                                                      dr.code), args
         assert (dc.extrapolated, dc.judged) == (dr.extrapolated, dr.judged)
         assert close(dc.predicted_ms, dr.predicted_ms), args
-        assert kc.admit_scaled_code(*args)[0] == dc.code
 
 
 @SETTINGS
@@ -313,39 +313,57 @@ def test_admit_scaled_refuses_bad_scales(bad: Any) -> None:
             s: list[Any] = [1.0, 1.0, 1.0]
             s[pos] = bad
             d = kernel.admit_scaled(100.0, 0, 10, 4, 0, 1, 2, *s)
-            assert not d.admit and d.code == _reference.CODE_BAD_SCALE and not d.judged and "scale" in d.reason
+            assert not d.admit and d.code == layout.CODE_BAD_SCALE and not d.judged and "scale" in d.reason
+
+
+# ------------------------------------------------------------------------------ choose (a config within budget)
+
+candidate_lists = st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4), st.one_of(st.none(), st.integers(0, 7))),
+                           max_size=8)
+
+
+def _choose_by_admit(kernel: Any, r: dict, cands: list[tuple], alpha: Any) -> tuple[Any, Any]:
+    """The rule choose implements, spelt with admit: the first candidate that admits, else candidate 0."""
+    if not cands:
+        return None, None
+    for cand in cands:
+        d = kernel.admit(r["budget"], r["vision"], r["text"], r["req"], *cand, alpha)
+        if d.admit:
+            return tuple(d), cand
+    return tuple(kernel.admit(r["budget"], r["vision"], r["text"], r["req"], *cands[0], alpha)), cands[0]
 
 
 @SETTINGS
-@given(calibrations(), st.data())
-def test_gate_cython_equals_reference(cal: Calibration, data: st.DataObject) -> None:
-    """The serving-loop Gate: same decisions (or the same None), same counts, same traffic ring."""
-    tables, keys, _ = build_tables(cal)
+@given(calibrations(), st.lists(st.tuples(requests, candidate_lists), min_size=1, max_size=15))
+def test_choose_agrees_with_admit_per_candidate(cal: Calibration, reqs: list[tuple[dict, list[tuple]]]) -> None:
+    """Both implementations: choose == admit per candidate in order (first that admits, else the first)."""
+    for kernel in kernels(cal):
+        for r, cands in reqs:
+            d = kernel.choose(r["budget"], r["vision"], r["text"], r["req"], cands, r["alpha"])
+            want, config = _choose_by_admit(kernel, r, cands, r["alpha"])
+            if want is None:
+                assert not d.admit and d.code == layout.CODE_NO_CANDIDATE and d.config is None
+                continue
+            assert d.config == config
+            assert (d.admit, d.max_new_tokens, d.reason) == want[:2] + want[3:], (r, cands)
+            assert close(d.predicted_ms, want[2])
     kc, kr = kernels(cal)
-    c = data.draw(st.integers(0, tables["cfg"].shape[0] - 1))
-    key = keys[c]
-    edges = sorted(data.draw(st.sets(st.integers(1, 8000), max_size=6)))
-    bucket_scales = [data.draw(scales)[:2] for _ in range(len(edges) + 1)]
-    factor = data.draw(st.floats(0.5, 3.0))
-    online = data.draw(st.booleans())
-    probe_after = data.draw(st.integers(1, 5))
-    gates = []
-    for mod, kernel in ((cy, kc), (_reference, kr)):
-        gates.append(mod.Gate(kernel, c, edges, bucket_scales, factor, online, probe_after, 1 << 24, mod.Tally(),
-                              mod.Traffic(8)))
-    fields = st.one_of(st.integers(0, 3000), st.just(-1), st.just(True), st.just(1.5), st.just(1 << 25))
-    for _ in range(20):
-        r = (data.draw(fields), data.draw(fields), data.draw(st.one_of(st.integers(0, 400), fields)), key[0], key[1],
-             data.draw(st.sampled_from([None, key[2]])),
-             data.draw(st.one_of(st.floats(0.0, 5e3), st.just(math.nan), st.just(-1.0), st.integers(1, 10))))
-        dc, dr = (g.decide(r) for g in gates)
-        assert (dc is None) == (dr is None), r
-        if dc is not None:
-            assert (dc.admit, dc.max_new_tokens, dc.code) == (dr.admit, dr.max_new_tokens, dr.code), r
-            assert close(dc.predicted_ms, dr.predicted_ms)
-            assert not dc.extrapolated and dc.judged
-    tc, tr = gates[0].tally, gates[1].tally
-    assert (tc.decisions, tc.admits, tc.rejects, tc.probes, tc.streak) == (tr.decisions, tr.admits, tr.rejects,
-                                                                           tr.probes, tr.streak)
-    assert gates[0].traffic.snapshot() == gates[1].traffic.snapshot()
-    assert len(gates[0].traffic) == min(8, tc.decisions)
+    for r, cands in reqs:
+        dc = kc.choose(r["budget"], r["vision"], r["text"], r["req"], cands, r["alpha"])
+        dr = kr.choose(r["budget"], r["vision"], r["text"], r["req"], cands, r["alpha"])
+        assert (dc.admit, dc.max_new_tokens, dc.code, dc.config) == (dr.admit, dr.max_new_tokens, dr.code, dr.config)
+
+
+@pytest.mark.parametrize("make", [lambda: None, lambda: 3, lambda: "ab", lambda: [(0, 1)], lambda: [None],
+                                  lambda: iter([(0, 1, 2)])])
+def test_choose_never_raises_on_bad_candidates(make: Any) -> None:
+    cal = Calibration(1, {}, [ConfigCalibration(
+        tier_idx=0, top_k=1, num_active_blocks=2, decode_knots=[0.0, 100.0], decode_values_ms=[1.0, 2.0],
+        prefill_coeffs=[1.0, 0.01, 0.0], residual_quantiles={}, valid_past_len=[0.0, 100.0],
+        valid_prefill_len=[1.0, 100.0])])  # fmt: skip
+    results = [k.choose(100.0, 0, 10, 4, make(), None) for k in kernels(cal)]
+    assert [(d.admit, d.code, d.config) for d in results] == [(results[1].admit, results[1].code, results[1].config)] * 2
+    if not isinstance(make(), str | list | int | type(None)):
+        assert results[0].admit and results[0].config == (0, 1, 2)  # any iterable of candidates works
+    else:
+        assert not results[0].admit

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from trt_latency.estimator import conformal
+from trt_latency.serving import conformal
 
 
 def test_rank_is_ceil_n_plus_one_times_one_minus_alpha() -> None:

@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 from test_serving_admission import make_calibration
 
 from trt_latency.errors import CalibrationError
-from trt_latency.estimator.admission import AdmissionController, Request
 from trt_latency.estimator.calibration import load_calibration, save_calibration
 from trt_latency.estimator.model import Estimator
+from trt_latency.ext.layout import TOKEN_MAX
+from trt_latency.serving.admission import AdmissionController, Request
 
 FIELDS = ("vision_tokens", "text_tokens", "max_new_tokens", "tier_idx", "top_k", "num_active_blocks", "budget_ms")
 
@@ -48,7 +49,7 @@ def _fixed_corpus() -> list[dict[str, Any]]:
 def _is_garbage(fields: dict[str, Any], estimator: bool = False) -> bool:
     """Whether a request is malformed: for the controller (strict), or for Estimator.admit, which
     also takes max_new_tokens None ("how many fit"), a budget of 0 and counts up to 2**31 - 1."""
-    top = (1 << 31) - 1 if estimator else 1 << 24
+    top = TOKEN_MAX  # one limit: the controller and Estimator.admit take the same counts
     # The controller takes a missing config field as its default (like Request); admit gets None.
     defaults = {} if estimator else {"tier_idx": 0, "top_k": 1, "num_active_blocks": None}
     for name in FIELDS:

@@ -101,9 +101,9 @@ def test_loadtest_usage_and_missing_model(calibrated: Path, tmp_path: Path,
 
 def test_conformal_from_the_calibrate_replay(calibrated: Path) -> None:
     from trt_latency.estimator.calibration import load_calibration
-    from trt_latency.estimator.conformal import min_requests_for
+    from trt_latency.serving.conformal import min_requests_for
 
-    # calibrate stored conformal factors from (part of) its own replay through estimator.conformal:
+    # calibrate stored conformal factors from (part of) its own replay through serving.conformal:
     # only the levels its request count can back.
     cfg = load_calibration(calibrated / "calibration.yaml").config(0, 1, 2)
     assert cfg.conformal is not None and 10 <= cfg.conformal["n"] <= 30
@@ -155,9 +155,9 @@ def test_replay_sigkill_midway_then_rerun_gives_exactly_the_planned_rows(tmp_pat
 
 
 def test_slo_classes_and_budget_modes(calibrated: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from trt_latency.engines import loadgen
     from trt_latency.estimator.calibration import load_calibration
     from trt_latency.estimator.model import Estimator
+    from trt_latency.serving import loadgen
 
     cal = load_calibration(calibrated / "calibration.yaml")
     est = Estimator(cal)

@@ -13,7 +13,9 @@ import pytest
 
 from trt_latency.cli import build_parser, main
 from trt_latency.estimator.calibration import Calibration, ConfigCalibration, save_calibration
-from trt_latency.estimator.compare import (
+from trt_latency.estimator.model import Estimator
+from trt_latency.estimator.requests import append_requests, read_requests
+from trt_latency.serving.compare import (
     SLO_QUANTILES,
     STRATEGIES,
     Columns,
@@ -27,8 +29,6 @@ from trt_latency.estimator.compare import (
     score,
     split_log,
 )
-from trt_latency.estimator.model import Estimator
-from trt_latency.estimator.requests import append_requests, read_requests
 
 
 def cols(n: list[int], ttft: list[float], total: list[float], prompt: list[float] | None = None,

@@ -676,10 +676,10 @@ def _serving_loop_and_conformal(cal_path: Path, requests_path: Path, keys: list[
     (scored against the serving prediction), so the factors' coverage guarantee is not spent on data
     the loop terms were fitted to. Returns (summary lines, note for the requests line)."""
     from trt_latency.estimator.calibration import save_calibration, with_serving_loop
-    from trt_latency.estimator.conformal import attach_conformal, fit_conformal
     from trt_latency.estimator.fit import fit_serving_loop, split_requests
     from trt_latency.estimator.model import Estimator
     from trt_latency.estimator.requests import read_requests
+    from trt_latency.serving.conformal import attach_conformal, fit_conformal
 
     wanted = {tuple(int(x) for x in k) for k in keys}
     try:

@@ -15,7 +15,7 @@ import numpy as np
 from trt_latency.plots import _pyplot
 
 if TYPE_CHECKING:
-    from trt_latency.estimator.compare import CompareReport
+    from trt_latency.serving.compare import CompareReport
 
 
 def plot_compare(report: CompareReport, path: str | os.PathLike[str]) -> str:

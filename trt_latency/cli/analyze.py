@@ -13,6 +13,7 @@ from typing import Any
 
 from trt_latency.cli._args import positive_int
 from trt_latency.estimator.causes import DEFAULT_BANDWIDTH_GB_S, DEFAULT_KV_BYTES_PER_TOKEN, OPEN_UPPER_FACTOR
+from trt_latency.schema import ConfigKey
 
 EXAMPLE = """\
 example:
@@ -86,13 +87,13 @@ def register(sub: Any) -> None:
     parser.set_defaults(func=run, parser=parser)
 
 
-def kv_bytes_from_calibration(cal: Any) -> dict[tuple[int, int, int], float]:
+def kv_bytes_from_calibration(cal: Any) -> dict[ConfigKey, float]:
     """Bytes per KV token of each calibrated config (2 * blocks * kv_heads * head_dim * dtype size)."""
-    out: dict[tuple[int, int, int], float] = {}
+    out: dict[ConfigKey, float] = {}
     for cfg in cal.configs:
         value = getattr(cfg, "kv_bytes_per_token", None)
         if value:
-            out[(int(cfg.tier_idx), int(cfg.top_k), int(cfg.num_active_blocks))] = float(value)
+            out[ConfigKey(int(cfg.tier_idx), int(cfg.top_k), int(cfg.num_active_blocks))] = float(value)
     return out
 
 
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     log = read_requests(args.requests, require_decode=True)
     estimator = None
     cal = None
-    kv_bytes: dict[tuple[int, int, int], float] | None = None
+    kv_bytes: dict[ConfigKey, float] | None = None
     source: dict[str, Any] = {}
     if args.calibration:
         from trt_latency.estimator.calibration import load_calibration

@@ -57,8 +57,8 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from trt_latency.errors import InputError
-    from trt_latency.estimator.compare import compare_log
     from trt_latency.estimator.requests import read_requests
+    from trt_latency.serving.compare import compare_log
 
     log = read_requests(args.requests)
     estimator = None

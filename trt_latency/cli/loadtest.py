@@ -137,11 +137,10 @@ def _json_default(value: Any) -> Any:
 
 
 def loadtest(args: argparse.Namespace) -> dict[str, Any]:
-    from trt_latency.engines import loadgen
-    from trt_latency.estimator import conformal
-    from trt_latency.estimator.admission import AdmissionController, Request
     from trt_latency.estimator.calibration import load_calibration, save_calibration
     from trt_latency.estimator.model import Estimator
+    from trt_latency.serving import conformal, loadgen
+    from trt_latency.serving.admission import AdmissionController, Request
 
     cal_path = Path(args.calibration)
     cal = load_calibration(cal_path)

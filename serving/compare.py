@@ -318,7 +318,7 @@ class ConformalPart:
 
 
 def _factors(c: Columns, scores: np.ndarray, alpha: float) -> ConformalPart:
-    from trt_latency.estimator.conformal import conformal_factor
+    from trt_latency.serving.conformal import conformal_factor
 
     per_key: dict[ConfigKeyT, float] = {}
     n_scores: dict[ConfigKeyT, int] = {}

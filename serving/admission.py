@@ -42,19 +42,23 @@ rejected with a reason: no policy should hand an engine a NaN length. ``decide``
 never raise. In a Request, num_active_blocks None or 0 means the tier's largest measured config
 (as in the request log).
 
+State: one ConfigState per config (its windows, medians, residuals, threshold, traffic ring,
+counts and published gate), in one dict keyed by ConfigKey.
+
 Thread safety and cost: one lock guards the windows and the slow-path counters. After each
-observation the config's state is published whole (under the lock) as a new immutable gate:
-per length bucket the (prefill, decode) scales (m_p * r_p, m_d * r_d, each clamped), the safety
-factor (the threshold g, or the stored conformal factor during warm-up) and references to the
-config's kernels.Tally and kernels.Traffic ring. ``decide`` reads the gate with one dict lookup
-(no lock) and makes ONE compiled call, ``Gate.decide(request)``: field checks, bucket,
-``admit_scaled`` on the scaled model (max_new_tokens exact under it), the traffic push and the
-count (C increments under the GIL: atomic for Python threads). Anything the gate does not take
-(non-int fields, garbage, extrapolated lengths, unknown configs, ``reset_after`` set) goes through
-the Python path, which applies the same model with ``Kernel.admit_tallied`` and reads the
-Decision's explicit ``code`` / ``extrapolated`` flags (no reason-text parsing). ``observe``
-recomputes the threshold (O(residual_window + budget_window log)) and belongs after the request,
-off the hot path.
+observation the config's state is published whole (under the lock) as a new immutable
+``published`` tuple: per length bucket the (prefill, decode) scales (m_p * r_p, m_d * r_d, each
+clamped), the safety factor (the threshold g, or the stored conformal factor during warm-up) and
+whether the threshold is online; with the compiled kernels also as a compiled Gate
+(serving/_gate.pyx). ``decide`` reads the gate with one dict lookup (no lock) and makes ONE compiled
+call, ``Gate.decide(request)``: field checks, bucket, the scaled model (max_new_tokens exact under
+it), the traffic push and the count (C increments under the GIL: atomic for Python threads).
+Anything the gate does not take (non-int fields, garbage, extrapolated lengths, unknown configs,
+``reset_after`` set, the pure-Python kernels) goes through the Python path, which applies the same
+model with ``Kernel.admit_scaled`` and reads the Decision's explicit ``code`` / ``extrapolated``
+flags (no reason-text parsing). Request fields are checked by serving/validation.py, against the
+kernels' own limit. ``observe`` recomputes the threshold (O(residual_window + budget_window log))
+and belongs after the request, off the hot path.
 """
 
 from __future__ import annotations
@@ -64,104 +68,29 @@ import math
 import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
-
-from trt_latency.estimator import _reference as ref
-from trt_latency.estimator import kernels
-from trt_latency.estimator.conformal import conformal_factor, min_requests_for
 from trt_latency.estimator.model import Decision, Estimator
+from trt_latency.ext.layout import CODE_BAD, CODE_UNKNOWN_CONFIG, EXTRAPOLATED_BIT
+from trt_latency.schema import ConfigKey
+from trt_latency.serving import validation
+from trt_latency.serving.conformal import conformal_factor, min_requests_for
+from trt_latency.serving.validation import Invalid, Request
+
+try:  # the compiled gate (serving/_gate.pyx); without it every decision takes the Python path
+    from trt_latency.serving import _gate
+except ImportError:  # pragma: no cover - depends on the build
+    _gate = None  # type: ignore[assignment]
+
+__all__ = ["POLICIES", "AdmissionController", "ConfigState", "Request"]
 
 POLICIES = ("reject", "admit", "cap")
-_CODE_BAD = ref.CODE_BAD  # decision codes >= this: a field the kernel refused (or unknown config)
-_CODE_UNKNOWN = ref.CODE_UNKNOWN_CONFIG
-_EXTRAPOLATED = ref.EXTRAPOLATED_BIT
-MAX_TOKENS = 1 << 24  # far beyond any KV cache; larger counts are garbage, not requests
 NAN = math.nan
+_NEVER = 1 << 62  # probe_after / reset_after "off"
 
 
-class Request(NamedTuple):
-    """One request as the serving loop sees it (a Mapping with these keys works too)."""
-
-    vision_tokens: int
-    text_tokens: int
-    max_new_tokens: int
-    tier_idx: int = 0
-    top_k: int = 1
-    num_active_blocks: int | None = None
-    budget_ms: float | None = None
-
-
-_FIELDS = Request._fields
-_DEFAULTS = Request._field_defaults
-
-
-class _Invalid(Exception):
-    """A malformed request field (internal: becomes a rejecting Decision)."""
-
-
-def _count(name: str, value: object) -> int:
-    if type(value) is int:  # the fast path: plain ints
-        if 0 <= value <= MAX_TOKENS:
-            return value
-        raise _Invalid(f"{name} must be an integer in [0, {MAX_TOKENS}], got {value!r}")
-    if isinstance(value, np.integer) and not isinstance(value, bool):
-        return _count(name, int(value))
-    raise _Invalid(f"{name} must be an integer, got {type(value).__name__} {_short(value)}")
-
-
-def _short(value: object) -> str:
-    try:
-        text = repr(value)
-    except Exception:  # noqa: BLE001 - a hostile __repr__ must not escape
-        text = "<unprintable>"
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _budget(value: object) -> float:
-    if type(value) is float or (isinstance(value, int | np.integer | np.floating) and not isinstance(value, bool)):
-        budget = float(value)  # type: ignore[arg-type]
-        if math.isfinite(budget) and budget > 0:
-            return budget
-    raise _Invalid(f"budget_ms must be a finite number > 0, got {_short(value)}")
-
-
-def _fields(request: object) -> tuple[int, int, int, int, int, int | None, object]:
-    """(vision, text, max_new, tier, top_k, blocks, raw budget); raises _Invalid."""
-    if type(request) is Request:
-        v, t, n, tier, k, blocks, budget = request  # type: ignore[misc]
-    elif isinstance(request, Mapping):
-        try:
-            v, t, n = request["vision_tokens"], request["text_tokens"], request["max_new_tokens"]
-        except KeyError as exc:
-            raise _Invalid(f"missing field {exc.args[0]!r}") from None
-        except Exception as exc:  # noqa: BLE001 - hostile mappings
-            raise _Invalid(f"unreadable request ({type(exc).__name__})") from None
-        try:
-            tier = request.get("tier_idx", 0)
-            k = request.get("top_k", 1)
-            blocks = request.get("num_active_blocks")
-            budget = request.get("budget_ms")
-        except Exception as exc:  # noqa: BLE001
-            raise _Invalid(f"unreadable request ({type(exc).__name__})") from None
-    elif isinstance(request, tuple) and len(request) == len(_FIELDS):
-        v, t, n, tier, k, blocks, budget = request
-    else:
-        raise _Invalid(f"expected a Request or a mapping, got {type(request).__name__}")
-    vision = _count("vision_tokens", v)
-    text = _count("text_tokens", t)
-    new = _count("max_new_tokens", n)
-    if new < 1:
-        raise _Invalid("max_new_tokens must be >= 1")
-    tier_i = _count("tier_idx", tier)
-    top_k = _count("top_k", k)
-    blocks_i = None if blocks is None or (type(blocks) is int and blocks == 0) else _count("num_active_blocks", blocks)
-    return vision, text, new, tier_i, top_k, blocks_i, budget
-
-
-class _Bucket:
-    """Bounded windows of one (config, length bucket). Guarded by the controller's lock."""
+class _Windows:
+    """Bounded windows of ratios (prefill, decode) of one config or (config, length bucket)."""
 
     __slots__ = ("prefill", "decode")
 
@@ -169,21 +98,100 @@ class _Bucket:
         self.prefill: deque[float] = deque(maxlen=window)
         self.decode: deque[float] = deque(maxlen=window)
 
-
-def _medians(windows: _Bucket, min_observations: int) -> tuple[float, float] | None:
-    """(prefill, decode) medians once the prefill window holds min_observations; None before."""
-    if len(windows.prefill) < min_observations:
-        return None
-    mp = _median(windows.prefill)
-    # Requests with one output token carry no decode information: reuse the prefill median.
-    md = _median(windows.decode) if len(windows.decode) >= min_observations else mp
-    return (mp, md)
+    def medians(self, min_observations: int) -> tuple[float, float] | None:
+        """(prefill, decode) medians once the prefill window holds min_observations; None before."""
+        if len(self.prefill) < min_observations:
+            return None
+        mp = _median(self.prefill)
+        # Requests with one output token carry no decode information: reuse the prefill median.
+        md = _median(self.decode) if len(self.decode) >= min_observations else mp
+        return (mp, md)
 
 
 def _median(values: Sequence[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+
+class ConfigState:
+    """Everything the controller knows about one config. Written under the controller's lock;
+    ``published`` and ``gate`` are replaced whole, so decide reads them without it.
+
+    - ``row``: the config's row in the Estimator's tables (-1: unknown config);
+    - ``pooled``: the config's ratio windows (None until observed, or after a reset), ``medians``;
+    - ``buckets``: per length bucket, windows of ratios relative to the config's medians, and
+      ``relative``: their published medians;
+    - ``residuals`` (actual total, raw prefill, raw decode, bucket, correction then) and ``threshold``;
+    - ``traffic``: recent decisions (budget, prompt, max_new_tokens, bucket), for the threshold;
+    - counts of decisions: in ``tally`` (compiled, shared with the gate) or in ``counts`` (Python);
+    - ``published``: (per-bucket scales, factor, online) and ``gate``: the same, compiled.
+    """
+
+    __slots__ = ("key", "row", "pooled", "medians", "buckets", "relative", "residuals", "threshold", "traffic",
+                 "tally", "counts", "published", "gate")  # fmt: skip
+
+    def __init__(self, key: ConfigKey, row: int, compiled: bool) -> None:
+        self.key = key
+        self.row = row
+        self.tally: Any = _gate.Tally() if compiled else None
+        self.counts = [0, 0, 0, 0, 0]  # decisions, admits, rejects, probes, streak (without a tally)
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop what was learnt (windows, threshold, traffic, gate); the counts stay."""
+        self.pooled: _Windows | None = None
+        self.medians: tuple[float, float] | None = None
+        self.buckets: dict[int, _Windows] = {}
+        self.relative: dict[int, tuple[float, float]] = {}
+        self.residuals: deque[tuple[float, float, float, int, float]] | None = None
+        self.threshold: float | None = None
+        self.traffic: Any = None
+        self.published: tuple[tuple[tuple[float, float], ...], float, bool] | None = None
+        self.gate: Any = None
+        if self.tally is not None:
+            self.tally.reset_streak()
+        self.counts[4] = 0
+
+    def new_traffic(self, capacity: int) -> Any:
+        if self.traffic is None:
+            self.traffic = _gate.Traffic(capacity) if self.tally is not None else deque(maxlen=capacity)
+        return self.traffic
+
+    def push(self, budget: float, prompt: int, n: int, bucket: int) -> None:
+        """Record a judged decision's budget in the traffic ring (atomic: no lock needed)."""
+        if self.tally is not None:
+            self.traffic.push(budget, prompt, n, bucket)
+        else:
+            self.traffic.append((budget, prompt, n, bucket))
+
+    def recent(self) -> list[tuple[float, int, int, int]]:
+        if self.traffic is None:
+            return []
+        return self.traffic.snapshot() if self.tally is not None else list(self.traffic)
+
+    @property
+    def streak(self) -> int:
+        """Rejections since the last admit."""
+        return int(self.tally.streak) if self.tally is not None else self.counts[4]
+
+    def count(self, admitted: bool, probe: bool) -> None:
+        """Count a decision of the Python path (the compiled gate counts its own into the tally)."""
+        if self.tally is not None:
+            self.tally.count(admitted, probe)
+            return
+        c = self.counts  # pure-Python kernels: counted under the controller's lock
+        c[0] += 1
+        c[1 if admitted else 2] += 1
+        c[3] += 1 if admitted and probe else 0
+        c[4] = 0 if admitted else c[4] + 1
+
+    def totals(self) -> tuple[int, int, int, int]:
+        """(decisions, admits, rejects, probes) counted for this config."""
+        t = self.tally
+        if t is not None:
+            return t.decisions, t.admits, t.rejects, t.probes
+        return self.counts[0], self.counts[1], self.counts[2], self.counts[3]
 
 
 class AdmissionController:
@@ -258,49 +266,28 @@ class AdmissionController:
         self.budget_window = int(budget_window)
         self.min_budgets = int(min_budgets)
         self.regime_tolerance = float(regime_tolerance)
-        self.reset_after = reset_after if reset_after is not None else 1 << 62
-        self.probe_after = probe_after if probe_after is not None else 1 << 62
+        self.reset_after = reset_after if reset_after is not None else _NEVER
+        self.probe_after = probe_after if probe_after is not None else _NEVER
         # Residuals needed before the online threshold replaces the stored factors.
         self.min_residuals = min_requests_for(alpha) if alpha is not None else 1
         self.bucket_edges = tuple(sorted(int(e) for e in bucket_edges))
         self.bucket_window = max(int(bucket_window), self.min_observations)
         self.max_buckets = int(max_buckets)
-        # The kernel's own lookup/predict (compiled when the extension is built): no validation frame.
-        self._kernel: Any = getattr(estimator, "_kernel", None)
-        # One compiled call per decision: admit on the scaled model (corrections + safety factor).
-        self._admit_scaled = estimator._kernel.admit_scaled
-        # Published per config (replaced whole under the lock, read by decide without it):
-        # (per-bucket (prefill, decode) scales, safety factor, traffic deque, threshold online?).
-        self._gate: dict[tuple[int, int, int], tuple[tuple[tuple[float, float], ...], float,
-                                                     Any, bool, Any]] = {}
+        self._kernel: Any = estimator._kernel
+        # The compiled gate needs the compiled kernels (it reads their tables through a capsule).
+        self._compiled = _gate is not None and estimator.implementation == "cython"
         self._lock = threading.Lock()
-        self._configs: dict[tuple[int, int, int], _Bucket] = {}
-        self._buckets: dict[tuple[tuple[int, int, int], int], _Bucket] = {}
-        self._residuals: dict[tuple[int, int, int], deque[tuple[float, float, float, int, float]]] = {}
-        # Published, read lock-free by decide: (median prefill ratio, median decode ratio) per config,
-        # the bucket's median of those ratios relative to its config's, and the threshold per config.
-        self._config_medians: dict[tuple[int, int, int], tuple[float, float]] = {}
-        self._published: dict[tuple[tuple[int, int, int], int], tuple[float, float]] = {}
-        self._threshold: dict[tuple[int, int, int], float] = {}
-        self._budgets: dict[tuple[int, int, int], Any] = {}  # kernels.Traffic rings
-        # Per config decision counts (kernels.Tally: counted inside the kernel call, no lock).
-        self._tallies: dict[tuple[int, int, int], Any] = {}
-        self._admit_tallied = estimator._kernel.admit_tallied
-        # The implementation of the Estimator's kernel (compiled or reference) for Tally/Traffic/Gate.
-        self._impl: Any = ref if isinstance(estimator._kernel, ref.Kernel) else kernels.impl
-        # Compiled gates by the Request's own (tier_idx, top_k, num_active_blocks) (None and 0 alike).
-        self._fast: dict[tuple[Any, Any, Any], Any] = {}
-        self._resets = 0
-        self._probes = 0
-        self._decisions = 0
-        self._admits = 0
-        self._rejects = 0
-        self._invalid = 0
-        self._unjudged = 0
-        self._policy_admits = 0
-        self._observations = 0
-        self._ignored_observations = 0
-        self._violations = 0
+        self._states: dict[ConfigKey, ConfigState] = {}
+        # Compiled gates by the Request's own (tier_idx, top_k, num_active_blocks) (None and 0
+        # alike): decide's one lock-free lookup. An index into the states, rebuilt by _publish.
+        self._gates: dict[tuple[Any, ...], Any] = {}
+        self._tracked = 0  # configs + buckets with windows (max_buckets caps it)
+        self._zero_counts()
+
+    def _zero_counts(self) -> None:
+        # Decisions the configs' states do not count (invalid, unjudged, never observed), observations.
+        self._resets = self._decisions = self._admits = self._rejects = self._invalid = self._unjudged = 0
+        self._policy_admits = self._observations = self._ignored_observations = self._violations = 0
         self._untracked = 0
 
     # --- deciding -------------------------------------------------------------------------------
@@ -308,83 +295,80 @@ class AdmissionController:
     def _bucket_of(self, kv_len: int) -> int:
         return bisect.bisect_right(self.bucket_edges, kv_len)
 
+    def _state(self, key: ConfigKey) -> ConfigState:
+        """The config's state, created on first use (under the lock)."""
+        state = self._states.get(key)
+        if state is None:
+            row = int(self._kernel.lookup(key[0], key[1], key[2] or -1))
+            state = self._states[key] = ConfigState(key, row, self._compiled)
+        return state
+
     def _split(self, v: int, t: int, n: int, tier: int, k: int, blocks: int | None) -> tuple[float, float]:
         """Raw predicted (prefill, decode) ms."""
-        kernel = self._kernel
-        if kernel is not None:
-            row = kernel.lookup(tier, k, -1 if blocks is None else blocks)
-            if row < 0:
-                return NAN, NAN
-            pre, dec, _ = kernel.predict(row, float(v + t), float(n), 1.0)
-            return pre, dec
-        pred = self.estimator.predict(v, t, n, tier_idx=tier, top_k=k, num_active_blocks=blocks)
-        return float(pred.prefill_ms), float(pred.decode_ms)
+        row = self._kernel.lookup(tier, k, -1 if blocks is None else blocks)
+        if row < 0:
+            return NAN, NAN
+        pre, dec, _ = self._kernel.predict(row, float(v + t), float(n), 1.0)
+        return pre, dec
 
-    def _scales(self, key: tuple[int, int, int], bucket: int) -> tuple[float, float]:
+    def _scales(self, state: ConfigState | None, bucket: int) -> tuple[float, float]:
         """(prefill scale, decode scale) on the raw prediction for this config and length bucket, each
         clamped (so any mix of the two stays within the clamp too); (1, 1) before the data."""
-        medians = self._config_medians.get(key)
+        medians = None if state is None else state.medians
         if medians is None:
             return (1.0, 1.0)
-        rel = self._published.get((key, bucket))
+        rel = state.relative.get(bucket)  # type: ignore[union-attr]
         ps, ds = medians if rel is None else (medians[0] * rel[0], medians[1] * rel[1])
         lo, hi = self.clamp
         return (lo if ps < lo else hi if ps > hi else ps, lo if ds < lo else hi if ds > hi else ds)
 
-    def _corrected(self, key: tuple[int, int, int], bucket: int, p: float, d: float) -> float:
+    def _corrected(self, state: ConfigState | None, bucket: int, p: float, d: float) -> float:
         """Corrected / raw prediction for a request with raw prefill p and decode d."""
         raw = p + d
         if not raw > 0:
             return 1.0
-        ps, ds = self._scales(key, bucket)
+        ps, ds = self._scales(state, bucket)
         return (ps * p + ds * d) / raw
 
-    def _publish(self, key: tuple[int, int, int]) -> None:
-        """Rebuild the immutable gate decide reads for this config (under the lock): per length
-        bucket the (prefill, decode) scales, the safety factor, and the traffic deque to append to."""
-        budgets = self._budgets.get(key)
-        if budgets is None:
-            budgets = self._budgets[key] = self._impl.Traffic(self.budget_window)
-        scales = tuple(self._scales(key, b) for b in range(len(self.bucket_edges) + 1))
-        g = self._threshold.get(key)
+    def _publish(self, state: ConfigState) -> None:
+        """Rebuild what decide reads for this config (under the lock): per length bucket the
+        (prefill, decode) scales, the safety factor, and, compiled, the gate."""
+        traffic = state.new_traffic(self.budget_window)
+        scales = tuple(self._scales(state, b) for b in range(len(self.bucket_edges) + 1))
+        g = state.threshold
         if self.alpha is None:
             factor = 1.0
         elif g is not None:
             factor = g
         else:  # warm-up: the calibration's conformal factor on the raw prediction (no correction yet)
             scales = ((1.0, 1.0),) * len(scales)
-            factor = self._stored_factor(key)
-        tally = self._tallies.get(key)
-        if tally is None:
-            tally = self._tallies[key] = self._impl.Tally()
+            factor = self._stored_factor(state)
         online = g is not None
-        self._gate[key] = (scales, factor, budgets, online, tally)
-        row = self._kernel.lookup(key[0], key[1], key[2] or -1)
-        if row < 0 or self.reset_after < 1 << 62:  # reset_after (off by default) is handled in Python
+        state.published = (scales, factor, online)
+        if not self._compiled or state.row < 0 or self.reset_after < _NEVER:  # reset_after: Python path
             return
-        fast = self._impl.Gate(self._kernel, row, self.bucket_edges, scales, factor, online,
-                               min(self.probe_after, 1 << 62), MAX_TOKENS, tally, budgets)
-        for alias in ((key[0], key[1], None), key) if key[2] == 0 else (key,):
-            self._fast[alias] = fast
+        state.gate = _gate.Gate(self._kernel, state.row, self.bucket_edges, scales, factor, online,
+                                min(self.probe_after, _NEVER), state.tally, traffic)
+        key = state.key
+        for alias in ((key[0], key[1], None), tuple(key)) if key[2] == 0 else (tuple(key),):
+            self._gates[alias] = state.gate
 
-    def _stored_factor(self, key: tuple[int, int, int]) -> float:
-        kernel = self._kernel
-        if kernel is None or self.alpha is None:
+    def _stored_factor(self, state: ConfigState) -> float:
+        if self.alpha is None or state.row < 0:
             return 1.0
-        row = kernel.lookup(key[0], key[1], key[2] or -1)
-        return float(kernel.alpha_factor(row, self.alpha)[0]) if row >= 0 else 1.0
+        return float(self._kernel.alpha_factor(state.row, self.alpha)[0])
 
     def correction(self, request: object) -> float:
         """The factor on this request's raw prediction that ``decide`` compares with the budget now:
         drift correction times the online threshold (1.0 while the controller has no data)."""
         try:
-            v, t, n, tier, k, blocks, _ = _fields(request)
-            key = (tier, k, blocks or 0)
+            v, t, n, tier, k, blocks, _ = validation.parse(request)
+            state = self._states.get(ConfigKey(tier, k, blocks or 0))
             p, d = self._split(v, t, n, tier, k, blocks)
-            c = self._corrected(key, self._bucket_of(v + t + n), p, d)
+            c = self._corrected(state, self._bucket_of(v + t + n), p, d)
             if self.alpha is None:
                 return c
-            g = self._threshold.get(key)
+            g = None if state is None else state.threshold
             return 1.0 if g is None else c * g
         except Exception:  # noqa: BLE001
             return 1.0
@@ -392,107 +376,84 @@ class AdmissionController:
     def decide(self, request: object, _validated: bool = False) -> Decision:
         """Admit or reject one request; never raises.
 
-        The hot path: a Request of plain ints and a float budget -> the config's published gate (a
-        plain dict read, no lock) -> one kernel call, ``admit_scaled`` with the per-bucket
-        (prefill, decode) corrections and the safety factor -> one locked counter update."""
+        The hot path: a Request of plain ints and a float budget -> the config's compiled gate (a
+        plain dict read, no lock) -> one compiled call. Everything else: the Python path below."""
         if type(request) is not Request:
             return self._decide_checked(request)
-        # The compiled gate: field checks, bucket, scaled decision, traffic and count in one call.
-        # None = anything it does not handle (garbage, extrapolated, ...): the path below does.
+        r: Request = request  # type: ignore[assignment]  # checked just above (no cast(): a call per decision)
         try:
-            gate = self._fast.get(request[3:6])
+            gate = self._gates.get(r[3:6])
         except TypeError:  # an unhashable field
             gate = None
         if gate is not None:
-            dec = gate.decide(request)
+            dec = gate.decide(r)
             if dec is not None:
                 return dec
-        v, t, n, tier, k, blocks, budget = request
+        v, t, n, tier, k, blocks, budget = r
+        if not (type(v) is int and type(t) is int and type(n) is int and type(tier) is int and type(k) is int
+                and (blocks is None or type(blocks) is int)):
+            return self._decide_checked(request)  # numpy scalars and garbage: validated first
+        if not (_validated or type(budget) is float and budget > 0.0):
+            return self._decide_checked(request)
+        if blocks == 0:
+            blocks = None  # 0 = the tier's largest measured, as in the request log
         probe = False
         try:
-            if blocks is None:
-                b0 = 0
-            elif type(blocks) is int:
-                b0 = blocks
-                if b0 == 0:
-                    blocks = None  # 0 = the tier's largest measured, as in the request log
-            else:
-                return self._decide_checked(request)
-            if not (type(v) is int and type(t) is int and type(n) is int and type(tier) is int and type(k) is int):
-                return self._decide_checked(request)  # numpy scalars and garbage: validated first
-            prompt = v + t
-            # The kernel checks types and signs; what is left: a budget > 0 and the controller's
-            # stricter MAX_TOKENS (non-negative fields summing under it are each under it).
-            if not (_validated or type(budget) is float and budget > 0.0
-                    and prompt + n + tier + k + b0 <= MAX_TOKENS):
-                return self._decide_checked(request)
-            key = (tier, k, b0)
-            gate = self._gate.get(key)
-            if gate is None:  # never observed: the Estimator's own decision, with the stored factor
+            state = self._states.get((tier, k, blocks or 0))  # type: ignore[call-overload]  # a tuple hashes as ConfigKey
+            published = None if state is None else state.published
+            if published is None:  # never observed: the Estimator's own decision, with the stored factor
                 dec = self.estimator.admit(budget, v, t, n, tier, k, blocks, self.alpha)
             else:
-                scales, factor, budgets, online, tally = gate
+                scales, factor, online = published
+                prompt = v + t
                 bucket = bisect.bisect_right(self.bucket_edges, prompt + n)
-                if online and tally.streak >= self.probe_after:
+                if online and state.streak >= self.probe_after:  # type: ignore[union-attr]
                     # Starving: a controller that admits nothing learns nothing, and a threshold
                     # learnt in a burst long gone would reject for ever. Once per probe_after
                     # rejections, admit what the corrected median says fits.
                     factor, probe = 1.0, True
                 ps, ds = scales[bucket]
-                # One compiled call: scaled model, exact max_new_tokens, and the count (in C, atomic
-                # under the GIL) when the request was judged inside the measured range.
-                dec = self._admit_tallied(tally, probe, budget, v, t, n, tier, k, blocks, ps, ds, factor)
+                dec = self._kernel.admit_scaled(budget, v, t, n, tier, k, blocks, ps, ds, factor)
                 code = dec.code
-                if code < _CODE_BAD:
-                    budgets.push(budget, prompt, n, bucket)  # atomic: no lock here
-                    if not code & _EXTRAPOLATED:
-                        if tally.streak >= self.reset_after:
-                            with self._lock:
-                                self._forget(key)
+                if code < CODE_BAD:
+                    state.push(budget, prompt, n, bucket)  # type: ignore[union-attr]
+                    if not code & EXTRAPOLATED_BIT:
+                        with self._lock:
+                            state.count(dec.admit, probe)  # type: ignore[union-attr]
+                            if state.streak >= self.reset_after:  # type: ignore[union-attr]
+                                self._forget(state)  # type: ignore[arg-type]
                         return dec
         except Exception as exc:  # noqa: BLE001 - garbage fields: the checked path says which
             if _validated:
                 return self._tally(Decision(False, 0, NAN, f"estimator error: {type(exc).__name__}"), invalid=True)
             return self._decide_checked(request)
         code = dec.code
-        if code >= _CODE_BAD or code & _EXTRAPOLATED:
-            if code >= _CODE_BAD and code != _CODE_UNKNOWN:
+        if code >= CODE_BAD or code & EXTRAPOLATED_BIT:
+            if code >= CODE_BAD and code != CODE_UNKNOWN_CONFIG:
                 return self._tally(Decision(False, 0, NAN, f"invalid request: {dec.reason}"), invalid=True)
             return self._tally(self._apply_policy(dec, n), unjudged=True)
         return self._tally(dec)
 
     def _decide_checked(self, request: object) -> Decision:
         try:
-            v, t, n, tier, k, blocks, raw_budget = _fields(request)
-            budget = _budget(raw_budget)
-        except _Invalid as exc:
+            v, t, n, tier, k, blocks, raw_budget = validation.parse(request)
+            budget = validation.budget(raw_budget)
+        except Invalid as exc:
             return self._tally(Decision(False, 0, NAN, f"invalid request: {exc}"), invalid=True)
         except Exception as exc:  # noqa: BLE001 - never take the serving loop down
             return self._tally(Decision(False, 0, NAN, f"invalid request: {type(exc).__name__}"), invalid=True)
-        if n < 1:
-            return self._tally(Decision(False, 0, NAN, "invalid request: max_new_tokens must be >= 1"), invalid=True)
-        if blocks is not None and blocks > MAX_TOKENS:
-            return self._tally(Decision(False, 0, NAN, "invalid request: num_active_blocks too large"), invalid=True)
         return self.decide(Request(v, t, n, tier, k, blocks, budget), True)
 
-    def _forget(self, key: tuple[int, int, int]) -> None:
+    def _forget(self, state: ConfigState) -> None:
         """Starving: a controller that admits nothing learns nothing, and its drift estimate is as
         old as its last admit. Drop the config's windows (under the lock): back to the warm-up,
         the calibration's own conformal factors, until fresh observations come in."""
-        self._configs.pop(key, None)
-        self._config_medians.pop(key, None)
-        self._threshold.pop(key, None)
-        self._residuals.pop(key, None)
-        self._budgets.pop(key, None)
-        self._gate.pop(key, None)
-        for alias in ((key[0], key[1], None), key) if key[2] == 0 else (key,):
-            self._fast.pop(alias, None)
-        for bkey in [b for b in self._buckets if b[0] == key]:
-            del self._buckets[bkey]
-            self._published.pop(bkey, None)
-        tally = self._tallies.get(key)
-        if tally is not None:
-            tally.reset_streak()
+        if state.pooled is not None:
+            self._tracked -= 1 + len(state.buckets)
+        key = state.key
+        for alias in ((key[0], key[1], None), tuple(key)) if key[2] == 0 else (tuple(key),):
+            self._gates.pop(alias, None)
+        state.forget()
         self._resets += 1
 
     def _apply_policy(self, d: Decision, n: int) -> Decision:
@@ -549,72 +510,69 @@ class AdmissionController:
 
     def _observe(self, request: object, ttft_ms: float, total_ms: float, output_tokens: int | None,
                  counted: bool = True) -> None:
-        v, t, n, tier, k, blocks, raw_budget = _fields(request)
+        v, t, n, tier, k, blocks, raw_budget = validation.parse(request)
         if output_tokens is not None:
-            n = _count("output_tokens", output_tokens)
-            if n < 1:
-                raise _Invalid("output_tokens must be >= 1")
+            n = validation.count("output_tokens", output_tokens, lo=1)
         ttft, total = float(ttft_ms), float(total_ms)
         if not (math.isfinite(ttft) and math.isfinite(total) and 0 < ttft <= total):
-            raise _Invalid("need finite 0 < ttft_ms <= total_ms")
+            raise Invalid("need finite 0 < ttft_ms <= total_ms")
         try:
-            budget = _budget(raw_budget)
-        except _Invalid:
+            budget = validation.budget(raw_budget)
+        except Invalid:
             budget = math.inf
         p, d = self._split(v, t, n, tier, k, blocks)
         if not (math.isfinite(p) and p > 0 and math.isfinite(d) and d >= 0):
-            raise _Invalid("no usable prediction")
+            raise Invalid("no usable prediction")
         prefill_ratio = ttft / p
         decode_ratio = (total - ttft) / d if n >= 2 and d > 0 else None
-        key = (tier, k, blocks or 0)
-        bkey = (key, self._bucket_of(v + t + n))
+        key = ConfigKey(tier, k, blocks or 0)
+        bucket = self._bucket_of(v + t + n)
         with self._lock:
             if counted:
                 self._observations += 1
                 if total > budget:
                     self._violations += 1
-            pooled = self._configs.get(key)
-            if pooled is None:
-                if len(self._configs) + len(self._buckets) >= self.max_buckets:
+            state = self._states.get(key)
+            if state is None or state.pooled is None:
+                if self._tracked >= self.max_buckets:  # bounded memory: states only for tracked configs
                     self._untracked += 1
                     return
-                pooled = self._configs[key] = _Bucket(self.window)
-            before = self._config_medians.get(key)
-            c_then = self._corrected(key, bkey[1], p, d)  # the correction this request was judged with
-            pooled.prefill.append(prefill_ratio)
+                state = state or self._state(key)
+                state.pooled = _Windows(self.window)
+                self._tracked += 1
+            before = state.medians
+            c_then = self._corrected(state, bucket, p, d)  # the correction this request was judged with
+            state.pooled.prefill.append(prefill_ratio)
             if decode_ratio is not None:
-                pooled.decode.append(decode_ratio)
-            medians = _medians(pooled, self.min_observations)
+                state.pooled.decode.append(decode_ratio)
+            medians = state.pooled.medians(self.min_observations)
             if medians is not None:
-                self._config_medians[key] = medians
+                state.medians = medians
             # Length buckets learn only the shape: ratios relative to the config's medians as they
             # stood, so a global step change is followed at the speed of all traffic, not of the
             # bucket's share of it.
             if before is not None:
-                bucket = self._buckets.get(bkey)
-                if bucket is None and len(self._configs) + len(self._buckets) < self.max_buckets:
-                    bucket = self._buckets[bkey] = _Bucket(self.bucket_window)
-                if bucket is not None:
-                    bucket.prefill.append(prefill_ratio / before[0])
+                windows = state.buckets.get(bucket)
+                if windows is None and self._tracked < self.max_buckets:
+                    windows = state.buckets[bucket] = _Windows(self.bucket_window)
+                    self._tracked += 1
+                if windows is not None:
+                    windows.prefill.append(prefill_ratio / before[0])
                     if decode_ratio is not None:
-                        bucket.decode.append(decode_ratio / before[1])
-                    rel = _medians(bucket, self.min_observations)
+                        windows.decode.append(decode_ratio / before[1])
+                    rel = windows.medians(self.min_observations)
                     if rel is not None:
-                        self._published[bkey] = rel
+                        state.relative[bucket] = rel
             if self.residual_window and self.alpha is not None:
-                history = self._residuals.get(key)
-                if history is None:
-                    history = self._residuals[key] = deque(maxlen=self.residual_window)
-                    if key not in self._budgets:
-                        self._budgets[key] = self._impl.Traffic(self.budget_window)
-                history.append((total, p, d, bkey[1], c_then))
-                if len(history) >= self.min_residuals:
-                    self._threshold[key] = self._threshold_of(key, history, self.alpha)
-            if key in self._configs:
-                self._publish(key)
+                if state.residuals is None:
+                    state.residuals = deque(maxlen=self.residual_window)
+                    state.new_traffic(self.budget_window)
+                state.residuals.append((total, p, d, bucket, c_then))
+                if len(state.residuals) >= self.min_residuals:
+                    state.threshold = self._threshold_of(state, self.alpha)
+            self._publish(state)
 
-    def _threshold_of(self, key: tuple[int, int, int], history: deque[tuple[float, float, float, int, float]],
-                      alpha: float) -> float:
+    def _threshold_of(self, state: ConfigState, alpha: float) -> float:
         """The smallest g such that admitting requests whose budget >= g * corrected prediction keeps
         the expected violation rate among admitted requests <= alpha.
 
@@ -627,11 +585,11 @@ class AdmissionController:
         of S(u) over the admitted u, which grows as g falls: take the smallest g that keeps it
         <= alpha. Never above the split-conformal quantile of r (which bounds P(r > g) itself).
         """
-        entries = tuple(history)
+        entries = tuple(state.residuals or ())
         recent = len(entries) - max(self.min_residuals, len(entries) // 2)
         scores = []
         for i, (total, p, d, b, c_then) in enumerate(entries):
-            c_now = self._corrected(key, b, p, d)
+            c_now = self._corrected(state, b, p, d)
             # An observation made under another regime (the correction has moved since by more than
             # regime_tolerance) says nothing about today's noise: drop it, but always keep the
             # most recent half (the window restarts after a step change, it never empties).
@@ -639,24 +597,21 @@ class AdmissionController:
                 scores.append(total / ((p + d) * c_now))
         scores.sort()
         g_conformal = conformal_factor(scores, alpha)
-        # tuple() copies in one C call under the GIL, so decide's lock-free appends cannot interleave.
+        # The ring is copied in one C call under the GIL, so decide's lock-free pushes cannot interleave.
         # Budget ratios are taken against the current correction too: a ratio stored with the
         # correction of its time would be stale right after a step change, when it matters most.
-        ring = self._budgets.get(key)
-        traffic = ring.snapshot() if ring is not None else []
         kernel = self._kernel
-        row = kernel.lookup(key[0], key[1], key[2] or -1)
         budgets = []
-        for b, prompt, n, k in traffic:
-            p, d, raw = kernel.predict(row, float(prompt), float(n), 1.0)
-            budgets.append(b / (raw * self._corrected(key, k, p, d)))
+        for budget, prompt, n, bucket in state.recent():
+            p_raw, d_raw, raw = kernel.predict(state.row, float(prompt), float(n), 1.0)
+            budgets.append(budget / (raw * self._corrected(state, bucket, p_raw, d_raw)))
         budgets.sort(reverse=True)
         g = g_conformal
         if len(budgets) >= self.min_budgets:
-            n = len(scores)
+            n_scores = len(scores)
             total_s, count = 0.0, 0
             for u in budgets:
-                total_s += (n - bisect.bisect_right(scores, u) + 1) / (n + 1)
+                total_s += (n_scores - bisect.bisect_right(scores, u) + 1) / (n_scores + 1)
                 count += 1
                 if total_s > alpha * count:
                     break
@@ -670,32 +625,35 @@ class AdmissionController:
     def counters(self) -> dict[str, Any]:
         """A consistent snapshot: decision and observation counts and the current corrections."""
         with self._lock:
-            tallies = list(self._tallies.values())
+            states = sorted(self._states.values(), key=lambda s: s.key)
+            totals = [s.totals() for s in states]
             corrections: dict[str, Any] = {}
-            for key, m in sorted(self._config_medians.items()):
-                name = f"{key[0]},{key[1]},{key[2]}"
-                corrections[name] = {"prefill": m[0], "decode": m[1], "n": len(self._configs[key].prefill)}
-                for (k2, b), rel in sorted(self._published.items()):
-                    if k2 == key:
+            thresholds: dict[str, Any] = {}
+            for s in states:
+                name = f"{s.key[0]},{s.key[1]},{s.key[2]}"
+                m = s.medians
+                if m is not None and s.pooled is not None:
+                    corrections[name] = {"prefill": m[0], "decode": m[1], "n": len(s.pooled.prefill)}
+                    for b, rel in sorted(s.relative.items()):
                         corrections[f"{name}|{self._bucket_label(b)}"] = {
-                            "prefill": m[0] * rel[0], "decode": m[1] * rel[1], "n": len(self._buckets[(k2, b)].prefill)}
-            thresholds = {f"{k[0]},{k[1]},{k[2]}": {"threshold": g, "residuals": len(self._residuals[k]),
-                                                     "budgets": len(self._budgets[k])}
-                          for k, g in sorted(self._threshold.items())}
+                            "prefill": m[0] * rel[0], "decode": m[1] * rel[1], "n": len(s.buckets[b].prefill)}
+                if s.threshold is not None:
+                    thresholds[name] = {"threshold": s.threshold, "residuals": len(s.residuals or ()),
+                                        "budgets": len(s.recent())}
             return {
-                "decisions": self._decisions + sum(t.decisions for t in tallies),
-                "admits": self._admits + sum(t.admits for t in tallies),
-                "rejects": self._rejects + sum(t.rejects for t in tallies),
+                "decisions": self._decisions + sum(t[0] for t in totals),
+                "admits": self._admits + sum(t[1] for t in totals),
+                "rejects": self._rejects + sum(t[2] for t in totals),
                 "invalid": self._invalid,
                 "unjudged": self._unjudged,
                 "policy_admits": self._policy_admits,
                 "resets": self._resets,
-                "probes": self._probes + sum(t.probes for t in tallies),
+                "probes": sum(t[3] for t in totals),
                 "observations": self._observations,
                 "ignored_observations": self._ignored_observations,
                 "violations": self._violations,
                 "untracked_observations": self._untracked,
-                "buckets": len(self._configs) + len(self._buckets),
+                "buckets": self._tracked,
                 "corrections": corrections,
                 "thresholds": thresholds,
             }
@@ -708,18 +666,7 @@ class AdmissionController:
     def reset(self) -> None:
         """Forget every observation and count (e.g. after a recalibration)."""
         with self._lock:
-            self._buckets.clear()
-            self._configs.clear()
-            self._config_medians.clear()
-            self._residuals.clear()
-            self._published.clear()
-            self._threshold.clear()
-            self._budgets.clear()
-            self._gate.clear()
-            self._fast.clear()
-            self._tallies.clear()
-            self._resets = 0
-            self._probes = 0
-            for name in ("_decisions", "_admits", "_rejects", "_invalid", "_unjudged", "_policy_admits",
-                         "_observations", "_ignored_observations", "_violations", "_untracked"):
-                setattr(self, name, 0)
+            self._states.clear()
+            self._gates.clear()
+            self._tracked = 0
+            self._zero_counts()
