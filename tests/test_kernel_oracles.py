@@ -1,0 +1,332 @@
+"""Oracles that do not come from the kernels themselves (issue 18).
+
+- Requests drawn from the calibration's own keys with fields in range, so Cython == reference
+  compares real decisions; each request is tagged with the outcome it must get (judged, or the
+  exact rejection code), and the share of each tag is fixed by construction and asserted.
+- The extrapolated flag recomputed from its definition: the decode steps of n tokens read KV
+  positions P .. P+n-2, the prefill reads P; either outside the measured range is extrapolation.
+- max_new_tokens against a plain loop over n on predict; the fix-up search of nfit driven directly
+  from a wrong first estimate (both directions); the reference's cap for budgets that overflow.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_estimator_kernels import calibrations, close, kernels, scales
+
+from trt_latency.estimator import _reference
+from trt_latency.estimator.calibration import Calibration, ConfigCalibration
+from trt_latency.estimator.model import Estimator, build_tables
+from trt_latency.ext import layout
+
+cy = pytest.importorskip("trt_latency.ext._kernels", reason="Cython extension not built")
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+JUDGED, BAD = "judged", "bad"
+TM = layout.TOKEN_MAX
+# Per request list: 4 judged slots for every rejected one, fixed by construction (the share is asserted).
+TAGS = (JUDGED, JUDGED, JUDGED, JUDGED, BAD)
+
+
+def _measured(cal: Calibration, key: tuple[int, int, int]) -> ConfigCalibration | None:
+    for c in cal.configs:
+        if (c.tier_idx, c.top_k, c.num_active_blocks) == tuple(key):
+            return c
+    return None
+
+
+def extrapolated_by_definition(cfg: ConfigCalibration, prompt: int, n: int) -> bool:
+    """Prefill reads P tokens; decode step j (j = 0 .. n-2) runs at KV length P + j."""
+    pre_lo, pre_hi = cfg.valid_prefill_len
+    if not pre_lo <= prompt <= pre_hi:
+        return True
+    positions = range(prompt, prompt + n - 1)  # empty for n = 1: no decode step
+    past_lo, past_hi = cfg.valid_past_len
+    return len(positions) > 0 and (positions[0] < past_lo or positions[-1] > past_hi)
+
+
+def _default_blocks(cal: Calibration, c: ConfigCalibration) -> int | None:
+    """None (the tier's largest measured blocks) when that names c itself, else c's own blocks."""
+    largest = max(o.num_active_blocks for o in cal.configs if o.tier_idx == c.tier_idx)
+    return None if c.num_active_blocks == largest else c.num_active_blocks
+
+
+@st.composite
+def judged_request(draw: st.DrawFn, cal: Calibration) -> dict[str, Any]:
+    """A request the model must judge: a key of the calibration, a non-empty prompt, fields in range,
+    and a budget near the request's own total (so admit, fewer and none all come up)."""
+    c = draw(st.sampled_from(cal.configs))
+    vision, text = draw(st.integers(0, 3000)), draw(st.integers(0, 3000))
+    if vision + text == 0:
+        text = 1
+    req = draw(st.one_of(st.none(), st.integers(1, 3000)))
+    # total(1) >= ~0.01 ms; a budget scaled from a rough size of the request lands on all three outcomes
+    rough = 1.0 + 0.05 * (vision + text) + 2.0 * (req or draw(st.integers(1, 3000)))
+    budget = draw(st.one_of(st.floats(0.0, 1.0), st.floats(0.0, 3.0).map(lambda f: f * rough), st.integers(0, 2000)))
+    return {"budget": budget, "vision": vision, "text": text, "req": req, "tier": c.tier_idx, "top_k": c.top_k,
+            "blocks": draw(st.sampled_from([c.num_active_blocks, c.num_active_blocks, _default_blocks(cal, c)])),
+            "alpha": draw(st.one_of(st.none(), st.sampled_from([0.01, 0.05, 0.1]), st.floats(0.001, 0.999))),
+            "tag": JUDGED, "code": None}
+
+
+BAD_VALUES: dict[str, list[Any]] = {
+    "budget": [-1.0, math.nan, math.inf, -math.inf],
+    "vision": [-1, TM + 1],
+    "text": [-5, TM + 1],
+    "req": [0, -2, TM + 1],
+    "tier": [-1, TM + 1],
+    "top_k": [-1, TM + 1],
+    "blocks": [-2, TM + 1],
+}
+FIELD_CODE = {"budget": 0, "vision": 1, "text": 2, "req": 3, "tier": 4, "top_k": 5, "blocks": 6}
+
+
+@st.composite
+def rejected_request(draw: st.DrawFn, cal: Calibration) -> dict[str, Any]:
+    """A judged request spoilt in one way, with the exact code it must get: one field out of range
+    (the first bad field in check order decides), an empty prompt, or a key the calibration lacks."""
+    r = draw(judged_request(cal))
+    r["tag"], r["alpha"] = BAD, None
+    how = draw(st.sampled_from([*FIELD_CODE, "empty", "unknown"]))
+    if how == "empty":
+        r["vision"] = r["text"] = 0
+        r["code"] = layout.CODE_EMPTY_PROMPT
+    elif how == "unknown":
+        known = {(c.tier_idx, c.top_k) for c in cal.configs}
+        tier = draw(st.integers(0, 6))
+        top_k = draw(st.integers(0, 6).filter(lambda k: (tier, k) not in known))
+        r["tier"], r["top_k"] = tier, top_k
+        r["code"] = layout.CODE_UNKNOWN_CONFIG
+    else:
+        r[how] = draw(st.sampled_from(BAD_VALUES[how]))
+        r["code"] = layout.CODE_BAD + FIELD_CODE[how]
+    return r
+
+
+@st.composite
+def tagged_requests(draw: st.DrawFn, cal: Calibration, size: int = 10) -> list[dict[str, Any]]:
+    tags = [TAGS[i % len(TAGS)] for i in range(size)]
+    out = [draw(judged_request(cal) if t == JUDGED else rejected_request(cal)) for t in tags]
+    return draw(st.permutations(out))
+
+
+def _check_tag(r: dict[str, Any], code: int) -> None:
+    if r["tag"] == JUDGED:
+        assert 0 <= code < layout.CODE_BAD, (r, code)
+    else:
+        assert code == r["code"], (r, code)
+
+
+def _share(reqs: list[dict[str, Any]]) -> None:
+    judged = sum(r["tag"] == JUDGED for r in reqs)
+    assert judged / len(reqs) == 0.8
+
+
+@st.composite
+def cal_and_requests(draw: st.DrawFn) -> tuple[Calibration, list[dict[str, Any]]]:
+    cal = draw(calibrations())
+    return cal, draw(tagged_requests(cal))
+
+
+def _args(r: dict[str, Any]) -> tuple[Any, ...]:
+    return (r["budget"], r["vision"], r["text"], r["req"], r["tier"], r["top_k"], r["blocks"])
+
+
+def _oracle_flag(cal: Calibration, kernel: Any, r: dict[str, Any], d: Any) -> None:
+    """d.extrapolated from the definition, on the KV range the decision used (max of fit, requested)."""
+    row = kernel.lookup(r["tier"], r["top_k"], -1 if r["blocks"] is None else r["blocks"])
+    key = build_tables(cal)[1][row]
+    cfg = _measured(cal, key)
+    if cfg is None:
+        return
+    n = max(d.max_new_tokens, r["req"] or 1)
+    assert d.extrapolated == extrapolated_by_definition(cfg, r["vision"] + r["text"], n), (r, tuple(d))
+
+
+@SETTINGS
+@given(cal_and_requests())
+def test_admit_judged_cython_equals_reference(data: tuple[Calibration, list[dict[str, Any]]]) -> None:
+    cal, reqs = data
+    _share(reqs)
+    kc, kr = kernels(cal)
+    outcomes = set()
+    for r in reqs:
+        dc, dr = kc.admit(*_args(r), r["alpha"]), kr.admit(*_args(r), r["alpha"])
+        assert (dc.admit, dc.max_new_tokens, dc.code) == (dr.admit, dr.max_new_tokens, dr.code), r
+        assert close(dc.predicted_ms, dr.predicted_ms), r
+        _check_tag(r, dc.code)
+        if r["tag"] == JUDGED:
+            _oracle_flag(cal, kr, r, dr)
+            outcomes.add(dc.code >> 4)
+    assert outcomes  # 8 judged requests per example
+
+
+@SETTINGS
+@given(cal_and_requests(), st.lists(scales, min_size=10, max_size=10))
+def test_admit_scaled_judged_cython_equals_reference(data: tuple[Calibration, list[dict[str, Any]]],
+                                                     sc: list[tuple[float, float, float]]) -> None:
+    cal, reqs = data
+    _share(reqs)
+    kc, kr = kernels(cal)
+    for r, s in zip(reqs, sc, strict=True):
+        dc, dr = kc.admit_scaled(*_args(r), *s), kr.admit_scaled(*_args(r), *s)
+        assert (dc.admit, dc.max_new_tokens, dc.code) == (dr.admit, dr.max_new_tokens, dr.code), r
+        assert close(dc.predicted_ms, dr.predicted_ms), r
+        _check_tag(r, dc.code)
+        if r["tag"] == JUDGED:
+            _oracle_flag(cal, kr, r, dr)
+
+
+@SETTINGS
+@given(cal_and_requests(), st.one_of(st.none(), st.floats(0.01, 0.5)))
+def test_admit_batch_judged_and_invalid_rows(data: tuple[Calibration, list[dict[str, Any]]],
+                                             alpha: float | None) -> None:
+    """admit_batch (both implementations) == scalar admit row by row, the invalid-field rows included."""
+    cal, reqs = data
+    _share(reqs)
+    cols = [np.array([float(r["budget"]) for r in reqs])]
+    for name in ("vision", "text", "req", "tier", "top_k", "blocks"):
+        cols.append(np.array([-1 if r[name] is None else r[name] for r in reqs], dtype=np.int64))
+    results = []
+    for kernel in kernels(cal):
+        ok, n, pred, code = kernel.admit_batch(*cols, -1.0 if alpha is None else alpha)
+        for i, r in enumerate(reqs):
+            d = kernel.admit(*_args(r), alpha)
+            assert (bool(ok[i]), int(n[i]), int(code[i])) == (d.admit, d.max_new_tokens, d.code), r
+            assert close(float(pred[i]), d.predicted_ms)
+            _check_tag(r, int(code[i]))
+        results.append((ok, n, code))
+    for a, b in zip(*results, strict=True):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("alpha", [math.nan, 1.0, 1.5])
+def test_admit_batch_bad_alpha_rejects_valid_rows_only(alpha: float) -> None:
+    cal = _one_config()
+    rows = [np.array([100.0, -1.0]), *(np.array(v, dtype=np.int64) for v in ([0, 0], [50, 50], [-1, -1], [0, 0],
+                                                                                [1, 1], [2, 2]))]
+    for kernel in kernels(cal):
+        ok, _, _, code = kernel.admit_batch(*rows, alpha)
+        assert code.tolist() == [layout.CODE_BAD + 7, layout.CODE_BAD + 0] and not ok.any()
+
+
+# ------------------------------------------------------------------------------ max_new_tokens, brute force
+
+
+def _one_config(loop: Any = None) -> Calibration:
+    return Calibration(1, {}, [ConfigCalibration(
+        tier_idx=0, top_k=1, num_active_blocks=2, decode_knots=[0.0, 40.0, 300.0, 900.0],
+        decode_values_ms=[0.5, 0.7, 1.9, 2.2], prefill_coeffs=[3.0, 0.02, 1e-5], residual_quantiles={0.9: 1.2},
+        valid_past_len=[0.0, 900.0], valid_prefill_len=[1.0, 400.0], serving_loop=loop)])  # fmt: skip
+
+
+def brute_max_new_tokens(est: Estimator, budget: float, vision: int, text: int, kw: dict[str, Any],
+                         limit: int) -> int:
+    """Largest n <= limit with predict(n).total <= budget, by walking n up from 1 (totals never decrease)."""
+    n = 0
+    while n < limit and est.predict(vision, text, n + 1, **kw).total_ms <= budget:
+        n += 1
+    return n
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(calibrations(), st.data())
+def test_max_new_tokens_equals_brute_force(cal: Calibration, data: st.DataObject) -> None:
+    for impl in (cy, _reference):
+        est = Estimator(cal, implementation=impl)
+        for _ in range(3):
+            key = data.draw(st.sampled_from(est.configs()))
+            kw = {"tier_idx": key.tier_idx, "top_k": key.top_k, "num_active_blocks": key.num_active_blocks}
+            vision, text = data.draw(st.integers(0, 2000)), data.draw(st.integers(1, 2000))
+            pick = data.draw(st.integers(1, 400))
+            exact = est.predict(vision, text, pick, **kw).total_ms
+            budget = data.draw(st.sampled_from([exact, math.nextafter(exact, 0.0), exact * 0.7, exact * 1.3]))
+            want = brute_max_new_tokens(est, budget, vision, text, kw, limit=2000)
+            assert want < 2000  # the budget is a total within 1.3 x total(400): far below 2000 tokens
+            assert est.max_new_tokens(budget, vision, text, **kw) == want
+            if budget == exact:
+                assert want >= pick  # total(pick) == budget fits
+
+
+# ------------------------------------------------------------------------------ the fix-up search itself
+
+
+def _fixup_both(cal: Calibration, prompt: float, budget: float, factor: float, start: int, ps: float = 1.0,
+                ds: float = 1.0) -> tuple[int, int]:
+    kc, kr = kernels(cal)
+    pre, cp = kr.prefill(0, prompt) * ps, kr.cumsum(0, prompt)
+    return (kc._fixup_from(0, prompt, budget, factor, start, ps, ds),
+            kr._fixup(0, prompt, budget, factor, start, pre, cp, ds))
+
+
+@pytest.mark.parametrize("offset", [-10, -1, 0, 1, 10, 1000])
+@pytest.mark.parametrize("where", ["exact", "between"])
+def test_fixup_from_a_wrong_estimate(offset: int, where: str) -> None:
+    """Started `offset` away from the answer, the search still lands on the largest n that fits,
+    including when the budget equals total(n) exactly (a `<` for `<=` returns n - 1 there)."""
+    cal = _one_config()
+    kr = kernels(cal)[1]
+    prompt, factor, ps, ds = 37.0, 1.1, 1.3, 0.8
+    for answer in (2, 12, 300, 777):
+        exact = kr.total_scaled(0, prompt, float(answer), ps, ds, factor)
+        budget = exact if where == "exact" else (exact + kr.total_scaled(0, prompt, answer + 1.0, ps, ds, factor)) / 2
+        start = max(1, answer + offset)
+        assert _fixup_both(cal, prompt, budget, factor, start, ps, ds) == (answer, answer), (answer, start)
+        # the search from the kernel's own estimate agrees
+        assert kr.nfit_scaled(0, prompt, budget, ps, ds, factor) == answer
+
+
+def test_fixup_caps_at_token_max() -> None:
+    cal = _one_config()
+    kr = kernels(cal)[1]
+    big = kr.total(0, 10.0, float(TM), 1.0) * 2
+    for start in (1, TM - 10, TM):
+        assert _fixup_both(cal, 10.0, big, 1.0, start) == (TM, TM)
+
+
+@pytest.mark.parametrize("budget", [1e300, 1e308, 1.7976931348623157e308])
+def test_nfit_overflowing_budget_is_capped(budget: float) -> None:
+    """A budget whose inverse overflows (inf / inf = NaN in the quadratic solve) is capped, not an error."""
+    cal = _one_config()
+    for kernel in kernels(cal):
+        assert kernel.nfit(0, 10.0, budget, 0.5) == TM
+        d = kernel.admit(budget, 0, 10, None, 0, 1, 2)
+        assert d.admit and d.max_new_tokens == TM and d.extrapolated
+
+
+def test_nfit_budget_below_the_first_piece_cum() -> None:
+    """A budget that buys only part of the first step: the estimate clamps to the piece start and
+    the search from there finds n = 1 (the prefill fits, no decode step does)."""
+    cal = _one_config()
+    for kernel in kernels(cal):
+        one = kernel.total(0, 50.0, 1.0, 1.0)
+        two = kernel.total(0, 50.0, 2.0, 1.0)
+        assert kernel.nfit(0, 50.0, (one + two) / 2, 1.0) == 1
+        assert kernel.nfit(0, 50.0, math.nextafter(one, 0.0), 1.0) == 0
+
+
+# ------------------------------------------------------------------------------ predict_batch flags
+
+
+def test_predict_batch_flags_by_definition() -> None:
+    cal = _one_config()
+    cfg = cal.configs[0]
+    prompts = [1, 2, 399, 400, 401, 899, 900, 901]
+    ns = [1, 2, 3, 500, 501, 502, 899, 900, 901]
+    v = np.array([0] * (len(prompts) * len(ns)), dtype=np.int64)
+    t = np.array([p for p in prompts for _ in ns], dtype=np.int64)
+    o = np.array([n for _ in prompts for n in ns], dtype=np.int64)
+    want = [extrapolated_by_definition(cfg, p, n) for p in prompts for n in ns]
+    assert 0 < sum(want) < len(want)
+    for impl in (cy, _reference):
+        est = Estimator(cal, implementation=impl)
+        flags = est.predict_batch(v, t, o)[3]
+        assert [bool(f & 1) for f in flags] == want
+        for p, n in ((400, 501), (400, 502), (1, 900), (1, 901)):
+            assert ("extrapolated" in est.predict(0, p, n).flags) == extrapolated_by_definition(cfg, p, n)
