@@ -287,6 +287,20 @@ def export_decoder(tier: TierSpec, top_k: int, num_active_blocks: int, path: str
     return out
 
 
+def model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Tier dims + config key stored in the model's metadata_props (ints parsed); {} for a foreign model."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    out: dict[str, Any] = {}
+    for prop in model.metadata_props:
+        if not prop.key.startswith(METADATA_PREFIX):
+            continue
+        key = prop.key[len(METADATA_PREFIX):]
+        out[key] = int(prop.value) if key in _META_INT_FIELDS or key == "format_version" else prop.value
+    return out
+
+
 def tier_from_metadata(meta: dict[str, Any]) -> tuple[TierSpec, ConfigKey]:
     """Rebuild the TierSpec and ConfigKey a model was exported with."""
     fields = {f: meta[f] for f in TierSpec.__dataclass_fields__}

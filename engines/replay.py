@@ -137,7 +137,7 @@ def run_replay(runner: Runner, key: ConfigKey, tier: TierSpec, spec: ReplaySpec,
     if progress and todo:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(todo), desc="replay", unit="req", dynamic_ncols=True, leave=False)
+        bar = tqdm(total=len(todo), desc="replay", unit="req", dynamic_ncols=True, leave=False, disable=None)
     t_start = time.perf_counter()
     written = 0
     try:

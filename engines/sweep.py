@@ -175,7 +175,7 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="row", dynamic_ncols=True, leave=False)
+    return tqdm(total=total, desc=desc, unit="row", dynamic_ncols=True, leave=False, disable=None)
 
 
 def run_sweep(runner: Runner, key: ConfigKey, plan: Plan, samples_path: str | os.PathLike[str],

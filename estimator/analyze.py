@@ -29,6 +29,7 @@ import numpy as np
 
 from trt_latency.errors import RequestLogError, TrtLatencyError
 from trt_latency.estimator.requests import RequestLog
+from trt_latency.schema import ConfigKey
 
 # Output-token buckets of the production trace (DESIGN.md): (label, lo, hi) inclusive.
 BUCKETS: tuple[tuple[str, int, int], ...] = (
@@ -41,7 +42,6 @@ BUCKETS: tuple[tuple[str, int, int], ...] = (
 # |difference| must exceed this many standard errors to count as a real change.
 SIGNIFICANCE_SE = 2.0
 
-ConfigTuple = tuple[int, int, int]
 
 
 class _Prediction(Protocol):
@@ -346,7 +346,7 @@ def _predict_full(log: RequestLog, estimator: Predictor, mask: np.ndarray | None
 
 
 def _kv_bytes_per_request(log: RequestLog,
-                          kv_bytes_per_token: float | Mapping[ConfigTuple, float] | None) -> np.ndarray | None:
+                          kv_bytes_per_token: float | Mapping[ConfigKey, float] | None) -> np.ndarray | None:
     if kv_bytes_per_token is None:
         return None
     if isinstance(kv_bytes_per_token, int | float):
@@ -356,7 +356,7 @@ def _kv_bytes_per_request(log: RequestLog,
     for (tier, _top_k, _blocks), v in kv_bytes_per_token.items():
         by_tier[tier] = max(by_tier.get(tier, 0.0), float(v))
     for i in range(len(log)):
-        key = (int(log.tier_idx[i]), int(log.top_k[i]), int(log.num_active_blocks[i]))
+        key = ConfigKey(int(log.tier_idx[i]), int(log.top_k[i]), int(log.num_active_blocks[i]))
         if key in kv_bytes_per_token:
             out[i] = float(kv_bytes_per_token[key])
         elif key[2] == 0 and key[0] in by_tier:  # 0 = the tier's largest measured config
@@ -544,7 +544,7 @@ def _prefill_check(log: RequestLog, ok: np.ndarray, measured: np.ndarray,
 
 
 def analyze(requests: RequestLog, estimator: Predictor | None = None,
-            kv_bytes_per_token: float | Mapping[ConfigTuple, float] | None = None) -> AnalysisReport:
+            kv_bytes_per_token: float | Mapping[ConfigKey, float] | None = None) -> AnalysisReport:
     """Bucket table, KV-explained share and the two verification checks for one request log.
 
     ``kv_bytes_per_token``: bytes of K and V per token of KV length (2 * layers * kv_heads * head_dim *

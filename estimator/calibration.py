@@ -21,11 +21,14 @@ Schema version 1 (one mapping)::
           {decode_step_ms: o, first_step_ms: c, prefill_ms: o_p, n_requests: int, source: replay|none|borrowed:t<i>.k<k>.b<b>}
     factorised:                                       # per tier: t0 + blocks*(u + w*top_k + v*L)
       - {tier_idx, t0, u, w, v, valid_past_len, heldout_median_rel, heldout_max_rel, n_configs}
+    preference:                                       # optional: Estimator.choose's order, first = preferred
+      - {tier_idx: 0, top_k: 2, num_active_blocks: 8}  # each a measured config (or one in a factorised tier)
 
 The serving-loop section models what a real generate loop adds to the engine-only sweep
 (estimator.fit.fit_serving_loop): total(n) = prefill(P) + o_p + [n >= 2] * c + sum_{j=0}^{n-2} (T(P+j) + o).
 It is optional inside schema 1, so files written before it existed load unchanged (and round-trip
-byte identical: the key is only written when set).
+byte identical: the key is only written when set). So is ``preference`` (absent: choose tries the
+measured configs most expensive first).
 
 Loading only ever raises CalibrationError (naming the file, the field and what was expected);
 saving is atomic (temp file in the same folder + os.replace) and canonical, so
@@ -48,6 +51,7 @@ from typing import Any
 import yaml
 
 from trt_latency.errors import CalibrationError
+from trt_latency.schema import ConfigKey
 
 SCHEMA_VERSION = 1
 # Largest tier_idx / top_k / num_active_blocks a file may name (keeps lookup tables small).
@@ -99,8 +103,8 @@ class ConfigCalibration:
     serving_loop: ServingLoop | None = None  # None = no loop terms (zeros)
 
     @property
-    def key(self) -> tuple[int, int, int]:
-        return (self.tier_idx, self.top_k, self.num_active_blocks)
+    def key(self) -> ConfigKey:
+        return ConfigKey(self.tier_idx, self.top_k, self.num_active_blocks)
 
 
 @dataclass
@@ -127,6 +131,7 @@ class Calibration:
     provenance: dict[str, Any]
     configs: list[ConfigCalibration]
     factorised: list[FactorisedModel] = field(default_factory=list)
+    preference: list[ConfigKey] = field(default_factory=list)  # Estimator.choose's order (empty: by cost)
 
     def config(self, tier_idx: int, top_k: int, num_active_blocks: int) -> ConfigCalibration:
         for cfg in self.configs:
@@ -212,7 +217,7 @@ def _config_dict(c: ConfigCalibration) -> dict[str, Any]:
 
 def calibration_to_dict(cal: Calibration) -> dict[str, Any]:
     """The canonical mapping written to YAML (fixed key order)."""
-    return {
+    out = {
         "schema_version": cal.schema_version,
         "provenance": _plain(cal.provenance),
         "configs": [_config_dict(c) for c in cal.configs],
@@ -231,6 +236,9 @@ def calibration_to_dict(cal: Calibration) -> dict[str, Any]:
             for f in cal.factorised
         ],
     }
+    if cal.preference:  # absent when unset: files without it stay byte identical
+        out["preference"] = [dict(k._asdict()) for k in cal.preference]
+    return out
 
 
 def _plain(value: Any) -> Any:
@@ -420,7 +428,26 @@ class _Validator:
         tiers = [f.tier_idx for f in factorised]
         if len(set(tiers)) != len(tiers):
             raise self.fail("factorised", "one entry per tier_idx", str(tiers))
-        return Calibration(SCHEMA_VERSION, provenance, configs, factorised)
+        preference = self.preference(top.get("preference"), seen, set(tiers))
+        return Calibration(SCHEMA_VERSION, provenance, configs, factorised, preference)
+
+    def preference(self, raw: Any, measured: set[tuple[int, int, int]], factorised_tiers: set[int]) -> list[ConfigKey]:
+        """The optional choose order: unique configs, each measured or in a tier with a factorised model."""
+        if raw is None:
+            return []
+        if not isinstance(raw, list):
+            raise self.fail("preference", "a list of {tier_idx, top_k, num_active_blocks} mappings", raw)
+        out: list[ConfigKey] = []
+        for i, item in enumerate(raw):
+            name = f"preference[{i}]"
+            m = self.mapping(item, name, ConfigKey._fields)
+            key = ConfigKey(*(self.integer(m[f], f"{name}.{f}") for f in ConfigKey._fields))
+            if key in out:
+                raise self.fail(name, "a config listed once", str(tuple(key)))
+            if key not in measured and key.tier_idx not in factorised_tiers:
+                raise self.fail(name, "a measured config or one in a tier with a factorised model", str(tuple(key)))
+            out.append(key)
+        return out
 
     def plain(self, value: Any, name: str, depth: int = 0) -> Any:
         if depth > 8:

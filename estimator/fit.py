@@ -40,6 +40,7 @@ from trt_latency.estimator.calibration import (
     ServingLoop,
 )
 from trt_latency.estimator.samples import Samples
+from trt_latency.schema import ConfigKey
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
 MAX_KNOTS = 8
@@ -229,7 +230,7 @@ def _medians(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def fit_config(
-    samples: Samples, key: tuple[int, int, int], kv_bytes_per_token: int | None = None
+    samples: Samples, key: ConfigKey, kv_bytes_per_token: int | None = None
 ) -> tuple[ConfigCalibration, np.ndarray, np.ndarray]:
     """Fit one config; returns the calibration and the decode (positions, medians) it used."""
     tier, top_k, blocks = key
@@ -346,7 +347,7 @@ def default_provenance(samples: Samples) -> dict[str, Any]:
 def fit_samples(
     samples: Samples,
     provenance: Mapping[str, Any] | None = None,
-    kv_bytes_per_token: Mapping[tuple[int, int, int], int] | int | None = None,
+    kv_bytes_per_token: Mapping[ConfigKey, int] | int | None = None,
 ) -> Calibration:
     """Fit every config present in `samples`. `provenance` entries override the defaults."""
     if len(samples) == 0:
@@ -455,7 +456,7 @@ def fit_loop_terms(output_tokens: np.ndarray, decode_residual_ms: np.ndarray,
 class LoopFitReport:
     """Serving-loop terms of one config and their held-out check (request-level |relative error| of total)."""
 
-    key: tuple[int, int, int]
+    key: ConfigKey
     loop: ServingLoop
     n_fit: int
     n_holdout: int
@@ -475,8 +476,8 @@ def split_requests(request_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return fit, ~fit
 
 
-def _log_key(log: Any, i: int) -> tuple[int, int, int]:
-    return (int(log.tier_idx[i]), int(log.top_k[i]), int(log.num_active_blocks[i]))
+def _log_key(log: Any, i: int) -> ConfigKey:
+    return ConfigKey(int(log.tier_idx[i]), int(log.top_k[i]), int(log.num_active_blocks[i]))
 
 
 def engine_predictions(log: Any, estimator: Any, serving: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -503,7 +504,7 @@ def _median_rel(measured: np.ndarray, predicted: np.ndarray) -> tuple[float, flo
 
 
 def fit_serving_loop(log: Any, estimator: Any, fit_mask: np.ndarray | None = None,
-                     holdout_mask: np.ndarray | None = None) -> dict[tuple[int, int, int], LoopFitReport]:
+                     holdout_mask: np.ndarray | None = None) -> dict[ConfigKey, LoopFitReport]:
     """Serving-loop terms per config of a RequestLog, fitted on `fit_mask` rows, checked on `holdout_mask`.
 
     Keys are the calibration's config keys (a log's num_active_blocks 0 = the tier's largest measured).
@@ -516,15 +517,15 @@ def fit_serving_loop(log: Any, estimator: Any, fit_mask: np.ndarray | None = Non
     ttft = np.asarray(log.ttft_ms, dtype=np.float64)
     total = np.asarray(log.total_ms, dtype=np.float64)
     n_out = np.asarray(log.output_tokens, dtype=np.int64)
-    keys: list[tuple[int, int, int] | None] = []
+    keys: list[ConfigKey | None] = []
     for i in range(len(log)):
         t, k, b = _log_key(log, i)
         try:
-            keys.append(tuple(estimator.config_key(t, k, b or None)))
+            keys.append(ConfigKey(*estimator.config_key(t, k, b or None)))
         except Exception:  # noqa: BLE001 - unknown config: not fitted
             keys.append(None)
     measured = {tuple(k) for k in estimator.configs()}  # factorised configs borrow their nearest's terms
-    out: dict[tuple[int, int, int], LoopFitReport] = {}
+    out: dict[ConfigKey, LoopFitReport] = {}
     for key in sorted({k for k in keys if k is not None and k in measured}):
         mine = np.array([k == key for k in keys]) & np.isfinite(pre) & np.isfinite(dec)
         fit = mine & fit_mask

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from trt_latency.errors import SamplesError
-from trt_latency.schema import SAMPLES_COLUMNS
+from trt_latency.schema import SAMPLES_COLUMNS, ConfigKey
 
 __all__ = ["SAMPLES_COLUMNS", "Samples", "concat_samples", "read_samples", "samples_from_rows"]
 
@@ -47,8 +47,8 @@ class Samples:
     def __len__(self) -> int:
         return int(self.latency_ms.shape[0])
 
-    def configs(self) -> list[tuple[int, int, int]]:
-        keys = {(int(t), int(k), int(b)) for t, k, b in zip(self.tier_idx, self.top_k, self.num_active_blocks, strict=True)}
+    def configs(self) -> list[ConfigKey]:
+        keys = {ConfigKey(int(t), int(k), int(b)) for t, k, b in zip(self.tier_idx, self.top_k, self.num_active_blocks, strict=True)}
         return sorted(keys)
 
 

@@ -1,1 +1,1 @@
-"""Compiled kernels (Cython). Optional: trt_latency.estimator.kernels falls back to the reference."""
+"""The table layout (layout.py) and the compiled math core and kernels (Cython; optional: trt_latency.estimator.kernels falls back to the reference)."""

@@ -248,6 +248,18 @@ cdef inline bint c_extrapolated(const Tables* t, Py_ssize_t c, double prompt, do
     return n >= 2.0 and (prompt < row[PAST_LO] or prompt + n - 2.0 > row[PAST_HI])
 
 
+cdef inline bint c_fits(const Tables* t, Py_ssize_t c, double prompt, double budget, long long req,
+                        double alpha) noexcept nogil:
+    """Whether c_decide admits: its predicted total for the requested tokens (1 when none) fits the
+    budget (the same arithmetic, without the inverse c_decide also runs when it does not)."""
+    cdef int fsrc = F_NONE
+    cdef double factor = 1.0
+    if alpha > 0.0:
+        factor = c_alpha_factor(t, c, alpha, &fsrc)
+    return c_total_at(t, c, prompt, <double>(req if req > 0 else 1), factor, c_prefill(t, c, prompt) * 1.0,
+                      c_cumsum(t, c, prompt), -1, 1.0) <= budget
+
+
 cdef inline int c_decide(const Tables* t, Py_ssize_t c, double prompt, double budget, long long req, double alpha,
                   long long* n_out, double* pred_out) noexcept nogil:
     cdef int fsrc = F_NONE

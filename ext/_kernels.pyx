@@ -12,6 +12,7 @@ pure-Python reference accept and reject exactly the same values. Constants come 
 cimport cython
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
+from cpython.tuple cimport PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.pycapsule cimport PyCapsule_New
 from libc.math cimport INFINITY, NAN, isnan
 
@@ -158,6 +159,25 @@ cdef inline int _parse_request(object budget_ms, object vision_tokens, object te
             return CODE_BAD + 6
     prompt[0] = vt + tt
     return -1
+
+
+cdef inline int _candidate_row(const Tables* t, object cand, long long* row) except -2:
+    """1 and *row set when cand is a (tier_idx, top_k, num_active_blocks) of fields admit accepts that
+    names a known config; 0 otherwise (never raises)."""
+    cdef long long ti = 0, tk = 0, bl = -1
+    if PyTuple_Check(cand) and PyTuple_GET_SIZE(cand) == 3:
+        o0, o1, o2 = <object>PyTuple_GET_ITEM(cand, 0), <object>PyTuple_GET_ITEM(cand, 1), <object>PyTuple_GET_ITEM(cand, 2)
+    else:
+        try:
+            o0, o1, o2 = cand
+        except Exception:  # noqa: BLE001 - not a 3-sequence
+            return 0
+    if not _to_ll(o0, &ti) or not (0 <= ti <= TOKEN_MAX) or not _to_ll(o1, &tk) or not (0 <= tk <= TOKEN_MAX):
+        return 0
+    if o2 is not None and (not _to_ll(o2, &bl) or not (0 <= bl <= TOKEN_MAX)):
+        return 0
+    row[0] = c_lookup(t, ti, tk, bl)
+    return row[0] >= 0
 
 
 cdef inline Decision _decision(int code, long long n, double pred):
@@ -363,36 +383,45 @@ cdef class Kernel:
     def choose(self, budget_ms, vision_tokens, text_tokens, max_new_tokens, candidates, alpha=None):
         """The admit Decision of the first candidate config (tier_idx, top_k, num_active_blocks) that
         admits, in the given order, with .config = that candidate; when none admits, candidate 0's
-        Decision (with .config = candidate 0). No candidates: CODE_NO_CANDIDATE. Never raises."""
-        cdef long long n = 0, n0 = 0
-        cdef double pred = NAN, pred0 = NAN
-        cdef int code, code0 = CODE_NO_CANDIDATE
+        Decision (with .config = candidate 0). No candidates: CODE_NO_CANDIDATE. Never raises.
+        The request fields are read once; a later candidate costs a lookup and one predicted total."""
+        cdef long long n = 0, prompt = 0, req = -1, ti = 0, tk = 0, bl = -1, row
+        cdef double pred = NAN, budget = 0.0, a = -1.0
+        cdef int code
         cdef Py_ssize_t i, size
-        cdef object cand, first = None
-        cdef Decision d
+        cdef Decision d, first
         if type(candidates) is not tuple and type(candidates) is not list:
             try:
                 candidates = tuple(candidates)
             except Exception:  # noqa: BLE001 - not iterable: no candidates
                 candidates = ()
         size = len(candidates)
-        for i in range(size):
-            cand = candidates[i]
-            n = 0
-            pred = NAN
-            code = self._candidate_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, cand, alpha,
+        if size == 0:
+            return _decision(CODE_NO_CANDIDATE, 0, NAN)
+        code = self._candidate_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, candidates[0], alpha,
+                                    &n, &pred)
+        first = _decision(code, n, pred)
+        first.config = candidates[0]
+        if code < 16 or size == 1:
+            return first
+        # The request's own fields, once (a bad one, or an empty prompt, admits with no candidate).
+        if _parse_request(budget_ms, vision_tokens, text_tokens, max_new_tokens, 0, 0, None, &budget, &prompt, &req,
+                          &ti, &tk, &bl) >= 0 or prompt == 0:
+            return first
+        if alpha is not None and (not _to_real(alpha, &a) or not (0.0 < a < 1.0)):
+            return first
+        for i in range(1, size):
+            if not _candidate_row(&self.t, candidates[i], &row):
+                continue  # a malformed or unknown candidate does not admit
+            if not c_fits(&self.t, row, <double>prompt, budget, req, a):
+                continue
+            code = self._candidate_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, candidates[i], alpha,
                                         &n, &pred)
             if code < 16:
                 d = _decision(code, n, pred)
-                d.config = cand
+                d.config = candidates[i]
                 return d
-            if i == 0:
-                code0, n0, pred0, first = code, n, pred, cand
-                if code >= CODE_BAD and code != CODE_UNKNOWN_CONFIG and code < CODE_BAD + 4:
-                    break  # a bad request field: every candidate gets the same answer
-        d = _decision(code0, n0, pred0)
-        d.config = first
-        return d
+        return first
 
     # -------------------------------------------------------------- batch entry points
     def admit_batch(self, const double[::1] budget_ms, const long long[::1] vision_tokens,

@@ -68,7 +68,7 @@ import math
 import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 from trt_latency.estimator.model import Decision, Estimator
 from trt_latency.ext.layout import CODE_BAD, CODE_UNKNOWN_CONFIG, EXTRAPOLATED_BIT
@@ -380,7 +380,7 @@ class AdmissionController:
         plain dict read, no lock) -> one compiled call. Everything else: the Python path below."""
         if type(request) is not Request:
             return self._decide_checked(request)
-        r = cast(Request, request)
+        r: Request = request  # type: ignore[assignment]  # checked just above (no cast(): a call per decision)
         try:
             gate = self._gates.get(r[3:6])
         except TypeError:  # an unhashable field
@@ -399,7 +399,7 @@ class AdmissionController:
             blocks = None  # 0 = the tier's largest measured, as in the request log
         probe = False
         try:
-            state = self._states.get(ConfigKey(tier, k, blocks or 0))
+            state = self._states.get((tier, k, blocks or 0))  # type: ignore[call-overload]  # a tuple hashes as ConfigKey
             published = None if state is None else state.published
             if published is None:  # never observed: the Estimator's own decision, with the stored factor
                 dec = self.estimator.admit(budget, v, t, n, tier, k, blocks, self.alpha)

@@ -24,11 +24,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from trt_latency.errors import RequestLogError
+from trt_latency.schema import ConfigKey
 
 DEFAULT_ALPHAS: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2)
 CENTER_ALPHA = 0.5  # stored too: the calibration-time median score, the reference for online drift
-
-ConfigKeyT = tuple[int, int, int]
 
 
 class _Predictor(Protocol):
@@ -67,7 +66,7 @@ def min_requests_for(alpha: float) -> int:
 class ConformalFit:
     """Conformal factors of one config: ``factors[i]`` goes with ``alphas[i]`` (inf = not enough data)."""
 
-    key: ConfigKeyT
+    key: ConfigKey
     alphas: tuple[float, ...]
     factors: tuple[float, ...]
     n: int
@@ -101,7 +100,7 @@ def _with_center(alphas: Iterable[float]) -> tuple[float, ...]:
     return tuple(out)
 
 
-def fit_scores(key: ConfigKeyT, scores: Sequence[float] | np.ndarray,
+def fit_scores(key: ConfigKey, scores: Sequence[float] | np.ndarray,
                alphas: Iterable[float] = DEFAULT_ALPHAS) -> ConformalFit:
     """Conformal factors of one config from its scores (non-finite scores are dropped)."""
     values = np.asarray(scores, dtype=np.float64)
@@ -117,7 +116,7 @@ def fit_scores(key: ConfigKeyT, scores: Sequence[float] | np.ndarray,
 class RequestScores:
     """Per config: scores (actual / predicted total) in log order, and rows that could not be scored."""
 
-    scores: dict[ConfigKeyT, np.ndarray]
+    scores: dict[ConfigKey, np.ndarray]
     skipped: dict[str, int]
 
 
@@ -135,12 +134,12 @@ def request_scores(estimator: _Predictor, log: Any) -> RequestScores:
     tier's largest measured config (the Estimator's None).
     """
     cols = _log_columns(log)
-    per_key: dict[ConfigKeyT, list[float]] = {}
+    per_key: dict[ConfigKey, list[float]] = {}
     skipped: dict[str, int] = {}
     n = int(cols["total_ms"].shape[0])
     for i in range(n):
         blocks = int(cols["num_active_blocks"][i])
-        key = (int(cols["tier_idx"][i]), int(cols["top_k"][i]), blocks)
+        key = ConfigKey(int(cols["tier_idx"][i]), int(cols["top_k"][i]), blocks)
         try:
             pred = estimator.predict(int(cols["vision_tokens"][i]), int(cols["text_tokens"][i]),
                                      int(cols["output_tokens"][i]), tier_idx=key[0], top_k=key[1],
@@ -160,7 +159,7 @@ def request_scores(estimator: _Predictor, log: Any) -> RequestScores:
 
 
 def fit_conformal(estimator: _Predictor, log: Any,
-                  alphas: Iterable[float] = DEFAULT_ALPHAS) -> dict[ConfigKeyT, ConformalFit]:
+                  alphas: Iterable[float] = DEFAULT_ALPHAS) -> dict[ConfigKey, ConformalFit]:
     """Conformal factors per config from every request of the log."""
     levels = tuple(alphas)
     return {key: fit_scores(key, s, levels) for key, s in request_scores(estimator, log).scores.items()}
@@ -196,18 +195,18 @@ def coverage_check(estimator: _Predictor, log: Any, alphas: Iterable[float] = DE
 
 # --- the calibration file -------------------------------------------------------------------------
 
-def _config_key_of(cfg: Any) -> ConfigKeyT:
-    return (int(cfg.tier_idx), int(cfg.top_k), int(cfg.num_active_blocks))
+def _config_key_of(cfg: Any) -> ConfigKey:
+    return ConfigKey(int(cfg.tier_idx), int(cfg.top_k), int(cfg.num_active_blocks))
 
 
-def attach_conformal(cal: Any, fits: Mapping[ConfigKeyT, ConformalFit]) -> Any:
+def attach_conformal(cal: Any, fits: Mapping[ConfigKey, ConformalFit]) -> Any:
     """A copy of the Calibration with ``conformal`` set on every config that has a fit.
 
     A fit keyed with num_active_blocks 0 (log rows without the column) goes to the tier's config
     with the most blocks and that top_k, which is what the Estimator predicts for such rows.
     """
     configs = list(cal.configs)
-    resolved: dict[ConfigKeyT, ConformalFit] = {}
+    resolved: dict[ConfigKey, ConformalFit] = {}
     for key, fit in fits.items():
         target = key
         if key[2] == 0:

@@ -109,6 +109,7 @@ def C(verb: str, name: str, argv: str, *needles: str, code: int = 1,
 P, S, K, R = "plan.yaml", "samples.csv", "calibration.yaml", "requests.csv"
 PRED = "--text-tokens 5 --output-tokens 3"
 ADMIT = "--budget-ms 50 --text-tokens 5"
+CHOOSE = "--budget-ms 50 --text 5 --max-new-tokens 4"
 CAL_NAN = (K, CAL_FIRST_VALUE, r"\1.nan")
 CAL_NO_KEY = (K, "  prefill_coeffs:", "  prefill_coefs:")
 LT = "loadtest -c {d}/calibration.yaml --onnx {d}/model.onnx --plan {d}/plan.yaml"
@@ -219,6 +220,18 @@ CASES = [
       "argument --max-new-tokens: expected an integer >= 1, got '0'", code=2),
     C("admit", "usage", "admit -c {d}/calibration.yaml --budget-ms fast --text-tokens 5",
       "argument --budget-ms: expected a finite number of ms >= 0, got 'fast'", code=2),
+    # ---- choose (no config fits is a REJECT decision, exit 0: test_estimator_choose.py)
+    C("choose", "missing-file", f"choose -c {{d}}/none.yaml {CHOOSE}", "{d}/none.yaml: file not found"),
+    C("choose", "bad-preference", f"choose -c {{d}}/calibration.yaml {CHOOSE}", "{d}/calibration.yaml",
+      "field 'preference[0]'", "expected a measured config", "got '(5, 1, 9)'",
+      change=(K, re.compile(r"^schema_version: 1", re.M),
+              "preference:\n- {tier_idx: 5, top_k: 1, num_active_blocks: 9}\nschema_version: 1")),
+    C("choose", "negative-tokens", f"choose -c {{d}}/calibration.yaml {CHOOSE} --vision -3", "{d}/calibration.yaml",
+      "field 'vision'", "expected an integer >= 0", "got -3"),
+    C("choose", "bad-candidate", f"choose -c {{d}}/calibration.yaml {CHOOSE} --candidates 0,1",
+      "argument --candidates: expected TIER,TOP_K,BLOCKS", code=2),
+    C("choose", "usage", "choose -c {d}/calibration.yaml --budget-ms 50 --text 5",
+      "the following arguments are required: --max-new-tokens", code=2),
     # ---- replay
     C("replay", "missing-file", "replay {d}/none.yaml --out {d}/r.csv", "{d}/none.yaml: file not found",
       "expected a YAML plan file"),

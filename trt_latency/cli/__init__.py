@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from trt_latency.errors import TrtLatencyError
 
 # Order = order in `trt-latency --help`: the data flow from engine to serving loop.
-VERBS = ("calibrate", "export", "sweep", "fit", "predict", "admit", "replay", "analyze", "bench", "loadtest")
+VERBS = ("calibrate", "export", "sweep", "fit", "predict", "admit", "choose", "replay", "analyze", "bench",
+         "loadtest")  # fmt: skip
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,13 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb in VERBS:
-        try:
-            module = importlib.import_module(f"trt_latency.cli.{verb}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"trt_latency.cli.{verb}":
-                continue  # verb not built yet
-            raise
-        module.register(sub)
+        # A verb listed here must exist: a typo is an ImportError now, not a verb silently missing.
+        importlib.import_module(f"trt_latency.cli.{verb}").register(sub)
     return parser
 
 

@@ -9,6 +9,8 @@ import os
 import textwrap
 from typing import Any
 
+from trt_latency.schema import ConfigKey
+
 EXAMPLE = """\
 example:
   trt-latency analyze out/requests.csv -c out/calibration.yaml --plot out/analyze.png
@@ -41,13 +43,13 @@ def register(sub: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def kv_bytes_from_calibration(cal: Any) -> dict[tuple[int, int, int], float]:
+def kv_bytes_from_calibration(cal: Any) -> dict[ConfigKey, float]:
     """Bytes per KV token of each calibrated config (2 * blocks * kv_heads * head_dim * dtype size)."""
-    out: dict[tuple[int, int, int], float] = {}
+    out: dict[ConfigKey, float] = {}
     for cfg in cal.configs:
         value = getattr(cfg, "kv_bytes_per_token", None)
         if value:
-            out[(int(cfg.tier_idx), int(cfg.top_k), int(cfg.num_active_blocks))] = float(value)
+            out[ConfigKey(int(cfg.tier_idx), int(cfg.top_k), int(cfg.num_active_blocks))] = float(value)
     return out
 
 
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     log = read_requests(args.requests, require_decode=True)
     estimator = None
-    kv_bytes: dict[tuple[int, int, int], float] | None = None
+    kv_bytes: dict[ConfigKey, float] | None = None
     source: dict[str, Any] = {}
     if args.calibration:
         from trt_latency.estimator.calibration import load_calibration

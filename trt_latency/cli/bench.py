@@ -6,6 +6,7 @@ admission check pays. Targets (issue 3): Cython <= 500 ns and <= 10x bare; refer
 batch >= 10 M decisions/s on one core. The serving-loop line times AdmissionController.decide(request)
 (issue 5: <= 1 us) on a controller whose online correction and threshold are live (fed a few
 hundred synthetic observations first), next to a bare Python method taking the same Request.
+The choose line times Estimator.choose over 8 candidates that all miss the budget (issue 11: <= 1 us).
 """
 
 from __future__ import annotations
@@ -102,7 +103,21 @@ def run_bench(path: str, rounds: int = 7, number: int = 200_000, batch: int = 1_
     ref.admit_batch(alpha=0.05, **small)
     out["reference_batch_decisions_per_s"] = len(small["budget_ms"]) / (timeit.default_timer() - t)
     out.update(_bench_decide(est, kwargs, number, rounds))
+    out.update(_bench_choose(est, kwargs, number, rounds))
     return out
+
+
+def _bench_choose(est: Any, kw: dict[str, Any], number: int, rounds: int) -> dict[str, Any]:
+    """ns per Estimator.choose over 8 candidates (the preference order, cycled) with a budget none of
+    them fits, so all 8 are evaluated: the worst case of one choose call."""
+    cands = [est.preference[i % len(est.preference)] for i in range(8)]
+    cheapest = min(est.predict(kw["v"], kw["t"], kw["n"], *k).total_ms for k in est.preference)
+    budget = round(cheapest * 0.5, 3)
+    timer = timeit.Timer("f(b, v, t, n, c, a)", globals={"f": est.choose, "b": budget, "v": kw["v"], "t": kw["t"],
+                                                          "n": kw["n"], "c": cands, "a": kw["a"]})  # fmt: skip
+    ns = statistics.median(timer.repeat(repeat=rounds, number=max(number // 4, 1000))) / max(number // 4, 1000) * 1e9
+    d = est.choose(budget, kw["v"], kw["t"], kw["n"], cands, kw["a"])
+    return {"choose_ns": ns, "choose_candidates": len(cands), "choose_budget_ms": budget, "choose_admit": bool(d.admit)}
 
 
 class _BareController:
@@ -167,4 +182,7 @@ def run(args: argparse.Namespace) -> int:
           f"{ns(res['cython_ns']).strip()})")
     print(f"  bare python {ns(res['decide_bare_python_ns'])} per call (a method taking the same Request)")
     print(f"  decide / bare python   {x(res['decide_over_bare'])}")
+    print(f"Estimator.choose over {res['choose_candidates']} candidates, budget {res['choose_budget_ms']} ms "
+          f"(none fits: all evaluated):")
+    print(f"  choose      {ns(res['choose_ns'])} per call   (target <= 1 us)")
     return 0
