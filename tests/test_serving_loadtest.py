@@ -79,9 +79,9 @@ def test_loadtest_json_structure_and_sanity(calibrated: Path, capsys: pytest.Cap
     assert report["admitted"] == sum(admitted) and report["oracle_admitted"] == sum(oracle)
     assert report["admitted_and_oracle"] == sum(a and o for a, o in zip(admitted, oracle, strict=True))
     assert report["violations"] == sum(a and not o for a, o in zip(admitted, oracle, strict=True))
-    assert 0 < sum(admitted) < 40 and 0 < sum(oracle)  # the budgets split the stream
-    assert report["violation_rate"] == report["violations"] / report["admitted"]
-    assert report["admitted_vs_oracle"] == report["admitted"] / report["oracle_admitted"]
+    assert report["violation_rate"] == (report["violations"] / report["admitted"] if report["admitted"] else None)
+    assert report["admitted_vs_oracle"] == (report["admitted"] / report["oracle_admitted"]
+                                            if report["oracle_admitted"] else None)
     c = report["controller"]
     assert c["decisions"] >= 40 and c["observations"] == report["admitted"] and c["invalid"] == 0
     assert report["controller_ns_per_decision"] > 0 and report["decisions_per_s"] > 0
