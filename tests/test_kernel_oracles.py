@@ -220,6 +220,32 @@ def test_admit_batch_judged_and_invalid_rows(data: tuple[Calibration, list[dict[
         assert np.array_equal(a, b)
 
 
+def test_admit_batch_every_invalid_field() -> None:
+    """Every bad value of every field, as a row next to a valid one: each gets its exact code from
+    both implementations, in the arrays and in scalar admit alike; the valid rows are judged."""
+    cal = _one_config()
+    good = {"budget": 50.0, "vision": 0, "text": 20, "req": 8, "tier": 0, "top_k": 1, "blocks": 2}
+    rows = [dict(good)]
+    want = [None]
+    for name, values in BAD_VALUES.items():
+        for value in values:
+            rows += [{**good, name: value}, dict(good)]
+            want += [layout.CODE_BAD + FIELD_CODE[name], None]
+    rows += [{**good, "vision": 0, "text": 0}, {**good, "tier": 1}, {**good, "top_k": 0}, {**good, "blocks": 3}]
+    want += [layout.CODE_EMPTY_PROMPT] + [layout.CODE_UNKNOWN_CONFIG] * 3
+    cols = [np.array([float(r["budget"]) for r in rows])]
+    for name in ("vision", "text", "req", "tier", "top_k", "blocks"):
+        cols.append(np.array([-1 if r[name] is None else r[name] for r in rows], dtype=np.int64))
+    for kernel in kernels(cal):
+        ok, n, _, code = kernel.admit_batch(*cols, -1.0)
+        for i, (r, w) in enumerate(zip(rows, want, strict=True)):
+            if w is None:
+                assert 0 <= code[i] < layout.CODE_BAD and ok[i] and n[i] == 8, (r, code[i])
+            else:
+                assert code[i] == w and not ok[i] and n[i] == 0, (r, code[i], w)
+            assert int(code[i]) == kernel.admit(*_args(r), None).code
+
+
 @pytest.mark.parametrize("alpha", [math.nan, 1.0, 1.5])
 def test_admit_batch_bad_alpha_rejects_valid_rows_only(alpha: float) -> None:
     cal = _one_config()
@@ -385,3 +411,20 @@ def test_predict_batch_flags_by_definition() -> None:
         assert [bool(f & 1) for f in flags] == want
         for p, n in ((400, 501), (400, 502), (1, 900), (1, 901)):
             assert ("extrapolated" in est.predict(0, p, n).flags) == extrapolated_by_definition(cfg, p, n)
+
+
+def test_alpha_factor_takes_the_largest_stored_alpha_not_above() -> None:
+    """By definition: the conformal factor of the largest stored alpha <= alpha (an alpha equal to a
+    stored one takes that one); below every stored alpha, the residual quantile of 1 - alpha."""
+    base = _one_config().configs[0]
+    cfg = ConfigCalibration(**{**base.__dict__, "conformal": {"alphas": [0.05, 0.1], "factors": [1.6, 1.3], "n": 100},
+                               "residual_quantiles": {0.9: 1.2, 0.99: 1.4}})
+    cal = Calibration(1, {}, [cfg])
+    cases = [(0.05, 1.6, layout.F_CONFORMAL), (0.07, 1.6, layout.F_CONFORMAL), (0.1, 1.3, layout.F_CONFORMAL),
+             (0.5, 1.3, layout.F_CONFORMAL), (0.01, 1.4, layout.F_RESIDUAL), (0.001, 1.4, layout.F_CLIPPED)]
+    for kernel in kernels(cal):
+        raw = kernel.total(0, 30.0, 10.0, 1.0)
+        for alpha, factor, src in cases:
+            assert kernel.alpha_factor(0, alpha) == (factor, src), alpha
+            d = kernel.admit(1e6, 0, 30, 10, 0, 1, 2, alpha)
+            assert d.code & 3 == src and d.predicted_ms == pytest.approx(factor * raw, rel=1e-12), alpha
