@@ -23,7 +23,7 @@ from test_estimator_model import BAD as EST_BAD
 from test_estimator_model import make_cal
 
 from trt_latency.estimator import _reference
-from trt_latency.estimator.calibration import Calibration, ConfigCalibration
+from trt_latency.estimator.calibration import Calibration, ConfigCalibration, ServingLoop
 from trt_latency.estimator.model import Estimator, build_tables
 from trt_latency.ext import layout
 
@@ -381,15 +381,19 @@ def test_nfit_overflowing_budget_is_capped(budget: float) -> None:
         assert d.admit and d.max_new_tokens == TM and d.extrapolated
 
 
-def test_nfit_budget_below_the_first_piece_cum() -> None:
-    """A budget that buys only part of the first step: the estimate clamps to the piece start and
-    the search from there finds n = 1 (the prefill fits, no decode step does)."""
-    cal = _one_config()
+def test_nfit_target_below_the_first_piece() -> None:
+    """A first-step transient c (50 ms) larger than what the budget leaves after the prefill: the
+    closed-form target is negative (below every piece), the estimate is clamped to piece 0, r = 0, and
+    the search from there finds n = 1 (the prefill fits, the first decode step with c does not)."""
+    loop = ServingLoop(decode_step_ms=0.0, first_step_ms=50.0, prefill_ms=0.0, n_requests=8, source="replay")
+    cal = _one_config(loop)
     for kernel in kernels(cal):
-        one = kernel.total(0, 50.0, 1.0, 1.0)
-        two = kernel.total(0, 50.0, 2.0, 1.0)
-        assert kernel.nfit(0, 50.0, (one + two) / 2, 1.0) == 1
-        assert kernel.nfit(0, 50.0, math.nextafter(one, 0.0), 1.0) == 0
+        one, two = kernel.total(0, 2.0, 1.0, 1.0), kernel.total(0, 2.0, 2.0, 1.0)
+        assert two - one > 50.0
+        for budget in (one, one + 10.0, two - 1e-9):
+            assert kernel.nfit(0, 2.0, budget, 1.0) == 1, budget
+        assert kernel.nfit(0, 2.0, two, 1.0) == 2
+        assert kernel.nfit(0, 2.0, math.nextafter(one, 0.0), 1.0) == 0
 
 
 # ------------------------------------------------------------------------------ predict_batch flags
