@@ -59,6 +59,7 @@ from trt_latency.ext.layout import (
     ST_FITS,
     ST_NONE,
     TOKEN_MAX,
+    as_candidates,
     as_int,
     as_real,
 )
@@ -107,6 +108,7 @@ class Kernel:
         self.tier_map = [int(v) for v in tables["tier_map"]]
         self.topk_map = [int(v) for v in tables["topk_map"]]
         self.blocks_map = [int(v) for v in tables["blocks_map"]]
+        self.preference: tuple[Any, ...] = ()  # choose's candidates when none are given (Estimator sets it)
         lut = np.asarray(tables["lut"], dtype=np.int64)
         self.n_blocks_slots = int(lut.shape[2])
         self.lut = lut.tolist()
@@ -339,37 +341,24 @@ class Kernel:
     def _fields(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any, tier_idx: Any,
                 top_k: Any, num_active_blocks: Any) -> tuple[int, float, int, int, list[int], int]:
         """(bad code or -1, budget, prompt, req (-1 = None), [tier, top_k], blocks (-1 = None))."""
-        nothing: tuple[int, float, int, int, list[int], int] = (-1, 0.0, 0, -1, [0, 0], -1)
+        bad = (0.0, 0, -1, [0, 0], -1)
         budget = as_real(budget_ms)
         if budget is None or not (0.0 <= budget < math.inf):
-            return (CODE_BAD + 0,) + nothing[1:]
-        ints = []
-        for i, value in ((1, vision_tokens), (2, text_tokens)):
+            return (CODE_BAD + 0, *bad)
+        got: list[int] = []
+        # (index in BAD_FIELDS, value, lowest valid, None allowed (-1 then)), in the order the kernels check
+        for i, value, lo, optional in ((1, vision_tokens, 0, False), (2, text_tokens, 0, False),
+                                       (3, max_new_tokens, 1, True), (4, tier_idx, 0, False), (5, top_k, 0, False),
+                                       (6, num_active_blocks, 0, True)):  # fmt: skip
+            if optional and value is None:
+                got.append(-1)
+                continue
             x = as_int(value)
-            if x is None or not 0 <= x <= TOKEN_MAX:
-                return (CODE_BAD + i,) + nothing[1:]
-            ints.append(x)
-        if max_new_tokens is None:
-            req = -1
-        else:
-            x = as_int(max_new_tokens)
-            if x is None or not 1 <= x <= TOKEN_MAX:
-                return (CODE_BAD + 3,) + nothing[1:]
-            req = x
-        keys = []
-        for i, value in ((4, tier_idx), (5, top_k)):
-            x = as_int(value)
-            if x is None or not 0 <= x <= TOKEN_MAX:
-                return (CODE_BAD + i,) + nothing[1:]
-            keys.append(x)
-        if num_active_blocks is None:
-            blocks = -1
-        else:
-            x = as_int(num_active_blocks)
-            if x is None or not 0 <= x <= TOKEN_MAX:
-                return (CODE_BAD + 6,) + nothing[1:]
-            blocks = x
-        return -1, budget, ints[0] + ints[1], req, keys, blocks
+            if x is None or not lo <= x <= TOKEN_MAX:
+                return (CODE_BAD + i, *bad)
+            got.append(x)
+        v, t, req, tier, top, blocks = got
+        return -1, budget, v + t, req, [tier, top], blocks
 
     def admit_scaled(
         self,
@@ -437,16 +426,13 @@ class Kernel:
         fact = 1 if self.cfg[c][FACTORISED] != 0.0 else 0
         return status * 16 + fact * 8 + (4 if ext else 0) + fsrc, n, pred
 
-    def choose(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any, candidates: Any,
-               alpha: Any = None) -> Decision:
+    def choose(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any = None,
+               candidates: Any = None, alpha: Any = None) -> Decision:
         """The admit Decision of the first candidate config (tier_idx, top_k, num_active_blocks) that
-        admits, in the given order, with .config = that candidate; when none admits, candidate 0's
-        Decision (with .config = candidate 0). No candidates: CODE_NO_CANDIDATE. Never raises."""
-        if type(candidates) is not tuple and type(candidates) is not list:
-            try:
-                candidates = tuple(candidates)
-            except Exception:  # noqa: BLE001 - not iterable: no candidates
-                candidates = ()
+        admits, in the given order (None: self.preference), with .config = that candidate; when none
+        admits, candidate 0's Decision (with .config = candidate 0). No candidates: CODE_NO_CANDIDATE.
+        Never raises."""
+        candidates = self.preference if candidates is None else as_candidates(candidates)
         first: tuple[int, int, float] = (CODE_NO_CANDIDATE, 0, math.nan)
         for i, cand in enumerate(candidates):
             try:

@@ -228,11 +228,13 @@ class Estimator:
         self._factorised = factorised
         # The hot path: the kernel's compiled method itself, no Python frame in between.
         self.admit = self._kernel.admit  # type: ignore[method-assign]
-        self._choose = self._kernel.choose
         # choose's default order: the calibration's preference, else the measured configs most expensive
-        # first (predicted total of a 256-token prompt and 64 new tokens, the serving model).
+        # first (predicted total of a 256-token prompt and 64 new tokens, the serving model). The kernel
+        # holds it, so choose too is the kernel's own method (one compiled call, no Python frame).
         self.preference: tuple[ConfigKey, ...] = tuple(calibration.preference) or tuple(sorted(
             self.configs(), key=lambda k: -self._kernel.total(self._keys.index(k), 256.0, 64.0, 1.0)))
+        self._kernel.preference = self.preference
+        self.choose = self._kernel.choose  # type: ignore[method-assign]
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], implementation: Any = None) -> Estimator:
@@ -329,7 +331,7 @@ class Estimator:
         return self._kernel.admit(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
                                   num_active_blocks, alpha)  # fmt: skip
 
-    def choose(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any = None,
+    def choose(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any = None,  # type: ignore[no-redef]
                candidates: Any = None, alpha: Any = None) -> Any:
         """The first config, in preference order, whose admit decision fits the budget: its Decision,
         with ``.config`` = that (tier_idx, top_k, num_active_blocks). When none fits, the first
@@ -337,9 +339,9 @@ class Estimator:
         with code CODE_NO_CANDIDATE and ``.config`` None. Order: ``candidates`` (an iterable of
         (tier_idx, top_k, num_active_blocks), blocks None = the tier's largest), else ``preference``
         (the calibration's, else most expensive first). One compiled call for all candidates; never
-        raises (bad fields and unknown configs are decisions that do not admit, as in admit)."""
-        return self._choose(budget_ms, vision_tokens, text_tokens, max_new_tokens,
-                            self.preference if candidates is None else candidates, alpha)
+        raises (bad fields and unknown configs are decisions that do not admit, as in admit).
+        Replaced per instance by the kernel's method (see __init__); documented here."""
+        return self._kernel.choose(budget_ms, vision_tokens, text_tokens, max_new_tokens, candidates, alpha)
 
     # -------------------------------------------------------------- batch
     def admit_batch(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any = -1,

@@ -32,6 +32,7 @@ DECISION_CAPSULE_NAME = <bytes>_DECISION_NAME
 cdef tuple _REASONS = layout.REASONS
 cdef object _as_int = layout.as_int
 cdef object _as_real = layout.as_real
+cdef object _as_candidates = layout.as_candidates
 cdef dict _CODE_OF_REASON = layout.CODE_OF_REASON
 
 
@@ -202,6 +203,7 @@ cdef class Kernel:
 
     cdef Tables t
     cdef object _arrays
+    cdef public tuple preference  # choose's candidates when none are given (Estimator sets it)
 
     def __init__(self, tables):
         cdef const double[:, ::1] cfg = np.ascontiguousarray(tables["cfg"], dtype=np.float64).reshape(-1, NCOL)
@@ -216,6 +218,7 @@ cdef class Kernel:
             raise ValueError("lut must be 3-D [n_tier, n_topk, n_blocks + 1]")
         cdef const long long[:, :, ::1] lut = lut_arr
         self._arrays = (cfg, pieces, conf, rq, tier_map, topk_map, blocks_map, lut)  # keep buffers alive
+        self.preference = ()
         self.t.cfg = &cfg[0, 0] if cfg.shape[0] else NULL
         self.t.pieces = &pieces[0, 0] if pieces.shape[0] else NULL
         self.t.conf = &conf[0, 0] if conf.shape[0] else NULL
@@ -380,48 +383,55 @@ cdef class Kernel:
         """A capsule holding a pointer to this Kernel's Tables (for serving/_gate.pyx; keep the Kernel alive)."""
         return PyCapsule_New(&self.t, _TABLES_NAME, NULL)
 
-    def choose(self, budget_ms, vision_tokens, text_tokens, max_new_tokens, candidates, alpha=None):
+    def choose(self, budget_ms, vision_tokens, text_tokens, max_new_tokens=None, candidates=None, alpha=None):
         """The admit Decision of the first candidate config (tier_idx, top_k, num_active_blocks) that
-        admits, in the given order, with .config = that candidate; when none admits, candidate 0's
-        Decision (with .config = candidate 0). No candidates: CODE_NO_CANDIDATE. Never raises.
-        The request fields are read once; a later candidate costs a lookup and one predicted total."""
-        cdef long long n = 0, prompt = 0, req = -1, ti = 0, tk = 0, bl = -1, row
-        cdef double pred = NAN, budget = 0.0, a = -1.0
-        cdef int code
-        cdef Py_ssize_t i, size
-        cdef Decision d, first
-        if type(candidates) is not tuple and type(candidates) is not list:
-            try:
-                candidates = tuple(candidates)
-            except Exception:  # noqa: BLE001 - not iterable: no candidates
-                candidates = ()
-        size = len(candidates)
+        admits, in the given order (None: self.preference), with .config = that candidate; when none
+        admits, candidate 0's Decision (with .config = candidate 0). No candidates: CODE_NO_CANDIDATE.
+        Never raises."""
+        cdef long long n = 0
+        cdef double pred = NAN
+        cdef Py_ssize_t chosen = -1
+        cdef Decision d
+        candidates = self.preference if candidates is None else _as_candidates(candidates)
+        d = _decision(self._choose_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, candidates, alpha,
+                                        &n, &pred, &chosen), n, pred)
+        d.config = None if chosen < 0 else candidates[chosen]
+        return d
+
+    cdef int _choose_code(self, object budget_ms, object vision_tokens, object text_tokens, object max_new_tokens,
+                          object candidates, object alpha, long long* n, double* pred, Py_ssize_t* chosen) except -1:
+        """choose's code, max_new_tokens, prediction and candidate index (-1: none). The request fields
+        are read once; a candidate after the first costs a lookup and one predicted total."""
+        cdef long long n0 = 0, prompt = 0, req = -1, ti = 0, tk = 0, bl = -1, row
+        cdef double pred0 = NAN, budget = 0.0, a = -1.0
+        cdef int code, code0
+        cdef Py_ssize_t i, size = len(candidates)
         if size == 0:
-            return _decision(CODE_NO_CANDIDATE, 0, NAN)
-        code = self._candidate_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, candidates[0], alpha,
-                                    &n, &pred)
-        first = _decision(code, n, pred)
-        first.config = candidates[0]
-        if code < 16 or size == 1:
-            return first
+            return CODE_NO_CANDIDATE
+        chosen[0] = 0
+        code0 = self._candidate_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, candidates[0], alpha,
+                                     n, pred)
+        if code0 < 16 or size == 1:
+            return code0
+        n0, pred0 = n[0], pred[0]
         # The request's own fields, once (a bad one, or an empty prompt, admits with no candidate).
         if _parse_request(budget_ms, vision_tokens, text_tokens, max_new_tokens, 0, 0, None, &budget, &prompt, &req,
                           &ti, &tk, &bl) >= 0 or prompt == 0:
-            return first
+            return code0
         if alpha is not None and (not _to_real(alpha, &a) or not (0.0 < a < 1.0)):
-            return first
+            return code0
         for i in range(1, size):
             if not _candidate_row(&self.t, candidates[i], &row):
                 continue  # a malformed or unknown candidate does not admit
             if not c_fits(&self.t, row, <double>prompt, budget, req, a):
                 continue
             code = self._candidate_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, candidates[i], alpha,
-                                        &n, &pred)
+                                        n, pred)
             if code < 16:
-                d = _decision(code, n, pred)
-                d.config = candidates[i]
-                return d
-        return first
+                chosen[0] = i
+                return code
+        n[0], pred[0] = n0, pred0
+        return code0
 
     # -------------------------------------------------------------- batch entry points
     def admit_batch(self, const double[::1] budget_ms, const long long[::1] vision_tokens,

@@ -124,6 +124,16 @@ def as_real(o: Any) -> float | None:
         return None
 
 
+def as_candidates(o: Any) -> tuple[Any, ...] | list[Any]:
+    """choose's candidate list: a tuple or list as given, another iterable as a tuple, anything else ()."""
+    if type(o) is tuple or type(o) is list:
+        return o  # type: ignore[no-any-return]
+    try:
+        return tuple(o)
+    except Exception:  # noqa: BLE001 - not iterable: no candidates
+        return ()
+
+
 _ENUM_NAMES = ("PRE_A", "PRE_B", "PRE_C", "PAST_LO", "PAST_HI", "PRE_LO", "PRE_HI", "FACTORISED", "PIECE_OFF",
                "PIECE_CNT", "CONF_OFF", "CONF_CNT", "RQ_OFF", "RQ_CNT", "LOOP_FIRST", "LOOP_PRE", "NCOL",
                "P_START", "P_VALUE", "P_SLOPE", "P_CUM", "PCOL", "TOKEN_MAX", "F_NONE", "F_CONFORMAL",

@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from trt_latency.schema import ConfigKey
+
 TARGET_VIOLATION_RATE = 0.07
 
 
@@ -133,7 +135,7 @@ def execute(runner: Any, vision: int, text: int, output: int, hidden: int, rng: 
     return ttft, total
 
 
-def slo_classes(estimator: Any, key: tuple[int, int, int], spec: StreamSpec,
+def slo_classes(estimator: Any, key: ConfigKey, spec: StreamSpec,
                 quantiles: Sequence[float] = (0.2, 0.4, 0.6, 0.8), sample: int = 4000,
                 seed: int = 4242) -> tuple[float, ...]:
     """SLO class budgets (ms): quantiles of the predicted totals of the request mix (a sample of
@@ -151,7 +153,7 @@ def run_stream(
     runner: Any,
     controller: Any,
     estimator: Any,
-    key: tuple[int, int, int],
+    key: ConfigKey,
     spec: StreamSpec,
     n: int,
     seed: int = 0,
@@ -320,7 +322,7 @@ def find_model(calibration_path: str | os.PathLike[str], onnx_path: str | os.Pat
     return candidate
 
 
-def calibrate_conformal_live(runner: Any, estimator: Any, key: tuple[int, int, int], spec: StreamSpec, n: int,
+def calibrate_conformal_live(runner: Any, estimator: Any, key: ConfigKey, spec: StreamSpec, n: int,
                              seed: int, hidden: int) -> dict[str, np.ndarray]:
     """Run n requests of the stream's distribution for real; returns a request log as columns."""
     rng = np.random.default_rng(seed)
@@ -341,18 +343,18 @@ def open_model(path: str | os.PathLike[str], backend: str = "ort-cpu", threads: 
     return open_runner(path, backend, threads=0 if threads is None else threads)
 
 
-def served_key(model_path: str | os.PathLike[str], cal: Any) -> tuple[int, int, int]:
+def served_key(model_path: str | os.PathLike[str], cal: Any) -> ConfigKey:
     """The config the model was exported as (its metadata), else the calibration's first config."""
     try:
         from trt_latency.engines.export import model_metadata
 
         meta = model_metadata(model_path)
-        key = (int(meta["tier_idx"]), int(meta["top_k"]), int(meta["num_active_blocks"]))
+        key = ConfigKey(int(meta["tier_idx"]), int(meta["top_k"]), int(meta["num_active_blocks"]))
         cal.config(*key)
         return key
     except Exception:  # noqa: BLE001 - a foreign model: serve it as the primary config
         first = cal.configs[0]
-        return (int(first.tier_idx), int(first.top_k), int(first.num_active_blocks))
+        return ConfigKey(int(first.tier_idx), int(first.top_k), int(first.num_active_blocks))
 
 
 def plan_of(cal: Any, plan_path: str | os.PathLike[str] | None = None) -> Any:

@@ -22,6 +22,7 @@ _EXPORTS = {
     "Prediction": "trt_latency.estimator.model",
     "Decision": "trt_latency.estimator.model",
     "AdmissionController": "trt_latency.serving.admission",
+    "ConfigKey": "trt_latency.schema",
     "Calibration": "trt_latency.estimator.calibration",
     "load_calibration": "trt_latency.estimator.calibration",
     "save_calibration": "trt_latency.estimator.calibration",
