@@ -289,6 +289,16 @@ cdef class Kernel:
         return c_nfit_at(&self.t, c, prompt, budget, factor, c_prefill(&self.t, c, prompt) * prefill_scale,
                         c_cumsum(&self.t, c, prompt), decode_scale)
 
+    def _fixup_from(self, Py_ssize_t c, double prompt, double budget, double factor, long long n_start,
+                    double prefill_scale=1.0, double decode_scale=1.0):
+        """Test seam: nfit_scaled's fix-up search started from n_start (1 .. TOKEN_MAX, total(1) <= budget)
+        instead of the closed-form estimate, so the search is tested from a wrong estimate."""
+        self._row(c)
+        if not 1 <= n_start <= TOKEN_MAX:
+            raise ValueError("n_start must be in [1, TOKEN_MAX]")
+        return _fixup(&self.t, c, prompt, budget, factor, n_start, c_prefill(&self.t, c, prompt) * prefill_scale,
+                      c_cumsum(&self.t, c, prompt), -1, decode_scale)
+
     def total_scaled(self, Py_ssize_t c, double prompt, double n, double prefill_scale, double decode_scale,
                      double factor):
         self._row(c)

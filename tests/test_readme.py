@@ -32,4 +32,10 @@ def test_readme_api_block_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README is ours
     counters = namespace["ctl"].counters()  # type: ignore[attr-defined]
     assert counters["decisions"] == 1
-    assert namespace["n"] >= 0  # type: ignore[operator]
+    # n is the largest output length whose predicted total fits 150 ms
+    est, n, d = namespace["est"], namespace["n"], namespace["d"]
+    assert isinstance(n, int) and n >= 1
+    assert est.predict(256, 40, n).total_ms <= 150.0 < est.predict(256, 40, n + 1).total_ms  # type: ignore[attr-defined]
+    # d: admitted iff the 64 tokens fit 150 ms times the alpha factor; else max_new_tokens is what fits
+    fits = est.max_new_tokens(150.0, 256, 40, alpha=0.05)  # type: ignore[attr-defined]
+    assert d.admit == (fits >= 64) and d.max_new_tokens == (64 if fits >= 64 else fits)  # type: ignore[attr-defined]

@@ -3,6 +3,7 @@ and the replay killed with SIGKILL midway resumes to exactly the planned rows.""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -60,19 +61,27 @@ def calibrated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d / "cal"
 
 
-def test_loadtest_json_structure_and_sanity(calibrated: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_loadtest_json_structure_and_sanity(calibrated: Path, capsys: pytest.CaptureFixture[str],
+                                           tmp_path: Path) -> None:
     capsys.readouterr()
     rc = main(["loadtest", "-c", str(calibrated / "calibration.yaml"), "--requests", "40", "--alpha", "0.1",
                "--calibrate-requests", "20", "--slowdown-at", "20", "--slowdown-ms-per-step", "0.2",
-               "--report-window", "10", "--json"])
+               "--report-window", "10", "--json", "--dump", str(tmp_path / "rows.csv")])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert report["requests"] == 40 and report["config"] == [0, 1, 2]
-    assert 0 <= report["admitted"] <= 40 and 0 <= report["oracle_admitted"] <= 40
-    assert report["admitted_and_oracle"] <= min(report["admitted"], report["oracle_admitted"])
-    if report["admitted"]:
-        assert 0.0 <= report["violation_rate"] <= 1.0
-        assert report["violations"] == round(report["violation_rate"] * report["admitted"])
+    # The report's counts recomputed from the raw per-request rows (budget, true total, decision).
+    with open(tmp_path / "rows.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["index"]) for r in rows] == list(range(40))
+    admitted = [r["admitted"] == "1" for r in rows]
+    oracle = [float(r["total_ms"]) <= float(r["budget_ms"]) for r in rows]
+    assert report["admitted"] == sum(admitted) and report["oracle_admitted"] == sum(oracle)
+    assert report["admitted_and_oracle"] == sum(a and o for a, o in zip(admitted, oracle, strict=True))
+    assert report["violations"] == sum(a and not o for a, o in zip(admitted, oracle, strict=True))
+    assert report["violation_rate"] == (report["violations"] / report["admitted"] if report["admitted"] else None)
+    assert report["admitted_vs_oracle"] == (report["admitted"] / report["oracle_admitted"]
+                                            if report["oracle_admitted"] else None)
     c = report["controller"]
     assert c["decisions"] >= 40 and c["observations"] == report["admitted"] and c["invalid"] == 0
     assert report["controller_ns_per_decision"] > 0 and report["decisions_per_s"] > 0
