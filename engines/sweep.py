@@ -206,7 +206,8 @@ def run_sweep(runner: Runner, key: ConfigKey, plan: Plan, samples_path: str | os
                 warmup = sweep.decode.warmup if row.phase == "decode" else sweep.prefill.warmup
                 ms = measure_once(runner, row.past_len, row.new_tokens, warmup)
                 writer.writerow([key.tier_idx, key.top_k, key.num_active_blocks, BATCH, row.phase, row.past_len,
-                                 row.new_tokens, row.rep, f"{ms:.6f}", runner.backend, runner.device, kv_mode])
+                                 row.new_tokens, row.rep, f"{ms:.6f}", runner.backend, runner.device, kv_mode,
+                                 row.past_len, row.past_len])  # kv_total, kv_max of a batch of one
                 fh.flush()
                 os.fsync(fh.fileno())
                 written += 1
