@@ -105,7 +105,7 @@ class BatchSweep:
 
     Size 1 is the decode sweep's own curve; every larger size is timed at uniform batches (every row at
     each of ``past_lens``) and at ``ragged`` seeded ragged batches, skipping shapes whose B * max L exceeds
-    ``max_kv_tokens`` (0 = no cap)."""
+    ``max_kv_tokens`` (0 = no cap). ``all_configs`` false: only the primary config (the served model)."""
 
     sizes: tuple[int, ...]
     past_lens: tuple[int, ...]
@@ -113,6 +113,7 @@ class BatchSweep:
     reps: int
     warmup: int = 1
     max_kv_tokens: int = 0
+    all_configs: bool = False
 
 
 @dataclass(frozen=True)
@@ -285,7 +286,7 @@ def _replay(ctx: _Ctx, raw: object, where: str, base: ReplaySpec | None) -> Repl
 
 def _batch(ctx: _Ctx, raw: object, where: str, base: BatchSweep | None) -> BatchSweep:
     m = ctx.mapping(raw, where)
-    keys = ("sizes", "past_lens", "ragged", "reps", "warmup", "max_kv_tokens")
+    keys = ("sizes", "past_lens", "ragged", "reps", "warmup", "max_kv_tokens", "all_configs")
     ctx.keys(m, where, keys, ("sizes", "past_lens", "reps") if base is None else ())
     vals: dict[str, Any] = {}
     for k in ("sizes", "past_lens"):
@@ -297,6 +298,10 @@ def _batch(ctx: _Ctx, raw: object, where: str, base: BatchSweep | None) -> Batch
     for k, lo in (("ragged", 0), ("reps", 1), ("warmup", 0), ("max_kv_tokens", 0)):
         if k in m:
             vals[k] = ctx.integer(m[k], f"{where}.{k}", lo=lo)
+    if "all_configs" in m:
+        if not isinstance(m["all_configs"], bool):
+            raise ctx.fail(f"{where}.all_configs", "true or false", _short(m["all_configs"]))
+        vals["all_configs"] = m["all_configs"]
     if base is None:
         vals.setdefault("ragged", 0)
         spec = BatchSweep(**vals)

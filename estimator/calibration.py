@@ -245,6 +245,9 @@ def _batch_dict(section: Mapping[str, Any]) -> dict[str, Any]:
     }
     if section.get("valid_x") is not None:
         out["valid_x"] = [float(v) for v in section["valid_x"]]
+    if section.get("conformal") is not None:  # the serving side's factors from a batched replay (optional)
+        conf = section["conformal"]
+        out["conformal"] = {"alphas": [float(v) for v in conf["alphas"]], "factors": [float(v) for v in conf["factors"]]}
     return out
 
 
@@ -626,6 +629,13 @@ class _Validator:
         section["fit_error"] = {str(k): self.plain(v, f"{name}.fit_error.{k}") for k, v in fit_error.items()}
         if m.get("valid_x") is not None:
             section["valid_x"] = self.range_(m["valid_x"], f"{name}.valid_x")
+        if m.get("conformal") is not None:
+            cm = self.mapping(m["conformal"], f"{name}.conformal", ["alphas", "factors"])
+            alphas = self.numbers(cm["alphas"], f"{name}.conformal.alphas", lo=1e-9, hi=1.0 - 1e-9,
+                                  what="a number in (0, 1)")
+            factors = self.numbers(cm["factors"], f"{name}.conformal.factors", n=len(alphas), lo=1e-6, hi=1e6,
+                                   what="a factor in (0, 1e6]")
+            section["conformal"] = {"alphas": alphas, "factors": factors}
         return _batch_dict(section)
 
     def serving_loop(self, data: Any, name: str) -> ServingLoop:

@@ -292,7 +292,7 @@ def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) 
         runner_info.update(info)
         sweep_stats.append(info.get("summary", ""))
     if plan.batch is not None:
-        for t in targets:
+        for t in targets if plan.batch.all_configs else targets[:1]:
             runner_info.update(_batch_sweep_one(t, plan, backend, samples_path, progress, options, say))
 
     cal, samples = _fit(samples_path, plan, targets, runner_info, args)
