@@ -89,7 +89,8 @@ def report(samples: Any, cal: Any) -> dict[str, Any]:
     within = sum(1 for r in ragged if abs(r["rel_err"]) <= 0.10)
     return {"config": list(cfg.key), "kv_read": section["kv_read"], "sizes": section["sizes"],
             "lobo_median_rel": err.get("lobo_median_rel"), "lobo_max_rel": err.get("lobo_max_rel"),
-            "lobo_by_size": err.get("lobo_by_size"), "lopo_median_rel": err.get("lopo_median_rel"),
+            "lobo_by_size": err.get("lobo_by_size"), "lobo_interpolated_median_rel": err.get("lobo_interpolated_median_rel"),
+            "lobo_interpolated_max_rel": err.get("lobo_interpolated_max_rel"), "lopo_median_rel": err.get("lopo_median_rel"),
             "lopo_max_rel": err.get("lopo_max_rel"), "ragged_median_rel": err.get("ragged_median_rel"),
             "ragged_max_rel": err.get("ragged_max_rel"), "ragged_within_10pct": f"{within}/{len(ragged)}",
             "ragged": ragged}
@@ -117,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
           f"({'a busy machine' if max(rep['load_average']) > 1 else 'idle'}); {rep['seconds']} s")
     print(format_batch_table(cal, samples), end="")
     pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
-    print(f"LOBO (leave one batch size out): median {pct(rep['lobo_median_rel'])}, max {pct(rep['lobo_max_rel'])}")
+    print(f"LOBO (leave one batch size out): median {pct(rep['lobo_median_rel'])}, max {pct(rep['lobo_max_rel'])}; "
+          f"interpolated sizes only (B between two measured sizes): median "
+          f"{pct(rep['lobo_interpolated_median_rel'])}, max {pct(rep['lobo_interpolated_max_rel'])}")
     print(f"ragged step-time prediction vs measured: median {pct(rep['ragged_median_rel'])}, max "
           f"{pct(rep['ragged_max_rel'])}; within 10%: {rep['ragged_within_10pct']} shapes")
     return 0

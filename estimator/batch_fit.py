@@ -9,7 +9,8 @@ Held-out errors stored in ``fit_error`` (relative, |predicted / measured median 
 
 - lopo: leave one position out inside each size's curve;
 - lobo: leave one batch size out, predict its uniform medians from the remaining sizes by the contract's
-  interpolation rule (the largest size: extrapolated from the two below it);
+  interpolation rule (the largest size: extrapolated from the two below it; lobo_interpolated: only the
+  sizes between two others);
 - ragged: the ragged batches (never used by the fit) against T(B, X) of their own X.
 """
 
@@ -107,6 +108,7 @@ def fit_batch_section(samples: Any, cfg: Any, kv_read: str | None = None) -> dic
     section: dict[str, Any] = {"kv_read": read, "prefill_with_batch": "separate", "sizes": sizes, "curves": curves}
     # Leave one batch size out: refit nothing, drop its curve and predict it by the interpolation rule.
     lobo: list[float] = []
+    lobo_interp: list[float] = []
     lobo_by_size: dict[str, float] = {}
     for size, (xs, ys) in measured.items():
         keep = [i for i, s in enumerate(sizes) if s != size]
@@ -115,6 +117,8 @@ def fit_batch_section(samples: Any, cfg: Any, kv_read: str | None = None) -> dic
         held = {**section, "sizes": [sizes[i] for i in keep], "curves": [curves[i] for i in keep]}
         errs = [_predict(held, size, float(xv)) / yv - 1.0 for xv, yv in zip(xs, ys, strict=True)]
         lobo.extend(errs)
+        if size < sizes[-1]:  # a size between two others: interpolated in B (the largest is extrapolated)
+            lobo_interp.extend(errs)
         lobo_by_size[str(size)] = float(np.median(np.abs(errs)))
     ragged: list[float] = []
     shapes = ~uniform
@@ -127,7 +131,8 @@ def fit_batch_section(samples: Any, cfg: Any, kv_read: str | None = None) -> dic
             med = float(np.median(lat[shapes][sel]))
             ragged.append(_predict(section, int(size), float(xr[sel][0])) / med - 1.0)
     all_x = [v for c in curves for v in c["knots_x"]]
-    fit_error: dict[str, Any] = {**_stats(lopo, "lopo"), **_stats(lobo, "lobo"), **_stats(ragged, "ragged"),
+    fit_error: dict[str, Any] = {**_stats(lopo, "lopo"), **_stats(lobo, "lobo"), **_stats(lobo_interp, "lobo_interpolated"),
+                                 **_stats(ragged, "ragged"),
                                  "lobo_by_size": lobo_by_size, "n_ragged_shapes": len(ragged),
                                  "n_batch_samples": int(m.sum())}
     section.update(fit_error=fit_error, valid_x=[float(min(all_x)), float(max(all_x))])
@@ -178,7 +183,9 @@ def format_batch_table(cal: Any, samples: Any = None) -> str:
         lines.append(f"  held-out error: leave-one-position-out median {_pct(err.get('lopo_median_rel'))}, max "
                      f"{_pct(err.get('lopo_max_rel'))}; leave-one-batch-size-out median "
                      f"{_pct(err.get('lobo_median_rel'))}, max {_pct(err.get('lobo_max_rel'))}"
-                     + (" (per size: " + ", ".join(f"B={k} {_pct(v)}" for k, v in by.items()) + ")" if by else ""))
+                     + (" (per size: " + ", ".join(f"B={k} {_pct(v)}" for k, v in by.items()) + ")" if by else "")
+                     + f"; interpolated sizes only: median {_pct(err.get('lobo_interpolated_median_rel'))}, max "
+                     f"{_pct(err.get('lobo_interpolated_max_rel'))}")
         lines.append(f"  ragged batches (not fitted) vs T(B, X): median {_pct(err.get('ragged_median_rel'))}, max "
                      f"{_pct(err.get('ragged_max_rel'))} over {err.get('n_ragged_shapes', 0)} shapes")
         lines.append("")
