@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
@@ -63,3 +64,24 @@ class Runner(Protocol):
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None: ...
+
+
+@runtime_checkable
+class BatchRunner(Protocol):
+    """Optional capability (checked with ``supports_batch``): one batched decode step over B running rows.
+
+    ``batch_kv_read``: what a step reads, "padded" (X = B * max L, a dense cache) or "packed" (X = sum L);
+    ``prefill_with_batch``: "separate" (a prefill is its own engine call and stalls the batch)."""
+
+    max_batch: int
+    batch_kv_read: str
+    prefill_with_batch: str
+
+    def time_batch_step(self, kv_lens: Sequence[int], reps: int) -> np.ndarray:
+        """Float64 ms per repetition of ONE decode step with B = len(kv_lens) rows (S = 1 each)."""
+        ...
+
+
+def supports_batch(runner: object) -> bool:
+    """True when ``runner`` can time batched decode steps with B > 1."""
+    return hasattr(runner, "time_batch_step") and int(getattr(runner, "max_batch", 0) or 0) > 1

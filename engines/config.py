@@ -15,7 +15,8 @@ from typing import Any
 from trt_latency.errors import ConfigError
 from trt_latency.schema import ConfigKey
 
-__all__ = ["AdaptiveSpec", "ConfigKey", "Plan", "ReplaySpec", "RuntimeSpec", "SweepSpec", "TierSpec", "load_plan"]
+__all__ = ["AdaptiveSpec", "BatchSweep", "ConfigKey", "Plan", "ReplaySpec", "RuntimeSpec", "SweepSpec", "TierSpec",
+           "load_plan"]
 
 DTYPE_SIZES: dict[str, int] = {"float32": 4, "float16": 2}
 DEFAULT_CONFIG_NAME = "default.yaml"
@@ -120,6 +121,23 @@ class ReplaySpec:
 
 
 @dataclass(frozen=True)
+class BatchSweep:
+    """The batch axis (in-flight batching, engines/batch_sweep.py): batched decode steps per size.
+
+    Size 1 is the decode sweep's own curve; every larger size is timed at uniform batches (every row at
+    each of ``past_lens``) and at ``ragged`` seeded ragged batches, skipping shapes whose B * max L exceeds
+    ``max_kv_tokens`` (0 = no cap). ``all_configs`` false: only the primary config (the served model)."""
+
+    sizes: tuple[int, ...]
+    past_lens: tuple[int, ...]
+    ragged: int
+    reps: int
+    warmup: int = 1
+    max_kv_tokens: int = 0
+    all_configs: bool = False
+
+
+@dataclass(frozen=True)
 class Plan:
     tiers: dict[int, TierSpec]
     configs: list[ConfigKey]
@@ -129,6 +147,7 @@ class Plan:
     source: str = "<default>"
     quick: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    batch: BatchSweep | None = None  # None: no batch sweep (single-request calibration only)
 
     @property
     def primary(self) -> ConfigKey:
@@ -313,6 +332,36 @@ def _replay(ctx: _Ctx, raw: object, where: str, base: ReplaySpec | None) -> Repl
     return spec
 
 
+def _batch(ctx: _Ctx, raw: object, where: str, base: BatchSweep | None) -> BatchSweep:
+    m = ctx.mapping(raw, where)
+    keys = ("sizes", "past_lens", "ragged", "reps", "warmup", "max_kv_tokens", "all_configs")
+    ctx.keys(m, where, keys, ("sizes", "past_lens", "reps") if base is None else ())
+    vals: dict[str, Any] = {}
+    for k in ("sizes", "past_lens"):
+        if k in m:
+            items = ctx.int_list(m[k], f"{where}.{k}", lo=1)
+            if len(set(items)) != len(items):
+                raise ctx.fail(f"{where}.{k}", "distinct values", list(items))
+            vals[k] = tuple(sorted(items))
+    for k, lo in (("ragged", 0), ("reps", 1), ("warmup", 0), ("max_kv_tokens", 0)):
+        if k in m:
+            vals[k] = ctx.integer(m[k], f"{where}.{k}", lo=lo)
+    if "all_configs" in m:
+        if not isinstance(m["all_configs"], bool):
+            raise ctx.fail(f"{where}.all_configs", "true or false", _short(m["all_configs"]))
+        vals["all_configs"] = m["all_configs"]
+    if base is None:
+        vals.setdefault("ragged", 0)
+        spec = BatchSweep(**vals)
+    else:
+        spec = BatchSweep(**{f: vals.get(f, getattr(base, f)) for f in BatchSweep.__dataclass_fields__})
+    if spec.sizes[0] != 1:
+        raise ctx.fail(f"{where}.sizes", "sizes starting at 1 (the single-request curve)", list(spec.sizes))
+    if len(spec.sizes) < 2:
+        raise ctx.fail(f"{where}.sizes", "at least one batch size > 1", list(spec.sizes))
+    return spec
+
+
 def default_plan_path() -> Path:
     """Path of the packaged default plan (trt_latency/configs/default.yaml)."""
     from importlib.resources import as_file, files
@@ -353,7 +402,7 @@ def load_plan(path: str | os.PathLike[str] | None = None, quick: bool = False) -
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read ({exc})", path=spath) from None
     top = ctx.mapping(raw, "<top level>")
-    ctx.keys(top, "", ("schema_version", "tiers", "configs", "runtime", "sweep", "quick", "replay"),
+    ctx.keys(top, "", ("schema_version", "tiers", "configs", "runtime", "sweep", "quick", "replay", "batch"),
              ("tiers", "configs", "sweep", "replay"))
     if "schema_version" in top and top["schema_version"] != 1:
         raise ctx.fail("schema_version", "1", _short(top["schema_version"]))
@@ -402,10 +451,11 @@ def load_plan(path: str | os.PathLike[str] | None = None, quick: bool = False) -
                       seed=ctx.integer(sw.get("seed", 0), "sweep.seed", lo=0),
                       adaptive=_adaptive(ctx, sw["adaptive"], "sweep.adaptive", None) if "adaptive" in sw else None)
     replay = _replay(ctx, top["replay"], "replay", None)
+    batch = _batch(ctx, top["batch"], "batch", None) if top.get("batch") is not None else None
 
     if "quick" in top:
         q = ctx.mapping(top["quick"], "quick")
-        ctx.keys(q, "quick", ("decode", "prefill", "replay", "adaptive"), ())
+        ctx.keys(q, "quick", ("decode", "prefill", "replay", "adaptive", "batch"), ())
         # A preset: usually only adaptive (a looser precision, a time budget) on the same grid; decode /
         # prefill grid overrides are still read (older plans).
         quick_adaptive = sweep.adaptive
@@ -421,10 +471,13 @@ def load_plan(path: str | os.PathLike[str] | None = None, quick: bool = False) -
             adaptive=quick_adaptive,
         )
         quick_replay = _replay(ctx, q["replay"], "quick.replay", replay) if "replay" in q else replay
+        if "batch" in q and batch is None:
+            raise ctx.fail("quick.batch", "a top-level batch block for it to override", message="no batch block")
+        quick_batch = _batch(ctx, q["batch"], "quick.batch", batch) if "batch" in q else batch
     else:
-        quick_sweep, quick_replay = sweep, replay
+        quick_sweep, quick_replay, quick_batch = sweep, replay, batch
     if quick:
-        sweep, replay, configs = quick_sweep, quick_replay, configs[:1]
+        sweep, replay, configs, batch = quick_sweep, quick_replay, configs[:1], quick_batch
 
     # Cross-checks: every measured shape must fit the tier's profile.
     for i, key in enumerate(configs):
@@ -442,4 +495,5 @@ def load_plan(path: str | os.PathLike[str] | None = None, quick: bool = False) -
                                f"({tier.max_past_len}) of tier {tier.tier_idx}", rep.output_tokens[1])
         if tier.max_past_len < 2:
             raise ctx.fail(f"tiers[{tier.tier_idx}].max_past_len", "an integer >= 2", tier.max_past_len)
-    return Plan(tiers=tiers, configs=configs, runtime=runtime, sweep=sweep, replay=replay, source=spath, quick=quick)
+    return Plan(tiers=tiers, configs=configs, runtime=runtime, sweep=sweep, replay=replay, source=spath, quick=quick,
+                batch=batch)

@@ -2,7 +2,9 @@
 
 Built with onnx.helper from standard ops only (no contrib ops, no ONNX Attention op) so TensorRT's
 ONNX parser takes it. One graph serves prefill (S > 1, any past length, causal mask) and decode
-(S = 1). Per block: RMSNorm -> GQA attention with RoPE (computed in-graph from position_ids) and
+(S = 1). ``attention_mask [B, past + S]`` (int64, 1 = attend, 0 = padding) masks left-padded rows of a
+ragged batch; it is an overridable initializer (ones [1, 1], broadcast) so callers that feed no mask
+(B = 1, a TensorRT engine built from the file) run exactly as before. Per block: RMSNorm -> GQA attention with RoPE (computed in-graph from position_ids) and
 past/present KV concat -> RMSNorm -> SiLU-gated MLP, or a sparse MoE that runs exactly top_k expert
 MLPs per token (router -> TopK -> per expert: NonZero picks its tokens, Gather, MLP, ScatterND back).
 Only ``num_active_blocks`` blocks are in the graph: those are the blocks executed.
@@ -29,6 +31,7 @@ EXTERNAL_DATA_THRESHOLD = 1_500_000_000  # bytes of weights above which they go 
 RMS_EPS = 1e-5
 ROPE_THETA = 10000.0
 METADATA_PREFIX = "trt_latency."
+MASK_INPUT = "attention_mask"
 _META_INT_FIELDS = ("tier_idx", "hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "vocab",
                     "experts", "max_past_len", "max_prefill_len", "top_k", "num_active_blocks", "seed")
 
@@ -165,7 +168,7 @@ def _const_tensor(g: _GraphBuilder, value: float) -> Any:
 
 def build_model(tier: TierSpec, top_k: int, num_active_blocks: int, seed: int = 0) -> tuple[Any, int]:
     """The ModelProto (weights in memory) and its weight bytes."""
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
     if not 1 <= num_active_blocks <= tier.layers:
         raise ValueError(f"num_active_blocks must be in [1, {tier.layers}], got {num_active_blocks}")
@@ -176,6 +179,10 @@ def build_model(tier: TierSpec, top_k: int, num_active_blocks: int, seed: int = 
     groups, half = NH // KV, D // 2
     inputs = [helper.make_tensor_value_info("inputs_embeds", g.elem, ["batch", "seq", H]),
               helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"])]
+    # The mask is an input with a default: ONNX Runtime takes a fed [B, past + S] mask, everyone else
+    # (a B = 1 step, TensorRT's parser, which reads input+initializer as a constant) gets ones.
+    inputs.append(helper.make_tensor_value_info(MASK_INPUT, TensorProto.INT64, ["batch", "total_len"]))
+    g.inits.append(numpy_helper.from_array(np.ones((1, 1), dtype=np.int64), name=MASK_INPUT))
     outputs = [helper.make_tensor_value_info("logits", g.elem, ["batch", "seq", tier.vocab])]
     for i in range(num_active_blocks):
         for kv in ("key", "value"):
@@ -206,6 +213,10 @@ def build_model(tier: TierSpec, top_k: int, num_active_blocks: int, seed: int = 
     neg = -1e4 if tier.dtype == "float16" else -1e9
     mask = g.op("Where", [visible, g.scalar(0.0), g.scalar(neg)], "mask")
     mask = g.op("Tile", [mask, g.i64(groups, 1)], "mask_tiled")  # [groups*S, T]
+    # Padding: (1 - attention_mask) * neg as [B, 1, 1, T], added to the causal mask once for all blocks.
+    keep = g.op("Cast", [MASK_INPUT], "mask_keep", to=g.elem)
+    pad = g.op("Mul", [g.op("Sub", [g.scalar(1.0), keep], "mask_drop"), g.scalar(neg)], "mask_pad")
+    mask = g.op("Add", [mask, g.op("Unsqueeze", [pad, g.i64(1, 2)], "mask_pad4")], "mask_full")  # [B, 1, gS, T]
 
     x = "inputs_embeds"
     seed_ = seed

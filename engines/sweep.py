@@ -269,7 +269,8 @@ def run_sweep(runner: Runner, key: ConfigKey, plan: Plan, samples_path: str | os
 def _row_values(runner: Runner, key: ConfigKey, row: PlannedRow, ms: float) -> list[Any]:
     kv_mode = getattr(runner, "kv_mode", "concat")  # how the KV was bound: part of what was timed
     return [key.tier_idx, key.top_k, key.num_active_blocks, BATCH, row.phase, row.past_len, row.new_tokens,
-            row.rep, f"{ms:.6f}", runner.backend, runner.device, kv_mode]
+            row.rep, f"{ms:.6f}", runner.backend, runner.device, kv_mode,
+            row.past_len, row.past_len]  # kv_total, kv_max of a batch of one
 
 
 def _open_writer(path: Path) -> _GroupWriter:

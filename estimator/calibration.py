@@ -24,6 +24,21 @@ Schema version 1 (one mapping)::
     preference:                                       # optional: Estimator.choose's order, first = preferred
       - {tier_idx: 0, top_k: 2, num_active_blocks: 8}  # each a measured config (or one in a factorised tier)
 
+Schema version 2 adds an optional per-config ``batch`` section (in-flight batching: the step cost
+T(B, X) per measured batch size, estimator/batch_model.py; BATCH_CONTRACT.md)::
+
+        batch:
+          kv_read: padded                 # or packed: X = B * max(L) or sum(L)
+          prefill_with_batch: separate
+          sizes: [1, 2, 4, 8]             # ascending, sizes[0] == 1
+          curves:                         # one monotone piecewise-linear T_b(X) per size
+            - {batch: 1, knots_x: [...], values_ms: [...]}
+          fit_error: {lopo_median_rel, lopo_max_rel, lobo_median_rel, lobo_max_rel, ragged_median_rel, ...}
+          valid_x: [lo, hi]
+
+A file is written as version 1 when no config has a batch section (older readers keep reading it,
+and version-1 files round-trip byte identical) and as version 2 otherwise.
+
 The serving-loop section models what a real generate loop adds to the engine-only sweep
 (estimator.fit.fit_serving_loop): total(n) = prefill(P) + o_p + [n >= 2] * c + sum_{j=0}^{n-2} (T(P+j) + o).
 It is optional inside schema 1, so files written before it existed load unchanged (and round-trip
@@ -53,7 +68,10 @@ import yaml
 from trt_latency.errors import CalibrationError
 from trt_latency.schema import ConfigKey
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
+BATCH_KV_READS = ("padded", "packed")
+BATCH_PREFILL_MODES = ("separate", "mixed")
 # Largest tier_idx / top_k / num_active_blocks a file may name (keeps lookup tables small).
 MAX_CONFIG_INT = 4095
 
@@ -101,6 +119,7 @@ class ConfigCalibration:
     conformal: dict[str, Any] | None = None
     kv_bytes_per_token: int | None = None
     serving_loop: ServingLoop | None = None  # None = no loop terms (zeros)
+    batch: dict[str, Any] | None = None  # in-flight batching section (schema 2); None = single request only
 
     @property
     def key(self) -> ConfigKey:
@@ -209,6 +228,44 @@ def _config_dict(c: ConfigCalibration) -> dict[str, Any]:
     }
     if c.serving_loop is not None:  # absent when unset: files without it stay byte identical
         out["serving_loop"] = _loop_dict(c.serving_loop)
+    if c.batch is not None:
+        out["batch"] = _batch_dict(c.batch)
+    return out
+
+
+def _batch_dict(section: Mapping[str, Any]) -> dict[str, Any]:
+    """The canonical form of a batch section (fixed key order, plain floats)."""
+    out: dict[str, Any] = {
+        "kv_read": str(section["kv_read"]),
+        "prefill_with_batch": str(section.get("prefill_with_batch", "separate")),
+        "sizes": [int(v) for v in section["sizes"]],
+        "curves": [{"batch": int(c["batch"]), "knots_x": [float(v) for v in c["knots_x"]],
+                    "values_ms": [float(v) for v in c["values_ms"]]} for c in section["curves"]],
+        "fit_error": _plain(dict(section.get("fit_error") or {})),
+    }
+    if section.get("valid_x") is not None:
+        out["valid_x"] = [float(v) for v in section["valid_x"]]
+    if section.get("conformal") is not None:  # the serving side's factors from a batched replay (optional)
+        conf = section["conformal"]
+        out["conformal"] = {"alphas": [float(v) for v in conf["alphas"]], "factors": [float(v) for v in conf["factors"]]}
+    return out
+
+
+def schema_version_for(configs: Sequence[ConfigCalibration]) -> int:
+    """1 unless a config carries a batch section (then 2): single-request files stay readable by old tools."""
+    return 2 if any(c.batch is not None for c in configs) else 1
+
+
+def with_batch(cal: Calibration, sections: Mapping[tuple[int, int, int], Mapping[str, Any] | None]) -> Calibration:
+    """A copy of `cal` with batch sections set on the configs named (validated; schema version follows)."""
+    known = {c.key for c in cal.configs}
+    for key in sections:
+        if tuple(key) not in known:
+            raise CalibrationError(field="configs", expected=f"a measured config {tuple(key)}", got=None)
+    configs = [dataclasses.replace(c, batch=None if sections[c.key] is None else _batch_dict(sections[c.key]))  # type: ignore[arg-type]
+               if c.key in sections else c for c in cal.configs]
+    out = dataclasses.replace(cal, configs=configs, schema_version=schema_version_for(configs))
+    validate_calibration(out)
     return out
 
 
@@ -275,7 +332,7 @@ _Dumper.add_representer(list, _represent_list)
 
 def dump_calibration(cal: Calibration) -> str:
     validate_calibration(cal)
-    header = "# trt-latency calibration (schema 1). Written by `trt-latency fit`; see DESIGN.md.\n"
+    header = f"# trt-latency calibration (schema {cal.schema_version}). Written by `trt-latency fit`; see DESIGN.md.\n"
     return header + yaml.dump(calibration_to_dict(cal), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=1 << 16)
 
 
@@ -402,8 +459,8 @@ class _Validator:
     def calibration(self, data: Any) -> Calibration:
         top = self.mapping(data, "", ["schema_version", "configs"])
         version = top["schema_version"]
-        if version != SCHEMA_VERSION or isinstance(version, bool):
-            raise self.fail("schema_version", str(SCHEMA_VERSION), version)
+        if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
+            raise self.fail("schema_version", " or ".join(str(v) for v in SUPPORTED_VERSIONS), version)
         prov = top.get("provenance", {})
         if prov is None:
             prov = {}
@@ -414,6 +471,9 @@ class _Validator:
         if not isinstance(configs_raw, list) or not configs_raw:
             raise self.fail("configs", "a non-empty list of config mappings", configs_raw)
         configs = [self.config(c, f"configs[{i}]") for i, c in enumerate(configs_raw)]
+        for i, c in enumerate(configs):
+            if c.batch is not None and version < 2:
+                raise self.fail(f"configs[{i}].batch", "schema_version 2 for a batch section", version)
         seen: set[tuple[int, int, int]] = set()
         for i, c in enumerate(configs):
             if c.key in seen:
@@ -429,7 +489,7 @@ class _Validator:
         if len(set(tiers)) != len(tiers):
             raise self.fail("factorised", "one entry per tier_idx", str(tiers))
         preference = self.preference(top.get("preference"), seen, set(tiers))
-        return Calibration(SCHEMA_VERSION, provenance, configs, factorised, preference)
+        return Calibration(int(version), provenance, configs, factorised, preference)
 
     def preference(self, raw: Any, measured: set[tuple[int, int, int]], factorised_tiers: set[int]) -> list[ConfigKey]:
         """The optional choose order: unique configs, each measured or in a tier with a factorised model."""
@@ -508,6 +568,9 @@ class _Validator:
         loop = m.get("serving_loop")
         if loop is not None:
             loop = self.serving_loop(loop, f"{name}.serving_loop")
+        batch = m.get("batch")
+        if batch is not None:
+            batch = self.batch(batch, f"{name}.batch")
         return ConfigCalibration(
             tier_idx=tier,
             top_k=top_k,
@@ -522,7 +585,58 @@ class _Validator:
             conformal=conformal,
             kv_bytes_per_token=kv,
             serving_loop=loop,
+            batch=batch,
         )
+
+    def batch(self, data: Any, name: str) -> dict[str, Any]:
+        """A batch section: measured sizes ascending from 1, one monotone curve per size (BATCH_CONTRACT.md)."""
+        m = self.mapping(data, name, ["kv_read", "sizes", "curves"])
+        if m["kv_read"] not in BATCH_KV_READS:
+            raise self.fail(f"{name}.kv_read", " or ".join(BATCH_KV_READS), m["kv_read"])
+        prefill = m.get("prefill_with_batch", "separate")
+        if prefill not in BATCH_PREFILL_MODES:
+            raise self.fail(f"{name}.prefill_with_batch", " or ".join(BATCH_PREFILL_MODES), prefill)
+        raw_sizes = m["sizes"]
+        if not isinstance(raw_sizes, list) or not raw_sizes:
+            raise self.fail(f"{name}.sizes", "a non-empty list of batch sizes", raw_sizes)
+        sizes = [self.integer(v, f"{name}.sizes[{i}]", lo=1, hi=1 << 20) for i, v in enumerate(raw_sizes)]
+        if sizes[0] != 1:
+            raise self.fail(f"{name}.sizes[0]", "1 (the single-request curve comes first)", sizes[0])
+        for i in range(1, len(sizes)):
+            if sizes[i] <= sizes[i - 1]:
+                raise self.fail(f"{name}.sizes[{i}]", f"strictly increasing (> {sizes[i - 1]})", sizes[i])
+        curves = m["curves"]
+        if not isinstance(curves, list) or len(curves) != len(sizes):
+            raise self.fail(f"{name}.curves", f"a list of {len(sizes)} curves (one per size)", curves)
+        for i, c in enumerate(curves):
+            where = f"{name}.curves[{i}]"
+            cm = self.mapping(c, where, ["batch", "knots_x", "values_ms"])
+            if self.integer(cm["batch"], f"{where}.batch", lo=1, hi=1 << 20) != sizes[i]:
+                raise self.fail(f"{where}.batch", f"{sizes[i]} (sizes[{i}])", cm["batch"])
+            knots = self.numbers(cm["knots_x"], f"{where}.knots_x", lo=0.0, hi=1e15, what="a finite number in [0, 1e15]")
+            for k in range(1, len(knots)):
+                if not knots[k] > knots[k - 1]:
+                    raise self.fail(f"{where}.knots_x[{k}]", f"strictly increasing (> {knots[k - 1]})", knots[k])
+            values = self.numbers(cm["values_ms"], f"{where}.values_ms", n=len(knots), lo=1e-12, hi=1e12,
+                                  what="a finite number > 0 (ms)")
+            for k in range(1, len(values)):
+                if values[k] < values[k - 1]:
+                    raise self.fail(f"{where}.values_ms[{k}]", f"non-decreasing (>= {values[k - 1]})", values[k])
+        fit_error = m.get("fit_error") or {}
+        if not isinstance(fit_error, Mapping):
+            raise self.fail(f"{name}.fit_error", "a mapping", fit_error)
+        section = dict(m)
+        section["fit_error"] = {str(k): self.plain(v, f"{name}.fit_error.{k}") for k, v in fit_error.items()}
+        if m.get("valid_x") is not None:
+            section["valid_x"] = self.range_(m["valid_x"], f"{name}.valid_x")
+        if m.get("conformal") is not None:
+            cm = self.mapping(m["conformal"], f"{name}.conformal", ["alphas", "factors"])
+            alphas = self.numbers(cm["alphas"], f"{name}.conformal.alphas", lo=1e-9, hi=1.0 - 1e-9,
+                                  what="a number in (0, 1)")
+            factors = self.numbers(cm["factors"], f"{name}.conformal.factors", n=len(alphas), lo=1e-6, hi=1e6,
+                                   what="a factor in (0, 1e6]")
+            section["conformal"] = {"alphas": alphas, "factors": factors}
+        return _batch_dict(section)
 
     def serving_loop(self, data: Any, name: str) -> ServingLoop:
         m = self.mapping(data, name, ["decode_step_ms", "first_step_ms", "prefill_ms"])

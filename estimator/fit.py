@@ -23,6 +23,7 @@ conformal factors, so those stay exchangeable with new requests.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 from collections.abc import Mapping
@@ -33,11 +34,11 @@ import numpy as np
 
 from trt_latency.errors import SamplesError
 from trt_latency.estimator.calibration import (
-    SCHEMA_VERSION,
     Calibration,
     ConfigCalibration,
     FactorisedModel,
     ServingLoop,
+    schema_version_for,
 )
 from trt_latency.estimator.samples import Samples
 from trt_latency.schema import ConfigKey
@@ -348,8 +349,12 @@ def fit_samples(
     samples: Samples,
     provenance: Mapping[str, Any] | None = None,
     kv_bytes_per_token: Mapping[ConfigKey, int] | int | None = None,
+    batch_kv_read: Mapping[ConfigKey, str] | str | None = None,
 ) -> Calibration:
-    """Fit every config present in `samples`. `provenance` entries override the defaults."""
+    """Fit every config present in `samples`. `provenance` entries override the defaults.
+
+    Configs with batched decode rows (batch > 1) also get a batch section (estimator/batch_fit.py);
+    ``batch_kv_read`` says what the engine reads ("padded" / "packed"), by default guessed from kv_mode."""
     if len(samples) == 0:
         raise SamplesError("no samples", path=samples.source or None, expected="at least one decode row")
     prov = default_provenance(samples)
@@ -363,7 +368,22 @@ def fit_samples(
         configs.append(cfg)
         per_tier.setdefault(key[0], []).append((key[1], key[2], x, y))
     factorised = [fit_factorised(tier, rows) for tier, rows in sorted(per_tier.items())]
-    return Calibration(SCHEMA_VERSION, prov, configs, factorised)
+    configs = _with_batch_sections(samples, configs, batch_kv_read)
+    return Calibration(schema_version_for(configs), prov, configs, factorised)
+
+
+def _with_batch_sections(samples: Samples, configs: list[ConfigCalibration],
+                         kv_read: Mapping[ConfigKey, str] | str | None) -> list[ConfigCalibration]:
+    if not (samples.batch > 1).any():
+        return configs
+    from trt_latency.estimator.batch_fit import fit_batch_section
+
+    out = []
+    for cfg in configs:
+        read = kv_read.get(cfg.key) if isinstance(kv_read, Mapping) else kv_read
+        section = fit_batch_section(samples, cfg, read)
+        out.append(cfg if section is None else dataclasses.replace(cfg, batch=section))
+    return out
 
 
 def format_fit_table(cal: Calibration) -> str:

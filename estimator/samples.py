@@ -1,7 +1,8 @@
 """samples.csv -> numpy columns (no pandas: the estimator side stays light).
 
 One row per timed repetition. `fit` needs phase, past_len, new_tokens and latency_ms; the config
-columns (tier_idx, top_k, num_active_blocks) default to 0 and batch to 1 when absent.
+columns (tier_idx, top_k, num_active_blocks) default to 0 and batch to 1 when absent; the batch metadata
+kv_max / kv_total (batched decode rows) default to past_len / batch * past_len.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ INT_COLUMNS = ("tier_idx", "top_k", "num_active_blocks", "batch", "past_len", "n
 _INT_DEFAULTS = {"tier_idx": 0, "top_k": 0, "num_active_blocks": 0, "batch": 1, "rep": 0}
 PHASES = ("decode", "prefill")
 _MAX_INT = 1 << 40
+_KV_META = ("kv_total", "kv_max")  # optional batch metadata; -1 while parsing = absent (filled from past_len)
 
 
 @dataclass
@@ -44,6 +46,14 @@ class Samples:
     device: list[str] = field(default_factory=list)
     kv_mode: list[str] = field(default_factory=list)  # "concat" / "shared" ("" in files written before it)
     source: str = ""
+    kv_total: np.ndarray | None = None  # sum of the batch's past lengths (None: batch * past_len)
+    kv_max: np.ndarray | None = None  # max of the batch's past lengths (None: past_len)
+
+    def __post_init__(self) -> None:
+        if self.kv_max is None:
+            self.kv_max = np.asarray(self.past_len, dtype=np.int64).copy()
+        if self.kv_total is None:
+            self.kv_total = np.asarray(self.past_len, dtype=np.int64) * np.asarray(self.batch, dtype=np.int64)
 
     def __len__(self) -> int:
         return int(self.latency_ms.shape[0])
@@ -94,11 +104,17 @@ def samples_from_rows(rows: Iterable[dict[str, object]], source: str = "") -> Sa
         cols["backend"].append(str(r.get("backend", "")))
         cols["device"].append(str(r.get("device", "")))
         cols["kv_mode"].append(str(r.get("kv_mode", "")))
+        for c in _KV_META:
+            cols[c].append(_parse_int(str(r[c]), source, i, c) if r.get(c, "") != "" else -1)
     return _to_samples(cols, source)
 
 
 def _to_samples(cols: dict[str, list[object]], source: str) -> Samples:
     ints = {c: np.asarray(cols[c], dtype=np.int64) for c in INT_COLUMNS}
+    meta = {c: np.asarray(cols[c], dtype=np.int64) for c in _KV_META}
+    fill = {"kv_max": ints["past_len"], "kv_total": ints["past_len"] * ints["batch"]}
+    for c in _KV_META:
+        meta[c] = np.where(meta[c] < 0, fill[c], meta[c]) if meta[c].size else fill[c].copy()
     return Samples(
         tier_idx=ints["tier_idx"],
         top_k=ints["top_k"],
@@ -113,6 +129,8 @@ def _to_samples(cols: dict[str, list[object]], source: str) -> Samples:
         device=[str(x) for x in cols["device"]],
         kv_mode=[str(x) for x in cols["kv_mode"]],
         source=source,
+        kv_total=meta["kv_total"],
+        kv_max=meta["kv_max"],
     )
 
 
@@ -159,6 +177,9 @@ def read_samples(path: str | os.PathLike[str]) -> Samples:
                 cols["backend"].append(row[index["backend"]].strip() if "backend" in index else "")
                 cols["device"].append(row[index["device"]].strip() if "device" in index else "")
                 cols["kv_mode"].append(row[index["kv_mode"]].strip() if "kv_mode" in index else "")
+                for c in _KV_META:
+                    text = row[index[c]].strip() if c in index else ""
+                    cols[c].append(_parse_int(text, p, rowno, c) if text else -1)
     except UnicodeDecodeError:
         raise SamplesError("not UTF-8 text", path=p, expected="a CSV file") from None
     except csv.Error as exc:
@@ -184,4 +205,6 @@ def concat_samples(parts: Iterable[Samples]) -> Samples:
         device=[d for s in items for d in s.device],
         kv_mode=[m for s in items for m in (s.kv_mode or [""] * len(s))],
         source=",".join(s.source for s in items if s.source),
+        kv_total=np.concatenate([np.asarray(s.kv_total) for s in items]),
+        kv_max=np.concatenate([np.asarray(s.kv_max) for s in items]),
     )

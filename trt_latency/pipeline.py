@@ -76,6 +76,7 @@ class CalibrateResult:
     requests: Path | None
     kv_mode: str
     seconds: float
+    batch_plot: Path | None = None  # batch.png (a plan with a batch block)
 
 
 
@@ -205,6 +206,7 @@ def position_table(samples: Any, cal: Any) -> str:
     lines: list[str] = []
     for cfg in cal.configs:
         m = ((samples.phase == "decode") & (samples.new_tokens == 1) & (samples.tier_idx == cfg.tier_idx)
+             & (samples.batch <= 1)
              & (samples.top_k == cfg.top_k) & (samples.num_active_blocks == cfg.num_active_blocks))
         past = samples.past_len[m]
         lat = samples.latency_ms[m]
@@ -310,6 +312,9 @@ def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) 
         if end is None or end - time.perf_counter() < MIN_PASS_S:
             continue
         _, sweeps[tuple(t.key)] = _sweep_one(t, plan, backend, samples_path, progress, options, say, refiner, end)
+    if plan.batch is not None:
+        for t in targets if plan.batch.all_configs else targets[:1]:
+            runner_info.update(_batch_sweep_one(t, plan, backend, samples_path, progress, options, say))
 
     cal, samples = _fit(samples_path, plan, targets, runner_info, args)
     cal = _with_sweep_record(cal, sweeps, plan)
@@ -317,6 +322,7 @@ def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) 
 
     save_calibration(cal, cal_path)
     plot_written = False if getattr(args, "no_plot", False) else _plot(samples, cal, plot_path, runner_info)
+    batch_plot = None if getattr(args, "no_plot", False) else _plot_batch(samples, cal, out / "batch.png", runner_info)
 
     replaying = not args.no_replay and n_requests > 0
     replay_note = "skipped (--no-replay)" if args.no_replay else "skipped (0 requests)"
@@ -353,6 +359,10 @@ def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) 
     say("")
     say("Decode step latency per KV position: measured (median, p90 over repetitions) vs the fitted model")
     say(position_table(samples, _load(cal_path)))
+    if plan.batch is not None:
+        from trt_latency.estimator.batch_fit import format_batch_table
+
+        say(format_batch_table(cal, samples))
     wall = time.perf_counter() - started
     say("Summary")
     say(f"  backend      {runner_info.get('backend', backend)} on {runner_info.get('device', '?')}")
@@ -364,6 +374,8 @@ def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) 
     say(f"  calibration  {cal_path}")
     no_plot = "not written (--no-plot)" if getattr(args, "no_plot", False) else "not written (matplotlib missing)"
     say(f"  plot         {plot_path if plot_written else no_plot}")
+    if batch_plot is not None:
+        say(f"  batch plot   {batch_plot}")
     say(f"  requests     {requests_path if requests_path.is_file() else '-'}: {replay_note}")
     for line in loop_lines:
         say(line)
@@ -373,7 +385,7 @@ def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) 
     return CalibrateResult(out=out, models=tuple(t.path for t in targets), samples=samples_path,
                            calibration=cal_path, plot=plot_path if plot_written else None,
                            requests=requests_path if requests_path.is_file() else None,
-                           kv_mode=runner_info.get("kv_mode", "concat"), seconds=wall)
+                           kv_mode=runner_info.get("kv_mode", "concat"), seconds=wall, batch_plot=batch_plot)
 
 
 class _Say:
@@ -521,6 +533,36 @@ def _with_sweep_record(cal: Any, sweeps: dict[Any, Any], plan: Any) -> Any:
     return replace(cal, configs=configs)
 
 
+def _batch_sweep_one(target: Target, plan: Any, backend: str, samples_path: Path, progress: bool,
+                     options: dict[str, Any] | None = None, say: Callable[[str], None] = print) -> dict[str, str]:
+    """The batch axis (plan.batch): batched decode steps per size into the same samples.csv; returns what
+    the fit needs to know about the engine (batch_kv_read). A runner that cannot batch is reported, not fatal."""
+    from trt_latency.engines.base import supports_batch
+    from trt_latency.engines.batch_sweep import run_batch_sweep
+
+    sizes = plan.batch.sizes
+    with _open(target, plan, backend, {**(options or {}), "max_batch": max(sizes)}) as runner:
+        name = _key_name(target.key)
+        if not supports_batch(runner):
+            say(f"  batch sweep {name}: skipped ({runner.backend} runner cannot batch this model)")
+            return {}
+        result = run_batch_sweep(runner, target.key, plan, samples_path, progress=progress)
+        say(f"  batch sweep {name}: batch sizes {', '.join(str(b) for b in result.sizes)} (1 = the decode sweep), "
+            f"{result.shapes} shapes, {result.rows_written} steps timed, {result.rows_skipped} already in "
+            f"{samples_path.name}, {_fmt_time(result.seconds)}; kv_read {runner.batch_kv_read}")
+        return {"batch_kv_read": runner.batch_kv_read}
+
+
+def _plot_batch(samples: Any, cal: Any, path: Path, runner_info: dict[str, str]) -> Path | None:
+    try:
+        from trt_latency.plots import plot_batch
+
+        title = f"trt-latency batched decode: {runner_info.get('backend', '')} on {runner_info.get('device', '')}"
+        return Path(written) if (written := plot_batch(samples, cal, path, title=title)) else None
+    except ImportError:  # matplotlib missing
+        return None
+
+
 def _fit(samples_path: Path, plan: Any, targets: list[Target], runner_info: dict[str, str],
          args: CalibrateOptions) -> tuple[Any, Any]:
     from trt_latency.estimator.fit import fit_samples
@@ -533,7 +575,7 @@ def _fit(samples_path: Path, plan: Any, targets: list[Target], runner_info: dict
     if not keep.all():  # rows of configs this plan does not list (an older run into the same folder)
         samples = _subset(samples, keep)
     kv_bytes = {tuple(t.key): t.tier.kv_bytes_per_token(t.key.num_active_blocks) for t in targets}
-    cal = fit_samples(samples, kv_bytes_per_token=kv_bytes)
+    cal = fit_samples(samples, kv_bytes_per_token=kv_bytes, batch_kv_read=runner_info.get("batch_kv_read"))
     provenance = dict(cal.provenance)
     provenance.update(
         backend=runner_info.get("backend", ""),

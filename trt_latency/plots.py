@@ -5,6 +5,8 @@
   (fitted * residual-ratio quantiles); a second panel shows prefill latency vs prompt length with the
   fitted quadratic.
 - analyze plot: measured vs predicted decode ms/token per output-token bucket, std error bars.
+- batch.png: batched decode step time against the KV it reads (X) for each batch size: measured medians
+  of the uniform batches (dots), the ragged batches (crosses) and each size's fitted curve T_B(X).
 """
 
 from __future__ import annotations
@@ -177,6 +179,7 @@ def decode_series(samples: Any, cal: Any) -> list[DecodeSeries]:
     for cfg in cal.configs:
         same = ((samples.tier_idx == cfg.tier_idx) & (samples.top_k == cfg.top_k)
                 & (samples.num_active_blocks == cfg.num_active_blocks))
+        same &= samples.batch <= 1  # batched rows have their own plot (batch.png)
         dec = same & (samples.phase == "decode") & (samples.new_tokens == 1)
         pre = same & (samples.phase == "prefill")
         out.append(DecodeSeries(
@@ -232,6 +235,63 @@ def plot_causes(report: Any, path: str | os.PathLike[str]) -> str:
     top = float(np.nanmax(y + np.nan_to_num(err)))
     ax.set_ylim(0, top * 1.3)
     ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    out = os.fspath(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_batch(samples: Any, cal: Any, path: str | os.PathLike[str], title: str = "") -> str | None:
+    """batch.png: per config with a batch section, step ms vs X per batch size with the fit; None if none."""
+    from trt_latency.estimator.batch_fit import batch_rows
+
+    configs = [c for c in cal.configs if c.batch is not None]
+    if not configs:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(configs), figsize=(7 * len(configs), 5), squeeze=False)
+    for ax, cfg in zip(axes[0], configs, strict=True):
+        section = cfg.batch
+        packed = section["kv_read"] == "packed"
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        m = batch_rows(samples, cfg.key)
+        b = samples.batch[m]
+        kv_max, kv_total = np.asarray(samples.kv_max)[m], np.asarray(samples.kv_total)[m]
+        x = kv_total if packed else b * kv_max
+        uniform = kv_total == b * kv_max
+        single = ((samples.tier_idx == cfg.tier_idx) & (samples.top_k == cfg.top_k) & (samples.batch <= 1)
+                  & (samples.num_active_blocks == cfg.num_active_blocks) & (samples.phase == "decode")
+                  & (samples.new_tokens == 1))
+        for i, (size, curve) in enumerate(zip(section["sizes"], section["curves"], strict=True)):
+            color = colors[i % len(colors)]
+            if size == 1:
+                xs_all, ys_all, rag = samples.past_len[single], samples.latency_ms[single], np.zeros(0, dtype=bool)
+            else:
+                sel = b == size
+                xs_all, ys_all, rag = x[sel], samples.latency_ms[m][sel], ~uniform[sel]
+            for kind, keep, marker in (("uniform", ~rag if rag.size else np.ones(xs_all.shape, bool), "o"),
+                                       ("ragged", rag, "x")):
+                if not keep.any():
+                    continue
+                ux = np.unique(xs_all[keep])
+                med = [float(np.median(ys_all[keep][xs_all[keep] == v])) for v in ux]
+                ax.scatter(ux, med, s=18, color=color, marker=marker,
+                           label=f"B={size} measured" + (" (ragged)" if kind == "ragged" else ""))
+            knots = np.asarray(curve["knots_x"], dtype=np.float64)
+            if knots.size > 1:  # the fit over its own knots (piecewise linear: the knots are the line)
+                ax.plot(knots, curve["values_ms"], color=color, lw=1.5, marker="|", label=f"T_{size}(X) fit")
+        err = section.get("fit_error", {})
+        note = ", ".join(f"{k.split('_')[0]} {float(err[k]):.1%}" for k in
+                         ("lopo_median_rel", "lobo_median_rel", "ragged_median_rel") if err.get(k) is not None)
+        ax.set_title(f"t{cfg.tier_idx} k{cfg.top_k} b{cfg.num_active_blocks}: median held-out error {note}",
+                     fontsize=9)
+        ax.set_xlabel("KV tokens read per step, X = " + ("sum L (packed)" if packed else "B * max L (padded)"))
+        ax.set_ylabel("decode step (ms)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     out = os.fspath(path)
     fig.savefig(out, dpi=110)

@@ -30,7 +30,10 @@ class ConfigKey(NamedTuple):
 
 # samples.csv: one row per timed repetition (engines/sweep.py writes it, estimator/samples.py reads it).
 SAMPLES_COLUMNS: tuple[str, ...] = ("tier_idx", "top_k", "num_active_blocks", "batch", "phase", "past_len",
-                                    "new_tokens", "rep", "latency_ms", "backend", "device", "kv_mode")  # fmt: skip
+                                    "new_tokens", "rep", "latency_ms", "backend", "device", "kv_mode",
+                                    "kv_total", "kv_max")  # fmt: skip
+# kv_total / kv_max: the batch's sum and max of past lengths (a batched decode row has past_len = kv_max);
+# files written before them load with kv_max = past_len, kv_total = batch * past_len.
 
 # requests.csv: one row per end-to-end request (engines/replay.py and loadtest write it,
 # estimator/requests.py reads it), plus free metadata columns.

@@ -9,6 +9,13 @@ attention_mask and position_ids when the model has them, KV by its own names and
   the step writes its token in place, the mask's length is past + S (onnxruntime-genai's
   past_present_share_buffer; GroupQueryAttention derives seqlens_k from the mask's contents).
 
+Batched decode steps (``time_batch_step``, in-flight batching): B rows of S = 1 with their own past
+lengths, in separate buffers allocated once (on the first batched call) at (max_batch, max_past_len + 1).
+A ragged batch is padded to its longest row with the attention mask zero on the padding: left-padded
+for standard-op attention (ours, optimum: the dense [B, kv, L, D] cache is read in full, X = B * max L),
+right-padded for GroupQueryAttention (genai: each row's KV starts at 0, seqlens_k comes from the mask's
+row sums, and the kernel reads each row's own length, X = sum L).
+
 All buffers are allocated once, at the largest shape (max_past_len + max_new_tokens KV tokens). A
 step binds contiguous prefixes of those flat buffers with the needed shape (IOBinding by pointer),
 so the timed region of ``time_step`` is exactly ``session.run_with_iobinding``.
@@ -28,9 +35,11 @@ from typing import Any
 import numpy as np
 
 from trt_latency.engines.base import Closing, GenerateResult
+from trt_latency.engines.export import MASK_INPUT
 from trt_latency.errors import BackendUnavailable, InputError
 
 _BACKENDS = {"cpu": "ort-cpu", "cuda": "ort-cuda", "trt": "ort-trt"}
+DEFAULT_MAX_BATCH = 8  # batch buffers (allocated on the first batched step) hold this many rows
 
 
 def cpu_name() -> str:
@@ -127,7 +136,8 @@ class OrtRunner(Closing):
     def __init__(self, path: str | os.PathLike[str], device: str = "cpu", *, intra_op_threads: int = 0,
                  inter_op_threads: int = 0, max_past_len: int | None = None, max_new_tokens: int | None = None,
                  device_id: int = 0, seed: int = 0, trt_cache_dir: str | None = None, kv_mode: str = "auto",
-                 io: Any = None, dims: Any = None, signature: Any = None, session: Any = None) -> None:
+                 io: Any = None, dims: Any = None, signature: Any = None, session: Any = None,
+                 max_batch: int = DEFAULT_MAX_BATCH) -> None:
         """``session``: an already-built onnxruntime.InferenceSession (engines/ort/loader.create_session) for
         ``path``; by default the runner builds one on ``device``. ``signature``: an already-read one."""
         from trt_latency.engines.ort.loader import create_session
@@ -170,6 +180,7 @@ class OrtRunner(Closing):
         self._allocate()
         self._binding = self.session.io_binding()
         self._last_past_set = 0
+        self._init_batch(max_batch)
 
     # -- buffers -----------------------------------------------------------------------------
 
@@ -411,9 +422,173 @@ class OrtRunner(Closing):
         half = 1 if fused and kind == "value" else 0
         return np.array(full[half: half + 1, :, :length])
 
+    # -- batched decode steps (in-flight batching) ------------------------------------------------
+
+    def _init_batch(self, max_batch: int) -> None:
+        sig = self.signature
+        gqa = "GroupQueryAttention" in sig.attention_ops
+        self.batch_padding = "right" if gqa else "left"
+        # What a step reads: GroupQueryAttention loops over each row's own length (packed); a dense
+        # MatMul attention reads the padded [B, kv, max L, D] cache in full (padded).
+        self.batch_kv_read = "packed" if gqa else "padded"
+        self.prefill_with_batch = "separate"  # ONNX Runtime: a prefill is its own call, it stalls the batch
+        mask = sig.attention_mask
+        if mask is None:  # our reference decoder: the mask is an input with a default (ones), fed when batching
+            names = {i.name for i in self.session.get_overridable_initializers()}
+            mask = MASK_INPUT if MASK_INPUT in names else None
+        self._batch_mask_name = mask
+        self._batch_mask_dtype = self.dims.mask_dtype if sig.attention_mask else np.int64
+        lead = next((i.shape[0] for i in self.session.get_inputs() if i.name == sig.token_name), None)
+        static = lead if isinstance(lead, int) and lead > 0 else None  # a fixed batch dim caps the batch
+        self.max_batch = max(1, min(int(max_batch), static)) if static is not None else max(1, int(max_batch))
+        self._batch: dict[str, Any] | None = None
+
+    def _batch_buffers(self) -> dict[str, Any]:
+        """The batch buffers, allocated once at (max_batch, max_past_len + 1) on first use."""
+        if self._batch is not None:
+            return self._batch
+        import onnxruntime as ort
+
+        d, sig = self.dims, self.signature
+        nb, length = self.max_batch, self.max_past_len + 1
+        cap = nb * length * self._per_token * (2 if sig.kv_layout == "fused" else 1)
+        # A short random pattern tiled: contents never matter for timing, only that they are finite.
+        pattern = (self._rng.standard_normal(min(cap, 1 << 16), dtype=np.float32) * 0.1).astype(d.kv_dtype)
+        kv_host = np.resize(pattern, cap)
+        ids = sig.token_input == "input_ids"
+        tokens = (self._rng.integers(0, d.vocab, nb).astype(d.token_dtype) if ids else
+                  (self._rng.standard_normal(nb * d.hidden, dtype=np.float32) * 0.1).astype(d.token_dtype))
+        host = {"tokens": tokens, "pos": np.zeros(nb, dtype=d.pos_dtype),
+                "mask": np.zeros(nb * length, dtype=self._batch_mask_dtype),
+                "logits": np.empty(nb * d.vocab, dtype=d.logits_dtype)}
+        n_sets = 1 if self.kv_mode == "shared" else 2
+        n_kv = len(sig.kv[0].pairs())
+        buf: dict[str, Any] = {"host": host, "length": length}
+        if not self._on_device:
+            buf.update(host)
+            buf["kv"] = [[tuple(kv_host.copy() for _ in range(n_kv)) for _ in range(d.blocks)] for _ in range(n_sets)]
+        else:
+            ov, dev, did = ort.OrtValue, self._ort_device, self._device_id
+            for name in ("tokens", "pos", "mask"):
+                buf[name] = ov.ortvalue_from_numpy(host[name], dev, did)
+            buf["logits"] = ov.ortvalue_from_shape_and_type([host["logits"].size], d.logits_dtype, dev, did)
+            buf["kv"] = [[tuple(ov.ortvalue_from_numpy(kv_host, dev, did) for _ in range(n_kv))
+                          for _ in range(d.blocks)] for _ in range(n_sets)]
+        self._batch = buf
+        return buf
+
+    def _check_batch(self, kv_lens: Any) -> list[int]:
+        lens = [int(v) for v in kv_lens]
+        if not 1 <= len(lens) <= self.max_batch:
+            raise ValueError(f"batch size must be in [1, {self.max_batch}] (max_batch), got {len(lens)}")
+        if min(lens) < 0 or max(lens) > self.max_past_len:
+            raise ValueError(f"kv_lens must be in [0, {self.max_past_len}], got {min(lens)}..{max(lens)}")
+        return lens
+
+    def _row_slots(self, lens: list[int]) -> list[slice]:
+        """Where row i's past KV lies along the length axis: left-padded to max(L) or right-padded from 0."""
+        lmax = max(lens)
+        return [slice(lmax - n, lmax) if self.batch_padding == "left" else slice(0, n) for n in lens]
+
+    def prepare_batch(self, kv_lens: Any) -> Any:
+        """Bind one batched decode step (S = 1 per row) for rows with past lengths ``kv_lens``."""
+        lens = self._check_batch(kv_lens)
+        buf = self._batch_buffers()
+        d, sig = self.dims, self.signature
+        # Its own IOBinding: the mask bound here must never leak into a single-request step.
+        b = buf.setdefault("binding", self.session.io_binding())
+        dev, did = self._ort_device, self._device_id
+        n, lmax = len(lens), max(lens)
+        total = lmax + 1
+        host = buf["host"]
+        mask = host["mask"][: n * total].reshape(n, total)
+        mask[:] = 0
+        for i, slot in enumerate(self._row_slots(lens)):
+            mask[i, slot] = 1
+            mask[i, lmax if self.batch_padding == "left" else lens[i]] = 1  # the new token
+        host["pos"][:n] = lens  # each row's new token sits at its own position
+        if self._on_device:
+            buf["mask"].update_inplace(host["mask"])
+            buf["pos"].update_inplace(host["pos"])
+        tok_shape = [n, 1] if sig.token_input == "input_ids" else [n, 1, d.hidden]
+        b.bind_input(sig.token_name, dev, did, d.token_dtype, tok_shape, self._ptr(buf["tokens"]))
+        if self._batch_mask_name:
+            b.bind_input(self._batch_mask_name, dev, did, self._batch_mask_dtype, [n, total], self._ptr(buf["mask"]))
+        if sig.position_ids:
+            b.bind_input(sig.position_ids, dev, did, d.pos_dtype, [n, 1], self._ptr(buf["pos"]))
+        b.bind_output(sig.logits, dev, did, d.logits_dtype, [n, 1, d.vocab], self._ptr(buf["logits"]))
+        if self.kv_mode == "shared":
+            past_shape = present_shape = sig.kv_shape(buf["length"], batch=n)
+            past_set = present_set = 0
+        else:
+            past_shape, present_shape = sig.kv_shape(lmax, batch=n), sig.kv_shape(total, batch=n)
+            past_set, present_set = 0, 1
+        for i, block in enumerate(sig.kv):
+            for j, (past, present) in enumerate(block.pairs()):
+                b.bind_input(past, dev, did, d.kv_dtype, past_shape, self._ptr(buf["kv"][past_set][i][j]))
+                b.bind_output(present, dev, did, d.kv_dtype, present_shape, self._ptr(buf["kv"][present_set][i][j]))
+        return b
+
+    def time_batch_step(self, kv_lens: Any, reps: int) -> np.ndarray:
+        """Float64 ms per repetition of ONE batched decode step, B = len(kv_lens) rows with those past
+        lengths (ragged: padded to max(kv_lens), mask zero on the padding); timed region = the engine call."""
+        binding = self.prepare_batch(kv_lens)
+        run = self.session.run_with_iobinding
+        out = np.empty(reps, dtype=np.float64)
+        clock = time.perf_counter_ns
+        try:
+            for r in range(reps):
+                t0 = clock()
+                run(binding)
+                out[r] = (clock() - t0) * 1e-6
+        except Exception as exc:  # noqa: BLE001 - one line instead of ORT's traceback
+            raise self._run_error(exc, max(int(v) for v in kv_lens), 1) from None
+        return out
+
+    def batch_step_logits(self, kv_lens: Any, tokens: np.ndarray, kv_rows: Any) -> np.ndarray:
+        """Run one batched step on given contents and return the logits [B, vocab] (correctness checks).
+
+        ``tokens``: each row's new token (ids [B] or embeddings [B, H]); ``kv_rows[i][block][j]``: row i's
+        past for that block's j-th KV tensor as returned by ``present`` ([1, kv, L_i, D] / fused [2, ...])."""
+        if self._batch_mask_name is None:
+            raise InputError("this model has no attention_mask: a ragged batch cannot be masked", path=str(self.path),
+                             field="attention_mask", expected="a decoder with an attention_mask input")
+        lens = self._check_batch(kv_lens)
+        binding = self.prepare_batch(lens)
+        buf, d, sig = self._batch, self.dims, self.signature
+        assert buf is not None
+        n = len(lens)
+        length = buf["length"] if self.kv_mode == "shared" else max(lens)
+        fused = sig.kv_layout == "fused"
+        for i_block in range(d.blocks):
+            for j in range(len(sig.kv[0].pairs())):
+                flat = buf["kv"][0][i_block][j]
+                host = flat if isinstance(flat, np.ndarray) else flat.numpy()
+                shape = sig.kv_shape(length, batch=n)
+                view = host[: int(np.prod(shape))].reshape(shape)
+                for row, slot in enumerate(self._row_slots(lens)):
+                    src = np.asarray(kv_rows[row][i_block][j])
+                    if fused:
+                        view[:, row, :, slot] = src[:, 0]
+                    else:
+                        view[row, :, slot] = src[0]
+                if not isinstance(flat, np.ndarray):
+                    flat.update_inplace(host)
+        vals = np.ascontiguousarray(tokens, dtype=d.token_dtype).reshape(-1)
+        buf["host"]["tokens"][: vals.size] = vals
+        if self._on_device:
+            buf["tokens"].update_inplace(buf["host"]["tokens"])
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as exc:  # noqa: BLE001 - one line instead of ORT's traceback
+            raise self._run_error(exc, max(lens), 1) from None
+        logits = buf["logits"] if isinstance(buf["logits"], np.ndarray) else buf["logits"].numpy()
+        return np.array(logits[: n * d.vocab]).reshape(n, d.vocab)
+
     def close(self) -> None:
         self._binding = None
         self.session = None
+        self._batch = None
 
 
 def _open(device: str, path: Path, *, threads: int = 0, inter_threads: int = 0, **options: Any) -> OrtRunner:

@@ -77,5 +77,9 @@ def run(args: argparse.Namespace) -> int:
     cal = fit_samples(concat_samples(parts), provenance=provenance)
     out = save_calibration(cal, args.output)
     print(format_fit_table(cal))
+    if any(c.batch is not None for c in cal.configs):  # batched decode rows: the T(B, X) curves too
+        from trt_latency.estimator.batch_fit import format_batch_table
+
+        print(format_batch_table(cal), end="")
     print(f"wrote {out}")
     return 0
