@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -15,10 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-ray = pytest.importorskip("ray", reason="ray is not installed (pip install \"trt-latency[cluster]\")")
-
-from trt_latency.cluster import ACTOR_PREFIX, calibrate_on_ray  # noqa: E402
-from trt_latency.pipeline import CalibrateOptions, calibrate  # noqa: E402
+from trt_latency.cluster import ACTOR_PREFIX, calibrate_on_ray
+from trt_latency.pipeline import CalibrateOptions, calibrate
 
 PLAN = """\
 schema_version: 1
@@ -51,10 +51,22 @@ TWO = "\n".join(FOUR.splitlines()[:2])
 
 @pytest.fixture(scope="module")
 def local_ray() -> Any:
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install \"trt-latency[cluster]\")")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def test_ray_flag_without_ray_says_how_to_install(tmp_path: Path) -> None:
+    """Ray made unimportable in a fresh interpreter: one line naming the extra, exit 1, nothing written."""
+    code = ("import sys; sys.modules['ray'] = None; from trt_latency.cli import main; "
+            f"sys.exit(main(['calibrate', '--ray', '--out', {str(tmp_path / 'out')!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc
+    assert proc.stderr.strip().splitlines() == [
+        'trt-latency calibrate: error: --ray needs Ray, which is not installed: pip install "trt-latency[cluster]"']
+    assert not (tmp_path / "out").exists()
 
 
 def _keys(path: Path) -> list[tuple[Any, ...]]:
@@ -120,6 +132,7 @@ def test_ray_matches_the_sequential_run(local_ray: Any, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_killed_actor_is_restarted_and_no_row_is_lost_or_doubled(local_ray: Any, tmp_path: Path) -> None:
+    ray = local_ray
     from trt_latency.engines.config import load_plan
     from trt_latency.engines.sweep import plan_rows
 
@@ -158,3 +171,22 @@ def test_killed_actor_is_restarted_and_no_row_is_lost_or_doubled(local_ray: Any,
     planned = {(*key, r.phase, r.past_len, r.new_tokens, r.rep)
                for key in plan.configs for r in plan_rows(plan.tier(key.tier_idx), plan.sweep)}
     assert set(rows) == planned
+
+
+def test_a_node_without_the_model_path_gets_it_from_the_object_store(local_ray: Any, tmp_path: Path) -> None:
+    """An actor on another node cannot see the driver's path: the item's files come through Ray's store."""
+    from trt_latency.cluster import Item, _local_model, _model_files
+
+    model = tmp_path / "m" / "decoder.onnx"
+    model.parent.mkdir()
+    model.write_bytes(b"graph")
+    (model.parent / "decoder.onnx.data").write_bytes(b"weights")
+    (model.parent / "other.onnx").write_bytes(b"not this one")
+    files = local_ray.put(_model_files(model))
+    here = Item(index=0, calibration=0, position=0, key=(0, 1, 1), tier=None, path=str(model), files=files)
+    assert _local_model(here) == model  # visible: used in place
+    gone = tmp_path / "elsewhere" / "decoder.onnx"
+    there = _local_model(Item(index=7, calibration=0, position=0, key=(0, 1, 1), tier=None, path=str(gone),
+                              files=files))
+    assert there != gone and there.name == "decoder.onnx" and there.read_bytes() == b"graph"
+    assert sorted(p.name for p in there.parent.iterdir()) == ["decoder.onnx", "decoder.onnx.data"]

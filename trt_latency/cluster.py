@@ -45,7 +45,7 @@ from typing import Any
 
 from trt_latency.errors import TrtLatencyError
 
-INSTALL_HINT = 'calibrate --ray needs Ray: pip install "trt-latency[cluster]" (or pip install ray)'
+INSTALL_HINT = '--ray needs Ray, which is not installed: pip install "trt-latency[cluster]"'
 GPU_BACKENDS = ("ort-cuda", "ort-trt", "tensorrt")
 CHUNK_SECONDS = 0.5  # rows per streamed chunk: as often as the single-machine writer syncs its groups
 MAX_RESTARTS = 4  # per actor (Ray restarts it); and how often one item may be re-sent after a death
@@ -459,6 +459,7 @@ def _run(ray: Any, cals: list[Calibration], backend: str, args: Any, say: Callab
     folders: dict[tuple[int, str], _Folder] = {}
     done: dict[int, dict[str, Any]] = {}
     resent: dict[int, int] = {}
+    pinned: dict[int, list[int]] = {}  # actor -> the cores it pinned itself to (CPU actors)
     pending = list(items)
     running: dict[Any, tuple[int, Item]] = {}  # generator -> (actor index, item)
     bars = _Bars(n_actors, len(items), args)
@@ -501,7 +502,9 @@ def _run(ray: Any, cals: list[Calibration], backend: str, args: Any, say: Callab
                     continue
                 root = cals[item.calibration].root
                 for kind_, data in chunk:
-                    if kind_ == "samples":
+                    if kind_ == "hello" and a not in pinned:
+                        pinned[a] = data["pinned"]
+                    elif kind_ == "samples":
                         f = _folder(folders, item.calibration, root, data[10])
                         f.add_samples([data])
                         bars.rows(a, data[10], 1)
@@ -522,6 +525,8 @@ def _run(ray: Any, cals: list[Calibration], backend: str, args: Any, say: Callab
             f.close()
         bars.close()
     retried = len(resent)
+    if any(pinned.values()):
+        say("  cores: " + ", ".join(f"actor {a} on {c}" for a, c in sorted(pinned.items())))
     say(f"  {len(done)} of {len(items)} item(s) measured" + (f", {retried} resent after an actor restart"
                                                               if retried else "")
         + f"; rows dropped as already written: {sum(f.dropped for f in folders.values())}")
@@ -546,20 +551,23 @@ class _Bars:
 
     def __init__(self, n_actors: int, n_items: int, args: Any) -> None:
         self.bars: list[Any] = []
+        self.devices: list[str] = [""] * n_actors
         self.total: Any = None
         if args.no_progress:
             return
         from tqdm import tqdm
 
-        self.total = tqdm(total=n_items, desc="items", unit="item", position=0, leave=False, disable=None)
-        self.bars = [tqdm(desc=f"actor {i}", unit="row", position=i + 1, leave=False, disable=None)
-                     for i in range(n_actors)]
+        self.total = tqdm(total=n_items, desc="all items", unit="item", position=0, leave=False, disable=None,
+                          dynamic_ncols=True)
+        self.bars = [tqdm(desc=f"actor {i}", unit="row", position=i + 1, leave=False, disable=None,
+                          dynamic_ncols=True) for i in range(n_actors)]
 
     def rows(self, actor: int, device: str, n: int) -> None:
         if self.bars:
             bar = self.bars[actor]
-            if not bar.desc.endswith(device[:24]):
-                bar.set_description(f"actor {actor} {device[:24]}", refresh=False)
+            if self.devices[actor] != device:
+                self.devices[actor] = device
+                bar.set_description(f"actor {actor} ({device[:32]})", refresh=False)
             bar.update(n)
 
     def item_done(self) -> None:
