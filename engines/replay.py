@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -108,22 +108,52 @@ def done_requests(path: Path) -> dict[int, tuple[int, int, int] | None]:
     return done
 
 
+@runtime_checkable
+class RequestSink(Protocol):
+    """Where a replay's request rows go and which request_ids are done (``FileRequestSink``: requests.csv)."""
+
+    path: Path
+
+    def done(self) -> dict[int, tuple[int, int, int] | None]:
+        """request_id -> its config (None where the log has no config columns), as ``done_requests``."""
+        ...
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        """Request-log rows (schema.REQUEST_COLUMNS plus metadata), made durable before returning."""
+        ...
+
+
+class FileRequestSink:
+    """requests.csv as a RequestSink (``done_requests`` / ``schema.append_requests``)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def done(self) -> dict[int, tuple[int, int, int] | None]:
+        return done_requests(self.path)
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        from trt_latency.schema import append_requests
+
+        append_requests(self.path, rows)
+
+
 def run_replay(runner: Runner, key: ConfigKey, tier: TierSpec, spec: ReplaySpec,
-               requests_path: str | os.PathLike[str], n: int | None = None, progress: bool = True,
+               requests_path: str | os.PathLike[str] | RequestSink, n: int | None = None, progress: bool = True,
                id_offset: int = 0) -> ReplayResult:
     """Replay ``n`` (default spec.requests) requests; append one row per request to ``requests_path``.
 
     Request i of this config is written as request_id ``id_offset + i``. A request_id already in the
     log is skipped when its row is this config's; a row of another config there means the log was
-    written by a different plan (RequestLogError: appending would make the ids ambiguous)."""
-    from trt_latency.schema import append_requests
-
-    path = Path(requests_path)
+    written by a different plan (RequestLogError: appending would make the ids ambiguous).
+    ``requests_path`` may be a ``RequestSink`` (rows streamed elsewhere, e.g. to a Ray driver)."""
+    sink = requests_path if isinstance(requests_path, RequestSink) else FileRequestSink(requests_path)
+    path = sink.path
     count = spec.requests if n is None else n
     if id_offset < 0 or id_offset % 2:
         raise ValueError(f"id_offset must be even and >= 0 (it keeps each request's fit/holdout side), got {id_offset}")
     requests = [replace(r, request_id=id_offset + r.request_id) for r in draw_requests(spec, count, tier)]
-    done = done_requests(path)
+    done = sink.done()
     mine = tuple(key)
     for r in requests:
         other = done.get(r.request_id, mine)
@@ -150,7 +180,7 @@ def run_replay(runner: Runner, key: ConfigKey, tier: TierSpec, spec: ReplaySpec,
             embeds = (make(prompt, rng) if make is not None else
                       (rng.standard_normal((1, prompt, runner.hidden), dtype=np.float32) * 0.5).astype(dtype))
             res = runner.generate(embeds, req.output_tokens)
-            append_requests(path, [{
+            sink.append([{
                 "request_id": req.request_id, "vision_tokens": req.vision_tokens, "text_tokens": req.text_tokens,
                 "output_tokens": req.output_tokens, "tier_idx": key.tier_idx, "top_k": key.top_k,
                 "num_active_blocks": key.num_active_blocks, "ttft_ms": round(res.ttft_ms, 6),

@@ -10,6 +10,11 @@ a shape leaves the rotation once the relative standard error of its median reach
 caller-supplied refiner may send it back. Rows are written in groups (flush + fsync every
 half-second and at the end), not one fsync per row.
 
+Where rows go: a ``RowSink``. The default is ``FileSink(samples.csv)`` (the group writer below and the
+adaptive side file beside it); a caller that is not the file's writer (a Ray actor streaming rows back to
+the driver, trt_latency/cluster.py) passes its own sink: the rows already done for the config, and where
+new rows and the refiner's targets go.
+
 Resume: a rerun reads samples.csv, repairs a partial trailing line (a run killed mid-write) and
 measures only the rows missing for that config: the fixed plan's missing (phase, past_len, new_tokens,
 rep) rows, or, adaptive, continues every shape at its next rep with the spread its rows already show.
@@ -24,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -239,6 +244,69 @@ class _GroupWriter:
             self.fh.close()
 
 
+@runtime_checkable
+class RowSink(Protocol):
+    """Where a sweep's rows go and where its resume state comes from (``FileSink``: samples.csv)."""
+
+    path: Path  # the samples file the rows end up in (reported in SweepResult)
+
+    def rows(self, key: ConfigKey, backend: str) -> dict[PlannedRow, float]:
+        """Rows of ``key`` already measured (resume), with their latency."""
+        ...
+
+    def append(self, values: list[Any]) -> None:
+        """One samples.csv row (SAMPLES_COLUMNS order)."""
+        ...
+
+    def close(self) -> None:
+        """The sweep is over (or interrupted): make what was appended durable."""
+        ...
+
+    def read_state(self, key: ConfigKey) -> dict[tuple[str, int, int], tuple[float, str]]:
+        """The adaptive side file's targets for ``key`` (engines/adaptive.read_state)."""
+        ...
+
+    def write_state(self, key: ConfigKey, positions: list[PositionState]) -> None:
+        """Replace ``key``'s rows of the adaptive side file (engines/adaptive.write_state)."""
+        ...
+
+
+class FileSink:
+    """samples.csv as a RowSink: rows appended in fsync'ed groups, the side file samples.positions.csv."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._writer: _GroupWriter | None = None
+        self._opened = False
+
+    def rows(self, key: ConfigKey, backend: str) -> dict[PlannedRow, float]:
+        done = read_rows(self.path, key, backend)
+        if not self._opened:  # as before the sink existed: the file (and its header) exists once a sweep began
+            self._writer, self._opened = _open_writer(self.path), True
+        return done
+
+    def append(self, values: list[Any]) -> None:
+        if self._writer is None:
+            self._writer, self._opened = _open_writer(self.path), True
+        self._writer.row(values)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            writer.close()
+
+    def read_state(self, key: ConfigKey) -> dict[tuple[str, int, int], tuple[float, str]]:
+        return read_state(state_path(self.path), tuple(key))
+
+    def write_state(self, key: ConfigKey, positions: list[PositionState]) -> None:
+        write_state(state_path(self.path), tuple(key), positions)
+
+
+def as_sink(target: str | os.PathLike[str] | RowSink) -> RowSink:
+    """A path becomes its FileSink; a sink is used as given."""
+    return target if isinstance(target, RowSink) else FileSink(target)
+
+
 def _progress(total: int | None, desc: str, enabled: bool) -> Any:
     if not enabled:
         return None
@@ -247,7 +315,7 @@ def _progress(total: int | None, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="row", dynamic_ncols=True, leave=False, disable=None)
 
 
-def run_sweep(runner: Runner, key: ConfigKey, plan: Plan, samples_path: str | os.PathLike[str],
+def run_sweep(runner: Runner, key: ConfigKey, plan: Plan, samples_path: str | os.PathLike[str] | RowSink,
               progress: bool = True, *, adaptive: AdaptiveSpec | None = None, refiner: Refiner | None = None,
               deadline: Deadline = None) -> SweepResult:
     """Measure the rows of ``key``'s sweep missing from ``samples_path`` and append them as measured.
@@ -258,12 +326,16 @@ def run_sweep(runner: Runner, key: ConfigKey, plan: Plan, samples_path: str | os
     that returns one, re-read every round: the caller may price what follows from the medians measured)
     stops either kind of sweep at a round's
     visit boundary; a rerun continues from what was written.
+
+    ``samples_path`` may be a ``RowSink`` instead of a path: the rows go there (and the resume state comes
+    from there); a path is ``FileSink(path)``.
     """
     spec = adaptive if adaptive is not None else plan.sweep.adaptive
+    sink = as_sink(samples_path)
     if spec is not None and spec.enabled:
-        return _run_adaptive(runner, key, plan, Path(samples_path), progress, spec, refiner, deadline)
+        return _run_adaptive(runner, key, plan, sink, progress, spec, refiner, deadline)
     fixed_deadline = deadline(()) if callable(deadline) else deadline
-    return _run_fixed(runner, key, plan, Path(samples_path), progress, fixed_deadline)
+    return _run_fixed(runner, key, plan, sink, progress, fixed_deadline)
 
 
 def _row_values(runner: Runner, key: ConfigKey, row: PlannedRow, ms: float) -> list[Any]:
@@ -279,13 +351,13 @@ def _open_writer(path: Path) -> _GroupWriter:
     return _GroupWriter(path, header=new_file)
 
 
-def _run_fixed(runner: Runner, key: ConfigKey, plan: Plan, path: Path, progress: bool,
+def _run_fixed(runner: Runner, key: ConfigKey, plan: Plan, sink: RowSink, progress: bool,
                deadline: float | None) -> SweepResult:
     tier = plan.tier(key.tier_idx)
     sweep = plan.sweep
     max_new = getattr(runner, "max_new_tokens", None)
     planned = plan_rows(tier, sweep, runner.max_past_len, max_new)
-    done = read_done(path, key, runner.backend)
+    done = set(sink.rows(key, runner.backend))
     todo = [r for r in planned if r not in done]
     order = measurement_order(todo, sweep.seed, key)
     t_start = time.perf_counter()
@@ -293,7 +365,6 @@ def _run_fixed(runner: Runner, key: ConfigKey, plan: Plan, path: Path, progress:
                     progress and bool(order))
     written = 0
     out_of_time = False
-    writer = _open_writer(path)
     try:
         for row in order:
             if deadline is not None and row.rep >= MIN_ROUNDS and time.perf_counter() >= deadline:
@@ -301,30 +372,30 @@ def _run_fixed(runner: Runner, key: ConfigKey, plan: Plan, path: Path, progress:
                 break
             warmup = sweep.decode.warmup if row.phase == "decode" else sweep.prefill.warmup
             ms = measure_once(runner, row.past_len, row.new_tokens, warmup)
-            writer.row(_row_values(runner, key, row, ms))
+            sink.append(_row_values(runner, key, row, ms))
             written += 1
             if bar is not None:
                 bar.update(1)
     finally:
-        writer.close()
+        sink.close()
         if bar is not None:
             bar.close()
     positions = tuple(sorted({r.past_len for r in planned if r.phase == "decode"}))
     lengths = tuple(sorted({r.new_tokens for r in planned if r.phase == "prefill"}))
     stop = STOP_TIME if out_of_time else STOP_FIXED
-    return SweepResult(path=path, key=key, rows_planned=len(planned), rows_written=written,
+    return SweepResult(path=sink.path, key=key, rows_planned=len(planned), rows_written=written,
                        rows_skipped=len(planned) - len(todo), seconds=time.perf_counter() - t_start,
                        positions=positions, prefill_lengths=lengths, out_of_time=out_of_time,
-                       states=_fixed_states(path, key, runner.backend, planned, stop))
+                       states=_fixed_states(sink, key, runner.backend, planned, stop))
 
 
-def _fixed_states(path: Path, key: ConfigKey, backend: str, planned: list[PlannedRow],
+def _fixed_states(sink: RowSink, key: ConfigKey, backend: str, planned: list[PlannedRow],
                   stop: str) -> tuple[PositionState, ...]:
     """Per-shape summary of a fixed sweep (the same record the adaptive one keeps)."""
     states: dict[tuple[str, int, int], PositionState] = {}
     for r in planned:
         states.setdefault((r.phase, r.past_len, r.new_tokens), PositionState(r.phase, r.past_len, r.new_tokens))
-    for r, ms in read_rows(path, key, backend).items():
+    for r, ms in sink.rows(key, backend).items():
         st = states.get((r.phase, r.past_len, r.new_tokens))
         if st is not None:
             st.values.append(ms)
@@ -352,7 +423,7 @@ def _progress_note(sched: Scheduler, active: int, deadline: float | None) -> str
     return note
 
 
-def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, path: Path, progress: bool, spec: AdaptiveSpec,
+def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, sink: RowSink, progress: bool, spec: AdaptiveSpec,
                   refiner: Refiner | None, deadline_at: Deadline) -> SweepResult:
     tier = plan.tier(key.tier_idx)
     sweep = plan.sweep
@@ -362,11 +433,10 @@ def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, path: Path, progre
     shapes += [("prefill", 0, s) for s in prefill_lengths(tier, sweep, max_new)]
     max_reps = {"decode": sweep.decode.reps, "prefill": sweep.prefill.reps}
     sched = Scheduler(shapes, spec, max_reps)
-    done = read_rows(path, key, runner.backend)
+    done = sink.rows(key, runner.backend)
     for r in sorted(done):
         sched.add((r.phase, r.past_len, r.new_tokens), r.rep, done[r])
-    side = state_path(path)
-    for shape, (target, why) in read_state(side, tuple(key)).items():  # targets a refit set before a kill
+    for shape, (target, why) in sink.read_state(key).items():  # targets a refit set before a kill
         st = sched.positions.get(shape)
         if st is not None and target < st.target:
             st.target, st.why = target, why
@@ -383,7 +453,6 @@ def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, path: Path, progre
     refit_pending = bool(done)
     refit_cost = 0.0
     last_refit = t_start
-    writer = _open_writer(path)
 
     def refit() -> None:
         nonlocal refit_cost, last_refit, refit_pending
@@ -391,7 +460,7 @@ def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, path: Path, progre
             return
         t0 = time.perf_counter()
         if sched.refine(refiner):
-            write_state(side, tuple(key), sched.positions.values())
+            sink.write_state(key, list(sched.positions.values()))
         last_refit = time.perf_counter()
         refit_cost = last_refit - t0
         refit_pending = False
@@ -425,7 +494,7 @@ def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, path: Path, progre
                 if warmup > 0:
                     st.note_warmup(runs, WARMUP_EVIDENCE, WARMUP_TOLERANCE * spec.target(st.phase))
                 row = PlannedRow(st.phase, st.past_len, st.new_tokens, st.next_rep)
-                writer.row(_row_values(runner, key, row, ms))
+                sink.append(_row_values(runner, key, row, ms))
                 sched.add((st.phase, st.past_len, st.new_tokens), row.rep, ms)
                 written += 1
                 if deadline is not None and not floor and time.perf_counter() >= deadline:
@@ -435,14 +504,14 @@ def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, path: Path, progre
                 bar.update(written - round_start)
                 bar.set_postfix_str(_progress_note(sched, len(active), deadline))
     finally:
-        writer.close()
+        sink.close()
         if bar is not None:
             bar.close()
     sched.finish(out_of_time)
-    write_state(side, tuple(key), sched.positions.values())
+    sink.write_state(key, list(sched.positions.values()))
     positions = tuple(sorted(p for ph, p, _ in shapes if ph == "decode"))
     lengths = tuple(sorted(s for ph, _, s in shapes if ph == "prefill"))
     planned = sum(max(st.n, 0) for st in sched.positions.values())
-    return SweepResult(path=path, key=key, rows_planned=planned, rows_written=written, rows_skipped=len(done),
+    return SweepResult(path=sink.path, key=key, rows_planned=planned, rows_written=written, rows_skipped=len(done),
                        seconds=time.perf_counter() - t_start, positions=positions, prefill_lengths=lengths,
                        out_of_time=out_of_time, states=tuple(sched.positions.values()))

@@ -31,9 +31,12 @@ examples:
   trt-latency calibrate --onnx decoder.onnx --out out   # time your own exported decoder
   trt-latency calibrate --onnx genai/model.onnx --kv-mode shared --max-past-len 2048 --out out
   trt-latency calibrate plan.yaml --engine decoder.plan --out out   # a TensorRT engine (GPU host)
+  trt-latency calibrate --ray --out out             # the plan's configs over local Ray actors, one per device
+  trt-latency calibrate --onnx a.onnx --onnx b.onnx --ray auto --out out   # two models on a running cluster
 
-Writes OUT/{model.onnx, samples.csv, calibration.yaml, decode.png, requests.csv}. Rerunning with the same
---out resumes: finished sweep rows and replayed requests are kept.
+Writes OUT/{model.onnx, samples.csv, calibration.yaml, decode.png, requests.csv}; with --ray, one such folder
+per device class, OUT/<device>/; with several --onnx / --engine, one OUT/<model name>/ per model. Rerunning
+with the same --out resumes: finished sweep rows and replayed requests are kept.
 """
 
 
@@ -52,8 +55,11 @@ def register(sub: Any) -> None:
     parser.add_argument("config", nargs="?", metavar="CONFIG",
                         help="plan YAML (tiers, configs, sweep, replay); default: the packaged configs/default.yaml")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--onnx", metavar="F", help="time this ONNX decoder instead of exporting the plan's models")
-    source.add_argument("--engine", metavar="F", help="time this TensorRT engine (implies --backend tensorrt)")
+    source.add_argument("--onnx", metavar="F", action="append",
+                        help="time this ONNX decoder instead of exporting the plan's models (repeatable: each "
+                             "model its own OUT/<name>/)")
+    source.add_argument("--engine", metavar="F", action="append",
+                        help="time this TensorRT engine (implies --backend tensorrt; repeatable)")
     parser.add_argument("--backend", choices=backend_choices(), default="auto",
                         help="runtime (default auto: TensorRT EP / CUDA EP when usable, else the CPU provider)")
     parser.add_argument("--out", metavar="DIR", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
@@ -69,12 +75,46 @@ def register(sub: Any) -> None:
     parser.add_argument("--requests", type=int, metavar="N", help="replay N requests (default: the plan's replay size)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--no-plot", action="store_true", help="skip decode.png (matplotlib takes seconds)")
+    parser.add_argument("--ray", nargs="?", const=LOCAL_RAY, metavar="ADDRESS",
+                        help="spread the (model, config) work items over Ray actors, one per device (GPU, or "
+                             "intra_op_threads CPUs); no ADDRESS: start a local Ray, 'auto' or host:port: join a "
+                             "cluster. Needs pip install \"trt-latency[cluster]\"")
+    parser.add_argument("--ray-actors", type=int, metavar="N", help="with --ray: at most N actors")
     add_model_args(parser)
     parser.set_defaults(func=run)
 
 
+LOCAL_RAY = "local"
+
+
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
     from trt_latency.pipeline import CalibrateOptions, calibrate
 
-    calibrate(CalibrateOptions.from_namespace(args), say=lambda text: print(text, flush=True))
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    if getattr(args, "ray", None) and args.ray.endswith((".yaml", ".yml")) and args.config is None:
+        args.config, args.ray = args.ray, LOCAL_RAY  # `--ray plan.yaml`: the optional ADDRESS took the plan
+    models, engines = list(args.onnx or []), list(args.engine or [])
+    options = replace(CalibrateOptions.from_namespace(args), onnx=None, engine=None)
+    if getattr(args, "ray", None) is not None:
+        from trt_latency.cluster import calibrate_on_ray
+
+        calibrate_on_ray(options, models=models, engines=engines, address=None if args.ray == LOCAL_RAY else args.ray,
+                         say=say, max_actors=args.ray_actors)
+        return 0
+    sources = [("onnx", m) for m in models] + [("engine", e) for e in engines]
+    if len(sources) <= 1:
+        kind, src = sources[0] if sources else ("", None)
+        calibrate(replace(options, onnx=src if kind == "onnx" else None, engine=src if kind == "engine" else None),
+                  say=say)
+        return 0
+    from trt_latency.cluster import model_names  # plain naming helper: no Ray needed
+
+    for (kind, src), name in zip(sources, model_names([s for _, s in sources]), strict=True):
+        calibrate(replace(options, onnx=src if kind == "onnx" else None, engine=src if kind == "engine" else None,
+                          out=str(Path(options.out) / name)), say=say)
     return 0
