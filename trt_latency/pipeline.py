@@ -56,6 +56,17 @@ class CalibrateOptions:
     io: str | None = None
     dims: str | None = None
     max_past_len: int | None = None
+    # VLM deployments (trt_latency/pipeline_vision.py): the vision encoder, its family / config / feeds
+    # hook, the embedding step, and how a request's images go to the encoder.
+    vision_onnx: str | None = None
+    vision_family: str | None = None
+    vision_config: str | None = None
+    vision_feeds: str | None = None
+    vision_tokens_per_patch: float | None = None
+    embedding_onnx: str | None = None
+    vision_images_per_call: str = "together"
+    vision_patches: tuple[int, int] = (16, 1024)
+    vision_points: int = 8
 
     @classmethod
     def from_namespace(cls, ns: Any) -> CalibrateOptions:
@@ -294,6 +305,11 @@ def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) 
     from trt_latency.estimator.calibration import save_calibration
 
     save_calibration(cal, cal_path)
+    vision_lines: list[str] = []
+    if args.vision_onnx:
+        from trt_latency.pipeline_vision import calibrate_vision
+
+        vision_lines = calibrate_vision(args, plan, out, cal_path, say)
     plot_written = False if getattr(args, "no_plot", False) else _plot(samples, cal, plot_path, runner_info)
 
     n_requests = plan.replay.requests if args.requests is None else args.requests
@@ -309,7 +325,7 @@ def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) 
         seconds = 0.0
         for i, t in enumerate(targets):
             result = _replay(t, plan, backend, requests_path, n_requests, progress, id_offset=i * REPLAY_ID_STRIDE,
-                             options=options, say=say)
+                             options=options, say=say, vision=args if args.vision_onnx else None)
             written += result.rows_written
             skipped += result.rows_skipped
             seconds += result.seconds
@@ -341,6 +357,8 @@ def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) 
     say(f"  plot         {plot_path if plot_written else no_plot}")
     say(f"  requests     {requests_path if requests_path.is_file() else '-'}: {replay_note}")
     for line in loop_lines:
+        say(line)
+    for line in vision_lines:
         say(line)
     say(f"  wall time    {_fmt_time(wall)}")
     if replaying:
@@ -458,15 +476,21 @@ def _plot(samples: Any, cal: Any, path: Path, runner_info: dict[str, str]) -> bo
 
 
 def _replay(target: Target, plan: Any, backend: str, requests_path: Path, n: int, progress: bool,
-            id_offset: int = 0, options: dict[str, Any] | None = None, say: Callable[[str], None] = print) -> Any:
+            id_offset: int = 0, options: dict[str, Any] | None = None, say: Callable[[str], None] = print,
+            vision: Any = None) -> Any:
     from trt_latency.engines.replay import run_replay
 
     spec = replace(plan.replay, requests=n)
     with _open(target, plan, backend, options) as runner:
         if getattr(runner, "token_input", "") == "input_ids":
             say("  " + VISION_NOTE)
+        chain = None
+        if vision is not None:  # requests with vision tokens run encoder -> embedding -> decoder
+            from trt_latency.pipeline_vision import open_chain
+
+            chain = open_chain(vision, plan.runtime.intra_op_threads)
         result = run_replay(runner, target.key, target.tier, spec, requests_path, n, progress=progress,
-                            id_offset=id_offset)
+                            id_offset=id_offset, chain=chain)
     say(f"  replay {_key_name(target.key)} (request_id {id_offset}..{id_offset + n - 1}): "
         f"{result.rows_written} replayed in {_fmt_time(result.seconds)}, {result.rows_skipped} already there")
     return result
