@@ -22,6 +22,7 @@ reader fails in one line naming what is missing.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import math
 import time
@@ -122,8 +123,6 @@ def load_hook(spec: str) -> Callable[..., dict[str, np.ndarray]]:
         raise VisionSignatureError(field="--vision-feeds", expected="module:function", got=spec)
     try:
         if mod_name.endswith(".py"):
-            import importlib.util
-
             s = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
             if s is None or s.loader is None:
                 raise ImportError(mod_name)
@@ -151,6 +150,7 @@ def read_vision_signature(path: str | Path, family: str | None = None, config: s
     cfg, cfg_path = _read_config(p, config)
     names = ", ".join(t.name for t in inputs)
     if feeds:
+        load_hook(feeds)  # a hook that does not import fails here, in one line
         return VisionSignature(p, inputs, outputs, f"hook:{feeds}", tokens_per_patch or 1.0, cfg, "--vision-feeds")
     source = "--vision-family"
     if family is None:
