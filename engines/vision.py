@@ -275,6 +275,12 @@ class QwenAdapter:
         unit = self.merge * self.merge
         return max(unit, int(round(n / unit)) * unit)
 
+    def sweep_patches(self, n: int) -> int:
+        """The nearest near-square grid of merge blocks."""
+        m = max(1, int(round(n / (self.merge * self.merge))))
+        h = max(1, int(math.isqrt(m)))
+        return h * max(h, int(round(m / h))) * self.merge * self.merge
+
     def feeds(self, patches: int, images: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         h, w = _grid(patches, self.merge)
         grid = [(1, h, w)] * images

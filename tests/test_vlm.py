@@ -117,3 +117,18 @@ def test_feeds_hook_drives_the_encoder(tmp_path: Path) -> None:
     assert out.shape[:2] == (2, 9) and sig.tokens_per_patch == 0.5
     with pytest.raises(InputError, match="--vision-feeds"):
         read_vision_signature(tmp_path / "v.onnx", feeds="no_such_module_x:fn")
+
+
+def test_qwen25vl_encoder_runs_for_any_grid() -> None:
+    """The exported Qwen2.5-VL encoder (tools/fixtures/export_qwen25vl.py) fed by the family adapter:
+    family from config.json, tokens = patches / 4, one or two images per call."""
+    from trt_latency.engines.vision import VisionEncoder, read_vision_signature
+
+    sig = read_vision_signature(DATA / "vlm" / "qwen2.5-vl" / "vision.onnx")
+    assert sig.family == "qwen2.5-vl" and sig.tokens_per_patch == 0.25
+    enc = VisionEncoder(sig)
+    rng = np.random.default_rng(0)
+    for n, images in ((16, 1), (64, 2), (96, 1)):
+        out, _ = enc.encode(n, images, rng)
+        assert out.shape[0] == n * images // 4 and np.isfinite(out).all()
+    assert enc.patches_for(vision_tokens=64, images=2) == 128
