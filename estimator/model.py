@@ -120,6 +120,18 @@ def _factorised_rows(cal: Calibration) -> list[tuple[ConfigCalibration, bool]]:
     return rows
 
 
+def vision_columns(vision: Any) -> list[float]:
+    """VIS_A .. EMB_B of the tables from a calibration's vision section (one image per request, the fit
+    over patches rewritten over vision tokens v = patches * tokens_per_patch); zeros without one."""
+    if vision is None:
+        return [0.0] * 7
+    a, b, c = vision.fits[1]
+    k = 1.0 / vision.tokens_per_patch  # patches per vision token
+    lo, hi = (x * vision.tokens_per_patch for x in vision.patch_range)
+    ea, eb = vision.embedding if vision.embedding is not None else (0.0, 0.0)
+    return [a, b * k, c * k * k, lo, hi, ea, eb]
+
+
 def build_tables(cal: Calibration, serving: bool = True) -> tuple[dict[str, np.ndarray], list[ConfigKey], list[bool]]:
     """Flat tables for the kernels, the key of each row and whether it is factorised.
 
@@ -128,6 +140,7 @@ def build_tables(cal: Calibration, serving: bool = True) -> tuple[dict[str, np.n
     """
     rows = _factorised_rows(cal)
     cfg = np.zeros((len(rows), layout.NCOL))
+    vis = vision_columns(cal.vision)
     pieces: list[np.ndarray] = []
     conf: list[tuple[float, float]] = []
     rq: list[tuple[float, float]] = []
@@ -145,6 +158,7 @@ def build_tables(cal: Calibration, serving: bool = True) -> tuple[dict[str, np.n
         row[layout.PAST_LO], row[layout.PAST_HI] = c.valid_past_len
         row[layout.PRE_LO], row[layout.PRE_HI] = c.valid_prefill_len
         row[layout.FACTORISED] = 1.0 if fact else 0.0
+        row[layout.VIS_A:layout.EMB_B + 1] = vis  # the one encoder of the deployment, every config
         row[layout.PIECE_OFF], row[layout.PIECE_CNT] = n_pieces, p.shape[0]
         n_pieces += p.shape[0]
         row[layout.CONF_OFF] = len(conf)
@@ -237,9 +251,9 @@ class Estimator:
         self.choose = self._kernel.choose  # type: ignore[method-assign]
         # A VLM calibration (a `vision` section): requests with vision tokens also pay the encoder and the
         # embedding step (estimator/vision.py), added on the Python side around the compiled decision.
+        # It is part of the tables (VIS_* / EMB_* columns): admit, choose and the batch entry points
+        # include it for one image per request; admit_images answers other image counts.
         self.vision = calibration.vision
-        if self.vision is not None:
-            self.admit = self._admit_vision  # type: ignore[method-assign]
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], implementation: Any = None) -> Estimator:
@@ -361,20 +375,22 @@ class Estimator:
         ms, ext = self.vision.vision_ms(v, 1 if images is None else _int_arg(images, "images", 1))
         return ms + self.vision.embedding_ms(prompt), ext
 
-    def _admit_vision(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any = None,
-                      tier_idx: Any = 0, top_k: Any = 1, num_active_blocks: Any = None, alpha: Any = None,
-                      images: Any = None) -> Any:  # fmt: skip
-        """admit with the vision term: the compiled decision on the budget left after the encoder and the
-        embedding step (times the alpha factor), its predicted_ms with them added back. Never raises."""
+    def admit_images(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any = None,
+                     tier_idx: Any = 0, top_k: Any = 1, num_active_blocks: Any = None, alpha: Any = None,
+                     images: Any = None) -> Any:  # fmt: skip
+        """admit for a request with `images` images (admit itself assumes one): the compiled decision on
+        the budget shifted by the vision difference (times the alpha factor), predicted_ms with it added
+        back. Never raises."""
         d = self._kernel.admit(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
                                num_active_blocks, alpha)
-        if not d.judged or not (layout.as_int(vision_tokens) or 0) > 0:
-            return d
         n_img = 1 if images is None else layout.as_int(images)
         if n_img is None or not 1 <= n_img <= layout.TOKEN_MAX:
             return Decision(False, 0, math.nan, f"bad field 'images': expected None or an integer in [1, {layout.TOKEN_MAX}]")
+        if not d.judged or not (layout.as_int(vision_tokens) or 0) > 0 or n_img == 1 or self.vision is None:
+            return d  # the tables already hold the one-image vision term
         prompt = int(vision_tokens) + int(text_tokens)
         extra, vis_ext = self._vision_extra(vision_tokens, prompt, n_img)
+        extra -= self._vision_extra(vision_tokens, prompt, 1)[0]  # the tables' one-image term is in `inner`
         row = int(self._kernel.lookup(int(tier_idx), int(top_k), -1 if num_active_blocks is None else int(num_active_blocks)))
         factor = 1.0 if alpha is None else float(self._kernel.alpha_factor(row, float(alpha))[0])
         left = float(budget_ms) - extra * factor

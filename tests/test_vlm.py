@@ -98,6 +98,11 @@ def test_calibrate_chain_section_estimator_and_old_files(tmp_path: Path) -> None
     assert est.admit(1e9, 4096, 8, 4).extrapolated  # 4096 patches: outside the swept 16..256
     assert est.max_new_tokens(extra * 0.5, 128, 64) == 0
     assert est.vision_ms(256, images=2, together=True) != est.vision_ms(256, images=2, together=False)
+    two = est.predict(256, 64, 4, images=2)  # 2 images of 128 patches in one call (the 2-image fit)
+    d2 = est.admit_images(1e9, 256, 64, 4, images=2)
+    assert d2.admit and d2.predicted_ms == pytest.approx(two.total_ms, rel=1e-9)
+    assert est.admit_images(1e9, 256, 64, 4, images=1).predicted_ms == pytest.approx(est.predict(256, 64, 4).total_ms)
+    assert not est.admit_images(1e9, 256, 64, 4, images=0).admit  # a bad images field: refused, not raised
     # old files (no vision section) still load, and saving one adds no key
     plain = dataclasses.replace(cal, vision=None)
     save_calibration(plain, tmp_path / "plain.yaml")
