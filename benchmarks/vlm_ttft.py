@@ -57,6 +57,7 @@ def main() -> int:
     cases = [(n, 1, "together") for n in HELD_OUT_PATCHES] + [(n, 2, m) for n in HELD_OUT_PATCHES
                                                              for m in ("together", "separate")]
     times: dict[int, list[float]] = {k: [] for k in range(len(cases))}
+    parts: dict[int, list[tuple[float, float, float]]] = {k: [] for k in range(len(cases))}
     for rep in range(args.reps + 1):  # rounds over all cases, shuffled: host noise spreads over every case
         for k in rng.permutation(len(cases)):
             n, images, mode = cases[int(k)]
@@ -64,11 +65,21 @@ def main() -> int:
             res = runner.generate(embeds, 1)
             if rep:  # round 0 pays for the new shapes
                 times[int(k)].append(timing.vision_ms + timing.embedding_ms + res.ttft_ms)
+                parts[int(k)].append((timing.vision_ms, timing.embedding_ms, res.ttft_ms))
     rows = []
+    split = []
     for k, (n, images, mode) in enumerate(cases):
         model = est if mode == "together" else separate
         pred = model.predict(n * images, args.text, 1, serving=False, images=images)
         rows.append((n, images, mode, statistics.median(times[int(k)]), pred.prefill_ms, pred.flags))
+        m_parts = [statistics.median(x[j] for x in parts[int(k)]) for j in range(3)]
+        v_pred = model.vision_ms(n * images, images)
+        e_pred = vis.embedding_ms(n * images + args.text)
+        split.append((m_parts, (v_pred, e_pred, pred.prefill_ms - v_pred - e_pred)))
+    print(f"\n{'patches/img':>11} {'images':>6} {'calls':>9}  measured vs predicted ms: encoder | embedding | decoder")
+    for (n, images, mode, *_), (m, p) in zip(rows, split, strict=True):
+        print(f"{n:>11} {images:>6} {mode if images > 1 else '-':>9}  " + " | ".join(
+            f"{a:7.2f} vs {b:7.2f}" for a, b in zip(m, p, strict=True)))
     print(f"\n{'patches/img':>11} {'images':>6} {'calls':>9} {'measured ms':>11} {'predicted':>9} {'rel err':>8}")
     for n, images, mode, m, p, flags in rows:
         print(f"{n:>11} {images:>6} {mode if images > 1 else '-':>9} {m:>11.2f} {p:>9.2f} {p / m - 1:>+8.1%}"

@@ -137,3 +137,17 @@ def test_qwen25vl_encoder_runs_for_any_grid() -> None:
         out, _ = enc.encode(n, images, rng)
         assert out.shape[0] == n * images // 4 and np.isfinite(out).all()
     assert enc.patches_for(vision_tokens=64, images=2) == 128
+
+
+def test_calibrate_cli_vision_without_family_fails_first_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    shutil.copy(VIT / "vision.onnx", tmp_path / "v.onnx")
+    r = subprocess.run([sys.executable, "-m", "trt_latency", "calibrate", "--onnx", str(DECODER), "--quick",
+                        "--vision-onnx", str(tmp_path / "v.onnx"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "no family" in err[0] and "--vision-family" in err[0]
+    assert not (tmp_path / "o" / "samples.csv").exists()  # failed before the decoder sweep

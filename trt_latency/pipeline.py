@@ -280,6 +280,10 @@ def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) 
     if args.engine and backend != "tensorrt":
         raise ConfigError(field="--backend", expected="tensorrt (or auto) with --engine", got=backend)
     plan, targets = _targets(args, plan, out)
+    if args.vision_onnx:  # a vision model the adapters cannot feed fails now, not after the decoder sweep
+        from trt_latency.pipeline_vision import vision_signature
+
+        vision_signature(args)
     progress = not args.no_progress
     samples_path = out / "samples.csv"
     cal_path = out / "calibration.yaml"
