@@ -77,9 +77,9 @@ def main() -> int:
         e_pred = vis.embedding_ms(n * images + args.text)
         split.append((m_parts, (v_pred, e_pred, pred.prefill_ms - v_pred - e_pred)))
     print(f"\n{'patches/img':>11} {'images':>6} {'calls':>9}  measured vs predicted ms: encoder | embedding | decoder")
-    for (n, images, mode, *_), (m, p) in zip(rows, split, strict=True):
+    for (n, images, mode, *_), (m_ms, p_ms) in zip(rows, split, strict=True):
         print(f"{n:>11} {images:>6} {mode if images > 1 else '-':>9}  " + " | ".join(
-            f"{a:7.2f} vs {b:7.2f}" for a, b in zip(m, p, strict=True)))
+            f"{a:7.2f} vs {b:7.2f}" for a, b in zip(m_ms, p_ms, strict=True)))
     print(f"\n{'patches/img':>11} {'images':>6} {'calls':>9} {'measured ms':>11} {'predicted':>9} {'rel err':>8}")
     for n, images, mode, m, p, flags in rows:
         print(f"{n:>11} {images:>6} {mode if images > 1 else '-':>9} {m:>11.2f} {p:>9.2f} {p / m - 1:>+8.1%}"
