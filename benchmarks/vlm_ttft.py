@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VIT = ROOT / "tests" / "data" / "vlm" / "vit"
 DECODER = ROOT / "tests" / "data" / "thirdparty" / "genai-llama-embeds" / "model.onnx"
 HELD_OUT_PATCHES = (100, 196, 324, 484, 729, 900)  # per image; the sweep's sizes are 16 .. 1024 geometric
+QWEN_HELD_OUT_PATCHES = (96, 192, 320, 480, 736, 896)  # multiples of the 2x2 merge block, not swept
 
 
 def main() -> int:
@@ -37,10 +38,17 @@ def main() -> int:
     ap.add_argument("--out", default="/tmp/vlm-bench")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--text", type=int, default=32, help="text tokens per request")
+    ap.add_argument("--encoder", choices=("vit", "qwen2.5-vl"), default="vit",
+                    help="vit: the ViT + embedding-step chain; qwen2.5-vl: the Qwen2.5-VL encoder (tokens = patches/4), "
+                         "features joined on the host (no embedding model)")
     args = ap.parse_args()
+    if args.encoder == "vit":
+        vision, embedding = VIT / "vision.onnx", str(VIT / "embedding.onnx")
+    else:
+        vision, embedding = ROOT / "tests" / "data" / "vlm" / "qwen2.5-vl" / "vision.onnx", None
     opts = CalibrateOptions(config=str(ROOT / "benchmarks" / "vlm_plan.yaml"), onnx=str(DECODER), out=args.out,
-                            no_replay=True, no_plot=True, no_progress=True, vision_onnx=str(VIT / "vision.onnx"),
-                            embedding_onnx=str(VIT / "embedding.onnx"))
+                            no_replay=True, no_plot=True, no_progress=True, vision_onnx=str(vision),
+                            embedding_onnx=embedding)
     calibrate(opts, say=lambda s: None)
     est = Estimator.load(Path(args.out) / "calibration.yaml")
     vis = est.vision
@@ -51,17 +59,22 @@ def main() -> int:
         print(f"  {i} image(s)/call: leave-one-size-out |rel err| median {e['loso_median_rel']:.1%}, "
               f"max {e['loso_max_rel']:.1%}")
     rng = np.random.default_rng(1)
+
+    def tokens(patches: int) -> int:
+        return int(round(patches * vis.tokens_per_patch))
+
     chains = {"together": open_chain(opts, 1), "separate": open_chain(dataclasses.replace(
         opts, vision_images_per_call="separate"), 1)}
     runner = open_runner(DECODER, threads=1, max_past_len=2560, max_new_tokens=2304)
-    cases = [(n, 1, "together") for n in HELD_OUT_PATCHES] + [(n, 2, m) for n in HELD_OUT_PATCHES
+    held = HELD_OUT_PATCHES if args.encoder == "vit" else QWEN_HELD_OUT_PATCHES
+    cases = [(n, 1, "together") for n in held] + [(n, 2, m) for n in held
                                                              for m in ("together", "separate")]
     times: dict[int, list[float]] = {k: [] for k in range(len(cases))}
     parts: dict[int, list[tuple[float, float, float]]] = {k: [] for k in range(len(cases))}
     for rep in range(args.reps + 1):  # rounds over all cases, shuffled: host noise spreads over every case
         for k in rng.permutation(len(cases)):
             n, images, mode = cases[int(k)]
-            embeds, timing = chains[mode].prompt(runner, n * images, args.text, images, rng)
+            embeds, timing = chains[mode].prompt(runner, tokens(n) * images, args.text, images, rng)
             res = runner.generate(embeds, 1)
             if rep:  # round 0 pays for the new shapes
                 times[int(k)].append(timing.vision_ms + timing.embedding_ms + res.ttft_ms)
@@ -70,11 +83,11 @@ def main() -> int:
     split = []
     for k, (n, images, mode) in enumerate(cases):
         model = est if mode == "together" else separate
-        pred = model.predict(n * images, args.text, 1, serving=False, images=images)
+        pred = model.predict(tokens(n) * images, args.text, 1, serving=False, images=images)
         rows.append((n, images, mode, statistics.median(times[int(k)]), pred.prefill_ms, pred.flags))
         m_parts = [statistics.median(x[j] for x in parts[int(k)]) for j in range(3)]
-        v_pred = model.vision_ms(n * images, images)
-        e_pred = vis.embedding_ms(n * images + args.text)
+        v_pred = model.vision_ms(tokens(n) * images, images)
+        e_pred = vis.embedding_ms(tokens(n) * images + args.text)
         split.append((m_parts, (v_pred, e_pred, pred.prefill_ms - v_pred - e_pred)))
     print(f"\n{'patches/img':>11} {'images':>6} {'calls':>9}  measured vs predicted ms: encoder | embedding | decoder")
     for (n, images, mode, *_), (m_ms, p_ms) in zip(rows, split, strict=True):
