@@ -140,7 +140,7 @@ class FileRequestSink:
 
 def run_replay(runner: Runner, key: ConfigKey, tier: TierSpec, spec: ReplaySpec,
                requests_path: str | os.PathLike[str] | RequestSink, n: int | None = None, progress: bool = True,
-               id_offset: int = 0) -> ReplayResult:
+               id_offset: int = 0, chain: Any = None) -> ReplayResult:
     """Replay ``n`` (default spec.requests) requests; append one row per request to ``requests_path``.
 
     Request i of this config is written as request_id ``id_offset + i``. A request_id already in the
@@ -179,7 +179,13 @@ def run_replay(runner: Runner, key: ConfigKey, tier: TierSpec, spec: ReplaySpec,
             make = getattr(runner, "random_prompt", None)
             embeds = (make(prompt, rng) if make is not None else
                       (rng.standard_normal((1, prompt, runner.hidden), dtype=np.float32) * 0.5).astype(dtype))
+            before = 0.0
+            if chain is not None and req.vision_tokens > 0:
+                embeds, timing = chain.prompt(runner, req.vision_tokens, req.text_tokens, 1, rng)
+                before = timing.vision_ms + timing.embedding_ms
             res = runner.generate(embeds, req.output_tokens)
+            if before:
+                res = replace(res, ttft_ms=res.ttft_ms + before, total_ms=res.total_ms + before)
             sink.append([{
                 "request_id": req.request_id, "vision_tokens": req.vision_tokens, "text_tokens": req.text_tokens,
                 "output_tokens": req.output_tokens, "tier_idx": key.tier_idx, "top_k": key.top_k,

@@ -31,6 +31,8 @@ from trt_latency.ext.layout import (
     CODE_UNKNOWN_CONFIG,
     CONF_CNT,
     CONF_OFF,
+    EMB_A,
+    EMB_B,
     EXTRAPOLATED_BIT,
     F_CLIPPED,
     F_CONFORMAL,
@@ -59,6 +61,11 @@ from trt_latency.ext.layout import (
     ST_FITS,
     ST_NONE,
     TOKEN_MAX,
+    VIS_A,
+    VIS_B,
+    VIS_C,
+    VIS_HI,
+    VIS_LO,
     as_candidates,
     as_int,
     as_real,
@@ -158,6 +165,15 @@ class Kernel:
         row = self.cfg[c]
         x = row[PRE_A] + prompt * (row[PRE_B] + row[PRE_C] * prompt)
         return (x if x > 0.0 else 0.0) + row[LOOP_PRE]
+
+    def vision(self, c: int, vision: float, prompt: float) -> float:
+        """The VLM encoder + embedding step ms of a request with `vision` tokens (0 without any)."""
+        if vision <= 0.0:
+            return 0.0
+        row = self.cfg[c]
+        x = row[VIS_A] + vision * (row[VIS_B] + row[VIS_C] * vision)
+        e = row[EMB_A] + row[EMB_B] * prompt
+        return (x if x > 0.0 else 0.0) + (e if e > 0.0 else 0.0)
 
     def decode_sum(self, c: int, prompt: float, n: float) -> float:
         if n <= 1.0:
@@ -287,9 +303,11 @@ class Kernel:
     def factorised(self, c: int) -> bool:
         return self.cfg[c][FACTORISED] != 0.0
 
-    def extrapolated(self, c: int, prompt: float, n: float) -> bool:
+    def extrapolated(self, c: int, prompt: float, n: float, vision: float = 0.0) -> bool:
         row = self.cfg[c]
         if prompt < row[PRE_LO] or prompt > row[PRE_HI]:
+            return True
+        if vision > 0.0 and row[VIS_HI] > 0.0 and (vision < row[VIS_LO] or vision > row[VIS_HI]):
             return True
         return n >= 2.0 and (prompt < row[PAST_LO] or prompt + n - 2.0 > row[PAST_HI])
 
@@ -336,7 +354,7 @@ class Kernel:
         c = self.lookup(keys[0], keys[1], blocks)
         if c < 0:
             return CODE_UNKNOWN_CONFIG, 0, nan
-        return self.decide(c, float(prompt), budget, req, a)
+        return self.decide(c, float(prompt), budget, req, a, float(as_int(vision_tokens) or 0))
 
     def _fields(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any, tier_idx: Any,
                 top_k: Any, num_active_blocks: Any) -> tuple[int, float, int, int, list[int], int]:
@@ -401,20 +419,22 @@ class Kernel:
         c = self.lookup(keys[0], keys[1], blocks)
         if c < 0:
             return CODE_UNKNOWN_CONFIG, 0, nan
-        return self.decide_scaled(c, float(prompt), budget, req, scales[2], F_NONE, scales[0], scales[1])
+        return self.decide_scaled(c, float(prompt), budget, req, scales[2], F_NONE, scales[0], scales[1],
+                                  float(as_int(vision_tokens) or 0))
 
-    def decide(self, c: int, prompt: float, budget: float, req: int, alpha: float) -> tuple[int, int, float]:
+    def decide(self, c: int, prompt: float, budget: float, req: int, alpha: float,
+               vision: float = 0.0) -> tuple[int, int, float]:
         """Validated request -> (code, max_new_tokens, predicted_ms). req < 0: no requested length."""
         if alpha > 0.0:
             factor, fsrc = self.alpha_factor(c, alpha)
         else:
             factor, fsrc = 1.0, F_NONE
-        return self.decide_scaled(c, prompt, budget, req, factor, fsrc, 1.0, 1.0)
+        return self.decide_scaled(c, prompt, budget, req, factor, fsrc, 1.0, 1.0, vision)
 
     def decide_scaled(self, c: int, prompt: float, budget: float, req: int, factor: float, fsrc: int, ps: float,
-                      ds: float) -> tuple[int, int, float]:
+                      ds: float, vision: float = 0.0) -> tuple[int, int, float]:
         need = req if req > 0 else 1
-        pre = self.prefill(c, prompt) * ps
+        pre = (self.prefill(c, prompt) + self.vision(c, vision, prompt)) * ps
         cp = self.cumsum(c, prompt)
         pred = self._total_at(c, prompt, float(need), factor, pre, cp, ds)
         if req > 0 and pred <= budget:
@@ -422,7 +442,7 @@ class Kernel:
         else:
             n = self._nfit_at(c, prompt, budget, factor, pre, ds)
             status = ST_FITS if n >= need else (ST_FEWER if n >= 1 else ST_NONE)
-        ext = self.extrapolated(c, prompt, float(n if n > need else need))
+        ext = self.extrapolated(c, prompt, float(n if n > need else need), vision)
         fact = 1 if self.cfg[c][FACTORISED] != 0.0 else 0
         return status * 16 + fact * 8 + (4 if ext else 0) + fsrc, n, pred
 
@@ -515,9 +535,11 @@ class Kernel:
                 continue
             f, fsrc = (1.0, F_NONE) if not qv > 0.0 else self.quantile_factor(c, qv)
             prompt = float(vt + tt)
-            pre[i], dec[i], tot[i] = self.predict(c, prompt, float(n), f)
+            p_ = self.prefill(c, prompt) + self.vision(c, float(vt), prompt)
+            d_ = self.decode_sum(c, prompt, float(n))
+            pre[i], dec[i], tot[i] = p_ * f, d_ * f, (p_ + d_) * f
             flags[i] = (
-                (1 if self.extrapolated(c, prompt, float(n)) else 0)
+                (1 if self.extrapolated(c, prompt, float(n), float(vt)) else 0)
                 | (2 if self.cfg[c][FACTORISED] != 0.0 else 0)
                 | (4 if fsrc == F_CLIPPED else 0)
             )

@@ -151,6 +151,7 @@ class Calibration:
     configs: list[ConfigCalibration]
     factorised: list[FactorisedModel] = field(default_factory=list)
     preference: list[ConfigKey] = field(default_factory=list)  # Estimator.choose's order (empty: by cost)
+    vision: Any = None  # estimator.vision.VisionCalibration of a VLM's encoder (absent: text-only deployment)
 
     def config(self, tier_idx: int, top_k: int, num_active_blocks: int) -> ConfigCalibration:
         for cfg in self.configs:
@@ -295,6 +296,10 @@ def calibration_to_dict(cal: Calibration) -> dict[str, Any]:
     }
     if cal.preference:  # absent when unset: files without it stay byte identical
         out["preference"] = [dict(k._asdict()) for k in cal.preference]
+    if cal.vision is not None:  # absent when unset, like preference
+        from trt_latency.estimator.vision import vision_to_dict
+
+        out["vision"] = vision_to_dict(cal.vision)
     return out
 
 
@@ -489,7 +494,12 @@ class _Validator:
         if len(set(tiers)) != len(tiers):
             raise self.fail("factorised", "one entry per tier_idx", str(tiers))
         preference = self.preference(top.get("preference"), seen, set(tiers))
-        return Calibration(int(version), provenance, configs, factorised, preference)
+        vision = None
+        if top.get("vision") is not None:
+            from trt_latency.estimator.vision import vision_from_dict
+
+            vision = vision_from_dict(top["vision"], self.path)
+        return Calibration(int(version), provenance, configs, factorised, preference, vision)
 
     def preference(self, raw: Any, measured: set[tuple[int, int, int]], factorised_tiers: set[int]) -> list[ConfigKey]:
         """The optional choose order: unique configs, each measured or in a tier with a factorised model."""

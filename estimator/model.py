@@ -120,6 +120,18 @@ def _factorised_rows(cal: Calibration) -> list[tuple[ConfigCalibration, bool]]:
     return rows
 
 
+def vision_columns(vision: Any) -> list[float]:
+    """VIS_A .. EMB_B of the tables from a calibration's vision section (one image per request, the fit
+    over patches rewritten over vision tokens v = patches * tokens_per_patch); zeros without one."""
+    if vision is None:
+        return [0.0] * 7
+    a, b, c = vision.fits[1]
+    k = 1.0 / vision.tokens_per_patch  # patches per vision token
+    lo, hi = (x * vision.tokens_per_patch for x in vision.patch_range)
+    ea, eb = vision.embedding if vision.embedding is not None else (0.0, 0.0)
+    return [a, b * k, c * k * k, lo, hi, ea, eb]
+
+
 def build_tables(cal: Calibration, serving: bool = True) -> tuple[dict[str, np.ndarray], list[ConfigKey], list[bool]]:
     """Flat tables for the kernels, the key of each row and whether it is factorised.
 
@@ -128,6 +140,7 @@ def build_tables(cal: Calibration, serving: bool = True) -> tuple[dict[str, np.n
     """
     rows = _factorised_rows(cal)
     cfg = np.zeros((len(rows), layout.NCOL))
+    vis = vision_columns(cal.vision)
     pieces: list[np.ndarray] = []
     conf: list[tuple[float, float]] = []
     rq: list[tuple[float, float]] = []
@@ -145,6 +158,7 @@ def build_tables(cal: Calibration, serving: bool = True) -> tuple[dict[str, np.n
         row[layout.PAST_LO], row[layout.PAST_HI] = c.valid_past_len
         row[layout.PRE_LO], row[layout.PRE_HI] = c.valid_prefill_len
         row[layout.FACTORISED] = 1.0 if fact else 0.0
+        row[layout.VIS_A:layout.EMB_B + 1] = vis  # the one encoder of the deployment, every config
         row[layout.PIECE_OFF], row[layout.PIECE_CNT] = n_pieces, p.shape[0]
         n_pieces += p.shape[0]
         row[layout.CONF_OFF] = len(conf)
@@ -235,6 +249,11 @@ class Estimator:
             self.configs(), key=lambda k: -self._kernel.total(self._keys.index(k), 256.0, 64.0, 1.0)))
         self._kernel.preference = self.preference
         self.choose = self._kernel.choose  # type: ignore[method-assign]
+        # A VLM calibration (a `vision` section): requests with vision tokens also pay the encoder and the
+        # embedding step (estimator/vision.py), added on the Python side around the compiled decision.
+        # It is part of the tables (VIS_* / EMB_* columns): admit, choose and the batch entry points
+        # include it for one image per request; admit_images answers other image counts.
+        self.vision = calibration.vision
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], implementation: Any = None) -> Estimator:
@@ -300,7 +319,8 @@ class Estimator:
         return float(kernel.step(row, float(_int_arg(past_len, "past_len", 0))))
 
     def predict(self, vision_tokens: Any, text_tokens: Any, output_tokens: Any, tier_idx: Any = 0, top_k: Any = 1,
-                num_active_blocks: Any = None, quantile: Any = None, serving: bool = True) -> Prediction:  # fmt: skip
+                num_active_blocks: Any = None, quantile: Any = None, serving: bool = True,
+                images: Any = None) -> Prediction:  # fmt: skip
         """Prefill + closed-form decode sum for `output_tokens` generated tokens (>= 1).
 
         serving=True (default): with the serving-loop terms (prefill_ms includes o_p, decode_ms
@@ -312,10 +332,16 @@ class Estimator:
         kernel = self._kernel if serving else self._engine_kernel
         factor, src = (1.0, layout.F_NONE) if quantile is None else kernel.quantile_factor(row, _unit_arg(quantile, "quantile"))
         pre, dec, tot = kernel.predict(row, float(prompt), float(n), factor)
-        return Prediction(pre, dec, tot, self._flags(row, prompt, n, src == layout.F_CLIPPED))
+        flags = self._flags(row, prompt, n, src == layout.F_CLIPPED)
+        extra, vis_ext = self._vision_extra(vision_tokens, prompt, images)
+        if extra:  # the encoder and the embedding step run before the decoder's prefill
+            pre, tot = pre + extra * factor, tot + extra * factor
+            if vis_ext and "extrapolated" not in flags:
+                flags = "; ".join(x for x in (flags, "extrapolated (vision patches)") if x)
+        return Prediction(pre, dec, tot, flags)
 
     def max_new_tokens(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, tier_idx: Any = 0, top_k: Any = 1,
-                       num_active_blocks: Any = None, alpha: Any = None) -> int:  # fmt: skip
+                       num_active_blocks: Any = None, alpha: Any = None, images: Any = None) -> int:  # fmt: skip
         """Largest n with predict(n) <= budget_ms (times the alpha factor); 0 if not even one token."""
         budget = layout.as_real(budget_ms)
         if budget is None or not 0.0 <= budget < math.inf:
@@ -323,11 +349,64 @@ class Estimator:
         prompt = self._prompt(vision_tokens, text_tokens)
         row = self._row(tier_idx, top_k, num_active_blocks)
         factor = 1.0 if alpha is None else self._kernel.alpha_factor(row, _unit_arg(alpha, "alpha"))[0]
+        extra, _ = self._vision_extra(vision_tokens, prompt, images)
+        if extra:  # the vision part is paid before any token: what is left of the budget goes to the decoder
+            budget = budget - extra * factor
+            if budget < 0.0:
+                return 0
         return int(self._kernel.nfit(row, float(prompt), budget, factor))
+
+    # -------------------------------------------------------------- vision (VLM chains)
+    def vision_ms(self, vision_tokens: Any, images: Any = 1, together: bool | None = None) -> float:
+        """Encoder ms for `vision_tokens` LLM tokens over `images` images (one call or one per image as the
+        calibration's images_per_call says, unless `together` is given); 0.0 without a vision section."""
+        v = _int_arg(vision_tokens, "vision_tokens", 0)
+        if self.vision is None:
+            return 0.0
+        return float(self.vision.vision_ms(v, _int_arg(images, "images", 1), together)[0])
+
+    def _vision_extra(self, vision_tokens: Any, prompt: int, images: Any) -> tuple[float, bool]:
+        """(encoder + embedding ms, outside the swept patch range?) of a request; (0, False) without vision."""
+        if self.vision is None:
+            return 0.0, False
+        v = layout.as_int(vision_tokens) or 0
+        if v <= 0:
+            return 0.0, False
+        ms, ext = self.vision.vision_ms(v, 1 if images is None else _int_arg(images, "images", 1))
+        return ms + self.vision.embedding_ms(prompt), ext
+
+    def admit_images(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any = None,
+                     tier_idx: Any = 0, top_k: Any = 1, num_active_blocks: Any = None, alpha: Any = None,
+                     images: Any = None) -> Any:  # fmt: skip
+        """admit for a request with `images` images (admit itself assumes one): the compiled decision on
+        the budget shifted by the vision difference (times the alpha factor), predicted_ms with it added
+        back. Never raises."""
+        d = self._kernel.admit(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
+                               num_active_blocks, alpha)
+        n_img = 1 if images is None else layout.as_int(images)
+        if n_img is None or not 1 <= n_img <= layout.TOKEN_MAX:
+            return Decision(False, 0, math.nan, f"bad field 'images': expected None or an integer in [1, {layout.TOKEN_MAX}]")
+        if not d.judged or not (layout.as_int(vision_tokens) or 0) > 0 or n_img == 1 or self.vision is None:
+            return d  # the tables already hold the one-image vision term
+        prompt = int(vision_tokens) + int(text_tokens)
+        extra, vis_ext = self._vision_extra(vision_tokens, prompt, n_img)
+        extra -= self._vision_extra(vision_tokens, prompt, 1)[0]  # the tables' one-image term is in `inner`
+        row = int(self._kernel.lookup(int(tier_idx), int(top_k), -1 if num_active_blocks is None else int(num_active_blocks)))
+        factor = 1.0 if alpha is None else float(self._kernel.alpha_factor(row, float(alpha))[0])
+        left = float(budget_ms) - extra * factor
+        inner = self._kernel.admit(left if left >= 0.0 else 0.0, vision_tokens, text_tokens, max_new_tokens,
+                                   tier_idx, top_k, num_active_blocks, alpha)
+        code = inner.code | (layout.EXTRAPOLATED_BIT if vis_ext else 0)
+        if left < 0.0:  # not even the vision part fits
+            code = (code & 15) + layout.ST_NONE * 16
+            return Decision(False, 0, inner.predicted_ms + extra * factor, layout.reason_text(code))
+        return Decision(inner.admit, inner.max_new_tokens, inner.predicted_ms + extra * factor,
+                        layout.reason_text(code))
 
     def admit(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any = None,  # type: ignore[no-redef]
               tier_idx: Any = 0, top_k: Any = 1, num_active_blocks: Any = None, alpha: Any = None) -> Any:  # fmt: skip
-        """Replaced per instance by the kernel's method (see __init__); documented here."""
+        """Replaced per instance by the kernel's method (see __init__); documented here. A VLM calibration
+        (vision section) binds ``_admit_vision`` instead, which also takes ``images``."""
         return self._kernel.admit(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
                                   num_active_blocks, alpha)  # fmt: skip
 

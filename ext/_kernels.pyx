@@ -136,6 +136,13 @@ cdef class Decision:
                 f"predicted_ms={self.predicted_ms!r}, reason={self.reason!r})")
 
 
+cdef inline double _vision_of(object vision_tokens):
+    """The vision token count of a request whose fields _parse_request accepted."""
+    cdef long long vt = 0
+    _to_ll(vision_tokens, &vt)
+    return <double>vt
+
+
 cdef inline int _parse_request(object budget_ms, object vision_tokens, object text_tokens, object max_new_tokens,
                                object tier_idx, object top_k, object num_active_blocks, double* budget,
                                long long* prompt, long long* req, long long* ti, long long* tk,
@@ -280,8 +287,8 @@ cdef class Kernel:
     def factorised(self, Py_ssize_t c):
         return self.t.cfg[self._row(c) * NCOL + FACTORISED] != 0.0
 
-    def extrapolated(self, Py_ssize_t c, double prompt, double n):
-        return c_extrapolated(&self.t, self._row(c), prompt, n)
+    def extrapolated(self, Py_ssize_t c, double prompt, double n, double vision=0.0):
+        return c_extrapolated(&self.t, self._row(c), prompt, n, vision)
 
     def nfit_scaled(self, Py_ssize_t c, double prompt, double budget, double prefill_scale, double decode_scale,
                     double factor):
@@ -305,10 +312,10 @@ cdef class Kernel:
         return c_total_at(&self.t, c, prompt, n, factor, c_prefill(&self.t, c, prompt) * prefill_scale,
                          c_cumsum(&self.t, c, prompt), -1, decode_scale)
 
-    def decide(self, Py_ssize_t c, double prompt, double budget, long long req, double alpha):
+    def decide(self, Py_ssize_t c, double prompt, double budget, long long req, double alpha, double vision=0.0):
         cdef long long n = 0
         cdef double pred = NAN
-        cdef int code = c_decide(&self.t, self._row(c), prompt, budget, req, alpha, &n, &pred)
+        cdef int code = c_decide(&self.t, self._row(c), prompt, budget, req, alpha, &n, &pred, vision)
         return code, n, pred
 
     cdef int _admit_code(self, object budget_ms, object vision_tokens, object text_tokens, object max_new_tokens,
@@ -328,7 +335,7 @@ cdef class Kernel:
         c = c_lookup(&self.t, ti, tk, bl)
         if c < 0:
             return CODE_UNKNOWN_CONFIG
-        return c_decide(&self.t, c, <double>prompt, budget, req, a, n, pred)
+        return c_decide(&self.t, c, <double>prompt, budget, req, a, n, pred, _vision_of(vision_tokens))
 
     def admit(self, budget_ms, vision_tokens, text_tokens, max_new_tokens=None, tier_idx=0, top_k=1,
               num_active_blocks=None, alpha=None):
@@ -358,7 +365,8 @@ cdef class Kernel:
         c = c_lookup(&self.t, ti, tk, bl)
         if c < 0:
             return CODE_UNKNOWN_CONFIG
-        return c_decide_scaled(&self.t, c, <double>prompt, budget, req, f, F_NONE, n, pred, ps, ds)
+        return c_decide_scaled(&self.t, c, <double>prompt, budget, req, f, F_NONE, n, pred, ps, ds,
+                               _vision_of(vision_tokens))
 
     def admit_scaled(self, budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
                      num_active_blocks, prefill_scale, decode_scale, factor):
@@ -423,7 +431,7 @@ cdef class Kernel:
         for i in range(1, size):
             if not _candidate_row(&self.t, candidates[i], &row):
                 continue  # a malformed or unknown candidate does not admit
-            if not c_fits(&self.t, row, <double>prompt, budget, req, a):
+            if not c_fits(&self.t, row, <double>prompt, budget, req, a, _vision_of(vision_tokens)):
                 continue
             code = self._candidate_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, candidates[i], alpha,
                                         n, pred)
@@ -499,7 +507,8 @@ cdef class Kernel:
                     else:
                         n = 0
                         p = NAN
-                        cd = c_decide_scaled(&self.t, c, <double>(vt + tt), b, req, factor[c], fsrc[c], &n, &p, 1.0, 1.0)
+                        cd = c_decide_scaled(&self.t, c, <double>(vt + tt), b, req, factor[c], fsrc[c], &n, &p, 1.0, 1.0,
+                                             <double>vt)
                         code[i] = cd
                         nout[i] = n
                         pred[i] = p
@@ -548,12 +557,12 @@ cdef class Kernel:
                 if quantile > 0.0:
                     f = c_quantile_factor(&self.t, c, quantile, &fsrc)
                 prompt = <double>(vt + tt)
-                pre = c_prefill(&self.t, c, prompt)
+                pre = c_prefill(&self.t, c, prompt) + c_vision(&self.t, c, <double>vt, prompt)
                 dec = c_decode_sum(&self.t, c, prompt, <double>n)
                 pre_v[i] = pre * f
                 dec_v[i] = dec * f
                 tot_v[i] = (pre + dec) * f
-                flags[i] = ((1 if c_extrapolated(&self.t, c, prompt, <double>n) else 0)
+                flags[i] = ((1 if c_extrapolated(&self.t, c, prompt, <double>n, <double>vt) else 0)
                             | (2 if self.t.cfg[c * NCOL + FACTORISED] != 0.0 else 0)
                             | (4 if fsrc == F_CLIPPED else 0))
         return pre_arr, dec_arr, tot_arr, flags_arr

@@ -367,3 +367,55 @@ def test_choose_never_raises_on_bad_candidates(make: Any) -> None:
         assert results[0].admit and results[0].config == (0, 1, 2)  # any iterable of candidates works
     else:
         assert not results[0].admit
+
+
+@st.composite
+def vlm_calibrations(draw: st.DrawFn) -> Calibration:
+    """calibrations() with a vision section (VIS_* / EMB_* columns filled)."""
+    import dataclasses
+
+    from trt_latency.estimator.vision import VisionCalibration
+
+    cal = draw(calibrations())
+    lo = draw(st.integers(1, 200))
+    vision = VisionCalibration(
+        family="vit", tokens_per_patch=draw(st.sampled_from([1.0, 0.25])), images_per_call="together",
+        fits={1: [draw(st.floats(-1.0, 5.0)), draw(st.floats(0.0, 0.05)), draw(st.floats(0.0, 1e-4))],
+              2: [0.5, 0.02, 2e-5]},
+        patch_range=[float(lo), float(lo + draw(st.integers(0, 3000)))],
+        embedding=draw(st.one_of(st.none(), st.tuples(st.floats(-0.1, 0.5), st.floats(0.0, 1e-3)).map(list))),
+    )
+    return dataclasses.replace(cal, vision=vision)
+
+
+@SETTINGS
+@given(vlm_calibrations(), st.lists(requests, min_size=1, max_size=25))
+def test_vision_term_cython_equals_reference_and_is_the_documented_sum(cal: Calibration, reqs: list[dict]) -> None:
+    """The prefill term with the VLM vision term: both implementations equal (admit, choose, predict_batch),
+    and admit's prediction = the engine prediction + vision(v) (+ embedding) exactly as the tables say."""
+    kc, kr = kernels(cal)
+    est = Estimator(cal, implementation=_reference)
+    for r in reqs:
+        args = (r["budget"], r["vision"], r["text"], r["req"], r["tier"], r["top_k"], r["blocks"], r["alpha"])
+        dc, dr = kc.admit(*args), kr.admit(*args)
+        assert (dc.admit, dc.max_new_tokens, dc.reason) == (dr.admit, dr.max_new_tokens, dr.reason), args
+        assert close(dc.predicted_ms, dr.predicted_ms), args
+        cc, cr = kc.choose(*args[:4], None, r["alpha"]), kr.choose(*args[:4], None, r["alpha"])
+        assert (cc.admit, cc.max_new_tokens, cc.reason) == (cr.admit, cr.max_new_tokens, cr.reason)
+        row = kr.lookup(r["tier"], r["top_k"], -1 if r["blocks"] is None else r["blocks"])
+        if dr.judged and r["alpha"] is None and r["vision"] + r["text"] > 0 and row >= 0:
+            prompt = float(r["vision"] + r["text"])
+            need = r["req"] if r["req"] else 1
+            want = kr.total(row, prompt, float(need), 1.0) + kr.vision(row, float(r["vision"]), prompt)
+            assert close(dr.predicted_ms, want) or abs(dr.predicted_ms - want) <= 1e-9 * (1 + want)
+            if r["vision"] > 0:
+                p = est.predict(r["vision"], r["text"], need, r["tier"], r["top_k"], r["blocks"])
+                assert abs(p.total_ms - dr.predicted_ms) <= 1e-6 * (1.0 + abs(p.total_ms))
+    arrays = [np.array([r[k] for r in reqs], dtype=np.int64) for k in ("vision", "text")]
+    out = np.array([r["req"] or 1 for r in reqs], dtype=np.int64)
+    keys = [np.array([r[k] for r in reqs], dtype=np.int64) for k in ("tier", "top_k")]
+    blocks = np.array([-1 if r["blocks"] is None else r["blocks"] for r in reqs], dtype=np.int64)
+    bc = kc.predict_batch(*arrays, out, *keys, blocks, -1.0)
+    br = kr.predict_batch(*arrays, out, *keys, blocks, -1.0)
+    for a, b in zip(bc, br, strict=True):
+        assert all(close(float(x), float(y)) for x, y in zip(a, b, strict=True))

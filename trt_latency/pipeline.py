@@ -58,6 +58,17 @@ class CalibrateOptions:
     max_past_len: int | None = None
     precision: float | None = None  # target relative SE of each position's median (None: the plan's; 0: fixed)
     time_budget: float | None = None  # seconds for the whole calibrate (None: the plan's)
+    # VLM deployments (trt_latency/pipeline_vision.py): the vision encoder, its family / config / feeds
+    # hook, the embedding step, and how a request's images go to the encoder.
+    vision_onnx: str | None = None
+    vision_family: str | None = None
+    vision_config: str | None = None
+    vision_feeds: str | None = None
+    vision_tokens_per_patch: float | None = None
+    embedding_onnx: str | None = None
+    vision_images_per_call: str = "together"
+    vision_patches: tuple[int, int] = (16, 1024)
+    vision_points: int = 8
 
     @classmethod
     def from_namespace(cls, ns: Any) -> CalibrateOptions:
@@ -275,6 +286,10 @@ def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) 
     if args.engine and backend != "tensorrt":
         raise ConfigError(field="--backend", expected="tensorrt (or auto) with --engine", got=backend)
     plan, targets = _targets(args, plan, out)
+    if args.vision_onnx:  # a vision model the adapters cannot feed fails now, not after the decoder sweep
+        from trt_latency.pipeline_vision import vision_signature
+
+        vision_signature(args)
     progress = not args.no_progress
     samples_path = out / "samples.csv"
     cal_path = out / "calibration.yaml"
@@ -321,6 +336,11 @@ def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) 
     from trt_latency.estimator.calibration import save_calibration
 
     save_calibration(cal, cal_path)
+    vision_lines: list[str] = []
+    if args.vision_onnx:
+        from trt_latency.pipeline_vision import calibrate_vision
+
+        vision_lines = calibrate_vision(args, plan, out, cal_path, say)
     plot_written = False if getattr(args, "no_plot", False) else _plot(samples, cal, plot_path, runner_info)
     batch_plot = None if getattr(args, "no_plot", False) else _plot_batch(samples, cal, out / "batch.png", runner_info)
 
@@ -337,7 +357,7 @@ def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) 
         cut = ""
         for i, t in enumerate(targets):
             result = _replay(t, plan, backend, requests_path, n_requests, progress, id_offset=i * REPLAY_ID_STRIDE,
-                             options=options, say=say)
+                             options=options, say=say, vision=args if args.vision_onnx else None)
             written += result.rows_written
             skipped += result.rows_skipped
             seconds += result.seconds
@@ -378,6 +398,8 @@ def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) 
         say(f"  batch plot   {batch_plot}")
     say(f"  requests     {requests_path if requests_path.is_file() else '-'}: {replay_note}")
     for line in loop_lines:
+        say(line)
+    for line in vision_lines:
         say(line)
     say(f"  wall time    {_fmt_time(wall)}")
     if replaying:
@@ -639,15 +661,21 @@ def _plot(samples: Any, cal: Any, path: Path, runner_info: dict[str, str]) -> bo
 
 
 def _replay(target: Target, plan: Any, backend: str, requests_path: Path, n: int, progress: bool,
-            id_offset: int = 0, options: dict[str, Any] | None = None, say: Callable[[str], None] = print) -> Any:
+            id_offset: int = 0, options: dict[str, Any] | None = None, say: Callable[[str], None] = print,
+            vision: Any = None) -> Any:
     from trt_latency.engines.replay import run_replay
 
     spec = replace(plan.replay, requests=n)
     with _open(target, plan, backend, options) as runner:
         if getattr(runner, "token_input", "") == "input_ids":
             say("  " + VISION_NOTE)
+        chain = None
+        if vision is not None:  # requests with vision tokens run encoder -> embedding -> decoder
+            from trt_latency.pipeline_vision import open_chain
+
+            chain = open_chain(vision, plan.runtime.intra_op_threads)
         result = run_replay(runner, target.key, target.tier, spec, requests_path, n, progress=progress,
-                            id_offset=id_offset)
+                            id_offset=id_offset, chain=chain)
     say(f"  replay {_key_name(target.key)} (request_id {id_offset}..{id_offset + n - 1}): "
         f"{result.rows_written} replayed in {_fmt_time(result.seconds)}, {result.rows_skipped} already there")
     return result

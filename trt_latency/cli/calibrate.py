@@ -33,6 +33,8 @@ examples:
   trt-latency calibrate plan.yaml --engine decoder.plan --out out   # a TensorRT engine (GPU host)
   trt-latency calibrate --ray --out out             # the plan's configs over local Ray actors, one per device
   trt-latency calibrate --onnx a.onnx --onnx b.onnx --ray auto --out out   # two models on a running cluster
+  trt-latency calibrate --onnx genai-embeds/model.onnx --vision-onnx vision.onnx --embedding-onnx embedding.onnx \
+      --out out                                     # a VLM chain: encoder + embedding step + decoder
 
 Writes OUT/{model.onnx, samples.csv, calibration.yaml, decode.png, requests.csv}; with --ray, one such folder
 per device class, OUT/<device>/; with several --onnx / --engine, one OUT/<model name>/ per model. Rerunning
@@ -81,6 +83,23 @@ def register(sub: Any) -> None:
                              "cluster. Needs pip install \"trt-latency[cluster]\"")
     parser.add_argument("--ray-actors", type=int, metavar="N", help="with --ray: at most N actors")
     add_model_args(parser)
+    vlm = parser.add_argument_group("VLM: vision encoder and embedding step (README: VLM: the vision encoder)")
+    vlm.add_argument("--vision-onnx", metavar="F", help="time this vision encoder too (calibration.yaml gains "
+                     "a vision section; the replay runs encoder -> embedding -> decoder)")
+    vlm.add_argument("--vision-family", choices=("vit", "qwen2.5-vl"),
+                     help="how patches become encoder inputs (default: config.json model_type beside the model)")
+    vlm.add_argument("--vision-config", metavar="config.json", help="the encoder's config.json (patch_size, ...)")
+    vlm.add_argument("--vision-feeds", metavar="module:function",
+                     help="your own feeds builder: function(signature, patches, images, rng) -> {name: array}")
+    vlm.add_argument("--vision-tokens-per-patch", type=float, metavar="X",
+                     help="LLM tokens per patch with --vision-feeds (families know theirs)")
+    vlm.add_argument("--embedding-onnx", metavar="F", help="the embedding step (token ids + image features -> "
+                     "inputs_embeds) between encoder and decoder")
+    vlm.add_argument("--vision-images-per-call", choices=("together", "separate"), default="together",
+                     help="a request's images go to the encoder in one call (default) or one call each")
+    vlm.add_argument("--vision-patches", type=int, nargs=2, metavar=("LO", "HI"), default=(16, 1024),
+                     help="patches per image swept (default 16 1024)")
+    vlm.add_argument("--vision-points", type=int, default=8, metavar="K", help="patch counts swept (default 8)")
     parser.set_defaults(func=run)
 
 

@@ -36,6 +36,11 @@ def register(sub: Any) -> None:
     parser.add_argument("--kv-mode", choices=KV_MODES, default="auto", help="KV binding to show (default auto)")
     parser.add_argument("--io", metavar="NAME=ROLE,...", help="name odd inputs/outputs (see calibrate --help)")
     parser.add_argument("--dims", metavar="NAME=N,...", help="dims neither shapes nor configs give")
+    parser.add_argument("--vision", action="store_true",
+                        help="MODEL is a VLM's vision encoder: describe its family, inputs and a feeds example")
+    parser.add_argument("--vision-family", choices=("vit", "qwen2.5-vl"), help="with --vision: the encoder's family")
+    parser.add_argument("--vision-config", metavar="config.json", help="with --vision: the encoder's config.json")
+    parser.add_argument("--vision-feeds", metavar="module:function", help="with --vision: your feeds builder")
     parser.set_defaults(func=run)
 
 
@@ -81,7 +86,35 @@ def render(sig: Any, kv_mode: str, past_len: int, new_tokens: int) -> str:
     return "\n".join(lines)
 
 
+def run_vision(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from trt_latency.engines.vision import adapter_for, read_vision_signature
+
+    sig = read_vision_signature(args.model, family=args.vision_family, config=args.vision_config,
+                                feeds=args.vision_feeds)
+    d = sig.describe()
+    n = 64  # a multiple of every family's merge unit (qwen2.5-vl: 4)
+    feeds = adapter_for(sig).feeds(n, 2, np.random.default_rng(0))
+    d["feeds_example"] = {"patches_per_image": n, "images": 2,
+                          "inputs": {k: f"{list(v.shape)} {v.dtype}" for k, v in feeds.items()}}
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    print(f"vision encoder {d['path']}")
+    print(f"  family           {d['family']} (from {d['family_source']})")
+    print(f"  tokens per patch {d['tokens_per_patch']:g}")
+    for t in d["inputs"]:
+        print(f"  input            {t}")
+    for t in d["outputs"]:
+        print(f"  output           {t}")
+    print(f"  feeds for 2 images x {n} patches: " + ", ".join(f"{k} {v}" for k, v in d["feeds_example"]["inputs"].items()))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "vision", False):
+        return run_vision(args)
     from trt_latency.engines.signature import read_signature
     from trt_latency.errors import InputError
 

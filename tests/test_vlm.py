@@ -1,0 +1,153 @@
+"""VLM: the vision encoder signature, family adapters, the fit, the calibration section and the Estimator's
+vision term, on the real fixture chain (tests/data/vlm/vit: torch.onnx.export; decoder: genai builder)."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trt_latency.errors import InputError
+
+DATA = Path(__file__).parent / "data"
+VIT = DATA / "vlm" / "vit"
+DECODER = DATA / "thirdparty" / "genai-llama-embeds" / "model.onnx"
+
+
+def test_vit_signature_family_from_config_and_feeds_run() -> None:
+    from trt_latency.engines.vision import VisionEncoder, read_vision_signature
+
+    sig = read_vision_signature(VIT / "vision.onnx")
+    assert sig.family == "vit" and sig.tokens_per_patch == 1.0 and "model_type vit" in sig.source
+    enc = VisionEncoder(sig)
+    rng = np.random.default_rng(0)
+    for n, images in ((16, 1), (24, 2), (64, 2)):
+        out, ms = enc.encode(n, images, rng)
+        assert out.shape[:2] == (images, n + 1) and ms > 0  # CLS + one feature per patch
+
+
+def test_vision_model_without_family_fails_in_one_line(tmp_path: Path) -> None:
+    from trt_latency.engines.vision import read_vision_signature
+
+    shutil.copy(VIT / "vision.onnx", tmp_path / "v.onnx")
+    with pytest.raises(InputError) as exc:
+        read_vision_signature(tmp_path / "v.onnx")
+    msg = str(exc.value)
+    assert "\n" not in msg and "--vision-family" in msg and "--vision-feeds" in msg and "pixel_values" in msg
+
+
+def test_qwen_adapter_host_inputs() -> None:
+    """The host-computed inputs agree with transformers' rules: window_index permutes the merged tokens,
+    cu_seqlens and cu_window_seqlens end at the patch count, pos ids follow 2x2 merge blocks."""
+    from trt_latency.engines.vision import qwen_pos_ids, qwen_window_index
+
+    grid = [(1, 12, 20), (1, 8, 8)]
+    index, cu_win = qwen_window_index(grid, window_size=112, patch_size=14, merge=2)
+    merged = sum(t * h * w for t, h, w in grid) // 4
+    assert sorted(index.tolist()) == list(range(merged))
+    assert cu_win[0] == 0 and cu_win[-1] == merged * 4 and np.all(np.diff(cu_win) > 0)
+    pos = qwen_pos_ids(grid, 2)
+    assert pos.shape == (12 * 20 + 64, 2)
+    assert pos[:4].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]  # one 2x2 merge block first
+
+
+def test_fit_vision_recovers_quadratic_and_modes() -> None:
+    from trt_latency.estimator.vision import fit_vision
+
+    rows = []
+    for n in (16, 64, 144, 256, 576, 1024):
+        for i, (a, b, c) in ((1, (0.2, 0.006, 5e-5)), (2, (0.3, 0.012, 1.2e-4))):
+            rows += [("vision", i, n, n * i, r, a + b * n + c * n * n) for r in range(3)]
+    v = fit_vision(rows, "vit", 1.0, "together")
+    assert v.fits[1] == pytest.approx([0.2, 0.006, 5e-5], rel=1e-6)
+    assert v.error[1]["loso_max_rel"] < 1e-6
+    one_call, ext = v.vision_ms(2 * 256, images=2)
+    assert not ext and one_call == pytest.approx(0.3 + 0.012 * 256 + 1.2e-4 * 256**2)
+    two_calls, _ = v.vision_ms(2 * 256, images=2, together=False)
+    assert two_calls == pytest.approx(2 * (0.2 + 0.006 * 256 + 5e-5 * 256**2))
+    assert v.vision_ms(4096, 1)[1]  # beyond the swept patches: extrapolated
+
+
+def test_calibrate_chain_section_estimator_and_old_files(tmp_path: Path) -> None:
+    from trt_latency.estimator.calibration import calibration_to_dict, load_calibration, save_calibration
+    from trt_latency.estimator.model import Estimator
+    from trt_latency.pipeline import CalibrateOptions, calibrate
+
+    out = tmp_path / "out"
+    calibrate(CalibrateOptions(onnx=str(DECODER), out=str(out), quick=True, requests=6, no_plot=True,
+                               no_progress=True, vision_onnx=str(VIT / "vision.onnx"),
+                               embedding_onnx=str(VIT / "embedding.onnx"), vision_patches=(16, 256),
+                               vision_points=4), say=lambda s: None)
+    cal = load_calibration(out / "calibration.yaml")
+    assert cal.vision is not None and set(cal.vision.fits) == {1, 2} and cal.vision.embedding is not None
+    log = (out / "requests.csv").read_text().splitlines()
+    assert len(log) == 7  # the replay ran (vision requests through the chain)
+    est = Estimator(cal)
+    text_only = est.predict(0, 64, 4)
+    with_img = est.predict(128, 64, 4)
+    decoder_part = Estimator(dataclasses.replace(cal, vision=None)).predict(128, 64, 4)
+    extra = est.vision_ms(128) + cal.vision.embedding_ms(192)
+    assert with_img.prefill_ms == pytest.approx(decoder_part.prefill_ms + extra)
+    assert text_only == Estimator(dataclasses.replace(cal, vision=None)).predict(0, 64, 4)
+    d = est.admit(with_img.total_ms * 1.001, 128, 64, 4)
+    assert d.admit and d.predicted_ms == pytest.approx(with_img.total_ms)
+    assert not est.admit(with_img.total_ms * 0.99, 128, 64, 4).admit
+    assert est.admit(1e9, 4096, 8, 4).extrapolated  # 4096 patches: outside the swept 16..256
+    assert est.max_new_tokens(extra * 0.5, 128, 64) == 0
+    assert est.vision_ms(256, images=2, together=True) != est.vision_ms(256, images=2, together=False)
+    two = est.predict(256, 64, 4, images=2)  # 2 images of 128 patches in one call (the 2-image fit)
+    d2 = est.admit_images(1e9, 256, 64, 4, images=2)
+    assert d2.admit and d2.predicted_ms == pytest.approx(two.total_ms, rel=1e-9)
+    assert est.admit_images(1e9, 256, 64, 4, images=1).predicted_ms == pytest.approx(est.predict(256, 64, 4).total_ms)
+    assert not est.admit_images(1e9, 256, 64, 4, images=0).admit  # a bad images field: refused, not raised
+    # old files (no vision section) still load, and saving one adds no key
+    plain = dataclasses.replace(cal, vision=None)
+    save_calibration(plain, tmp_path / "plain.yaml")
+    assert "vision" not in calibration_to_dict(load_calibration(tmp_path / "plain.yaml"))
+
+
+def test_feeds_hook_drives_the_encoder(tmp_path: Path) -> None:
+    from trt_latency.engines.vision import VisionEncoder, read_vision_signature
+
+    hook = tmp_path / "myfeeds.py"
+    hook.write_text("import numpy as np\n"
+                    "def feeds(sig, patches, images, rng):\n"
+                    "    return {'pixel_values': rng.standard_normal((images, 3, 16, 16 * patches), dtype=np.float32)}\n")
+    shutil.copy(VIT / "vision.onnx", tmp_path / "v.onnx")  # no config.json: the hook is what makes it usable
+    sig = read_vision_signature(tmp_path / "v.onnx", feeds=f"{hook}:feeds", tokens_per_patch=0.5)
+    out, _ = VisionEncoder(sig).encode(8, 2, np.random.default_rng(0))
+    assert out.shape[:2] == (2, 9) and sig.tokens_per_patch == 0.5
+    with pytest.raises(InputError, match="--vision-feeds"):
+        read_vision_signature(tmp_path / "v.onnx", feeds="no_such_module_x:fn")
+
+
+def test_qwen25vl_encoder_runs_for_any_grid() -> None:
+    """The exported Qwen2.5-VL encoder (tools/fixtures/export_qwen25vl.py) fed by the family adapter:
+    family from config.json, tokens = patches / 4, one or two images per call."""
+    from trt_latency.engines.vision import VisionEncoder, read_vision_signature
+
+    sig = read_vision_signature(DATA / "vlm" / "qwen2.5-vl" / "vision.onnx")
+    assert sig.family == "qwen2.5-vl" and sig.tokens_per_patch == 0.25
+    enc = VisionEncoder(sig)
+    rng = np.random.default_rng(0)
+    for n, images in ((16, 1), (64, 2), (96, 1)):
+        out, _ = enc.encode(n, images, rng)
+        assert out.shape[0] == n * images // 4 and np.isfinite(out).all()
+    assert enc.patches_for(vision_tokens=64, images=2) == 128
+
+
+def test_calibrate_cli_vision_without_family_fails_first_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    shutil.copy(VIT / "vision.onnx", tmp_path / "v.onnx")
+    r = subprocess.run([sys.executable, "-m", "trt_latency", "calibrate", "--onnx", str(DECODER), "--quick",
+                        "--vision-onnx", str(tmp_path / "v.onnx"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "no family" in err[0] and "--vision-family" in err[0]
+    assert not (tmp_path / "o" / "samples.csv").exists()  # failed before the decoder sweep

@@ -1,0 +1,70 @@
+"""calibrate's vision step (VLM deployments): sweep the encoder (and the embedding step), fit vision(N) per
+images per call, store the calibration's ``vision`` section, and build the chain the replay runs.
+
+Called by trt_latency.pipeline.calibrate when ``--vision-onnx`` is given; kept in its own module so the
+decoder pipeline stays as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+VISION_IMAGES = (1, 2)  # images per call swept: 1 and 2 give the together-vs-separate difference
+
+
+def vision_signature(args: Any) -> Any:
+    from trt_latency.engines.vision import read_vision_signature
+
+    return read_vision_signature(args.vision_onnx, family=args.vision_family, config=args.vision_config,
+                                 feeds=args.vision_feeds, tokens_per_patch=args.vision_tokens_per_patch)
+
+
+def open_chain(args: Any, threads: int) -> Any:
+    from trt_latency.engines.vision import EmbeddingStep, VisionChain, VisionEncoder
+
+    encoder = VisionEncoder(vision_signature(args), threads=threads or 1)
+    embedding = EmbeddingStep(args.embedding_onnx, threads=threads or 1) if args.embedding_onnx else None
+    return VisionChain(encoder, embedding, together=args.vision_images_per_call == "together")
+
+
+def calibrate_vision(args: Any, plan: Any, out: Path, cal_path: Path, say: Callable[[str], None]) -> list[str]:
+    """Sweep + fit + store; returns the report lines."""
+    from trt_latency.engines.vision import read_vision_samples, run_vision_sweep, vision_patch_points
+    from trt_latency.estimator.calibration import load_calibration, save_calibration
+    from trt_latency.estimator.vision import fit_vision
+
+    chain = open_chain(args, plan.runtime.intra_op_threads)
+    enc = chain.encoder
+    lo, hi = args.vision_patches
+    patches = vision_patch_points(enc.adapter, lo, hi, args.vision_points)
+    path = out / "vision_samples.csv"
+    if path.is_file():
+        path.unlink()  # the encoder sweep is short: redone whole (no resume bookkeeping)
+    reps = 15  # rounds over all sizes: medians over the whole sweep against a busy host
+    sweep = run_vision_sweep(enc, patches, VISION_IMAGES, reps, chain.embedding, seed=plan.sweep.seed, path=path)
+    vis = fit_vision(read_vision_samples(path), enc.sig.family, enc.tokens_per_patch, args.vision_images_per_call)
+    cal = load_calibration(cal_path)
+    prov = dict(cal.provenance)
+    prov["vision_models"] = {"encoder": str(enc.sig.path), "family_source": enc.sig.source,
+                             "embedding": str(args.embedding_onnx or "")}
+    save_calibration(replace(cal, vision=vis, provenance=prov), cal_path)
+    lines = [f"  vision {enc.sig.family} ({enc.sig.source}): {len(patches)} patch counts {patches[0]}..{patches[-1]} "
+             f"x images per call {list(VISION_IMAGES)}, {len(sweep.rows)} timed calls in {sweep.seconds:.1f} s -> "
+             f"{path.name}; tokens per patch {vis.tokens_per_patch:g}, images_per_call {vis.images_per_call}"]
+    for i, (a, b, c) in sorted(vis.fits.items()):
+        e = vis.error.get(i, {})
+        lines.append(f"    {i} image(s)/call: vision(N) = {a:.4f} + {b:.3e} N + {c:.3e} N^2 ms; leave-one-size-out "
+                     f"|rel err| median {e.get('loso_median_rel', float('nan')):.1%}, "
+                     f"max {e.get('loso_max_rel', float('nan')):.1%} over {int(e.get('n_sizes', 0))} sizes")
+    if 2 in vis.fits:
+        n = float(patches[len(patches) // 2])
+        lines.append(f"    two images of {n:g} patches: one call {vis.call_ms(n, 2):.2f} ms vs two calls "
+                     f"{2 * vis.call_ms(n, 1):.2f} ms")
+    if vis.embedding is not None:
+        lines.append(f"    embedding step: {vis.embedding[0]:.4f} + {vis.embedding[1]:.3e} S ms")
+    for line in lines:
+        say(line)
+    return lines
