@@ -311,6 +311,11 @@ def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) 
     n_requests = plan.replay.requests if args.requests is None else args.requests
     n_replays = len(targets) if not args.no_replay and n_requests > 0 else 0
     replay_costs: list[float] = []  # estimated replay seconds of the configs swept so far
+    if plan.batch is not None:
+        # Batched steps first (a fixed grid): the adaptive decode sweeps below then share what the time
+        # budget has left, so --time-budget caps the whole calibrate, batch sweep included.
+        for t in targets if plan.batch.all_configs else targets[:1]:
+            runner_info.update(_batch_sweep_one(t, plan, backend, samples_path, progress, options, say))
     for i, t in enumerate(targets):
         deadline = _deadline_fn(started, budget, len(targets) - i, replay_costs, n_replays, plan, t.tier, n_requests)
         info, sweeps[tuple(t.key)] = _sweep_one(t, plan, backend, samples_path, progress, options, say, refiner,
@@ -327,9 +332,6 @@ def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) 
         if end is None or end - time.perf_counter() < MIN_PASS_S:
             continue
         _, sweeps[tuple(t.key)] = _sweep_one(t, plan, backend, samples_path, progress, options, say, refiner, end)
-    if plan.batch is not None:
-        for t in targets if plan.batch.all_configs else targets[:1]:
-            runner_info.update(_batch_sweep_one(t, plan, backend, samples_path, progress, options, say))
 
     cal, samples = _fit(samples_path, plan, targets, runner_info, args)
     cal = _with_sweep_record(cal, sweeps, plan)
