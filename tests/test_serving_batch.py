@@ -194,3 +194,34 @@ def test_controller_tracks_events_threadsafe() -> None:
     assert ctl.counters()["decisions"] == 160
     corrections = ctl.counters()["correction_by_batch_bucket"]
     assert corrections and all(v == pytest.approx(10.0 / 9.0) for v in corrections.values())
+
+
+@pytest.fixture(scope="module")
+def cli_cal(tmp_path_factory: pytest.TempPathFactory):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_estimator_cli import cal_path, samples_csv  # noqa: F401 - the fitted calibration of that module
+
+    return cal_path.__wrapped__(samples_csv.__wrapped__(tmp_path_factory))  # type: ignore[attr-defined]
+
+
+def test_cli_admit_and_predict_with_running(cli_cal, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from trt_latency.cli import main
+
+    base = ["-c", str(cli_cal), "--text-tokens", "100", "--json"]
+    assert main(["predict", *base, "--output-tokens", "8", "--running", "200:5:1e6,50:20"]) == 0
+    pred = json.loads(capsys.readouterr().out)
+    assert pred["batch"] == 3 and len(pred["running_finish_ms_with"]) == 2
+    assert all(w > a for w, a in zip(pred["running_finish_ms_with"], pred["running_finish_ms_without"], strict=True))
+    assert main(["admit", *base, "--budget-ms", "1e6", "--max-new-tokens", "8", "--running", "200:5"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["admit"] and d["running"] == 1 and d["predicted_ms"] > pred["ttft_ms"]
+    # No batch section in this calibration: a batch of 2 is extrapolated from the B = 1 decode model.
+    assert d["extrapolated"]
+    with pytest.raises(SystemExit) as exc:
+        main(["admit", *base, "--budget-ms", "10", "--running", "200:x"])
+    assert exc.value.code == 2
