@@ -8,7 +8,7 @@ without the newcomer and once with it (its prefill stalls everyone first). The p
 bisect over piece starts are the math core's (ext/_kernels.pxd, cimported).
 """
 
-from libc.math cimport ceil
+from libc.math cimport NAN, ceil
 from libc.stdlib cimport free, malloc
 
 from ext._kernels cimport *  # the math core: PCOL / P_* enums, _bisect, TOKEN_MAX
@@ -81,27 +81,25 @@ cdef inline double c_batch_sum(const BT* t, double batch, double x0, double j0, 
     return s_lo + w * (c_segment_sum(t, lo + 1, x0, batch, j0, j1) - s_lo)
 
 
-cdef inline bint c_finish_times(const BT* t, const double* kv, const double* left, Py_ssize_t m,
-                                double* x0, double* out) noexcept nogil:
-    """Finish times into out[0..m); returns extrapolated. x0: scratch of m doubles."""
+cdef inline bint c_prepare(const BT* t, const double* kv, const double* left, Py_ssize_t m,
+                           double* agg, double* out) noexcept nogil:
+    """batch_reference.prepare: suffix aggregates into agg, finish times into out; returns extrapolated."""
     cdef Py_ssize_t k
-    cdef double agg = 0.0, now = 0.0, jprev = 0.0, batch, xa, xb
+    cdef double a = 0.0, now = 0.0, jprev = 0.0, batch, x0
     cdef double top = t.sizes[t.n_sizes - 1]
     cdef bint ext = False
     for k in range(m - 1, -1, -1):
         if t.packed:
-            agg = agg + kv[k]
-            x0[k] = agg
+            a = a + kv[k]
         else:
-            agg = kv[k] if kv[k] > agg else agg
-            x0[k] = <double>(m - k) * agg
+            a = kv[k] if kv[k] > a else a
+        agg[k] = a
     for k in range(m):
         if left[k] > jprev:
             batch = <double>(m - k)
-            now += c_batch_sum(t, batch, x0[k], jprev, left[k])
-            xa = x0[k] + batch * jprev
-            xb = x0[k] + batch * (left[k] - 1.0)
-            if batch > top or xa < t.valid_lo or xb > t.valid_hi:
+            x0 = agg[k] if t.packed else batch * agg[k]
+            now += c_batch_sum(t, batch, x0, jprev, left[k])
+            if batch > top or x0 + batch * jprev < t.valid_lo or x0 + batch * (left[k] - 1.0) > t.valid_hi:
                 ext = True
             jprev = left[k]
         out[k] = now
@@ -113,60 +111,98 @@ cdef inline double c_prefill_batch(const BT* t, double prompt) noexcept nogil:
     return x if x > 0.0 else 0.0
 
 
-cdef inline double c_judge(const BT* t, const double* kv, const double* left, const double* slack,
+cdef inline double c_judge(const BT* t, const double* left, const double* slack, const double* agg,
                            const double* without, Py_ssize_t m, double prompt, double n, double factor,
-                           bint protect, double* scratch, long long* pushed_out, bint* ext_out) noexcept nogil:
-    """The newcomer's predicted total * factor; pushed count and extrapolation through the pointers.
-    scratch: 4 * (m + 1) doubles."""
-    cdef double* kv2 = scratch
-    cdef double* left2 = scratch + (m + 1)
-    cdef double* x0 = scratch + 2 * (m + 1)
-    cdef double* times = scratch + 3 * (m + 1)
-    cdef double stall = c_prefill_batch(t, prompt), pred, w, r = n - 1.0
-    cdef Py_ssize_t pos = 0, k, lo = 0, hi = m, mid
+                           bint protect, long long* pushed_out, bint* ext_out) noexcept nogil:
+    """batch_reference.judge: the newcomer's predicted total * factor; pushed and extrapolated through
+    the pointers."""
+    cdef double r = n - 1.0, stall = c_prefill_batch(t, prompt), now = 0.0, jprev = 0.0
+    cdef double top = t.sizes[t.n_sizes - 1], end, batch, a, x0, w, j0, base, shift
+    cdef Py_ssize_t lo = 0, hi = m, mid, pos, k
     cdef long long pushed = 0
-    while lo < hi:  # bisect_right(left, n - 1)
+    cdef bint ext = False
+    while lo < hi:  # bisect_right(left, r)
         mid = (lo + hi) >> 1
         if r < left[mid]:
             hi = mid
         else:
             lo = mid + 1
     pos = lo
-    for k in range(pos):
-        kv2[k] = kv[k]
-        left2[k] = left[k]
-    kv2[pos] = prompt
-    left2[pos] = r
-    for k in range(pos, m):
-        kv2[k + 1] = kv[k]
-        left2[k + 1] = left[k]
-    ext_out[0] = c_finish_times(t, kv2, left2, m + 1, x0, times)
-    pred = (stall + times[pos]) * factor
-    if protect:
-        for k in range(m):
-            w = (stall + times[k if k < pos else k + 1]) * factor
+    for k in range(pos + 1):
+        end = left[k] if k < pos else r
+        if end > jprev:
+            batch = <double>(m - k + 1)
+            a = agg[k] if k < m else 0.0
+            if t.packed:
+                x0 = a + prompt
+            else:
+                x0 = batch * (a if a > prompt else prompt)
+            now += c_batch_sum(t, batch, x0, jprev, end)
+            if batch > top or x0 + batch * jprev < t.valid_lo or x0 + batch * (end - 1.0) > t.valid_hi:
+                ext = True
+            jprev = end
+        if k < pos and protect:
+            w = (stall + now) * factor
+            if w > slack[k] and without[k] * factor <= slack[k]:
+                pushed += 1
+    if protect and pos < m:
+        j0 = left[pos - 1] if pos > 0 else 0.0
+        base = without[pos - 1] if pos > 0 else 0.0
+        if r > j0:
+            batch = <double>(m - pos)
+            x0 = agg[pos] if t.packed else batch * agg[pos]
+            base = base + c_batch_sum(t, batch, x0, j0, r)
+        shift = stall + now - base
+        for k in range(pos, m):
+            w = (without[k] + shift) * factor
             if w > slack[k] and without[k] * factor <= slack[k]:
                 pushed += 1
     pushed_out[0] = pushed
-    return pred
+    ext_out[0] = ext
+    return (stall + now) * factor
 
 
-cdef inline long long c_batch_nfit(const BT* t, const double* kv, const double* left, const double* slack,
-                             const double* without, Py_ssize_t m, double prompt, long long hi, double budget,
-                             double factor, bint protect, double* scratch) noexcept nogil:
+cdef inline long long c_batch_nfit(const BT* t, const double* left, const double* slack, const double* agg,
+                                   const double* without, Py_ssize_t m, double prompt, long long hi, double budget,
+                                   double factor, bint protect) noexcept nogil:
     cdef long long lo = 1, mid, pushed = 0
     cdef bint ext = False
-    cdef double pred = c_judge(t, kv, left, slack, without, m, prompt, 1.0, factor, protect, scratch, &pushed, &ext)
+    cdef double pred = c_judge(t, left, slack, agg, without, m, prompt, 1.0, factor, protect, &pushed, &ext)
     if not (pred <= budget and pushed == 0):
         return 0
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        pred = c_judge(t, kv, left, slack, without, m, prompt, <double>mid, factor, protect, scratch, &pushed, &ext)
+        pred = c_judge(t, left, slack, agg, without, m, prompt, <double>mid, factor, protect, &pushed, &ext)
         if pred <= budget and pushed == 0:
             lo = mid
         else:
             hi = mid
     return lo
+
+
+cdef inline int c_batch_decide(const BT* t, const double* left, const double* slack, const double* agg,
+                         const double* without, bint ext0, Py_ssize_t m, double prompt, long long max_new,
+                         double budget, double factor, bint protect, bint want_fit, double* pred_out,
+                         long long* pushed_out, long long* nfit_out) noexcept nogil:
+    """batch_reference.decide_prepared's arithmetic; returns the code (status * 2 + extrapolated)."""
+    cdef bint ext = False
+    cdef long long nfit = 0
+    cdef int status
+    cdef double pred = c_judge(t, left, slack, agg, without, m, prompt, <double>max_new, factor, protect,
+                               pushed_out, &ext)
+    ext = ext or ext0 or <double>(m + 1) > t.sizes[t.n_sizes - 1]
+    pred_out[0] = pred
+    if pred <= budget and pushed_out[0] == 0:
+        nfit_out[0] = max_new
+        return BST_FITS * 2 + ext
+    if want_fit:
+        nfit = c_batch_nfit(t, left, slack, agg, without, m, prompt, max_new, budget, factor, protect)
+    nfit_out[0] = nfit
+    if pred > budget:
+        status = BST_FEWER if nfit >= 1 else BST_NONE
+    else:
+        status = BST_PUSHES
+    return status * 2 + ext
 
 
 cdef class BatchDecision:
@@ -204,17 +240,12 @@ cdef inline BatchDecision _make(bint admit, long long n, double pred, int code, 
 
 cdef class BatchKernel:
     """One config's batch model as flat tables (batch_reference.build_batch_tables' arrays), with the
-    compiled decide. Holds no state between calls: thread-safe."""
+    compiled decide over a given state. Holds no state between calls: thread-safe."""
 
     cdef object _keep
     cdef BT t
     cdef readonly bint packed
     cdef readonly double top_size
-    cdef object _bound
-    cdef double* _bkv
-    cdef double* _bleft
-    cdef double* _bdl
-    cdef Py_ssize_t _bcap
 
     def __init__(self, tables):
         sizes = np.ascontiguousarray(tables.sizes, dtype=np.float64)
@@ -244,82 +275,224 @@ cdef class BatchKernel:
         if left.shape[0] != m:
             raise ValueError("kv and left differ in length")
         out = np.zeros(m, dtype=np.float64)
-        x0 = np.zeros(m, dtype=np.float64)
+        agg = np.zeros(m, dtype=np.float64)
         cdef double[::1] o = out
-        cdef double[::1] x = x0
+        cdef double[::1] a = agg
         cdef bint ext = False
         if m:
-            ext = c_finish_times(&self.t, &kv[0], &left[0], m, &x[0], &o[0])
+            ext = c_prepare(&self.t, &kv[0], &left[0], m, &a[0], &o[0])
         return out, ext
 
     def decide(self, const double[::1] kv, const double[::1] left, const double[::1] deadline, double now,
                double prompt, long long max_new, double budget, double factor=1.0, bint protect=True,
                bint want_fit=True):
         """batch_reference.decide, compiled: the running state sorted by tokens left."""
-        cdef Py_ssize_t m = kv.shape[0]
+        cdef Py_ssize_t m = kv.shape[0], k
         if left.shape[0] != m or deadline.shape[0] != m:
             raise ValueError("kv, left and deadline differ in length")
-        return self._decide(&kv[0] if m else NULL, &left[0] if m else NULL, &deadline[0] if m else NULL, m, now,
-                            prompt, max_new, budget, factor, protect, want_fit)
-
-    def bind(self, double[::1] kv, double[::1] left, double[::1] deadline):
-        """Decide on these arrays (the controller's state buffers) with decide_bound: no buffer
-        acquisition per call. The arrays must stay alive and unresized while bound (the kernel keeps them)."""
-        if left.shape[0] != kv.shape[0] or deadline.shape[0] != kv.shape[0]:
-            raise ValueError("kv, left and deadline differ in length")
-        self._bound = (kv, left, deadline)
-        self._bkv = &kv[0] if kv.shape[0] else NULL
-        self._bleft = &left[0] if kv.shape[0] else NULL
-        self._bdl = &deadline[0] if kv.shape[0] else NULL
-        self._bcap = kv.shape[0]
-
-    def decide_bound(self, Py_ssize_t m, double now, double prompt, long long max_new, double budget,
-                     double factor, bint protect, bint want_fit):
-        """decide over the first m entries of the bound arrays."""
-        if m < 0 or m > self._bcap:
-            raise ValueError("m outside the bound arrays")
-        return self._decide(self._bkv, self._bleft, self._bdl, m, now, prompt, max_new, budget, factor, protect,
-                            want_fit)
-
-    cdef BatchDecision _decide(self, const double* kv, const double* left, const double* deadline, Py_ssize_t m,
-                               double now, double prompt, long long max_new, double budget, double factor,
-                               bint protect, bint want_fit):
-        cdef Py_ssize_t k
-        cdef double stack[6 * 128 + 8]
-        cdef double* buf = stack
-        cdef double* slack
-        cdef double* without
-        cdef double* scratch
+        buf = np.empty(3 * m + 1, dtype=np.float64)
+        cdef double[::1] b = buf
+        cdef double* agg = &b[0]
+        cdef double* without = agg + m
+        cdef double* slack = agg + 2 * m
+        cdef bint ext0 = False
         cdef double pred = 0.0
         cdef long long pushed = 0, nfit = 0
-        cdef bint ext0 = False, ext = False
-        cdef int status = BST_FITS
-        if m + 1 > STACK:
-            buf = <double*>malloc((6 * (m + 1) + 8) * sizeof(double))
-            if buf == NULL:
-                raise MemoryError()
-        with nogil:
-            slack = buf
-            without = buf + (m + 1)
-            scratch = buf + 2 * (m + 1)
-            for k in range(m):
-                slack[k] = deadline[k] - now
-                without[k] = 0.0
-            if protect and m:
-                ext0 = c_finish_times(&self.t, kv, left, m, scratch, without)
-            pred = c_judge(&self.t, kv, left, slack, without, m, prompt, <double>max_new, factor, protect, scratch,
-                           &pushed, &ext)
-            ext = ext or ext0 or <double>(m + 1) > self.top_size
-            if not (pred <= budget and pushed == 0):
-                if want_fit:
-                    nfit = c_batch_nfit(&self.t, kv, left, slack, without, m, prompt, max_new, budget, factor,
-                                        protect, scratch)
-                if pred > budget:
-                    status = BST_FEWER if nfit >= 1 else BST_NONE
-                else:
-                    status = BST_PUSHES
-        if buf != stack:
-            free(buf)
-        if status == BST_FITS:
-            return _make(True, max_new, pred, ext, 0, BST_FITS)
-        return _make(False, nfit, pred, status * 2 + ext, pushed, status)
+        cdef int code
+        for k in range(m):
+            slack[k] = deadline[k] - now
+        if m:
+            ext0 = c_prepare(&self.t, &kv[0], &left[0], m, agg, without)
+        code = c_batch_decide(&self.t, &left[0] if m else NULL, slack, agg, without, ext0, m, prompt, max_new, budget,
+                        factor, protect, want_fit, &pred, &pushed, &nfit)
+        return _make(code // 2 == BST_FITS, nfit, pred, code, pushed, code // 2)
+
+
+cdef class BatchState:
+    """One engine's running batch in C arrays, sorted by tokens left, with the batch's Prepared (suffix
+    aggregates, finish times without a newcomer) cached until the next event. Every method runs under
+    the GIL without releasing it, so each is atomic for Python threads: no lock on the decide path.
+    ``decide`` is BatchAdmissionController.decide's compiled body (field checks, full batch, factor x
+    the correction of the batch-size bucket, the kernel, the counts)."""
+
+    cdef BatchKernel kernel
+    cdef double* kv
+    cdef double* left
+    cdef double* dl
+    cdef double* agg
+    cdef double* without
+    cdef double* slack
+    cdef Py_ssize_t m, cap
+    cdef bint prepared, ext0, dirty
+    cdef list ids
+    cdef object clock
+    cdef double correction[64]
+    cdef public double base_factor
+    cdef readonly bint protect
+    cdef readonly long long max_batch, decisions, admits, rejects
+
+    def __cinit__(self, BatchKernel kernel, long long max_batch, bint protect, double base_factor, clock):
+        cdef Py_ssize_t i
+        self.kernel = kernel
+        self.max_batch = max_batch
+        self.protect = protect
+        self.base_factor = base_factor
+        self.clock = clock
+        self.cap = max_batch + 1 if max_batch > 0 else 2
+        self.kv = <double*>malloc(6 * self.cap * sizeof(double))
+        if self.kv == NULL:
+            raise MemoryError()
+        self.left = self.kv + self.cap
+        self.dl = self.kv + 2 * self.cap
+        self.agg = self.kv + 3 * self.cap
+        self.without = self.kv + 4 * self.cap
+        self.slack = self.kv + 5 * self.cap
+        self.m = 0
+        self.ids = []
+        for i in range(64):
+            self.correction[i] = 1.0
+
+    def __dealloc__(self):
+        free(self.kv)
+
+    @property
+    def running(self):
+        return self.m
+
+    def state(self):
+        """(ids, kv, left, deadline) in sorted order (copies)."""
+        self._resort()
+        return (list(self.ids), [self.kv[i] for i in range(self.m)], [self.left[i] for i in range(self.m)],
+                [self.dl[i] for i in range(self.m)])
+
+    def invalidate(self):
+        """Drop the cached finish times (what any event does): for benchmarks of a decision after an event."""
+        self.prepared = False
+
+    def set_correction(self, int bucket, double value):
+        if 0 <= bucket < 64:
+            self.correction[bucket] = value
+
+    cdef void _resort(self):
+        cdef Py_ssize_t i, j
+        cdef double a, b, c
+        if not self.dirty:
+            return
+        for i in range(1, self.m):  # insertion sort: one request's count moved by a few steps
+            a, b, c = self.kv[i], self.left[i], self.dl[i]
+            rid = self.ids[i]
+            j = i - 1
+            while j >= 0 and self.left[j] > b:
+                self.kv[j + 1], self.left[j + 1], self.dl[j + 1] = self.kv[j], self.left[j], self.dl[j]
+                self.ids[j + 1] = self.ids[j]
+                j -= 1
+            self.kv[j + 1], self.left[j + 1], self.dl[j + 1] = a, b, c
+            self.ids[j + 1] = rid
+        self.dirty = False
+
+    def started(self, rid, double prompt, double left, double deadline):
+        """Join: KV length prompt, left decode steps, absolute deadline (ms, the clock's)."""
+        cdef Py_ssize_t pos, k
+        self._resort()
+        if self.m + 1 > self.cap:
+            raise ValueError("batch over max_batch")
+        pos = self.m
+        while pos > 0 and self.left[pos - 1] > left:
+            pos -= 1
+        for k in range(self.m, pos, -1):
+            self.kv[k], self.left[k], self.dl[k] = self.kv[k - 1], self.left[k - 1], self.dl[k - 1]
+        self.kv[pos], self.left[pos], self.dl[pos] = prompt, left, deadline
+        self.ids.insert(pos, rid)
+        self.m += 1
+        self.prepared = False
+
+    def token(self, rid):
+        cdef Py_ssize_t i
+        try:
+            i = self.ids.index(rid)
+        except ValueError:
+            return
+        self.kv[i] += 1.0
+        self.left[i] -= 1.0
+        self.dirty = True
+        self.prepared = False
+
+    def step(self):
+        cdef Py_ssize_t i
+        for i in range(self.m):
+            self.kv[i] += 1.0
+            self.left[i] -= 1.0
+        self.prepared = False
+
+    def finished(self, rid):
+        """Leave the batch; returns whether rid was running."""
+        cdef Py_ssize_t i, k
+        try:
+            i = self.ids.index(rid)
+        except ValueError:
+            return False
+        for k in range(i, self.m - 1):
+            self.kv[k], self.left[k], self.dl[k] = self.kv[k + 1], self.left[k + 1], self.dl[k + 1]
+        del self.ids[i]
+        self.m -= 1
+        self.prepared = False
+        return True
+
+    def decide(self, rid, prompt, max_new_tokens, budget_ms, now=None, bint want_fit=False):
+        cdef long long p, n, pushed = 0, nfit = 0, b
+        cdef double budget, t, factor, pred = 0.0
+        cdef Py_ssize_t k, m
+        cdef int code, bucket
+        self.decisions += 1
+        if (type(prompt) is not int or type(max_new_tokens) is not int
+                or not (type(budget_ms) is float or type(budget_ms) is int)):
+            self.rejects += 1
+            return _bad()
+        p = prompt
+        n = max_new_tokens
+        budget = budget_ms
+        if not (1 <= p <= TOKEN_MAX and 1 <= n <= TOKEN_MAX and budget >= 0.0):
+            self.rejects += 1
+            return _bad()
+        t = self.clock() if now is None else now
+        self._resort()
+        m = self.m
+        if m >= self.max_batch:
+            self.rejects += 1
+            return _full()
+        if not self.prepared:
+            self.ext0 = c_prepare(&self.kernel.t, self.kv, self.left, m, self.agg, self.without) if m else False
+            self.prepared = True
+        for k in range(m):
+            self.slack[k] = self.dl[k] - t
+        b = m + 1
+        bucket = 0
+        while b > 1:  # bit length of (m + 1) - 1: batch-size bucket 1, 2, 3-4, 5-8, ...
+            bucket += 1
+            b = (b + 1) >> 1
+        factor = self.base_factor * self.correction[bucket if bucket < 64 else 63]
+        code = c_batch_decide(&self.kernel.t, self.left, self.slack, self.agg, self.without, self.ext0, m, <double>p, n,
+                        budget, factor, self.protect, want_fit, &pred, &pushed, &nfit)
+        if code // 2 == BST_FITS:
+            self.admits += 1
+            return _make(True, nfit, pred, code, 0, BST_FITS)
+        self.rejects += 1
+        return _make(False, nfit, pred, code, pushed, code // 2)
+
+
+cdef BatchDecision _bad():
+    cdef BatchDecision d = BatchDecision.__new__(BatchDecision)
+    d.admit = False
+    d.predicted_ms = NAN
+    d.code = BAD_REQUEST
+    d.reason = "bad request: prompt and max_new_tokens integers >= 1, budget_ms a number >= 0"
+    return d
+
+
+cdef BatchDecision _full():
+    cdef BatchDecision d = BatchDecision.__new__(BatchDecision)
+    d.admit = False
+    d.predicted_ms = NAN
+    d.code = BST_NONE * 2
+    d.reason = "batch full (max_batch running)"
+    return d

@@ -21,6 +21,7 @@ import math
 import os
 import threading
 import time
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -215,110 +216,124 @@ class BatchAdmissionController:
     Events: ``started(rid, prompt, max_new_tokens, budget_ms)`` when a request's prefill is done and it
     joins the batch (its first token emitted), ``token(rid)`` per token emitted (or ``step()`` when every
     running request emitted one: one decode step), ``finished(rid, actual_ms, predicted_ms)``. The state
-    (KV lengths, tokens left, absolute deadlines) is kept sorted by tokens left in float64 arrays, so a
-    decision is one kernel call over views (the order by tokens left never changes with a step).
+    (KV lengths, tokens left, absolute deadlines on the controller's clock, ms) is kept sorted by tokens
+    left (the order never changes with a step), with the batch's own finish times cached until the next
+    event, so a decision is one pass over the batch plus the segments the newcomer is part of.
+
     Online correction per (config, batch-size bucket): the median of actual / predicted of finished
-    requests, by the batch size they were admitted into (window ``window``, at least ``min_observations``),
-    clamped to ``clamp``, multiplies the alpha factor. One lock guards the state; decide holds it for the
-    one kernel call."""
+    requests, by the batch size they were admitted into (buckets 1, 2, 3-4, 5-8, ...; window ``window``,
+    at least ``min_observations``), clamped to ``clamp``, multiplies the alpha factor. A controller serves
+    one engine, so one config: the buckets are that config's.
+
+    Thread safety: with the compiled module the state is a ``_batch.BatchState`` whose methods run under
+    the GIL without releasing it (each one atomic for Python threads) and ``decide`` IS its compiled
+    method (no Python frame, no lock); the correction windows are updated under a lock in ``finished``.
+    Without it (or TRT_LATENCY_PUREPYTHON=1) a lock guards a Python state and the reference decides."""
 
     def __init__(self, estimator: BatchEstimator, alpha: float | None = 0.05, policy: str = "protect",
                  max_batch: int = 64, window: int = 32, min_observations: int = 8,
                  clamp: tuple[float, float] = (0.5, 4.0), clock: Any = None) -> None:
         if policy not in BATCH_POLICIES:
             raise ValueError(f"policy must be one of {BATCH_POLICIES}, got {policy!r}")
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
         self.estimator = estimator
         self.alpha = alpha
         self.policy = policy
         self.protect = policy == "protect"
         self.max_batch = int(max_batch)
-        self.base_factor, self.factor_source = estimator.factor(alpha)
+        factor, self.factor_source = estimator.factor(alpha)
         self._clock = clock or (lambda: time.perf_counter() * 1e3)
         self._lock = threading.Lock()
-        cap = max(1, self.max_batch) + 1
-        self._kv = np.zeros(cap, dtype=np.float64)
-        self._left = np.zeros(cap, dtype=np.float64)
-        self._dl = np.zeros(cap, dtype=np.float64)
-        # its own compiled kernel (bound to this controller's buffers), when the estimator has one
-        self._kernel = None if estimator._kernel is None else _batch.BatchKernel(estimator.tables)
-        self._bind()
-        self._ids: list[Any] = []
-        self._m = 0
-        self._dirty = False
         self._admitted_batch: dict[Any, int] = {}
         self._windows: dict[int, deque[float]] = {}
         self._correction: dict[int, float] = {}
         self._window = window
         self._min_obs = min_observations
         self._clamp = clamp
-        self._counts = [0, 0, 0]  # decisions, admits, rejects
+        self._state: Any = None
+        if estimator._kernel is not None:
+            self._state = _batch.BatchState(estimator._kernel, self.max_batch, self.protect, factor, self._clock)
+            self.decide = self._state.decide  # type: ignore[method-assign]  # the compiled body, no Python frame
+        else:
+            self._base = factor
+            self._ids: list[Any] = []
+            self._kv: list[float] = []
+            self._left: list[float] = []
+            self._dl: list[float] = []
+            self._prep: ref.Prepared | None = None
+            self._counts = [0, 0, 0]  # decisions, admits, rejects
 
     @classmethod
-    def from_section(cls, section: Mapping[str, Any], prefill_coeffs: Sequence[float], **kw: Any) -> BatchAdmissionController:
+    def from_section(cls, section: Mapping[str, Any], prefill_coeffs: Sequence[float],
+                     **kw: Any) -> BatchAdmissionController:
         return cls(BatchEstimator(section, prefill_coeffs), **kw)
 
+    @property
+    def base_factor(self) -> float:
+        return float(self._state.base_factor) if self._state is not None else self._base
+
+    @base_factor.setter
+    def base_factor(self, value: float) -> None:
+        if self._state is not None:
+            self._state.base_factor = float(value)
+        else:
+            self._base = float(value)
+
     # ----------------------------------------------------------------- events
-    def _bind(self) -> None:
-        if self._kernel is not None:  # the compiled kernel reads the state buffers in place
-            self._kernel.bind(self._kv, self._left, self._dl)
-
-    def _grow(self) -> None:
-        for name in ("_kv", "_left", "_dl"):
-            old = getattr(self, name)
-            new = np.zeros(old.size * 2, dtype=np.float64)
-            new[:old.size] = old
-            setattr(self, name, new)
-        self._bind()
-
     def started(self, rid: Any, prompt: int, max_new_tokens: int, budget_ms: float, now: float | None = None) -> None:
-        """The request's prefill is done (first token out): it joins the batch with max_new_tokens - 1 steps left."""
+        """The request's prefill is done (first token out): it joins the batch with max_new_tokens - 1
+        steps left and its deadline ``budget_ms`` after ``now`` (its decision time; default: the clock)."""
         t = self._clock() if now is None else now
         with self._lock:
-            if self._m + 1 >= self._kv.size:
-                self._grow()
+            self._admitted_batch.setdefault(rid, self.running() + 1)
+            if self._state is not None:
+                self._state.started(rid, float(prompt), float(max_new_tokens - 1), t + float(budget_ms))
+                return
             left = float(max_new_tokens - 1)
-            m = self._m
-            pos = int(np.searchsorted(self._left[:m], left, side="right")) if not self._dirty else m
-            for arr, v in ((self._kv, float(prompt)), (self._left, left), (self._dl, t + float(budget_ms))):
-                arr[pos + 1:m + 1] = arr[pos:m].copy()
-                arr[pos] = v
+            pos = bisect_right(self._left, left)
             self._ids.insert(pos, rid)
-            self._m = m + 1
-            self._admitted_batch.setdefault(rid, m + 1)
-
-    def _index(self, rid: Any) -> int:
-        try:
-            return self._ids.index(rid)
-        except ValueError:
-            return -1
+            self._kv.insert(pos, float(prompt))
+            self._left.insert(pos, left)
+            self._dl.insert(pos, t + float(budget_ms))
+            self._prep = None
 
     def token(self, rid: Any) -> None:
         """One token of ``rid`` emitted (one decode step it took)."""
+        if self._state is not None:
+            self._state.token(rid)
+            return
         with self._lock:
-            i = self._index(rid)
-            if i < 0:
-                return
-            self._kv[i] += 1.0
-            self._left[i] -= 1.0
-            self._dirty = True
+            if rid in self._ids:
+                i = self._ids.index(rid)
+                self._kv[i] += 1.0
+                self._left[i] -= 1.0
+                order = sorted(range(len(self._left)), key=lambda k: self._left[k])
+                for name in ("_ids", "_kv", "_left", "_dl"):
+                    old = getattr(self, name)
+                    setattr(self, name, [old[k] for k in order])
+                self._prep = None
 
     def step(self) -> None:
         """Every running request emitted one token (one batched decode step): the order is unchanged."""
+        if self._state is not None:
+            self._state.step()
+            return
         with self._lock:
-            m = self._m
-            self._kv[:m] += 1.0
-            self._left[:m] -= 1.0
+            self._kv = [v + 1.0 for v in self._kv]
+            self._left = [v - 1.0 for v in self._left]
+            self._prep = None
 
     def finished(self, rid: Any, actual_ms: float | None = None, predicted_ms: float | None = None) -> None:
         """The request left the batch; with actual and predicted totals it feeds the correction."""
         with self._lock:
-            i = self._index(rid)
-            if i >= 0:
-                m = self._m
-                for arr in (self._kv, self._left, self._dl):
-                    arr[i:m - 1] = arr[i + 1:m].copy()
-                del self._ids[i]
-                self._m = m - 1
+            if self._state is not None:
+                self._state.finished(rid)
+            elif rid in self._ids:
+                i = self._ids.index(rid)
+                for name in ("_ids", "_kv", "_left", "_dl"):
+                    del getattr(self, name)[i]
+                self._prep = None
             batch = self._admitted_batch.pop(rid, None)
             if batch is None or actual_ms is None or not predicted_ms or not math.isfinite(actual_ms):
                 return
@@ -328,30 +343,25 @@ class BatchAdmissionController:
                 w = self._windows[b] = deque(maxlen=self._window)
             w.append(float(actual_ms) / float(predicted_ms))
             if len(w) >= self._min_obs:
-                med = float(np.median(w))
-                self._correction[b] = min(max(med, self._clamp[0]), self._clamp[1])
-
-    def _resort(self) -> None:
-        m = self._m
-        order = np.argsort(self._left[:m], kind="stable")
-        for arr in (self._kv, self._left, self._dl):
-            arr[:m] = arr[:m][order]
-        self._ids = [self._ids[i] for i in order]
-        self._dirty = False
+                med = min(max(float(np.median(w)), self._clamp[0]), self._clamp[1])
+                self._correction[b] = med
+                if self._state is not None:
+                    self._state.set_correction(b, med)
 
     # ----------------------------------------------------------------- decisions
     def correction(self, batch: int) -> float:
         return self._correction.get(batch_bucket(batch), 1.0)
 
     def running(self) -> int:
-        return self._m
+        return int(self._state.running) if self._state is not None else len(self._ids)
 
     def decide(self, rid: Any, prompt: int, max_new_tokens: int, budget_ms: float, now: float | None = None,
                want_fit: bool = False) -> BatchDecision:
         """Admit request ``rid`` (prompt tokens, max_new_tokens, budget in ms from now) into the batch now?
-        A full batch (max_batch running) rejects. Never raises for bad fields."""
+        A full batch (max_batch running) rejects. Never raises for bad fields. (With the compiled module
+        this method is replaced by ``BatchState.decide``, the same steps.)"""
         if (type(prompt) is not int or type(max_new_tokens) is not int or not 1 <= prompt <= TOKEN_MAX
-                or not 1 <= max_new_tokens <= TOKEN_MAX or not isinstance(budget_ms, float | int)
+                or not 1 <= max_new_tokens <= TOKEN_MAX or type(budget_ms) not in (float, int)
                 or not budget_ms >= 0):
             with self._lock:
                 self._counts[0] += 1
@@ -360,24 +370,25 @@ class BatchAdmissionController:
                                  "bad request: prompt and max_new_tokens integers >= 1, budget_ms a number >= 0")
         t = self._clock() if now is None else now
         with self._lock:
-            if self._dirty:
-                self._resort()
-            m = self._m
+            m = len(self._ids)
             self._counts[0] += 1
             if m >= self.max_batch:
                 self._counts[2] += 1
                 return BatchDecision(False, 0, math.nan, ref.BST_NONE * 2, 0, "batch full (max_batch running)")
-            factor = self.base_factor * self._correction.get(batch_bucket(m + 1), 1.0)
-            if self._kernel is not None:
-                d = self._kernel.decide_bound(m, t, prompt, max_new_tokens, budget_ms, factor, self.protect, want_fit)
-            else:
-                d = self.estimator.decide_sorted(self._kv[:m], self._left[:m], self._dl[:m], t, prompt,
-                                                 max_new_tokens, float(budget_ms), factor, self.protect, want_fit)
+            if self._prep is None:
+                self._prep = ref.prepare(self.estimator.tables, self._kv, self._left)
+            factor = self._base * self._correction.get(batch_bucket(m + 1), 1.0)
+            d = ref.decide_prepared(self.estimator.tables, self._left, self._dl, self._prep, t, float(prompt),
+                                    max_new_tokens, float(budget_ms), factor, self.protect, want_fit)
             self._counts[1 if d.admit else 2] += 1
         return d
 
     def counters(self) -> dict[str, Any]:
-        with self._lock:
-            return {"decisions": self._counts[0], "admits": self._counts[1], "rejects": self._counts[2],
-                    "running": self._m, "factor": self.base_factor, "factor_source": self.factor_source,
-                    "correction_by_batch_bucket": {f"<={1 << b}": v for b, v in sorted(self._correction.items())}}
+        if self._state is not None:
+            s = self._state
+            counts = (int(s.decisions), int(s.admits), int(s.rejects))
+        else:
+            counts = tuple(self._counts)  # type: ignore[assignment]
+        return {"decisions": counts[0], "admits": counts[1], "rejects": counts[2], "running": self.running(),
+                "factor": self.base_factor, "factor_source": self.factor_source,
+                "correction_by_batch_bucket": {f"<={1 << b}": v for b, v in sorted(self._correction.items())}}

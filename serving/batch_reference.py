@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 from trt_latency.ext.layout import P_SLOPE, P_START, P_VALUE, PCOL, TOKEN_MAX
 
-__all__ = ["BATCH_POLICIES", "BATCH_REASONS", "BatchDecision", "BatchTables", "build_batch_tables", "decide",
+__all__ = ["BATCH_POLICIES", "BATCH_REASONS", "BatchDecision", "BatchTables", "Prepared", "build_batch_tables", "decide", "decide_prepared", "judge", "prepare",
            "finish_times", "segment_sum", "sort_running"]
 
 BATCH_POLICIES = ("protect", "ignore-running")
@@ -186,19 +186,28 @@ def _batch_sum(t: BatchTables, batch: float, x0: float, j0: float, j1: float) ->
     return s_lo + w * (segment_sum(t, lo + 1, x0, batch, j0, j1) - s_lo)
 
 
-def finish_times(t: BatchTables, kv: Sequence[float], left: Sequence[float]) -> tuple[list[float], bool]:
-    """Finish time (ms from the first decode step) of each request of a batch sorted by ``left``
-    ascending, and whether any step left the measured range (batch size or X)."""
+class Prepared(NamedTuple):
+    """What a decision needs of the running batch alone (cached by the controller until its next event):
+    per sorted index k the suffix aggregate of L over k.. (max: padded, sum: packed) and the finish time
+    without a newcomer."""
+
+    agg: list[float]
+    without: list[float]
+    extrapolated: bool
+
+
+def prepare(t: BatchTables, kv: Sequence[float], left: Sequence[float]) -> Prepared:
+    """Finish times of a batch sorted by ``left`` ascending (ms from the first decode step), with the
+    suffix aggregates of L, and whether any step left the measured range (batch size or X)."""
     m = len(kv)
-    x0 = [0.0] * m
-    agg = 0.0
-    for k in range(m - 1, -1, -1):  # suffix max / sum of L: the segment from completion k on
+    agg = [0.0] * m
+    a = 0.0
+    for k in range(m - 1, -1, -1):
         if t.packed:
-            agg = agg + kv[k]
-            x0[k] = agg
+            a = a + kv[k]
         else:
-            agg = kv[k] if kv[k] > agg else agg
-            x0[k] = (m - k) * agg
+            a = kv[k] if kv[k] > a else a
+        agg[k] = a
     out = [0.0] * m
     now = 0.0
     jprev = 0.0
@@ -207,14 +216,18 @@ def finish_times(t: BatchTables, kv: Sequence[float], left: Sequence[float]) -> 
     for k in range(m):
         if left[k] > jprev:
             batch = float(m - k)
-            now += _batch_sum(t, batch, x0[k], jprev, left[k])
-            xa = x0[k] + batch * jprev
-            xb = x0[k] + batch * (left[k] - 1.0)
-            if batch > top or xa < t.valid_lo or xb > t.valid_hi:
+            x0 = agg[k] if t.packed else batch * agg[k]
+            now += _batch_sum(t, batch, x0, jprev, left[k])
+            if batch > top or x0 + batch * jprev < t.valid_lo or x0 + batch * (left[k] - 1.0) > t.valid_hi:
                 extrapolated = True
             jprev = left[k]
         out[k] = now
-    return out, extrapolated
+    return Prepared(agg, out, extrapolated)
+
+
+def finish_times(t: BatchTables, kv: Sequence[float], left: Sequence[float]) -> tuple[list[float], bool]:
+    p = prepare(t, kv, left)
+    return p.without, p.extrapolated
 
 
 def prefill_ms(t: BatchTables, prompt: float) -> float:
@@ -223,26 +236,53 @@ def prefill_ms(t: BatchTables, prompt: float) -> float:
     return x if x > 0.0 else 0.0
 
 
-def _with_newcomer(t: BatchTables, kv: Sequence[float], left: Sequence[float], prompt: float,
-                   n: float) -> tuple[list[float], int, bool]:
-    pos = bisect_right(left, n - 1.0)
-    kv2 = list(kv[:pos]) + [prompt] + list(kv[pos:])
-    left2 = list(left[:pos]) + [n - 1.0] + list(left[pos:])
-    times, ext = finish_times(t, kv2, left2)
-    return times, pos, ext
+def judge(t: BatchTables, left: Sequence[float], slack: Sequence[float], prep: Prepared, prompt: float,
+          n: float, factor: float, protect: bool) -> tuple[float, int, bool]:
+    """(newcomer's predicted total * factor, running requests pushed past their deadline, extrapolated).
 
-
-def _judge(t: BatchTables, kv: Sequence[float], left: Sequence[float], slack: Sequence[float],
-           without: Sequence[float], prompt: float, n: float, budget: float, factor: float,
-           protect: bool) -> tuple[float, int, bool]:
-    """(newcomer's predicted total * factor, running requests pushed past their deadline, extrapolated)."""
+    The newcomer (L = prompt, r = n - 1 steps after its prefill) sits at pos = bisect_right(left, r). Up to
+    its completion the batch holds it too: pos + 1 segments with B + 1 requests and X0 including its L.
+    After it, the batch and every segment are the ones without it, so a running request k >= pos finishes
+    at without[k] + (stall + newcomer's finish - W), W = the without-batch's time at step r: no second
+    simulation."""
+    agg, without, _ = prep
+    m = len(left)
+    r = n - 1.0
     stall = prefill_ms(t, prompt)
-    times, pos, ext = _with_newcomer(t, kv, left, prompt, n)
-    pred = (stall + times[pos]) * factor
+    pos = bisect_right(left, r)
+    top = t.sizes[-1]
+    now = 0.0
+    jprev = 0.0
+    ext = False
     pushed = 0
-    if protect:
-        for k in range(len(kv)):
-            w = (stall + times[k if k < pos else k + 1]) * factor
+    for k in range(pos + 1):
+        end = left[k] if k < pos else r
+        if end > jprev:
+            batch = float(m - k + 1)
+            a = agg[k] if k < m else 0.0
+            if t.packed:
+                x0 = a + prompt
+            else:
+                x0 = batch * (a if a > prompt else prompt)
+            now += _batch_sum(t, batch, x0, jprev, end)
+            if batch > top or x0 + batch * jprev < t.valid_lo or x0 + batch * (end - 1.0) > t.valid_hi:
+                ext = True
+            jprev = end
+        if k < pos and protect:
+            w = (stall + now) * factor
+            if w > slack[k] and without[k] * factor <= slack[k]:
+                pushed += 1
+    pred = (stall + now) * factor
+    if protect and pos < m:
+        j0 = left[pos - 1] if pos > 0 else 0.0
+        base = without[pos - 1] if pos > 0 else 0.0
+        if r > j0:
+            batch = float(m - pos)
+            x0 = agg[pos] if t.packed else batch * agg[pos]
+            base = base + _batch_sum(t, batch, x0, j0, r)
+        shift = stall + now - base
+        for k in range(pos, m):
+            w = (without[k] + shift) * factor
             if w > slack[k] and without[k] * factor <= slack[k]:
                 pushed += 1
     return pred, pushed, ext
@@ -259,21 +299,17 @@ def _fits(pred: float, pushed: int, budget: float) -> bool:
     return pred <= budget and pushed == 0
 
 
-def decide(t: BatchTables, kv: Sequence[float], left: Sequence[float], deadline: Sequence[float], now: float,
-           prompt: float, max_new: int, budget: float, factor: float = 1.0, protect: bool = True,
-           want_fit: bool = True) -> BatchDecision:
-    """Admit the newcomer into the running batch? ``kv``, ``left``, ``deadline`` sorted by ``left``
-    ascending (``sort_running``); deadlines on the clock of ``now`` (slack = deadline - now)."""
-    m = len(kv)
+def decide_prepared(t: BatchTables, left: Sequence[float], deadline: Sequence[float], prep: Prepared, now: float,
+                    prompt: float, max_new: int, budget: float, factor: float = 1.0, protect: bool = True,
+                    want_fit: bool = True) -> BatchDecision:
+    """decide, given the batch's Prepared (the controller caches it between events)."""
+    m = len(left)
     slack = [deadline[k] - now for k in range(m)]
-    without, ext0 = finish_times(t, kv, left) if protect else ([0.0] * m, False)
-    pred, pushed, ext = _judge(t, kv, left, slack, without, prompt, float(max_new), budget, factor, protect)
-    ext = ext or ext0 or m + 1 > t.sizes[-1]
+    pred, pushed, ext = judge(t, left, slack, prep, prompt, float(max_new), factor, protect)
+    ext = ext or prep.extrapolated or m + 1 > t.sizes[-1]
     if _fits(pred, pushed, budget):
         return BatchDecision(True, max_new, pred, BST_FITS * 2 + ext, 0, BATCH_REASONS[BST_FITS])
-    nfit = 0
-    if want_fit:
-        nfit = _nfit(t, kv, left, slack, without, prompt, max_new, budget, factor, protect)
+    nfit = _nfit(t, left, slack, prep, prompt, max_new, budget, factor, protect) if want_fit else 0
     if pred > budget:
         status = BST_FEWER if nfit >= 1 else BST_NONE
     else:
@@ -281,16 +317,25 @@ def decide(t: BatchTables, kv: Sequence[float], left: Sequence[float], deadline:
     return BatchDecision(False, nfit, pred, status * 2 + ext, pushed, BATCH_REASONS[status])
 
 
-def _nfit(t: BatchTables, kv: Sequence[float], left: Sequence[float], slack: Sequence[float],
-          without: Sequence[float], prompt: float, hi: int, budget: float, factor: float, protect: bool) -> int:
+def decide(t: BatchTables, kv: Sequence[float], left: Sequence[float], deadline: Sequence[float], now: float,
+           prompt: float, max_new: int, budget: float, factor: float = 1.0, protect: bool = True,
+           want_fit: bool = True) -> BatchDecision:
+    """Admit the newcomer into the running batch? ``kv``, ``left``, ``deadline`` sorted by ``left``
+    ascending (``sort_running``); deadlines on the clock of ``now`` (slack = deadline - now)."""
+    return decide_prepared(t, left, deadline, prepare(t, kv, left), now, prompt, max_new, budget, factor, protect,
+                           want_fit)
+
+
+def _nfit(t: BatchTables, left: Sequence[float], slack: Sequence[float], prep: Prepared, prompt: float, hi: int,
+          budget: float, factor: float, protect: bool) -> int:
     """Largest n in [1, hi) that fits (hi is known not to), else 0: bisection."""
-    pred, pushed, _ = _judge(t, kv, left, slack, without, prompt, 1.0, budget, factor, protect)
+    pred, pushed, _ = judge(t, left, slack, prep, prompt, 1.0, factor, protect)
     if not _fits(pred, pushed, budget):
         return 0
     lo = 1
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        pred, pushed, _ = _judge(t, kv, left, slack, without, prompt, float(mid), budget, factor, protect)
+        pred, pushed, _ = judge(t, left, slack, prep, prompt, float(mid), factor, protect)
         if _fits(pred, pushed, budget):
             lo = mid
         else:
@@ -302,5 +347,4 @@ def max_new_tokens(t: BatchTables, kv: Sequence[float], left: Sequence[float], d
                    now: float, prompt: float, budget: float, factor: float = 1.0, protect: bool = True,
                    cap: int = TOKEN_MAX) -> int:
     """The largest max_new_tokens (<= cap) the newcomer may ask for and still be admitted."""
-    d = decide(t, kv, left, deadline, now, prompt, cap, budget, factor, protect)
-    return d.max_new_tokens
+    return decide(t, kv, left, deadline, now, prompt, cap, budget, factor, protect).max_new_tokens

@@ -66,6 +66,15 @@ def test_closed_form_equals_step_by_step(kv_read: str) -> None:
         got, _ = ref.finish_times(tables, kv, left)
         want = simulate(section, kv, left)
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+        # With a newcomer: its total and every running request's finish, against stepping the merged batch.
+        prompt, n = float(rng.integers(1, 3000)), int(rng.integers(1, 70))
+        merged = simulate(section, [*kv, prompt], [*left, n - 1.0])
+        stall = ref.prefill_ms(tables, prompt)
+        deadline = [merged[k] + stall - 1e-6 if k % 2 else merged[k] + stall + 1e-6 for k in range(m)]
+        pred, pushed, _ = ref.judge(tables, left, deadline, ref.prepare(tables, kv, left), prompt, float(n), 1.0, True)
+        assert pred == pytest.approx(stall + merged[m], rel=1e-9)
+        late = [merged[k] + stall > deadline[k] and got[k] <= deadline[k] for k in range(m)]
+        assert pushed == sum(late)
 
 
 def test_single_request_reduces_to_the_decode_model() -> None:

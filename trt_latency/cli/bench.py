@@ -125,14 +125,25 @@ def _bench_batch(est: Any, key: Any, rounds: int, number: int, running: int = 64
     def bare(rid: Any, prompt: Any, max_new_tokens: Any, budget_ms: Any, now: Any = None) -> None:
         return None
 
-    def per_call(f: Any) -> float:
-        timer = timeit.Timer("f(-1, p, n, b, 1.0)", globals={"f": f, "p": prompt, "n": n, "b": budget})
+    def per_call(f: Any, tokens: int = n, stmt: str = "f(-1, p, n, b, 1.0)", **more: Any) -> float:
+        timer = timeit.Timer(stmt, globals={"f": f, "p": prompt, "n": tokens, "b": budget, **more})
         return statistics.median(timer.repeat(repeat=rounds, number=number)) / number * 1e9
 
     d = ctl.decide(-1, prompt, n, budget, 1.0)
-    return {"batch_decide_running": running, "batch_decide_ns": per_call(ctl.decide),
-            "batch_decide_bare_python_ns": per_call(bare), "batch_decide_compiled": best._kernel is not None,
-            "batch_decide_sample": {"admit": bool(d.admit), "code": int(d.code), "reason": d.reason}}
+    out = {"batch_decide_running": running, "batch_decide_ns": per_call(ctl.decide),
+           "batch_decide_bare_python_ns": per_call(bare), "batch_decide_compiled": best._kernel is not None,
+           "batch_decide_sample": {"admit": bool(d.admit), "code": int(d.code), "reason": d.reason,
+                                   "max_new_tokens": n}}
+    state = getattr(ctl, "_state", None)
+    if state is not None:
+        # After an event (a step, a start, a finish) the batch's own finish times are recomputed once:
+        # invalidate + decide, and the newcomer outliving the whole batch (every segment holds it).
+        inv = per_call(state.invalidate, stmt="f()")
+        out["batch_decide_after_event_ns"] = per_call(ctl.decide, n, "i(); f(-1, p, n, b, 1.0)",
+                                                      i=state.invalidate) - inv
+        out["batch_decide_after_event_long_ns"] = per_call(ctl.decide, 100_000, "i(); f(-1, p, n, b, 1.0)",
+                                                           i=state.invalidate) - inv
+    return out
 
 
 def _bench_choose(est: Any, kw: dict[str, Any], number: int, rounds: int) -> dict[str, Any]:
@@ -207,6 +218,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"BatchAdmissionController.decide with {res['batch_decide_running']} running (protect): "
           f"{res['batch_decide_ns']:.1f} ns per call, bare python {res['batch_decide_bare_python_ns']:.1f} ns "
           f"(target <= 2000 ns){'' if res['batch_decide_compiled'] else ' [pure-Python reference]'}")
+    if "batch_decide_after_event_ns" in res:
+        print(f"  right after an event (batch finish times recomputed): {res['batch_decide_after_event_ns']:.1f} ns; "
+              f"a newcomer outliving the batch: {res['batch_decide_after_event_long_ns']:.1f} ns")
     print(f"AdmissionController.decide(Request(...)) with the online correction and threshold "
           f"{'live' if res['decide_threshold_online'] else 'NOT live'}:")
     print(f"  decide      {ns(res['decide_ns'])} per call   (target <= 1 us; Estimator.admit above: "
