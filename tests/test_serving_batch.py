@@ -234,3 +234,44 @@ def test_cli_admit_and_predict_with_running(cli_cal, capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit) as exc:
         main(["admit", *base, "--budget-ms", "10", "--running", "200:x"])
     assert exc.value.code == 2
+
+
+@compiled
+def test_compiled_controller_equals_python_controller_through_events() -> None:
+    """The compiled BatchState (decide without a lock) and the Python path, on one random event stream."""
+    from trt_latency.serving.batch_admission import BatchAdmissionController, BatchEstimator
+
+    section = synthetic_section("padded")
+    fast = BatchAdmissionController(BatchEstimator(section, PREFILL, pure_python=False), alpha=None, max_batch=12)
+    slow = BatchAdmissionController(BatchEstimator(section, PREFILL, pure_python=True), alpha=None, max_batch=12)
+    assert fast._state is not None and slow._state is None
+    rng = np.random.default_rng(5)
+    running: list[int] = []
+    now = 0.0
+    admitted = 0
+    for rid in range(300):
+        now += float(rng.uniform(0, 30))
+        args = (rid, int(rng.integers(1, 2000)), int(rng.integers(1, 60)), float(rng.uniform(20, 900)))
+        a, b = fast.decide(*args, now=now, want_fit=True), slow.decide(*args, now=now, want_fit=True)
+        assert (a.admit, a.max_new_tokens, a.code, a.pushed) == (b.admit, b.max_new_tokens, b.code, b.pushed)
+        assert a.predicted_ms == pytest.approx(b.predicted_ms, rel=1e-12, nan_ok=True)
+        if a.admit:
+            admitted += 1
+            for c in (fast, slow):
+                c.started(*args, now=now)
+            running.append(rid)
+        event = rng.integers(3)
+        if event == 0:
+            for c in (fast, slow):
+                c.step()
+        elif event == 1 and running:
+            rid_t = running[int(rng.integers(len(running)))]
+            for c in (fast, slow):
+                c.token(rid_t)
+        elif running:
+            gone = running.pop(int(rng.integers(len(running))))
+            for c in (fast, slow):
+                c.finished(gone, 12.0, 10.0)
+        assert fast.running() == slow.running() == len(running)
+    assert 30 < admitted < 270
+    assert fast.counters()["decisions"] == slow.counters()["decisions"] == 300
