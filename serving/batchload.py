@@ -282,7 +282,7 @@ def seed_rate_ms(est: BatchEstimator, spec: StreamSpec) -> float:
 
 
 def run_policies(runner: Any, est: BatchEstimator, spec: StreamSpec, n: int, max_batch: int, alpha: float,
-                 rate_rps: float | None = None, overload: float = 2.0, calibrate_n: int = 150,
+                 rate_rps: float | None = None, overload: float = 2.0, calibrate_n: int = 300,
                  seed: int = 0, ttft_target_ms: float | None = None,
                  slo_quantiles: Sequence[float] = (0.3, 0.5, 0.7, 0.9)) -> dict[str, Any]:
     """The whole batched load test: classes, rate, conformal replay, then the four policies side by side."""

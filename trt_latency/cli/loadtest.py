@@ -103,8 +103,8 @@ def register(sub: Any) -> None:
                    help="--max-batch: arrival rate (default: --overload x the estimated capacity)")
     p.add_argument("--overload", type=float, default=2.0, metavar="X",
                    help="--max-batch: arrival rate as a multiple of the estimated capacity (default 2)")
-    p.add_argument("--batch-calibrate", type=int, default=150, metavar="N",
-                   help="--max-batch: requests of the factor-1 replay the conformal factor is fitted on (default 150)")
+    p.add_argument("--batch-calibrate", type=int, default=300, metavar="N",
+                   help="--max-batch: requests of the factor-1 replay the conformal factor is fitted on (default 300)")
     p.add_argument("--ttft-target-ms", type=float, default=None, metavar="MS",
                    help="--max-batch: the queued-token cap's target TTFT (default: 1/4 of the median SLO class)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
