@@ -143,7 +143,7 @@ cdef inline double c_judge(const BT* t, const double* left, const double* slack,
             jprev = end
         if k < pos and protect:
             w = (stall + now) * factor
-            if w > slack[k] and without[k] * factor <= slack[k]:
+            if w > slack[k] and without[k] <= slack[k]:
                 pushed += 1
     if protect and pos < m:
         j0 = left[pos - 1] if pos > 0 else 0.0
@@ -155,7 +155,7 @@ cdef inline double c_judge(const BT* t, const double* left, const double* slack,
         shift = stall + now - base
         for k in range(pos, m):
             w = (without[k] + shift) * factor
-            if w > slack[k] and without[k] * factor <= slack[k]:
+            if w > slack[k] and without[k] <= slack[k]:
                 pushed += 1
     pushed_out[0] = pushed
     ext_out[0] = ext

@@ -19,7 +19,9 @@ curve's knots per segment and the pieces it crosses.
 
 Decision (factor f = the conformal factor for alpha, applied to every predicted duration): admit iff the
 newcomer's f * (prefill + decode sum until its r steps are done) <= budget, and (policy ``protect``) no
-running request goes from f * finish_without <= deadline to f * finish_with > deadline. ``max_new_tokens``
+running request is pushed: f * finish_with > deadline while its raw finish_without (factor 1) <= deadline.
+A running request is given up only when even the raw model says it is late; one the scaled model already
+sees late (it ran slower than predicted) is still protected from newcomers. ``max_new_tokens``
 is the largest n (<= the requested one) for which that holds (binary search: every finish time is
 non-decreasing in n). The compiled module is property-tested equal to this one (tests/test_serving_batch.py).
 """
@@ -270,7 +272,7 @@ def judge(t: BatchTables, left: Sequence[float], slack: Sequence[float], prep: P
             jprev = end
         if k < pos and protect:
             w = (stall + now) * factor
-            if w > slack[k] and without[k] * factor <= slack[k]:
+            if w > slack[k] and without[k] <= slack[k]:
                 pushed += 1
     pred = (stall + now) * factor
     if protect and pos < m:
@@ -283,7 +285,7 @@ def judge(t: BatchTables, left: Sequence[float], slack: Sequence[float], prep: P
         shift = stall + now - base
         for k in range(pos, m):
             w = (without[k] + shift) * factor
-            if w > slack[k] and without[k] * factor <= slack[k]:
+            if w > slack[k] and without[k] <= slack[k]:
                 pushed += 1
     return pred, pushed, ext
 
