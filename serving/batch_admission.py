@@ -220,10 +220,14 @@ class BatchAdmissionController:
     left (the order never changes with a step), with the batch's own finish times cached until the next
     event, so a decision is one pass over the batch plus the segments the newcomer is part of.
 
-    Online correction per (config, batch-size bucket): the median of actual / predicted of finished
-    requests, by the batch size they were admitted into (buckets 1, 2, 3-4, 5-8, ...; window ``window``,
-    at least ``min_observations``), clamped to ``clamp``, multiplies the alpha factor. A controller serves
-    one engine, so one config: the buckets are that config's.
+    Online correction per (config, batch-size bucket): each finished request's score actual / predicted
+    (durations from its decision; predicted = its latest predicted finish) goes into a pooled window of
+    ``residual_window`` scores and into its batch-size bucket's window (the batch it was admitted into:
+    1, 2, 3-4, 5-8, ...; ``window`` long). Once the pooled window holds enough scores for alpha, the factor
+    is their split-conformal quantile (before: the calibration's stored factor, or ``seed_scores`` from a
+    batched replay); a bucket with ``min_observations`` scores multiplies it by its median over the pooled
+    median. Everything clamped to ``clamp``. A controller serves one engine, so one config: the buckets are
+    that config's.
 
     Thread safety: with the compiled module the state is a ``_batch.BatchState`` whose methods run under
     the GIL without releasing it (each one atomic for Python threads) and ``decide`` IS its compiled
@@ -232,7 +236,7 @@ class BatchAdmissionController:
 
     def __init__(self, estimator: BatchEstimator, alpha: float | None = 0.05, policy: str = "protect",
                  max_batch: int = 64, window: int = 32, min_observations: int = 8,
-                 clamp: tuple[float, float] = (0.5, 4.0), clock: Any = None) -> None:
+                 clamp: tuple[float, float] = (0.5, 4.0), clock: Any = None, residual_window: int = 300) -> None:
         if policy not in BATCH_POLICIES:
             raise ValueError(f"policy must be one of {BATCH_POLICIES}, got {policy!r}")
         if max_batch < 1:
@@ -249,6 +253,7 @@ class BatchAdmissionController:
         self._windows: dict[int, deque[float]] = {}
         self._correction: dict[int, float] = {}
         self._window = window
+        self._scores: deque[float] = deque(maxlen=max(1, residual_window))
         self._min_obs = min_observations
         self._clamp = clamp
         self._state: Any = None
@@ -325,7 +330,9 @@ class BatchAdmissionController:
             self._prep = None
 
     def finished(self, rid: Any, actual_ms: float | None = None, predicted_ms: float | None = None) -> None:
-        """The request left the batch; with actual and predicted totals it feeds the correction."""
+        """The request left the batch. With its actual duration and the predicted one (both ms from its
+        decision; predicted = its latest predicted finish, which later admissions may have moved) the
+        score actual / predicted feeds the online factor and the batch-bucket correction."""
         with self._lock:
             if self._state is not None:
                 self._state.finished(rid)
@@ -337,16 +344,43 @@ class BatchAdmissionController:
             batch = self._admitted_batch.pop(rid, None)
             if batch is None or actual_ms is None or not predicted_ms or not math.isfinite(actual_ms):
                 return
+            score = float(actual_ms) / float(predicted_ms)
+            if not math.isfinite(score) or score <= 0:
+                return
             b = batch_bucket(batch)
             w = self._windows.get(b)
             if w is None:
                 w = self._windows[b] = deque(maxlen=self._window)
-            w.append(float(actual_ms) / float(predicted_ms))
+            w.append(score)
+            self._scores.append(score)
+            self._refit()
+
+    def seed_scores(self, scores: Iterable[float]) -> None:
+        """Warm start the online factor with scores of a batched replay (actual / predicted, as in finished)."""
+        with self._lock:
+            self._scores.extend(float(v) for v in scores if math.isfinite(v) and v > 0)
+            self._refit()
+
+    def _refit(self) -> None:
+        """Under the lock: the online factor (split-conformal quantile of the recent scores, once there are
+        enough for alpha) and, per batch bucket with min_observations scores, its median relative to
+        the pooled median (the shape of the error over batch sizes), both clamped."""
+        from trt_latency.serving.conformal import conformal_factor, min_requests_for
+
+        lo, hi = self._clamp
+        if self.alpha is not None and len(self._scores) >= min_requests_for(self.alpha):
+            factor = min(max(conformal_factor(list(self._scores), self.alpha), lo), hi)
+            self.base_factor = factor
+            self.factor_source = f"online: conformal quantile of the last {len(self._scores)} scores"
+        if not self._scores:
+            return
+        pooled = float(np.median(self._scores))
+        for b, w in self._windows.items():
             if len(w) >= self._min_obs:
-                med = min(max(float(np.median(w)), self._clamp[0]), self._clamp[1])
-                self._correction[b] = med
+                rel = min(max(float(np.median(w)) / pooled, lo), hi)
+                self._correction[b] = rel
                 if self._state is not None:
-                    self._state.set_correction(b, med)
+                    self._state.set_correction(b, rel)
 
     # ----------------------------------------------------------------- decisions
     def correction(self, batch: int) -> float:

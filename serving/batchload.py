@@ -24,7 +24,10 @@ violation_rate (admitted that missed their budget / admitted), admitted, rejecte
 Conformal factor (how it is fitted): a separate trace (another seed, same rate and mix) is replayed under
 the trt-latency policy with factor 1; for each admitted request the score is (finish - decision time) /
 (its predicted finish after the last admission into its batch - decision time): under ``protect`` a later
-admission may use a request's slack but not its deadline, so this isolates the model's own error. Even-indexed admitted requests fit
+admission may use a request's slack but not its deadline, so this isolates the model's own error.
+The policy run starts from that factor and follows the machine online: the controller's window is seeded
+with the replay's scores and every request it finishes adds its own (BatchAdmissionController.finished);
+the factor is the window's split-conformal quantile for alpha. Even-indexed admitted requests fit
 the factor per alpha (split conformal: the ceil((n+1)(1-alpha))-th smallest score), odd ones are held out
 and their coverage (share with score <= factor) is reported.
 """
@@ -79,7 +82,8 @@ class PolicyRun:
     rejected: int = 0
     queued_tokens: int = 0
     controller: BatchAdmissionController | None = None
-    track: bool = False  # calibration replay: keep each running request's latest predicted finish
+    track: bool = False  # keep each running request's latest predicted finish (the scores)
+    online: bool = False  # feed the controller the scores of finished requests (the online factor)
 
 
 def make_trace(spec: StreamSpec, n: int, rate_rps: float, classes: Sequence[float], seed: int) -> list[Arrival]:
@@ -138,9 +142,17 @@ class BatchLoadtest:
             r.done_ms = run.clock
             run.done.append(r)
             if run.controller is not None:
-                run.controller.finished(r.a.index)
+                self._finished(run, r)
         else:
             run.running.append(r)
+
+    def _finished(self, run: PolicyRun, r: _Req) -> None:
+        """Tell the controller; during a policy run (online) with the score's two durations."""
+        assert run.controller is not None
+        if run.online and r.latest_pred_ms > r.decided_ms:
+            run.controller.finished(r.a.index, r.done_ms - r.decided_ms, r.latest_pred_ms - r.decided_ms)
+        else:
+            run.controller.finished(r.a.index)
 
     def _schedule(self, run: PolicyRun) -> None:
         if run.controller is None:
@@ -197,7 +209,7 @@ class BatchLoadtest:
             run.controller.step()
             for r in run.running:
                 if r.left <= 0:
-                    run.controller.finished(r.a.index)
+                    self._finished(run, r)
         run.running = still
 
     def iterate(self, run: PolicyRun, trace: Sequence[Arrival]) -> bool:
@@ -219,7 +231,8 @@ class BatchLoadtest:
         run = PolicyRun(name)
         if name == "trt-latency":
             run.controller = BatchAdmissionController(self.est, alpha=self.alpha, policy="protect",
-                                                      max_batch=self.max_batch, min_observations=1 << 30)
+                                                      max_batch=self.max_batch)
+            run.track = True
             if factor is not None:
                 run.controller.base_factor = factor
         return run
@@ -266,6 +279,7 @@ def fit_batch_conformal(run: PolicyRun, alphas: Sequence[float]) -> dict[str, An
         factors.append(f)
         coverage.append(float(np.mean(held <= f)) if held.size and math.isfinite(f) else None)
     return {"alphas": list(alphas), "factors": factors, "n_fit": int(fit.size), "n_heldout": int(held.size),
+            "scores": [float(v) for v in scores],
             "heldout_coverage": coverage, "median_score": float(np.median(scores)) if scores.size else None,
             "how": "replay of batched traffic under trt-latency (factor 1, protect): score = (finish - decision "
                    "time) / (predicted finish after the last admission into its batch - decision time): the model's "
@@ -308,18 +322,23 @@ def run_policies(runner: Any, est: BatchEstimator, spec: StreamSpec, n: int, max
     factor = 1.0
     if calibrate_n > 0:
         cal_run = lt.new_run("trt-latency", factor=1.0)
-        cal_run.track = True
         lt.replay(make_trace(spec, calibrate_n, rate, classes, seed + 1000), [cal_run])
         conformal = fit_batch_conformal(cal_run, sorted({alpha, 0.01, 0.05, 0.1, 0.5}))
         f = dict(zip(conformal["alphas"], conformal["factors"], strict=True)).get(alpha)
         factor = float(f) if f is not None and math.isfinite(f) else 1.0
     trace = make_trace(spec, n, rate, classes, seed)
     runs = [lt.new_run(name, factor=factor) for name in POLICY_NAMES]
+    ours = runs[POLICY_NAMES.index("trt-latency")]
+    ours.online = True
+    if conformal is not None and ours.controller is not None:
+        # The online window starts from the replay's scores; then every finished request adds its own.
+        ours.controller.seed_scores(conformal.pop("scores"))
     lt.replay(trace, runs)
     return {"alpha": alpha, "max_batch": max_batch, "requests": n, "rate_rps": rate,
             "capacity_rps_estimate": capacity, "overload": rate / capacity,
             "budget_classes_ms": list(classes), "queued_token_cap": token_cap, "ttft_target_ms": target,
             "seed_ms_per_token": lt.seed_rate_ms, "factor": factor, "conformal": conformal,
+            "trt_latency_controller": None if ours.controller is None else ours.controller.counters(),
             "policies": {run.name: summarize_run(run, n) for run in runs}}
 
 

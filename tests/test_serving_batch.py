@@ -179,7 +179,7 @@ def test_batch_step_ms_contract() -> None:
 def test_controller_tracks_events_threadsafe() -> None:
     from trt_latency.serving.batch_admission import BatchAdmissionController
 
-    ctl = BatchAdmissionController.from_section(synthetic_section(), PREFILL, alpha=None, max_batch=16)
+    ctl = BatchAdmissionController.from_section(synthetic_section(), PREFILL, alpha=0.1, max_batch=16)
     errors: list[BaseException] = []
 
     def worker(base: int) -> None:
@@ -201,8 +201,11 @@ def test_controller_tracks_events_threadsafe() -> None:
         t.join()
     assert not errors and ctl.running() == 0
     assert ctl.counters()["decisions"] == 160
-    corrections = ctl.counters()["correction_by_batch_bucket"]
-    assert corrections and all(v == pytest.approx(10.0 / 9.0) for v in corrections.values())
+    counters = ctl.counters()
+    # every score is 10/9: the online factor is that, every bucket's relative correction 1
+    assert counters["factor"] == pytest.approx(10.0 / 9.0) and counters["factor_source"].startswith("online")
+    assert counters["correction_by_batch_bucket"]
+    assert all(v == pytest.approx(1.0) for v in counters["correction_by_batch_bucket"].values())
 
 
 @pytest.fixture(scope="module")
