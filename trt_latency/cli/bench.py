@@ -120,7 +120,9 @@ def _bench_batch(est: Any, key: Any, rounds: int, number: int, running: int = 64
     for i in range(running):
         ctl.started(i, int(rng.integers(max(lo, 1), max(hi // 2, lo + 2))), int(rng.integers(2, 128)),
                     float(rng.uniform(1e3, 1e5)), now=0.0)
-    prompt, n, budget = 100, 32, 1e4
+    prompt, n = 100, 32
+    # a budget the newcomer fits (twice its prediction), so the timed decision is a judged admit
+    budget = 2.0 * float(ctl.decide(-1, prompt, n, 1e12, 1.0).predicted_ms)
 
     def bare(rid: Any, prompt: Any, max_new_tokens: Any, budget_ms: Any, now: Any = None) -> None:
         return None
