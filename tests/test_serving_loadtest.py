@@ -190,3 +190,27 @@ def test_slo_classes_and_budget_modes(calibrated: Path, capsys: pytest.CaptureFi
     assert report["requests"] == 12 and report["before_slowdown"]["requests"] == 6
     assert report["before_slowdown"]["median_actual_over_predicted"] > 0
     assert main(["loadtest", "-c", str(calibrated / "calibration.yaml"), "--slowdown-factor", "0.5"]) == 2
+
+
+def test_batched_loadtest_policies_side_by_side(calibrated: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--max-batch: the four policies on one trace, on the real engine (needs the runner's batched step)."""
+    from trt_latency.serving import loadgen
+
+    assert main(["loadtest", "-c", str(calibrated / "calibration.yaml"), "--max-batch", "0"]) == 2
+    runner = loadgen.open_model(calibrated / "model.onnx", "ort-cpu", 1)
+    try:
+        if not hasattr(runner, "time_batch_step"):
+            pytest.skip("the ORT runner has no time_batch_step yet (the engine side of issue 12 adds it)")
+    finally:
+        runner.close()
+    rc = main(["loadtest", "-c", str(calibrated / "calibration.yaml"), "--max-batch", "4", "--requests", "40",
+               "--batch-calibrate", "30", "--alpha", "0.1", "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["alpha"] == 0.1 and set(report["policies"]) == {"admit-all", "queued-token-cap", "seed",
+                                                                  "trt-latency"}
+    for p in report["policies"].values():
+        assert p["admitted"] + p["rejected"] == 40
+        assert {"goodput_rps", "violation_rate", "p99_ttft_ms", "p99_tpot_ms"} <= set(p)
+    assert report["policies"]["admit-all"]["rejected"] == 0
+    assert report["overload"] > 1.0

@@ -12,6 +12,8 @@ EXAMPLE = """\
 examples:
   trt-latency admit -c calibration.yaml --budget-ms 120 --vision-tokens 576 --text-tokens 40 --max-new-tokens 64
   trt-latency admit -c calibration.yaml --budget-ms 80 --text-tokens 300 --alpha 0.01 --json
+  trt-latency admit -c calibration.yaml --budget-ms 200 --text-tokens 300 --max-new-tokens 32 \
+      --running 900:40:350,120:8:90 --json     # batch-aware: L:tokens_left:deadline_ms per running request
 """
 
 
@@ -29,11 +31,29 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--max-new-tokens", type=positive_int, default=None, metavar="N", help="tokens the request wants")
     p.add_argument("--alpha", type=open_unit, default=None, metavar="A",
                    help="violation rate to guard against (conformal factor if calibrated, else residual quantile)")
+    p.add_argument("--batch-policy", choices=("protect", "ignore-running"), default="protect",
+                   help="with --running: protect (default) also rejects a request that would push a running one "
+                        "past its deadline; ignore-running judges the newcomer alone")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from trt_latency.estimator.model import Estimator
+
+    if args.running is not None:
+        from trt_latency.cli.predict import batch_estimator
+
+        bd = batch_estimator(args).admit(args.budget_ms, args.vision_tokens, args.text_tokens, args.max_new_tokens,
+                                         args.running, args.alpha, args.batch_policy)
+        if args.json:
+            print(json.dumps({"admit": bool(bd.admit), "max_new_tokens": int(bd.max_new_tokens),
+                              "predicted_ms": None if bd.predicted_ms != bd.predicted_ms else float(bd.predicted_ms),
+                              "pushed": int(bd.pushed), "extrapolated": bool(bd.extrapolated), "reason": bd.reason,
+                              "running": len(args.running)}))
+        else:
+            print(f"{'ADMIT' if bd.admit else 'REJECT'}: max_new_tokens {bd.max_new_tokens}, predicted "
+                  f"{bd.predicted_ms:.3f} ms (budget {args.budget_ms:g} ms, {len(args.running)} running): {bd.reason}")
+        return 0
 
     est = Estimator.load(args.calibration)
     d = est.admit(args.budget_ms, args.vision_tokens, args.text_tokens, args.max_new_tokens, args.tier, args.top_k,

@@ -104,6 +104,47 @@ def run_bench(path: str, rounds: int = 7, number: int = 200_000, batch: int = 1_
     out["reference_batch_decisions_per_s"] = len(small["budget_ms"]) / (timeit.default_timer() - t)
     out.update(_bench_decide(est, kwargs, number, rounds))
     out.update(_bench_choose(est, kwargs, number, rounds))
+    out.update(_bench_batch(est, key, rounds, max(number // 10, 2000)))
+    return out
+
+
+def _bench_batch(est: Any, key: Any, rounds: int, number: int, running: int = 64) -> dict[str, Any]:
+    """BatchAdmissionController.decide with ``running`` requests in the batch (the protect policy: both
+    simulations, with and without the newcomer), beside a bare Python call with the same arguments."""
+    from trt_latency.serving.batch_admission import BatchAdmissionController, BatchEstimator
+
+    best = BatchEstimator.from_estimator(est, *key)
+    ctl = BatchAdmissionController(best, alpha=None, policy="protect", max_batch=running + 1)
+    rng = np.random.default_rng(1)
+    lo, hi = (int(v) for v in est.calibration.config(*key).valid_past_len)
+    for i in range(running):
+        ctl.started(i, int(rng.integers(max(lo, 1), max(hi // 2, lo + 2))), int(rng.integers(2, 128)),
+                    float(rng.uniform(1e3, 1e5)), now=0.0)
+    prompt, n = 100, 32
+    # a budget the newcomer fits (twice its prediction), so the timed decision is a judged admit
+    budget = 2.0 * float(ctl.decide(-1, prompt, n, 1e12, 1.0).predicted_ms)
+
+    def bare(rid: Any, prompt: Any, max_new_tokens: Any, budget_ms: Any, now: Any = None) -> None:
+        return None
+
+    def per_call(f: Any, tokens: int = n, stmt: str = "f(-1, p, n, b, 1.0)", **more: Any) -> float:
+        timer = timeit.Timer(stmt, globals={"f": f, "p": prompt, "n": tokens, "b": budget, **more})
+        return statistics.median(timer.repeat(repeat=rounds, number=number)) / number * 1e9
+
+    d = ctl.decide(-1, prompt, n, budget, 1.0)
+    out = {"batch_decide_running": running, "batch_decide_ns": per_call(ctl.decide),
+           "batch_decide_bare_python_ns": per_call(bare), "batch_decide_compiled": best._kernel is not None,
+           "batch_decide_sample": {"admit": bool(d.admit), "code": int(d.code), "reason": d.reason,
+                                   "max_new_tokens": n}}
+    state = getattr(ctl, "_state", None)
+    if state is not None:
+        # After an event (a step, a start, a finish) the batch's own finish times are recomputed once:
+        # invalidate + decide, and the newcomer outliving the whole batch (every segment holds it).
+        inv = per_call(state.invalidate, stmt="f()")
+        out["batch_decide_after_event_ns"] = per_call(ctl.decide, n, "i(); f(-1, p, n, b, 1.0)",
+                                                      i=state.invalidate) - inv
+        out["batch_decide_after_event_long_ns"] = per_call(ctl.decide, 100_000, "i(); f(-1, p, n, b, 1.0)",
+                                                           i=state.invalidate) - inv
     return out
 
 
@@ -176,6 +217,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"  batch (admit_batch)    {res['batch_decisions_per_s'] / 1e6:8.1f} M decisions/s wall clock, "
           f"{res['batch_decisions_per_cpu_s'] / 1e6:.1f} M per CPU-second, one thread "
           f"(reference {res['reference_batch_decisions_per_s'] / 1e3:.1f} k/s; target >= 10 M/s)")  # fmt: skip
+    print(f"BatchAdmissionController.decide with {res['batch_decide_running']} running (protect): "
+          f"{res['batch_decide_ns']:.1f} ns per call, bare python {res['batch_decide_bare_python_ns']:.1f} ns "
+          f"(target <= 2000 ns){'' if res['batch_decide_compiled'] else ' [pure-Python reference]'}")
+    if "batch_decide_after_event_ns" in res:
+        print(f"  right after an event (batch finish times recomputed): {res['batch_decide_after_event_ns']:.1f} ns; "
+              f"a newcomer outliving the batch: {res['batch_decide_after_event_long_ns']:.1f} ns")
     print(f"AdmissionController.decide(Request(...)) with the online correction and threshold "
           f"{'live' if res['decide_threshold_online'] else 'NOT live'}:")
     print(f"  decide      {ns(res['decide_ns'])} per call   (target <= 1 us; Estimator.admit above: "

@@ -18,6 +18,14 @@ example:
   trt-latency loadtest -c cal/calibration.yaml --alpha 0.05 --json
   trt-latency loadtest -c cal/calibration.yaml --alpha 0.05 --slowdown-at 300 --slowdown-factor 1.4 --json
   trt-latency loadtest -c cal/calibration.yaml --budgets relative --json   # the old stress mode
+  trt-latency loadtest -c cal/calibration.yaml --max-batch 8 --requests 300 --alpha 0.05 --json
+
+--max-batch B (> 1): continuous batching on the real engine (serving/batchload.py): per iteration the
+arrivals are admitted and prefilled, then one batched decode step runs for every running request;
+Poisson arrivals at --overload x the estimated capacity; the same trace under admit-all, the
+queued-token cap, the seed's constant ms/token rule and trt-latency's batch-aware admission; --json
+prints per policy (under "policies") goodput_rps, violation_rate, admitted, rejected, p99_ttft_ms,
+p99_tpot_ms, plus alpha and the conformal factor fitted on a separate batched replay.
 
 Every request is executed for real (rejected ones in shadow mode), so the oracle decision
 (true total <= budget, on that same execution) is known; the controller only observes the requests
@@ -87,6 +95,18 @@ def register(sub: Any) -> None:
                    help="do not seed the controller's windows with the conformal requests")
     p.add_argument("--report-window", type=int, default=50, help="window (requests) of the slowdown report")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-batch", type=int, default=1, metavar="B",
+                   help="B > 1: continuous batching (iteration-level loop, Poisson arrivals at overload, the "
+                        "same trace under admit-all / queued-token-cap / seed / trt-latency); 1 (default): "
+                        "the single-request loop")
+    p.add_argument("--rate", type=float, default=None, metavar="RPS",
+                   help="--max-batch: arrival rate (default: --overload x the estimated capacity)")
+    p.add_argument("--overload", type=float, default=2.0, metavar="X",
+                   help="--max-batch: arrival rate as a multiple of the estimated capacity (default 2)")
+    p.add_argument("--batch-calibrate", type=int, default=300, metavar="N",
+                   help="--max-batch: requests of the factor-1 replay the conformal factor is fitted on (default 300)")
+    p.add_argument("--ttft-target-ms", type=float, default=None, metavar="MS",
+                   help="--max-batch: the queued-token cap's target TTFT (default: 1/4 of the median SLO class)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--dump", metavar="CSV", default=None, help="write every executed request to CSV")
     p.set_defaults(func=run)
@@ -122,6 +142,21 @@ def run(args: argparse.Namespace) -> int:
         return _usage("--report-window must be >= 1")
     if args.threads is not None and args.threads < 1:
         return _usage("--threads must be >= 1")
+    if args.max_batch < 1:
+        return _usage("--max-batch must be >= 1")
+    if args.max_batch > 1:
+        if args.rate is not None and not (math.isfinite(args.rate) and args.rate > 0):
+            return _usage("--rate must be a finite number > 0")
+        if not (math.isfinite(args.overload) and args.overload > 0):
+            return _usage("--overload must be a finite number > 0")
+        if args.batch_calibrate < 0:
+            return _usage("--batch-calibrate must be >= 0")
+        report = batch_loadtest(args)
+        if args.json:
+            print(json.dumps(report, indent=2, default=_json_default))
+        else:
+            _print_batch(report)
+        return 0
     report = loadtest(args)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=False, default=_json_default))
@@ -237,6 +272,62 @@ def loadtest(args: argparse.Namespace) -> dict[str, Any]:
     report.update(loadgen.decide_benchmark(controller, requests))
     report["conformal"] = conformal_info
     return report
+
+
+def batch_loadtest(args: argparse.Namespace) -> dict[str, Any]:
+    """The continuous-batching load test (serving/batchload.py) on the calibrated engine."""
+    import inspect
+
+    from trt_latency.engines.backends import open_runner
+    from trt_latency.errors import BackendUnavailable
+    from trt_latency.estimator.calibration import load_calibration
+    from trt_latency.estimator.model import Estimator
+    from trt_latency.serving import batchload, loadgen
+    from trt_latency.serving.batch_admission import BatchEstimator
+
+    cal_path = Path(args.calibration)
+    cal = load_calibration(cal_path)
+    model_path = loadgen.find_model(cal_path, args.onnx)
+    plan = loadgen.plan_of(cal, args.plan)
+    threads = args.threads if args.threads is not None else plan.runtime.intra_op_threads
+    options = model_options(args)
+    if options["kv_mode"] == "auto":
+        options["kv_mode"] = str(cal.provenance.get("kv_mode") or "auto")
+    if "max_batch" in inspect.signature(open_runner).parameters:
+        options["max_batch"] = args.max_batch
+    runner = loadgen.open_model(model_path, args.backend, threads, **options, max_past_len=args.max_past_len)
+    try:
+        if not hasattr(runner, "time_batch_step"):
+            raise BackendUnavailable(f"the {getattr(runner, 'backend', args.backend)} runner has no time_batch_step "
+                                     "(batched decode step): --max-batch needs the engine side of issue 12")
+        if int(getattr(runner, "max_batch", args.max_batch) or 0) < args.max_batch:
+            raise BackendUnavailable(f"the runner batches at most {getattr(runner, 'max_batch', 1)} rows, "
+                                     f"--max-batch {args.max_batch} asked")
+        key = loadgen.served_key(model_path, cal)
+        cfg = cal.config(*key)
+        spec = loadgen.stream_spec(cfg, plan)
+        est = BatchEstimator.from_estimator(Estimator(cal), *key)
+        loadgen.warm_up(runner, spec)
+        runner.time_batch_step([int(spec.max_kv or 64) // 2] * args.max_batch, 3)  # page in the batch buffers
+        report = batchload.run_policies(runner, est, spec, args.requests, args.max_batch, args.alpha,
+                                        rate_rps=args.rate, overload=args.overload,
+                                        calibrate_n=args.batch_calibrate, seed=args.seed,
+                                        ttft_target_ms=args.ttft_target_ms)
+    finally:
+        runner.close()
+    report.update({"calibration": str(cal_path), "model": str(model_path), "config": list(key),
+                   "batch_section": "measured" if est.has_batch_section else "none (B = 1 decode model)"})
+    return report
+
+
+def _print_batch(report: dict[str, Any]) -> None:
+    print(f"{report['requests']} requests at {report['rate_rps']:.1f} rps ({report['overload']:.1f}x the estimated "
+          f"capacity), max batch {report['max_batch']}, alpha {report['alpha']}, factor {report['factor']:.3f}")
+    print(f"  {'policy':18s} {'goodput_rps':>11s} {'violation':>9s} {'admitted':>8s} {'rejected':>8s} "
+          f"{'p99_ttft_ms':>11s} {'p99_tpot_ms':>11s}")
+    for name, p in report["policies"].items():
+        print(f"  {name:18s} {p['goodput_rps']:11.2f} {p['violation_rate']:9.3f} {p['admitted']:8d} "
+              f"{p['rejected']:8d} {_fmt(p['p99_ttft_ms']):>11s} {_fmt(p['p99_tpot_ms']):>11s}")
 
 
 def _check_model_is_calibrated(model_path: Path, cal_path: Path, cal: Any) -> None:

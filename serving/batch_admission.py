@@ -1,0 +1,428 @@
+"""Batch-aware admission: BatchEstimator (predict / admit / max_new_tokens given the running batch) and
+BatchAdmissionController (tracks one engine's batch through events; thread-safe; online correction).
+
+Why a BatchEstimator built from an Estimator rather than new Estimator methods: the Estimator is a pure
+function of the calibration over immutable single-request tables (estimator/ never imports serving/);
+the batch kernel (serving/_batch.pyx, reference serving/batch_reference.py) is serving-side, and a batch
+question needs the running state, which the Estimator does not hold. ``BatchEstimator.from_estimator``
+picks one config, builds its batch tables from the calibration's ``batch`` section (or, without one, from
+the single-request decode model as B = 1, larger batches flagged extrapolated) and the config's prefill
+coefficients, and answers with the compiled kernel when built (pure-Python reference otherwise, or with
+TRT_LATENCY_PUREPYTHON=1).
+
+Safety factor for ``alpha``: the batch section's ``conformal: {alphas, factors}`` (fitted by ``loadtest
+--max-batch`` on a replay of batched traffic, see serving/batchload.py) when present, else 1.0 (and the
+decision says so through ``factor_source``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from trt_latency.estimator.batch_model import section_from_decode
+from trt_latency.ext.layout import TOKEN_MAX
+from trt_latency.serving import batch_reference as ref
+from trt_latency.serving.batch_reference import BAD_REQUEST, BATCH_POLICIES, BatchDecision, BatchTables
+
+try:  # the compiled batch kernel; without it the pure-Python reference decides
+    from trt_latency.serving import _batch
+except ImportError:  # pragma: no cover - depends on the build
+    _batch = None  # type: ignore[assignment]
+
+__all__ = ["BatchAdmissionController", "BatchEstimator", "Running", "batch_section_of", "parse_running"]
+
+
+class Running(NamedTuple):
+    """One running request: its current KV length (past length of its next decode step), decode steps
+    it may still take (max_new_tokens left) and its deadline in ms from now (inf: none)."""
+
+    kv_len: int
+    tokens_left: int
+    deadline_ms: float = math.inf
+
+
+def parse_running(text: str) -> list[Running]:
+    """``L[:left[:deadline_ms]],...`` (the CLI's --running): left defaults to 1 (one more step),
+    deadline to none."""
+    out: list[Running] = []
+    for item in (p.strip() for p in text.split(",")):
+        if not item:
+            continue
+        parts = item.split(":")
+        if len(parts) > 3:
+            raise ValueError(f"running request {item!r}: expected L[:tokens_left[:deadline_ms]]")
+        try:
+            kv = int(parts[0])
+            left = int(parts[1]) if len(parts) > 1 and parts[1] else 1
+            dl = float(parts[2]) if len(parts) > 2 and parts[2] else math.inf
+        except ValueError:
+            raise ValueError(f"running request {item!r}: expected integers L and tokens_left, a number "
+                             "deadline_ms") from None
+        if kv < 1 or left < 0 or math.isnan(dl):
+            raise ValueError(f"running request {item!r}: expected L >= 1, tokens_left >= 0, deadline_ms a number")
+        out.append(Running(kv, left, dl))
+    return out
+
+
+def batch_section_of(cfg: Any) -> dict[str, Any]:
+    """A config's ``batch`` section (ConfigCalibration.batch, the engine side's field), else B = 1 from its
+    single-request decode model."""
+    section = getattr(cfg, "batch", None)
+    if isinstance(section, Mapping) and section.get("sizes"):
+        return dict(section)
+    return section_from_decode(cfg.decode_knots, cfg.decode_values_ms, cfg.valid_past_len)
+
+
+def _pure() -> bool:
+    return os.environ.get("TRT_LATENCY_PUREPYTHON") == "1" or _batch is None
+
+
+class BatchEstimator:
+    """Predict / admit / max_new_tokens for one config given the running batch."""
+
+    def __init__(self, section: Mapping[str, Any], prefill_coeffs: Sequence[float],
+                 pure_python: bool | None = None) -> None:
+        self.section = dict(section)
+        self.tables: BatchTables = ref.build_batch_tables(section, prefill_coeffs)
+        self.pure_python = _pure() if pure_python is None else pure_python
+        self._kernel = None if self.pure_python else _batch.BatchKernel(self.tables)
+        conf = self.section.get("conformal") or {}
+        self._conformal = sorted(zip(conf.get("alphas", []), conf.get("factors", []), strict=False))
+
+    @classmethod
+    def from_estimator(cls, estimator: Any, tier_idx: int = 0, top_k: int = 1,
+                       num_active_blocks: int | None = None, pure_python: bool | None = None) -> BatchEstimator:
+        key = estimator.config_key(tier_idx, top_k, num_active_blocks)
+        cfg = estimator.calibration.config(*key)
+        return cls(batch_section_of(cfg), cfg.prefill_coeffs, pure_python)
+
+    @property
+    def has_batch_section(self) -> bool:
+        return len(self.tables.sizes) > 1 or self.section.get("kv_read") != "packed" or "fit_error" in self.section
+
+    def factor(self, alpha: float | None) -> tuple[float, str]:
+        """(safety factor, source) for alpha: the largest stored alpha <= the asked one."""
+        if alpha is None:
+            return 1.0, "none"
+        best = None
+        for a, f in self._conformal:
+            if a <= alpha + 1e-12:
+                best = f
+        return (float(best), "conformal (batched replay)") if best is not None else (1.0, "none stored")
+
+    def step_ms(self, kv_lens: Sequence[int]) -> float:
+        """T(B, X) of one decode step of a batch with these KV lengths (the contract's batch_step_ms)."""
+        from trt_latency.estimator.batch_model import batch_step_ms
+
+        return batch_step_ms(self.section, [float(v) for v in kv_lens])
+
+    def total_with(self, running: Sequence[Running], prompt: int, output_tokens: int) -> float:
+        """The newcomer's predicted total (prefill + decode) joining this batch now."""
+        return float(self.predict(prompt, 0, output_tokens, running)["total_ms"])
+
+    def prefill_ms(self, prompt: int) -> float:
+        return ref.prefill_ms(self.tables, float(prompt))
+
+    def finish_times(self, running: Iterable[Running]) -> list[float]:
+        """Each running request's predicted finish (ms from now), in the given order."""
+        rs = list(running)
+        order = sorted(range(len(rs)), key=lambda i: rs[i].tokens_left)
+        times, _ = ref.finish_times(self.tables, [float(rs[i].kv_len) for i in order],
+                                    [float(rs[i].tokens_left) for i in order])
+        out = [0.0] * len(rs)
+        for k, i in enumerate(order):
+            out[i] = times[k]
+        return out
+
+    def decide_sorted(self, kv: Any, left: Any, deadline: Any, now: float, prompt: int, max_new: int,
+                      budget: float, factor: float = 1.0, protect: bool = True, want_fit: bool = True) -> BatchDecision:
+        """The kernel call on a state already sorted by tokens left (float64 arrays)."""
+        if self._kernel is not None:
+            return self._kernel.decide(kv, left, deadline, now, float(prompt), int(max_new), budget, factor, protect,  # type: ignore[no-any-return]
+                                       want_fit)
+        return ref.decide(self.tables, kv, left, deadline, now, float(prompt), int(max_new), budget, factor, protect,
+                          want_fit)
+
+    def _state(self, running: Iterable[Running]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        kv, left, dl = ref.sort_running(*zip(*[(r.kv_len, r.tokens_left, r.deadline_ms) for r in running], strict=True)) \
+            if running else ([], [], [])
+        return (np.asarray(kv, dtype=np.float64), np.asarray(left, dtype=np.float64), np.asarray(dl, dtype=np.float64))
+
+    def admit(self, budget_ms: float, vision_tokens: int, text_tokens: int, max_new_tokens: int | None = None,
+              running: Sequence[Running] = (), alpha: float | None = None, policy: str = "protect") -> BatchDecision:
+        """Admit a newcomer into the running batch? Never raises for bad fields: a BAD_REQUEST decision."""
+        bad = _check(budget_ms, vision_tokens, text_tokens, max_new_tokens, running, policy)
+        if bad:
+            return BatchDecision(False, 0, math.nan, BAD_REQUEST, 0, bad)
+        kv, left, dl = self._state(running)
+        factor, _ = self.factor(alpha)
+        n = TOKEN_MAX if max_new_tokens is None else int(max_new_tokens)
+        return self.decide_sorted(kv, left, dl, 0.0, int(vision_tokens) + int(text_tokens), n, float(budget_ms),
+                                  factor, policy == "protect")
+
+    def max_new_tokens(self, budget_ms: float, vision_tokens: int, text_tokens: int, running: Sequence[Running] = (),
+                       alpha: float | None = None, policy: str = "protect") -> int:
+        return self.admit(budget_ms, vision_tokens, text_tokens, None, running, alpha, policy).max_new_tokens
+
+    def predict(self, vision_tokens: int, text_tokens: int, output_tokens: int,
+                running: Sequence[Running] = ()) -> dict[str, Any]:
+        """The newcomer's TTFT (its prefill) and total, and each running request's finish with and without it."""
+        rs = list(running)
+        prompt = int(vision_tokens) + int(text_tokens)
+        stall = self.prefill_ms(prompt)
+        without = self.finish_times(rs)
+        with_all = self.finish_times([*rs, Running(prompt, int(output_tokens) - 1)])
+        return {"ttft_ms": stall, "total_ms": stall + with_all[-1],
+                "running_finish_ms_without": without,
+                "running_finish_ms_with": [stall + t for t in with_all[:-1]],
+                "batch": len(rs) + 1}
+
+
+def _check(budget: Any, vision: Any, text: Any, max_new: Any, running: Any, policy: str) -> str:
+    if policy not in BATCH_POLICIES:
+        return f"bad field 'policy': expected one of {BATCH_POLICIES}"
+    if not isinstance(budget, int | float) or isinstance(budget, bool) or not math.isfinite(budget) or budget < 0:
+        return "bad field 'budget_ms': expected a finite number >= 0"
+    for name, v in (("vision_tokens", vision), ("text_tokens", text)):
+        if type(v) is not int or not 0 <= v <= TOKEN_MAX:
+            return f"bad field '{name}': expected an integer in [0, {TOKEN_MAX}]"
+    if vision + text == 0:
+        return "bad request: vision_tokens + text_tokens is 0 (empty prompt)"
+    if max_new is not None and (type(max_new) is not int or not 1 <= max_new <= TOKEN_MAX):
+        return f"bad field 'max_new_tokens': expected None or an integer in [1, {TOKEN_MAX}]"
+    for r in running:
+        if not isinstance(r, Running) or r.kv_len < 1 or r.tokens_left < 0 or math.isnan(r.deadline_ms):
+            return "bad field 'running': expected Running(kv_len >= 1, tokens_left >= 0, deadline_ms)"
+    return ""
+
+
+def batch_bucket(batch: int) -> int:
+    """Batch-size bucket: 1, 2, 3-4, 5-8, 9-16, ... (bit length of B - 1, plus one)."""
+    return (batch - 1).bit_length() if batch > 0 else 0
+
+
+class BatchAdmissionController:
+    """One engine's running batch, tracked through events, and the batch-aware decision on it.
+
+    Events: ``started(rid, prompt, max_new_tokens, budget_ms)`` when a request's prefill is done and it
+    joins the batch (its first token emitted), ``token(rid)`` per token emitted (or ``step()`` when every
+    running request emitted one: one decode step), ``finished(rid, actual_ms, predicted_ms)``. The state
+    (KV lengths, tokens left, absolute deadlines on the controller's clock, ms) is kept sorted by tokens
+    left (the order never changes with a step), with the batch's own finish times cached until the next
+    event, so a decision is one pass over the batch plus the segments the newcomer is part of.
+
+    Online correction per (config, batch-size bucket): each finished request's score actual / predicted
+    (durations from its decision; predicted = its latest predicted finish) goes into a pooled window of
+    ``residual_window`` scores and into its batch-size bucket's window (the batch it was admitted into:
+    1, 2, 3-4, 5-8, ...; ``window`` long). Once the pooled window holds enough scores for alpha, the factor
+    is their split-conformal quantile (before: the calibration's stored factor, or ``seed_scores`` from a
+    batched replay); a bucket with ``min_observations`` scores multiplies it by its median over the pooled
+    median. Everything clamped to ``clamp``. A controller serves one engine, so one config: the buckets are
+    that config's.
+
+    Thread safety: with the compiled module the state is a ``_batch.BatchState`` whose methods run under
+    the GIL without releasing it (each one atomic for Python threads) and ``decide`` IS its compiled
+    method (no Python frame, no lock); the correction windows are updated under a lock in ``finished``.
+    Without it (or TRT_LATENCY_PUREPYTHON=1) a lock guards a Python state and the reference decides."""
+
+    def __init__(self, estimator: BatchEstimator, alpha: float | None = 0.05, policy: str = "protect",
+                 max_batch: int = 64, window: int = 32, min_observations: int = 8,
+                 clamp: tuple[float, float] = (0.5, 4.0), clock: Any = None, residual_window: int = 300) -> None:
+        if policy not in BATCH_POLICIES:
+            raise ValueError(f"policy must be one of {BATCH_POLICIES}, got {policy!r}")
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.estimator = estimator
+        self.alpha = alpha
+        self.policy = policy
+        self.protect = policy == "protect"
+        self.max_batch = int(max_batch)
+        factor, self.factor_source = estimator.factor(alpha)
+        self._clock = clock or (lambda: time.perf_counter() * 1e3)
+        self._lock = threading.Lock()
+        self._admitted_batch: dict[Any, int] = {}
+        self._windows: dict[int, deque[float]] = {}
+        self._correction: dict[int, float] = {}
+        self._window = window
+        self._scores: deque[float] = deque(maxlen=max(1, residual_window))
+        self._min_obs = min_observations
+        self._clamp = clamp
+        self._state: Any = None
+        if estimator._kernel is not None:
+            self._state = _batch.BatchState(estimator._kernel, self.max_batch, self.protect, factor, self._clock)
+            self.decide = self._state.decide  # type: ignore[method-assign]  # the compiled body, no Python frame
+        else:
+            self._base = factor
+            self._ids: list[Any] = []
+            self._kv: list[float] = []
+            self._left: list[float] = []
+            self._dl: list[float] = []
+            self._prep: ref.Prepared | None = None
+            self._counts = [0, 0, 0]  # decisions, admits, rejects
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any], prefill_coeffs: Sequence[float],
+                     **kw: Any) -> BatchAdmissionController:
+        return cls(BatchEstimator(section, prefill_coeffs), **kw)
+
+    @property
+    def base_factor(self) -> float:
+        return float(self._state.base_factor) if self._state is not None else self._base
+
+    @base_factor.setter
+    def base_factor(self, value: float) -> None:
+        if self._state is not None:
+            self._state.base_factor = float(value)
+        else:
+            self._base = float(value)
+
+    # ----------------------------------------------------------------- events
+    def started(self, rid: Any, prompt: int, max_new_tokens: int, budget_ms: float, now: float | None = None) -> None:
+        """The request's prefill is done (first token out): it joins the batch with max_new_tokens - 1
+        steps left and its deadline ``budget_ms`` after ``now`` (its decision time; default: the clock)."""
+        t = self._clock() if now is None else now
+        with self._lock:
+            self._admitted_batch.setdefault(rid, self.running() + 1)
+            if self._state is not None:
+                self._state.started(rid, float(prompt), float(max_new_tokens - 1), t + float(budget_ms))
+                return
+            left = float(max_new_tokens - 1)
+            pos = bisect_right(self._left, left)
+            self._ids.insert(pos, rid)
+            self._kv.insert(pos, float(prompt))
+            self._left.insert(pos, left)
+            self._dl.insert(pos, t + float(budget_ms))
+            self._prep = None
+
+    def token(self, rid: Any) -> None:
+        """One token of ``rid`` emitted (one decode step it took)."""
+        if self._state is not None:
+            self._state.token(rid)
+            return
+        with self._lock:
+            if rid in self._ids:
+                i = self._ids.index(rid)
+                self._kv[i] += 1.0
+                self._left[i] -= 1.0
+                order = sorted(range(len(self._left)), key=lambda k: self._left[k])
+                for name in ("_ids", "_kv", "_left", "_dl"):
+                    old = getattr(self, name)
+                    setattr(self, name, [old[k] for k in order])
+                self._prep = None
+
+    def step(self) -> None:
+        """Every running request emitted one token (one batched decode step): the order is unchanged."""
+        if self._state is not None:
+            self._state.step()
+            return
+        with self._lock:
+            self._kv = [v + 1.0 for v in self._kv]
+            self._left = [v - 1.0 for v in self._left]
+            self._prep = None
+
+    def finished(self, rid: Any, actual_ms: float | None = None, predicted_ms: float | None = None) -> None:
+        """The request left the batch. With its actual duration and the predicted one (both ms from its
+        decision; predicted = its latest predicted finish, which later admissions may have moved) the
+        score actual / predicted feeds the online factor and the batch-bucket correction."""
+        with self._lock:
+            if self._state is not None:
+                self._state.finished(rid)
+            elif rid in self._ids:
+                i = self._ids.index(rid)
+                for name in ("_ids", "_kv", "_left", "_dl"):
+                    del getattr(self, name)[i]
+                self._prep = None
+            batch = self._admitted_batch.pop(rid, None)
+            if batch is None or actual_ms is None or not predicted_ms or not math.isfinite(actual_ms):
+                return
+            score = float(actual_ms) / float(predicted_ms)
+            if not math.isfinite(score) or score <= 0:
+                return
+            b = batch_bucket(batch)
+            w = self._windows.get(b)
+            if w is None:
+                w = self._windows[b] = deque(maxlen=self._window)
+            w.append(score)
+            self._scores.append(score)
+            self._refit()
+
+    def seed_scores(self, scores: Iterable[float]) -> None:
+        """Warm start the online factor with scores of a batched replay (actual / predicted, as in finished)."""
+        with self._lock:
+            self._scores.extend(float(v) for v in scores if math.isfinite(v) and v > 0)
+            self._refit()
+
+    def _refit(self) -> None:
+        """Under the lock: the online factor (split-conformal quantile of the recent scores, once there are
+        enough for alpha) and, per batch bucket with min_observations scores, its median relative to
+        the pooled median (the shape of the error over batch sizes), both clamped."""
+        from trt_latency.serving.conformal import conformal_factor, min_requests_for
+
+        lo, hi = self._clamp
+        if self.alpha is not None and len(self._scores) >= min_requests_for(self.alpha):
+            factor = min(max(conformal_factor(list(self._scores), self.alpha), lo), hi)
+            self.base_factor = factor
+            self.factor_source = f"online: conformal quantile of the last {len(self._scores)} scores"
+        if not self._scores:
+            return
+        pooled = float(np.median(self._scores))
+        for b, w in self._windows.items():
+            if len(w) >= self._min_obs:
+                rel = min(max(float(np.median(w)) / pooled, lo), hi)
+                self._correction[b] = rel
+                if self._state is not None:
+                    self._state.set_correction(b, rel)
+
+    # ----------------------------------------------------------------- decisions
+    def correction(self, batch: int) -> float:
+        return self._correction.get(batch_bucket(batch), 1.0)
+
+    def running(self) -> int:
+        return int(self._state.running) if self._state is not None else len(self._ids)
+
+    def decide(self, rid: Any, prompt: int, max_new_tokens: int, budget_ms: float, now: float | None = None,
+               want_fit: bool = False) -> BatchDecision:
+        """Admit request ``rid`` (prompt tokens, max_new_tokens, budget in ms from now) into the batch now?
+        A full batch (max_batch running) rejects. Never raises for bad fields. (With the compiled module
+        this method is replaced by ``BatchState.decide``, the same steps.)"""
+        if (type(prompt) is not int or type(max_new_tokens) is not int or not 1 <= prompt <= TOKEN_MAX
+                or not 1 <= max_new_tokens <= TOKEN_MAX or type(budget_ms) not in (float, int)
+                or not budget_ms >= 0):
+            with self._lock:
+                self._counts[0] += 1
+                self._counts[2] += 1
+            return BatchDecision(False, 0, math.nan, BAD_REQUEST, 0,
+                                 "bad request: prompt and max_new_tokens integers >= 1, budget_ms a number >= 0")
+        t = self._clock() if now is None else now
+        with self._lock:
+            m = len(self._ids)
+            self._counts[0] += 1
+            if m >= self.max_batch:
+                self._counts[2] += 1
+                return BatchDecision(False, 0, math.nan, ref.BST_NONE * 2, 0, "batch full (max_batch running)")
+            if self._prep is None:
+                self._prep = ref.prepare(self.estimator.tables, self._kv, self._left)
+            factor = self._base * self._correction.get(batch_bucket(m + 1), 1.0)
+            d = ref.decide_prepared(self.estimator.tables, self._left, self._dl, self._prep, t, float(prompt),
+                                    max_new_tokens, float(budget_ms), factor, self.protect, want_fit)
+            self._counts[1 if d.admit else 2] += 1
+        return d
+
+    def counters(self) -> dict[str, Any]:
+        if self._state is not None:
+            s = self._state
+            counts = (int(s.decisions), int(s.admits), int(s.rejects))
+        else:
+            counts = tuple(self._counts)  # type: ignore[assignment]
+        return {"decisions": counts[0], "admits": counts[1], "rejects": counts[2], "running": self.running(),
+                "factor": self.base_factor, "factor_source": self.factor_source,
+                "correction_by_batch_bucket": {f"<={1 << b}": v for b, v in sorted(self._correction.items())}}
