@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates every number the README quotes, on this machine, into runs/readme/ (about 10 minutes on 2 cores).
+# Regenerates every number the README quotes, on this machine, into runs/readme/ (about 15 minutes on 2 cores).
 #   bash benchmarks/readme_numbers.sh
 # Each step's full output is kept in runs/readme/*.txt / *.json; the README quotes them.
 set -euo pipefail
@@ -26,6 +26,9 @@ trt-latency compare "$out/default/requests.csv" -c "$out/default/calibration.yam
 python benchmarks/seed_like_trace.py --out "$out/seed_like.csv" --first-step-ms -20 --t0 38 --t1 0.008 > "$out/seed_like.txt"
 trt-latency compare "$out/seed_like.csv" --alpha 0.05 --plot "$out/seed_like_compare.png" >> "$out/seed_like.txt"
 
+step "the seed's bucket table: which cause explains it"
+trt-latency analyze --table benchmarks/seed_table.csv --plot "$out/seed_table.png" > "$out/seed_table.txt"
+
 step "admission cost: Cython vs reference vs a bare Python call"
 trt-latency bench -c "$out/default/calibration.yaml" > "$out/bench.txt"
 
@@ -36,4 +39,7 @@ step "serving loop: steady stream, then a +50% decode slowdown from request 300 
 trt-latency loadtest -c "$out/quick/calibration.yaml" --requests 1000 --alpha 0.05 --json > "$out/loadtest.json"
 trt-latency loadtest -c "$out/quick/calibration.yaml" --requests 1000 --alpha 0.05 --slowdown-at 300 --slowdown-factor 1.5 \
   --json > "$out/loadtest-slowdown.json"
+step "in-flight batching: the continuous-batching load test at overload, four policies, five runs"
+python benchmarks/batch_loadtest.py -c "$out/quick/calibration.yaml" --runs 5 --requests 300 --max-batch 8 \
+  --out "$out/batch_loadtest" > "$out/batch_loadtest.txt"
 step "done: $out"
