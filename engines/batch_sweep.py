@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from trt_latency.engines.config import BatchSweep, Plan
-from trt_latency.engines.sweep import _int_field, _progress, repair_trailing_line
+from trt_latency.engines.sweep import _int_field, _progress, interleaved_rounds, repair_trailing_line
 from trt_latency.errors import InputError, SamplesError
 from trt_latency.schema import SAMPLES_COLUMNS, ConfigKey
 
@@ -105,15 +105,8 @@ def plan_batch_rows(spec: BatchSweep, max_past_len: int, max_batch: int, seed: i
 
 def batch_order(rows: list[PlannedBatchRow], seed: int, key: ConfigKey) -> list[PlannedBatchRow]:
     """Rounds by rep; inside each round a seeded shuffle over shapes (every B and X mixed)."""
-    rng = np.random.default_rng([seed, key.tier_idx, key.top_k, key.num_active_blocks, 1])
-    by_rep: dict[int, list[PlannedBatchRow]] = {}
-    for row in sorted(rows, key=lambda r: r.key):
-        by_rep.setdefault(row.rep, []).append(row)
-    out: list[PlannedBatchRow] = []
-    for rep in sorted(by_rep):
-        group = by_rep[rep]
-        out.extend(group[i] for i in rng.permutation(len(group)))
-    return out
+    return interleaved_rounds(sorted(rows, key=lambda r: r.key), lambda r: r.rep,
+                              [seed, key.tier_idx, key.top_k, key.num_active_blocks, 1])
 
 
 def read_done_batch(path: Path, key: ConfigKey, backend: str | None = None) -> set[tuple[int, int, int, int]]:

@@ -109,11 +109,17 @@ def plan_rows(tier: TierSpec, sweep: SweepSpec, max_past_len: int | None = None,
 
 def measurement_order(rows: list[PlannedRow], seed: int, key: ConfigKey) -> list[PlannedRow]:
     """Rounds by rep; inside each round a seeded shuffle over shapes (decode and prefill mixed)."""
-    rng = np.random.default_rng([seed, key.tier_idx, key.top_k, key.num_active_blocks])
-    by_rep: dict[int, list[PlannedRow]] = {}
-    for row in sorted(rows):
-        by_rep.setdefault(row.rep, []).append(row)
-    ordered: list[PlannedRow] = []
+    return interleaved_rounds(sorted(rows), lambda r: r.rep, [seed, key.tier_idx, key.top_k, key.num_active_blocks])
+
+
+def interleaved_rounds(rows: list[Any], rep_of: Callable[[Any], int], seed: list[int]) -> list[Any]:
+    """``rows`` (in a fixed order) grouped into rounds by rep, each round in a fresh seeded shuffle: slow
+    drift of the machine hits every shape alike instead of masquerading as position dependence."""
+    rng = np.random.default_rng(seed)
+    by_rep: dict[int, list[Any]] = {}
+    for row in rows:
+        by_rep.setdefault(rep_of(row), []).append(row)
+    ordered: list[Any] = []
     for rep in sorted(by_rep):
         group = by_rep[rep]
         ordered.extend(group[i] for i in rng.permutation(len(group)))

@@ -35,7 +35,7 @@ def _curve(x: np.ndarray, y: np.ndarray, max_knots: int = 6) -> tuple[list[float
     Unlike the single-request fit (fit_decode keeps the fewest knots within one standard error of the
     best), the batched curves take the best CV score outright: their step where the KV read leaves the
     CPU cache is sharp, and the one-SE rule on a handful of noisy positions flattens it to one line."""
-    from trt_latency.estimator.fit import fit_monotone_pwl, greedy_knots, pwl_eval
+    from trt_latency.estimator.fit import fit_monotone_pwl, greedy_knots, loo_knot_errors
 
     n = x.size
     if n == 1:
@@ -43,14 +43,7 @@ def _curve(x: np.ndarray, y: np.ndarray, max_knots: int = 6) -> tuple[list[float
     if n <= 3:
         knots = x.astype(np.float64)
         return [float(v) for v in knots], [float(v) for v in fit_monotone_pwl(x, y, knots)], np.full(n, np.nan)
-    kmax = min(max_knots, n - 1)
-    errs = np.full((kmax + 1, n), np.nan)
-    for i in range(n):
-        keep = np.arange(n) != i
-        for knots in greedy_knots(x[keep], y[keep], kmax):
-            values = fit_monotone_pwl(x[keep], y[keep], knots)
-            errs[knots.shape[0], i] = pwl_eval(knots, values, x[i: i + 1])[0] / y[i] - 1.0
-    scores = {k: float(np.mean(errs[k] ** 2)) for k in range(2, kmax + 1) if np.isfinite(errs[k]).all()}
+    errs, scores = loo_knot_errors(x, y, min(max_knots, n - 1))
     best = min(scores, key=lambda k: scores[k])
     knots = greedy_knots(x, y, best)[-1]
     return [float(v) for v in knots], [float(v) for v in fit_monotone_pwl(x, y, knots)], errs[best]

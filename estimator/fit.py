@@ -158,6 +158,21 @@ class DecodeFit:
     cv_scores: dict[int, float]
 
 
+def loo_knot_errors(x: np.ndarray, y: np.ndarray, kmax: int) -> tuple[np.ndarray, dict[int, float]]:
+    """Leave-one-position-out CV of the monotone piecewise-linear fit for every knot count 2..kmax
+    (knot placement redone inside each fold): signed relative errors [knot count, held-out position]
+    and the mean squared error per knot count (counts whose every fold produced a prediction)."""
+    n = x.shape[0]
+    errs = np.full((kmax + 1, n), np.nan)
+    for i in range(n):
+        keep = np.arange(n) != i
+        for knots in greedy_knots(x[keep], y[keep], kmax):
+            values = fit_monotone_pwl(x[keep], y[keep], knots)
+            errs[knots.shape[0], i] = pwl_eval(knots, values, x[i : i + 1])[0] / y[i] - 1.0
+    scores = {k: float(np.mean(errs[k] ** 2)) for k in range(2, kmax + 1) if np.isfinite(errs[k]).all()}
+    return errs, scores
+
+
 def fit_decode(x: np.ndarray, y: np.ndarray, max_knots: int = MAX_KNOTS) -> DecodeFit:
     """Choose the knot count by leave-one-position-out CV (knot placement redone inside each fold),
     keep the fewest knots whose CV error is within one standard error of the best, refit on all."""
@@ -170,14 +185,7 @@ def fit_decode(x: np.ndarray, y: np.ndarray, max_knots: int = MAX_KNOTS) -> Deco
             values_loo = fit_monotone_pwl(x[[0, 2]], y[[0, 2]], x[[0, 2]].astype(np.float64))
             errs[1] = pwl_eval(x[[0, 2]].astype(np.float64), values_loo, x[1:2])[0] / y[1] - 1.0
         return DecodeFit(knots, values, errs, {})
-    kmax = min(max_knots, n - 1)
-    errs = np.full((kmax + 1, n), np.nan)
-    for i in range(n):
-        keep = np.arange(n) != i
-        for knots in greedy_knots(x[keep], y[keep], kmax):
-            values = fit_monotone_pwl(x[keep], y[keep], knots)
-            errs[knots.shape[0], i] = pwl_eval(knots, values, x[i : i + 1])[0] / y[i] - 1.0
-    scores = {k: float(np.mean(errs[k] ** 2)) for k in range(2, kmax + 1) if np.isfinite(errs[k]).all()}
+    errs, scores = loo_knot_errors(x, y, min(max_knots, n - 1))
     ses = {k: float(np.std(errs[k] ** 2) / math.sqrt(n)) for k in scores}
     best = min(scores, key=lambda kk: scores[kk])
     chosen = min(k for k in scores if scores[k] <= scores[best] + ses[best])

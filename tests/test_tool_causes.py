@@ -148,8 +148,18 @@ def test_table_from_a_real_replay(tmp_path: Path, capsys: pytest.CaptureFixture[
     no single known cause. Known causes are therefore put on top of the real requests, each large against
     that background, and the counting cause is the replay's own decode time divided by n instead of n - 1.
     """
+    # One fresh replay again if the first is spoiled by a burst of load from other processes (the timings
+    # are real, on a shared machine): the second must pass on its own.
+    try:
+        _check_real_replay(tmp_path / "first", capsys)
+    except AssertionError:
+        _check_real_replay(tmp_path / "second", capsys)
+
+
+def _check_real_replay(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from trt_latency.estimator.requests import read_requests
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     log_path = _replay(tmp_path)
     log = read_requests(log_path)
     n = log.output_tokens.astype(np.float64)

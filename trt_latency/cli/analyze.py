@@ -131,23 +131,7 @@ def run_table(args: argparse.Namespace) -> int:
         from trt_latency.plots import plot_causes
 
         _write_plot(plot_causes, report, args.plot)
-    batch = {f"t{c.tier_idx}.k{c.top_k}.b{c.num_active_blocks}": c.batch
-             for c in (cal.configs if cal is not None else []) if getattr(c, "batch", None) is not None}
-    if args.json:
-        out = report.to_dict()
-        if batch:  # in-flight batching: each config's step cost T(B, X) per batch size, with its held-out errors
-            out["batch"] = batch
-        print(json.dumps(out, indent=2))
-    else:
-        print(report.format_table(), end="")
-        if batch:
-            from trt_latency.estimator.batch_fit import format_batch_table
-
-            print()
-            print(format_batch_table(cal), end="")
-        if args.plot:
-            print(f"Plot: {args.plot}")
-    return 0
+    return _print(report, cal, args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -184,6 +168,11 @@ def run(args: argparse.Namespace) -> int:
 
         _write_plot(plot_analysis, report, args.plot)
         report.source["plot"] = os.fspath(args.plot)
+    return _print(report, cal, args)
+
+
+def _print(report: Any, cal: Any, args: argparse.Namespace) -> int:
+    """The report (table or JSON), plus each config's batched step-cost curves when the calibration has them."""
     batch = {f"t{c.tier_idx}.k{c.top_k}.b{c.num_active_blocks}": c.batch
              for c in (cal.configs if cal is not None else []) if getattr(c, "batch", None) is not None}
     if args.json:
