@@ -300,8 +300,9 @@ def test_compiled_gate_decides_as_the_reference_controller() -> None:
 
     from trt_latency.estimator import _reference
 
+    compiled = pytest.importorskip("trt_latency.ext._kernels", reason="Cython extension not built")
     cal = make_calibration({"alphas": [0.05, 0.5], "factors": [1.1, 1.0], "n": 100})
-    fast, slow = Estimator(cal), Estimator(cal, implementation=_reference)
+    fast, slow = Estimator(cal, implementation=compiled), Estimator(cal, implementation=_reference)
     ctls = [AdmissionController(e, alpha=0.05, min_budgets=10, probe_after=20) for e in (fast, slow)]
     rng = np.random.default_rng(3)
     for i in range(600):

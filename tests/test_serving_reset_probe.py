@@ -13,13 +13,16 @@ from trt_latency.estimator.model import Estimator
 from trt_latency.serving.admission import AdmissionController, Request
 
 gate_mod = pytest.importorskip("trt_latency.serving._gate", reason="Cython extension not built")
+# The compiled kernels by name (TRT_LATENCY_PUREPYTHON=1 makes the default the reference, which a Gate
+# cannot sit on: the gate has no Python twin by design, docs/decisions.md 5).
+compiled = pytest.importorskip("trt_latency.ext._kernels", reason="Cython extension not built")
 
 
 @pytest.mark.parametrize("online", [True, False])
 def test_gate_probes_once_every_probe_after_rejections(online: bool) -> None:
     """A factor of 10 rejects a budget of 2 x the raw total; after probe_after rejections in a row an
     online gate decides with factor 1 (the budget fits: admitted, counted as a probe, streak back to 0)."""
-    est = Estimator(make_calibration())
+    est = Estimator(make_calibration(), implementation=compiled)
     r = req(v=0, t=100, n=20)
     _, total = true_total(est, r)
     budget = 2.0 * total
@@ -49,7 +52,7 @@ def _drifted(est: Estimator) -> AdmissionController:
 
 @pytest.mark.parametrize("impl", ["cython", "reference"])
 def test_reset_forgets_everything(impl: str) -> None:
-    est = Estimator(make_calibration(), implementation=None if impl == "cython" else _reference)
+    est = Estimator(make_calibration(), implementation=compiled if impl == "cython" else _reference)
     _, total = true_total(est, req())
     tight = req(budget=2.0 * total)
     ctl = _drifted(est)
