@@ -166,10 +166,17 @@ def _oracle_flag(cal: Calibration, kernel: Any, r: dict[str, Any], d: Any) -> No
 @given(cal_and_requests())
 def test_admit_judged_cython_equals_reference(data: tuple[Calibration, list[dict[str, Any]]]) -> None:
     cal, reqs = data
+    _compare_decisions(cal, reqs, [(r["alpha"],) for r in reqs], "admit")
+
+
+def _compare_decisions(cal: Calibration, reqs: list[dict[str, Any]], extra: list[tuple[float, ...]],
+                       method: str) -> None:
+    """Cython == reference for ``method`` (admit / admit_scaled) over the requests, each decision's code
+    as its tag says, the judged ones' flags against their definition, and the judged share asserted."""
     kc, kr = kernels(cal)
     codes = []
-    for r in reqs:
-        dc, dr = kc.admit(*_args(r), r["alpha"]), kr.admit(*_args(r), r["alpha"])
+    for r, more in zip(reqs, extra, strict=True):
+        dc, dr = getattr(kc, method)(*_args(r), *more), getattr(kr, method)(*_args(r), *more)
         assert (dc.admit, dc.max_new_tokens, dc.code) == (dr.admit, dr.max_new_tokens, dr.code), r
         assert close(dc.predicted_ms, dr.predicted_ms), r
         _check_tag(r, dc.code)
@@ -184,17 +191,7 @@ def test_admit_judged_cython_equals_reference(data: tuple[Calibration, list[dict
 def test_admit_scaled_judged_cython_equals_reference(data: tuple[Calibration, list[dict[str, Any]]],
                                                      sc: list[tuple[float, float, float]]) -> None:
     cal, reqs = data
-    kc, kr = kernels(cal)
-    codes = []
-    for r, s in zip(reqs, sc, strict=True):
-        dc, dr = kc.admit_scaled(*_args(r), *s), kr.admit_scaled(*_args(r), *s)
-        assert (dc.admit, dc.max_new_tokens, dc.code) == (dr.admit, dr.max_new_tokens, dr.code), r
-        assert close(dc.predicted_ms, dr.predicted_ms), r
-        _check_tag(r, dc.code)
-        codes.append(dc.code)
-        if r["tag"] == JUDGED:
-            _oracle_flag(cal, kr, r, dr)
-    _share(codes)
+    _compare_decisions(cal, reqs, [tuple(s) for s in sc], "admit_scaled")
 
 
 @SETTINGS

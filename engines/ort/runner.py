@@ -323,7 +323,10 @@ class OrtRunner(Closing):
         return self._bind(past_len, new_tokens, past_set=0)
 
     def time_step(self, past_len: int, new_tokens: int, reps: int) -> np.ndarray:
-        binding = self.prepare(past_len, new_tokens)
+        return self._timed_runs(self.prepare(past_len, new_tokens), reps, past_len, new_tokens)
+
+    def _timed_runs(self, binding: Any, reps: int, past_len: int, new_tokens: int) -> np.ndarray:
+        """Float64 ms of ``reps`` runs of an already-bound step; the timed region is the engine call only."""
         run = self.session.run_with_iobinding
         out = np.empty(reps, dtype=np.float64)
         clock = time.perf_counter_ns
@@ -532,18 +535,7 @@ class OrtRunner(Closing):
     def time_batch_step(self, kv_lens: Any, reps: int) -> np.ndarray:
         """Float64 ms per repetition of ONE batched decode step, B = len(kv_lens) rows with those past
         lengths (ragged: padded to max(kv_lens), mask zero on the padding); timed region = the engine call."""
-        binding = self.prepare_batch(kv_lens)
-        run = self.session.run_with_iobinding
-        out = np.empty(reps, dtype=np.float64)
-        clock = time.perf_counter_ns
-        try:
-            for r in range(reps):
-                t0 = clock()
-                run(binding)
-                out[r] = (clock() - t0) * 1e-6
-        except Exception as exc:  # noqa: BLE001 - one line instead of ORT's traceback
-            raise self._run_error(exc, max(int(v) for v in kv_lens), 1) from None
-        return out
+        return self._timed_runs(self.prepare_batch(kv_lens), reps, max(int(v) for v in kv_lens), 1)
 
     def batch_step_logits(self, kv_lens: Any, tokens: np.ndarray, kv_rows: Any) -> np.ndarray:
         """Run one batched step on given contents and return the logits [B, vocab] (correctness checks).

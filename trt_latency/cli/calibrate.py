@@ -1,16 +1,6 @@
-"""`trt-latency calibrate`: export -> sweep -> fit -> calibration.yaml, decode.png, replay -> requests.csv
--> serving-loop terms (fitted on the even request_ids) -> conformal factors (from the odd ones).
-
-The work is trt_latency.pipeline.calibrate (a library function); this verb parses flags and prints.
-
-Every config is replayed with its own model and runner into the one requests.csv, config i under
-request_ids i * REPLAY_ID_STRIDE + (0 .. n-1); its loop terms and conformal factors come from its own
-rows. A config left without a replay (--no-replay, or too few requests) borrows the primary config's
-loop terms (source "borrowed:t<i>.k<k>.b<b>") and gets no conformal factors.
-
-Every step writes a file a user can keep; a rerun into the same --out continues where the last run
-stopped (existing models are reused when their metadata matches, the sweep and the replay skip rows
-already in samples.csv / requests.csv, the fit is redone from all rows).
+"""`trt-latency calibrate`: parses its flags into CalibrateOptions and calls trt_latency.pipeline.calibrate
+(export -> sweep -> fit -> replay -> serving-loop terms -> conformal factors; resumable: see its docstring),
+or trt_latency.cluster.calibrate_on_ray with --ray.
 """
 
 from __future__ import annotations

@@ -171,23 +171,38 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def _calibrated_model(args: argparse.Namespace) -> tuple[Path, Any, Path, Any]:
+    """(calibration path, calibration, the model it calibrated (or --onnx), the plan it ran)."""
+    from trt_latency.estimator.calibration import load_calibration
+    from trt_latency.serving import loadgen
+
+    cal_path = Path(args.calibration)
+    cal = load_calibration(cal_path)
+    return cal_path, cal, loadgen.find_model(cal_path, args.onnx), loadgen.plan_of(cal, args.plan)
+
+
+def _open_served(args: argparse.Namespace, cal: Any, model_path: Path, plan: Any, **extra: Any) -> Any:
+    """The runner that serves the load test, opened as the sweep measured it: same thread count, and the
+    KV bound the way it was calibrated unless --kv-mode says otherwise."""
+    from trt_latency.serving import loadgen
+
+    threads = args.threads if args.threads is not None else plan.runtime.intra_op_threads
+    options = model_options(args)
+    if options["kv_mode"] == "auto":
+        options["kv_mode"] = str(cal.provenance.get("kv_mode") or "auto")
+    return loadgen.open_model(model_path, args.backend, threads, **options, max_past_len=args.max_past_len,
+                              **extra)
+
+
 def loadtest(args: argparse.Namespace) -> dict[str, Any]:
-    from trt_latency.estimator.calibration import load_calibration, save_calibration
+    from trt_latency.estimator.calibration import save_calibration
     from trt_latency.estimator.model import Estimator
     from trt_latency.serving import conformal, loadgen
     from trt_latency.serving.admission import AdmissionController, Request
 
-    cal_path = Path(args.calibration)
-    cal = load_calibration(cal_path)
-    model_path = loadgen.find_model(cal_path, args.onnx)
-    plan = loadgen.plan_of(cal, args.plan)
-    # The thread count the sweep measured with: same engine, same speed.
-    threads = args.threads if args.threads is not None else plan.runtime.intra_op_threads
+    cal_path, cal, model_path, plan = _calibrated_model(args)
     _check_model_is_calibrated(model_path, cal_path, cal)
-    options = model_options(args)
-    if options["kv_mode"] == "auto":  # serve the model bound the way it was calibrated
-        options["kv_mode"] = str(cal.provenance.get("kv_mode") or "auto")
-    runner = loadgen.open_model(model_path, args.backend, threads, **options, max_past_len=args.max_past_len)
+    runner = _open_served(args, cal, model_path, plan)
     try:
         key = loadgen.served_key(model_path, cal)
         cfg = cal.config(*key)
@@ -276,26 +291,13 @@ def loadtest(args: argparse.Namespace) -> dict[str, Any]:
 
 def batch_loadtest(args: argparse.Namespace) -> dict[str, Any]:
     """The continuous-batching load test (serving/batchload.py) on the calibrated engine."""
-    import inspect
-
-    from trt_latency.engines.backends import open_runner
     from trt_latency.errors import BackendUnavailable
-    from trt_latency.estimator.calibration import load_calibration
     from trt_latency.estimator.model import Estimator
     from trt_latency.serving import batchload, loadgen
     from trt_latency.serving.batch_admission import BatchEstimator
 
-    cal_path = Path(args.calibration)
-    cal = load_calibration(cal_path)
-    model_path = loadgen.find_model(cal_path, args.onnx)
-    plan = loadgen.plan_of(cal, args.plan)
-    threads = args.threads if args.threads is not None else plan.runtime.intra_op_threads
-    options = model_options(args)
-    if options["kv_mode"] == "auto":
-        options["kv_mode"] = str(cal.provenance.get("kv_mode") or "auto")
-    if "max_batch" in inspect.signature(open_runner).parameters:
-        options["max_batch"] = args.max_batch
-    runner = loadgen.open_model(model_path, args.backend, threads, **options, max_past_len=args.max_past_len)
+    cal_path, cal, model_path, plan = _calibrated_model(args)
+    runner = _open_served(args, cal, model_path, plan, max_batch=args.max_batch)
     try:
         if not hasattr(runner, "time_batch_step"):
             raise BackendUnavailable(f"the {getattr(runner, 'backend', args.backend)} runner has no time_batch_step "
