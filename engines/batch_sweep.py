@@ -15,7 +15,6 @@ fsync'ed as measured; a rerun repairs a partial last line and measures only the 
 from __future__ import annotations
 
 import csv
-import io
 import os
 import time
 from dataclasses import dataclass
@@ -25,8 +24,15 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from trt_latency.engines.config import BatchSweep, Plan
-from trt_latency.engines.sweep import _int_field, _progress, interleaved_rounds, repair_trailing_line
-from trt_latency.errors import InputError, SamplesError
+from trt_latency.engines.sweep import (
+    SAMPLES_INDEX,
+    _int_field,
+    _progress,
+    check_backend,
+    interleaved_rounds,
+    resume_records,
+)
+from trt_latency.errors import InputError
 from trt_latency.schema import SAMPLES_COLUMNS, ConfigKey
 
 
@@ -111,30 +117,14 @@ def batch_order(rows: list[PlannedBatchRow], seed: int, key: ConfigKey) -> list[
 
 def read_done_batch(path: Path, key: ConfigKey, backend: str | None = None) -> set[tuple[int, int, int, int]]:
     """(batch, kv_max, kv_total, rep) of the batched rows already in samples.csv for ``key``."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return set()
-    repair_trailing_line(path)
-    text = path.read_text(encoding="utf-8")
-    reader = csv.reader(io.StringIO(text))
-    header = next(reader, [])
-    if tuple(h.strip() for h in header) != SAMPLES_COLUMNS:
-        raise SamplesError("cannot resume into a file with another header", path=str(path), row=0,
-                           expected=",".join(SAMPLES_COLUMNS), got=",".join(header))
-    idx = {c: i for i, c in enumerate(SAMPLES_COLUMNS)}
+    idx = SAMPLES_INDEX
     done: set[tuple[int, int, int, int]] = set()
-    for n, rec in enumerate(reader, start=1):
-        if not rec:
-            continue
-        if len(rec) != len(SAMPLES_COLUMNS):
-            raise SamplesError(path=str(path), row=n, expected=f"{len(SAMPLES_COLUMNS)} fields", got=len(rec))
+    for n, rec in resume_records(path):
         ints = {c: _int_field(rec[idx[c]], path, n, c)
                 for c in ("tier_idx", "top_k", "num_active_blocks", "batch", "rep", "kv_max", "kv_total")}
         if (ints["tier_idx"], ints["top_k"], ints["num_active_blocks"]) != tuple(key) or ints["batch"] < 2:
             continue
-        if backend is not None and rec[idx["backend"]] != backend:
-            raise SamplesError(f"rows of config {tuple(key)} were measured with backend {rec[idx['backend']]!r}; "
-                               "mixing backends in one file would corrupt the fit (use another output)",
-                               path=str(path), row=n, field="backend", expected=backend, got=rec[idx["backend"]])
+        check_backend(rec, key, backend, path, n)
         done.add((ints["batch"], ints["kv_max"], ints["kv_total"], ints["rep"]))
     return done
 

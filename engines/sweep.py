@@ -26,7 +26,7 @@ import csv
 import io
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -159,33 +159,48 @@ def _int_field(text: str, path: Path, row: int, column: str) -> int:
         raise SamplesError(path=str(path), row=row, field=column, expected="an integer", got=text) from None
 
 
-def read_rows(path: Path, key: ConfigKey, backend: str | None = None) -> dict[PlannedRow, float]:
-    """Rows already in samples.csv for ``key`` with their latency (after repairing a partial trailing line)."""
+SAMPLES_INDEX = {c: i for i, c in enumerate(SAMPLES_COLUMNS)}
+
+
+def resume_records(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(row number, fields) of every row samples.csv already holds, for a sweep that resumes into it: a
+    partial trailing line is repaired first, the header must be this version's, every row complete."""
     if not path.is_file() or path.stat().st_size == 0:
-        return {}
+        return
     repair_trailing_line(path)
-    text = path.read_text(encoding="utf-8")
-    if not text:
-        return {}
-    reader = csv.reader(io.StringIO(text))
-    header = next(reader, [])
+    reader = csv.reader(io.StringIO(path.read_text(encoding="utf-8")))
+    header = next(reader, None)
+    if header is None:
+        return
     if tuple(h.strip() for h in header) != SAMPLES_COLUMNS:
         raise SamplesError("cannot resume into a file with another header", path=str(path), row=0,
                            expected=",".join(SAMPLES_COLUMNS), got=",".join(header))
-    idx = {c: i for i, c in enumerate(SAMPLES_COLUMNS)}
-    done: dict[PlannedRow, float] = {}
     for n, rec in enumerate(reader, start=1):
         if not rec:
             continue
         if len(rec) != len(SAMPLES_COLUMNS):
             raise SamplesError(path=str(path), row=n, expected=f"{len(SAMPLES_COLUMNS)} fields", got=len(rec))
+        yield n, rec
+
+
+def check_backend(rec: list[str], key: ConfigKey, backend: str | None, path: Path, n: int) -> None:
+    """A resumed config's rows must come from the backend timing it now."""
+    got = rec[SAMPLES_INDEX["backend"]]
+    if backend is not None and got != backend:
+        raise SamplesError(f"rows of config {tuple(key)} were measured with backend {got!r}; "
+                           "mixing backends in one file would corrupt the fit (use another output)",
+                           path=str(path), row=n, field="backend", expected=backend, got=got)
+
+
+def read_rows(path: Path, key: ConfigKey, backend: str | None = None) -> dict[PlannedRow, float]:
+    """Rows already in samples.csv for ``key`` with their latency (after repairing a partial trailing line)."""
+    idx = SAMPLES_INDEX
+    done: dict[PlannedRow, float] = {}
+    for n, rec in resume_records(path):
         cfg = tuple(_int_field(rec[idx[c]], path, n, c) for c in ("tier_idx", "top_k", "num_active_blocks", "batch"))
         if cfg != (*key, BATCH):
             continue
-        if backend is not None and rec[idx["backend"]] != backend:
-            raise SamplesError(f"rows of config {tuple(key)} were measured with backend {rec[idx['backend']]!r}; "
-                               "mixing backends in one file would corrupt the fit (use another output)",
-                               path=str(path), row=n, field="backend", expected=backend, got=rec[idx["backend"]])
+        check_backend(rec, key, backend, path, n)
         phase = rec[idx["phase"]]
         if phase not in ("decode", "prefill"):
             raise SamplesError(path=str(path), row=n, field="phase", expected="decode or prefill", got=phase)
