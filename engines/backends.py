@@ -150,7 +150,7 @@ def open_runner(path: str | os.PathLike[str], backend: str = "auto", *, threads:
                 max_past_len: int | None = None, max_new_tokens: int | None = None, device_id: int = 0,
                 seed: int = 0, trt_options: dict[str, Any] | None = None, kv_mode: str = "auto",
                 io: dict[str, str] | str | None = None, dims: dict[str, int] | str | None = None,
-                max_batch: int | None = None) -> Runner:
+                max_batch: int | None = None, huge_pages: bool = True) -> Runner:
     """Open ``path`` (model.onnx, or a serialized TensorRT engine for backend 'tensorrt') as a Runner.
 
     ``backend``: a REGISTRY name, or "auto" (AUTO_ORDER: the first that really works here).
@@ -161,6 +161,7 @@ def open_runner(path: str | os.PathLike[str], backend: str = "auto", *, threads:
     ``kv_mode`` ("auto", "concat", "shared"), ``io`` (--io NAME=ROLE overrides) and ``dims`` (--dims)
     go to the model's DecoderSignature (engines/signature.py); the ONNX Runtime runners bind by it.
     ``max_batch``: rows the ONNX Runtime runner's batch buffers hold (time_batch_step); default its own.
+    ``huge_pages``: the CPU provider's memory on 2 MiB pages (engines/hugepages.py; the plan's runtime.huge_pages).
     Raises BackendUnavailable when the named backend does not work on this machine.
     """
     p = Path(path)
@@ -170,7 +171,8 @@ def open_runner(path: str | os.PathLike[str], backend: str = "auto", *, threads:
         raise InputError("file not found", path=str(p), expected="an ONNX model or TensorRT engine file")
     options: dict[str, Any] = dict(threads=threads, inter_threads=inter_threads, max_past_len=max_past_len,
                                    max_new_tokens=max_new_tokens, device_id=device_id, seed=seed,
-                                   trt_options=trt_options, kv_mode=kv_mode, io=io, dims=dims)
+                                   trt_options=trt_options, kv_mode=kv_mode, io=io, dims=dims,
+                                   huge_pages=huge_pages)
     if max_batch is not None:
         options["max_batch"] = max_batch
     if backend == "auto":

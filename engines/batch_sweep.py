@@ -14,7 +14,6 @@ fsync'ed as measured; a rerun repairs a partial last line and measures only the 
 
 from __future__ import annotations
 
-import csv
 import os
 import time
 from dataclasses import dataclass
@@ -25,15 +24,17 @@ import numpy as np
 
 from trt_latency.engines.config import BatchSweep, Plan
 from trt_latency.engines.sweep import (
+    MIN_ROUNDS,
     SAMPLES_INDEX,
     _int_field,
+    _open_writer,
     _progress,
     check_backend,
     interleaved_rounds,
     resume_records,
 )
 from trt_latency.errors import InputError
-from trt_latency.schema import SAMPLES_COLUMNS, ConfigKey
+from trt_latency.schema import ConfigKey
 
 
 class BatchShape(NamedTuple):
@@ -74,6 +75,7 @@ class BatchSweepResult:
     seconds: float
     sizes: tuple[int, ...]  # batch sizes timed here (> 1)
     shapes: int
+    out_of_time: bool = False  # the deadline cut the rounds short (a rerun into the folder adds the rest)
 
 
 def batch_shapes(spec: BatchSweep, max_past_len: int, max_batch: int, seed: int = 0) -> list[BatchShape]:
@@ -130,8 +132,11 @@ def read_done_batch(path: Path, key: ConfigKey, backend: str | None = None) -> s
 
 
 def run_batch_sweep(runner: Any, key: ConfigKey, plan: Plan, samples_path: str | os.PathLike[str],
-                    progress: bool = True) -> BatchSweepResult:
-    """Measure the batched rows of ``key`` missing from ``samples_path`` and append them as measured."""
+                    progress: bool = True, deadline: float | None = None) -> BatchSweepResult:
+    """Measure the batched rows of ``key`` missing from ``samples_path`` and append them as measured.
+
+    ``deadline`` (time.perf_counter): no new round starts after it once every shape has MIN_ROUNDS
+    (calibrate's --time-budget gives the batch axis its share; later rounds are then left for a rerun)."""
     spec = plan.batch
     if spec is None:
         raise InputError("the plan has no batch block", path=str(plan.source), field="batch",
@@ -146,32 +151,29 @@ def run_batch_sweep(runner: Any, key: ConfigKey, plan: Plan, samples_path: str |
     order = batch_order(todo, plan.sweep.seed, key)
     kv_mode = getattr(runner, "kv_mode", "concat")
     t_start = time.perf_counter()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not path.is_file() or path.stat().st_size == 0
     bar = _progress(len(order), f"batch sweep tier {key.tier_idx} top_k {key.top_k} blocks {key.num_active_blocks}",
                     progress and bool(order))
     written = 0
+    out_of_time = False
+    writer = _open_writer(path)  # rows durable in half-second groups, as the decode sweep's
     try:
-        with path.open("a", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh, lineterminator="\n")
-            if new_file:
-                writer.writerow(SAMPLES_COLUMNS)
-                fh.flush()
-            for row in order:
-                s = row.shape
-                # Warm-up and timed run in one bound call (the first run after a rebind pays extra).
-                ms = float(runner.time_batch_step(s.kv_lens, spec.warmup + 1)[-1])
-                writer.writerow([key.tier_idx, key.top_k, key.num_active_blocks, s.batch, "decode", s.kv_max, 1,
-                                 row.rep, f"{ms:.6f}", runner.backend, runner.device, kv_mode, s.kv_total, s.kv_max])
-                fh.flush()
-                os.fsync(fh.fileno())
-                written += 1
-                if bar is not None:
-                    bar.update(1)
+        for row in order:
+            if deadline is not None and row.rep >= MIN_ROUNDS and time.perf_counter() >= deadline:
+                out_of_time = True
+                break
+            s = row.shape
+            # Warm-up and timed run in one bound call (the first run after a rebind pays extra).
+            ms = float(runner.time_batch_step(s.kv_lens, spec.warmup + 1)[-1])
+            writer.row([key.tier_idx, key.top_k, key.num_active_blocks, s.batch, "decode", s.kv_max, 1,
+                        row.rep, f"{ms:.6f}", runner.backend, runner.device, kv_mode, s.kv_total, s.kv_max])
+            written += 1
+            if bar is not None:
+                bar.update(1)
     finally:
+        writer.close()
         if bar is not None:
             bar.close()
     sizes = tuple(sorted({r.shape.batch for r in planned}))
     return BatchSweepResult(path=path, key=key, rows_planned=len(planned), rows_written=written,
                             rows_skipped=len(planned) - len(todo), seconds=time.perf_counter() - t_start,
-                            sizes=sizes, shapes=len({r.shape for r in planned}))
+                            sizes=sizes, shapes=len({r.shape for r in planned}), out_of_time=out_of_time)

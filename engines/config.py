@@ -63,6 +63,7 @@ class TierSpec:
 class RuntimeSpec:
     intra_op_threads: int = 2
     inter_op_threads: int = 1
+    huge_pages: bool = True  # CPU provider: weights and buffers on 2 MiB pages (engines/hugepages.py)
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,11 @@ class _Ctx:
             raise self.fail(where, _range_text("an integer", lo, hi), _short(value))
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             raise self.fail(where, _range_text("an integer", lo, hi), value)
+        return value
+
+    def boolean(self, value: object, where: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(where, "true or false", _short(value))
         return value
 
     def int_list(self, value: object, where: str, lo: int | None = None, n: int | None = None) -> tuple[int, ...]:
@@ -438,10 +444,11 @@ def load_plan(path: str | os.PathLike[str] | None = None, quick: bool = False) -
     runtime = RuntimeSpec()
     if "runtime" in top:
         m = ctx.mapping(top["runtime"], "runtime")
-        ctx.keys(m, "runtime", ("intra_op_threads", "inter_op_threads"), ())
+        ctx.keys(m, "runtime", ("intra_op_threads", "inter_op_threads", "huge_pages"), ())
         runtime = RuntimeSpec(
             intra_op_threads=ctx.integer(m.get("intra_op_threads", 2), "runtime.intra_op_threads", lo=0),
             inter_op_threads=ctx.integer(m.get("inter_op_threads", 1), "runtime.inter_op_threads", lo=0),
+            huge_pages=ctx.boolean(m.get("huge_pages", True), "runtime.huge_pages"),
         )
 
     sw = ctx.mapping(top["sweep"], "sweep")

@@ -107,9 +107,34 @@ def plan_rows(tier: TierSpec, sweep: SweepSpec, max_past_len: int | None = None,
     return rows
 
 
-def measurement_order(rows: list[PlannedRow], seed: int, key: ConfigKey) -> list[PlannedRow]:
-    """Rounds by rep; inside each round a seeded shuffle over shapes (decode and prefill mixed)."""
-    return interleaved_rounds(sorted(rows), lambda r: r.rep, [seed, key.tier_idx, key.top_k, key.num_active_blocks])
+def measurement_order(rows: list[PlannedRow]) -> list[PlannedRow]:
+    """Rounds by rep; inside each round the serpentine visit order (``serpentine``)."""
+    by_rep: dict[int, list[PlannedRow]] = {}
+    for row in sorted(rows):
+        by_rep.setdefault(row.rep, []).append(row)
+    ordered: list[PlannedRow] = []
+    for rep in sorted(by_rep):
+        ordered.extend(serpentine(by_rep[rep], rep, lambda r: (r.phase, r.past_len, r.new_tokens)))
+    return ordered
+
+
+def serpentine(items: list[Any], round_no: int, shape_of: Callable[[Any], tuple[str, int, int]]) -> list[Any]:
+    """One round's visit order: decode positions ascending on even rounds and descending on odd ones, then
+    the prefill lengths the same way round (so a round ends where the next one starts).
+
+    Why not a shuffle: on a CPU a step's cost depends on what the previous visit left in the caches. After a
+    visit at KV 4096 (or a 1024-token prefill) a KV-1 step needs ~8 runs to come back to speed, so one
+    warm-up + one timed run in a shuffled round read small positions 1.6-2x their back-to-back time
+    (benchmarks/sweep_noise.py, huge pages on), while a serving engine's decode steps run back to back at adjacent
+    positions. Walking the grid visits each position right after a neighbour (1.0-1.2x), and reversing the
+    direction every round cancels a linear drift over each pair of rounds, which is what the shuffle was for.
+    """
+    decode = sorted((it for it in items if shape_of(it)[0] == "decode"), key=lambda it: shape_of(it)[1])
+    prefill = sorted((it for it in items if shape_of(it)[0] != "decode"), key=lambda it: shape_of(it)[2])
+    if round_no % 2:
+        decode.reverse()
+        prefill.reverse()
+    return decode + prefill
 
 
 def interleaved_rounds(rows: list[Any], rep_of: Callable[[Any], int], seed: list[int]) -> list[Any]:
@@ -380,7 +405,7 @@ def _run_fixed(runner: Runner, key: ConfigKey, plan: Plan, sink: RowSink, progre
     planned = plan_rows(tier, sweep, runner.max_past_len, max_new)
     done = set(sink.rows(key, runner.backend))
     todo = [r for r in planned if r not in done]
-    order = measurement_order(todo, sweep.seed, key)
+    order = measurement_order(todo)
     t_start = time.perf_counter()
     bar = _progress(len(order), f"sweep tier {key.tier_idx} top_k {key.top_k} blocks {key.num_active_blocks}",
                     progress and bool(order))
@@ -461,7 +486,6 @@ def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, sink: RowSink, pro
         st = sched.positions.get(shape)
         if st is not None and target < st.target:
             st.target, st.why = target, why
-    rng = np.random.default_rng([sweep.seed, key.tier_idx, key.top_k, key.num_active_blocks, len(done)])
     t_start = time.perf_counter()
     desc = f"sweep tier {key.tier_idx} top_k {key.top_k} blocks {key.num_active_blocks}"
     # No total: how many rows the precision needs is what the sweep finds out; the postfix says how far it is.
@@ -471,6 +495,7 @@ def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, sink: RowSink, pro
     written = 0
     out_of_time = False
     deadline: float | None = None
+    round_no = 0
     refit_pending = bool(done)
     refit_cost = 0.0
     last_refit = t_start
@@ -506,8 +531,7 @@ def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, sink: RowSink, pro
                 out_of_time = True
                 break
             round_start = written
-            for i in rng.permutation(len(active)):
-                st = active[int(i)]
+            for st in serpentine(active, round_no, lambda s: (s.phase, s.past_len, s.new_tokens)):
                 plan_warmup = sweep.decode.warmup if st.phase == "decode" else sweep.prefill.warmup
                 warmup = plan_warmup if st.warmup is None else st.warmup
                 runs = runner.time_step(st.past_len, st.new_tokens, warmup + 1)  # as measure_once, keep all
@@ -520,6 +544,7 @@ def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, sink: RowSink, pro
                 written += 1
                 if deadline is not None and not floor and time.perf_counter() >= deadline:
                     break
+            round_no += 1
             refit_pending = True  # rows reach the disk in half-second groups (the writer), not per round
             if bar is not None:
                 bar.update(written - round_start)

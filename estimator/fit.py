@@ -272,8 +272,12 @@ def fit_config(
     all_ratios = np.concatenate(ratios)
     rq = {q: float(np.quantile(all_ratios, q)) for q in QUANTILES}
     loo = np.abs(dfit.loo_rel[np.isfinite(dfit.loo_rel)])
-    se = median_rel_se(samples.past_len[dec], samples.latency_ms[dec])
-    se = se[np.isfinite(se)]
+    se_all = median_rel_se(samples.past_len[dec], samples.latency_ms[dec])  # per position, same order as x
+    # How many held-out misses the measurement's own noise explains (|miss| <= 2 SE of that position's
+    # median): when most are, more rounds (or a quieter machine) buy precision and more knots would not.
+    both = np.isfinite(dfit.loo_rel) & np.isfinite(se_all)
+    within = int(np.sum(np.abs(dfit.loo_rel[both]) <= 2.0 * se_all[both]))
+    se = se_all[np.isfinite(se_all)]
     fit_error: dict[str, Any] = {
         "loo_median_rel": float(np.median(loo)) if loo.size else None,
         "loo_max_rel": float(np.max(loo)) if loo.size else None,
@@ -285,6 +289,8 @@ def fit_config(
         # Measurement-noise floor of the LOPO figures (relative standard error of the per-position medians).
         "position_se_median_rel": float(np.median(se)) if se.size else None,
         "position_se_max_rel": float(np.max(se)) if se.size else None,
+        "loo_within_2se": within,  # of the positions with a held-out error and an SE
+        "loo_with_se": int(np.sum(both)),
     }
     cfg = ConfigCalibration(
         tier_idx=tier,

@@ -119,6 +119,24 @@ def test_batch_sweep_appends_and_resumes(model: Path, tmp_path: Path) -> None:
     assert max(Counter((r[3], r[5], r[12], r[7]) for r in rows).values()) == 1
 
 
+def test_deadline_keeps_min_rounds_and_a_rerun_adds_the_rest(model: Path, tmp_path: Path) -> None:
+    from trt_latency.engines.sweep import MIN_ROUNDS
+
+    plan = load_plan(write_batch_plan(tmp_path, reps=MIN_ROUNDS + 3))
+    samples = tmp_path / "samples.csv"
+    runner = _runner(model)
+    planned = plan_batch_rows(plan.batch, runner.max_past_len, runner.max_batch, plan.sweep.seed)  # type: ignore[attr-defined]
+    shapes = len({r.shape for r in planned})
+    res = run_batch_sweep(runner, KEY, plan, samples, progress=False, deadline=time.perf_counter())  # already due
+    rows = _batched(samples)
+    assert res.out_of_time and res.rows_written == len(rows) == MIN_ROUNDS * shapes  # coverage, not precision
+    assert {int(r[7]) for r in rows} == set(range(MIN_ROUNDS))
+    res = run_batch_sweep(runner, KEY, plan, samples, progress=False)  # no deadline: the rest of the rounds
+    rows = _batched(samples)
+    assert not res.out_of_time and res.rows_written == len(planned) - MIN_ROUNDS * shapes
+    assert len(rows) == len(planned) and max(Counter((r[3], r[5], r[12], r[7]) for r in rows).values()) == 1
+
+
 def test_sigkill_midway_then_rerun_gives_exactly_the_planned_rows(model: Path, tmp_path: Path) -> None:
     plan_path = write_batch_plan(tmp_path, reps=30)
     samples = tmp_path / "samples.csv"

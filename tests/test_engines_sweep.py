@@ -55,17 +55,24 @@ def test_decode_positions_grid() -> None:
     assert len(decode_positions(4096, 8, 6)) >= 12  # the --quick grid still gives >= 12 positions
 
 
-def test_order_is_interleaved_and_seeded(tmp_path: Path) -> None:
+def test_order_is_serpentine_rounds(tmp_path: Path) -> None:
     plan = load_plan(write_plan(tmp_path))
     rows = plan_rows(plan.tier(0), plan.sweep)
-    order = measurement_order(rows, 0, KEY)
-    assert sorted(order) == sorted(rows) and order == measurement_order(rows, 0, KEY)
-    assert order != measurement_order(rows, 1, KEY)
+    order = measurement_order(rows)
+    assert sorted(order) == sorted(rows)
     shapes = {(r.phase, r.past_len, r.new_tokens) for r in rows}
-    first_round = order[: len(shapes)]
-    assert {(r.phase, r.past_len, r.new_tokens) for r in first_round} == shapes  # every shape before any repeat
-    assert [r.past_len for r in first_round if r.phase == "decode"] != sorted(
-        r.past_len for r in first_round if r.phase == "decode")
+    n = len(shapes)
+    assert plan.sweep.decode.reps >= 2 and len(order) >= 2 * n
+    first, second = order[:n], order[n: 2 * n]
+    assert {(r.phase, r.past_len, r.new_tokens) for r in first} == shapes  # every shape before any repeat
+    assert {r.rep for r in first} == {0} and {r.rep for r in second} == {1}
+    dec1 = [r.past_len for r in first if r.phase == "decode"]
+    dec2 = [r.past_len for r in second if r.phase == "decode"]
+    assert dec1 == sorted(dec1) and dec2 == sorted(dec2, reverse=True)  # a neighbour before every visit
+    assert [r.phase for r in first] == sorted(r.phase for r in first)  # decode walk, then the prefill lengths
+    pre1 = [r.new_tokens for r in first if r.phase == "prefill"]
+    pre2 = [r.new_tokens for r in second if r.phase == "prefill"]
+    assert pre1 == sorted(pre1) and pre2 == sorted(pre2, reverse=True)
 
 
 @pytest.fixture(scope="module")

@@ -250,8 +250,11 @@ def fit_summary(cfg: Any) -> str:
         + ", ".join(f"{s:.3f}" for s in slopes) + ")",
     ]
     if isinstance(loo_med, int | float) and isinstance(loo_max, int | float):
+        within, total = err.get("loo_within_2se"), err.get("loo_with_se")
+        noise = (f"; {within} of {total} within 2 SE of their own median (the rest: model error or a shift "
+                 f"that more rounds would not remove)" if isinstance(within, int) and total else "")
         parts.append(f"       leave-one-position-out error: median {loo_med:.1%}, max {loo_max:.1%}"
-                     f" over {err.get('n_positions', '?')} positions")
+                     f" over {err.get('n_positions', '?')} positions{noise}")
     parts.append(f"       prefill(S) = {a:.4f} + {b:.3e}*S + {c:.3e}*S^2 ms")
     if cfg.kv_bytes_per_token:
         line = f"       KV cache: {cfg.kv_bytes_per_token} bytes per token"
@@ -314,8 +317,14 @@ def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) 
     if plan.batch is not None:
         # Batched steps first (a fixed grid): the adaptive decode sweeps below then share what the time
         # budget has left, so --time-budget caps the whole calibrate, batch sweep included.
-        for t in targets if plan.batch.all_configs else targets[:1]:
-            runner_info.update(_batch_sweep_one(t, plan, backend, samples_path, progress, options, say))
+        batch_targets = targets if plan.batch.all_configs else targets[:1]
+        for i, t in enumerate(batch_targets):
+            # Its share of the budget (BATCH_SHARE), split over the configs it covers: the rounds past
+            # MIN_ROUNDS are precision, not coverage, and the decode sweeps are what calibrate is for.
+            end = (None if budget is None else
+                   time.perf_counter() + max(started + BATCH_SHARE * budget - time.perf_counter(), 0.0)
+                   / (len(batch_targets) - i))
+            runner_info.update(_batch_sweep_one(t, plan, backend, samples_path, progress, options, say, end))
     for i, t in enumerate(targets):
         deadline = _deadline_fn(started, budget, len(targets) - i, replay_costs, n_replays, plan, t.tier, n_requests)
         info, sweeps[tuple(t.key)] = _sweep_one(t, plan, backend, samples_path, progress, options, say, refiner,
@@ -390,6 +399,8 @@ def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) 
     say(f"  backend      {runner_info.get('backend', backend)} on {runner_info.get('device', '?')}")
     say(f"  kv_mode      {runner_info.get('kv_mode', 'concat')}"
         + (f" (token input {runner_info['token_input']})" if runner_info.get("token_input") else ""))
+    if runner_info.get("memory"):
+        say(f"  memory       {runner_info['memory']}")
     for t in targets:
         say(f"  model        {t.path}")
     say(f"  samples      {samples_path} ({len(samples)} timed repetitions)")
@@ -422,7 +433,8 @@ def _open(target: Target, plan: Any, backend: str, options: dict[str, Any] | Non
 
     return open_runner(target.path, backend=backend, threads=plan.runtime.intra_op_threads,
                        inter_threads=plan.runtime.inter_op_threads, max_past_len=target.tier.max_past_len,
-                       max_new_tokens=target.tier.max_prefill_len, seed=plan.sweep.seed, **(options or {}))
+                       max_new_tokens=target.tier.max_prefill_len, seed=plan.sweep.seed,
+                       huge_pages=plan.runtime.huge_pages, **(options or {}))
 
 
 def _sweep_one(target: Target, plan: Any, backend: str, samples_path: Path, progress: bool,
@@ -445,12 +457,14 @@ def _sweep_one(target: Target, plan: Any, backend: str, samples_path: Path, prog
         say(describe(result.states, plan.sweep.adaptive))
         return {"backend": runner.backend, "device": runner.device, "summary": summary,
                 "kv_mode": getattr(runner, "kv_mode", "concat"),
+                "memory": getattr(runner, "memory", ""),
                 "token_input": getattr(runner, "token_input", "")}, result
 
 
 # ------------------------------------------------------------------------------------------ adaptive
 
 TAIL_SHARE = 0.3  # of --time-budget kept for fit + replay before any sweep has priced the replay
+BATCH_SHARE = 0.15  # of --time-budget the batch sweep may use (past its MIN_ROUNDS)
 FIT_RESERVE_S = 4.0  # fit, plot, loop terms and conformal factors (seconds, 2 cores)
 MIN_PASS_S = 1.0  # a second pass shorter than this is not worth reopening a runner
 REPLAY_OVERHEAD = 1.3  # a replayed request costs more than its engine steps (binding, argmax, embeds per step)
@@ -558,7 +572,8 @@ def _with_sweep_record(cal: Any, sweeps: dict[Any, Any], plan: Any) -> Any:
 
 
 def _batch_sweep_one(target: Target, plan: Any, backend: str, samples_path: Path, progress: bool,
-                     options: dict[str, Any] | None = None, say: Callable[[str], None] = print) -> dict[str, str]:
+                     options: dict[str, Any] | None = None, say: Callable[[str], None] = print,
+                     deadline: float | None = None) -> dict[str, str]:
     """The batch axis (plan.batch): batched decode steps per size into the same samples.csv; returns what
     the fit needs to know about the engine (batch_kv_read). A runner that cannot batch is reported, not fatal."""
     from trt_latency.engines.base import supports_batch
@@ -570,10 +585,12 @@ def _batch_sweep_one(target: Target, plan: Any, backend: str, samples_path: Path
         if not supports_batch(runner):
             say(f"  batch sweep {name}: skipped ({runner.backend} runner cannot batch this model)")
             return {}
-        result = run_batch_sweep(runner, target.key, plan, samples_path, progress=progress)
+        result = run_batch_sweep(runner, target.key, plan, samples_path, progress=progress, deadline=deadline)
         say(f"  batch sweep {name}: batch sizes {', '.join(str(b) for b in result.sizes)} (1 = the decode sweep), "
             f"{result.shapes} shapes, {result.rows_written} steps timed, {result.rows_skipped} already in "
-            f"{samples_path.name}, {_fmt_time(result.seconds)}; kv_read {runner.batch_kv_read}")
+            f"{samples_path.name}, {_fmt_time(result.seconds)}"
+            + (" (time budget share used up: fewer rounds than the plan's)" if result.out_of_time else "")
+            + f"; kv_read {runner.batch_kv_read}")
         return {"batch_kv_read": runner.batch_kv_read}
 
 
@@ -605,6 +622,7 @@ def _fit(samples_path: Path, plan: Any, targets: list[Target], runner_info: dict
         backend=runner_info.get("backend", ""),
         device=runner_info.get("device", ""),
         kv_mode=runner_info.get("kv_mode", "concat"),
+        memory=runner_info.get("memory", ""),
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         versions=_versions(),
         plan={"source": str(plan.source), "quick": bool(plan.quick),

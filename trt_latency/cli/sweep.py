@@ -54,7 +54,8 @@ def open_for(plan: Any, key: Any, args: argparse.Namespace, model_dir: Path) -> 
     # The runner caps both at what the model supports (its context length from its config).
     max_past = args.max_past_len if args.max_past_len is not None else tier.max_past_len
     return open_runner(path, backend, threads=threads, inter_threads=plan.runtime.inter_op_threads,
-                       max_past_len=max_past, max_new_tokens=tier.max_prefill_len, **model_options(args))
+                       max_past_len=max_past, max_new_tokens=tier.max_prefill_len,
+                       huge_pages=plan.runtime.huge_pages, **model_options(args))
 
 
 def plan_for_onnx(plan: Any, args: argparse.Namespace) -> Any:
