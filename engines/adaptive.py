@@ -30,6 +30,7 @@ from typing import Protocol
 import numpy as np
 
 from trt_latency.engines.config import AdaptiveSpec
+from trt_latency.stats import drift_adjusted
 
 Z95 = 1.959963984540054
 
@@ -79,6 +80,7 @@ class PositionState:
     target: float = math.inf  # tightest target asked for so far (the plan's precision until a refit)
     why: str = ""  # why the target is tighter than the plan's ("" = plan precision)
     stop: str = ""
+    se_drift: float | None = None  # SE of the median with the machine's drift divided out (set at finish)
     warmup: int | None = None  # None = the plan's; 0 once the first run proved as fast as a warmed one
     cold_log_ratio: list[float] = field(default_factory=list)  # log(first run / timed run), per visit
 
@@ -123,6 +125,8 @@ class Scheduler:
         self.spec = spec
         self.max_reps = max_reps
         self.positions: dict[tuple[str, int, int], PositionState] = {}
+        # Decode repetitions in measuring order (past_len, ms): the machine's drift is read off their sequence.
+        self.decode_log: list[tuple[int, float]] = []
         for phase, past_len, new_tokens in shapes:
             st = PositionState(phase, past_len, new_tokens)
             st.target = spec.target(phase)
@@ -135,6 +139,8 @@ class Scheduler:
             return
         st.values.append(value)
         st.next_rep = max(st.next_rep, rep + 1)
+        if st.phase == "decode":
+            self.decode_log.append((st.past_len, value))
 
     def needs_more(self, st: PositionState) -> bool:
         if st.n >= self.max_reps[st.phase]:
@@ -168,7 +174,14 @@ class Scheduler:
         return reentered
 
     def finish(self, out_of_time: bool) -> None:
-        """Stop reasons for every position."""
+        """Stop reasons for every position, and each decode position's SE once the drift is divided out."""
+        decode = [st for st in self.positions.values() if st.phase == "decode"]
+        if self.decode_log and decode:
+            keys = np.array([k for k, _ in self.decode_log])
+            adjusted, _ = drift_adjusted(keys, np.array([v for _, v in self.decode_log]), len(decode))
+            for st in decode:
+                mine = adjusted[keys == st.past_len]
+                st.se_drift = median_se_rel(mine) if mine.size >= 3 else None
         for st in self.positions.values():
             if st.n >= self.max_reps[st.phase]:
                 st.stop = STOP_MAX_REPS
@@ -253,6 +266,7 @@ def sweep_record(states: Iterable[PositionState], spec: AdaptiveSpec | None) -> 
         "positions": [s.past_len for s in dec],
         "position_reps": [s.n for s in dec],
         "position_se_rel": [_finite(s.se_rel()) for s in dec],  # order-statistic SE of the median / median
+        "position_se_rel_drift": [None if s.se_drift is None else _finite(s.se_drift) for s in dec],
         "position_target_rel": [_finite(s.target) for s in dec],
         "position_stop": [s.stop for s in dec],
         "prefill_lengths": [s.new_tokens for s in pre],
@@ -264,8 +278,24 @@ def sweep_record(states: Iterable[PositionState], spec: AdaptiveSpec | None) -> 
     }
 
 
-def describe(states: Iterable[PositionState], spec: AdaptiveSpec | None) -> str:
-    """One or two lines: what precision was reached where and why the sweep stopped."""
+def time_to_target(states: Iterable[PositionState], plan_warmup: int = 1) -> float:
+    """Seconds of further visits until every position reaches its target SE, from the 1/sqrt(n) law:
+    n_i (se_i / target_i)^2 visits in all, each costing (warm-up + timed) runs of its median. What the
+    deadline cut short is reported as time, the unit a user sets (--time-budget)."""
+    total = 0.0
+    for st in states:
+        se = st.se_rel() if st.se_drift is None else st.se_drift
+        if not (math.isfinite(se) and math.isfinite(st.target) and st.target > 0 and st.n):
+            return math.inf
+        runs = 1 + (plan_warmup if st.warmup is None else st.warmup)
+        total += max(st.n * (se / st.target) ** 2 - st.n, 0.0) * runs * st.median() * 1e-3
+    return total
+
+
+def describe(states: Iterable[PositionState], spec: AdaptiveSpec | None,
+             warmups: dict[str, int] | None = None) -> str:
+    """One or two lines: what precision was reached where and why the sweep stopped (and, where the
+    deadline stopped it, about how much more time the target needs; ``warmups``: the plan's per phase)."""
     sts = list(states)
     if not sts:
         return "    precision: nothing measured"
@@ -285,10 +315,17 @@ def describe(states: Iterable[PositionState], spec: AdaptiveSpec | None) -> str:
         cold = sum(1 for s in group if s.warmup == 0)
         target = f"target {spec.target(phase):.2%}, " if spec is not None and spec.enabled else ""
         med = f"{float(np.median(se[finite])):.2%}" if finite.any() else "n/a"
+        drift = np.array([s.se_drift for s in group if s.se_drift is not None and math.isfinite(s.se_drift)])
+        divided = (f"; {float(np.median(drift)):.2%} median, {float(drift.max()):.2%} max with the machine's drift "
+                   "divided out (what the fit uses)" if drift.size else "")
+        short = [s for s in group if s.stop == STOP_TIME]
+        more = time_to_target(short, (warmups or {}).get(phase, 1))
+        need = (f"; the target needs about {more:.0f} s more of this phase at this machine's noise "
+                f"(--time-budget)" if short and math.isfinite(more) else "")
         lines.append(f"    {phase} precision: {target}SE of the median {med} median, {worst.se_rel():.2%} max "
-                     f"(at {unit} {worst.x}); target reached at {reached} of {len(group)}; reps "
+                     f"(at {unit} {worst.x}){divided}; target reached at {reached} of {len(group)}; reps "
                      f"{min(s.n for s in group)}-{max(s.n for s in group)}; stops: "
                      + ", ".join(f"{k} {v}" for k, v in sorted(stops.items()))
                      + (f"; {refit} tightened by the fit" if refit else "")
-                     + (f"; warm-up dropped at {cold} (first run as fast)" if cold else ""))
+                     + (f"; warm-up dropped at {cold} (first run as fast)" if cold else "") + need)
     return "\n".join(lines)

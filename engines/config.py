@@ -107,6 +107,10 @@ class SweepSpec:
     seed: int = 0
     adaptive: AdaptiveSpec | None = None  # None: the fixed plan (every position gets decode.reps rounds)
 
+    def warmups(self) -> dict[str, int]:
+        """Untimed runs per visit, by phase."""
+        return {"decode": self.decode.warmup, "prefill": self.prefill.warmup}
+
 
 @dataclass(frozen=True)
 class ReplaySpec:

@@ -42,6 +42,7 @@ from trt_latency.estimator.calibration import (
 )
 from trt_latency.estimator.samples import Samples
 from trt_latency.schema import ConfigKey
+from trt_latency.stats import drift_adjusted
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
 MAX_KNOTS = 8
@@ -235,6 +236,21 @@ def _medians(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return uniq.astype(np.float64), med, counts
 
 
+def decode_rows(samples: Samples, key: ConfigKey) -> np.ndarray:
+    """Mask of one config's single-request decode rows (the rows T(L) is fitted on)."""
+    tier, top_k, blocks = key
+    sel = (samples.tier_idx == tier) & (samples.top_k == top_k) & (samples.num_active_blocks == blocks)
+    return sel & (samples.batch <= 1) & (samples.phase == "decode") & (samples.new_tokens == 1)
+
+
+def decode_latencies(samples: Samples, key: ConfigKey) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(past_len, drift-adjusted latency, drift level) of one config's decode rows, in measuring order."""
+    dec = decode_rows(samples, key)
+    past = samples.past_len[dec]
+    lat, level = drift_adjusted(past, samples.latency_ms[dec], int(np.unique(past).shape[0]))
+    return past, lat, level
+
+
 # ------------------------------------------------------------------------------- per config
 
 
@@ -245,13 +261,14 @@ def fit_config(
     tier, top_k, blocks = key
     sel = (samples.tier_idx == tier) & (samples.top_k == top_k) & (samples.num_active_blocks == blocks)
     sel &= samples.batch <= 1
-    dec = sel & (samples.phase == "decode") & (samples.new_tokens == 1)
+    dec = decode_rows(samples, key)
     pre = sel & (samples.phase == "prefill") & (samples.past_len == 0)
     where = f"config (tier_idx={tier}, top_k={top_k}, num_active_blocks={blocks})"
     if not dec.any():
         raise SamplesError(f"{where} has no decode rows", path=samples.source or None, field="phase",
                            expected="decode rows with new_tokens=1 at >= 2 past_len values")  # fmt: skip
-    x, y, _ = _medians(samples.past_len[dec], samples.latency_ms[dec])
+    dec_past, dec_lat, drift = decode_latencies(samples, key)  # the fit's medians: the machine's drift divided out
+    x, y, _ = _medians(dec_past, dec_lat)
     if x.shape[0] < 2:
         raise SamplesError(f"{where} has decode rows at one past_len only", path=samples.source or None,
                            field="past_len", expected="decode rows at >= 2 distinct past_len values")  # fmt: skip
@@ -272,7 +289,7 @@ def fit_config(
     all_ratios = np.concatenate(ratios)
     rq = {q: float(np.quantile(all_ratios, q)) for q in QUANTILES}
     loo = np.abs(dfit.loo_rel[np.isfinite(dfit.loo_rel)])
-    se_all = median_rel_se(samples.past_len[dec], samples.latency_ms[dec])  # per position, same order as x
+    se_all = median_rel_se(dec_past, dec_lat)  # per position, same order as x
     # How many held-out misses the measurement's own noise explains (|miss| <= 2 SE of that position's
     # median): when most are, more rounds (or a quieter machine) buy precision and more knots would not.
     both = np.isfinite(dfit.loo_rel) & np.isfinite(se_all)
@@ -290,6 +307,8 @@ def fit_config(
         "position_se_median_rel": float(np.median(se)) if se.size else None,
         "position_se_max_rel": float(np.max(se)) if se.size else None,
         "loo_within_2se": within,  # of the positions with a held-out error and an SE
+        # The machine's drift the medians were corrected for (robust sd of the per-repetition level).
+        "drift_sd_rel": float(np.expm1(1.4826 * np.median(np.abs(drift)))) if drift.size else 0.0,
         "loo_with_se": int(np.sum(both)),
     }
     cfg = ConfigCalibration(

@@ -21,7 +21,7 @@ FORBIDDEN = {
 # serving/ builds on estimator/; of engines/ only the load generator may import (it runs real engine
 # calls: open_runner, the model's metadata, the plan), and nothing else of serving/ may.
 SERVING_ENGINE_USERS = {"loadgen.py"}
-NEUTRAL = ("trt_latency/schema.py", "trt_latency/errors.py", "ext/layout.py")
+NEUTRAL = ("trt_latency/schema.py", "trt_latency/errors.py", "trt_latency/stats.py", "ext/layout.py")
 
 
 def _imports(path: Path) -> list[str]:

@@ -20,10 +20,14 @@ import pytest
 from trt_latency.engines.adaptive import (
     STOP_MAX_REPS,
     STOP_PRECISION,
+    STOP_TIME,
+    PositionState,
     Scheduler,
+    describe,
     median_se_rel,
     read_state,
     state_path,
+    time_to_target,
 )
 from trt_latency.engines.config import AdaptiveSpec, ConfigKey, load_plan
 from trt_latency.errors import ConfigError
@@ -300,3 +304,40 @@ def test_warmup_is_dropped_only_where_the_first_run_is_as_fast() -> None:
         same.note_warmup(np.array([t * (1 + 0.001 * rng.standard_normal()), t]), min_reps=10, tolerance=0.01)
         slow.note_warmup(np.array([1.5 * t, t]), min_reps=10, tolerance=0.01)
     assert same.warmup == 0 and slow.warmup is None
+
+
+def test_time_to_target_follows_the_square_root_law() -> None:
+    rng = np.random.default_rng(3)
+    st = PositionState("decode", 512, 1, values=list(2.0 * np.exp(rng.normal(0.0, 0.2, 100))), target=0.005)
+    se, med = st.se_rel(), st.median()
+    assert se > 0.01  # 20% per-visit noise over 100 visits: well short of 0.5%
+    want = 100 * ((se / 0.005) ** 2 - 1) * 2 * med * 1e-3  # visits still needed x (warm-up + timed) x median
+    assert time_to_target([st], plan_warmup=1) == pytest.approx(want)
+    assert time_to_target([st], plan_warmup=0) == pytest.approx(want / 2)
+    done = PositionState("decode", 1, 1, values=[1.0] * 50, target=0.005)  # SE 0: no more time
+    assert time_to_target([done]) == 0.0
+    assert time_to_target([PositionState("decode", 2, 1, values=[1.0], target=0.005)]) == math.inf  # no SE yet
+    st.stop = STOP_TIME
+    text = describe([st], AdaptiveSpec(precision=0.005), {"decode": 1, "prefill": 0})
+    assert f"the target needs about {want:.0f} s more" in text
+
+
+def test_finish_reports_the_se_with_the_drift_divided_out() -> None:
+    positions = [1, 4, 16, 64, 256, 512, 1024, 2048, 4096]
+    sched = Scheduler([("decode", p, 1) for p in positions], AdaptiveSpec(precision=0.005), {"decode": 400})
+    rng = np.random.default_rng(5)
+    level = 0.0
+    for r in range(80):  # serpentine rounds on a machine whose speed wanders (~25% over the sweep)
+        for p in positions if r % 2 == 0 else positions[::-1]:
+            level += rng.normal(0.0, 0.02)
+            sched.add(("decode", p, 1), r, (0.3 + 1e-3 * p) * math.exp(level + rng.normal(0.0, 0.05)))
+    assert [k for k, _ in sched.decode_log[: len(positions)]] == positions  # measuring order kept
+    sched.finish(out_of_time=True)
+    sts = list(sched.positions.values())
+    raw = np.array([st.se_rel() for st in sts])
+    drift = np.array([st.se_drift for st in sts], dtype=float)
+    assert np.isfinite(drift).all() and np.median(drift) < 0.7 * np.median(raw)
+    text = describe(sts, AdaptiveSpec(precision=0.005), {"decode": 1, "prefill": 0})
+    assert "with the machine's drift divided out" in text
+    # The time still needed is priced from the drift-free SE (the one the fit's medians have).
+    assert time_to_target(sts) < time_to_target([replace(st, se_drift=None) for st in sts])

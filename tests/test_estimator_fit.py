@@ -204,3 +204,43 @@ def test_trtexec_times_fit(tmp_path: Path) -> None:
     bad.write_text("{not json")
     with pytest.raises(SamplesError, match="malformed JSON"):
         trtexec_samples([bad])
+
+
+def _serpentine_rows(positions: np.ndarray, rounds: int) -> np.ndarray:
+    return np.concatenate([positions if r % 2 == 0 else positions[::-1] for r in range(rounds)])
+
+
+def test_drift_adjusted_removes_a_common_level_and_keeps_the_shape() -> None:
+    from trt_latency.stats import drift_adjusted
+
+    rng = np.random.default_rng(7)
+    pos = np.array([1, 2, 4, 10, 21, 44, 93, 199, 341, 424, 683, 903, 1024, 1365, 1707, 2048, 2731, 3413, 4096])
+    keys = _serpentine_rows(pos, 60)
+    truth = 0.4 + 0.8e-3 * keys  # the engine's T(L): the shape to keep
+
+    def shape_error(v: np.ndarray) -> float:
+        m = np.array([np.median(v[keys == p]) for p in pos]) / (0.4 + 0.8e-3 * pos)
+        return float(np.max(np.abs(m / np.median(m) - 1.0)))
+
+    # The machine wanders (a random walk in log speed, ~35% sd over the sweep) and each step has 8% noise of
+    # its own; ten seeded sweeps (deterministic). Worst position's shape error, mean over the sweeps:
+    raw, adjusted, raw_exact, adjusted_exact, seen = [], [], [], [], []
+    for seed in range(10):
+        walk = np.exp(np.cumsum(np.random.default_rng(seed).normal(0.0, 0.01, keys.shape[0])))
+        values = truth * walk * np.exp(rng.normal(0.0, 0.08, keys.shape[0]))
+        adj, level = drift_adjusted(keys, values, pos.shape[0])
+        raw.append(shape_error(values))
+        adjusted.append(shape_error(adj))
+        seen.append(float(np.std(level)))
+        raw_exact.append(shape_error(truth * walk))  # no step noise: what the drift alone did to the medians
+        adjusted_exact.append(shape_error(drift_adjusted(keys, truth * walk, pos.shape[0])[0]))
+    assert min(seen) > 0.05  # the drift was seen every time ...
+    assert np.mean(adjusted) < 0.85 * np.mean(raw)  # ... and taken out of the position medians
+    assert np.mean(adjusted_exact) < 0.7 * np.mean(raw_exact) and max(adjusted_exact) < 0.02
+    # No drift: nothing to take out (the correction stays within the noise of a running median).
+    calm = truth * np.exp(rng.normal(0.0, 0.08, keys.shape[0]))
+    adj, level = drift_adjusted(keys, calm, pos.shape[0])
+    assert float(np.std(level)) < 0.03 and shape_error(adj) < 0.04
+    # Too few repetitions for two windows: returned as they are.
+    few, level = drift_adjusted(keys[:30], calm[:30], pos.shape[0])
+    assert np.array_equal(few, calm[:30]) and not level.any()

@@ -211,16 +211,15 @@ def _versions() -> dict[str, str]:
 
 def position_table(samples: Any, cal: Any) -> str:
     """Per config: past_len, reps, measured median and p90, fitted value, relative error."""
+    from trt_latency.estimator.fit import decode_latencies, decode_rows
     from trt_latency.estimator.model import Estimator
 
     est = Estimator(cal)
     lines: list[str] = []
     for cfg in cal.configs:
-        m = ((samples.phase == "decode") & (samples.new_tokens == 1) & (samples.tier_idx == cfg.tier_idx)
-             & (samples.batch <= 1)
-             & (samples.top_k == cfg.top_k) & (samples.num_active_blocks == cfg.num_active_blocks))
-        past = samples.past_len[m]
-        lat = samples.latency_ms[m]
+        # The medians the fit used (the machine's drift divided out: estimator.fit.drift_adjusted); p90 raw.
+        past, lat, _ = decode_latencies(samples, cfg.key)
+        raw = samples.latency_ms[decode_rows(samples, cfg.key)]
         lines.append(f"config tier_idx={cfg.tier_idx} top_k={cfg.top_k} num_active_blocks={cfg.num_active_blocks}")
         lines.append(f"  {'past_len':>8}  {'reps':>4}  {'median ms':>10}  {'p90 ms':>9}  {'fitted ms':>10}  {'fit err':>8}")
         for p in np.unique(past):
@@ -228,7 +227,7 @@ def position_table(samples: Any, cal: Any) -> str:
             med = float(np.median(y))
             fitted = float(est.decode_step_ms(int(p), tier_idx=cfg.tier_idx, top_k=cfg.top_k,
                                               num_active_blocks=cfg.num_active_blocks, serving=False))
-            lines.append(f"  {int(p):>8}  {y.size:>4}  {med:>10.4f}  {float(np.quantile(y, 0.9)):>9.4f}  "
+            lines.append(f"  {int(p):>8}  {y.size:>4}  {med:>10.4f}  {float(np.quantile(raw[past == p], 0.9)):>9.4f}  "
                          f"{fitted:>10.4f}  {(fitted - med) / med:>+8.1%}")
         lines.append(fit_summary(cfg))
         lines.append("")
@@ -255,6 +254,10 @@ def fit_summary(cfg: Any) -> str:
                  f"that more rounds would not remove)" if isinstance(within, int) and total else "")
         parts.append(f"       leave-one-position-out error: median {loo_med:.1%}, max {loo_max:.1%}"
                      f" over {err.get('n_positions', '?')} positions{noise}")
+    drift = err.get("drift_sd_rel")
+    if isinstance(drift, int | float) and drift > 0:
+        parts.append(f"       machine drift divided out of the medians: {drift:.1%} robust sd over the sweep "
+                     "(the level all positions shared at the time)")
     parts.append(f"       prefill(S) = {a:.4f} + {b:.3e}*S + {c:.3e}*S^2 ms")
     if cfg.kv_bytes_per_token:
         line = f"       KV cache: {cfg.kv_bytes_per_token} bytes per token"
@@ -454,7 +457,7 @@ def _sweep_one(target: Target, plan: Any, backend: str, samples_path: Path, prog
                    f"lengths, {_fmt_time(result.seconds)} ({runner.backend} on {runner.device}, "
                    f"kv_mode {getattr(runner, 'kv_mode', 'concat')})")
         say(summary)
-        say(describe(result.states, plan.sweep.adaptive))
+        say(describe(result.states, plan.sweep.adaptive, plan.sweep.warmups()))
         return {"backend": runner.backend, "device": runner.device, "summary": summary,
                 "kv_mode": getattr(runner, "kv_mode", "concat"),
                 "memory": getattr(runner, "memory", ""),

@@ -106,5 +106,5 @@ def run(args: argparse.Namespace) -> int:
               f"{res.rows_skipped} already present, {len(res.positions)} decode positions "
               f"{res.positions[0]}..{res.positions[-1]}, prefill {list(res.prefill_lengths)}, {res.seconds:.1f} s "
               f"-> {out}")
-        print(describe(res.states, plan.sweep.adaptive))
+        print(describe(res.states, plan.sweep.adaptive, plan.sweep.warmups()))
     return 0
