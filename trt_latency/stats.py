@@ -23,7 +23,7 @@ def drift_adjusted(keys: np.ndarray, values: np.ndarray, window: int) -> tuple[n
     Why: on the shared 2-core VM that level wanders by 10-27% (robust sd) over seconds, far more than one
     step's own noise, and a position's median otherwise carries whatever the machine did while it was being
     visited. Over four default calibrates it cut the SE of the per-position medians by a third on average
-    and the leave-one-position-out median error in 13 of 16 configs (docs/decisions.md, 10). A blocked design
+    and the leave-one-position-out median error in 14 of 16 configs (docs/decisions.md, 10). A blocked design
     corrected for its blocks; it cannot create structure: a step's position effect is untouched, only the
     common level of its time is removed. Too few repetitions (< 2 windows): returned as they are.
     """
