@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from trt_latency.estimator.batch_model import batch_step_ms, section_from_decode
+from trt_latency.stats import drift_adjusted
 
 
 def _medians(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +83,9 @@ def fit_batch_section(samples: Any, cfg: Any, kv_read: str | None = None) -> dic
     b = samples.batch[m].astype(np.int64)
     kv_max = np.asarray(samples.kv_max)[m].astype(np.float64)
     kv_total = np.asarray(samples.kv_total)[m].astype(np.float64)
-    lat = samples.latency_ms[m]
+    # Medians with the machine's drift divided out, as the single-request fit's (every shape once a round).
+    shape_id = np.unique(np.stack([b, kv_max, kv_total], axis=1), axis=0, return_inverse=True)[1].reshape(-1)
+    lat, _ = drift_adjusted(shape_id, samples.latency_ms[m], int(shape_id.max()) + 1)
     x = b * kv_max if read == "padded" else kv_total
     uniform = kv_total == b * kv_max
     base = section_from_decode(cfg.decode_knots, cfg.decode_values_ms)
