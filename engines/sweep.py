@@ -429,7 +429,8 @@ def _run_fixed(runner: Runner, key: ConfigKey, plan: Plan, sink: RowSink, progre
                 out_of_time = True
                 break
             if row.rep != last_rep:  # a new round
-                rewarm(runner, row.past_len, row.new_tokens)
+                if row.phase == "decode":
+                    rewarm(runner, row.past_len, row.new_tokens)
                 last_rep = row.rep
             warmup = sweep.decode.warmup if row.phase == "decode" else sweep.prefill.warmup
             ms = measure_once(runner, row.past_len, row.new_tokens, warmup)
@@ -547,7 +548,8 @@ def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, sink: RowSink, pro
                 break
             round_start = written
             order = serpentine(active, round_no, lambda s: (s.phase, s.past_len, s.new_tokens))
-            rewarm(runner, order[0].past_len, order[0].new_tokens)
+            if order[0].phase == "decode":  # a prefill-only round (decode all done) runs cold, as prefill does
+                rewarm(runner, order[0].past_len, order[0].new_tokens)
             for st in order:
                 plan_warmup = sweep.decode.warmup if st.phase == "decode" else sweep.prefill.warmup
                 warmup = plan_warmup if st.warmup is None else st.warmup
