@@ -123,8 +123,11 @@ def test_ray_matches_the_sequential_run(local_ray: Any, tmp_path: Path) -> None:
                       np.array(cb.fit_error["position_se_rel"], dtype=float))
         ya = np.array([ea.decode_step_ms(p, *ca.key, serving=False) for p in pos])
         yb = np.array([eb.decode_step_ms(p, *ca.key, serving=False) for p in pos])
+        # The level is bounded loosely: besides the shared cores, the actors are fresh processes and this
+        # one is pytest's, and a tiny model's step depends on its page backing by up to 2x between processes
+        # (docs/decisions.md, 10); what must agree is the shape.
         level = float(np.median(yb / ya))
-        assert 0.6 <= level <= 1.7, (ca.key, level)
+        assert 0.33 <= level <= 3.0, (ca.key, level)
         z = np.abs(yb / level - ya) / ya / se
         assert float(np.median(z)) <= 3.0, (ca.key, level, z)
 
