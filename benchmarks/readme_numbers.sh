@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates every number the README quotes, on this machine, into runs/readme/ (about 15 minutes on 2 cores).
+# Regenerates every number the README quotes, on this machine, into runs/readme/ (about 25 minutes on 2 cores).
 #   bash benchmarks/readme_numbers.sh
 # Each step's full output is kept in runs/readme/*.txt / *.json; the README quotes them.
 set -euo pipefail
@@ -42,4 +42,9 @@ trt-latency loadtest -c "$out/quick/calibration.yaml" --requests 1000 --alpha 0.
 step "in-flight batching: the continuous-batching load test at overload, four policies, five runs"
 python benchmarks/batch_loadtest.py -c "$out/quick/calibration.yaml" --runs 5 --requests 300 --max-batch 8 \
   --out "$out/batch_loadtest" > "$out/batch_loadtest.txt"
+step "calibrate to a precision: five default calibrates (wall, LOPO), then adaptive vs fixed at equal time"
+python benchmarks/adaptive_vs_fixed.py --runs 5 --skip-side-by-side > "$out/adaptive_runs.txt" 2>&1
+python benchmarks/adaptive_vs_fixed.py --skip-calibrate --budget 10 > "$out/adaptive_vs_fixed.txt" 2>&1
+step "where a CPU sweep's noise and bias come from: page backing, visit order"
+python benchmarks/sweep_noise.py --rounds 80 --out "$out/sweep_noise" > "$out/sweep_noise.txt" 2>&1
 step "done: $out"
