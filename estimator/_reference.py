@@ -66,6 +66,8 @@ from trt_latency.ext.layout import (
     VIS_C,
     VIS_HI,
     VIS_LO,
+    VIS_NAT_MS,
+    VIS_NAT_V,
     as_candidates,
     as_int,
     as_real,
@@ -171,7 +173,10 @@ class Kernel:
         if vision <= 0.0:
             return 0.0
         row = self.cfg[c]
-        x = row[VIS_A] + vision * (row[VIS_B] + row[VIS_C] * vision)
+        if row[VIS_NAT_V] > 0.0 and vision == row[VIS_NAT_V]:
+            x = row[VIS_NAT_MS]  # the native grid: measured, not fitted
+        else:
+            x = row[VIS_A] + vision * (row[VIS_B] + row[VIS_C] * vision)
         e = row[EMB_A] + row[EMB_B] * prompt
         return (x if x > 0.0 else 0.0) + (e if e > 0.0 else 0.0)
 

@@ -121,15 +121,18 @@ def _factorised_rows(cal: Calibration) -> list[tuple[ConfigCalibration, bool]]:
 
 
 def vision_columns(vision: Any) -> list[float]:
-    """VIS_A .. EMB_B of the tables from a calibration's vision section (one image per request, the fit
-    over patches rewritten over vision tokens v = patches * tokens_per_patch); zeros without one."""
+    """VIS_A .. VIS_NAT_MS of the tables from a calibration's vision section (one image per request, the fit
+    over patches rewritten over vision tokens v = patches * tokens_per_patch; the native grid's measured
+    one-image ms at its token count); zeros without one."""
     if vision is None:
-        return [0.0] * 7
+        return [0.0] * 9
     a, b, c = vision.fits[1]
     k = 1.0 / vision.tokens_per_patch  # patches per vision token
     lo, hi = (x * vision.tokens_per_patch for x in vision.patch_range)
     ea, eb = vision.embedding if vision.embedding is not None else (0.0, 0.0)
-    return [a, b * k, c * k * k, lo, hi, ea, eb]
+    nat_ms = vision.native_ms.get(1)
+    nat_v = vision.native_patches * vision.tokens_per_patch if nat_ms is not None and vision.native_patches > 0 else 0.0
+    return [a, b * k, c * k * k, lo, hi, ea, eb, nat_v, nat_ms if nat_v > 0 else 0.0]
 
 
 def build_tables(cal: Calibration, serving: bool = True) -> tuple[dict[str, np.ndarray], list[ConfigKey], list[bool]]:
@@ -158,7 +161,7 @@ def build_tables(cal: Calibration, serving: bool = True) -> tuple[dict[str, np.n
         row[layout.PAST_LO], row[layout.PAST_HI] = c.valid_past_len
         row[layout.PRE_LO], row[layout.PRE_HI] = c.valid_prefill_len
         row[layout.FACTORISED] = 1.0 if fact else 0.0
-        row[layout.VIS_A:layout.EMB_B + 1] = vis  # the one encoder of the deployment, every config
+        row[layout.VIS_A:layout.VIS_NAT_MS + 1] = vis  # the one encoder of the deployment, every config
         row[layout.PIECE_OFF], row[layout.PIECE_CNT] = n_pieces, p.shape[0]
         n_pieces += p.shape[0]
         row[layout.CONF_OFF] = len(conf)

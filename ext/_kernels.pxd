@@ -6,7 +6,7 @@
 # trt_latency.estimator._reference.
 #
 # Semantics: C(m) = sum_{L=0}^{m-1} T(L) in closed form per piece; prefill(P) = max(a + b P + c P^2, 0) + o_p
-# (+ vision(v) = max(A + B v + C v^2, 0) + max(E_a + E_b P, 0) for a request with v > 0 vision tokens: the
+# (+ vision(v) = max(A + B v + C v^2, 0) [N_ms at v = N_v, the native grid] + max(E_a + E_b P, 0) for a request with v > 0 vision tokens: the
 # VLM encoder and embedding step; in the decisions, not in the tool functions c_prefill / c_total / c_nfit);
 # total(n) = (ps * prefill(P) + ds * [n >= 2] ((C(P+n-1) - C(P)) + c)) * f for n >= 1; nfit = the largest
 # n with total(n) <= budget: bisect over pieces, a quadratic solve inside the piece, then a fix-up
@@ -102,7 +102,10 @@ cdef inline double c_vision(const Tables* t, Py_ssize_t c, double vision, double
     cdef double x, e
     if vision <= 0.0:
         return 0.0
-    x = row[VIS_A] + vision * (row[VIS_B] + row[VIS_C] * vision)
+    if row[VIS_NAT_V] > 0.0 and vision == row[VIS_NAT_V]:
+        x = row[VIS_NAT_MS]  # the native grid: measured, not fitted
+    else:
+        x = row[VIS_A] + vision * (row[VIS_B] + row[VIS_C] * vision)
     e = row[EMB_A] + row[EMB_B] * prompt
     return (x if x > 0.0 else 0.0) + (e if e > 0.0 else 0.0)
 

@@ -11,7 +11,7 @@ Tables (built by estimator.model.build_tables):
 - ``cfg``     float64 [n_cfg, NCOL]: prefill a, b, c; valid past_len lo, hi; valid prefill lo, hi;
   factorised flag; offsets/counts into ``pieces``, ``conf`` and ``rq``; serving-loop first-step
   transient c (LOOP_FIRST) and prefill overhead o_p (LOOP_PRE), both ms >= 0 (0 = none); the vision
-  encoder and embedding step of a VLM chain (VIS_A .. EMB_B, zeros = none).
+  encoder and embedding step of a VLM chain (VIS_A .. VIS_NAT_MS, zeros = none).
 - ``pieces``  float64 [n, PCOL]: per piece of T(L) over integer L: start B (integer valued), T(B) = v,
   slope beta, cum = sum_{L=0}^{B-1} T(L). Piece 0 starts at 0 (constant T = first knot value below the
   first knot); the last piece continues the last segment's slope (extrapolation above the last knot).
@@ -33,9 +33,10 @@ LOOP_PRE = 15  # serving loop: prefill-side overhead o_p (ms)
 # VLM chain (the calibration's vision section, one image per request; zeros = no vision model): the
 # encoder's ms over a request's vision tokens v, A + B v + C v^2 (clipped at 0), the range of v it was
 # swept over (VIS_HI 0 = no range: never extrapolated), the embedding step's ms EMB_A + EMB_B * P.
-# Both are added to the prefill of requests with v > 0.
-VIS_A, VIS_B, VIS_C, VIS_LO, VIS_HI, EMB_A, EMB_B = 16, 17, 18, 19, 20, 21, 22
-NCOL = 23
+# Both are added to the prefill of requests with v > 0. At v = VIS_NAT_V (> 0; the encoder's native grid,
+# where a ViT skips its position-embedding interpolation) the encoder's ms is the measured VIS_NAT_MS.
+VIS_A, VIS_B, VIS_C, VIS_LO, VIS_HI, EMB_A, EMB_B, VIS_NAT_V, VIS_NAT_MS = 16, 17, 18, 19, 20, 21, 22, 23, 24
+NCOL = 25
 # pieces columns
 P_START, P_VALUE, P_SLOPE, P_CUM = 0, 1, 2, 3
 PCOL = 4
@@ -142,7 +143,7 @@ def as_candidates(o: Any) -> tuple[Any, ...] | list[Any]:
 
 _ENUM_NAMES = ("PRE_A", "PRE_B", "PRE_C", "PAST_LO", "PAST_HI", "PRE_LO", "PRE_HI", "FACTORISED", "PIECE_OFF",
                "PIECE_CNT", "CONF_OFF", "CONF_CNT", "RQ_OFF", "RQ_CNT", "LOOP_FIRST", "LOOP_PRE", "VIS_A", "VIS_B",
-               "VIS_C", "VIS_LO", "VIS_HI", "EMB_A", "EMB_B", "NCOL",
+               "VIS_C", "VIS_LO", "VIS_HI", "EMB_A", "EMB_B", "VIS_NAT_V", "VIS_NAT_MS", "NCOL",
                "P_START", "P_VALUE", "P_SLOPE", "P_CUM", "PCOL", "TOKEN_MAX", "F_NONE", "F_CONFORMAL",
                "F_RESIDUAL", "F_CLIPPED", "CODE_BAD", "CODE_EMPTY_PROMPT", "CODE_UNKNOWN_CONFIG",
                "CODE_BAD_SCALE", "CODE_NO_CANDIDATE", "EXTRAPOLATED_BIT")  # fmt: skip

@@ -371,7 +371,7 @@ def test_choose_never_raises_on_bad_candidates(make: Any) -> None:
 
 @st.composite
 def vlm_calibrations(draw: st.DrawFn) -> Calibration:
-    """calibrations() with a vision section (VIS_* / EMB_* columns filled)."""
+    """calibrations() with a vision section (VIS_* / EMB_* columns filled; sometimes a native grid)."""
     import dataclasses
 
     from trt_latency.estimator.vision import VisionCalibration
@@ -384,7 +384,10 @@ def vlm_calibrations(draw: st.DrawFn) -> Calibration:
               2: [0.5, 0.02, 2e-5]},
         patch_range=[float(lo), float(lo + draw(st.integers(0, 3000)))],
         embedding=draw(st.one_of(st.none(), st.tuples(st.floats(-0.1, 0.5), st.floats(0.0, 1e-3)).map(list))),
+        native_patches=draw(st.sampled_from([0.0, 196.0, 256.0])),
     )
+    if vision.native_patches:
+        vision.native_ms = {1: draw(st.floats(0.0, 5.0)), 2: 1.0}
     return dataclasses.replace(cal, vision=vision)
 
 
@@ -395,6 +398,12 @@ def test_vision_term_cython_equals_reference_and_is_the_documented_sum(cal: Cali
     and admit's prediction = the engine prediction + vision(v) (+ embedding) exactly as the tables say."""
     kc, kr = kernels(cal)
     est = Estimator(cal, implementation=_reference)
+    assert cal.vision is not None
+    native_tokens = int(cal.vision.native_patches * cal.vision.tokens_per_patch)
+    if native_tokens:  # requests at the native grid: the measured ms, not the quadratic
+        reqs = reqs + [{**r, "vision": native_tokens} for r in reqs[:3]]
+        assert kr.vision(0, float(native_tokens), 0.0) == cal.vision.native_ms[1] + max(
+            cal.vision.embedding_ms(0.0), 0.0)
     for r in reqs:
         args = (r["budget"], r["vision"], r["text"], r["req"], r["tier"], r["top_k"], r["blocks"], r["alpha"])
         dc, dr = kc.admit(*args), kr.admit(*args)
