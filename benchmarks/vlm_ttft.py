@@ -8,8 +8,8 @@ are run through the real chain (after one warm-up round: at least --reps rounds,
 whose median is still imprecise, up to --max-reps) and compared with Estimator.predict(...).prefill_ms
 (TTFT = encoder + embedding + decoder prefill + the loop's prefill overhead o_p). 2 images go to the
 encoder in one call (`together`) and in two calls (`separate`): the calibration's two fits predict each.
-The vision fit's leave-one-size-out error is printed for the adaptive sweep beside its first 15 rounds
-(a fixed-count sweep) and beside ordinary least squares on ms, on the same samples.
+The vision fit's leave-one-size-out error is printed for the whole sweep beside each size's first 15
+visits (about a fixed-count sweep) and beside ordinary least squares on ms, on the same samples.
 
     python benchmarks/vlm_ttft.py [--encoder vit|qwen2.5-vl] [--out /tmp/vlm-bench] [--reps 9]
 """
@@ -69,10 +69,10 @@ def main() -> int:
     samples = read_vision_samples(Path(args.out) / "vision_samples.csv")
     for i in sorted(vis.fits):
         cells = []
-        for label, max_round, relative in ((f"first {MIN_ROUNDS} rounds, OLS on ms", MIN_ROUNDS, False),
-                                           (f"first {MIN_ROUNDS} rounds, relative", MIN_ROUNDS, True),
-                                           ("adaptive rounds, relative (stored)", None, True)):
-            x, y, se = vision_medians(samples, i, max_round)
+        for label, visits, relative in ((f"first {MIN_ROUNDS} visits, OLS on ms", MIN_ROUNDS, False),
+                                        (f"first {MIN_ROUNDS} visits, relative", MIN_ROUNDS, True),
+                                        ("all visits, relative (stored)", None, True)):
+            x, y, se = vision_medians(samples, i, visits)
             fitted = x != vis.native_patches  # the native grid is measured apart, not fitted
             x, y, se = x[fitted], y[fitted], se[fitted]
             e = np.abs(loso_errors(x, y, relative))

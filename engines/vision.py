@@ -414,10 +414,13 @@ def vision_patch_points(adapter: Any, lo: int, hi: int, points: int) -> list[int
     return sorted({int(pick(int(round(x)))) for x in raw} | ({native} if native and lo <= native <= hi else set()))
 
 
-# Rounds over the sizes: at least MIN_ROUNDS, then only the sizes whose median is not yet precise
-# (order-statistic SE above the target, engines/adaptive.py's rule) until MAX_ROUNDS. Small encoder calls
-# (0.3-3 ms) scatter by 20-30% on a shared host, so 15 fixed rounds left their medians ~5% off and the
-# fit's error at small sizes was that noise; those calls are also the cheap ones to repeat.
+# Visits per size: the first PILOT_ROUNDS rounds visit every size; from their spread each size gets the
+# visits its median needs for a relative SE of TARGET_SE (1.2533 sigma / sqrt(n)), between MIN_ROUNDS and
+# MAX_ROUNDS, spread evenly over the rounds that follow, so every size's samples span the same stretch of
+# time (extra rounds at the end for the noisy sizes alone would time them under other host load). Small
+# encoder calls (0.3-3 ms) scatter by 20-30% on a shared host: 15 visits left their medians ~5% off and
+# the fit's error at small sizes was that noise; they are also the cheap calls to repeat.
+PILOT_ROUNDS = 5
 MIN_ROUNDS, MAX_ROUNDS, TARGET_SE = 15, 120, 0.015
 FLUSH_BYTES = 32 << 20  # rewritten before each timed encoder call: a last-level cache's worth (cold start)
 
@@ -437,12 +440,12 @@ def run_vision_sweep(encoder: VisionEncoder, patches: list[int], images: tuple[i
     """Time the encoder per (patches per image, images per call) and, when given, the embedding step per
     vision token count; rows appended to `path` (vision_samples.csv) when given.
 
-    Rounds, each visiting every still-open size once in a fresh shuffled order (1 warm-up + 1 timed call
-    per visit, caches flushed before the timed one): on a shared host the noise is per stretch of time, so every size's median spans the whole
-    sweep instead of one lucky or unlucky second (the decode sweep's habit). The first `reps` rounds visit
-    every size; later rounds only those whose median's relative SE (median_se_rel) is above `target_se`,
-    up to `max_reps` rounds or `max_seconds`. The `rep` column is the round, so the first `reps` rounds
-    are what a fixed-count sweep would have measured."""
+    Rounds, each visiting its sizes once in a fresh shuffled order (1 warm-up + 1 timed call per visit,
+    caches flushed before the timed one): on a shared host the noise is per stretch of time, so every
+    size's median spans the whole sweep instead of one lucky or unlucky second (the decode sweep's habit).
+    Each size gets between `reps` and `max_reps` visits, as many as its pilot spread says its median needs
+    for a relative SE of `target_se`, spread evenly over the rounds (PILOT_ROUNDS above); `max_seconds`
+    cuts the rounds short. The `rep` column is the round."""
     from trt_latency.engines.adaptive import median_se_rel
 
     rng = np.random.default_rng([seed, 4242])
@@ -452,10 +455,25 @@ def run_vision_sweep(encoder: VisionEncoder, patches: list[int], images: tuple[i
     times: dict[tuple[int, int], list[float]] = {s: [] for s in sizes}
     rows: list[tuple[str, int, int, int, int, float]] = []
     feats_for: dict[int, np.ndarray] = {}
-    for r in range(max(reps, max_reps)):
-        open_ = [s for s in sizes if r < reps or median_se_rel(times[s]) > target_se]
-        if not open_ or (r >= reps and time.perf_counter() - t_start > max_seconds):
+    pilot = min(PILOT_ROUNDS, reps)
+    need = {s: reps for s in sizes}
+    total = reps
+    r = 0
+    while True:
+        if r == pilot:  # plan every size's visits from the pilot's spread
+            for s in sizes:
+                v = np.asarray(times[s])
+                med = float(np.median(v))
+                sigma = 1.4826 * float(np.median(np.abs(v - med))) / med if med > 0 else 0.0
+                want = math.ceil((1.2533 * sigma / target_se) ** 2) if target_se > 0 else max_reps
+                need[s] = int(min(max(want, reps), max(max_reps, reps)))
+            total = max(need.values())
+        if r >= total or (r > pilot and time.perf_counter() - t_start > max_seconds):
             break
+        # size s is visited in round r when its evenly spread schedule of need[s] visits over the rounds
+        # after the pilot says so (every round for the size that needs the most)
+        open_ = [s for s in sizes if r < pilot or (r - pilot + 1) * (need[s] - pilot) // (total - pilot)
+                 > (r - pilot) * (need[s] - pilot) // (total - pilot)]
         for k in rng.permutation(len(open_)):
             n, i = open_[int(k)]
             tokens = int(round(n * i * encoder.tokens_per_patch))
@@ -466,8 +484,10 @@ def run_vision_sweep(encoder: VisionEncoder, patches: list[int], images: tuple[i
                 if n not in feats_for:
                     feats_for[n] = encoder.encode(n, 1, rng)[0]
                 embedding.run(feats_for[n], text_tokens, rng)  # warm-up
+                flush.fill(float(r))  # cold, as after the encoder in the chain (0.03 ms warm vs 0.07 there)
                 _, ms = embedding.run(feats_for[n], text_tokens, rng)
                 rows.append(("embedding", i, n, tokens + text_tokens, r, float(ms)))
+        r += 1
     if path is not None:
         new = not path.is_file() or path.stat().st_size == 0
         with path.open("a", encoding="utf-8") as fh:

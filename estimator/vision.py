@@ -108,20 +108,20 @@ def loso_errors(x: np.ndarray, y: np.ndarray, relative: bool = True) -> np.ndarr
 
 
 def vision_medians(rows: list[tuple[str, int, int, int, int, float]], images: int,
-                   max_round: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   max_visits: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(patches per image, median ms, median's relative SE) per swept size of `images` per call; with
-    `max_round`, only the rounds before it (what a sweep of that many fixed rounds measured)."""
+    `max_visits`, only each size's first that many samples (about what a fixed-count sweep measured)."""
     from trt_latency.estimator.fit import median_rel_se
 
-    sel = [r for r in rows if r[0] == "vision" and r[1] == images and (max_round is None or r[4] < max_round)]
+    sel = [r for r in rows if r[0] == "vision" and r[1] == images]
     sizes = sorted({r[2] for r in sel})
-    per = [[r[5] for r in sel if r[2] == n] for n in sizes]
+    per = [[r[5] for r in sel if r[2] == n][:max_visits] for n in sizes]
     se = [median_rel_se(np.zeros(len(v)), np.asarray(v, dtype=float))[0] if v else math.nan for v in per]
     return np.array(sizes, dtype=float), np.array([np.median(v) for v in per]), np.array(se)
 
 
 def fit_vision(rows: list[tuple[str, int, int, int, int, float]], family: str, tokens_per_patch: float,
-               images_per_call: str = "together", max_round: int | None = None,
+               images_per_call: str = "together", max_visits: int | None = None,
                native_patches: float = 0.0) -> VisionCalibration:
     """vision_samples.csv rows -> VisionCalibration (medians per size, then the weighted quadratic; the
     native grid's median kept apart, outside the fit)."""
@@ -132,7 +132,7 @@ def fit_vision(rows: list[tuple[str, int, int, int, int, float]], family: str, t
     patches_seen: list[float] = []
     native_ms: dict[int, float] = {}
     for images in sorted({r[1] for r in rows if r[0] == "vision"}):
-        x, med, se = vision_medians(rows, images, max_round)
+        x, med, se = vision_medians(rows, images, max_visits)
         patches_seen += x.tolist()
         at = x == native_patches
         if native_patches > 0 and at.any():

@@ -55,7 +55,7 @@ def calibrate_vision(args: Any, plan: Any, out: Path, cal_path: Path, say: Calla
     rows = read_vision_samples(path)
     native = float(enc.adapter.native_patches)
     vis = fit_vision(rows, enc.sig.family, enc.tokens_per_patch, args.vision_images_per_call, native_patches=native)
-    fixed = fit_vision(rows, enc.sig.family, enc.tokens_per_patch, args.vision_images_per_call, max_round=MIN_ROUNDS,
+    fixed = fit_vision(rows, enc.sig.family, enc.tokens_per_patch, args.vision_images_per_call, max_visits=MIN_ROUNDS,
                        native_patches=native)
     cal = load_calibration(cal_path)
     prov = dict(cal.provenance)
@@ -71,7 +71,7 @@ def calibrate_vision(args: Any, plan: Any, out: Path, cal_path: Path, say: Calla
         e, f = vis.error.get(i, {}), fixed.error.get(i, {})
         lines.append(f"    {i} image(s)/call: vision(N) = {a:.4f} + {b:.3e} N + {c:.3e} N^2 ms; leave-one-size-out "
                      f"|rel err| median {e.get('loso_median_rel', nan):.1%}, max {e.get('loso_max_rel', nan):.1%} "
-                     f"over {int(e.get('n_sizes', 0))} sizes (first {MIN_ROUNDS} rounds only: "
+                     f"over {int(e.get('n_sizes', 0))} sizes (first {MIN_ROUNDS} visits per size only: "
                      f"{f.get('loso_median_rel', nan):.1%}, {f.get('loso_max_rel', nan):.1%}); noisiest median's "
                      f"SE {e.get('median_se_max', nan):.1%} ({f.get('median_se_max', nan):.1%})")
     if 2 in vis.fits:
