@@ -4,6 +4,7 @@ vision term, on the real fixture chain (tests/data/vlm/vit: torch.onnx.export; d
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -102,7 +103,7 @@ def test_vision_sweep_repeats_only_imprecise_sizes() -> None:
     assert more.rounds == {(16, 1): 6, (36, 1): 6} and sorted({r[4] for r in more.rows}) == list(range(6))
 
 
-def test_calibrate_chain_section_estimator_and_old_files(tmp_path: Path) -> None:
+def test_calibrate_chain_section_estimator_and_old_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from trt_latency.estimator.calibration import calibration_to_dict, load_calibration, save_calibration
     from trt_latency.estimator.model import Estimator
     from trt_latency.pipeline import CalibrateOptions, calibrate
@@ -134,6 +135,12 @@ def test_calibrate_chain_section_estimator_and_old_files(tmp_path: Path) -> None
     assert d2.admit and d2.predicted_ms == pytest.approx(two.total_ms, rel=1e-9)
     assert est.admit_images(1e9, 256, 64, 4, images=1).predicted_ms == pytest.approx(est.predict(256, 64, 4).total_ms)
     assert not est.admit_images(1e9, 256, 64, 4, images=0).admit  # a bad images field: refused, not raised
+    from trt_latency.cli import main  # the CLI's --images is the same compiled decision
+
+    capsys.readouterr()
+    assert main(["admit", "-c", str(out / "calibration.yaml"), "--budget-ms", "1e9", "--vision-tokens", "256",
+                 "--text-tokens", "64", "--max-new-tokens", "4", "--images", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["predicted_ms"] == pytest.approx(two.total_ms, rel=1e-9)
     # old files (no vision section) still load, and saving one adds no key
     plain = dataclasses.replace(cal, vision=None)
     save_calibration(plain, tmp_path / "plain.yaml")
