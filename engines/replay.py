@@ -71,7 +71,7 @@ def done_requests(path: Path) -> dict[int, tuple[int, int, int] | None]:
     """request_id -> config key (tier_idx, top_k, num_active_blocks) of the rows already in the log
     (None where the log has no config columns); a partial trailing line from a killed run is cut first."""
     from trt_latency.engines.sweep import repair_trailing_line
-    from trt_latency.schema import REQUEST_COLUMNS
+    from trt_latency.schema import OPTIONAL_REQUEST_COLUMNS, REQUEST_COLUMNS
 
     if not path.is_file() or path.stat().st_size == 0:
         return {}
@@ -84,7 +84,7 @@ def done_requests(path: Path) -> dict[int, tuple[int, int, int] | None]:
         if "request_id" not in header:
             raise RequestLogError("cannot resume a log without request ids", path=str(path), field="request_id",
                                   expected="a request_id column", got=",".join(header))
-        missing = [c for c in REQUEST_COLUMNS if c not in header]
+        missing = [c for c in REQUEST_COLUMNS if c not in header and c not in OPTIONAL_REQUEST_COLUMNS]
         if missing:  # its rows could not be counted as done, nor new rows appended under the same columns
             raise RequestLogError("cannot resume into a log with another header", path=str(path), row=1,
                                   field=missing[0], expected="a header with columns " + ",".join(REQUEST_COLUMNS),
@@ -190,7 +190,8 @@ def run_replay(runner: Runner, key: ConfigKey, tier: TierSpec, spec: ReplaySpec,
                 "request_id": req.request_id, "vision_tokens": req.vision_tokens, "text_tokens": req.text_tokens,
                 "output_tokens": req.output_tokens, "tier_idx": key.tier_idx, "top_k": key.top_k,
                 "num_active_blocks": key.num_active_blocks, "ttft_ms": round(res.ttft_ms, 6),
-                "total_ms": round(res.total_ms, 6), "backend": runner.backend, "device": runner.device,
+                "total_ms": round(res.total_ms, 6), "images": 1 if req.vision_tokens > 0 else 0,
+                "backend": runner.backend, "device": runner.device,
             }])
             written += 1
             if bar is not None:

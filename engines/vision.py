@@ -197,6 +197,11 @@ class VitAdapter:
         self.dtype = _NP.get(t.dtype, np.float32)
         self.patch = int(sig.config.get("patch_size", 16))
         self.channels = int(t.shape[1]) if isinstance(t.shape[1], int) else int(sig.config.get("num_channels", 3))
+        # config image_size: the grid the position embeddings were trained for; other grids interpolate them
+        # (interpolate_pos_encoding), this one skips that, so the sweep measures it apart
+        size = sig.config.get("image_size")
+        side = int(size) // self.patch if isinstance(size, int) and not isinstance(size, bool) else 0
+        self.native_patches = side * side
 
     def valid_patches(self, n: int) -> int:
         return max(1, int(n))
@@ -253,6 +258,8 @@ def qwen_pos_ids(grid_thw: list[tuple[int, int, int]], merge: int) -> np.ndarray
 class QwenAdapter:
     """Qwen2.5-VL: flattened patches plus the host-computed position ids, window index and cu_seqlens."""
 
+    native_patches = 0  # rotary positions: no native grid
+
     ROLES = ("pixel_values", "vision_pos_ids", "window_index", "cu_seqlens", "cu_window_seqlens")
 
     def __init__(self, sig: VisionSignature) -> None:
@@ -294,6 +301,8 @@ class QwenAdapter:
 
 
 class HookAdapter:
+    native_patches = 0
+
     def __init__(self, sig: VisionSignature) -> None:
         self.sig = sig
         self.fn = load_hook(sig.family.removeprefix("hook:"))
@@ -348,11 +357,17 @@ class VisionEncoder:
         out = self.session.run([self.output], feeds)[0]
         return out, (time.perf_counter() - t0) * 1e3
 
-    def time_call(self, patches: int, images: int, reps: int, rng: np.random.Generator) -> np.ndarray:
+    def time_call(self, patches: int, images: int, reps: int, rng: np.random.Generator,
+                  flush: np.ndarray | None = None) -> np.ndarray:
+        """ms of `reps` calls after one warm-up; with `flush`, that buffer is rewritten before each timed
+        call, so the call starts with cold caches as it does in a deployment (the decoder runs between two
+        encoder calls): warm back-to-back calls ran 3-15% faster at 1-3 ms than the same call in the chain."""
         feeds = self.adapter.feeds(patches, images, rng)
         self.session.run([self.output], feeds)  # warm-up (shape-specialised kernels, allocations)
         ms = np.empty(reps)
         for i in range(reps):
+            if flush is not None:
+                flush.fill(float(i))
             t0 = time.perf_counter()
             self.session.run([self.output], feeds)
             ms[i] = (time.perf_counter() - t0) * 1e3
@@ -391,43 +406,88 @@ VISION_COLUMNS = ("stage", "images", "patches", "tokens", "rep", "latency_ms")
 
 
 def vision_patch_points(adapter: Any, lo: int, hi: int, points: int) -> list[int]:
-    """Patch counts per image, geometric from lo to hi, each valid for the family."""
+    """Patch counts per image, geometric from lo to hi, each valid for the family; plus the encoder's
+    native grid when it lies inside (measured apart from the fit: estimator.vision.VisionCalibration)."""
     raw = np.geomspace(lo, hi, points)
     pick = getattr(adapter, "sweep_patches", adapter.valid_patches)
-    return sorted({int(pick(int(round(x)))) for x in raw})
+    native = int(getattr(adapter, "native_patches", 0))
+    return sorted({int(pick(int(round(x)))) for x in raw} | ({native} if native and lo <= native <= hi else set()))
+
+
+# Visits per size: the first PILOT_ROUNDS rounds visit every size; from their spread each size gets the
+# visits its median needs for a relative SE of TARGET_SE (1.2533 sigma / sqrt(n)), between MIN_ROUNDS and
+# MAX_ROUNDS, spread evenly over the rounds that follow, so every size's samples span the same stretch of
+# time (extra rounds at the end for the noisy sizes alone would time them under other host load). Small
+# encoder calls (0.3-3 ms) scatter by 20-30% on a shared host: 15 visits left their medians ~5% off and
+# the fit's error at small sizes was that noise; they are also the cheap calls to repeat.
+PILOT_ROUNDS = 5
+MIN_ROUNDS, MAX_ROUNDS, TARGET_SE = 15, 120, 0.015
+FLUSH_BYTES = 32 << 20  # rewritten before each timed encoder call: a last-level cache's worth (cold start)
 
 
 @dataclass(frozen=True)
 class VisionSweep:
     rows: list[tuple[str, int, int, int, int, float]]
     seconds: float
+    rounds: dict[tuple[int, int], int] = field(default_factory=dict)  # (patches, images) -> timed calls
+    se_rel: dict[tuple[int, int], float] = field(default_factory=dict)  # its median's relative SE at the end
 
 
-def run_vision_sweep(encoder: VisionEncoder, patches: list[int], images: tuple[int, ...], reps: int,
-                     embedding: EmbeddingStep | None = None, text_tokens: int = 32, seed: int = 0,
-                     path: Path | None = None) -> VisionSweep:
+def run_vision_sweep(encoder: VisionEncoder, patches: list[int], images: tuple[int, ...],
+                     reps: int = MIN_ROUNDS, embedding: EmbeddingStep | None = None, text_tokens: int = 32,
+                     seed: int = 0, path: Path | None = None, max_reps: int = MAX_ROUNDS,
+                     target_se: float = TARGET_SE, max_seconds: float = 120.0) -> VisionSweep:
     """Time the encoder per (patches per image, images per call) and, when given, the embedding step per
     vision token count; rows appended to `path` (vision_samples.csv) when given.
 
-    `reps` rounds, each visiting every size once in a fresh shuffled order (1 warm-up + 1 timed call per
-    visit): on a shared host the noise is per stretch of time, so every size's median spans the whole
-    sweep instead of one lucky or unlucky second (the decode sweep's habit)."""
+    Rounds, each visiting its sizes once in a fresh shuffled order (1 warm-up + 1 timed call per visit,
+    caches flushed before the timed one): on a shared host the noise is per stretch of time, so every
+    size's median spans the whole sweep instead of one lucky or unlucky second (the decode sweep's habit).
+    Each size gets between `reps` and `max_reps` visits, as many as its pilot spread says its median needs
+    for a relative SE of `target_se`, spread evenly over the rounds (PILOT_ROUNDS above); `max_seconds`
+    cuts the rounds short. The `rep` column is the round."""
+    from trt_latency.engines.adaptive import median_se_rel
+
     rng = np.random.default_rng([seed, 4242])
     t_start = time.perf_counter()
+    flush = np.zeros(FLUSH_BYTES // 8)
     sizes = [(n, i) for n in patches for i in images]
+    times: dict[tuple[int, int], list[float]] = {s: [] for s in sizes}
     rows: list[tuple[str, int, int, int, int, float]] = []
     feats_for: dict[int, np.ndarray] = {}
-    for r in range(reps):
-        for k in rng.permutation(len(sizes)):
-            n, i = sizes[int(k)]
+    pilot = min(PILOT_ROUNDS, reps)
+    need = {s: reps for s in sizes}
+    total = reps
+    r = 0
+    while True:
+        if r == pilot:  # plan every size's visits from the pilot's spread
+            for s in sizes:
+                v = np.asarray(times[s])
+                med = float(np.median(v))
+                sigma = 1.4826 * float(np.median(np.abs(v - med))) / med if med > 0 else 0.0
+                want = math.ceil((1.2533 * sigma / target_se) ** 2) if target_se > 0 else max_reps
+                need[s] = int(min(max(want, reps), max(max_reps, reps)))
+            total = max(need.values())
+        if r >= total or (r > pilot and time.perf_counter() - t_start > max_seconds):
+            break
+        # size s is visited in round r when its evenly spread schedule of need[s] visits over the rounds
+        # after the pilot says so (every round for the size that needs the most)
+        open_ = [s for s in sizes if r < pilot or (r - pilot + 1) * (need[s] - pilot) // (total - pilot)
+                 > (r - pilot) * (need[s] - pilot) // (total - pilot)]
+        for k in rng.permutation(len(open_)):
+            n, i = open_[int(k)]
             tokens = int(round(n * i * encoder.tokens_per_patch))
-            rows.append(("vision", i, n, tokens, r, float(encoder.time_call(n, i, 1, rng)[0])))
+            ms = float(encoder.time_call(n, i, 1, rng, flush)[0])
+            times[(n, i)].append(ms)
+            rows.append(("vision", i, n, tokens, r, ms))
             if embedding is not None and i == 1:
                 if n not in feats_for:
                     feats_for[n] = encoder.encode(n, 1, rng)[0]
                 embedding.run(feats_for[n], text_tokens, rng)  # warm-up
+                flush.fill(float(r))  # cold, as after the encoder in the chain (0.03 ms warm vs 0.07 there)
                 _, ms = embedding.run(feats_for[n], text_tokens, rng)
                 rows.append(("embedding", i, n, tokens + text_tokens, r, float(ms)))
+        r += 1
     if path is not None:
         new = not path.is_file() or path.stat().st_size == 0
         with path.open("a", encoding="utf-8") as fh:
@@ -435,7 +495,8 @@ def run_vision_sweep(encoder: VisionEncoder, patches: list[int], images: tuple[i
                 fh.write(",".join(VISION_COLUMNS) + "\n")
             for row in rows:
                 fh.write(",".join(str(v) for v in row) + "\n")
-    return VisionSweep(rows, time.perf_counter() - t_start)
+    return VisionSweep(rows, time.perf_counter() - t_start, {s: len(v) for s, v in times.items()},
+                       {s: median_se_rel(v) for s, v in times.items()})
 
 
 def read_vision_samples(path: Path) -> list[tuple[str, int, int, int, int, float]]:

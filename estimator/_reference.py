@@ -24,6 +24,7 @@ import numpy as np
 
 from trt_latency.ext.layout import (
     CODE_BAD,
+    CODE_BAD_IMAGES,
     CODE_BAD_SCALE,
     CODE_EMPTY_PROMPT,
     CODE_NO_CANDIDATE,
@@ -61,11 +62,18 @@ from trt_latency.ext.layout import (
     ST_FITS,
     ST_NONE,
     TOKEN_MAX,
+    VIS2_A,
+    VIS2_B,
+    VIS2_C,
+    VIS2_NAT_MS,
     VIS_A,
     VIS_B,
     VIS_C,
     VIS_HI,
     VIS_LO,
+    VIS_MODE,
+    VIS_NAT_MS,
+    VIS_NAT_V,
     as_candidates,
     as_int,
     as_real,
@@ -166,14 +174,36 @@ class Kernel:
         x = row[PRE_A] + prompt * (row[PRE_B] + row[PRE_C] * prompt)
         return (x if x > 0.0 else 0.0) + row[LOOP_PRE]
 
-    def vision(self, c: int, vision: float, prompt: float) -> float:
-        """The VLM encoder + embedding step ms of a request with `vision` tokens (0 without any)."""
+    @staticmethod
+    def _vis_call(row: Any, u: float, two: bool) -> float:
+        """One encoder call on images of u tokens each: one image or two, clipped at 0."""
+        if two:
+            if row[VIS_NAT_V] > 0.0 and u == row[VIS_NAT_V] and row[VIS2_NAT_MS] > 0.0:
+                return float(row[VIS2_NAT_MS])
+            x = row[VIS2_A] + u * (row[VIS2_B] + row[VIS2_C] * u)
+        elif row[VIS_NAT_V] > 0.0 and u == row[VIS_NAT_V]:
+            x = row[VIS_NAT_MS]  # the native grid: measured, not fitted
+        else:
+            x = row[VIS_A] + u * (row[VIS_B] + row[VIS_C] * u)
+        return float(x) if x > 0.0 else 0.0
+
+    def vision(self, c: int, vision: float, prompt: float, images: float = 1.0) -> float:
+        """The VLM encoder + embedding step ms of a request with `vision` tokens over `images` images (0
+        without vision tokens): one call per image, or one call for all (VIS_MODE; see ext/layout.py)."""
         if vision <= 0.0:
             return 0.0
         row = self.cfg[c]
-        x = row[VIS_A] + vision * (row[VIS_B] + row[VIS_C] * vision)
+        if images < 1.0:
+            images = 1.0
+        u = vision / images
+        f1 = self._vis_call(row, u, False)
+        if images == 1.0 or row[VIS_MODE] != 1.0:
+            x = images * f1
+        else:
+            f2 = self._vis_call(row, u, True)
+            x = f2 + (images - 2.0) * (f2 - f1)
         e = row[EMB_A] + row[EMB_B] * prompt
-        return (x if x > 0.0 else 0.0) + (e if e > 0.0 else 0.0)
+        return float(x + (e if e > 0.0 else 0.0))
 
     def decode_sum(self, c: int, prompt: float, n: float) -> float:
         if n <= 1.0:
@@ -303,12 +333,16 @@ class Kernel:
     def factorised(self, c: int) -> bool:
         return self.cfg[c][FACTORISED] != 0.0
 
-    def extrapolated(self, c: int, prompt: float, n: float, vision: float = 0.0) -> bool:
+    def extrapolated(self, c: int, prompt: float, n: float, vision: float = 0.0, images: float = 1.0) -> bool:
         row = self.cfg[c]
         if prompt < row[PRE_LO] or prompt > row[PRE_HI]:
             return True
-        if vision > 0.0 and row[VIS_HI] > 0.0 and (vision < row[VIS_LO] or vision > row[VIS_HI]):
-            return True
+        if vision > 0.0 and row[VIS_HI] > 0.0:
+            u = vision / (images if images > 1.0 else 1.0)  # tokens per image: the swept range is per image
+            if u < row[VIS_LO] or u > row[VIS_HI]:
+                return True
+            if images > 1.0 and (row[VIS_MODE] == 2.0 or (row[VIS_MODE] == 1.0 and images > 2.0)):
+                return True  # more images per call than were swept
         return n >= 2.0 and (prompt < row[PAST_LO] or prompt + n - 2.0 > row[PAST_HI])
 
     # ---------------------------------------------------------------- admission
@@ -322,9 +356,10 @@ class Kernel:
         top_k: Any = 1,
         num_active_blocks: Any = None,
         alpha: Any = None,
+        images: Any = None,
     ) -> Decision:
         code, n, pred = self.admit_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
-                                        num_active_blocks, alpha)  # fmt: skip
+                                        num_active_blocks, alpha, images)  # fmt: skip
         return Decision(code < 16, n, pred, REASONS[code])
 
     def admit_code(
@@ -337,6 +372,7 @@ class Kernel:
         top_k: Any,
         num_active_blocks: Any,
         alpha: Any,
+        images: Any = None,
     ) -> tuple[int, int, float]:
         nan = math.nan
         bad, budget, prompt, req, keys, blocks = self._fields(budget_ms, vision_tokens, text_tokens, max_new_tokens,
@@ -349,12 +385,18 @@ class Kernel:
             if af is None or not (0.0 < af < 1.0):
                 return CODE_BAD + 7, 0, nan
             a = af
+        im = 1
+        if images is not None:
+            got = as_int(images)
+            if got is None or not 1 <= got <= TOKEN_MAX:
+                return CODE_BAD_IMAGES, 0, nan
+            im = got
         if prompt == 0:
             return CODE_EMPTY_PROMPT, 0, nan
         c = self.lookup(keys[0], keys[1], blocks)
         if c < 0:
             return CODE_UNKNOWN_CONFIG, 0, nan
-        return self.decide(c, float(prompt), budget, req, a, float(as_int(vision_tokens) or 0))
+        return self.decide(c, float(prompt), budget, req, a, float(as_int(vision_tokens) or 0), float(im))
 
     def _fields(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any, tier_idx: Any,
                 top_k: Any, num_active_blocks: Any) -> tuple[int, float, int, int, list[int], int]:
@@ -423,18 +465,18 @@ class Kernel:
                                   float(as_int(vision_tokens) or 0))
 
     def decide(self, c: int, prompt: float, budget: float, req: int, alpha: float,
-               vision: float = 0.0) -> tuple[int, int, float]:
+               vision: float = 0.0, images: float = 1.0) -> tuple[int, int, float]:
         """Validated request -> (code, max_new_tokens, predicted_ms). req < 0: no requested length."""
         if alpha > 0.0:
             factor, fsrc = self.alpha_factor(c, alpha)
         else:
             factor, fsrc = 1.0, F_NONE
-        return self.decide_scaled(c, prompt, budget, req, factor, fsrc, 1.0, 1.0, vision)
+        return self.decide_scaled(c, prompt, budget, req, factor, fsrc, 1.0, 1.0, vision, images)
 
     def decide_scaled(self, c: int, prompt: float, budget: float, req: int, factor: float, fsrc: int, ps: float,
-                      ds: float, vision: float = 0.0) -> tuple[int, int, float]:
+                      ds: float, vision: float = 0.0, images: float = 1.0) -> tuple[int, int, float]:
         need = req if req > 0 else 1
-        pre = (self.prefill(c, prompt) + self.vision(c, vision, prompt)) * ps
+        pre = (self.prefill(c, prompt) + self.vision(c, vision, prompt, images)) * ps
         cp = self.cumsum(c, prompt)
         pred = self._total_at(c, prompt, float(need), factor, pre, cp, ds)
         if req > 0 and pred <= budget:
@@ -442,7 +484,7 @@ class Kernel:
         else:
             n = self._nfit_at(c, prompt, budget, factor, pre, ds)
             status = ST_FITS if n >= need else (ST_FEWER if n >= 1 else ST_NONE)
-        ext = self.extrapolated(c, prompt, float(n if n > need else need), vision)
+        ext = self.extrapolated(c, prompt, float(n if n > need else need), vision, images)
         fact = 1 if self.cfg[c][FACTORISED] != 0.0 else 0
         return status * 16 + fact * 8 + (4 if ext else 0) + fsrc, n, pred
 

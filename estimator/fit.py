@@ -482,12 +482,14 @@ def _huber_nnls(a: np.ndarray, b: np.ndarray, weights: np.ndarray | None = None,
 
 
 def fit_loop_terms(output_tokens: np.ndarray, decode_residual_ms: np.ndarray,
-                   prefill_residual_ms: np.ndarray) -> tuple[float, float, float]:
+                   prefill_residual_ms: np.ndarray, prefill_ms: np.ndarray | None = None) -> tuple[float, float, float]:
     """(o, c, o_p) from per-request residuals over the engine-only prediction.
 
     decode_residual_ms[i] = measured decode - engine decode of request i (used where output_tokens >= 2):
     r = o * (n - 1) + c, rows weighted 1 / (n - 1) since a sum of n - 1 noisy steps has variance ~ n - 1.
-    prefill_residual_ms = measured TTFT - engine prefill: o_p is its Huber location. All clamped >= 0.
+    prefill_residual_ms = measured TTFT - engine prefill: o_p is its Huber location, rows weighted
+    1 / prefill_ms^2 when given (timing noise is relative: a VLM request's 100 ms encoder scatters by
+    +-20 ms and would bury a 0.1 ms host overhead measured on the short prompts). All clamped >= 0.
     """
     n = np.asarray(output_tokens, dtype=np.float64)
     r = np.asarray(decode_residual_ms, dtype=np.float64)
@@ -500,8 +502,10 @@ def fit_loop_terms(output_tokens: np.ndarray, decode_residual_ms: np.ndarray,
             o, c = (float(v) for v in _huber_nnls(np.column_stack([steps, np.ones_like(steps)]), r[dec], 1.0 / steps))
         else:  # one output length only: o and c cannot be told apart; call it all per-step
             o = float(_huber_nnls(steps[:, None], r[dec], 1.0 / steps)[0])
-    rp = rp[np.isfinite(rp)]
-    o_p = float(_huber_nnls(np.ones((rp.size, 1)), rp)[0]) if rp.size else 0.0
+    ok = np.isfinite(rp)
+    wp = None if prefill_ms is None else 1.0 / np.maximum(np.asarray(prefill_ms, dtype=np.float64)[ok], 1e-3) ** 2
+    rp = rp[ok]
+    o_p = float(_huber_nnls(np.ones((rp.size, 1)), rp, wp)[0]) if rp.size else 0.0
     return o, c, o_p
 
 
@@ -540,8 +544,10 @@ def engine_predictions(log: Any, estimator: Any, serving: bool = False) -> tuple
     for i in range(len(log)):
         t, k, b = _log_key(log, i)
         try:
+            images = log.images_of(i) if hasattr(log, "images_of") else 1
             p = estimator.predict(int(log.vision_tokens[i]), int(log.text_tokens[i]), int(log.output_tokens[i]),
-                                  tier_idx=t, top_k=k, num_active_blocks=b or None, serving=serving)  # fmt: skip
+                                  tier_idx=t, top_k=k, num_active_blocks=b or None, serving=serving,
+                                  **({"images": images} if images != 1 else {}))  # fmt: skip
         except Exception:  # noqa: BLE001 - a request the model cannot answer takes no part
             continue
         pre[i], dec[i] = p.prefill_ms, p.decode_ms
@@ -584,7 +590,7 @@ def fit_serving_loop(log: Any, estimator: Any, fit_mask: np.ndarray | None = Non
         fit = mine & fit_mask
         n_dec = int((fit & (n_out >= 2)).sum())
         if n_dec >= MIN_LOOP_REQUESTS:
-            o, c, o_p = fit_loop_terms(n_out[fit], (total - ttft)[fit] - dec[fit], ttft[fit] - pre[fit])
+            o, c, o_p = fit_loop_terms(n_out[fit], (total - ttft)[fit] - dec[fit], ttft[fit] - pre[fit], pre[fit])
             loop = ServingLoop(o, c, o_p, int(fit.sum()), "replay")
         else:
             loop = ServingLoop(0.0, 0.0, 0.0, int(fit.sum()), "none")

@@ -121,15 +121,21 @@ def _factorised_rows(cal: Calibration) -> list[tuple[ConfigCalibration, bool]]:
 
 
 def vision_columns(vision: Any) -> list[float]:
-    """VIS_A .. EMB_B of the tables from a calibration's vision section (one image per request, the fit
-    over patches rewritten over vision tokens v = patches * tokens_per_patch); zeros without one."""
+    """VIS_A .. VIS_MODE of the tables from a calibration's vision section (the one- and two-images-per-call
+    fits over patches rewritten over vision tokens per image u = patches * tokens_per_patch; the native
+    grid's measured ms at its token count; how a request's images are sent); zeros without one."""
     if vision is None:
-        return [0.0] * 7
+        return [0.0] * 14
     a, b, c = vision.fits[1]
     k = 1.0 / vision.tokens_per_patch  # patches per vision token
     lo, hi = (x * vision.tokens_per_patch for x in vision.patch_range)
     ea, eb = vision.embedding if vision.embedding is not None else (0.0, 0.0)
-    return [a, b * k, c * k * k, lo, hi, ea, eb]
+    nat_ms = vision.native_ms.get(1)
+    nat_v = vision.native_patches * vision.tokens_per_patch if nat_ms is not None and vision.native_patches > 0 else 0.0
+    a2, b2, c2 = vision.fits.get(2, [0.0, 0.0, 0.0])
+    nat2 = vision.native_ms.get(2, 0.0) if nat_v > 0 else 0.0
+    mode = 0.0 if vision.images_per_call == "separate" else (1.0 if 2 in vision.fits else 2.0)
+    return [a, b * k, c * k * k, lo, hi, ea, eb, nat_v, nat_ms if nat_v > 0 else 0.0, a2, b2 * k, c2 * k * k, nat2, mode]
 
 
 def build_tables(cal: Calibration, serving: bool = True) -> tuple[dict[str, np.ndarray], list[ConfigKey], list[bool]]:
@@ -158,7 +164,7 @@ def build_tables(cal: Calibration, serving: bool = True) -> tuple[dict[str, np.n
         row[layout.PAST_LO], row[layout.PAST_HI] = c.valid_past_len
         row[layout.PRE_LO], row[layout.PRE_HI] = c.valid_prefill_len
         row[layout.FACTORISED] = 1.0 if fact else 0.0
-        row[layout.VIS_A:layout.EMB_B + 1] = vis  # the one encoder of the deployment, every config
+        row[layout.VIS_A:layout.VIS_MODE + 1] = vis  # the one encoder of the deployment, every config
         row[layout.PIECE_OFF], row[layout.PIECE_CNT] = n_pieces, p.shape[0]
         n_pieces += p.shape[0]
         row[layout.CONF_OFF] = len(conf)
@@ -250,9 +256,8 @@ class Estimator:
         self._kernel.preference = self.preference
         self.choose = self._kernel.choose  # type: ignore[method-assign]
         # A VLM calibration (a `vision` section): requests with vision tokens also pay the encoder and the
-        # embedding step (estimator/vision.py), added on the Python side around the compiled decision.
-        # It is part of the tables (VIS_* / EMB_* columns): admit, choose and the batch entry points
-        # include it for one image per request; admit_images answers other image counts.
+        # embedding step (estimator/vision.py). It is part of the tables (VIS_* / EMB_* columns): admit takes
+        # `images` (default 1); choose and the batch entry points assume one image per request.
         self.vision = calibration.vision
 
     @classmethod
@@ -378,37 +383,18 @@ class Estimator:
     def admit_images(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any = None,
                      tier_idx: Any = 0, top_k: Any = 1, num_active_blocks: Any = None, alpha: Any = None,
                      images: Any = None) -> Any:  # fmt: skip
-        """admit for a request with `images` images (admit itself assumes one): the compiled decision on
-        the budget shifted by the vision difference (times the alpha factor), predicted_ms with it added
-        back. Never raises."""
-        d = self._kernel.admit(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
-                               num_active_blocks, alpha)
-        n_img = 1 if images is None else layout.as_int(images)
-        if n_img is None or not 1 <= n_img <= layout.TOKEN_MAX:
-            return Decision(False, 0, math.nan, f"bad field 'images': expected None or an integer in [1, {layout.TOKEN_MAX}]")
-        if not d.judged or not (layout.as_int(vision_tokens) or 0) > 0 or n_img == 1 or self.vision is None:
-            return d  # the tables already hold the one-image vision term
-        prompt = int(vision_tokens) + int(text_tokens)
-        extra, vis_ext = self._vision_extra(vision_tokens, prompt, n_img)
-        extra -= self._vision_extra(vision_tokens, prompt, 1)[0]  # the tables' one-image term is in `inner`
-        row = int(self._kernel.lookup(int(tier_idx), int(top_k), -1 if num_active_blocks is None else int(num_active_blocks)))
-        factor = 1.0 if alpha is None else float(self._kernel.alpha_factor(row, float(alpha))[0])
-        left = float(budget_ms) - extra * factor
-        inner = self._kernel.admit(left if left >= 0.0 else 0.0, vision_tokens, text_tokens, max_new_tokens,
-                                   tier_idx, top_k, num_active_blocks, alpha)
-        code = inner.code | (layout.EXTRAPOLATED_BIT if vis_ext else 0)
-        if left < 0.0:  # not even the vision part fits
-            code = (code & 15) + layout.ST_NONE * 16
-            return Decision(False, 0, inner.predicted_ms + extra * factor, layout.reason_text(code))
-        return Decision(inner.admit, inner.max_new_tokens, inner.predicted_ms + extra * factor,
-                        layout.reason_text(code))
+        """admit for a request whose vision tokens come as `images` images: the compiled admit itself
+        (the tables hold both the one- and the two-images-per-call fit; see ext/layout.py VIS_MODE)."""
+        return self._kernel.admit(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
+                                  num_active_blocks, alpha, images)
 
     def admit(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any = None,  # type: ignore[no-redef]
-              tier_idx: Any = 0, top_k: Any = 1, num_active_blocks: Any = None, alpha: Any = None) -> Any:  # fmt: skip
-        """Replaced per instance by the kernel's method (see __init__); documented here. A VLM calibration
-        (vision section) binds ``_admit_vision`` instead, which also takes ``images``."""
+              tier_idx: Any = 0, top_k: Any = 1, num_active_blocks: Any = None, alpha: Any = None,
+              images: Any = None) -> Any:  # fmt: skip
+        """Replaced per instance by the kernel's method (see __init__); documented here. ``images``: how many
+        images a VLM request's vision tokens come as (None = 1; a bad value is a refusing Decision)."""
         return self._kernel.admit(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
-                                  num_active_blocks, alpha)  # fmt: skip
+                                  num_active_blocks, alpha, images)  # fmt: skip
 
     def choose(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any = None,  # type: ignore[no-redef]
                candidates: Any = None, alpha: Any = None) -> Any:

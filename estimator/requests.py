@@ -2,7 +2,8 @@
 
 Columns (REQUEST_COLUMNS) plus free metadata columns. Required: vision_tokens, text_tokens,
 output_tokens, ttft_ms, total_ms. Optional with defaults: request_id (0, 1, 2, ... in file order),
-tier_idx (0), top_k (1), num_active_blocks (0 = "the tier's largest measured config").
+tier_idx (0), top_k (1), num_active_blocks (0 = "the tier's largest measured config"), images (how many
+images the vision tokens came as; 1, what logs written before the column mean; 0 without vision tokens).
 
 Decode ms/token of a request = (total_ms - ttft_ms) / (output_tokens - 1): the first output token
 comes out of the prefill (TTFT), each later one costs one decode step.
@@ -26,9 +27,10 @@ from trt_latency.schema import REQUEST_COLUMNS, append_requests
 __all__ = ["REQUEST_COLUMNS", "RequestLog", "append_requests", "read_requests"]  # the writer lives in schema
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("vision_tokens", "text_tokens", "output_tokens", "ttft_ms", "total_ms")
-_INT_COLUMNS = ("request_id", "vision_tokens", "text_tokens", "output_tokens", "tier_idx", "top_k", "num_active_blocks")
+_INT_COLUMNS = ("request_id", "vision_tokens", "text_tokens", "output_tokens", "tier_idx", "top_k", "num_active_blocks",
+                "images")
 _FLOAT_COLUMNS = ("ttft_ms", "total_ms")
-_DEFAULTS = {"tier_idx": 0, "top_k": 1, "num_active_blocks": 0}
+_DEFAULTS = {"tier_idx": 0, "top_k": 1, "num_active_blocks": 0, "images": 1}
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,11 @@ class RequestLog:
     total_ms: np.ndarray
     metadata: dict[str, list[str]] = field(default_factory=dict)
     rows: np.ndarray | None = None  # file line of each entry, 1 = header (for error messages)
+    images: np.ndarray | None = None  # images per request (read_requests fills it: 1 where the file has none)
+
+    def images_of(self, i: int) -> int:
+        """Images of request i: the column, else 1 (logs written before it sent one image per request)."""
+        return 1 if self.images is None else max(int(self.images[i]), 1)
 
     def __len__(self) -> int:
         return int(self.output_tokens.shape[0])

@@ -36,12 +36,24 @@ class VisionCalibration:
     tokens_per_patch: float
     images_per_call: str  # together | separate: how the deployment sends a request's images
     fits: dict[int, list[float]]  # images per call -> [a, b, c] (ms per call over patches per image)
-    error: dict[int, dict[str, float]] = field(default_factory=dict)  # I -> loso_median_rel, loso_max_rel, n_sizes
+    # I -> loso_median_rel, loso_max_rel, n_sizes, median_se_max (the noisiest size's median, relative SE)
+    error: dict[int, dict[str, float]] = field(default_factory=dict)
     patch_range: list[float] = field(default_factory=lambda: [0.0, 0.0])  # patches per image swept [lo, hi]
     embedding: list[float] | None = None  # [a, b] ms over the embedding step's sequence length
     embedding_range: list[float] | None = None
+    # The encoder's native grid (ViT-style: config image_size / patch_size squared; 0 = none): there it skips
+    # the position-embedding interpolation every other size pays, so its cost is measured, not fitted
+    # (the fixture ViT: 1.3 ms at 196 patches, cheaper than 100 patches; the quadratic said 2.6 ms).
+    native_patches: float = 0.0
+    native_ms: dict[int, float] = field(default_factory=dict)  # images per call -> ms per call at native
 
     def call_ms(self, patches: float, images: int) -> float:
+        if self.native_patches > 0 and patches == self.native_patches and images in self.native_ms:
+            return self.native_ms[images]
+        return self.fit_ms(patches, images)
+
+    def fit_ms(self, patches: float, images: int) -> float:
+        """The fitted quadratic alone (what call_ms says away from the native grid)."""
         a, b, c = self.fits[images]
         return max(a + patches * (b + c * patches), 0.0)
 
@@ -71,42 +83,69 @@ class VisionCalibration:
         return max(self.embedding[0] + self.embedding[1] * sequence, 0.0)
 
 
-def _quad(x: np.ndarray, y: np.ndarray) -> list[float]:
-    """Least squares a + b x + c x^2 weighted 1/y (relative residuals); fewer points: lower degree."""
+def _quad(x: np.ndarray, y: np.ndarray, relative: bool = True) -> list[float]:
+    """Least squares a + b x + c x^2; relative: residuals weighted 1/y, i.e. the relative error the TTFT
+    check measures, so the 1-3 ms sizes count as much as the 100 ms ones (ordinary least squares on ms is
+    set by the largest sizes and misses the small ones by 30% or more). Fewer points: lower degree."""
     deg = min(2, len(x) - 1)
-    w = 1.0 / np.maximum(y, 1e-9)
+    w = 1.0 / np.maximum(y, 1e-9) if relative else None
     coef = np.polyfit(x, y, deg, w=w)[::-1]
     out = [0.0, 0.0, 0.0]
     out[: len(coef)] = [float(v) for v in coef]
     return out
 
 
+def loso_errors(x: np.ndarray, y: np.ndarray, relative: bool = True) -> np.ndarray:
+    """Signed relative error at each size of the fit on the other sizes (leave one size out)."""
+    out = np.full(len(x), math.nan)
+    for k in range(len(x)):
+        keep = np.arange(len(x)) != k
+        if keep.sum() < 2:
+            continue
+        a, b, c = _quad(x[keep], y[keep], relative)
+        out[k] = max(a + x[k] * (b + c * x[k]), 0.0) / y[k] - 1.0
+    return out
+
+
+def vision_medians(rows: list[tuple[str, int, int, int, int, float]], images: int,
+                   max_visits: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(patches per image, median ms, median's relative SE) per swept size of `images` per call; with
+    `max_visits`, only each size's first that many samples (about what a fixed-count sweep measured)."""
+    from trt_latency.estimator.fit import median_rel_se
+
+    sel = [r for r in rows if r[0] == "vision" and r[1] == images]
+    sizes = sorted({r[2] for r in sel})
+    per = [[r[5] for r in sel if r[2] == n][:max_visits] for n in sizes]
+    se = [median_rel_se(np.zeros(len(v)), np.asarray(v, dtype=float))[0] if v else math.nan for v in per]
+    return np.array(sizes, dtype=float), np.array([np.median(v) for v in per]), np.array(se)
+
+
 def fit_vision(rows: list[tuple[str, int, int, int, int, float]], family: str, tokens_per_patch: float,
-               images_per_call: str = "together") -> VisionCalibration:
-    """vision_samples.csv rows -> VisionCalibration (medians per size, then the weighted quadratic)."""
+               images_per_call: str = "together", max_visits: int | None = None,
+               native_patches: float = 0.0) -> VisionCalibration:
+    """vision_samples.csv rows -> VisionCalibration (medians per size, then the weighted quadratic; the
+    native grid's median kept apart, outside the fit)."""
     if images_per_call not in MODES:
         raise InputError(field="images_per_call", expected=" or ".join(MODES), got=images_per_call)
     fits: dict[int, list[float]] = {}
     error: dict[int, dict[str, float]] = {}
-    patches_seen: list[int] = []
+    patches_seen: list[float] = []
+    native_ms: dict[int, float] = {}
     for images in sorted({r[1] for r in rows if r[0] == "vision"}):
-        sizes = sorted({r[2] for r in rows if r[0] == "vision" and r[1] == images})
-        med = np.array([np.median([r[5] for r in rows if r[0] == "vision" and r[1] == images and r[2] == n])
-                        for n in sizes])
-        x = np.array(sizes, dtype=float)
-        if len(sizes) < 2:
+        x, med, se = vision_medians(rows, images, max_visits)
+        patches_seen += x.tolist()
+        at = x == native_patches
+        if native_patches > 0 and at.any():
+            native_ms[images] = float(med[at][0])
+            x, med, se = x[~at], med[~at], se[~at]
+        if len(x) < 2:
             continue
         fits[images] = _quad(x, med)
-        rel = []
-        for k in range(len(sizes)):  # leave one size out: the fit on the others predicts it
-            keep = np.arange(len(sizes)) != k
-            if keep.sum() < 2:
-                continue
-            a, b, c = _quad(x[keep], med[keep])
-            rel.append(abs(max(a + x[k] * (b + c * x[k]), 0.0) / med[k] - 1.0))
-        error[images] = {"loso_median_rel": float(np.median(rel)) if rel else math.nan,
-                         "loso_max_rel": float(np.max(rel)) if rel else math.nan, "n_sizes": float(len(sizes))}
-        patches_seen += sizes
+        rel = np.abs(loso_errors(x, med))
+        rel = rel[np.isfinite(rel)]
+        error[images] = {"loso_median_rel": float(np.median(rel)) if rel.size else math.nan,
+                         "loso_max_rel": float(np.max(rel)) if rel.size else math.nan, "n_sizes": float(len(x)),
+                         "median_se_max": float(np.max(se))}
     if 1 not in fits:
         raise InputError("too few vision samples", field="vision_samples",
                          expected="at least 2 patch counts with 1 image per call", got=len(rows))
@@ -122,7 +161,8 @@ def fit_vision(rows: list[tuple[str, int, int, int, int, float]], family: str, t
             embedding = [float(med[0]), 0.0]
         embedding_range = [float(seqs[0]), float(seqs[-1])]
     return VisionCalibration(family, float(tokens_per_patch), images_per_call, fits, error,
-                             [float(min(patches_seen)), float(max(patches_seen))], embedding, embedding_range)
+                             [float(min(patches_seen)), float(max(patches_seen))], embedding, embedding_range,
+                             float(native_patches) if native_ms else 0.0, native_ms)
 
 
 # ------------------------------------------------------------------------------------------ yaml
@@ -140,6 +180,8 @@ def vision_to_dict(v: VisionCalibration) -> dict[str, Any]:
     if v.embedding is not None:
         out["embedding"] = [float(x) for x in v.embedding]
         out["embedding_range"] = [float(x) for x in (v.embedding_range or [0.0, 0.0])]
+    if v.native_patches > 0 and v.native_ms:
+        out["native"] = {"patches": float(v.native_patches), "ms": {int(i): float(x) for i, x in sorted(v.native_ms.items())}}
     return out
 
 
@@ -193,4 +235,19 @@ def vision_from_dict(data: Any, path: str | None = None) -> VisionCalibration:
     pr = nums(data["patch_range"], "patch_range", 2)
     emb = nums(data["embedding"], "embedding", 2) if data.get("embedding") is not None else None
     er = nums(data["embedding_range"], "embedding_range", 2) if data.get("embedding_range") is not None else None
-    return VisionCalibration(data["family"], tpp, data["images_per_call"], fits, error, pr, emb, er)
+    native_patches, native_ms = 0.0, {}
+    if data.get("native") is not None:  # optional: files without it load as before
+        nat = data["native"]
+        if not isinstance(nat, Mapping) or not isinstance(nat.get("ms"), Mapping) or not nat["ms"]:
+            raise fail("native", "a mapping {patches: N, ms: {images per call: ms}}", nat)
+        native_patches = num(nat.get("patches"), "native.patches")
+        for k, x in nat["ms"].items():
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise fail("native.ms", "integer keys >= 1 (images per call)", k)
+            native_ms[k] = num(x, f"native.ms.{k}")
+            if native_ms[k] < 0:
+                raise fail(f"native.ms.{k}", "a number >= 0", x)
+        if native_patches <= 0:
+            raise fail("native.patches", "a number > 0", native_patches)
+    return VisionCalibration(data["family"], tpp, data["images_per_call"], fits, error, pr, emb, er,
+                             native_patches, native_ms)

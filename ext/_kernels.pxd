@@ -6,7 +6,7 @@
 # trt_latency.estimator._reference.
 #
 # Semantics: C(m) = sum_{L=0}^{m-1} T(L) in closed form per piece; prefill(P) = max(a + b P + c P^2, 0) + o_p
-# (+ vision(v) = max(A + B v + C v^2, 0) + max(E_a + E_b P, 0) for a request with v > 0 vision tokens: the
+# (+ vision(v) = max(A + B v + C v^2, 0) [N_ms at v = N_v, the native grid] + max(E_a + E_b P, 0) for a request with v > 0 vision tokens: the
 # VLM encoder and embedding step; in the decisions, not in the tool functions c_prefill / c_total / c_nfit);
 # total(n) = (ps * prefill(P) + ds * [n >= 2] ((C(P+n-1) - C(P)) + c)) * f for n >= 1; nfit = the largest
 # n with total(n) <= budget: bisect over pieces, a quadratic solve inside the piece, then a fix-up
@@ -96,15 +96,39 @@ cdef inline double c_prefill(const Tables* t, Py_ssize_t c, double prompt) noexc
     return (x if x > 0.0 else 0.0) + row[LOOP_PRE]
 
 
-cdef inline double c_vision(const Tables* t, Py_ssize_t c, double vision, double prompt) noexcept nogil:
-    """The VLM encoder + embedding step ms of a request with `vision` tokens (0 without any)."""
+cdef inline double _vis_call(const double* row, double u, int two) noexcept nogil:
+    """One encoder call on images of u tokens each: one image (two = 0) or two (two = 1), clipped at 0."""
+    cdef double x
+    if two:
+        if row[VIS_NAT_V] > 0.0 and u == row[VIS_NAT_V] and row[VIS2_NAT_MS] > 0.0:
+            return row[VIS2_NAT_MS]
+        x = row[VIS2_A] + u * (row[VIS2_B] + row[VIS2_C] * u)
+    elif row[VIS_NAT_V] > 0.0 and u == row[VIS_NAT_V]:
+        x = row[VIS_NAT_MS]  # the native grid: measured, not fitted
+    else:
+        x = row[VIS_A] + u * (row[VIS_B] + row[VIS_C] * u)
+    return x if x > 0.0 else 0.0
+
+
+cdef inline double c_vision(const Tables* t, Py_ssize_t c, double vision, double prompt,
+                            double images) noexcept nogil:
+    """The VLM encoder + embedding step ms of a request with `vision` tokens over `images` images (0 without
+    vision tokens): one call per image, or one call for all (VIS_MODE; see ext/layout.py)."""
     cdef const double* row = t.cfg + c * NCOL
-    cdef double x, e
+    cdef double x, e, u, f1, f2
     if vision <= 0.0:
         return 0.0
-    x = row[VIS_A] + vision * (row[VIS_B] + row[VIS_C] * vision)
+    if images < 1.0:
+        images = 1.0
+    u = vision / images
+    f1 = _vis_call(row, u, 0)
+    if images == 1.0 or row[VIS_MODE] != 1.0:
+        x = images * f1
+    else:
+        f2 = _vis_call(row, u, 1)
+        x = f2 + (images - 2.0) * (f2 - f1)
     e = row[EMB_A] + row[EMB_B] * prompt
-    return (x if x > 0.0 else 0.0) + (e if e > 0.0 else 0.0)
+    return x + (e if e > 0.0 else 0.0)
 
 
 cdef inline double c_decode_sum(const Tables* t, Py_ssize_t c, double prompt, double n) noexcept nogil:
@@ -255,17 +279,22 @@ cdef inline double c_alpha_factor(const Tables* t, Py_ssize_t c, double alpha, i
 
 
 cdef inline bint c_extrapolated(const Tables* t, Py_ssize_t c, double prompt, double n,
-                                double vision) noexcept nogil:
+                                double vision, double images) noexcept nogil:
     cdef const double* row = t.cfg + c * NCOL
+    cdef double u
     if prompt < row[PRE_LO] or prompt > row[PRE_HI]:
         return True
-    if vision > 0.0 and row[VIS_HI] > 0.0 and (vision < row[VIS_LO] or vision > row[VIS_HI]):
-        return True
+    if vision > 0.0 and row[VIS_HI] > 0.0:
+        u = vision / (images if images > 1.0 else 1.0)  # tokens per image: the swept range is per image
+        if u < row[VIS_LO] or u > row[VIS_HI]:
+            return True
+        if images > 1.0 and (row[VIS_MODE] == 2.0 or (row[VIS_MODE] == 1.0 and images > 2.0)):
+            return True  # more images per call than were swept
     return n >= 2.0 and (prompt < row[PAST_LO] or prompt + n - 2.0 > row[PAST_HI])
 
 
 cdef inline bint c_fits(const Tables* t, Py_ssize_t c, double prompt, double budget, long long req,
-                        double alpha, double vision) noexcept nogil:
+                        double alpha, double vision, double images) noexcept nogil:
     """Whether c_decide admits: its predicted total for the requested tokens (1 when none) fits the
     budget (the same arithmetic, without the inverse c_decide also runs when it does not)."""
     cdef int fsrc = F_NONE
@@ -273,27 +302,27 @@ cdef inline bint c_fits(const Tables* t, Py_ssize_t c, double prompt, double bud
     if alpha > 0.0:
         factor = c_alpha_factor(t, c, alpha, &fsrc)
     return c_total_at(t, c, prompt, <double>(req if req > 0 else 1), factor,
-                      (c_prefill(t, c, prompt) + c_vision(t, c, vision, prompt)) * 1.0,
+                      (c_prefill(t, c, prompt) + c_vision(t, c, vision, prompt, images)) * 1.0,
                       c_cumsum(t, c, prompt), -1, 1.0) <= budget
 
 
 cdef inline int c_decide(const Tables* t, Py_ssize_t c, double prompt, double budget, long long req, double alpha,
-                  long long* n_out, double* pred_out, double vision) noexcept nogil:
+                  long long* n_out, double* pred_out, double vision, double images) noexcept nogil:
     cdef int fsrc = F_NONE
     cdef double factor = 1.0
     if alpha > 0.0:
         factor = c_alpha_factor(t, c, alpha, &fsrc)
-    return c_decide_scaled(t, c, prompt, budget, req, factor, fsrc, n_out, pred_out, 1.0, 1.0, vision)
+    return c_decide_scaled(t, c, prompt, budget, req, factor, fsrc, n_out, pred_out, 1.0, 1.0, vision, images)
 
 
 cdef inline int c_decide_scaled(const Tables* t, Py_ssize_t c, double prompt, double budget, long long req,
                           double factor, int fsrc, long long* n_out, double* pred_out,
-                          double ps, double ds, double vision) noexcept nogil:
+                          double ps, double ds, double vision, double images) noexcept nogil:
     cdef int status
     cdef double pred, pre, cp
     cdef long long need, n
     need = req if req > 0 else 1
-    pre = (c_prefill(t, c, prompt) + c_vision(t, c, vision, prompt)) * ps
+    pre = (c_prefill(t, c, prompt) + c_vision(t, c, vision, prompt, images)) * ps
     cp = c_cumsum(t, c, prompt)
     pred = c_total_at(t, c, prompt, <double>need, factor, pre, cp, -1, ds)
     if req > 0 and pred <= budget:
@@ -305,4 +334,4 @@ cdef inline int c_decide_scaled(const Tables* t, Py_ssize_t c, double prompt, do
     n_out[0] = n
     pred_out[0] = pred
     return (status * 16 + (8 if t.cfg[c * NCOL + FACTORISED] != 0.0 else 0)
-            + (4 if c_extrapolated(t, c, prompt, <double>(n if n > need else need), vision) else 0) + fsrc)
+            + (4 if c_extrapolated(t, c, prompt, <double>(n if n > need else need), vision, images) else 0) + fsrc)

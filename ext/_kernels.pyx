@@ -287,8 +287,12 @@ cdef class Kernel:
     def factorised(self, Py_ssize_t c):
         return self.t.cfg[self._row(c) * NCOL + FACTORISED] != 0.0
 
-    def extrapolated(self, Py_ssize_t c, double prompt, double n, double vision=0.0):
-        return c_extrapolated(&self.t, self._row(c), prompt, n, vision)
+    def extrapolated(self, Py_ssize_t c, double prompt, double n, double vision=0.0, double images=1.0):
+        return c_extrapolated(&self.t, self._row(c), prompt, n, vision, images)
+
+    def vision(self, Py_ssize_t c, double vision, double prompt, double images=1.0):
+        """The encoder + embedding ms of a request with `vision` tokens over `images` images (the tables' term)."""
+        return c_vision(&self.t, self._row(c), vision, prompt, images)
 
     def nfit_scaled(self, Py_ssize_t c, double prompt, double budget, double prefill_scale, double decode_scale,
                     double factor):
@@ -312,17 +316,18 @@ cdef class Kernel:
         return c_total_at(&self.t, c, prompt, n, factor, c_prefill(&self.t, c, prompt) * prefill_scale,
                          c_cumsum(&self.t, c, prompt), -1, decode_scale)
 
-    def decide(self, Py_ssize_t c, double prompt, double budget, long long req, double alpha, double vision=0.0):
+    def decide(self, Py_ssize_t c, double prompt, double budget, long long req, double alpha, double vision=0.0,
+               double images=1.0):
         cdef long long n = 0
         cdef double pred = NAN
-        cdef int code = c_decide(&self.t, self._row(c), prompt, budget, req, alpha, &n, &pred, vision)
+        cdef int code = c_decide(&self.t, self._row(c), prompt, budget, req, alpha, &n, &pred, vision, images)
         return code, n, pred
 
     cdef int _admit_code(self, object budget_ms, object vision_tokens, object text_tokens, object max_new_tokens,
                          object tier_idx, object top_k, object num_active_blocks, object alpha,
-                         long long* n, double* pred) except -1:
+                         long long* n, double* pred, object images=None) except -1:
         cdef double budget = 0.0, a = -1.0
-        cdef long long prompt = 0, req = -1, ti = 0, tk = 0, bl = -1, c
+        cdef long long prompt = 0, req = -1, ti = 0, tk = 0, bl = -1, c, im = 1
         cdef int code = _parse_request(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
                                        num_active_blocks, &budget, &prompt, &req, &ti, &tk, &bl)
         if code >= 0:
@@ -330,20 +335,24 @@ cdef class Kernel:
         if alpha is not None:
             if not _to_real(alpha, &a) or not (0.0 < a < 1.0):
                 return CODE_BAD + 7
+        if images is not None:
+            if not _to_ll(images, &im) or not (1 <= im <= TOKEN_MAX):
+                return CODE_BAD_IMAGES
         if prompt == 0:
             return CODE_EMPTY_PROMPT
         c = c_lookup(&self.t, ti, tk, bl)
         if c < 0:
             return CODE_UNKNOWN_CONFIG
-        return c_decide(&self.t, c, <double>prompt, budget, req, a, n, pred, _vision_of(vision_tokens))
+        return c_decide(&self.t, c, <double>prompt, budget, req, a, n, pred, _vision_of(vision_tokens), <double>im)
 
     def admit(self, budget_ms, vision_tokens, text_tokens, max_new_tokens=None, tier_idx=0, top_k=1,
-              num_active_blocks=None, alpha=None):
-        """Decision(admit, max_new_tokens, predicted_ms, reason); never raises for bad fields."""
+              num_active_blocks=None, alpha=None, images=None):
+        """Decision(admit, max_new_tokens, predicted_ms, reason); never raises for bad fields. `images`: how
+        many images the vision tokens come as (None = 1)."""
         cdef long long n = 0
         cdef double pred = NAN
         cdef int code = self._admit_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
-                                         num_active_blocks, alpha, &n, &pred)
+                                         num_active_blocks, alpha, &n, &pred, images)
         return _decision(code, n, pred)
 
     cdef int _scaled_code(self, object budget_ms, object vision_tokens, object text_tokens,
@@ -366,7 +375,7 @@ cdef class Kernel:
         if c < 0:
             return CODE_UNKNOWN_CONFIG
         return c_decide_scaled(&self.t, c, <double>prompt, budget, req, f, F_NONE, n, pred, ps, ds,
-                               _vision_of(vision_tokens))
+                               _vision_of(vision_tokens), 1.0)
 
     def admit_scaled(self, budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
                      num_active_blocks, prefill_scale, decode_scale, factor):
@@ -431,7 +440,7 @@ cdef class Kernel:
         for i in range(1, size):
             if not _candidate_row(&self.t, candidates[i], &row):
                 continue  # a malformed or unknown candidate does not admit
-            if not c_fits(&self.t, row, <double>prompt, budget, req, a, _vision_of(vision_tokens)):
+            if not c_fits(&self.t, row, <double>prompt, budget, req, a, _vision_of(vision_tokens), 1.0):
                 continue
             code = self._candidate_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, candidates[i], alpha,
                                         n, pred)
@@ -508,7 +517,7 @@ cdef class Kernel:
                         n = 0
                         p = NAN
                         cd = c_decide_scaled(&self.t, c, <double>(vt + tt), b, req, factor[c], fsrc[c], &n, &p, 1.0, 1.0,
-                                             <double>vt)
+                                             <double>vt, 1.0)
                         code[i] = cd
                         nout[i] = n
                         pred[i] = p
@@ -557,12 +566,12 @@ cdef class Kernel:
                 if quantile > 0.0:
                     f = c_quantile_factor(&self.t, c, quantile, &fsrc)
                 prompt = <double>(vt + tt)
-                pre = c_prefill(&self.t, c, prompt) + c_vision(&self.t, c, <double>vt, prompt)
+                pre = c_prefill(&self.t, c, prompt) + c_vision(&self.t, c, <double>vt, prompt, 1.0)
                 dec = c_decode_sum(&self.t, c, prompt, <double>n)
                 pre_v[i] = pre * f
                 dec_v[i] = dec * f
                 tot_v[i] = (pre + dec) * f
-                flags[i] = ((1 if c_extrapolated(&self.t, c, prompt, <double>n, <double>vt) else 0)
+                flags[i] = ((1 if c_extrapolated(&self.t, c, prompt, <double>n, <double>vt, 1.0) else 0)
                             | (2 if self.t.cfg[c * NCOL + FACTORISED] != 0.0 else 0)
                             | (4 if fsrc == F_CLIPPED else 0))
         return pre_arr, dec_arr, tot_arr, flags_arr

@@ -11,7 +11,7 @@ Tables (built by estimator.model.build_tables):
 - ``cfg``     float64 [n_cfg, NCOL]: prefill a, b, c; valid past_len lo, hi; valid prefill lo, hi;
   factorised flag; offsets/counts into ``pieces``, ``conf`` and ``rq``; serving-loop first-step
   transient c (LOOP_FIRST) and prefill overhead o_p (LOOP_PRE), both ms >= 0 (0 = none); the vision
-  encoder and embedding step of a VLM chain (VIS_A .. EMB_B, zeros = none).
+  encoder and embedding step of a VLM chain (VIS_A .. VIS_MODE, zeros = none).
 - ``pieces``  float64 [n, PCOL]: per piece of T(L) over integer L: start B (integer valued), T(B) = v,
   slope beta, cum = sum_{L=0}^{B-1} T(L). Piece 0 starts at 0 (constant T = first knot value below the
   first knot); the last piece continues the last segment's slope (extrapolation above the last knot).
@@ -33,9 +33,15 @@ LOOP_PRE = 15  # serving loop: prefill-side overhead o_p (ms)
 # VLM chain (the calibration's vision section, one image per request; zeros = no vision model): the
 # encoder's ms over a request's vision tokens v, A + B v + C v^2 (clipped at 0), the range of v it was
 # swept over (VIS_HI 0 = no range: never extrapolated), the embedding step's ms EMB_A + EMB_B * P.
-# Both are added to the prefill of requests with v > 0.
-VIS_A, VIS_B, VIS_C, VIS_LO, VIS_HI, EMB_A, EMB_B = 16, 17, 18, 19, 20, 21, 22
-NCOL = 23
+# Both are added to the prefill of requests with v > 0. At v = VIS_NAT_V (> 0; the encoder's native grid,
+# where a ViT skips its position-embedding interpolation) the encoder's ms is the measured VIS_NAT_MS.
+VIS_A, VIS_B, VIS_C, VIS_LO, VIS_HI, EMB_A, EMB_B, VIS_NAT_V, VIS_NAT_MS = 16, 17, 18, 19, 20, 21, 22, 23, 24
+# Requests with k > 1 images (admit's `images`; u = v / k tokens per image, f1 the one-image term above):
+# VIS_MODE 0 = one call per image, k * f1(u); 1 = one call for all, f2(u) + (k - 2) (f2(u) - f1(u)) with
+# f2 the 2-images-per-call fit VIS2_A + VIS2_B u + VIS2_C u^2 (VIS2_NAT_MS at the native grid when > 0),
+# extrapolated for k > 2; 2 = one call but no 2-image fit: k * f1(u), extrapolated.
+VIS2_A, VIS2_B, VIS2_C, VIS2_NAT_MS, VIS_MODE = 25, 26, 27, 28, 29
+NCOL = 30
 # pieces columns
 P_START, P_VALUE, P_SLOPE, P_CUM = 0, 1, 2, 3
 PCOL = 4
@@ -56,7 +62,8 @@ CODE_EMPTY_PROMPT = 72
 CODE_UNKNOWN_CONFIG = 73
 CODE_BAD_SCALE = 74  # a prefill/decode scale or factor not finite > 0
 CODE_NO_CANDIDATE = 75  # choose: no candidate config (empty list, or none known)
-N_CODES = 76
+CODE_BAD_IMAGES = 76  # admit's images: None or an integer in [1, TOKEN_MAX]
+N_CODES = 77
 EXTRAPOLATED_BIT = 4  # set in a judged code (< CODE_BAD) when the request leaves the measured range
 
 BAD_EXPECTED = {
@@ -93,6 +100,7 @@ def _build_reasons() -> tuple[str, ...]:
     out[CODE_UNKNOWN_CONFIG] = "unknown config (tier_idx, top_k, num_active_blocks): not measured nor predictable"
     out[CODE_BAD_SCALE] = "bad scale: prefill_scale, decode_scale and factor must be finite numbers > 0"
     out[CODE_NO_CANDIDATE] = "no candidate config: the list is empty or names no known config"
+    out[CODE_BAD_IMAGES] = f"bad field 'images': expected None or an integer in [1, {TOKEN_MAX}]"
     return tuple(out)
 
 
@@ -142,10 +150,11 @@ def as_candidates(o: Any) -> tuple[Any, ...] | list[Any]:
 
 _ENUM_NAMES = ("PRE_A", "PRE_B", "PRE_C", "PAST_LO", "PAST_HI", "PRE_LO", "PRE_HI", "FACTORISED", "PIECE_OFF",
                "PIECE_CNT", "CONF_OFF", "CONF_CNT", "RQ_OFF", "RQ_CNT", "LOOP_FIRST", "LOOP_PRE", "VIS_A", "VIS_B",
-               "VIS_C", "VIS_LO", "VIS_HI", "EMB_A", "EMB_B", "NCOL",
+               "VIS_C", "VIS_LO", "VIS_HI", "EMB_A", "EMB_B", "VIS_NAT_V", "VIS_NAT_MS", "VIS2_A", "VIS2_B",
+               "VIS2_C", "VIS2_NAT_MS", "VIS_MODE", "NCOL",
                "P_START", "P_VALUE", "P_SLOPE", "P_CUM", "PCOL", "TOKEN_MAX", "F_NONE", "F_CONFORMAL",
                "F_RESIDUAL", "F_CLIPPED", "CODE_BAD", "CODE_EMPTY_PROMPT", "CODE_UNKNOWN_CONFIG",
-               "CODE_BAD_SCALE", "CODE_NO_CANDIDATE", "EXTRAPOLATED_BIT")  # fmt: skip
+               "CODE_BAD_SCALE", "CODE_NO_CANDIDATE", "CODE_BAD_IMAGES", "EXTRAPOLATED_BIT")  # fmt: skip
 
 
 def pxd_enums() -> str:

@@ -199,7 +199,7 @@ cdef class Gate:
             factor = 1.0  # starving: probe with the corrected median (see AdmissionController)
             probe = True
         code = c_decide_scaled(self.t, self.row, <double>prompt, budget, f[2], factor, F_NONE, &nout, &pred,
-                         self.ps[bucket], self.ds[bucket], <double>f[0])
+                         self.ps[bucket], self.ds[bucket], <double>f[0], 1.0)
         if code & EXTRAPOLATED_BIT:
             return None
         self.traffic._push(budget, prompt, f[2], bucket)

@@ -371,7 +371,7 @@ def test_choose_never_raises_on_bad_candidates(make: Any) -> None:
 
 @st.composite
 def vlm_calibrations(draw: st.DrawFn) -> Calibration:
-    """calibrations() with a vision section (VIS_* / EMB_* columns filled)."""
+    """calibrations() with a vision section (VIS_* / EMB_* columns filled; sometimes a native grid)."""
     import dataclasses
 
     from trt_latency.estimator.vision import VisionCalibration
@@ -379,27 +379,44 @@ def vlm_calibrations(draw: st.DrawFn) -> Calibration:
     cal = draw(calibrations())
     lo = draw(st.integers(1, 200))
     vision = VisionCalibration(
-        family="vit", tokens_per_patch=draw(st.sampled_from([1.0, 0.25])), images_per_call="together",
+        family="vit", tokens_per_patch=draw(st.sampled_from([1.0, 0.25])),
+        images_per_call=draw(st.sampled_from(["together", "separate"])),
         fits={1: [draw(st.floats(-1.0, 5.0)), draw(st.floats(0.0, 0.05)), draw(st.floats(0.0, 1e-4))],
-              2: [0.5, 0.02, 2e-5]},
+              **({2: [0.5, 0.02, 2e-5]} if draw(st.booleans()) else {})},
         patch_range=[float(lo), float(lo + draw(st.integers(0, 3000)))],
         embedding=draw(st.one_of(st.none(), st.tuples(st.floats(-0.1, 0.5), st.floats(0.0, 1e-3)).map(list))),
+        native_patches=draw(st.sampled_from([0.0, 196.0, 256.0])),
     )
+    if vision.native_patches:
+        vision.native_ms = {1: draw(st.floats(0.0, 5.0)), **({2: 1.0} if 2 in vision.fits else {})}
     return dataclasses.replace(cal, vision=vision)
 
 
 @SETTINGS
 @given(vlm_calibrations(), st.lists(requests, min_size=1, max_size=25))
 def test_vision_term_cython_equals_reference_and_is_the_documented_sum(cal: Calibration, reqs: list[dict]) -> None:
-    """The prefill term with the VLM vision term: both implementations equal (admit, choose, predict_batch),
-    and admit's prediction = the engine prediction + vision(v) (+ embedding) exactly as the tables say."""
+    """The prefill term with the VLM vision term: both implementations equal (admit with 1-3 images, choose,
+    predict_batch), admit's prediction = the engine prediction + vision(v) (+ embedding) exactly as the
+    tables say, and = the Python path's predict(images=k) (the calibration's own vision_ms)."""
     kc, kr = kernels(cal)
     est = Estimator(cal, implementation=_reference)
+    assert cal.vision is not None
+    native_tokens = int(cal.vision.native_patches * cal.vision.tokens_per_patch)
+    if native_tokens:  # requests at the native grid: the measured ms, not the quadratic
+        reqs = reqs + [{**r, "vision": native_tokens} for r in reqs[:3]]
+        assert kr.vision(0, float(native_tokens), 0.0) == cal.vision.native_ms[1] + max(
+            cal.vision.embedding_ms(0.0), 0.0)
     for r in reqs:
         args = (r["budget"], r["vision"], r["text"], r["req"], r["tier"], r["top_k"], r["blocks"], r["alpha"])
         dc, dr = kc.admit(*args), kr.admit(*args)
         assert (dc.admit, dc.max_new_tokens, dc.reason) == (dr.admit, dr.max_new_tokens, dr.reason), args
         assert close(dc.predicted_ms, dr.predicted_ms), args
+        k = 1 + r["text"] % 3  # images of this request
+        ic, ir = kc.admit(*args, k), kr.admit(*args, k)
+        assert (ic.admit, ic.max_new_tokens, ic.reason) == (ir.admit, ir.max_new_tokens, ir.reason), (args, k)
+        assert close(ic.predicted_ms, ir.predicted_ms), (args, k)
+        bad = [kern.admit(*args, im) for kern in (kc, kr) for im in (0, 1.5, layout.TOKEN_MAX + 1)]
+        assert len({d.reason for d in bad}) == 1 and not any(d.admit for d in bad)
         cc, cr = kc.choose(*args[:4], None, r["alpha"]), kr.choose(*args[:4], None, r["alpha"])
         assert (cc.admit, cc.max_new_tokens, cc.reason) == (cr.admit, cr.max_new_tokens, cr.reason)
         row = kr.lookup(r["tier"], r["top_k"], -1 if r["blocks"] is None else r["blocks"])
@@ -411,6 +428,9 @@ def test_vision_term_cython_equals_reference_and_is_the_documented_sum(cal: Cali
             if r["vision"] > 0:
                 p = est.predict(r["vision"], r["text"], need, r["tier"], r["top_k"], r["blocks"])
                 assert abs(p.total_ms - dr.predicted_ms) <= 1e-6 * (1.0 + abs(p.total_ms))
+                pk = est.predict(r["vision"], r["text"], need, r["tier"], r["top_k"], r["blocks"], images=k)
+                assert abs(pk.total_ms - ir.predicted_ms) <= 1e-6 * (1.0 + abs(pk.total_ms)), (args, k)
+                assert ir.extrapolated == ("extrapolated" in pk.flags), (args, k, pk.flags)
     arrays = [np.array([r[k] for r in reqs], dtype=np.int64) for k in ("vision", "text")]
     out = np.array([r["req"] or 1 for r in reqs], dtype=np.int64)
     keys = [np.array([r[k] for r in reqs], dtype=np.int64) for k in ("tier", "top_k")]

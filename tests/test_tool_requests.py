@@ -38,8 +38,26 @@ def test_metadata_columns_kept_and_optional_columns_default(tmp_path: Path) -> N
     assert log.tier_idx.tolist() == [0, 0] and log.top_k.tolist() == [1, 1]
     assert log.num_active_blocks.tolist() == [0, 0]  # 0 = the tier's largest measured config
     assert log.request_id.tolist() == [0, 1]
+    assert log.images is not None and log.images.tolist() == [1, 1]  # a log without the column: one image each
     d = log.decode_ms_per_token()
     assert d[0] == pytest.approx(25.0) and np.isnan(d[1])
+
+
+def test_images_column_written_read_and_old_logs_resume(tmp_path: Path) -> None:
+    path = tmp_path / "req.csv"
+    append_requests(path, [{**_row(0), "images": 2}, _row(1)])  # a writer without images: its default, 1
+    log = read_requests(path)
+    assert log.images is not None and log.images.tolist() == [2, 1] and log.images_of(0) == 2
+    old = tmp_path / "old.csv"
+    old.write_text(",".join(c for c in REQUEST_COLUMNS if c != "images") + "\n")
+    append_requests(old, [{**_row(0), "images": 1}])  # the old header already means one image
+    assert read_requests(old).images_of(0) == 1
+    with pytest.raises(RequestLogError, match="images"):
+        append_requests(old, [{**_row(1), "images": 2}])  # that an old header cannot say
+    bad = tmp_path / "bad.csv"
+    bad.write_text(",".join(REQUEST_COLUMNS) + "\n0,64,10,5,0,1,4,3.0,11.0,-1\n")
+    with pytest.raises(RequestLogError, match="images"):
+        read_requests(bad)
 
 
 def test_append_keeps_existing_header_and_rejects_unknown_column(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ vision term, on the real fixture chain (tests/data/vlm/vit: torch.onnx.export; d
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -71,7 +72,38 @@ def test_fit_vision_recovers_quadratic_and_modes() -> None:
     assert v.vision_ms(4096, 1)[1]  # beyond the swept patches: extrapolated
 
 
-def test_calibrate_chain_section_estimator_and_old_files(tmp_path: Path) -> None:
+def test_native_grid_is_measured_apart_and_round_trips() -> None:
+    """A ViT's native grid (config image_size / patch_size squared) skips the position-embedding
+    interpolation: the sweep includes it, the quadratic is fitted without it, its median is used there."""
+    from trt_latency.engines.vision import VisionEncoder, read_vision_signature, vision_patch_points
+    from trt_latency.estimator.vision import fit_vision, vision_from_dict, vision_to_dict
+
+    vit = VisionEncoder(read_vision_signature(VIT / "vision.onnx")).adapter
+    qwen = VisionEncoder(read_vision_signature(DATA / "vlm" / "qwen2.5-vl" / "vision.onnx")).adapter
+    assert vit.native_patches == (224 // 16) ** 2 and 196 in vision_patch_points(vit, 16, 1024, 8)
+    assert qwen.native_patches == 0 and 196 not in vision_patch_points(qwen, 16, 1024, 8)
+    rows = [("vision", 1, n, n, r, 0.2 + 0.006 * n + 5e-5 * n * n) for n in (16, 64, 256, 1024) for r in range(3)]
+    rows += [("vision", 1, 196, 196, r, 1.25) for r in range(3)]  # cheaper than the curve says
+    v = fit_vision(rows, "vit", 1.0, native_patches=196.0)
+    assert v.fits[1] == pytest.approx([0.2, 0.006, 5e-5], rel=1e-6) and v.error[1]["loso_max_rel"] < 1e-6
+    assert v.vision_ms(196)[0] == 1.25 and v.vision_ms(197)[0] == pytest.approx(v.fit_ms(197, 1))
+    back = vision_from_dict(vision_to_dict(v))
+    assert back.native_patches == 196.0 and back.native_ms == {1: 1.25}
+    assert vision_from_dict({k: x for k, x in vision_to_dict(v).items() if k != "native"}).native_ms == {}
+
+
+def test_vision_sweep_repeats_only_imprecise_sizes() -> None:
+    """Rounds beyond the first `reps` visit only the sizes whose median's SE is above the target."""
+    from trt_latency.engines.vision import VisionEncoder, read_vision_signature, run_vision_sweep
+
+    enc = VisionEncoder(read_vision_signature(VIT / "vision.onnx"))
+    done = run_vision_sweep(enc, [16, 36], (1,), reps=3, max_reps=6, target_se=float("inf"))
+    assert done.rounds == {(16, 1): 3, (36, 1): 3}
+    more = run_vision_sweep(enc, [16, 36], (1,), reps=3, max_reps=6, target_se=0.0)
+    assert more.rounds == {(16, 1): 6, (36, 1): 6} and sorted({r[4] for r in more.rows}) == list(range(6))
+
+
+def test_calibrate_chain_section_estimator_and_old_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from trt_latency.estimator.calibration import calibration_to_dict, load_calibration, save_calibration
     from trt_latency.estimator.model import Estimator
     from trt_latency.pipeline import CalibrateOptions, calibrate
@@ -103,6 +135,12 @@ def test_calibrate_chain_section_estimator_and_old_files(tmp_path: Path) -> None
     assert d2.admit and d2.predicted_ms == pytest.approx(two.total_ms, rel=1e-9)
     assert est.admit_images(1e9, 256, 64, 4, images=1).predicted_ms == pytest.approx(est.predict(256, 64, 4).total_ms)
     assert not est.admit_images(1e9, 256, 64, 4, images=0).admit  # a bad images field: refused, not raised
+    from trt_latency.cli import main  # the CLI's --images is the same compiled decision
+
+    capsys.readouterr()
+    assert main(["admit", "-c", str(out / "calibration.yaml"), "--budget-ms", "1e9", "--vision-tokens", "256",
+                 "--text-tokens", "64", "--max-new-tokens", "4", "--images", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["predicted_ms"] == pytest.approx(two.total_ms, rel=1e-9)
     # old files (no vision section) still load, and saving one adds no key
     plain = dataclasses.replace(cal, vision=None)
     save_calibration(plain, tmp_path / "plain.yaml")

@@ -32,7 +32,12 @@ def open_chain(args: Any, threads: int) -> Any:
 
 def calibrate_vision(args: Any, plan: Any, out: Path, cal_path: Path, say: Callable[[str], None]) -> list[str]:
     """Sweep + fit + store; returns the report lines."""
-    from trt_latency.engines.vision import read_vision_samples, run_vision_sweep, vision_patch_points
+    from trt_latency.engines.vision import (
+        MIN_ROUNDS,
+        read_vision_samples,
+        run_vision_sweep,
+        vision_patch_points,
+    )
     from trt_latency.estimator.calibration import load_calibration, save_calibration
     from trt_latency.estimator.vision import fit_vision
 
@@ -43,26 +48,40 @@ def calibrate_vision(args: Any, plan: Any, out: Path, cal_path: Path, say: Calla
     path = out / "vision_samples.csv"
     if path.is_file():
         path.unlink()  # the encoder sweep is short: redone whole (no resume bookkeeping)
-    reps = 15  # rounds over all sizes: medians over the whole sweep against a busy host
-    sweep = run_vision_sweep(enc, patches, VISION_IMAGES, reps, chain.embedding, seed=plan.sweep.seed, path=path)
-    vis = fit_vision(read_vision_samples(path), enc.sig.family, enc.tokens_per_patch, args.vision_images_per_call)
+    # MIN_ROUNDS over all sizes (medians over the whole sweep against a busy host), then more rounds for the
+    # sizes whose median is still imprecise (the small, cheap, noisy calls)
+    sweep = run_vision_sweep(enc, patches, VISION_IMAGES, MIN_ROUNDS, chain.embedding, seed=plan.sweep.seed,
+                             path=path)
+    rows = read_vision_samples(path)
+    native = float(enc.adapter.native_patches)
+    vis = fit_vision(rows, enc.sig.family, enc.tokens_per_patch, args.vision_images_per_call, native_patches=native)
+    fixed = fit_vision(rows, enc.sig.family, enc.tokens_per_patch, args.vision_images_per_call, max_visits=MIN_ROUNDS,
+                       native_patches=native)
     cal = load_calibration(cal_path)
     prov = dict(cal.provenance)
     prov["vision_models"] = {"encoder": str(enc.sig.path), "family_source": enc.sig.source,
                              "embedding": str(args.embedding_onnx or "")}
     save_calibration(replace(cal, vision=vis, provenance=prov), cal_path)
     lines = [f"  vision {enc.sig.family} ({enc.sig.source}): {len(patches)} patch counts {patches[0]}..{patches[-1]} "
-             f"x images per call {list(VISION_IMAGES)}, {len(sweep.rows)} timed calls in {sweep.seconds:.1f} s -> "
-             f"{path.name}; tokens per patch {vis.tokens_per_patch:g}, images_per_call {vis.images_per_call}"]
+             f"x images per call {list(VISION_IMAGES)}, {len(sweep.rows)} timed calls in {sweep.seconds:.1f} s "
+             f"({min(sweep.rounds.values())}-{max(sweep.rounds.values())} per size) -> {path.name}; tokens per patch "
+             f"{vis.tokens_per_patch:g}, images_per_call {vis.images_per_call}"]
+    nan = float("nan")
     for i, (a, b, c) in sorted(vis.fits.items()):
-        e = vis.error.get(i, {})
+        e, f = vis.error.get(i, {}), fixed.error.get(i, {})
         lines.append(f"    {i} image(s)/call: vision(N) = {a:.4f} + {b:.3e} N + {c:.3e} N^2 ms; leave-one-size-out "
-                     f"|rel err| median {e.get('loso_median_rel', float('nan')):.1%}, "
-                     f"max {e.get('loso_max_rel', float('nan')):.1%} over {int(e.get('n_sizes', 0))} sizes")
+                     f"|rel err| median {e.get('loso_median_rel', nan):.1%}, max {e.get('loso_max_rel', nan):.1%} "
+                     f"over {int(e.get('n_sizes', 0))} sizes (first {MIN_ROUNDS} visits per size only: "
+                     f"{f.get('loso_median_rel', nan):.1%}, {f.get('loso_max_rel', nan):.1%}); noisiest median's "
+                     f"SE {e.get('median_se_max', nan):.1%} ({f.get('median_se_max', nan):.1%})")
     if 2 in vis.fits:
         n = float(patches[len(patches) // 2])
         lines.append(f"    two images of {n:g} patches: one call {vis.call_ms(n, 2):.2f} ms vs two calls "
                      f"{2 * vis.call_ms(n, 1):.2f} ms")
+    if vis.native_ms:
+        lines.append(f"    native grid {vis.native_patches:g} patches (no position-embedding interpolation), measured: "
+                     + ", ".join(f"{i} image(s)/call {ms:.3f} ms (the fit says {vis.fit_ms(vis.native_patches, i):.3f})"
+                                 for i, ms in sorted(vis.native_ms.items())))
     if vis.embedding is not None:
         lines.append(f"    embedding step: {vis.embedding[0]:.4f} + {vis.embedding[1]:.3e} S ms")
     for line in lines:

@@ -38,14 +38,18 @@ SAMPLES_COLUMNS: tuple[str, ...] = ("tier_idx", "top_k", "num_active_blocks", "b
 # requests.csv: one row per end-to-end request (engines/replay.py and loadtest write it,
 # estimator/requests.py reads it), plus free metadata columns.
 REQUEST_COLUMNS: tuple[str, ...] = ("request_id", "vision_tokens", "text_tokens", "output_tokens", "tier_idx",
-                                    "top_k", "num_active_blocks", "ttft_ms", "total_ms")  # fmt: skip
+                                    "top_k", "num_active_blocks", "ttft_ms", "total_ms", "images")  # fmt: skip
+# Columns added later, with the value a file written before them means (images: a request's vision
+# tokens came as this many images; before the column, replay sent one image per request).
+OPTIONAL_REQUEST_COLUMNS: dict[str, int] = {"images": 1}
 
 
 def append_requests(path: str | os.PathLike[str], rows: Iterable[Mapping[str, object]]) -> int:
     """Append request rows to a log, creating it with a header if needed; returns rows written.
 
     A new file gets REQUEST_COLUMNS followed by the rows' extra (metadata) keys in first-seen order;
-    an existing file keeps its header, and a key it lacks is an error. The data is flushed and
+    an existing file keeps its header, and a key it lacks is an error (except an OPTIONAL_REQUEST_COLUMNS
+    key at the value a file without it means: that row is written without it). The data is flushed and
     fsync'ed before returning, so a replay killed later keeps every row appended so far.
     """
     p = Path(path)
@@ -68,6 +72,9 @@ def append_requests(path: str | os.PathLike[str], rows: Iterable[Mapping[str, ob
                     header.append(key)
         needs_newline = False
     for i, r in enumerate(batch):
+        for key in [k for k in r if k not in header and k in OPTIONAL_REQUEST_COLUMNS]:
+            if r[key] == OPTIONAL_REQUEST_COLUMNS[key]:
+                del r[key]  # an older log: the column's absence already says this value
         for key in r:
             if key not in header:
                 raise RequestLogError("row has a column the file lacks", path=spath, field=key,
@@ -80,7 +87,7 @@ def append_requests(path: str | os.PathLike[str], rows: Iterable[Mapping[str, ob
         if not exists:
             writer.writerow(header)
         for r in batch:
-            writer.writerow([_format(r.get(key, "")) for key in header])
+            writer.writerow([_format(r.get(key, OPTIONAL_REQUEST_COLUMNS.get(key, ""))) for key in header])
         handle.flush()
         os.fsync(handle.fileno())
     return len(batch)

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     est = Estimator.load(args.calibration)
     d = est.admit(args.budget_ms, args.vision_tokens, args.text_tokens, args.max_new_tokens, args.tier, args.top_k,
-                  args.blocks, args.alpha)  # fmt: skip
+                  args.blocks, args.alpha, args.images)  # fmt: skip
     if args.json:
         print(json.dumps({"admit": bool(d.admit), "max_new_tokens": int(d.max_new_tokens),
                           "predicted_ms": None if d.predicted_ms != d.predicted_ms else float(d.predicted_ms),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from trt_latency.cli._args import positive_int
 from trt_latency.errors import InputError
 
 EXAMPLE = """\
@@ -18,6 +19,8 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--calibration", required=True, metavar="CAL", help="calibration.yaml from `fit`/`calibrate`")
     p.add_argument("--vision-tokens", type=int, default=0, metavar="N", help="vision tokens in the prompt (default 0)")
     p.add_argument("--text-tokens", type=int, required=True, metavar="N", help="text tokens in the prompt")
+    p.add_argument("--images", type=positive_int, default=None, metavar="N",
+                   help="images the vision tokens come as (VLM calibrations; default 1)")
     p.add_argument("--tier", type=int, default=0, metavar="T", help="tier_idx (default 0)")
     p.add_argument("--top-k", type=int, default=1, metavar="K", help="top_k (default 1)")
     p.add_argument("--blocks", type=int, default=None, metavar="B",
@@ -88,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     est = Estimator.load(args.calibration)
     try:
         pred = est.predict(args.vision_tokens, args.text_tokens, args.output_tokens, tier_idx=args.tier,
-                           top_k=args.top_k, num_active_blocks=args.blocks, quantile=args.quantile)  # fmt: skip
+                           top_k=args.top_k, num_active_blocks=args.blocks, quantile=args.quantile,
+                           images=args.images)  # fmt: skip
     except InputError as exc:
         if exc.path is not None:
             raise
