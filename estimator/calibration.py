@@ -334,6 +334,19 @@ def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
 
 _Dumper.add_representer(list, _represent_list)
 
+_YAML_BREAKS = ("\x85", "\u2028", "\u2029")  # line breaks to YAML 1.1 besides \n and \r
+
+
+def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
+    # With allow_unicode PyYAML writes these raw inside a single-quoted scalar, and its reader folds them
+    # into a space: a provenance string would not round-trip. Double quotes escape them (\N, \L, \P).
+    if any(b in data for b in _YAML_BREAKS):
+        return dumper.represent_scalar("tag:yaml.org,2002:str", data, style='"')
+    return dumper.represent_str(data)
+
+
+_Dumper.add_representer(str, _represent_str)
+
 
 def dump_calibration(cal: Calibration) -> str:
     validate_calibration(cal)

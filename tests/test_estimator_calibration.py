@@ -50,6 +50,18 @@ def test_round_trip_is_byte_identical(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
+@pytest.mark.parametrize("text", ["\x85", "a\x85b", "\u2028", "\u2029 end", "é ü"])
+def test_strings_with_yaml_line_breaks_round_trip(tmp_path: Path, text: str) -> None:
+    """NEL / LS / PS are line breaks to YAML 1.1: written raw they came back as a space (found by the
+    random-corruption test below); they are written escaped now."""
+    from dataclasses import replace
+
+    cal = replace(sample_cal(), provenance={**sample_cal().provenance, text: text, "note": text})
+    path = tmp_path / "cal.yaml"
+    save_calibration(cal, path)
+    assert load_calibration(path) == cal
+
+
 def test_save_is_atomic_on_failure(tmp_path: Path) -> None:
     target = tmp_path / "cal.yaml"
     save_calibration(sample_cal(), target)
