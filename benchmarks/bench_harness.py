@@ -62,6 +62,11 @@ def bare_loop(path: Path, past_len: int, threads: int, inter: int, sess=None):  
         sess.run_with_iobinding(binding)
         return (time.perf_counter_ns() - t0) * 1e-6
 
+    # The same page backing as the runner's (engines/hugepages.py): otherwise this compares 4 KiB with 2 MiB
+    # pages, not the two harnesses.
+    from trt_latency.engines.hugepages import back_with_huge_pages
+
+    back_with_huge_pages()
     time_once.keep = keep  # type: ignore[attr-defined]
     return time_once
 

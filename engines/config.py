@@ -119,6 +119,7 @@ class ReplaySpec:
     text_tokens: tuple[int, int]  # uniform, inclusive
     output_tokens: tuple[int, int]  # log-uniform, inclusive
     seed: int = 0
+    images: tuple[int, ...] = (1,)  # images per request with vision tokens (choices; a VLM plan's chain replay)
 
     @property
     def max_prompt(self) -> int:
@@ -315,7 +316,7 @@ def _adaptive(ctx: _Ctx, raw: object, where: str, base: AdaptiveSpec | None) -> 
 
 def _replay(ctx: _Ctx, raw: object, where: str, base: ReplaySpec | None) -> ReplaySpec:
     m = ctx.mapping(raw, where)
-    keys = ("requests", "vision_tokens", "text_tokens", "output_tokens", "seed")
+    keys = ("requests", "vision_tokens", "text_tokens", "output_tokens", "seed", "images")
     ctx.keys(m, where, keys, () if base is not None else ("requests", "vision_tokens", "text_tokens",
                                                             "output_tokens"))
     requests = ctx.integer(m["requests"], f"{where}.requests", lo=0) if "requests" in m else None
@@ -323,12 +324,14 @@ def _replay(ctx: _Ctx, raw: object, where: str, base: ReplaySpec | None) -> Repl
     text = ctx.int_list(m["text_tokens"], f"{where}.text_tokens", lo=0, n=2) if "text_tokens" in m else None
     out = ctx.int_list(m["output_tokens"], f"{where}.output_tokens", lo=1, n=2) if "output_tokens" in m else None
     seed = ctx.integer(m["seed"], f"{where}.seed", lo=0) if "seed" in m else None
+    images = ctx.int_list(m["images"], f"{where}.images", lo=1) if "images" in m else None
     for name, rng in (("text_tokens", text), ("output_tokens", out)):
         if rng is not None and rng[0] > rng[1]:
             raise ctx.fail(f"{where}.{name}", "[low, high] with low <= high", list(rng))
     if base is None:
         assert requests is not None and vision is not None and text is not None and out is not None
-        spec = ReplaySpec(requests, vision, (text[0], text[1]), (out[0], out[1]), 0 if seed is None else seed)
+        spec = ReplaySpec(requests, vision, (text[0], text[1]), (out[0], out[1]), 0 if seed is None else seed,
+                          (1,) if images is None else images)
     else:
         spec = ReplaySpec(
             requests=base.requests if requests is None else requests,
@@ -336,6 +339,7 @@ def _replay(ctx: _Ctx, raw: object, where: str, base: ReplaySpec | None) -> Repl
             text_tokens=base.text_tokens if text is None else (text[0], text[1]),
             output_tokens=base.output_tokens if out is None else (out[0], out[1]),
             seed=base.seed if seed is None else seed,
+            images=base.images if images is None else images,
         )
     if spec.max_prompt < 1:
         raise ctx.fail(f"{where}.text_tokens", "a prompt of at least 1 token (vision + text)", list(spec.text_tokens))

@@ -10,7 +10,7 @@ records which backing the timings had.
 
 How: after the session and the runner's buffers exist, every writable anonymous mapping of at least
 ``min_bytes`` gets ``madvise(MADV_HUGEPAGE)`` (khugepaged keeps later growth huge) and
-``madvise(MADV_COLLAPSE)`` (Linux >= 6.1: collapse now, synchronously). Nothing here can fail a run: off
+``madvise(MADV_COLLAPSE)`` (Linux >= 6.1: collapse now, synchronously), on the 2 MiB-aligned part of each. Nothing here can fail a run: off
 Linux, with THP ``never``, or on an older kernel it reports what it could do and the runner goes on.
 """
 
@@ -78,7 +78,7 @@ def _anonymous_regions(min_bytes: int) -> list[tuple[int, int]]:
     return out
 
 
-def back_with_huge_pages(min_bytes: int = 4 << 20) -> Backing:
+def back_with_huge_pages(min_bytes: int = HUGE) -> Backing:
     """Advise and collapse this process's large anonymous memory onto 2 MiB pages (see the module doc)."""
     mode = thp_mode()
     if not sys.platform.startswith("linux") or mode in ("never", "unavailable"):

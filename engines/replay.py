@@ -37,6 +37,7 @@ class ReplayRequest:
     vision_tokens: int
     text_tokens: int
     output_tokens: int
+    images: int = 1  # images the vision tokens come from (0 without vision tokens)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,9 @@ def draw_requests(spec: ReplaySpec, n: int, tier: TierSpec | None = None) -> lis
         if tier is not None:
             t = max(1 if v == 0 else 0, min(t, tier.max_prefill_len - v))
             o = max(1, min(o, tier.max_past_len + 2 - v - t))
-        reqs.append(ReplayRequest(i, v, t, o))
+        # Images from a stream of their own: the plan's other draws (and so old logs) stay as they were.
+        k = int(np.random.default_rng([spec.seed, 7927, i]).choice(np.asarray(spec.images))) if v > 0 else 0
+        reqs.append(ReplayRequest(i, v, t, o, k))
     return reqs
 
 
@@ -181,7 +184,7 @@ def run_replay(runner: Runner, key: ConfigKey, tier: TierSpec, spec: ReplaySpec,
                       (rng.standard_normal((1, prompt, runner.hidden), dtype=np.float32) * 0.5).astype(dtype))
             before = 0.0
             if chain is not None and req.vision_tokens > 0:
-                embeds, timing = chain.prompt(runner, req.vision_tokens, req.text_tokens, 1, rng)
+                embeds, timing = chain.prompt(runner, req.vision_tokens, req.text_tokens, req.images, rng)
                 before = timing.vision_ms + timing.embedding_ms
             res = runner.generate(embeds, req.output_tokens)
             if before:
@@ -190,7 +193,7 @@ def run_replay(runner: Runner, key: ConfigKey, tier: TierSpec, spec: ReplaySpec,
                 "request_id": req.request_id, "vision_tokens": req.vision_tokens, "text_tokens": req.text_tokens,
                 "output_tokens": req.output_tokens, "tier_idx": key.tier_idx, "top_k": key.top_k,
                 "num_active_blocks": key.num_active_blocks, "ttft_ms": round(res.ttft_ms, 6),
-                "total_ms": round(res.total_ms, 6), "images": 1 if req.vision_tokens > 0 else 0,
+                "total_ms": round(res.total_ms, 6), "images": req.images,
                 "backend": runner.backend, "device": runner.device,
             }])
             written += 1

@@ -189,3 +189,34 @@ def test_calibrate_cli_vision_without_family_fails_first_in_one_line(tmp_path: P
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "no family" in err[0] and "--vision-family" in err[0]
     assert not (tmp_path / "o" / "samples.csv").exists()  # failed before the decoder sweep
+
+
+def test_replay_sends_a_requests_images_through_the_chain(tmp_path: Path) -> None:
+    """replay.images: each request with vision tokens draws its image count (own random stream: the other
+    draws are unchanged), the chain encodes that many images, requests.csv records it."""
+    import csv
+
+    from trt_latency.engines.backends import open_runner
+    from trt_latency.engines.config import ReplaySpec, TierSpec
+    from trt_latency.engines.replay import draw_requests, run_replay
+    from trt_latency.engines.vision import EmbeddingStep, VisionChain, VisionEncoder, read_vision_signature
+    from trt_latency.schema import ConfigKey
+
+    one = ReplaySpec(8, (0, 64), (8, 16), (2, 3), 0)
+    both = dataclasses.replace(one, images=(1, 2))
+    a, b = draw_requests(one, 8), draw_requests(both, 8)
+    assert [(r.vision_tokens, r.text_tokens, r.output_tokens) for r in a] == [
+        (r.vision_tokens, r.text_tokens, r.output_tokens) for r in b]
+    assert {r.images for r in a if r.vision_tokens} == {1} and {r.images for r in b if r.vision_tokens} == {1, 2}
+    assert all(r.images == 0 for r in b if not r.vision_tokens)
+    chain = VisionChain(VisionEncoder(read_vision_signature(VIT / "vision.onnx")), EmbeddingStep(VIT / "embedding.onnx"),
+                        together=False)
+    tier = TierSpec(0, "decoder", hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=512,
+                    experts=1, dtype="float32", max_past_len=256, max_prefill_len=128)
+    log = tmp_path / "requests.csv"
+    with open_runner(DECODER, "ort-cpu", threads=1, max_past_len=256, max_new_tokens=128) as runner:
+        run_replay(runner, ConfigKey(0, 1, 2), tier, both, log, progress=False, chain=chain)
+    rows = list(csv.DictReader(log.open()))
+    assert [int(r["images"]) for r in rows] == [r.images for r in b]
+    two = [r for r in rows if r["images"] == "2"]
+    assert two and all(float(r["ttft_ms"]) > 0 for r in two)

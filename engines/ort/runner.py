@@ -233,7 +233,12 @@ class OrtRunner(Closing):
             self._mask: Any = self._host_mask
             self._logits: Any = self._host_logits
             self._logits_step: Any = self._host_logits_step
-            self._kv: Any = [[tuple(filled(cap, d.kv_dtype) for _ in range(n_kv)) for _ in range(d.blocks)]
+            # One pool, sliced per (set, block, key/value): a single mapping that huge pages can back whole
+            # (separate 2-3 MB arrays are separate mappings that a 2 MiB page rarely covers), as a serving
+            # engine's KV cache is one allocation.
+            pool = filled(n_sets * d.blocks * n_kv * cap, d.kv_dtype)
+            views = iter(pool[i * cap:(i + 1) * cap] for i in range(n_sets * d.blocks * n_kv))
+            self._kv: Any = [[tuple(next(views) for _ in range(n_kv)) for _ in range(d.blocks)]
                              for _ in range(n_sets)]
             return
         ov = ort.OrtValue
@@ -481,7 +486,9 @@ class OrtRunner(Closing):
         buf: dict[str, Any] = {"host": host, "length": length}
         if not self._on_device:
             buf.update(host)
-            buf["kv"] = [[tuple(kv_host.copy() for _ in range(n_kv)) for _ in range(d.blocks)] for _ in range(n_sets)]
+            pool = np.tile(kv_host, n_sets * d.blocks * n_kv)  # one mapping, as in _allocate
+            views = iter(pool[i * cap:(i + 1) * cap] for i in range(n_sets * d.blocks * n_kv))
+            buf["kv"] = [[tuple(next(views) for _ in range(n_kv)) for _ in range(d.blocks)] for _ in range(n_sets)]
             self._batch = buf
             self._back_memory()  # the batch buffers are new memory: same backing as the rest
         else:
