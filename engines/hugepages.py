@@ -1,12 +1,11 @@
-"""Back a CPU runner's memory with transparent huge pages, so the timings are the engine's, not the TLB's.
+"""Back a CPU runner's memory with transparent huge pages, as a tuned CPU serving process runs.
 
-Why: on the 2-core dev VM (THP in ``madvise`` mode, the usual distro default) a small decode step of the
-reference tier reads ~17 MB of weights from 4 KiB pages; whether those happen to sit on huge pages decided
-more than the engine did. Same model, same position, back-to-back (benchmarks/sweep_noise.py):
-L=1 0.81 ms with a robust sd of 19% on 4 KiB pages, 0.35 ms and 8% once collapsed to 2 MiB pages. The
-sweep's per-position noise halves with it, which is precision bought for nothing. A CPU serving process
-should run the same way (THP ``always``, or ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``); calibration.yaml
-records which backing the timings had.
+Why: a small decode step of the reference tier reads ~17 MB of weights, and a CPU serving process that is
+tuned at all runs on huge pages (THP ``always``, or ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``); the
+sweep should time the engine that way, and calibration.yaml records which backing the timings had. It is
+not a cure for the per-process speed lottery of the shared dev VM (benchmarks/sweep_noise.py: fresh
+processes read the same back-to-back KV-1 step at 0.38-0.72 ms on 4 KiB pages and 0.36-0.88 ms on huge
+pages over two runs: the host's backing of the VM's memory, not the guest's page size).
 
 How: after the session and the runner's buffers exist, every writable anonymous mapping of at least
 ``min_bytes`` gets ``madvise(MADV_HUGEPAGE)`` (khugepaged keeps later growth huge) and

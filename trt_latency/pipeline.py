@@ -696,7 +696,7 @@ def _replay(target: Target, plan: Any, backend: str, requests_path: Path, n: int
         if vision is not None:  # requests with vision tokens run encoder -> embedding -> decoder
             from trt_latency.pipeline_vision import open_chain
 
-            chain = open_chain(vision, plan.runtime.intra_op_threads)
+            chain = open_chain(vision, plan.runtime.intra_op_threads, plan.runtime.huge_pages)
         result = run_replay(runner, target.key, target.tier, spec, requests_path, n, progress=progress,
                             id_offset=id_offset, chain=chain)
     say(f"  replay {_key_name(target.key)} (request_id {id_offset}..{id_offset + n - 1}): "

@@ -22,11 +22,12 @@ def vision_signature(args: Any) -> Any:
                                  feeds=args.vision_feeds, tokens_per_patch=args.vision_tokens_per_patch)
 
 
-def open_chain(args: Any, threads: int) -> Any:
+def open_chain(args: Any, threads: int, huge_pages: bool = True) -> Any:
     from trt_latency.engines.vision import EmbeddingStep, VisionChain, VisionEncoder
 
-    encoder = VisionEncoder(vision_signature(args), threads=threads or 1)
-    embedding = EmbeddingStep(args.embedding_onnx, threads=threads or 1) if args.embedding_onnx else None
+    encoder = VisionEncoder(vision_signature(args), threads=threads or 1, huge_pages=huge_pages)
+    embedding = (EmbeddingStep(args.embedding_onnx, threads=threads or 1, huge_pages=huge_pages)
+                 if args.embedding_onnx else None)
     return VisionChain(encoder, embedding, together=args.vision_images_per_call == "together")
 
 
@@ -41,7 +42,7 @@ def calibrate_vision(args: Any, plan: Any, out: Path, cal_path: Path, say: Calla
     from trt_latency.estimator.calibration import load_calibration, save_calibration
     from trt_latency.estimator.vision import fit_vision
 
-    chain = open_chain(args, plan.runtime.intra_op_threads)
+    chain = open_chain(args, plan.runtime.intra_op_threads, plan.runtime.huge_pages)
     enc = chain.encoder
     lo, hi = args.vision_patches
     patches = vision_patch_points(enc.adapter, lo, hi, args.vision_points)

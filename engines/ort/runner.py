@@ -141,7 +141,7 @@ class OrtRunner(Closing):
         """``session``: an already-built onnxruntime.InferenceSession (engines/ort/loader.create_session) for
         ``path``; by default the runner builds one on ``device``. ``signature``: an already-read one.
         ``huge_pages``: on the CPU provider, back the weights and buffers with 2 MiB pages
-        (engines/hugepages.py: the timings are then the engine's, not the TLB's); ``memory`` says what backed them."""
+        (engines/hugepages.py: as a tuned CPU serving process runs); ``memory`` says what backed them."""
         from trt_latency.engines.ort.loader import create_session
         from trt_latency.engines.signature import read_signature
 
