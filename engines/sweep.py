@@ -1,8 +1,10 @@
 """Runner + plan -> samples.csv: per-position step timings, appended as measured, resumable.
 
 Order: repetition rounds; inside a round every (phase, past_len, new_tokens) still in the rotation is
-visited once in a seeded shuffled order, so slow machine drift spreads over all positions instead of
-masquerading as position dependence. Each visit binds its shape once and runs warm-up + timed run in one
+visited once, the decode positions walked in order (ascending, then descending the next round: each visit
+follows a neighbour, as a serving engine's steps do; ``serpentine``), the prefill lengths after. Every shape
+in every round keeps the machine's drift common to all of them (the fit divides it out:
+trt_latency/stats.drift_adjusted). Each visit binds its shape once and runs warm-up + timed run in one
 ``time_step`` call (the first run after a shape change pays for it); the timed region is the engine call.
 
 Fixed plan: every shape gets the plan's rounds. Adaptive (plan ``sweep.adaptive``, engines/adaptive.py):
