@@ -103,6 +103,19 @@ MUTATIONS = [
     Mutation("Gate probe one rejection late (>= turned >)",
              (("serving/_gate.pyx", "self.tally.streak >= self.probe_after", "self.tally.streak > self.probe_after"),),
              ("tests/test_serving_reset_probe.py",)),
+    Mutation("drift correction: the level never divided out",
+             (("trt_latency/stats.py", "        adjusted = v * np.exp(-level)", "        adjusted = v"),),
+             ("tests/test_estimator_fit.py", "tests/test_engines_adaptive.py")),
+    Mutation("drift correction: the running window a third of a round",
+             (("trt_latency/stats.py", "    half = window // 2\n", "    half = max(window // 6, 1)\n"),),
+             ("tests/test_estimator_fit.py", "tests/test_engines_adaptive.py")),
+    Mutation("serpentine walk never reversed",
+             (("engines/sweep.py", "    if round_no % 2:\n        decode.reverse()", "    if False:\n        decode.reverse()"),),
+             ("tests/test_engines_sweep.py",)),
+    Mutation("time to target ignores the warm-up runs",
+             (("engines/adaptive.py", "        runs = 1 + (plan_warmup if st.warmup is None else st.warmup)",
+               "        runs = 1"),),
+             ("tests/test_engines_adaptive.py",)),
 ]
 
 
