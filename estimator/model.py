@@ -341,8 +341,8 @@ class Estimator:
         extra, vis_ext = self._vision_extra(vision_tokens, prompt, images)
         if extra:  # the encoder and the embedding step run before the decoder's prefill
             pre, tot = pre + extra * factor, tot + extra * factor
-            if vis_ext and "extrapolated" not in flags:
-                flags = "; ".join(x for x in (flags, "extrapolated (vision patches)") if x)
+        if vis_ext and "extrapolated" not in flags:  # outside the swept patches whatever the term costs (as compiled)
+            flags = "; ".join(x for x in (flags, "extrapolated (vision patches)") if x)
         return Prediction(pre, dec, tot, flags)
 
     def max_new_tokens(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, tier_idx: Any = 0, top_k: Any = 1,
