@@ -24,13 +24,13 @@ import numpy as np
 
 from trt_latency.engines.config import BatchSweep, Plan
 from trt_latency.engines.sweep import (
-    MIN_ROUNDS,
     SAMPLES_INDEX,
     _int_field,
     _open_writer,
     _progress,
     check_backend,
     interleaved_rounds,
+    past_deadline,
     resume_records,
 )
 from trt_latency.errors import InputError
@@ -158,7 +158,7 @@ def run_batch_sweep(runner: Any, key: ConfigKey, plan: Plan, samples_path: str |
     writer = _open_writer(path)  # rows durable in half-second groups, as the decode sweep's
     try:
         for row in order:
-            if deadline is not None and row.rep >= MIN_ROUNDS and time.perf_counter() >= deadline:
+            if past_deadline(deadline, row.rep):
                 out_of_time = True
                 break
             s = row.shape

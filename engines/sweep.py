@@ -389,12 +389,19 @@ def run_sweep(runner: Runner, key: ConfigKey, plan: Plan, samples_path: str | os
 REWARM_RUNS = 3  # untimed runs at a round's first shape, after the round's bookkeeping
 
 
-def rewarm(runner: Runner, past_len: int, new_tokens: int) -> None:
+def rewarm(runner: Runner, phase: str, past_len: int, new_tokens: int) -> None:
     """Untimed runs before a round's first visit. Between rounds the sweep refits, prices the replay and
     writes rows; that Python work pushes the weights out of the CPU's caches, and the first visit of the
     next round (KV 1 or KV max, the serpentine's turning points) then read 5-26% above the fit at KV 1
-    in six default calibrates. A serving engine's steps do not follow a pause like that."""
-    runner.time_step(past_len, new_tokens, REWARM_RUNS)
+    in six default calibrates. A serving engine's steps do not follow a pause like that. A round that
+    starts with a prefill (decode all done) runs it cold, as a served prefill runs."""
+    if phase == "decode":
+        runner.time_step(past_len, new_tokens, REWARM_RUNS)
+
+
+def past_deadline(deadline: float | None, rep: int) -> bool:
+    """A fixed-round loop stops here: every shape has had MIN_ROUNDS and the deadline has passed."""
+    return deadline is not None and rep >= MIN_ROUNDS and time.perf_counter() >= deadline
 
 
 def _row_values(runner: Runner, key: ConfigKey, row: PlannedRow, ms: float) -> list[Any]:
@@ -427,12 +434,11 @@ def _run_fixed(runner: Runner, key: ConfigKey, plan: Plan, sink: RowSink, progre
     try:
         last_rep = -1
         for row in order:
-            if deadline is not None and row.rep >= MIN_ROUNDS and time.perf_counter() >= deadline:
+            if past_deadline(deadline, row.rep):
                 out_of_time = True
                 break
             if row.rep != last_rep:  # a new round
-                if row.phase == "decode":
-                    rewarm(runner, row.past_len, row.new_tokens)
+                rewarm(runner, row.phase, row.past_len, row.new_tokens)
                 last_rep = row.rep
             warmup = sweep.decode.warmup if row.phase == "decode" else sweep.prefill.warmup
             ms = measure_once(runner, row.past_len, row.new_tokens, warmup)
@@ -550,8 +556,7 @@ def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, sink: RowSink, pro
                 break
             round_start = written
             order = serpentine(active, round_no, lambda s: (s.phase, s.past_len, s.new_tokens))
-            if order[0].phase == "decode":  # a prefill-only round (decode all done) runs cold, as prefill does
-                rewarm(runner, order[0].past_len, order[0].new_tokens)
+            rewarm(runner, order[0].phase, order[0].past_len, order[0].new_tokens)
             for st in order:
                 plan_warmup = sweep.decode.warmup if st.phase == "decode" else sweep.prefill.warmup
                 warmup = plan_warmup if st.warmup is None else st.warmup

@@ -243,9 +243,8 @@ def decode_rows(samples: Samples, key: ConfigKey) -> np.ndarray:
     return sel & (samples.batch <= 1) & (samples.phase == "decode") & (samples.new_tokens == 1)
 
 
-def decode_latencies(samples: Samples, key: ConfigKey) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(past_len, drift-adjusted latency, drift level) of one config's decode rows, in measuring order."""
-    dec = decode_rows(samples, key)
+def decode_latencies(samples: Samples, dec: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(past_len, drift-adjusted latency, drift level) of the decode rows ``dec`` (decode_rows), in measuring order."""
     past = samples.past_len[dec]
     lat, level = drift_adjusted(past, samples.latency_ms[dec], int(np.unique(past).shape[0]))
     return past, lat, level
@@ -267,7 +266,7 @@ def fit_config(
     if not dec.any():
         raise SamplesError(f"{where} has no decode rows", path=samples.source or None, field="phase",
                            expected="decode rows with new_tokens=1 at >= 2 past_len values")  # fmt: skip
-    dec_past, dec_lat, drift = decode_latencies(samples, key)  # the fit's medians: the machine's drift divided out
+    dec_past, dec_lat, drift = decode_latencies(samples, dec)  # the fit's medians: the machine's drift divided out
     x, y, _ = _medians(dec_past, dec_lat)
     if x.shape[0] < 2:
         raise SamplesError(f"{where} has decode rows at one past_len only", path=samples.source or None,

@@ -218,8 +218,9 @@ def position_table(samples: Any, cal: Any) -> str:
     lines: list[str] = []
     for cfg in cal.configs:
         # The medians the fit used (the machine's drift divided out: estimator.fit.drift_adjusted); p90 raw.
-        past, lat, _ = decode_latencies(samples, cfg.key)
-        raw = samples.latency_ms[decode_rows(samples, cfg.key)]
+        rows = decode_rows(samples, cfg.key)
+        past, lat, _ = decode_latencies(samples, rows)
+        raw = samples.latency_ms[rows]
         lines.append(f"config tier_idx={cfg.tier_idx} top_k={cfg.top_k} num_active_blocks={cfg.num_active_blocks}")
         lines.append(f"  {'past_len':>8}  {'reps':>4}  {'median ms':>10}  {'p90 ms':>9}  {'fitted ms':>10}  {'fit err':>8}")
         for p in np.unique(past):

@@ -233,13 +233,7 @@ class OrtRunner(Closing):
             self._mask: Any = self._host_mask
             self._logits: Any = self._host_logits
             self._logits_step: Any = self._host_logits_step
-            # One pool, sliced per (set, block, key/value): a single mapping that huge pages can back whole
-            # (separate 2-3 MB arrays are separate mappings that a 2 MiB page rarely covers), as a serving
-            # engine's KV cache is one allocation.
-            pool = filled(n_sets * d.blocks * n_kv * cap, d.kv_dtype)
-            views = iter(pool[i * cap:(i + 1) * cap] for i in range(n_sets * d.blocks * n_kv))
-            self._kv: Any = [[tuple(next(views) for _ in range(n_kv)) for _ in range(d.blocks)]
-                             for _ in range(n_sets)]
+            self._kv: Any = _kv_views(filled(n_sets * d.blocks * n_kv * cap, d.kv_dtype), cap, n_sets, d.blocks, n_kv)
             return
         ov = ort.OrtValue
         dev, did = self._ort_device, self._device_id
@@ -486,11 +480,7 @@ class OrtRunner(Closing):
         buf: dict[str, Any] = {"host": host, "length": length}
         if not self._on_device:
             buf.update(host)
-            pool = np.tile(kv_host, n_sets * d.blocks * n_kv)  # one mapping, as in _allocate
-            views = iter(pool[i * cap:(i + 1) * cap] for i in range(n_sets * d.blocks * n_kv))
-            buf["kv"] = [[tuple(next(views) for _ in range(n_kv)) for _ in range(d.blocks)] for _ in range(n_sets)]
-            self._batch = buf
-            self._back_memory()  # the batch buffers are new memory: same backing as the rest
+            buf["kv"] = _kv_views(np.tile(kv_host, n_sets * d.blocks * n_kv), cap, n_sets, d.blocks, n_kv)
         else:
             ov, dev, did = ort.OrtValue, self._ort_device, self._device_id
             for name in ("tokens", "pos", "mask"):
@@ -499,6 +489,7 @@ class OrtRunner(Closing):
             buf["kv"] = [[tuple(ov.ortvalue_from_numpy(kv_host, dev, did) for _ in range(n_kv))
                           for _ in range(d.blocks)] for _ in range(n_sets)]
         self._batch = buf
+        self._back_memory()  # the batch buffers are new memory: same backing as the rest (CPU only)
         return buf
 
     def _check_batch(self, kv_lens: Any) -> list[int]:
@@ -602,6 +593,14 @@ class OrtRunner(Closing):
         self._binding = None
         self.session = None
         self._batch = None
+
+
+def _kv_views(pool: np.ndarray, cap: int, n_sets: int, blocks: int, n_kv: int) -> list[list[tuple[np.ndarray, ...]]]:
+    """kv[set][block][j] as consecutive ``cap``-long views of one pool: a single mapping that huge pages can
+    back whole (separate 2-3 MB arrays are separate mappings a 2 MiB page rarely covers), as a serving
+    engine's KV cache is one allocation."""
+    views = iter(pool[i * cap:(i + 1) * cap] for i in range(n_sets * blocks * n_kv))
+    return [[tuple(next(views) for _ in range(n_kv)) for _ in range(blocks)] for _ in range(n_sets)]
 
 
 def _open(device: str, path: Path, *, threads: int = 0, inter_threads: int = 0, **options: Any) -> OrtRunner:
