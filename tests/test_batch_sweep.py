@@ -4,10 +4,6 @@ after SIGKILL), the batch fit (schema-2 section, held-out errors), T(B, X) seman
 from __future__ import annotations
 
 import csv
-import os
-import signal
-import subprocess
-import sys
 import textwrap
 import time
 from collections import Counter
@@ -20,6 +16,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from test_engines_config import TINY_PLAN  # noqa: E402
+from test_engines_sweep import kill_after_lines  # noqa: E402
 
 from trt_latency.engines.backends import open_runner  # noqa: E402
 from trt_latency.engines.batch_sweep import batch_shapes, plan_batch_rows, run_batch_sweep  # noqa: E402
@@ -149,17 +146,9 @@ def test_sigkill_midway_then_rerun_gives_exactly_the_planned_rows(model: Path, t
         print("ready", flush=True)
         run_batch_sweep(runner, ConfigKey(0, 1, 2), plan, {str(samples)!r}, progress=False)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
     plan = load_plan(plan_path)
     planned = plan_batch_rows(plan.batch, 256, 4, plan.sweep.seed)  # type: ignore[arg-type]
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if samples.exists() and samples.read_bytes().count(b"\n") > len(planned) // 4:
-            break
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_lines(script, samples, len(planned) // 4)
     partial = samples.read_bytes().count(b"\n") - 1
     assert 0 < partial < len(planned)
     res = run_batch_sweep(_runner(model), KEY, plan, samples, progress=False)

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import signal
-import subprocess
-import sys
 import textwrap
 import time
 from collections import Counter
@@ -16,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_engines_sweep import kill_after_lines
 
 from trt_latency.engines.adaptive import (
     STOP_MAX_REPS,
@@ -258,17 +255,8 @@ def test_adaptive_sigkill_then_rerun_loses_and_duplicates_nothing(model: Path, t
         run_sweep(runner, ConfigKey(0, 1, 2), plan, {str(samples)!r}, progress=False)
     """)
     plan = load_plan(plan_path)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
     n_decode = 9 + 3  # grid positions incl. 1, 2, 4, max (checked below)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if samples.exists() and samples.read_bytes().count(b"\n") > 15 * n_decode:
-            break
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_after_lines(script, samples, 15 * n_decode)
     before = _rows(samples) if samples.read_bytes().endswith(b"\n") else _rows(samples)[:-1]
     assert 0 < len(before)
     # What the killed run had finished, derived from samples.csv alone.

@@ -117,6 +117,21 @@ def test_sweep_refuses_a_foreign_header(setup: tuple[Path, Path], tmp_path: Path
         run_sweep(open_runner(model, "ort-cpu", threads=1), KEY, load_plan(plan_path), samples, progress=False)
 
 
+def kill_after_lines(script: str, samples: Path, lines: int) -> None:
+    """Run ``script`` in a child (it prints "ready" once set up, then writes ``samples``), SIGKILL it once
+    the file has more than ``lines`` lines (or after 30 s), and check that the signal is what ended it."""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if samples.exists() and samples.read_bytes().count(b"\n") > lines:
+            break
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
 @pytest.mark.slow
 def test_sigkill_midway_then_rerun_gives_exactly_the_planned_rows(setup: tuple[Path, Path], tmp_path: Path) -> None:
     _, model = setup
@@ -131,18 +146,9 @@ def test_sigkill_midway_then_rerun_gives_exactly_the_planned_rows(setup: tuple[P
         print("ready", flush=True)
         run_sweep(runner, ConfigKey(0, 1, 2), plan, {str(samples)!r}, progress=False)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
     plan = load_plan(plan_path)
     planned = plan_rows(plan.tier(0), plan.sweep)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if samples.exists() and samples.read_bytes().count(b"\n") > len(planned) // 4:
-            break
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_after_lines(script, samples, len(planned) // 4)
     partial = samples.read_bytes().count(b"\n") - 1
     assert 0 < partial < len(planned)
     res = run_sweep(open_runner(model, "ort-cpu", threads=1), KEY, plan, samples, progress=False)
