@@ -82,6 +82,20 @@ from trt_latency.ext.layout import (
 IMPLEMENTATION = "reference"
 
 
+
+def _images_field(images: Any) -> int:
+    """A request's images: None = 1, else an integer in [1, TOKEN_MAX]; -1 for a bad value."""
+    if images is None:
+        return 1
+    got = as_int(images)
+    return got if got is not None and 1 <= got <= TOKEN_MAX else -1
+
+
+def _same_length(what: str, size: int, *arrays: np.ndarray | None) -> None:
+    """The batch entry points' one shape rule (as the compiled ones): every array as long as the first."""
+    if any(a is not None and a.shape[0] != size for a in arrays):
+        raise ValueError(f"{what}: all arrays must have the same length")
+
 class _DecisionFields(NamedTuple):
     admit: bool
     max_new_tokens: int
@@ -385,12 +399,9 @@ class Kernel:
             if af is None or not (0.0 < af < 1.0):
                 return CODE_BAD + 7, 0, nan
             a = af
-        im = 1
-        if images is not None:
-            got = as_int(images)
-            if got is None or not 1 <= got <= TOKEN_MAX:
-                return CODE_BAD_IMAGES, 0, nan
-            im = got
+        im = _images_field(images)
+        if im < 0:
+            return CODE_BAD_IMAGES, 0, nan
         if prompt == 0:
             return CODE_EMPTY_PROMPT, 0, nan
         c = self.lookup(keys[0], keys[1], blocks)
@@ -432,6 +443,7 @@ class Kernel:
         prefill_scale: Any,
         decode_scale: Any,
         factor: Any,
+        images: Any = None,
     ) -> Decision:
         """admit() on the scaled model total_scaled(n) = (prefill_scale * prefill(P) + decode_scale *
         decode_sum(P, n)) * factor: a serving loop's online corrections and safety factor applied
@@ -439,12 +451,12 @@ class Kernel:
         total_scaled(n) <= budget < total_scaled(n + 1); predicted_ms is total_scaled(requested or 1).
         Never raises; Decision.code / .extrapolated / .judged say how the request was judged."""
         code, n, pred = self._scaled_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx,
-                                               top_k, num_active_blocks, prefill_scale, decode_scale, factor)
+                                               top_k, num_active_blocks, prefill_scale, decode_scale, factor, images)
         return Decision(code < 16, n, pred, REASONS[code])
 
     def _scaled_code(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any,
                      tier_idx: Any, top_k: Any, num_active_blocks: Any, prefill_scale: Any,
-                     decode_scale: Any, factor: Any) -> tuple[int, int, float]:
+                     decode_scale: Any, factor: Any, images: Any = None) -> tuple[int, int, float]:
         nan = math.nan
         bad, budget, prompt, req, keys, blocks = self._fields(budget_ms, vision_tokens, text_tokens, max_new_tokens,
                                                               tier_idx, top_k, num_active_blocks)
@@ -456,13 +468,16 @@ class Kernel:
             if x is None or not (0.0 < x < math.inf):
                 return CODE_BAD_SCALE, 0, nan
             scales.append(x)
+        im = _images_field(images)
+        if im < 0:
+            return CODE_BAD_IMAGES, 0, nan
         if prompt == 0:
             return CODE_EMPTY_PROMPT, 0, nan
         c = self.lookup(keys[0], keys[1], blocks)
         if c < 0:
             return CODE_UNKNOWN_CONFIG, 0, nan
         return self.decide_scaled(c, float(prompt), budget, req, scales[2], F_NONE, scales[0], scales[1],
-                                  float(as_int(vision_tokens) or 0))
+                                  float(as_int(vision_tokens) or 0), float(im))
 
     def decide(self, c: int, prompt: float, budget: float, req: int, alpha: float,
                vision: float = 0.0, images: float = 1.0) -> tuple[int, int, float]:
@@ -489,11 +504,11 @@ class Kernel:
         return status * 16 + fact * 8 + (4 if ext else 0) + fsrc, n, pred
 
     def choose(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any = None,
-               candidates: Any = None, alpha: Any = None) -> Decision:
+               candidates: Any = None, alpha: Any = None, images: Any = None) -> Decision:
         """The admit Decision of the first candidate config (tier_idx, top_k, num_active_blocks) that
         admits, in the given order (None: self.preference), with .config = that candidate; when none
         admits, candidate 0's Decision (with .config = candidate 0). No candidates: CODE_NO_CANDIDATE.
-        Never raises."""
+        `images` as in admit. Never raises."""
         candidates = self.preference if candidates is None else as_candidates(candidates)
         first: tuple[int, int, float] = (CODE_NO_CANDIDATE, 0, math.nan)
         for i, cand in enumerate(candidates):
@@ -503,12 +518,12 @@ class Kernel:
                 code, n, pred = CODE_UNKNOWN_CONFIG, 0, math.nan
             else:
                 code, n, pred = self.admit_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, ti, tk, bl,
-                                                alpha)  # fmt: skip
+                                                alpha, images)  # fmt: skip
             if code < 16:
                 return self._chosen(code, n, pred, cand)
             if i == 0:
                 first = (code, n, pred)
-                if CODE_BAD <= code < CODE_BAD + 4:
+                if CODE_BAD <= code < CODE_BAD + 4 or code == CODE_BAD_IMAGES:
                     break  # a bad request field: every candidate gets the same answer
         return self._chosen(*first, candidates[0] if candidates else None)
 
@@ -528,10 +543,14 @@ class Kernel:
         top_k: np.ndarray,
         num_active_blocks: np.ndarray,
         alpha: float = -1.0,
+        images: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Arrays in (float64 budget, int64 the rest; -1 = None for max_new_tokens / num_active_blocks;
-        alpha <= 0 = none) -> (admit bool, max_new_tokens int64, predicted_ms float64, code int64)."""
+        alpha <= 0 = none; images None = one image per request)
+        -> (admit bool, max_new_tokens int64, predicted_ms float64, code int64)."""
         size = budget_ms.shape[0]
+        _same_length("admit_batch", size, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
+                     num_active_blocks, images)
         ok = np.zeros(size, dtype=bool)
         nout = np.zeros(size, dtype=np.int64)
         pred = np.full(size, math.nan)
@@ -542,7 +561,8 @@ class Kernel:
             req, bl = int(max_new_tokens[i]), int(num_active_blocks[i])
             cd, n, p = self.admit_code(float(budget_ms[i]), int(vision_tokens[i]), int(text_tokens[i]),
                                        None if req == -1 else req, int(tier_idx[i]), int(top_k[i]),
-                                       None if bl == -1 else bl, alpha_v)  # fmt: skip
+                                       None if bl == -1 else bl, alpha_v,
+                                       None if images is None else int(images[i]))  # fmt: skip
             code[i], nout[i], pred[i], ok[i] = cd, n, p, cd < 16
         return ok, nout, pred, code
 
@@ -555,10 +575,13 @@ class Kernel:
         top_k: np.ndarray,
         num_active_blocks: np.ndarray,
         quantile: float = -1.0,
+        images: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """-> (prefill_ms, decode_ms, total_ms, flags); NaN rows for invalid requests or unknown configs.
-        flags bit 0 extrapolated, bit 1 factorised, bit 2 quantile beyond stored, bit 3 invalid."""
+        flags bit 0 extrapolated, bit 1 factorised, bit 2 quantile beyond stored, bit 3 invalid.
+        images None = one image per request."""
         size = vision_tokens.shape[0]
+        _same_length("predict_batch", size, text_tokens, output_tokens, tier_idx, top_k, num_active_blocks, images)
         pre = np.full(size, math.nan)
         dec = np.full(size, math.nan)
         tot = np.full(size, math.nan)
@@ -567,8 +590,10 @@ class Kernel:
         for i in range(size):
             vt, tt, n = int(vision_tokens[i]), int(text_tokens[i]), int(output_tokens[i])
             ti, tk, bl = int(tier_idx[i]), int(top_k[i]), int(num_active_blocks[i])
+            im = 1 if images is None else int(images[i])
             if (not 0 <= vt <= TOKEN_MAX or not 0 <= tt <= TOKEN_MAX or vt + tt == 0 or not 1 <= n <= TOKEN_MAX
-                    or not 0 <= ti <= TOKEN_MAX or not 0 <= tk <= TOKEN_MAX or bl < -1 or bl > TOKEN_MAX):  # fmt: skip
+                    or not 0 <= ti <= TOKEN_MAX or not 0 <= tk <= TOKEN_MAX or bl < -1 or bl > TOKEN_MAX
+                    or not 1 <= im <= TOKEN_MAX):  # fmt: skip
                 flags[i] = 8
                 continue
             c = self.lookup(ti, tk, bl)
@@ -577,11 +602,11 @@ class Kernel:
                 continue
             f, fsrc = (1.0, F_NONE) if not qv > 0.0 else self.quantile_factor(c, qv)
             prompt = float(vt + tt)
-            p_ = self.prefill(c, prompt) + self.vision(c, float(vt), prompt)
+            p_ = self.prefill(c, prompt) + self.vision(c, float(vt), prompt, float(im))
             d_ = self.decode_sum(c, prompt, float(n))
             pre[i], dec[i], tot[i] = p_ * f, d_ * f, (p_ + d_) * f
             flags[i] = (
-                (1 if self.extrapolated(c, prompt, float(n), float(vt)) else 0)
+                (1 if self.extrapolated(c, prompt, float(n), float(vt), float(im)) else 0)
                 | (2 if self.cfg[c][FACTORISED] != 0.0 else 0)
                 | (4 if fsrc == F_CLIPPED else 0)
             )

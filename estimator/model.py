@@ -397,44 +397,47 @@ class Estimator:
                                   num_active_blocks, alpha, images)  # fmt: skip
 
     def choose(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any = None,  # type: ignore[no-redef]
-               candidates: Any = None, alpha: Any = None) -> Any:
+               candidates: Any = None, alpha: Any = None, images: Any = None) -> Any:
         """The first config, in preference order, whose admit decision fits the budget: its Decision,
         with ``.config`` = that (tier_idx, top_k, num_active_blocks). When none fits, the first
         candidate's Decision (admit False, ``.config`` = that candidate); no candidates: a Decision
         with code CODE_NO_CANDIDATE and ``.config`` None. Order: ``candidates`` (an iterable of
         (tier_idx, top_k, num_active_blocks), blocks None = the tier's largest), else ``preference``
         (the calibration's, else most expensive first). One compiled call for all candidates; never
-        raises (bad fields and unknown configs are decisions that do not admit, as in admit).
+        raises (bad fields and unknown configs are decisions that do not admit, as in admit). ``images``
+        as in admit: every candidate is judged with the request's images.
         Replaced per instance by the kernel's method (see __init__); documented here."""
-        return self._kernel.choose(budget_ms, vision_tokens, text_tokens, max_new_tokens, candidates, alpha)
+        return self._kernel.choose(budget_ms, vision_tokens, text_tokens, max_new_tokens, candidates, alpha, images)
 
     # -------------------------------------------------------------- batch
     def admit_batch(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any = -1,
                     tier_idx: Any = 0, top_k: Any = 1, num_active_blocks: Any = -1,
-                    alpha: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+                    alpha: float | None = None,
+                    images: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
         """Vectorised admit over arrays (scalars broadcast). -1 = None for max_new_tokens and
-        num_active_blocks. Returns (admit bool, max_new_tokens int64, predicted_ms, reason code);
-        `reason_text(code)` gives the words."""
+        num_active_blocks; ``images`` (None = one image per request) as in admit. Returns (admit bool,
+        max_new_tokens int64, predicted_ms, reason code); `reason_text(code)` gives the words."""
         budget = np.asarray(budget_ms, dtype=np.float64)
-        arrays = np.broadcast_arrays(budget, *(np.asarray(a) for a in (vision_tokens, text_tokens, max_new_tokens,
-                                                                        tier_idx, top_k, num_active_blocks)))  # fmt: skip
+        fields = (vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k, num_active_blocks)
+        arrays = np.broadcast_arrays(budget, *(np.asarray(a) for a in fields + (() if images is None else (images,))))
         b = np.ascontiguousarray(arrays[0], dtype=np.float64).ravel()
         ints = [np.ascontiguousarray(a, dtype=np.int64).ravel() for a in arrays[1:]]
         a = -1.0 if alpha is None else float(alpha)
         if alpha is not None and not 0.0 < a < 1.0:
             a = math.nan  # every row gets the bad-alpha decision
-        return self._kernel.admit_batch(b, *ints, a)  # type: ignore[no-any-return]
+        return self._kernel.admit_batch(b, *ints[:6], a, ints[6] if images is not None else None)  # type: ignore[no-any-return]
 
     def predict_batch(self, vision_tokens: Any, text_tokens: Any, output_tokens: Any, tier_idx: Any = 0,
-                      top_k: Any = 1, num_active_blocks: Any = -1,
-                      quantile: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+                      top_k: Any = 1, num_active_blocks: Any = -1, quantile: float | None = None,
+                      images: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
         """(prefill_ms, decode_ms, total_ms, flags) arrays; flags bit 0 extrapolated, 1 factorised,
-        2 quantile beyond calibrated, 3 invalid row (NaN results)."""
-        arrays = np.broadcast_arrays(*(np.asarray(a) for a in (vision_tokens, text_tokens, output_tokens, tier_idx,
-                                                              top_k, num_active_blocks)))  # fmt: skip
+        2 quantile beyond calibrated, 3 invalid row (NaN results; an images count below 1 is one).
+        ``images``: how many images each request's vision tokens come as (None = one)."""
+        fields = (vision_tokens, text_tokens, output_tokens, tier_idx, top_k, num_active_blocks)
+        arrays = np.broadcast_arrays(*(np.asarray(a) for a in fields + (() if images is None else (images,))))
         ints = [np.ascontiguousarray(a, dtype=np.int64).ravel() for a in arrays]
         q = -1.0 if quantile is None else _unit_arg(quantile, "quantile")
-        return self._kernel.predict_batch(*ints, q)  # type: ignore[no-any-return]
+        return self._kernel.predict_batch(*ints[:6], q, ints[6] if images is not None else None)  # type: ignore[no-any-return]
 
     @staticmethod
     def reason_text(code: int) -> str:

@@ -358,9 +358,9 @@ cdef class Kernel:
     cdef int _scaled_code(self, object budget_ms, object vision_tokens, object text_tokens,
                           object max_new_tokens, object tier_idx, object top_k, object num_active_blocks,
                           object prefill_scale, object decode_scale, object factor,
-                          long long* n, double* pred) except -1:
+                          long long* n, double* pred, object images=None) except -1:
         cdef double budget = 0.0, ps = 0.0, ds = 0.0, f = 0.0
-        cdef long long prompt = 0, req = -1, ti = 0, tk = 0, bl = -1, c
+        cdef long long prompt = 0, req = -1, ti = 0, tk = 0, bl = -1, c, im = 1
         cdef int code = _parse_request(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
                                        num_active_blocks, &budget, &prompt, &req, &ti, &tk, &bl)
         if code >= 0:
@@ -369,57 +369,63 @@ cdef class Kernel:
                 or not _to_real(decode_scale, &ds) or not (0.0 < ds < INFINITY)
                 or not _to_real(factor, &f) or not (0.0 < f < INFINITY)):
             return CODE_BAD_SCALE
+        if images is not None:
+            if not _to_ll(images, &im) or not (1 <= im <= TOKEN_MAX):
+                return CODE_BAD_IMAGES
         if prompt == 0:
             return CODE_EMPTY_PROMPT
         c = c_lookup(&self.t, ti, tk, bl)
         if c < 0:
             return CODE_UNKNOWN_CONFIG
         return c_decide_scaled(&self.t, c, <double>prompt, budget, req, f, F_NONE, n, pred, ps, ds,
-                               _vision_of(vision_tokens), 1.0)
+                               _vision_of(vision_tokens), <double>im)
 
     def admit_scaled(self, budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
-                     num_active_blocks, prefill_scale, decode_scale, factor):
-        """admit() on total_scaled(n) = (prefill_scale * prefill + decode_scale * decode_sum(n)) * factor;
-        never raises; Decision.code / .extrapolated / .judged say how it was judged."""
+                     num_active_blocks, prefill_scale, decode_scale, factor, images=None):
+        """admit() on total_scaled(n) = (prefill_scale * (prefill + vision) + decode_scale * decode_sum(n)) * factor;
+        `images` as in admit. Never raises; Decision.code / .extrapolated / .judged say how it was judged."""
         cdef long long n = 0
         cdef double pred = NAN
         cdef int code = self._scaled_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
-                                          num_active_blocks, prefill_scale, decode_scale, factor, &n, &pred)
+                                          num_active_blocks, prefill_scale, decode_scale, factor, &n, &pred, images)
         return _decision(code, n, pred)
 
     cdef int _candidate_code(self, object budget_ms, object vision_tokens, object text_tokens, object max_new_tokens,
-                             object cand, object alpha, long long* n, double* pred) except -1:
+                             object cand, object alpha, long long* n, double* pred, object images) except -1:
         """admit's code for one choose candidate; a candidate that is not a 3-tuple is an unknown config."""
         try:
             ti, tk, bl = cand
         except Exception:  # noqa: BLE001
             return CODE_UNKNOWN_CONFIG
-        return self._admit_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, ti, tk, bl, alpha, n, pred)
+        return self._admit_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, ti, tk, bl, alpha, n, pred,
+                                images)
 
     def tables_capsule(self):
         """A capsule holding a pointer to this Kernel's Tables (for serving/_gate.pyx; keep the Kernel alive)."""
         return PyCapsule_New(&self.t, _TABLES_NAME, NULL)
 
-    def choose(self, budget_ms, vision_tokens, text_tokens, max_new_tokens=None, candidates=None, alpha=None):
+    def choose(self, budget_ms, vision_tokens, text_tokens, max_new_tokens=None, candidates=None, alpha=None,
+               images=None):
         """The admit Decision of the first candidate config (tier_idx, top_k, num_active_blocks) that
         admits, in the given order (None: self.preference), with .config = that candidate; when none
         admits, candidate 0's Decision (with .config = candidate 0). No candidates: CODE_NO_CANDIDATE.
-        Never raises."""
+        `images` as in admit. Never raises."""
         cdef long long n = 0
         cdef double pred = NAN
         cdef Py_ssize_t chosen = -1
         cdef Decision d
         candidates = self.preference if candidates is None else _as_candidates(candidates)
         d = _decision(self._choose_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, candidates, alpha,
-                                        &n, &pred, &chosen), n, pred)
+                                        images, &n, &pred, &chosen), n, pred)
         d.config = None if chosen < 0 else candidates[chosen]
         return d
 
     cdef int _choose_code(self, object budget_ms, object vision_tokens, object text_tokens, object max_new_tokens,
-                          object candidates, object alpha, long long* n, double* pred, Py_ssize_t* chosen) except -1:
+                          object candidates, object alpha, object images, long long* n, double* pred,
+                          Py_ssize_t* chosen) except -1:
         """choose's code, max_new_tokens, prediction and candidate index (-1: none). The request fields
         are read once; a candidate after the first costs a lookup and one predicted total."""
-        cdef long long n0 = 0, prompt = 0, req = -1, ti = 0, tk = 0, bl = -1, row
+        cdef long long n0 = 0, prompt = 0, req = -1, ti = 0, tk = 0, bl = -1, row, im = 1
         cdef double pred0 = NAN, budget = 0.0, a = -1.0
         cdef int code, code0
         cdef Py_ssize_t i, size = len(candidates)
@@ -427,7 +433,7 @@ cdef class Kernel:
             return CODE_NO_CANDIDATE
         chosen[0] = 0
         code0 = self._candidate_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, candidates[0], alpha,
-                                     n, pred)
+                                     n, pred, images)
         if code0 < 16 or size == 1:
             return code0
         n0, pred0 = n[0], pred[0]
@@ -437,13 +443,15 @@ cdef class Kernel:
             return code0
         if alpha is not None and (not _to_real(alpha, &a) or not (0.0 < a < 1.0)):
             return code0
+        if images is not None and (not _to_ll(images, &im) or not (1 <= im <= TOKEN_MAX)):
+            return code0
         for i in range(1, size):
             if not _candidate_row(&self.t, candidates[i], &row):
                 continue  # a malformed or unknown candidate does not admit
-            if not c_fits(&self.t, row, <double>prompt, budget, req, a, _vision_of(vision_tokens), 1.0):
+            if not c_fits(&self.t, row, <double>prompt, budget, req, a, _vision_of(vision_tokens), <double>im):
                 continue
             code = self._candidate_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, candidates[i], alpha,
-                                        n, pred)
+                                        n, pred, images)
             if code < 16:
                 chosen[0] = i
                 return code
@@ -454,12 +462,13 @@ cdef class Kernel:
     def admit_batch(self, const double[::1] budget_ms, const long long[::1] vision_tokens,
                     const long long[::1] text_tokens, const long long[::1] max_new_tokens,
                     const long long[::1] tier_idx, const long long[::1] top_k,
-                    const long long[::1] num_active_blocks, double alpha=-1.0):
-        """Arrays in (-1 = None for max_new_tokens / num_active_blocks; alpha <= 0 = none)
-        -> (admit bool, max_new_tokens int64, predicted_ms float64, code int64)."""
+                    const long long[::1] num_active_blocks, double alpha=-1.0, const long long[::1] images=None):
+        """Arrays in (-1 = None for max_new_tokens / num_active_blocks; alpha <= 0 = none; images None = one
+        image per request) -> (admit bool, max_new_tokens int64, predicted_ms float64, code int64)."""
         cdef Py_ssize_t size = budget_ms.shape[0], i
+        cdef bint per_images = images is not None
         if not (vision_tokens.shape[0] == text_tokens.shape[0] == max_new_tokens.shape[0] == tier_idx.shape[0]
-                == top_k.shape[0] == num_active_blocks.shape[0] == size):
+                == top_k.shape[0] == num_active_blocks.shape[0] == size) or (per_images and images.shape[0] != size):
             raise ValueError("admit_batch: all arrays must have the same length")
         ok_arr = np.zeros(size, dtype=np.uint8)
         n_arr = np.zeros(size, dtype=np.int64)
@@ -471,7 +480,7 @@ cdef class Kernel:
         cdef long long[::1] code = code_arr
         cdef bint bad_alpha = isnan(alpha) or alpha >= 1.0
         cdef double b
-        cdef long long vt, tt, req, ti, tk, bl, c, n
+        cdef long long vt, tt, req, ti, tk, bl, c, n, im
         cdef double p
         cdef int cd
         # One alpha for the whole batch: its factor per config is computed once, not per request.
@@ -491,6 +500,7 @@ cdef class Kernel:
                 ti = tier_idx[i]
                 tk = top_k[i]
                 bl = num_active_blocks[i]
+                im = images[i] if per_images else 1
                 if not (0.0 <= b < INFINITY):
                     code[i] = CODE_BAD + 0
                 elif not (0 <= vt <= TOKEN_MAX):
@@ -507,6 +517,8 @@ cdef class Kernel:
                     code[i] = CODE_BAD + 6
                 elif bad_alpha:
                     code[i] = CODE_BAD + 7
+                elif not (1 <= im <= TOKEN_MAX):
+                    code[i] = CODE_BAD_IMAGES
                 elif vt + tt == 0:
                     code[i] = CODE_EMPTY_PROMPT
                 else:
@@ -517,7 +529,7 @@ cdef class Kernel:
                         n = 0
                         p = NAN
                         cd = c_decide_scaled(&self.t, c, <double>(vt + tt), b, req, factor[c], fsrc[c], &n, &p, 1.0, 1.0,
-                                             <double>vt, 1.0)
+                                             <double>vt, <double>im)
                         code[i] = cd
                         nout[i] = n
                         pred[i] = p
@@ -526,12 +538,14 @@ cdef class Kernel:
 
     def predict_batch(self, const long long[::1] vision_tokens, const long long[::1] text_tokens,
                       const long long[::1] output_tokens, const long long[::1] tier_idx,
-                      const long long[::1] top_k, const long long[::1] num_active_blocks, double quantile=-1.0):
+                      const long long[::1] top_k, const long long[::1] num_active_blocks, double quantile=-1.0,
+                      const long long[::1] images=None):
         """-> (prefill_ms, decode_ms, total_ms, flags); flags bit 0 extrapolated, 1 factorised,
-        2 quantile beyond stored, 3 invalid (NaN results)."""
+        2 quantile beyond stored, 3 invalid (NaN results). images None = one image per request."""
         cdef Py_ssize_t size = vision_tokens.shape[0], i
+        cdef bint per_images = images is not None
         if not (text_tokens.shape[0] == output_tokens.shape[0] == tier_idx.shape[0] == top_k.shape[0]
-                == num_active_blocks.shape[0] == size):
+                == num_active_blocks.shape[0] == size) or (per_images and images.shape[0] != size):
             raise ValueError("predict_batch: all arrays must have the same length")
         pre_arr = np.full(size, np.nan)
         dec_arr = np.full(size, np.nan)
@@ -541,7 +555,7 @@ cdef class Kernel:
         cdef double[::1] dec_v = dec_arr
         cdef double[::1] tot_v = tot_arr
         cdef long long[::1] flags = flags_arr
-        cdef long long vt, tt, n, ti, tk, bl, c
+        cdef long long vt, tt, n, ti, tk, bl, c, im
         cdef double f, prompt, pre, dec
         cdef int fsrc
         with nogil:
@@ -552,9 +566,10 @@ cdef class Kernel:
                 ti = tier_idx[i]
                 tk = top_k[i]
                 bl = num_active_blocks[i]
+                im = images[i] if per_images else 1
                 if (not (0 <= vt <= TOKEN_MAX) or not (0 <= tt <= TOKEN_MAX) or vt + tt == 0
                         or not (1 <= n <= TOKEN_MAX) or not (0 <= ti <= TOKEN_MAX) or not (0 <= tk <= TOKEN_MAX)
-                        or bl < -1 or bl > TOKEN_MAX):
+                        or bl < -1 or bl > TOKEN_MAX or not (1 <= im <= TOKEN_MAX)):
                     flags[i] = 8
                     continue
                 c = c_lookup(&self.t, ti, tk, bl)
@@ -566,12 +581,12 @@ cdef class Kernel:
                 if quantile > 0.0:
                     f = c_quantile_factor(&self.t, c, quantile, &fsrc)
                 prompt = <double>(vt + tt)
-                pre = c_prefill(&self.t, c, prompt) + c_vision(&self.t, c, <double>vt, prompt, 1.0)
+                pre = c_prefill(&self.t, c, prompt) + c_vision(&self.t, c, <double>vt, prompt, <double>im)
                 dec = c_decode_sum(&self.t, c, prompt, <double>n)
                 pre_v[i] = pre * f
                 dec_v[i] = dec * f
                 tot_v[i] = (pre + dec) * f
-                flags[i] = ((1 if c_extrapolated(&self.t, c, prompt, <double>n, <double>vt, 1.0) else 0)
+                flags[i] = ((1 if c_extrapolated(&self.t, c, prompt, <double>n, <double>vt, <double>im) else 0)
                             | (2 if self.t.cfg[c * NCOL + FACTORISED] != 0.0 else 0)
                             | (4 if fsrc == F_CLIPPED else 0))
         return pre_arr, dec_arr, tot_arr, flags_arr

@@ -55,13 +55,16 @@ cdef enum:
 
 
 cdef class Traffic:
-    """A bounded ring of recent decisions (budget_ms, prompt, max_new_tokens, bucket) of one config;
-    push is C under the GIL (atomic for Python threads), snapshot copies it in one call."""
+    """A bounded ring of recent decisions (budget_ms, prompt, max_new_tokens, bucket, vision_tokens,
+    images) of one config; push is C under the GIL (atomic for Python threads), snapshot copies it in
+    one call. The vision fields let the threshold re-price a VLM request's encoder term."""
 
     cdef double* budget
     cdef long long* prompt
     cdef long long* n
     cdef long long* bucket
+    cdef long long* vision
+    cdef long long* images
     cdef Py_ssize_t capacity, head, size
 
     def __cinit__(self, Py_ssize_t capacity):
@@ -74,7 +77,9 @@ cdef class Traffic:
         self.prompt = <long long*>malloc(capacity * sizeof(long long))
         self.n = <long long*>malloc(capacity * sizeof(long long))
         self.bucket = <long long*>malloc(capacity * sizeof(long long))
-        if not (self.budget and self.prompt and self.n and self.bucket):
+        self.vision = <long long*>malloc(capacity * sizeof(long long))
+        self.images = <long long*>malloc(capacity * sizeof(long long))
+        if not (self.budget and self.prompt and self.n and self.bucket and self.vision and self.images):
             raise MemoryError()
 
     def __dealloc__(self):
@@ -82,29 +87,35 @@ cdef class Traffic:
         free(self.prompt)
         free(self.n)
         free(self.bucket)
+        free(self.vision)
+        free(self.images)
 
-    cdef inline void _push(self, double budget, long long prompt, long long n, long long bucket) noexcept:
+    cdef inline void _push(self, double budget, long long prompt, long long n, long long bucket,
+                           long long vision, long long images) noexcept:
         cdef Py_ssize_t i = self.head
         self.budget[i] = budget
         self.prompt[i] = prompt
         self.n[i] = n
         self.bucket[i] = bucket
+        self.vision[i] = vision
+        self.images[i] = images
         self.head = i + 1 if i + 1 < self.capacity else 0
         if self.size < self.capacity:
             self.size += 1
 
-    def push(self, double budget, long long prompt, long long n, long long bucket):
-        self._push(budget, prompt, n, bucket)
+    def push(self, double budget, long long prompt, long long n, long long bucket, long long vision=0,
+             long long images=1):
+        self._push(budget, prompt, n, bucket, vision, images)
 
     def snapshot(self):
-        """[(budget_ms, prompt, max_new_tokens, bucket)], oldest first."""
+        """[(budget_ms, prompt, max_new_tokens, bucket, vision_tokens, images)], oldest first."""
         cdef Py_ssize_t j, i
         out = []
         for j in range(self.size):
             i = (self.head - self.size + j) % self.capacity
             if i < 0:
                 i += self.capacity
-            out.append((self.budget[i], self.prompt[i], self.n[i], self.bucket[i]))
+            out.append((self.budget[i], self.prompt[i], self.n[i], self.bucket[i], self.vision[i], self.images[i]))
         return out
 
     def __len__(self):
@@ -115,7 +126,7 @@ cdef class Gate:
     """One config's published admission state, decided in one compiled call.
 
     decide(request) takes the controller's Request tuple (vision, text, max_new, tier, top_k,
-    blocks, budget) and, when every field is a plain int / float within range and the request is
+    blocks, budget[, images]) and, when every field is a plain int / float within range and the request is
     judged inside the measured range, returns the Decision of the scaled model
     (prefill_scale[bucket] * prefill + decode_scale[bucket] * decode_sum) * factor, pushing the
     request onto the traffic ring and counting it into the tally. Anything else returns None: the
@@ -164,14 +175,26 @@ cdef class Gate:
 
     def decide(self, request):
         cdef long long f[6]
+        cdef long long images = 1
         cdef int overflow = 0, code
+        cdef Py_ssize_t size
         cdef Py_ssize_t i, bucket
         cdef object o
         cdef double budget, factor, pred = NAN
         cdef long long prompt, nout = 0
         cdef bint probe = False
-        if not PyTuple_Check(request) or PyTuple_GET_SIZE(request) != 7:
+        if not PyTuple_Check(request):
             return None
+        size = PyTuple_GET_SIZE(request)
+        if size != 7 and size != 8:
+            return None
+        if size == 8:
+            o = <object>PyTuple_GET_ITEM(request, 7)
+            if not PyLong_CheckExact(o):
+                return None
+            images = PyLong_AsLongLongAndOverflow(o, &overflow)
+            if overflow or not (1 <= images <= TOKEN_MAX):
+                return None
         for i in range(6):
             o = <object>PyTuple_GET_ITEM(request, i)
             if i == 5 and o is None:
@@ -199,9 +222,9 @@ cdef class Gate:
             factor = 1.0  # starving: probe with the corrected median (see AdmissionController)
             probe = True
         code = c_decide_scaled(self.t, self.row, <double>prompt, budget, f[2], factor, F_NONE, &nout, &pred,
-                         self.ps[bucket], self.ds[bucket], <double>f[0], 1.0)
+                         self.ps[bucket], self.ds[bucket], <double>f[0], <double>images)
         if code & EXTRAPOLATED_BIT:
             return None
-        self.traffic._push(budget, prompt, f[2], bucket)
+        self.traffic._push(budget, prompt, f[2], bucket, f[0], images)
         self.tally._count(code < 16, probe)
         return _decision(code, nout, pred)

@@ -123,7 +123,8 @@ class ConfigState:
     - ``buckets``: per length bucket, windows of ratios relative to the config's medians, and
       ``relative``: their published medians;
     - ``residuals`` (actual total, raw prefill, raw decode, bucket, correction then) and ``threshold``;
-    - ``traffic``: recent decisions (budget, prompt, max_new_tokens, bucket), for the threshold;
+    - ``traffic``: recent decisions (budget, prompt, max_new_tokens, bucket, vision tokens, images),
+      for the threshold;
     - counts of decisions: in ``tally`` (compiled, shared with the gate) or in ``counts`` (Python);
     - ``published``: (per-bucket scales, factor, online) and ``gate``: the same, compiled.
     """
@@ -158,14 +159,14 @@ class ConfigState:
             self.traffic = _gate.Traffic(capacity) if self.tally is not None else deque(maxlen=capacity)
         return self.traffic
 
-    def push(self, budget: float, prompt: int, n: int, bucket: int) -> None:
+    def push(self, budget: float, prompt: int, n: int, bucket: int, vision: int, images: int) -> None:
         """Record a judged decision's budget in the traffic ring (atomic: no lock needed)."""
         if self.tally is not None:
-            self.traffic.push(budget, prompt, n, bucket)
+            self.traffic.push(budget, prompt, n, bucket, vision, images)
         else:
-            self.traffic.append((budget, prompt, n, bucket))
+            self.traffic.append((budget, prompt, n, bucket, vision, images))
 
-    def recent(self) -> list[tuple[float, int, int, int]]:
+    def recent(self) -> list[tuple[float, int, int, int, int, int]]:
         if self.traffic is None:
             return []
         return self.traffic.snapshot() if self.tally is not None else list(self.traffic)
@@ -303,12 +304,19 @@ class AdmissionController:
             state = self._states[key] = ConfigState(key, row, self._compiled)
         return state
 
-    def _split(self, v: int, t: int, n: int, tier: int, k: int, blocks: int | None) -> tuple[float, float]:
-        """Raw predicted (prefill, decode) ms."""
+    def _split(self, v: int, t: int, n: int, tier: int, k: int, blocks: int | None,
+               images: int = 1) -> tuple[float, float]:
+        """Raw predicted (prefill, decode) ms; the prefill part includes a VLM request's encoder and
+        embedding step (the TTFT it is compared with does, and the gate scales them with the prefill)."""
         row = self._kernel.lookup(tier, k, -1 if blocks is None else blocks)
         if row < 0:
             return NAN, NAN
-        pre, dec, _ = self._kernel.predict(row, float(v + t), float(n), 1.0)
+        return self._raw(row, v + t, n, v, images)
+
+    def _raw(self, row: int, prompt: int, n: int, vision: int, images: int) -> tuple[float, float]:
+        pre, dec, _ = self._kernel.predict(row, float(prompt), float(n), 1.0)
+        if vision > 0:
+            pre += self._kernel.vision(row, float(vision), float(prompt), float(images))
         return pre, dec
 
     def _scales(self, state: ConfigState | None, bucket: int) -> tuple[float, float]:
@@ -362,9 +370,9 @@ class AdmissionController:
         """The factor on this request's raw prediction that ``decide`` compares with the budget now:
         drift correction times the online threshold (1.0 while the controller has no data)."""
         try:
-            v, t, n, tier, k, blocks, _ = validation.parse(request)
+            v, t, n, tier, k, blocks, _, images = validation.parse(request)
             state = self._states.get(ConfigKey(tier, k, blocks or 0))
-            p, d = self._split(v, t, n, tier, k, blocks)
+            p, d = self._split(v, t, n, tier, k, blocks, images)
             c = self._corrected(state, self._bucket_of(v + t + n), p, d)
             if self.alpha is None:
                 return c
@@ -389,9 +397,9 @@ class AdmissionController:
             dec = gate.decide(r)
             if dec is not None:
                 return dec
-        v, t, n, tier, k, blocks, budget = r
+        v, t, n, tier, k, blocks, budget, images = r
         if not (type(v) is int and type(t) is int and type(n) is int and type(tier) is int and type(k) is int
-                and (blocks is None or type(blocks) is int)):
+                and (blocks is None or type(blocks) is int) and type(images) is int):
             return self._decide_checked(request)  # numpy scalars and garbage: validated first
         if not (_validated or type(budget) is float and budget > 0.0):
             return self._decide_checked(request)
@@ -402,7 +410,7 @@ class AdmissionController:
             state = self._states.get((tier, k, blocks or 0))  # type: ignore[call-overload]  # a tuple hashes as ConfigKey
             published = None if state is None else state.published
             if published is None:  # never observed: the Estimator's own decision, with the stored factor
-                dec = self.estimator.admit(budget, v, t, n, tier, k, blocks, self.alpha)
+                dec = self.estimator.admit(budget, v, t, n, tier, k, blocks, self.alpha, images)
             else:
                 scales, factor, online = published
                 prompt = v + t
@@ -413,10 +421,10 @@ class AdmissionController:
                     # rejections, admit what the corrected median says fits.
                     factor, probe = 1.0, True
                 ps, ds = scales[bucket]
-                dec = self._kernel.admit_scaled(budget, v, t, n, tier, k, blocks, ps, ds, factor)
+                dec = self._kernel.admit_scaled(budget, v, t, n, tier, k, blocks, ps, ds, factor, images)
                 code = dec.code
                 if code < CODE_BAD:
-                    state.push(budget, prompt, n, bucket)  # type: ignore[union-attr]
+                    state.push(budget, prompt, n, bucket, v, images)  # type: ignore[union-attr]
                     if not code & EXTRAPOLATED_BIT:
                         with self._lock:
                             state.count(dec.admit, probe)  # type: ignore[union-attr]
@@ -436,13 +444,13 @@ class AdmissionController:
 
     def _decide_checked(self, request: object) -> Decision:
         try:
-            v, t, n, tier, k, blocks, raw_budget = validation.parse(request)
+            v, t, n, tier, k, blocks, raw_budget, images = validation.parse(request)
             budget = validation.budget(raw_budget)
         except Invalid as exc:
             return self._tally(Decision(False, 0, NAN, f"invalid request: {exc}"), invalid=True)
         except Exception as exc:  # noqa: BLE001 - never take the serving loop down
             return self._tally(Decision(False, 0, NAN, f"invalid request: {type(exc).__name__}"), invalid=True)
-        return self.decide(Request(v, t, n, tier, k, blocks, budget), True)
+        return self.decide(Request(v, t, n, tier, k, blocks, budget, images), True)
 
     def _forget(self, state: ConfigState) -> None:
         """Starving: a controller that admits nothing learns nothing, and its drift estimate is as
@@ -492,15 +500,19 @@ class AdmissionController:
     def warm_start(self, log: Any) -> int:
         """Seed the windows from a request log (estimator.requests.RequestLog or a mapping of its
         columns: vision_tokens, text_tokens, output_tokens, tier_idx, top_k, num_active_blocks,
-        ttft_ms, total_ms), e.g. the replay `calibrate` ran. Not counted as observations or
-        violations. Returns the rows used. Without it the controller starts from the stored
-        conformal factors alone and, if they are far too conservative, may admit nothing to learn from."""
+        ttft_ms, total_ms; images where the log has it, else 1 per request), e.g. the replay `calibrate`
+        ran. Not counted as observations or violations. Returns the rows used. Without it the controller
+        starts from the stored conformal factors alone and, if they are far too conservative, may admit
+        nothing to learn from."""
         names = ("vision_tokens", "text_tokens", "output_tokens", "tier_idx", "top_k", "num_active_blocks",
                  "ttft_ms", "total_ms")
         cols = [log[n] if isinstance(log, Mapping) else getattr(log, n) for n in names]
+        images = log.get("images") if isinstance(log, Mapping) else getattr(log, "images", None)
+        if images is None:
+            images = [1] * len(cols[0])
         used = 0
-        for v, t, n, tier, k, blocks, ttft, total in zip(*cols, strict=True):
-            request = Request(int(v), int(t), int(n), int(tier), int(k), int(blocks) or None, None)
+        for v, t, n, tier, k, blocks, ttft, total, im in zip(*cols, images, strict=True):
+            request = Request(int(v), int(t), int(n), int(tier), int(k), int(blocks) or None, None, max(int(im), 1))
             try:
                 self._observe(request, float(ttft), float(total), None, counted=False)
                 used += 1
@@ -510,7 +522,7 @@ class AdmissionController:
 
     def _observe(self, request: object, ttft_ms: float, total_ms: float, output_tokens: int | None,
                  counted: bool = True) -> None:
-        v, t, n, tier, k, blocks, raw_budget = validation.parse(request)
+        v, t, n, tier, k, blocks, raw_budget, images = validation.parse(request)
         if output_tokens is not None:
             n = validation.count("output_tokens", output_tokens, lo=1)
         ttft, total = float(ttft_ms), float(total_ms)
@@ -520,7 +532,7 @@ class AdmissionController:
             budget = validation.budget(raw_budget)
         except Invalid:
             budget = math.inf
-        p, d = self._split(v, t, n, tier, k, blocks)
+        p, d = self._split(v, t, n, tier, k, blocks, images)
         if not (math.isfinite(p) and p > 0 and math.isfinite(d) and d >= 0):
             raise Invalid("no usable prediction")
         prefill_ratio = ttft / p
@@ -600,11 +612,10 @@ class AdmissionController:
         # The ring is copied in one C call under the GIL, so decide's lock-free pushes cannot interleave.
         # Budget ratios are taken against the current correction too: a ratio stored with the
         # correction of its time would be stale right after a step change, when it matters most.
-        kernel = self._kernel
         budgets = []
-        for budget, prompt, n, bucket in state.recent():
-            p_raw, d_raw, raw = kernel.predict(state.row, float(prompt), float(n), 1.0)
-            budgets.append(budget / (raw * self._corrected(state, bucket, p_raw, d_raw)))
+        for budget, prompt, n, bucket, vision, images in state.recent():
+            p_raw, d_raw = self._raw(state.row, prompt, n, vision, images)
+            budgets.append(budget / ((p_raw + d_raw) * self._corrected(state, bucket, p_raw, d_raw)))
         budgets.sort(reverse=True)
         g = g_conformal
         if len(budgets) >= self.min_budgets:

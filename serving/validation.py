@@ -26,6 +26,7 @@ class Request(NamedTuple):
     top_k: int = 1
     num_active_blocks: int | None = None
     budget_ms: float | None = None
+    images: int = 1  # how many images a VLM request's vision tokens come as (the encoder's cost depends on it)
 
 
 FIELDS = Request._fields
@@ -61,11 +62,13 @@ def budget(value: object) -> float:
     return b
 
 
-def parse(request: object) -> tuple[int, int, int, int, int, int | None, object]:
-    """(vision, text, max_new, tier, top_k, blocks or None, raw budget) of a Request, a 7-tuple or a
-    Mapping; raises Invalid. num_active_blocks None or 0 = the tier's largest measured config."""
+def parse(request: object) -> tuple[int, int, int, int, int, int | None, object, int]:
+    """(vision, text, max_new, tier, top_k, blocks or None, raw budget, images) of a Request, a 7- or
+    8-tuple (images last, 1 when absent) or a Mapping; raises Invalid. num_active_blocks None or 0 =
+    the tier's largest measured config."""
+    images: object = 1
     if type(request) is Request:
-        v, t, n, tier, k, blocks, raw_budget = request  # type: ignore[misc]
+        v, t, n, tier, k, blocks, raw_budget, images = request  # type: ignore[misc]
     elif isinstance(request, Mapping):
         try:
             v, t, n = request["vision_tokens"], request["text_tokens"], request["max_new_tokens"]
@@ -78,9 +81,12 @@ def parse(request: object) -> tuple[int, int, int, int, int, int | None, object]
             k = request.get("top_k", 1)
             blocks = request.get("num_active_blocks")
             raw_budget = request.get("budget_ms")
+            images = request.get("images", 1)
         except Exception as exc:  # noqa: BLE001
             raise Invalid(f"unreadable request ({type(exc).__name__})") from None
     elif isinstance(request, tuple) and len(request) == len(FIELDS):
+        v, t, n, tier, k, blocks, raw_budget, images = request
+    elif isinstance(request, tuple) and len(request) == len(FIELDS) - 1:  # written before images existed
         v, t, n, tier, k, blocks, raw_budget = request
     else:
         raise Invalid(f"expected a Request or a mapping, got {type(request).__name__}")
@@ -90,4 +96,5 @@ def parse(request: object) -> tuple[int, int, int, int, int, int | None, object]
     tier_i = count("tier_idx", tier)
     top_k = count("top_k", k)
     blocks_i = None if blocks is None else count("num_active_blocks", blocks)
-    return vision, text, new, tier_i, top_k, blocks_i or None, raw_budget
+    images_i = count("images", images, lo=1)
+    return vision, text, new, tier_i, top_k, blocks_i or None, raw_budget, images_i

@@ -322,15 +322,15 @@ candidate_lists = st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4), st.on
                            max_size=8)
 
 
-def _choose_by_admit(kernel: Any, r: dict, cands: list[tuple], alpha: Any) -> tuple[Any, Any]:
+def _choose_by_admit(kernel: Any, r: dict, cands: list[tuple], alpha: Any, images: Any = None) -> tuple[Any, Any]:
     """The rule choose implements, spelt with admit: the first candidate that admits, else candidate 0."""
     if not cands:
         return None, None
     for cand in cands:
-        d = kernel.admit(r["budget"], r["vision"], r["text"], r["req"], *cand, alpha)
+        d = kernel.admit(r["budget"], r["vision"], r["text"], r["req"], *cand, alpha, images)
         if d.admit:
             return tuple(d), cand
-    return tuple(kernel.admit(r["budget"], r["vision"], r["text"], r["req"], *cands[0], alpha)), cands[0]
+    return tuple(kernel.admit(r["budget"], r["vision"], r["text"], r["req"], *cands[0], alpha, images)), cands[0]
 
 
 @SETTINGS
@@ -440,3 +440,76 @@ def test_vision_term_cython_equals_reference_and_is_the_documented_sum(cal: Cali
     br = kr.predict_batch(*arrays, out, *keys, blocks, -1.0)
     for a, b in zip(bc, br, strict=True):
         assert all(close(float(x), float(y)) for x, y in zip(a, b, strict=True))
+
+
+@SETTINGS
+@given(vlm_calibrations(), st.lists(st.tuples(requests, candidate_lists, st.sampled_from([None, 1, 2, 3, 5, 0, -2])),
+                                    min_size=1, max_size=20))
+def test_images_reach_choose_and_the_batch_entry_points(cal: Calibration,
+                                                        reqs: list[tuple[dict, list[tuple], Any]]) -> None:
+    """A request's image count (None = 1; 0 and negatives are bad fields) is judged the same way by admit,
+    choose (every candidate), admit_batch and predict_batch, compiled and reference alike; a batch row
+    with a bad count refuses (admit_batch) or is invalid (predict_batch) on its own."""
+    kc, kr = kernels(cal)
+    for kernel in (kc, kr):
+        for r, cands, im in reqs:
+            d = kernel.choose(r["budget"], r["vision"], r["text"], r["req"], cands, r["alpha"], im)
+            want, config = _choose_by_admit(kernel, r, cands, r["alpha"], im)
+            if want is None:
+                assert d.code == layout.CODE_NO_CANDIDATE
+                continue
+            assert d.config == config and (d.admit, d.max_new_tokens, d.reason) == want[:2] + want[3:], (r, cands, im)
+            assert close(d.predicted_ms, want[2])
+            if im is not None and im < 1:
+                assert d.code == layout.CODE_BAD_IMAGES or d.code >= layout.CODE_BAD, (r, im)
+    rs = [r for r, _, _ in reqs]
+    ims = [1 if im is None else im for _, _, im in reqs]
+    results = []
+    for impl in (cy, _reference):
+        est = Estimator(cal, implementation=impl)
+        ok, n, pred, code = est.admit_batch(
+            [float(r["budget"]) for r in rs], [r["vision"] for r in rs], [r["text"] for r in rs],
+            [-1 if r["req"] is None else r["req"] for r in rs], [r["tier"] for r in rs], [r["top_k"] for r in rs],
+            [-1 if r["blocks"] is None else r["blocks"] for r in rs], alpha=0.05, images=ims)
+        outs = [r["req"] or 1 for r in rs]
+        keys = ([r["vision"] for r in rs], [r["text"] for r in rs], outs, [r["tier"] for r in rs],
+                [r["top_k"] for r in rs], [-1 if r["blocks"] is None else r["blocks"] for r in rs])
+        pre, dec, tot, flags = est.predict_batch(*keys, images=ims)
+        one = est.predict_batch(*keys)  # images None: one image per request
+        for i, (r, k) in enumerate(zip(rs, ims, strict=True)):
+            d = est.admit(float(r["budget"]), r["vision"], r["text"], r["req"], r["tier"], r["top_k"], r["blocks"],
+                          0.05, k)
+            assert (bool(ok[i]), int(n[i]), int(code[i])) == (d.admit, d.max_new_tokens, d.code), (r, k)
+            assert close(float(pred[i]), d.predicted_ms)
+            if k < 1:
+                assert flags[i] == 8 and math.isnan(tot[i])
+                continue
+            row = est._kernel.lookup(r["tier"], r["top_k"], -1 if r["blocks"] is None else r["blocks"])
+            if row < 0 or r["vision"] + r["text"] == 0:
+                assert flags[i] == 8
+                continue
+            prompt = float(r["vision"] + r["text"])
+            want_pre = est._kernel.prefill(row, prompt) + est._kernel.vision(row, float(r["vision"]), prompt, float(k))
+            assert close(float(pre[i]), want_pre) and close(float(tot[i]), float(pre[i]) + float(dec[i]))
+            assert bool(flags[i] & 1) == est._kernel.extrapolated(row, prompt, float(outs[i]), float(r["vision"]),
+                                                                  float(k))
+            if k == 1:
+                assert close(float(one[2][i]), float(tot[i])) and one[3][i] == flags[i]
+        results.append((ok, n, pred, code, pre, dec, tot, flags))
+    for a, b in zip(*results, strict=True):
+        assert all(close(float(x), float(y)) for x, y in zip(a, b, strict=True))
+
+
+def test_batch_entry_points_refuse_an_images_array_of_another_length() -> None:
+    cal = Calibration(1, {}, [ConfigCalibration(0, 1, 4, [1.0, 100.0], [1.0, 2.0], [2.0, 0.01, 0.0], {},
+                                                [1.0, 100.0], [8.0, 512.0])])
+    two = np.array([0, 0], dtype=np.int64)
+    for kernel in kernels(cal):
+        with pytest.raises(ValueError, match="same length"):
+            kernel.admit_batch(np.array([100.0, 100.0]), two, two + 10, two - 1, two, two + 1, two - 1, -1.0,
+                               np.array([1, 2, 3], dtype=np.int64))
+        with pytest.raises(ValueError, match="same length"):
+            kernel.predict_batch(two, two + 10, two + 4, two, two + 1, two - 1, -1.0, np.array([1, 2, 3], dtype=np.int64))
+    for impl in (cy, _reference):  # the Estimator broadcasts scalars; arrays of other lengths do not broadcast
+        with pytest.raises(ValueError):
+            Estimator(cal, implementation=impl).admit_batch([100.0, 100.0], 0, 10, images=[1, 2, 3])

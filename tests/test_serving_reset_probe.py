@@ -39,7 +39,7 @@ def test_gate_probes_once_every_probe_after_rejections(online: bool) -> None:
         assert (gate.tally.probes, gate.tally.streak) == (2, 1)
     else:
         assert not any(admits) and (gate.tally.probes, gate.tally.streak) == (0, 9)
-    assert gate.traffic.snapshot() == [(budget, 100, 20, 0)] * 4
+    assert gate.traffic.snapshot() == [(budget, 100, 20, 0, 0, 1)] * 4
 
 
 def _drifted(est: Estimator) -> AdmissionController:
