@@ -116,6 +116,18 @@ MUTATIONS = [
              (("engines/adaptive.py", "        runs = 1 + (plan_warmup if st.warmup is None else st.warmup)",
                "        runs = 1"),),
              ("tests/test_engines_adaptive.py",)),
+    Mutation("serving loop: the raw prefill without the encoder (the 14x VLM correction)",
+             (("serving/admission.py", "        if vision > 0:\n            pre += self._kernel.vision(",
+               "        if False:\n            pre += self._kernel.vision("),),
+             ("tests/test_serving_images.py",)),
+    Mutation("gate: a request's images ignored (priced as one image)",
+             (("serving/_gate.pyx", "self.ps[bucket], self.ds[bucket], <double>f[0], <double>images)",
+               "self.ps[bucket], self.ds[bucket], <double>f[0], 1.0)"),),
+             ("tests/test_serving_gate.py", "tests/test_serving_images.py")),
+    Mutation("admit_batch: the images array ignored",
+             (("ext/_kernels.pyx", "                im = images[i] if per_images else 1\n                if not (0.0 <= b < INFINITY):",
+               "                im = 1\n                if not (0.0 <= b < INFINITY):"),),
+             ("tests/test_estimator_kernels.py",)),
 ]
 
 
