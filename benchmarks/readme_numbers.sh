@@ -47,6 +47,8 @@ python benchmarks/adaptive_vs_fixed.py --runs 5 --skip-side-by-side > "$out/adap
 python benchmarks/adaptive_vs_fixed.py --skip-calibrate --budget 10 > "$out/adaptive_vs_fixed.txt" 2>&1
 step "where a CPU sweep's noise and bias come from: page backing, visit order"
 python benchmarks/sweep_noise.py --rounds 80 --out "$out/sweep_noise" > "$out/sweep_noise.txt" 2>&1
+step "this machine's noise floor and what the LOPO target would cost at it (issue 16)"
+python benchmarks/noise_floor.py --out "$out/sweep_noise" --samples "$out/default/samples.csv" > "$out/noise_floor.txt" 2>&1
 step "VLM: held-out TTFT with 1 and 2 images, two runs per encoder"
 mkdir -p "$out/vlm"
 for enc in qwen2.5-vl vit; do
