@@ -63,6 +63,7 @@ class StreamSpec:
     min_prompt: int | None = None  # clip to the calibration's measured prefill range
     max_prompt: int | None = None
     max_kv: int | None = None  # clip prompt + output to the measured KV range
+    images: tuple[int, ...] = (1,)  # images per request with vision tokens (the replay's choices)
 
 
 @dataclass
@@ -81,6 +82,7 @@ class Executed:
     total_ms: float
     slowed: bool
     predicted_ms: float = math.nan  # the Estimator's raw predicted total (no correction, no factor)
+    images: int = 1
 
     @property
     def oracle_admit(self) -> bool:
@@ -117,13 +119,29 @@ def draw_lengths(spec: StreamSpec, n: int, rng: np.random.Generator) -> list[tup
     return out
 
 
+def draw_images(spec: StreamSpec, lengths: Sequence[tuple[int, int, int]], seed: int) -> list[int]:
+    """Images per request: one of ``spec.images`` for a request with vision tokens (its own random stream
+    per request, so the lengths do not change with the choices), 1 otherwise."""
+    choices = np.asarray(spec.images or (1,))
+    return [int(np.random.default_rng([seed, 7927, i]).choice(choices)) if v > 0 else 1
+            for i, (v, _, _) in enumerate(lengths)]
+
+
 def execute(runner: Any, vision: int, text: int, output: int, hidden: int, rng: np.random.Generator,
-            stall_ms_per_step: float = 0.0, decode_factor: float = 1.0) -> tuple[float, float]:
+            stall_ms_per_step: float = 0.0, decode_factor: float = 1.0, chain: Any = None,
+            images: int = 1) -> tuple[float, float]:
     """Run one request for real; returns (ttft_ms, total_ms) including any injected stall: a fixed
-    stall per decode step, or the decode part stretched by ``decode_factor``."""
-    embeds = rng.standard_normal((1, vision + text, hidden)).astype(np.float32)
+    stall per decode step, or the decode part stretched by ``decode_factor``. With a VLM ``chain``
+    (engines.vision.VisionChain) a request with vision tokens runs encoder -> embedding -> decoder, and
+    its TTFT includes the encoder and embedding time (as the replay's does)."""
+    before = 0.0
+    if chain is not None and vision > 0:
+        embeds, timing = chain.prompt(runner, vision, text, images, rng)
+        before = timing.vision_ms + timing.embedding_ms
+    else:
+        embeds = rng.standard_normal((1, vision + text, hidden)).astype(np.float32)
     result = runner.generate(embeds, output)
-    ttft, total = float(result.ttft_ms), float(result.total_ms)
+    ttft, total = float(result.ttft_ms) + before, float(result.total_ms) + before
     if output > 1 and (stall_ms_per_step > 0 or decode_factor > 1.0):
         start = time.perf_counter()
         if stall_ms_per_step > 0:
@@ -161,13 +179,16 @@ def run_stream(
     slowdown_ms_per_step: float = 0.0,
     progress: Callable[[int, int], None] | None = None,
     slowdown_factor: float = 1.0,
+    chain: Any = None,
 ) -> LoadtestResult:
-    """The serving loop: decide, execute (shadow if rejected), observe admitted ones."""
+    """The serving loop: decide, execute (shadow if rejected), observe admitted ones. ``chain``: a VLM's
+    encoder chain (requests with vision tokens run through it; each draws its images from spec.images)."""
     from trt_latency.serving.admission import Request
 
     rng = np.random.default_rng(seed)
     exec_rng = np.random.default_rng(seed + 1)
     lengths = draw_lengths(spec, n, rng)
+    images = draw_images(spec, lengths, seed)
     tier, top_k, blocks = key
     hidden = int(runner.hidden)
     result = LoadtestResult()
@@ -176,25 +197,27 @@ def run_stream(
     if mode == "classes" and not spec.budget_classes:
         raise ValueError("budget mode 'classes' needs StreamSpec.budget_classes (see slo_classes)")
     for i, (vision, text, output) in enumerate(lengths):
+        k = images[i]
         predicted = float(estimator.predict(vision, text, output, tier_idx=tier, top_k=top_k,
-                                            num_active_blocks=blocks).total_ms)
+                                            num_active_blocks=blocks, images=k).total_ms)
         if mode == "fixed":
             budget = float(spec.budget_ms)  # type: ignore[arg-type]
         elif mode == "classes":
             budget = float(spec.budget_classes[int(rng.integers(len(spec.budget_classes)))])
         else:
             budget = predicted * spec.budget_center * float(rng.uniform(*spec.budget_spread))
-        request = Request(vision, text, output, tier, top_k, blocks, budget)
+        request = Request(vision, text, output, tier, top_k, blocks, budget, k)
         t0 = time.perf_counter_ns()
         decision = controller.decide(request)
         decide_ns = time.perf_counter_ns() - t0
         slowed = slowdown_at is not None and i >= slowdown_at
         ttft, total = execute(runner, vision, text, output, hidden, exec_rng,
-                              slowdown_ms_per_step if slowed else 0.0, slowdown_factor if slowed else 1.0)
+                              slowdown_ms_per_step if slowed else 0.0, slowdown_factor if slowed else 1.0,
+                              chain=chain, images=k)
         if decision.admit:
             controller.observe(request, ttft, total)
         result.rows.append(Executed(i, vision, text, output, budget, bool(decision.admit), str(decision.reason),
-                                    decide_ns, ttft, total, slowed, predicted))
+                                    decide_ns, ttft, total, slowed, predicted, k))
         if progress is not None:
             progress(i + 1, n)
     result.wall_s = time.perf_counter() - start
@@ -208,11 +231,11 @@ def dump_rows(result: LoadtestResult, path: str | os.PathLike[str]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["index", "vision_tokens", "text_tokens", "output_tokens", "budget_ms", "admitted", "oracle_admit",
-                    "violation", "ttft_ms", "total_ms", "predicted_ms", "slowed", "decide_ns", "reason"])
+                    "violation", "ttft_ms", "total_ms", "predicted_ms", "slowed", "decide_ns", "reason", "images"])
         for r in result.rows:
             w.writerow([r.index, r.vision_tokens, r.text_tokens, r.output_tokens, repr(r.budget_ms), int(r.admitted),
                         int(r.oracle_admit), int(r.violation), repr(r.ttft_ms), repr(r.total_ms), repr(r.predicted_ms), int(r.slowed),
-                        r.decide_ns, r.reason])
+                        r.decide_ns, r.reason, r.images])
 
 
 def _rates(rows: Sequence[Executed]) -> dict[str, Any]:
@@ -323,15 +346,17 @@ def find_model(calibration_path: str | os.PathLike[str], onnx_path: str | os.Pat
 
 
 def calibrate_conformal_live(runner: Any, estimator: Any, key: ConfigKey, spec: StreamSpec, n: int,
-                             seed: int, hidden: int) -> dict[str, np.ndarray]:
-    """Run n requests of the stream's distribution for real; returns a request log as columns."""
+                             seed: int, hidden: int, chain: Any = None) -> dict[str, np.ndarray]:
+    """Run n requests of the stream's distribution for real (through ``chain`` for a VLM); returns a
+    request log as columns (with each request's images)."""
     rng = np.random.default_rng(seed)
     lengths = draw_lengths(spec, n, rng)
+    images = draw_images(spec, lengths, seed)
     cols: dict[str, list[float]] = {k: [] for k in ("vision_tokens", "text_tokens", "output_tokens", "tier_idx",
-                                                     "top_k", "num_active_blocks", "ttft_ms", "total_ms")}
-    for vision, text, output in lengths:
-        ttft, total = execute(runner, vision, text, output, hidden, rng)
-        for name, value in zip(cols, (vision, text, output, key[0], key[1], key[2], ttft, total), strict=True):
+                                                     "top_k", "num_active_blocks", "ttft_ms", "total_ms", "images")}
+    for (vision, text, output), k in zip(lengths, images, strict=True):
+        ttft, total = execute(runner, vision, text, output, hidden, rng, chain=chain, images=k)
+        for name, value in zip(cols, (vision, text, output, key[0], key[1], key[2], ttft, total, k), strict=True):
             cols[name].append(value)
     return {k: np.asarray(v) for k, v in cols.items()}
 
@@ -370,10 +395,12 @@ def plan_of(cal: Any, plan_path: str | os.PathLike[str] | None = None) -> Any:
 
 
 def stream_spec(cfg: Any, plan: Any, budget_ms: float | None = None) -> StreamSpec:
-    """The plan's replay length distribution, clipped to what the calibration measured (so every
-    request is one the Estimator can judge; the policy for the others is tested separately)."""
+    """The plan's replay length distribution (and images per request), clipped to what the calibration
+    measured (so every request is one the Estimator can judge; the policy for the others is tested
+    separately)."""
     replay = plan.replay
     return StreamSpec(
+        images=tuple(int(k) for k in getattr(replay, "images", (1,)) or (1,)),
         vision_tokens=tuple(int(v) for v in replay.vision_tokens),
         text_tokens=(int(replay.text_tokens[0]), int(replay.text_tokens[1])),
         output_tokens=(int(replay.output_tokens[0]), int(replay.output_tokens[1])),
@@ -384,8 +411,9 @@ def stream_spec(cfg: Any, plan: Any, budget_ms: float | None = None) -> StreamSp
     )
 
 
-def warm_up(runner: Any, spec: StreamSpec, requests: int = 5) -> None:
+def warm_up(runner: Any, spec: StreamSpec, requests: int = 5, chain: Any = None) -> None:
     """A few untimed requests: first runs allocate and page in."""
     rng = np.random.default_rng(12345)
-    for vision, text, output in draw_lengths(spec, requests, rng):
-        execute(runner, vision, text, output, int(runner.hidden), rng)
+    lengths = draw_lengths(spec, requests, rng)
+    for (vision, text, output), k in zip(lengths, draw_images(spec, lengths, 12345), strict=True):
+        execute(runner, vision, text, output, int(runner.hidden), rng, chain=chain, images=k)

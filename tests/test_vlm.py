@@ -220,3 +220,48 @@ def test_replay_sends_a_requests_images_through_the_chain(tmp_path: Path) -> Non
     assert [int(r["images"]) for r in rows] == [r.images for r in b]
     two = [r for r in rows if r["images"] == "2"]
     assert two and all(float(r["ttft_ms"]) > 0 for r in two)
+
+
+def test_loadtest_serves_a_vlm_through_its_encoder_chain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """calibrate with a chain, then loadtest on it: requests with vision tokens run encoder -> embedding ->
+    decoder (1 or 2 images each, from the plan's replay.images), their TTFT carries the encoder as the
+    prediction does, the controller's correction stays near 1 (it was 14x when its raw prefill left the
+    encoder out), and the batched load test refuses a VLM calibration in one line."""
+    import csv
+
+    from trt_latency.cli import main
+    from trt_latency.estimator.calibration import load_calibration
+    from trt_latency.estimator.model import Estimator
+
+    out = tmp_path / "cal"
+    plan = Path(__file__).parents[1] / "benchmarks" / "vlm_plan.yaml"
+    assert main(["calibrate", str(plan), "--onnx", str(DECODER), "--quick", "--requests", "12", "--out", str(out),
+                 "--vision-onnx", str(VIT / "vision.onnx"), "--embedding-onnx", str(VIT / "embedding.onnx"),
+                 "--vision-patches", "16", "256", "--vision-points", "4", "--no-progress", "--no-plot"]) == 0
+    capsys.readouterr()
+    dump = tmp_path / "rows.csv"
+    assert main(["loadtest", "-c", str(out / "calibration.yaml"), "--onnx", str(DECODER), "--requests", "40",
+                 "--alpha", "0.1", "--dump", str(dump), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["vision"]["family"] == "vit" and report["vision"]["images"] == [1, 2]
+    rows = list(csv.DictReader(dump.open()))
+    with_images = [r for r in rows if int(r["vision_tokens"]) > 0]
+    assert report["vision"]["requests_with_images"] == len(with_images) > 10
+    assert {r["images"] for r in with_images} == {"1", "2"} and all(r["images"] == "1" for r in rows
+                                                                     if int(r["vision_tokens"]) == 0)
+    est = Estimator(load_calibration(out / "calibration.yaml"))
+    key = report["config"]
+    ratios, decoder_only = [], []
+    for r in with_images:
+        v, t, n, k = (int(r[c]) for c in ("vision_tokens", "text_tokens", "output_tokens", "images"))
+        p = est.predict(v, t, n, *key, images=k)
+        ratios.append(float(r["ttft_ms"]) / p.prefill_ms)
+        decoder_only.append(est.predict(0, v + t, n, *key).prefill_ms / p.prefill_ms)
+    assert max(decoder_only) < 0.8  # the encoder is a visible part of these TTFTs ...
+    assert 0.6 < float(np.median(ratios)) < 1.6  # ... and the measured TTFTs carry it
+    for name, c in report["controller"]["corrections"].items():
+        assert 0.4 < c["prefill"] < 2.5, (name, c)
+    assert main(["loadtest", "-c", str(out / "calibration.yaml"), "--onnx", str(DECODER), "--requests", "4",
+                 "--max-batch", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "vision" in err[0] and "--max-batch" in err[0]

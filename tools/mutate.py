@@ -128,6 +128,10 @@ MUTATIONS = [
              (("ext/_kernels.pyx", "                im = images[i] if per_images else 1\n                if not (0.0 <= b < INFINITY):",
                "                im = 1\n                if not (0.0 <= b < INFINITY):"),),
              ("tests/test_estimator_kernels.py",)),
+    Mutation("loadtest: a VLM request's encoder time left out of its TTFT",
+             (("serving/loadgen.py", "        before = timing.vision_ms + timing.embedding_ms\n    else:",
+               "        before = 0.0\n    else:"),),
+             ("tests/test_vlm.py",)),
 ]
 
 

@@ -31,6 +31,43 @@ def open_chain(args: Any, threads: int, huge_pages: bool = True) -> Any:
     return VisionChain(encoder, embedding, together=args.vision_images_per_call == "together")
 
 
+def chain_from_calibration(cal: Any, cal_path: str | Path, threads: int, huge_pages: bool = True) -> Any:
+    """The encoder chain a VLM calibration was swept with, reopened from its provenance (the loadtest serves
+    requests through it); None for a calibration without a ``vision`` section. A relative path is read next
+    to the calibration when it is not found from here; a missing file fails in one line naming the field."""
+    from types import SimpleNamespace
+
+    from trt_latency.errors import InputError
+
+    vis = cal.vision
+    if vis is None:
+        return None
+    models = cal.provenance.get("vision_models") or {}
+    base = Path(cal_path).parent
+
+    def located(field: str, required: bool) -> Path | None:
+        raw = str(models.get(field) or "")
+        if not raw:
+            if required:
+                raise InputError("a VLM calibration without its encoder's path", path=str(cal_path),
+                                 field=f"provenance.vision_models.{field}", expected="the encoder ONNX file")
+            return None
+        p = Path(raw)
+        if not p.is_file() and not p.is_absolute() and (base / p).is_file():
+            p = base / p
+        if not p.is_file():
+            raise InputError("file not found", path=str(cal_path), field=f"provenance.vision_models.{field}",
+                             expected="the ONNX file calibrate swept", got=str(p))
+        return p
+
+    hook = vis.family[len("hook:"):] if vis.family.startswith("hook:") else None
+    args = SimpleNamespace(vision_onnx=located("encoder", True), embedding_onnx=located("embedding", False),
+                           vision_family=None if hook else vis.family, vision_feeds=hook,
+                           vision_config=str(models.get("config") or "") or None,
+                           vision_tokens_per_patch=vis.tokens_per_patch, vision_images_per_call=vis.images_per_call)
+    return open_chain(args, threads, huge_pages)
+
+
 def calibrate_vision(args: Any, plan: Any, out: Path, cal_path: Path, say: Callable[[str], None]) -> list[str]:
     """Sweep + fit + store; returns the report lines."""
     from trt_latency.engines.vision import (
@@ -61,7 +98,7 @@ def calibrate_vision(args: Any, plan: Any, out: Path, cal_path: Path, say: Calla
     cal = load_calibration(cal_path)
     prov = dict(cal.provenance)
     prov["vision_models"] = {"encoder": str(enc.sig.path), "family_source": enc.sig.source,
-                             "embedding": str(args.embedding_onnx or "")}
+                             "embedding": str(args.embedding_onnx or ""), "config": str(args.vision_config or "")}
     save_calibration(replace(cal, vision=vis, provenance=prov), cal_path)
     lines = [f"  vision {enc.sig.family} ({enc.sig.source}): {len(patches)} patch counts {patches[0]}..{patches[-1]} "
              f"x images per call {list(VISION_IMAGES)}, {len(sweep.rows)} timed calls in {sweep.seconds:.1f} s "

@@ -202,6 +202,12 @@ def loadtest(args: argparse.Namespace) -> dict[str, Any]:
 
     cal_path, cal, model_path, plan = _calibrated_model(args)
     _check_model_is_calibrated(model_path, cal_path, cal)
+    chain = None
+    if cal.vision is not None:  # a VLM: requests with vision tokens run encoder -> embedding -> decoder
+        from trt_latency.pipeline_vision import chain_from_calibration
+
+        threads = args.threads if args.threads is not None else plan.runtime.intra_op_threads
+        chain = chain_from_calibration(cal, cal_path, threads, plan.runtime.huge_pages)
     runner = _open_served(args, cal, model_path, plan)
     try:
         key = loadgen.served_key(model_path, cal)
@@ -212,10 +218,10 @@ def loadtest(args: argparse.Namespace) -> dict[str, Any]:
         fits = None
         log: Any = None
         # Warm the engine (first runs allocate / page in) before anything is measured.
-        loadgen.warm_up(runner, spec)
+        loadgen.warm_up(runner, spec, chain=chain)
         if args.calibrate_requests > 0:
             log = loadgen.calibrate_conformal_live(runner, estimator, key, spec, args.calibrate_requests,
-                                                   seed=args.seed + 1000, hidden=int(runner.hidden))
+                                                   seed=args.seed + 1000, hidden=int(runner.hidden), chain=chain)
             conformal_info["source"] = f"{args.calibrate_requests} live requests"
         elif cfg.conformal is not None:
             conformal_info["source"] = f"{cal_path} (stored)"
@@ -261,7 +267,7 @@ def loadtest(args: argparse.Namespace) -> dict[str, Any]:
                                                                                 args.slo_quantiles))
         result = loadgen.run_stream(runner, controller, estimator, key, spec, args.requests, seed=args.seed,
                                     slowdown_at=args.slowdown_at, slowdown_ms_per_step=args.slowdown_ms_per_step,
-                                    slowdown_factor=args.slowdown_factor)
+                                    slowdown_factor=args.slowdown_factor, chain=chain)
     finally:
         runner.close()
     report: dict[str, Any] = {
@@ -276,14 +282,19 @@ def loadtest(args: argparse.Namespace) -> dict[str, Any]:
                                                             "ms_per_decode_step": args.slowdown_ms_per_step,
                                                             "decode_factor": args.slowdown_factor},
         "target_violation_rate": loadgen.TARGET_VIOLATION_RATE,
+        "vision": None if chain is None else {
+            "encoder": str(chain.encoder.sig.path), "family": chain.encoder.sig.family,
+            "embedding": None if chain.embedding is None else str(chain.embedding.path),
+            "images_per_call": "together" if chain.together else "separate", "images": list(spec.images),
+            "requests_with_images": sum(1 for r in result.rows if r.vision_tokens > 0)},
     }
     report.update(loadgen.summarize(result, args.slowdown_at, window=args.report_window))
     if args.dump:
         loadgen.dump_rows(result, args.dump)
         report["dump"] = args.dump
     report["controller"] = controller.counters()
-    requests = [Request(r.vision_tokens, r.text_tokens, r.output_tokens, key[0], key[1], key[2], r.budget_ms)
-                for r in result.rows]
+    requests = [Request(r.vision_tokens, r.text_tokens, r.output_tokens, key[0], key[1], key[2], r.budget_ms,
+                        r.images) for r in result.rows]
     report.update(loadgen.decide_benchmark(controller, requests))
     report["conformal"] = conformal_info
     return report
@@ -297,6 +308,13 @@ def batch_loadtest(args: argparse.Namespace) -> dict[str, Any]:
     from trt_latency.serving.batch_admission import BatchEstimator
 
     cal_path, cal, model_path, plan = _calibrated_model(args)
+    if cal.vision is not None:
+        from trt_latency.errors import InputError
+
+        raise InputError("--max-batch: the batched load test runs the decoder only, and this calibration prices "
+                         "an encoder too", path=str(cal_path), field="vision",
+                         expected="a decoder-only calibration (or drop --max-batch: the one-at-a-time "
+                                  "loadtest serves a VLM through its encoder chain)")
     runner = _open_served(args, cal, model_path, plan, max_batch=args.max_batch)
     try:
         if not hasattr(runner, "time_batch_step"):
@@ -378,6 +396,10 @@ def _print_report(report: dict[str, Any]) -> None:
                  "controller_ns_per_decision", "estimator_admit_ns", "bare_python_call_ns", "decisions_per_s",
                  "serving_requests_per_s"):
         print(f"  {name:28s} {_fmt(report.get(name))}")
+    if report.get("vision"):
+        v = report["vision"]
+        print(f"  through the encoder chain: {v['family']} {v['encoder']} ({v['requests_with_images']} requests with "
+              f"images, {v['images']} per request, {v['images_per_call']} per call)")
     if report.get("slowdown"):
         s = report["slowdown"]
         print(f"slowdown of {s['ms_per_decode_step']} ms per decode step, decode x{s['decode_factor']}, "
