@@ -141,6 +141,9 @@ def test_calibrate_chain_section_estimator_and_old_files(tmp_path: Path, capsys:
     assert main(["admit", "-c", str(out / "calibration.yaml"), "--budget-ms", "1e9", "--vision-tokens", "256",
                  "--text-tokens", "64", "--max-new-tokens", "4", "--images", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["predicted_ms"] == pytest.approx(two.total_ms, rel=1e-9)
+    assert main(["choose", "-c", str(out / "calibration.yaml"), "--budget-ms", "1e9", "--vision", "256",
+                 "--text", "64", "--max-new-tokens", "4", "--images", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["predicted_ms"] == pytest.approx(two.total_ms, rel=1e-9)
     # old files (no vision section) still load, and saving one adds no key
     plain = dataclasses.replace(cal, vision=None)
     save_calibration(plain, tmp_path / "plain.yaml")

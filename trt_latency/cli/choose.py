@@ -12,6 +12,7 @@ from trt_latency.errors import InputError
 EXAMPLE = """\
 examples:
   trt-latency choose -c calibration.yaml --budget-ms 120 --vision 576 --text 40 --max-new-tokens 64
+  trt-latency choose -c vlm/calibration.yaml --budget-ms 60 --vision 512 --images 2 --text 40 --max-new-tokens 16
   trt-latency choose -c calibration.yaml --budget-ms 80 --text 300 --max-new-tokens 32 --candidates 0,2,8 0,1,4 --json
 """
 
@@ -36,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="configs to try in this order (B '-' = the tier's largest measured)")
     p.add_argument("--alpha", type=open_unit, default=None, metavar="A",
                    help="violation rate to guard against (conformal factor if calibrated, else residual quantile)")
+    p.add_argument("--images", type=positive_int, default=None, metavar="N",
+                   help="images the vision tokens come as (VLM calibrations; default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -58,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     for field, value in (("vision", args.vision), ("text", args.text)):
         if value < 0:
             raise InputError(path=args.calibration, field=field, expected="an integer >= 0", got=value)
-    d = est.choose(args.budget_ms, args.vision, args.text, args.max_new_tokens, args.candidates, args.alpha)
+    d = est.choose(args.budget_ms, args.vision, args.text, args.max_new_tokens, args.candidates, args.alpha,
+                   args.images)
     config: Any = None if d.config is None else list(d.config)
     if args.json:
         print(json.dumps({"admit": bool(d.admit), "config": config, "max_new_tokens": int(d.max_new_tokens),
