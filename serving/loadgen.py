@@ -159,8 +159,10 @@ def slo_classes(estimator: Any, key: ConfigKey, spec: StreamSpec,
     """SLO class budgets (ms): quantiles of the predicted totals of the request mix (a sample of
     the stream's own length distribution), times the typical actual/predicted (spec.budget_center).
     With classes spread over the mix, requests of each class range from far under to far over."""
-    lengths = np.asarray(draw_lengths(spec, sample, np.random.default_rng(seed)), dtype=np.int64)
-    _, _, total, _ = estimator.predict_batch(lengths[:, 0], lengths[:, 1], lengths[:, 2], *key)
+    drawn = draw_lengths(spec, sample, np.random.default_rng(seed))
+    lengths = np.asarray(drawn, dtype=np.int64)
+    images = np.asarray(draw_images(spec, drawn, seed), dtype=np.int64)  # a VLM mix: each request's images
+    _, _, total, _ = estimator.predict_batch(lengths[:, 0], lengths[:, 1], lengths[:, 2], *key, images=images)
     total = total[np.isfinite(total)]
     if total.size == 0:
         raise ValueError("no predictable request in the stream's length distribution")
