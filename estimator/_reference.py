@@ -82,7 +82,6 @@ from trt_latency.ext.layout import (
 IMPLEMENTATION = "reference"
 
 
-
 def _images_field(images: Any) -> int:
     """A request's images: None = 1, else an integer in [1, TOKEN_MAX]; -1 for a bad value."""
     if images is None:
@@ -95,6 +94,7 @@ def _same_length(what: str, size: int, *arrays: np.ndarray | None) -> None:
     """The batch entry points' one shape rule (as the compiled ones): every array as long as the first."""
     if any(a is not None and a.shape[0] != size for a in arrays):
         raise ValueError(f"{what}: all arrays must have the same length")
+
 
 class _DecisionFields(NamedTuple):
     admit: bool

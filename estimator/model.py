@@ -256,8 +256,8 @@ class Estimator:
         self._kernel.preference = self.preference
         self.choose = self._kernel.choose  # type: ignore[method-assign]
         # A VLM calibration (a `vision` section): requests with vision tokens also pay the encoder and the
-        # embedding step (estimator/vision.py). It is part of the tables (VIS_* / EMB_* columns): admit takes
-        # `images` (default 1); choose and the batch entry points assume one image per request.
+        # embedding step (estimator/vision.py). It is part of the tables (VIS_* / EMB_* columns): admit, choose
+        # and the batch entry points take `images` (default 1 per request).
         self.vision = calibration.vision
 
     @classmethod

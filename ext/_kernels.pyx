@@ -143,6 +143,15 @@ cdef inline double _vision_of(object vision_tokens):
     return <double>vt
 
 
+cdef inline int _images_field(object images, long long* im) except -1:
+    """A request's images into ``im``: None = 1, else an integer in [1, TOKEN_MAX]; 0 for a bad value (the
+    reference's _images_field)."""
+    im[0] = 1
+    if images is None:
+        return 1
+    return 1 if _to_ll(images, im) and 1 <= im[0] <= TOKEN_MAX else 0
+
+
 cdef inline int _parse_request(object budget_ms, object vision_tokens, object text_tokens, object max_new_tokens,
                                object tier_idx, object top_k, object num_active_blocks, double* budget,
                                long long* prompt, long long* req, long long* ti, long long* tk,
@@ -335,9 +344,8 @@ cdef class Kernel:
         if alpha is not None:
             if not _to_real(alpha, &a) or not (0.0 < a < 1.0):
                 return CODE_BAD + 7
-        if images is not None:
-            if not _to_ll(images, &im) or not (1 <= im <= TOKEN_MAX):
-                return CODE_BAD_IMAGES
+        if not _images_field(images, &im):
+            return CODE_BAD_IMAGES
         if prompt == 0:
             return CODE_EMPTY_PROMPT
         c = c_lookup(&self.t, ti, tk, bl)
@@ -369,9 +377,8 @@ cdef class Kernel:
                 or not _to_real(decode_scale, &ds) or not (0.0 < ds < INFINITY)
                 or not _to_real(factor, &f) or not (0.0 < f < INFINITY)):
             return CODE_BAD_SCALE
-        if images is not None:
-            if not _to_ll(images, &im) or not (1 <= im <= TOKEN_MAX):
-                return CODE_BAD_IMAGES
+        if not _images_field(images, &im):
+            return CODE_BAD_IMAGES
         if prompt == 0:
             return CODE_EMPTY_PROMPT
         c = c_lookup(&self.t, ti, tk, bl)
@@ -443,7 +450,7 @@ cdef class Kernel:
             return code0
         if alpha is not None and (not _to_real(alpha, &a) or not (0.0 < a < 1.0)):
             return code0
-        if images is not None and (not _to_ll(images, &im) or not (1 <= im <= TOKEN_MAX)):
+        if not _images_field(images, &im):
             return code0
         for i in range(1, size):
             if not _candidate_row(&self.t, candidates[i], &row):
