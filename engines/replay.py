@@ -48,6 +48,12 @@ class ReplayResult:
     seconds: float
 
 
+def image_count(choices: tuple[int, ...], seed: int, index: int) -> int:
+    """Images of request ``index`` with vision tokens: one of ``choices``, from a random stream of its own
+    (so a plan's other draws, and the logs written before images existed, stay as they were)."""
+    return int(np.random.default_rng([seed, 7927, index]).choice(np.asarray(choices)))
+
+
 def draw_requests(spec: ReplaySpec, n: int, tier: TierSpec | None = None) -> list[ReplayRequest]:
     """n requests: vision from the choices, text uniform, output log-uniform (inclusive ranges)."""
     lo, hi = spec.output_tokens
@@ -64,8 +70,7 @@ def draw_requests(spec: ReplaySpec, n: int, tier: TierSpec | None = None) -> lis
         if tier is not None:
             t = max(1 if v == 0 else 0, min(t, tier.max_prefill_len - v))
             o = max(1, min(o, tier.max_past_len + 2 - v - t))
-        # Images from a stream of their own: the plan's other draws (and so old logs) stay as they were.
-        k = int(np.random.default_rng([spec.seed, 7927, i]).choice(np.asarray(spec.images))) if v > 0 else 0
+        k = image_count(spec.images, spec.seed, i) if v > 0 else 0
         reqs.append(ReplayRequest(i, v, t, o, k))
     return reqs
 
@@ -185,7 +190,7 @@ def run_replay(runner: Runner, key: ConfigKey, tier: TierSpec, spec: ReplaySpec,
             before = 0.0
             if chain is not None and req.vision_tokens > 0:
                 embeds, timing = chain.prompt(runner, req.vision_tokens, req.text_tokens, req.images, rng)
-                before = timing.vision_ms + timing.embedding_ms
+                before = timing.before_prefill_ms
             res = runner.generate(embeds, req.output_tokens)
             if before:
                 res = replace(res, ttft_ms=res.ttft_ms + before, total_ms=res.total_ms + before)

@@ -431,6 +431,7 @@ def _run_fixed(runner: Runner, key: ConfigKey, plan: Plan, sink: RowSink, progre
                     progress and bool(order))
     written = 0
     out_of_time = False
+    warmups = sweep.warmups()
     try:
         last_rep = -1
         for row in order:
@@ -440,8 +441,7 @@ def _run_fixed(runner: Runner, key: ConfigKey, plan: Plan, sink: RowSink, progre
             if row.rep != last_rep:  # a new round
                 rewarm(runner, row.phase, row.past_len, row.new_tokens)
                 last_rep = row.rep
-            warmup = sweep.decode.warmup if row.phase == "decode" else sweep.prefill.warmup
-            ms = measure_once(runner, row.past_len, row.new_tokens, warmup)
+            ms = measure_once(runner, row.past_len, row.new_tokens, warmups[row.phase])
             sink.append(_row_values(runner, key, row, ms))
             written += 1
             if bar is not None:
@@ -502,6 +502,7 @@ def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, sink: RowSink, pro
     shapes = [("decode", p, 1) for p in decode_positions(cap, sweep.decode.log_points, sweep.decode.linear_points)]
     shapes += [("prefill", 0, s) for s in prefill_lengths(tier, sweep, max_new)]
     max_reps = {"decode": sweep.decode.reps, "prefill": sweep.prefill.reps}
+    warmups = sweep.warmups()
     sched = Scheduler(shapes, spec, max_reps)
     done = sink.rows(key, runner.backend)
     for r in done:  # file order = measuring order (the drift is read off the sequence)
@@ -558,8 +559,7 @@ def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, sink: RowSink, pro
             order = serpentine(active, round_no, lambda s: (s.phase, s.past_len, s.new_tokens))
             rewarm(runner, order[0].phase, order[0].past_len, order[0].new_tokens)
             for st in order:
-                plan_warmup = sweep.decode.warmup if st.phase == "decode" else sweep.prefill.warmup
-                warmup = plan_warmup if st.warmup is None else st.warmup
+                warmup = warmups[st.phase] if st.warmup is None else st.warmup
                 runs = runner.time_step(st.past_len, st.new_tokens, warmup + 1)  # as measure_once, keep all
                 ms = float(runs[-1])
                 if warmup > 0:

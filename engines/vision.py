@@ -534,6 +534,11 @@ class ChainTiming:
     embedding_ms: float
     calls: int
 
+    @property
+    def before_prefill_ms(self) -> float:
+        """What the chain adds to a request's TTFT ahead of the decoder's prefill."""
+        return self.vision_ms + self.embedding_ms
+
 
 class VisionChain:
     """encoder -> embedding step -> decoder prefill, the way a deployment runs a request with images.

@@ -543,10 +543,9 @@ def engine_predictions(log: Any, estimator: Any, serving: bool = False) -> tuple
     for i in range(len(log)):
         t, k, b = _log_key(log, i)
         try:
-            images = log.images_of(i) if hasattr(log, "images_of") else 1
             p = estimator.predict(int(log.vision_tokens[i]), int(log.text_tokens[i]), int(log.output_tokens[i]),
                                   tier_idx=t, top_k=k, num_active_blocks=b or None, serving=serving,
-                                  **({"images": images} if images != 1 else {}))  # fmt: skip
+                                  images=log.images_of(i) if hasattr(log, "images_of") else None)  # fmt: skip
         except Exception:  # noqa: BLE001 - a request the model cannot answer takes no part
             continue
         pre[i], dec[i] = p.prefill_ms, p.decode_ms

@@ -120,11 +120,11 @@ def draw_lengths(spec: StreamSpec, n: int, rng: np.random.Generator) -> list[tup
 
 
 def draw_images(spec: StreamSpec, lengths: Sequence[tuple[int, int, int]], seed: int) -> list[int]:
-    """Images per request: one of ``spec.images`` for a request with vision tokens (its own random stream
-    per request, so the lengths do not change with the choices), 1 otherwise."""
-    choices = np.asarray(spec.images or (1,))
-    return [int(np.random.default_rng([seed, 7927, i]).choice(choices)) if v > 0 else 1
-            for i, (v, _, _) in enumerate(lengths)]
+    """Images per request: one of ``spec.images`` for a request with vision tokens (the replay's draw,
+    engines.replay.image_count), 1 otherwise."""
+    from trt_latency.engines.replay import image_count
+
+    return [image_count(spec.images or (1,), seed, i) if v > 0 else 1 for i, (v, _, _) in enumerate(lengths)]
 
 
 def execute(runner: Any, vision: int, text: int, output: int, hidden: int, rng: np.random.Generator,
@@ -137,7 +137,7 @@ def execute(runner: Any, vision: int, text: int, output: int, hidden: int, rng: 
     before = 0.0
     if chain is not None and vision > 0:
         embeds, timing = chain.prompt(runner, vision, text, images, rng)
-        before = timing.vision_ms + timing.embedding_ms
+        before = timing.before_prefill_ms
     else:
         embeds = rng.standard_normal((1, vision + text, hidden)).astype(np.float32)
     result = runner.generate(embeds, output)

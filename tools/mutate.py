@@ -129,7 +129,7 @@ MUTATIONS = [
                "                im = 1\n                if not (0.0 <= b < INFINITY):"),),
              ("tests/test_estimator_kernels.py",)),
     Mutation("loadtest: a VLM request's encoder time left out of its TTFT",
-             (("serving/loadgen.py", "        before = timing.vision_ms + timing.embedding_ms\n    else:",
+             (("serving/loadgen.py", "        before = timing.before_prefill_ms\n    else:",
                "        before = 0.0\n    else:"),),
              ("tests/test_vlm.py",)),
 ]
