@@ -181,17 +181,21 @@ def _calibrated_model(args: argparse.Namespace) -> tuple[Path, Any, Path, Any]:
     return cal_path, cal, loadgen.find_model(cal_path, args.onnx), loadgen.plan_of(cal, args.plan)
 
 
+def _served_threads(args: argparse.Namespace, plan: Any) -> int:
+    """Intra-op threads of what the load test serves with: --threads, else the plan's (as it was swept)."""
+    return int(args.threads if args.threads is not None else plan.runtime.intra_op_threads)
+
+
 def _open_served(args: argparse.Namespace, cal: Any, model_path: Path, plan: Any, **extra: Any) -> Any:
-    """The runner that serves the load test, opened as the sweep measured it: same thread count, and the
-    KV bound the way it was calibrated unless --kv-mode says otherwise."""
+    """The runner that serves the load test, opened as the sweep measured it: same thread count and page
+    backing, and the KV bound the way it was calibrated unless --kv-mode says otherwise."""
     from trt_latency.serving import loadgen
 
-    threads = args.threads if args.threads is not None else plan.runtime.intra_op_threads
     options = model_options(args)
     if options["kv_mode"] == "auto":
         options["kv_mode"] = str(cal.provenance.get("kv_mode") or "auto")
-    return loadgen.open_model(model_path, args.backend, threads, **options, max_past_len=args.max_past_len,
-                              **extra)
+    return loadgen.open_model(model_path, args.backend, _served_threads(args, plan), **options,
+                              max_past_len=args.max_past_len, huge_pages=plan.runtime.huge_pages, **extra)
 
 
 def loadtest(args: argparse.Namespace) -> dict[str, Any]:
@@ -206,8 +210,7 @@ def loadtest(args: argparse.Namespace) -> dict[str, Any]:
     if cal.vision is not None:  # a VLM: requests with vision tokens run encoder -> embedding -> decoder
         from trt_latency.pipeline_vision import chain_from_calibration
 
-        threads = args.threads if args.threads is not None else plan.runtime.intra_op_threads
-        chain = chain_from_calibration(cal, cal_path, threads, plan.runtime.huge_pages)
+        chain = chain_from_calibration(cal, cal_path, _served_threads(args, plan), plan.runtime.huge_pages)
     runner = _open_served(args, cal, model_path, plan)
     try:
         key = loadgen.served_key(model_path, cal)
