@@ -1,10 +1,10 @@
 """Sequential sampling for the sweep: which positions still need rounds, and why each one stopped.
 
 A position (decode past_len, or prefill length) stays in the rotation until the standard error of its
-median, relative to the median, is under its target. The standard error comes from the distribution-free
-order-statistic interval of the median (ranks n/2 -+ 1.96 sqrt(n)/2 of the sorted repetitions; the
-interval's half-width / 1.96): step latencies are right-skewed with occasional slow visits, so no normal
-or MAD formula is assumed, and it costs one sort of <= a few hundred values per position and round.
+median, relative to the median, is under its target. The standard error is
+trt_latency.stats.median_se_rel (the distribution-free order-statistic interval of the median; the fit
+judges its held-out misses with the same function), one sort of <= a few hundred values per position
+and round.
 
 Targets start at the plan's precision and only ever tighten: a `Refiner` (a fit, supplied by the
 caller: engines/ knows nothing of estimator/) looks at the per-position medians and standard errors
@@ -30,34 +30,14 @@ from typing import Protocol
 import numpy as np
 
 from trt_latency.engines.config import AdaptiveSpec
-from trt_latency.stats import drift_adjusted
+from trt_latency.stats import drift_adjusted, median_se, median_se_rel
 
-Z95 = 1.959963984540054
 
 # Stop reasons (samples' side file and calibration.yaml carry them verbatim).
 STOP_PRECISION = "precision"  # the median's relative SE reached its target
 STOP_MAX_REPS = "max_reps"  # the plan's round cap was reached first
 STOP_TIME = "time_budget"  # --time-budget ran out first
 STOP_FIXED = "fixed_plan"  # non-adaptive sweep: every position gets the plan's rounds
-
-
-def median_se_rel(values: np.ndarray | list[float]) -> float:
-    """Relative standard error of the median from its order-statistic (binomial) 95% interval.
-
-    ranks (1-based) j = round(n/2 - 1.96 sqrt(n)/2), k = round(1 + n/2 + 1.96 sqrt(n)/2) clipped to
-    [1, n] (n = 10: x_(2), x_(9)); SE = (x_(k) - x_(j)) / (2 * 1.96), divided by the median. inf below 3.
-    """
-    v = np.sort(np.asarray(values, dtype=np.float64))
-    n = v.shape[0]
-    if n < 3:
-        return math.inf
-    half = Z95 * math.sqrt(n) / 2.0
-    lo = max(int(round(n / 2.0 - half)), 1)
-    hi = min(int(round(1.0 + n / 2.0 + half)), n)
-    med = float(np.median(v))
-    if med <= 0:
-        return math.inf
-    return float(v[hi - 1] - v[lo - 1]) / (2.0 * Z95) / med
 
 
 class Refiner(Protocol):
@@ -95,11 +75,8 @@ class PositionState:
         self.cold_log_ratio.append(math.log(float(runs[0]) / float(runs[-1])))
         if len(self.cold_log_ratio) < min_reps:
             return
-        v = np.sort(np.asarray(self.cold_log_ratio))
-        n = v.shape[0]
-        half = Z95 * math.sqrt(n) / 2.0
-        lo, hi = max(int(round(n / 2.0 - half)), 1), min(int(round(1.0 + n / 2.0 + half)), n)
-        se = float(v[hi - 1] - v[lo - 1]) / (2.0 * Z95)
+        v = np.asarray(self.cold_log_ratio)
+        se = median_se(v)  # absolute: a log ratio's median may be <= 0
         if abs(float(np.median(v))) + se <= tolerance:
             self.warmup = 0
 

@@ -42,7 +42,7 @@ from trt_latency.estimator.calibration import (
 )
 from trt_latency.estimator.samples import Samples
 from trt_latency.schema import ConfigKey
-from trt_latency.stats import drift_adjusted
+from trt_latency.stats import drift_adjusted, median_se_rel
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
 MAX_KNOTS = 8
@@ -215,19 +215,12 @@ def prefill_eval(coeffs: np.ndarray | list[float], s: np.ndarray) -> np.ndarray:
 
 
 def median_rel_se(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Relative standard error of each key's median, from its own spread: 1.2533 * sigma / sqrt(n) / median,
-    sigma = 1.4826 * MAD (nan below 3 repetitions). It is the floor that measurement noise alone puts
-    under the leave-one-position-out error: a held-out position is compared with its own noisy median."""
-    uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-    out = np.full(uniq.shape[0], np.nan)
-    for i in range(uniq.shape[0]):
-        if counts[i] < 3:
-            continue
-        v = values[inverse == i]
-        med = float(np.median(v))
-        sigma = 1.4826 * float(np.median(np.abs(v - med)))
-        out[i] = 1.2533 * sigma / math.sqrt(counts[i]) / med
-    return out
+    """Relative standard error of each key's median (trt_latency.stats.median_se_rel, the one the sweep
+    stops on; nan below 3 repetitions). It is the floor that measurement noise alone puts under the
+    leave-one-position-out error: a held-out position is compared with its own noisy median."""
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    se = np.array([median_se_rel(values[inverse == i]) for i in range(uniq.shape[0])])
+    return np.where(np.isfinite(se), se, np.nan)
 
 
 def _medians(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
