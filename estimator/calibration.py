@@ -350,7 +350,7 @@ _Dumper.add_representer(str, _represent_str)
 
 def dump_calibration(cal: Calibration) -> str:
     validate_calibration(cal)
-    header = f"# trt-latency calibration (schema {cal.schema_version}). Written by `trt-latency fit`; see DESIGN.md.\n"
+    header = f"# trt-latency calibration (schema {cal.schema_version}). Written by `trt-latency fit`; format: ARCHITECTURE.md, 'Estimator contracts'.\n"
     return header + yaml.dump(calibration_to_dict(cal), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=1 << 16)
 
 

@@ -394,6 +394,31 @@ def score(actual: np.ndarray, point: np.ndarray, bound: np.ndarray, budgets: np.
     }
 
 
+def _undefined(scores: dict[str, Any], conf: ConformalPart, alpha: float, mode: str, n_held: int) -> dict[str, Any]:
+    """The trt-latency row when the fit half is too small for alpha: no finite factor, so every bound is
+    infinite; violation, over-reservation, admitted and goodput are then undefined (not 0% / inf%), and the
+    row says how many requests alpha needs."""
+    from trt_latency.serving.conformal import min_requests_for
+
+    have, need = sum(conf.n_scores.values()), min_requests_for(alpha)
+    per_score = 2 if mode == "split" else 1  # split: half the fit half gives scores; cross: every row does
+    reason = (f"no conformal factor at alpha {alpha:g}: the fit half gave {have} scores, alpha {alpha:g} needs at "
+              f"least {need} (a fit half of {need * per_score} requests, about {2 * need * per_score} in a log split "
+              f"in two); or use alpha >= {1.0 / (have + 1):.3g}" if have else
+              f"no conformal factor at alpha {alpha:g}: the fit half gave no scores; alpha {alpha:g} needs at least "
+              f"{need}")
+    undefined = ("violation_rate", "over_reservation", "admitted", "goodput")
+    out = {**scores, **{k: math.nan for k in undefined}, "violations": 0, "undefined": reason,
+           "admitted_by_class": [math.nan] * len(scores["admitted_by_class"]),
+           "goodput_by_class": [math.nan] * len(scores["goodput_by_class"]), "undefined_requests": n_held}
+    return out
+
+
+def _pct(value: float, width: int) -> str:
+    """A share as a percentage; an undefined one (nan, inf) as n/a, never "inf%" or "nan%"."""
+    return f"{value * 100:{width - 1}.1f}%" if math.isfinite(value) else f"{'n/a':>{width}}"
+
+
 # ------------------------------------------------------------------------------ the comparison
 
 
@@ -435,14 +460,20 @@ class CompareReport:
                   + " of the fit half's actual totals, per config",
                   "",
                   f"{'strategy':<18} {'mape':>7} {'violation':>10} {'over-res':>9} {'admitted':>9} {'goodput':>8}"]
+        notes = []
         for name, s in self.strategies.items():
-            lines.append(f"{name:<18} {s['mape'] * 100:6.1f}% {s['violation_rate'] * 100:9.1f}% "
-                         f"{s['over_reservation'] * 100:8.1f}% {s['admitted'] * 100:8.1f}% {s['goodput'] * 100:7.1f}%")
+            lines.append(f"{name:<18} {_pct(s['mape'], 7)} {_pct(s['violation_rate'], 10)} "
+                         f"{_pct(s['over_reservation'], 9)} {_pct(s['admitted'], 9)} {_pct(s['goodput'], 8)}")
+            if s.get("undefined"):
+                notes.append(f"{name}: n/a: {s['undefined']}")
+            elif not math.isfinite(s["over_reservation"]):
+                notes.append(f"{name}: over-res n/a: every held-out request was missed (actual > bound)")
         lines.append(f"{'oracle':<18} {'':>7} {'':>10} {'':>9} {self.oracle_goodput * 100:8.1f}% "
                      f"{self.oracle_goodput * 100:7.1f}%")
         lines.append("(violation = held-out actual > bound; over-res = mean bound/actual - 1 over requests not "
                      "missed; admitted / goodput = share of held-out request x SLO-class pairs admitted / admitted "
                      "and met)")
+        lines += notes
         return "\n".join(lines) + "\n"
 
 
@@ -490,6 +521,8 @@ def compare(c: Columns, fit_mask: np.ndarray, held_mask: np.ndarray, alpha: floa
         bound = point * factor
         strategies[name] = score(held.total_ms, point, bound, budgets)
         bounds[name] = bound
+        if name == "trt-latency" and not np.isfinite(factor).all():
+            strategies[name] = _undefined(strategies[name], tl_conf, alpha, conformal, len(held))
     fitted: dict[str, Any] = {f: _fitted_dict(g) for f, g in fits.items()}
     fitted["trt-latency"] = {"position": _fitted_dict(tl_model),
                              "conformal_factor": {"pooled": tl_conf.pooled,

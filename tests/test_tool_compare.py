@@ -299,3 +299,26 @@ def test_cli_json_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[s
     text = capsys.readouterr().out
     assert "request_id parity" in text and "calibration's engine model" in text and "trt-latency" in text
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_alpha_the_fit_half_cannot_back_is_explained_not_printed_as_inf() -> None:
+    """30 requests, parity split: 15 conformal scores; alpha 0.05 needs 19 (issue 24.7). The trt-latency row
+    is undefined (n/a, not "inf%" over-reservation and 0% admitted) and says how many requests it needs."""
+    from trt_latency.serving.conformal import min_requests_for
+
+    c = exact_log(30)
+    fit = np.arange(30) % 2 == 0
+    rep = compare(c, fit, ~fit, alpha=0.05)
+    s = rep.strategies["trt-latency"]
+    need = min_requests_for(0.05)
+    assert need == 19 and s["undefined"].startswith("no conformal factor at alpha 0.05")
+    assert "gave 15 scores" in s["undefined"] and f"at least {need}" in s["undefined"]
+    assert math.isnan(s["admitted"]) and math.isnan(s["over_reservation"])
+    table = rep.format_table()
+    assert "inf%" not in table and "nan%" not in table
+    row = next(line for line in table.splitlines() if line.startswith("trt-latency "))
+    assert row.split()[2:] == ["n/a"] * 4, row
+    assert f"trt-latency: n/a: no conformal factor at alpha 0.05: the fit half gave 15 scores" in table
+    assert rep.to_dict()["strategies"]["trt-latency"]["admitted"] is None
+    # an alpha the 15 scores can back gives a defined row
+    assert "undefined" not in compare(c, fit, ~fit, alpha=0.1).strategies["trt-latency"]
