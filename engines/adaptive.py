@@ -32,7 +32,6 @@ import numpy as np
 from trt_latency.engines.config import AdaptiveSpec
 from trt_latency.stats import drift_adjusted, median_se, median_se_rel
 
-
 # Stop reasons (samples' side file and calibration.yaml carry them verbatim).
 STOP_PRECISION = "precision"  # the median's relative SE reached its target
 STOP_MAX_REPS = "max_reps"  # the plan's round cap was reached first

@@ -318,7 +318,7 @@ def test_an_alpha_the_fit_half_cannot_back_is_explained_not_printed_as_inf() -> 
     assert "inf%" not in table and "nan%" not in table
     row = next(line for line in table.splitlines() if line.startswith("trt-latency "))
     assert row.split()[2:] == ["n/a"] * 4, row
-    assert f"trt-latency: n/a: no conformal factor at alpha 0.05: the fit half gave 15 scores" in table
+    assert "trt-latency: n/a: no conformal factor at alpha 0.05: the fit half gave 15 scores" in table
     assert rep.to_dict()["strategies"]["trt-latency"]["admitted"] is None
     # an alpha the 15 scores can back gives a defined row
     assert "undefined" not in compare(c, fit, ~fit, alpha=0.1).strategies["trt-latency"]
