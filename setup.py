@@ -56,19 +56,42 @@ def write_layout_pxi() -> None:
             handle.write(text)
 
 
+CIMPORT_ROOT = os.path.join("build", "cimport")
+
+
+def write_cimport_tree() -> str:
+    """build/cimport/trt_latency/ext/: the shipped .pxd (and its .pxi) under its installed package path.
+
+    The .pyx files cimport the math core by its full name (`from trt_latency.ext._kernels cimport ...`), as
+    anyone downstream does against an installed package; in the source tree the package trt_latency.ext is
+    the folder ext/, so the build resolves that name through this small tree on Cython's include path.
+    """
+    pkg = os.path.join(CIMPORT_ROOT, "trt_latency", "ext")
+    os.makedirs(pkg, exist_ok=True)
+    for folder in (os.path.dirname(pkg), pkg):
+        open(os.path.join(folder, "__init__.pxd"), "w", encoding="utf-8").close()
+    for name in ("_kernels.pxd", "_layout.pxi"):
+        with open(os.path.join("ext", name), encoding="utf-8") as src:
+            text = src.read()
+        with open(os.path.join(pkg, name), "w", encoding="utf-8") as dst:
+            dst.write(text)
+    return CIMPORT_ROOT
+
+
 def extensions() -> list[Extension]:
     try:
         import numpy
         from Cython.Build import cythonize
 
         write_layout_pxi()
+        cimport_root = write_cimport_tree()
         sources = [(pkg, src) for folder, pkg in CYTHON_FOLDERS.items()
                    for src in sorted(glob.glob(os.path.join(folder, "*.pyx")))]
         exts = [
             Extension(
                 pkg + "." + os.path.splitext(os.path.basename(src))[0],
                 [src],
-                include_dirs=[numpy.get_include(), "ext", "."],
+                include_dirs=[numpy.get_include(), "ext", cimport_root],
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
                 extra_compile_args=["-O3"],
             )
@@ -76,6 +99,7 @@ def extensions() -> list[Extension]:
         ]
         return cythonize(
             exts,
+            include_path=[cimport_root],
             language_level=3,
             compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True,
                                  "initializedcheck": False, "embedsignature": True},

@@ -12,7 +12,6 @@ e.g. config index * REPLAY_ID_STRIDE), drawing the same request mix by its index
 
 from __future__ import annotations
 
-import csv
 import os
 import time
 from dataclasses import dataclass, replace
@@ -24,6 +23,7 @@ import numpy as np
 from trt_latency.engines.base import Runner
 from trt_latency.engines.config import ReplaySpec, TierSpec
 from trt_latency.errors import RequestLogError
+from trt_latency.formats import done_requests
 from trt_latency.schema import ConfigKey
 
 # request_id offset between configs sharing one log: even, so every request keeps its even/odd
@@ -73,47 +73,6 @@ def draw_requests(spec: ReplaySpec, n: int, tier: TierSpec | None = None) -> lis
         k = image_count(spec.images, spec.seed, i) if v > 0 else 0
         reqs.append(ReplayRequest(i, v, t, o, k))
     return reqs
-
-
-def done_requests(path: Path) -> dict[int, tuple[int, int, int] | None]:
-    """request_id -> config key (tier_idx, top_k, num_active_blocks) of the rows already in the log
-    (None where the log has no config columns); a partial trailing line from a killed run is cut first."""
-    from trt_latency.engines.sweep import repair_trailing_line
-    from trt_latency.schema import OPTIONAL_REQUEST_COLUMNS, REQUEST_COLUMNS
-
-    if not path.is_file() or path.stat().st_size == 0:
-        return {}
-    repair_trailing_line(path)
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.reader(fh)
-        header = [h.strip() for h in next(reader, [])]
-        if not header:
-            return {}
-        if "request_id" not in header:
-            raise RequestLogError("cannot resume a log without request ids", path=str(path), field="request_id",
-                                  expected="a request_id column", got=",".join(header))
-        missing = [c for c in REQUEST_COLUMNS if c not in header and c not in OPTIONAL_REQUEST_COLUMNS]
-        if missing:  # its rows could not be counted as done, nor new rows appended under the same columns
-            raise RequestLogError("cannot resume into a log with another header", path=str(path), row=1,
-                                  field=missing[0], expected="a header with columns " + ",".join(REQUEST_COLUMNS),
-                                  got=",".join(header))
-        col = header.index("request_id")
-        key_cols = [header.index(c) if c in header else -1 for c in ("tier_idx", "top_k", "num_active_blocks")]
-        done: dict[int, tuple[int, int, int] | None] = {}
-        for n, rec in enumerate(reader, start=1):
-            if not rec:
-                continue
-            try:
-                rid = int(rec[col])
-            except (ValueError, IndexError):
-                raise RequestLogError(path=str(path), row=n, field="request_id", expected="an integer",
-                                      got=rec[col] if col < len(rec) else None) from None
-            try:
-                t, k, b = (int(rec[c]) for c in key_cols)
-                done[rid] = (t, k, b)
-            except (ValueError, IndexError):  # no config columns: the reader of the log reports bad values
-                done[rid] = None
-    return done
 
 
 @runtime_checkable

@@ -24,11 +24,9 @@ rep) rows, or, adaptive, continues every shape at its next rep with the spread i
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -48,7 +46,11 @@ from trt_latency.engines.adaptive import (
 from trt_latency.engines.base import Runner
 from trt_latency.engines.config import AdaptiveSpec, Plan, SweepSpec, TierSpec
 from trt_latency.errors import SamplesError
-from trt_latency.schema import SAMPLES_COLUMNS, ConfigKey
+from trt_latency.formats import SAMPLES_INDEX, resume_records
+from trt_latency.formats import GroupWriter as _GroupWriter
+from trt_latency.formats import int_field as _int_field
+from trt_latency.formats import open_writer as _open_writer
+from trt_latency.schema import SAMPLES_COLUMNS, ConfigKey  # noqa: F401 - SAMPLES_COLUMNS re-exported
 
 BATCH = 1
 
@@ -153,63 +155,6 @@ def interleaved_rounds(rows: list[Any], rep_of: Callable[[Any], int], seed: list
     return ordered
 
 
-def repair_trailing_line(path: Path) -> bool:
-    """Cut a partial last line (no newline: the writer was killed mid-row). True if something was cut."""
-    size = path.stat().st_size
-    if size == 0:
-        return False
-    with path.open("rb+") as fh:
-        fh.seek(-1, os.SEEK_END)
-        if fh.read(1) == b"\n":
-            return False
-        # Scan back for the last newline in chunks.
-        pos, keep = size, 0
-        while pos > 0:
-            step = min(65536, pos)
-            pos -= step
-            fh.seek(pos)
-            chunk = fh.read(step)
-            idx = chunk.rfind(b"\n")
-            if idx >= 0:
-                keep = pos + idx + 1
-                break
-        fh.truncate(keep)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return True
-
-
-def _int_field(text: str, path: Path, row: int, column: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise SamplesError(path=str(path), row=row, field=column, expected="an integer", got=text) from None
-
-
-SAMPLES_INDEX = {c: i for i, c in enumerate(SAMPLES_COLUMNS)}
-
-
-def resume_records(path: Path) -> Iterator[tuple[int, list[str]]]:
-    """(row number, fields) of every row samples.csv already holds, for a sweep that resumes into it: a
-    partial trailing line is repaired first, the header must be this version's, every row complete."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    repair_trailing_line(path)
-    reader = csv.reader(io.StringIO(path.read_text(encoding="utf-8")))
-    header = next(reader, None)
-    if header is None:
-        return
-    if tuple(h.strip() for h in header) != SAMPLES_COLUMNS:
-        raise SamplesError("cannot resume into a file with another header", path=str(path), row=0,
-                           expected=",".join(SAMPLES_COLUMNS), got=",".join(header))
-    for n, rec in enumerate(reader, start=1):
-        if not rec:
-            continue
-        if len(rec) != len(SAMPLES_COLUMNS):
-            raise SamplesError(path=str(path), row=n, expected=f"{len(SAMPLES_COLUMNS)} fields", got=len(rec))
-        yield n, rec
-
-
 def check_backend(rec: list[str], key: ConfigKey, backend: str | None, path: Path, n: int) -> None:
     """A resumed config's rows must come from the backend timing it now."""
     got = rec[SAMPLES_INDEX["backend"]]
@@ -254,42 +199,6 @@ def measure_once(runner: Runner, past_len: int, new_tokens: int, warmup: int) ->
     timed run in a separate call after a rebind would overstate the step by several percent.
     """
     return float(runner.time_step(past_len, new_tokens, warmup + 1)[-1])
-
-
-class _GroupWriter:
-    """Appends rows to samples.csv and makes them durable in groups (one flush + fsync per
-    GROUP_SECONDS), not per row: an fsync per row cost more than a short decode step. A kill loses at most
-    the unsynced group (and leaves at most a partial last line, cut on resume): those rows were never
-    counted as done, so the rerun measures them again; nothing is lost or duplicated."""
-
-    GROUP_SECONDS = 0.5
-
-    def __init__(self, path: Path, header: bool) -> None:
-        self.fh = path.open("a", newline="", encoding="utf-8")
-        self.writer = csv.writer(self.fh, lineterminator="\n")
-        self.last = time.perf_counter()
-        self.pending = 0
-        if header:
-            self.writer.writerow(SAMPLES_COLUMNS)
-            self.commit()
-
-    def row(self, values: list[Any]) -> None:
-        self.writer.writerow(values)
-        self.pending += 1
-        if time.perf_counter() - self.last >= self.GROUP_SECONDS:
-            self.commit()
-
-    def commit(self) -> None:
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        self.last = time.perf_counter()
-        self.pending = 0
-
-    def close(self) -> None:
-        try:
-            self.commit()
-        finally:
-            self.fh.close()
 
 
 @runtime_checkable
@@ -409,12 +318,6 @@ def _row_values(runner: Runner, key: ConfigKey, row: PlannedRow, ms: float) -> l
     return [key.tier_idx, key.top_k, key.num_active_blocks, BATCH, row.phase, row.past_len, row.new_tokens,
             row.rep, f"{ms:.6f}", runner.backend, runner.device, kv_mode,
             row.past_len, row.past_len]  # kv_total, kv_max of a batch of one
-
-
-def _open_writer(path: Path) -> _GroupWriter:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not path.is_file() or path.stat().st_size == 0
-    return _GroupWriter(path, header=new_file)
 
 
 def _run_fixed(runner: Runner, key: ConfigKey, plan: Plan, sink: RowSink, progress: bool,

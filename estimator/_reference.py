@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from trt_latency.ext.layout import (
+    ADMIT_BELOW,
     CODE_BAD,
     CODE_BAD_IMAGES,
     CODE_BAD_SCALE,
@@ -40,6 +41,7 @@ from trt_latency.ext.layout import (
     F_NONE,
     F_RESIDUAL,
     FACTORISED,
+    FACTORISED_BIT,
     LOOP_FIRST,
     LOOP_PRE,
     P_CUM,
@@ -48,6 +50,10 @@ from trt_latency.ext.layout import (
     P_VALUE,
     PAST_HI,
     PAST_LO,
+    PB_CLIPPED,
+    PB_EXTRAPOLATED,
+    PB_FACTORISED,
+    PB_INVALID,
     PIECE_CNT,
     PIECE_OFF,
     PRE_A,
@@ -61,6 +67,7 @@ from trt_latency.ext.layout import (
     ST_FEWER,
     ST_FITS,
     ST_NONE,
+    STATUS_STRIDE,
     TOKEN_MAX,
     VIS2_A,
     VIS2_B,
@@ -374,7 +381,7 @@ class Kernel:
     ) -> Decision:
         code, n, pred = self.admit_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx, top_k,
                                         num_active_blocks, alpha, images)  # fmt: skip
-        return Decision(code < 16, n, pred, REASONS[code])
+        return Decision(code < ADMIT_BELOW, n, pred, REASONS[code])
 
     def admit_code(
         self,
@@ -452,7 +459,7 @@ class Kernel:
         Never raises; Decision.code / .extrapolated / .judged say how the request was judged."""
         code, n, pred = self._scaled_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, tier_idx,
                                                top_k, num_active_blocks, prefill_scale, decode_scale, factor, images)
-        return Decision(code < 16, n, pred, REASONS[code])
+        return Decision(code < ADMIT_BELOW, n, pred, REASONS[code])
 
     def _scaled_code(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any,
                      tier_idx: Any, top_k: Any, num_active_blocks: Any, prefill_scale: Any,
@@ -501,7 +508,7 @@ class Kernel:
             status = ST_FITS if n >= need else (ST_FEWER if n >= 1 else ST_NONE)
         ext = self.extrapolated(c, prompt, float(n if n > need else need), vision, images)
         fact = 1 if self.cfg[c][FACTORISED] != 0.0 else 0
-        return status * 16 + fact * 8 + (4 if ext else 0) + fsrc, n, pred
+        return status * STATUS_STRIDE + fact * FACTORISED_BIT + (EXTRAPOLATED_BIT if ext else 0) + fsrc, n, pred
 
     def choose(self, budget_ms: Any, vision_tokens: Any, text_tokens: Any, max_new_tokens: Any = None,
                candidates: Any = None, alpha: Any = None, images: Any = None) -> Decision:
@@ -519,7 +526,7 @@ class Kernel:
             else:
                 code, n, pred = self.admit_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, ti, tk, bl,
                                                 alpha, images)  # fmt: skip
-            if code < 16:
+            if code < ADMIT_BELOW:
                 return self._chosen(code, n, pred, cand)
             if i == 0:
                 first = (code, n, pred)
@@ -529,7 +536,7 @@ class Kernel:
 
     @staticmethod
     def _chosen(code: int, n: int, pred: float, config: Any) -> Decision:
-        d = Decision(code < 16, n, pred, REASONS[code])
+        d = Decision(code < ADMIT_BELOW, n, pred, REASONS[code])
         d.config = config
         return d
 
@@ -563,7 +570,7 @@ class Kernel:
                                        None if req == -1 else req, int(tier_idx[i]), int(top_k[i]),
                                        None if bl == -1 else bl, alpha_v,
                                        None if images is None else int(images[i]))  # fmt: skip
-            code[i], nout[i], pred[i], ok[i] = cd, n, p, cd < 16
+            code[i], nout[i], pred[i], ok[i] = cd, n, p, cd < ADMIT_BELOW
         return ok, nout, pred, code
 
     def predict_batch(
@@ -594,11 +601,11 @@ class Kernel:
             if (not 0 <= vt <= TOKEN_MAX or not 0 <= tt <= TOKEN_MAX or vt + tt == 0 or not 1 <= n <= TOKEN_MAX
                     or not 0 <= ti <= TOKEN_MAX or not 0 <= tk <= TOKEN_MAX or bl < -1 or bl > TOKEN_MAX
                     or not 1 <= im <= TOKEN_MAX):  # fmt: skip
-                flags[i] = 8
+                flags[i] = PB_INVALID
                 continue
             c = self.lookup(ti, tk, bl)
             if c < 0:
-                flags[i] = 8
+                flags[i] = PB_INVALID
                 continue
             f, fsrc = (1.0, F_NONE) if not qv > 0.0 else self.quantile_factor(c, qv)
             prompt = float(vt + tt)
@@ -606,8 +613,8 @@ class Kernel:
             d_ = self.decode_sum(c, prompt, float(n))
             pre[i], dec[i], tot[i] = p_ * f, d_ * f, (p_ + d_) * f
             flags[i] = (
-                (1 if self.extrapolated(c, prompt, float(n), float(vt), float(im)) else 0)
-                | (2 if self.cfg[c][FACTORISED] != 0.0 else 0)
-                | (4 if fsrc == F_CLIPPED else 0)
+                (PB_EXTRAPOLATED if self.extrapolated(c, prompt, float(n), float(vt), float(im)) else 0)
+                | (PB_FACTORISED if self.cfg[c][FACTORISED] != 0.0 else 0)
+                | (PB_CLIPPED if fsrc == F_CLIPPED else 0)
             )
         return pre, dec, tot, flags

@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from trt_latency.errors import RequestLogError
+from trt_latency.formats import REQUESTS_REQUIRED, check_requests_header
 from trt_latency.schema import REQUEST_COLUMNS, append_requests
 
 __all__ = ["REQUEST_COLUMNS", "RequestLog", "append_requests", "read_requests"]  # the writer lives in schema
 
-REQUIRED_COLUMNS: tuple[str, ...] = ("vision_tokens", "text_tokens", "output_tokens", "ttft_ms", "total_ms")
+REQUIRED_COLUMNS: tuple[str, ...] = REQUESTS_REQUIRED
 _INT_COLUMNS = ("request_id", "vision_tokens", "text_tokens", "output_tokens", "tier_idx", "top_k", "num_active_blocks",
                 "images")
 _FLOAT_COLUMNS = ("ttft_ms", "total_ms")
@@ -117,16 +118,7 @@ def read_requests(path: str | os.PathLike[str], *, require_decode: bool = False)
         except (csv.Error, UnicodeDecodeError) as exc:
             raise RequestLogError(f"not a CSV ({exc})", path=spath, row=1) from None
         header = [h.strip() for h in header]
-        for column in REQUIRED_COLUMNS:
-            if column not in header:
-                raise RequestLogError("missing column", path=spath, field=column,
-                                      expected="header with columns " + ",".join(REQUIRED_COLUMNS),
-                                      got=",".join(header))
-        seen: set[str] = set()
-        for column in header:
-            if column in seen:
-                raise RequestLogError("duplicate column", path=spath, field=column)
-            seen.add(column)
+        check_requests_header(header, spath, resume=False)  # the one version policy (trt_latency/formats.py)
         index = {name: i for i, name in enumerate(header)}
         numeric = [c for c in REQUEST_COLUMNS if c in index]
         meta_cols = [c for c in header if c not in REQUEST_COLUMNS]

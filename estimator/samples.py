@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from trt_latency.errors import SamplesError
+from trt_latency.formats import SAMPLES_REQUIRED, check_samples_header
 from trt_latency.schema import SAMPLES_COLUMNS, ConfigKey
 
 __all__ = ["SAMPLES_COLUMNS", "Samples", "concat_samples", "read_samples", "samples_from_rows"]
 
-REQUIRED_COLUMNS = ("phase", "past_len", "new_tokens", "latency_ms")
+REQUIRED_COLUMNS = SAMPLES_REQUIRED
 INT_COLUMNS = ("tier_idx", "top_k", "num_active_blocks", "batch", "past_len", "new_tokens", "rep")
 _INT_DEFAULTS = {"tier_idx": 0, "top_k": 0, "num_active_blocks": 0, "batch": 1, "rep": 0}
 PHASES = ("decode", "prefill")
@@ -152,12 +153,7 @@ def read_samples(path: str | os.PathLike[str]) -> Samples:
             except StopIteration:
                 raise SamplesError("empty file", path=p, expected="a header row " + ",".join(SAMPLES_COLUMNS)) from None
             names = [h.strip() for h in header]
-            missing = [c for c in REQUIRED_COLUMNS if c not in names]
-            if missing:
-                raise SamplesError(
-                    path=p, row=1, field=missing[0], expected="a header with columns " + ",".join(REQUIRED_COLUMNS),
-                    got=",".join(names)[:80],
-                )  # fmt: skip
+            check_samples_header(names, p, append=False)  # the one version policy (trt_latency/formats.py)
             index = {name: i for i, name in enumerate(names)}
             for rowno, row in enumerate(reader, start=2):
                 if not row or all(not x.strip() for x in row):

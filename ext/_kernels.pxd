@@ -1,6 +1,6 @@
 # The math core of the evaluation kernels, as C-level inline functions over flat tables
-# (scikit-learn's tree/_utils.pxd habit: other .pyx modules `from ext._kernels cimport *` and get the
-# same compiled arithmetic; serving/_gate.pyx does). Inline functions and types only, so cimporting
+# (scikit-learn's tree/_utils.pxd habit: other .pyx modules, here or downstream, cimport it by its full name,
+# `from trt_latency.ext._kernels cimport Tables, c_total, ...`, and get the same compiled arithmetic). Inline functions and types only, so cimporting
 # needs no module at run time. The constants (column indices, codes, TOKEN_MAX) come from
 # ext/layout.py through the generated _layout.pxi. The pure-Python mirror, property-tested equal, is
 # trt_latency.estimator._reference.
@@ -327,11 +327,11 @@ cdef inline int c_decide_scaled(const Tables* t, Py_ssize_t c, double prompt, do
     pred = c_total_at(t, c, prompt, <double>need, factor, pre, cp, -1, ds)
     if req > 0 and pred <= budget:
         n = req
-        status = 0
+        status = ST_FITS
     else:
         n = c_nfit_at(t, c, prompt, budget, factor, pre, cp, ds)
-        status = 0 if n >= need else (1 if n >= 1 else 2)
+        status = ST_FITS if n >= need else (ST_FEWER if n >= 1 else ST_NONE)
     n_out[0] = n
     pred_out[0] = pred
-    return (status * 16 + (8 if t.cfg[c * NCOL + FACTORISED] != 0.0 else 0)
-            + (4 if c_extrapolated(t, c, prompt, <double>(n if n > need else need), vision, images) else 0) + fsrc)
+    return (status * STATUS_STRIDE + (FACTORISED_BIT if t.cfg[c * NCOL + FACTORISED] != 0.0 else 0)
+            + (EXTRAPOLATED_BIT if c_extrapolated(t, c, prompt, <double>(n if n > need else need), vision, images) else 0) + fsrc)

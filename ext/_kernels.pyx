@@ -16,7 +16,8 @@ from cpython.tuple cimport PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.pycapsule cimport PyCapsule_New
 from libc.math cimport INFINITY, NAN, isnan
 
-from ext._kernels cimport *  # the math core: Tables, column / code enums, inline C functions
+# The math core (Tables, column / code enums, inline C functions) is this module's own .pxd, ext/_kernels.pxd:
+# Cython reads it with this file, so it needs no cimport here.
 
 import numpy as np
 
@@ -199,7 +200,7 @@ cdef inline int _candidate_row(const Tables* t, object cand, long long* row) exc
 
 cdef inline Decision _decision(int code, long long n, double pred):
     cdef Decision d = Decision.__new__(Decision)
-    d.admit = code < 16
+    d.admit = code < ADMIT_BELOW
     d.max_new_tokens = n
     d.predicted_ms = pred
     d.reason = _REASONS[code]
@@ -441,7 +442,7 @@ cdef class Kernel:
         chosen[0] = 0
         code0 = self._candidate_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, candidates[0], alpha,
                                      n, pred, images)
-        if code0 < 16 or size == 1:
+        if code0 < ADMIT_BELOW or size == 1:
             return code0
         n0, pred0 = n[0], pred[0]
         # The request's own fields, once (a bad one, or an empty prompt, admits with no candidate).
@@ -459,7 +460,7 @@ cdef class Kernel:
                 continue
             code = self._candidate_code(budget_ms, vision_tokens, text_tokens, max_new_tokens, candidates[i], alpha,
                                         n, pred, images)
-            if code < 16:
+            if code < ADMIT_BELOW:
                 chosen[0] = i
                 return code
         n[0], pred[0] = n0, pred0
@@ -540,7 +541,7 @@ cdef class Kernel:
                         code[i] = cd
                         nout[i] = n
                         pred[i] = p
-                        ok[i] = cd < 16
+                        ok[i] = cd < ADMIT_BELOW
         return ok_arr.view(np.bool_), n_arr, pred_arr, code_arr
 
     def predict_batch(self, const long long[::1] vision_tokens, const long long[::1] text_tokens,
@@ -577,11 +578,11 @@ cdef class Kernel:
                 if (not (0 <= vt <= TOKEN_MAX) or not (0 <= tt <= TOKEN_MAX) or vt + tt == 0
                         or not (1 <= n <= TOKEN_MAX) or not (0 <= ti <= TOKEN_MAX) or not (0 <= tk <= TOKEN_MAX)
                         or bl < -1 or bl > TOKEN_MAX or not (1 <= im <= TOKEN_MAX)):
-                    flags[i] = 8
+                    flags[i] = PB_INVALID
                     continue
                 c = c_lookup(&self.t, ti, tk, bl)
                 if c < 0:
-                    flags[i] = 8
+                    flags[i] = PB_INVALID
                     continue
                 fsrc = F_NONE
                 f = 1.0
@@ -593,7 +594,8 @@ cdef class Kernel:
                 pre_v[i] = pre * f
                 dec_v[i] = dec * f
                 tot_v[i] = (pre + dec) * f
-                flags[i] = ((1 if c_extrapolated(&self.t, c, prompt, <double>n, <double>vt, <double>im) else 0)
-                            | (2 if self.t.cfg[c * NCOL + FACTORISED] != 0.0 else 0)
-                            | (4 if fsrc == F_CLIPPED else 0))
+                flags[i] = ((PB_EXTRAPOLATED if c_extrapolated(&self.t, c, prompt, <double>n, <double>vt, <double>im)
+                             else 0)
+                            | (PB_FACTORISED if self.t.cfg[c * NCOL + FACTORISED] != 0.0 else 0)
+                            | (PB_CLIPPED if fsrc == F_CLIPPED else 0))
         return pre_arr, dec_arr, tot_arr, flags_arr

@@ -52,9 +52,14 @@ TOKEN_MAX = 2**31 - 1
 
 # Factor sources (low 2 bits of a decision code)
 F_NONE, F_CONFORMAL, F_RESIDUAL, F_CLIPPED = 0, 1, 2, 3
-# Decision codes: status*16 + factorised*8 + extrapolated*4 + factor source, for status in
-# 0 = fits, 1 = requested tokens over budget (fewer fit), 2 = over budget even for one token.
+# Decision codes: status*STATUS_STRIDE + factorised*FACTORISED_BIT + extrapolated*EXTRAPOLATED_BIT + factor
+# source, for status in 0 = fits, 1 = requested tokens over budget (fewer fit), 2 = over budget even for one token.
 ST_FITS, ST_FEWER, ST_NONE = 0, 1, 2
+STATUS_STRIDE = 16
+FACTORISED_BIT = 8  # set in a judged code when the config is predicted by the factorised model
+ADMIT_BELOW = (ST_FITS + 1) * STATUS_STRIDE  # a code < ADMIT_BELOW has status ST_FITS: the request is admitted
+# predict_batch's per-request flags (bits)
+PB_EXTRAPOLATED, PB_FACTORISED, PB_CLIPPED, PB_INVALID = 1, 2, 4, 8
 BAD_FIELDS = ("budget_ms", "vision_tokens", "text_tokens", "max_new_tokens", "tier_idx", "top_k",
               "num_active_blocks", "alpha")  # fmt: skip
 CODE_BAD = 64  # + index in BAD_FIELDS
@@ -88,7 +93,7 @@ def _build_reasons() -> tuple[str, ...]:
         for fact in range(2):
             for ext in range(2):
                 for fs in range(4):
-                    out[st * 16 + fact * 8 + ext * 4 + fs] = (
+                    out[st * STATUS_STRIDE + fact * FACTORISED_BIT + ext * EXTRAPOLATED_BIT + fs] = (
                         status[st]
                         + ("; config predicted by the factorised model" if fact else "")
                         + ("; outside the measured range (extrapolated)" if ext else "")
@@ -154,7 +159,9 @@ _ENUM_NAMES = ("PRE_A", "PRE_B", "PRE_C", "PAST_LO", "PAST_HI", "PRE_LO", "PRE_H
                "VIS2_C", "VIS2_NAT_MS", "VIS_MODE", "NCOL",
                "P_START", "P_VALUE", "P_SLOPE", "P_CUM", "PCOL", "TOKEN_MAX", "F_NONE", "F_CONFORMAL",
                "F_RESIDUAL", "F_CLIPPED", "CODE_BAD", "CODE_EMPTY_PROMPT", "CODE_UNKNOWN_CONFIG",
-               "CODE_BAD_SCALE", "CODE_NO_CANDIDATE", "CODE_BAD_IMAGES", "EXTRAPOLATED_BIT")  # fmt: skip
+               "CODE_BAD_SCALE", "CODE_NO_CANDIDATE", "CODE_BAD_IMAGES", "EXTRAPOLATED_BIT", "ST_FITS", "ST_FEWER",
+               "ST_NONE", "STATUS_STRIDE", "FACTORISED_BIT", "ADMIT_BELOW", "PB_EXTRAPOLATED", "PB_FACTORISED", "PB_CLIPPED",
+               "PB_INVALID")  # fmt: skip
 
 
 def pxd_enums() -> str:

@@ -11,7 +11,14 @@ bisect over piece starts are the math core's (ext/_kernels.pxd, cimported).
 from libc.math cimport NAN, ceil
 from libc.stdlib cimport free, malloc
 
-from ext._kernels cimport *  # the math core: PCOL / P_* enums, _bisect, TOKEN_MAX
+from trt_latency.ext._kernels cimport (  # the math core: PCOL / P_* enums, _bisect, TOKEN_MAX
+    P_SLOPE,
+    P_START,
+    P_VALUE,
+    PCOL,
+    TOKEN_MAX,
+    _bisect,
+)
 
 import numpy as np
 

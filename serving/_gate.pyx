@@ -15,7 +15,15 @@ from cpython.tuple cimport PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.math cimport INFINITY, NAN, isfinite
 from libc.stdlib cimport free, malloc
 
-from ext._kernels cimport *  # the math core: Tables, column / code enums, inline C functions
+from trt_latency.ext._kernels cimport (  # the math core: Tables, code enums, the inline decision
+    ADMIT_BELOW,
+    EXTRAPOLATED_BIT,
+    F_NONE,
+    TOKEN_MAX,
+    Tables,
+    c_decide_scaled,
+    decision_fn,
+)
 
 from trt_latency.ext import _kernels
 
@@ -226,5 +234,5 @@ cdef class Gate:
         if code & EXTRAPOLATED_BIT:
             return None
         self.traffic._push(budget, prompt, f[2], bucket, f[0], images)
-        self.tally._count(code < 16, probe)
+        self.tally._count(code < ADMIT_BELOW, probe)
         return _decision(code, nout, pred)

@@ -70,6 +70,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from trt_latency import _native
 from trt_latency.estimator.model import Decision, Estimator
 from trt_latency.ext.layout import CODE_BAD, CODE_UNKNOWN_CONFIG, EXTRAPOLATED_BIT
 from trt_latency.schema import ConfigKey
@@ -77,10 +78,9 @@ from trt_latency.serving import validation
 from trt_latency.serving.conformal import conformal_factor, min_requests_for
 from trt_latency.serving.validation import Invalid, Request
 
-try:  # the compiled gate (serving/_gate.pyx); without it every decision takes the Python path
-    from trt_latency.serving import _gate
-except ImportError:  # pragma: no cover - depends on the build
-    _gate = None  # type: ignore[assignment]
+# The compiled gate (serving/_gate.pyx), or None: trt_latency._native decides for every compiled module at
+# once (TRT_LATENCY_PUREPYTHON, a missing build); without it every decision takes the Python path.
+_gate: Any = _native.gate
 
 __all__ = ["POLICIES", "AdmissionController", "ConfigState", "Request"]
 

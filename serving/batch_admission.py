@@ -18,7 +18,6 @@ decision says so through ``factor_source``).
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from bisect import bisect_right
@@ -28,15 +27,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from trt_latency import _native
 from trt_latency.estimator.batch_model import section_from_decode
 from trt_latency.ext.layout import TOKEN_MAX
 from trt_latency.serving import batch_reference as ref
 from trt_latency.serving.batch_reference import BAD_REQUEST, BATCH_POLICIES, BatchDecision, BatchTables
 
-try:  # the compiled batch kernel; without it the pure-Python reference decides
-    from trt_latency.serving import _batch
-except ImportError:  # pragma: no cover - depends on the build
-    _batch = None  # type: ignore[assignment]
+# The compiled batch kernel (serving/_batch.pyx), or None: trt_latency._native decides for every compiled
+# module at once (TRT_LATENCY_PUREPYTHON, a missing build); without it the reference decides.
+_batch: Any = _native.batch
 
 __all__ = ["BatchAdmissionController", "BatchEstimator", "Running", "batch_section_of", "parse_running"]
 
@@ -83,7 +82,7 @@ def batch_section_of(cfg: Any) -> dict[str, Any]:
 
 
 def _pure() -> bool:
-    return os.environ.get("TRT_LATENCY_PUREPYTHON") == "1" or _batch is None
+    return _batch is None
 
 
 class BatchEstimator:

@@ -15,8 +15,8 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
+from helpers.kill import kill_at_rows  # noqa: E402
 from test_engines_config import TINY_PLAN  # noqa: E402
-from test_engines_sweep import kill_after_lines  # noqa: E402
 
 from trt_latency.engines.backends import open_runner  # noqa: E402
 from trt_latency.engines.batch_sweep import batch_shapes, plan_batch_rows, run_batch_sweep  # noqa: E402
@@ -148,9 +148,9 @@ def test_sigkill_midway_then_rerun_gives_exactly_the_planned_rows(model: Path, t
     """)
     plan = load_plan(plan_path)
     planned = plan_batch_rows(plan.batch, 256, 4, plan.sweep.seed)  # type: ignore[arg-type]
-    kill_after_lines(script, samples, len(planned) // 4)
-    partial = samples.read_bytes().count(b"\n") - 1
-    assert 0 < partial < len(planned)
+    stop = len(planned) // 4
+    kill_at_rows(script, stop, torn=samples)
+    assert samples.read_bytes().count(b"\n") - 1 == stop  # the header, the stopped-at rows, a torn row
     res = run_batch_sweep(_runner(model), KEY, plan, samples, progress=False)
     rows = _batched(samples)
     assert res.rows_written == len(planned) - res.rows_skipped and len(rows) == len(planned)

@@ -21,7 +21,8 @@ FORBIDDEN = {
 # serving/ builds on estimator/; of engines/ only the load generator may import (it runs real engine
 # calls: open_runner, the model's metadata, the plan), and nothing else of serving/ may.
 SERVING_ENGINE_USERS = {"loadgen.py"}
-NEUTRAL = ("trt_latency/schema.py", "trt_latency/errors.py", "trt_latency/stats.py", "ext/layout.py")
+NEUTRAL = ("trt_latency/schema.py", "trt_latency/errors.py", "trt_latency/stats.py", "trt_latency/formats.py",
+           "ext/layout.py")
 
 
 def _imports(path: Path) -> list[str]:
@@ -73,6 +74,24 @@ def test_defined_once(name: str) -> None:
     homes = [str(p.relative_to(ROOT)) for p in files
              if any(line.startswith(name) or line.startswith("cdef " + name) for line in p.read_text().splitlines())]
     assert len(homes) == 1, homes
+
+
+COMPILED = ("trt_latency.ext._kernels", "trt_latency.serving._gate", "trt_latency.serving._batch")
+
+
+def test_one_native_switch() -> None:
+    """trt_latency/_native.py alone picks compiled or reference for every kernel (issue 26.5). It sits below
+    the layers (estimator/ and serving/ both read its decision), so its only package imports are the
+    compiled modules; no other Python source imports one of them or reads TRT_LATENCY_PUREPYTHON."""
+    native = ROOT / "trt_latency" / "_native.py"
+    own = {n for n in _imports(native) if n.startswith("trt_latency")}
+    assert own == {"trt_latency.ext", "trt_latency.serving", *COMPILED}, own
+    others = [p for folder in ("engines", "estimator", "serving", "ext", "trt_latency") for p in _sources(folder)
+              if p.suffix == ".py" and p != native]
+    importers = [f"{p.relative_to(ROOT)}: {n}" for p in others for n in _imports(p) if n in COMPILED]
+    assert not importers, importers
+    readers = [str(p.relative_to(ROOT)) for p in [native, *others] if '"TRT_LATENCY_PUREPYTHON"' in p.read_text()]
+    assert readers == ["trt_latency/_native.py"], readers
 
 
 def test_the_kernels_do_not_import_the_reference() -> None:

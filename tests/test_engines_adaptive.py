@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_engines_sweep import kill_after_lines
+from helpers.kill import kill_at_rows
 
 from trt_latency.engines.adaptive import (
     STOP_MAX_REPS,
@@ -256,9 +256,9 @@ def test_adaptive_sigkill_then_rerun_loses_and_duplicates_nothing(model: Path, t
     """)
     plan = load_plan(plan_path)
     n_decode = 9 + 3  # grid positions incl. 1, 2, 4, max (checked below)
-    kill_after_lines(script, samples, 15 * n_decode)
-    before = _rows(samples) if samples.read_bytes().endswith(b"\n") else _rows(samples)[:-1]
-    assert 0 < len(before)
+    kill_at_rows(script, 15 * n_decode, torn=samples)
+    before = _rows(samples)[:-1]  # the torn last row is cut on resume
+    assert len(before) == 15 * n_decode
     # What the killed run had finished, derived from samples.csv alone.
     done_rows = read_rows(samples, KEY)
     spec = plan.sweep.adaptive

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import csv
-import os
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +13,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
+from helpers.kill import kill_at_rows  # noqa: E402
 from test_engines_config import write_plan  # noqa: E402
 
 from trt_latency.engines.backends import open_runner  # noqa: E402
@@ -117,21 +113,6 @@ def test_sweep_refuses_a_foreign_header(setup: tuple[Path, Path], tmp_path: Path
         run_sweep(open_runner(model, "ort-cpu", threads=1), KEY, load_plan(plan_path), samples, progress=False)
 
 
-def kill_after_lines(script: str, samples: Path, lines: int) -> None:
-    """Run ``script`` in a child (it prints "ready" once set up, then writes ``samples``), SIGKILL it once
-    the file has more than ``lines`` lines (or after 30 s), and check that the signal is what ended it."""
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if samples.exists() and samples.read_bytes().count(b"\n") > lines:
-            break
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-
-
 @pytest.mark.slow
 def test_sigkill_midway_then_rerun_gives_exactly_the_planned_rows(setup: tuple[Path, Path], tmp_path: Path) -> None:
     _, model = setup
@@ -148,9 +129,9 @@ def test_sigkill_midway_then_rerun_gives_exactly_the_planned_rows(setup: tuple[P
     """)
     plan = load_plan(plan_path)
     planned = plan_rows(plan.tier(0), plan.sweep)
-    kill_after_lines(script, samples, len(planned) // 4)
-    partial = samples.read_bytes().count(b"\n") - 1
-    assert 0 < partial < len(planned)
+    stop = len(planned) // 4
+    kill_at_rows(script, stop, torn=samples)
+    assert samples.read_bytes().count(b"\n") - 1 == stop  # the header, the stopped-at rows, a torn row
     res = run_sweep(open_runner(model, "ort-cpu", threads=1), KEY, plan, samples, progress=False)
     rows = _rows(samples)
     assert res.rows_written == len(planned) - res.rows_skipped

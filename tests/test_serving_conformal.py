@@ -77,7 +77,7 @@ def _synthetic_log(path, est, n: int, sigma: float, seed: int) -> None:  # type:
 
 
 def test_calibrate_from_log_stores_factors_and_reports_coverage(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from test_serving_admission import make_calibration
+    from helpers.admission import make_calibration
 
     from trt_latency.estimator.calibration import load_calibration, save_calibration
     from trt_latency.estimator.model import Estimator
@@ -103,7 +103,7 @@ def test_calibrate_from_log_stores_factors_and_reports_coverage(tmp_path) -> Non
 
 
 def test_log_rows_without_block_count_go_to_the_largest_config(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from test_serving_admission import make_calibration
+    from helpers.admission import make_calibration
 
     from trt_latency.estimator.model import Estimator
 

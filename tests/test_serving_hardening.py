@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from helpers.admission import make_calibration
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_serving_admission import make_calibration
 
 from trt_latency.errors import CalibrationError
 from trt_latency.estimator.calibration import load_calibration, save_calibration

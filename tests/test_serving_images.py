@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 import pytest
-from test_serving_admission import make_calibration
+from helpers.admission import make_calibration
 
 from trt_latency.estimator import _reference
 from trt_latency.estimator.calibration import Calibration

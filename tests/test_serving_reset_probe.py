@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from test_serving_admission import make_calibration, req, true_total
+from helpers.admission import make_calibration, req, true_total
 
 from trt_latency.estimator import _reference
 from trt_latency.estimator.model import Estimator
