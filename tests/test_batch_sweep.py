@@ -16,7 +16,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from helpers.kill import kill_at_rows  # noqa: E402
-from test_engines_config import TINY_PLAN  # noqa: E402
+from helpers.plans import TINY_PLAN  # noqa: E402
 
 from trt_latency.engines.backends import open_runner  # noqa: E402
 from trt_latency.engines.batch_sweep import batch_shapes, plan_batch_rows, run_batch_sweep  # noqa: E402

@@ -199,7 +199,7 @@ def test_max_past_len_never_exceeds_the_model(models: dict[str, Path], tmp_path:
 @pytest.mark.slow
 def test_calibrate_library_function_on_a_token_id_model(models: dict[str, Path], tmp_path: Path) -> None:
     """trt_latency.pipeline.calibrate (what the CLI verb calls): sweep, fit, replay through a genai-like model."""
-    from test_tool_calibrate import TINY_PLAN
+    from helpers.plans import CALIBRATE_PLAN as TINY_PLAN
 
     from trt_latency.estimator.calibration import load_calibration
     from trt_latency.estimator.requests import read_requests

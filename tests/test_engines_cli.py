@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from test_engines_config import write_plan  # noqa: E402
+from helpers.plans import write_plan  # noqa: E402
 
 from trt_latency.cli import main  # noqa: E402
 from trt_latency.engines.export import model_metadata  # noqa: E402

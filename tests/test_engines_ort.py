@@ -10,7 +10,7 @@ import pytest
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from test_engines_config import write_plan  # noqa: E402
+from helpers.plans import write_plan  # noqa: E402
 
 from trt_latency.engines.backends import open_runner  # noqa: E402
 from trt_latency.engines.config import load_plan  # noqa: E402

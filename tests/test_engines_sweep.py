@@ -14,7 +14,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from helpers.kill import kill_at_rows  # noqa: E402
-from test_engines_config import write_plan  # noqa: E402
+from helpers.plans import write_plan  # noqa: E402
 
 from trt_latency.engines.backends import open_runner  # noqa: E402
 from trt_latency.engines.config import ConfigKey, load_plan  # noqa: E402

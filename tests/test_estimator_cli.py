@@ -2,38 +2,28 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from pathlib import Path
 
 import pytest
+from helpers.fitted import fit_calibration, write_samples_csv
 
 from trt_latency.cli import main
 from trt_latency.estimator.model import Estimator
-from trt_latency.estimator.samples import SAMPLES_COLUMNS
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_estimator_fit import _export_times, synthetic_rows  # noqa: E402
+from helpers.fit_data import export_times as _export_times  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def samples_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("fit") / "samples.csv"
-    rows = synthetic_rows(reps=3, configs=((0, 1, 4), (0, 1, 2)))
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=SAMPLES_COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({**{c: "" for c in SAMPLES_COLUMNS}, "batch": 1, "backend": "ort-cpu", "device": "cpu", **r})
-    return path
+    return write_samples_csv(tmp_path_factory.mktemp("fit"))
 
 
 @pytest.fixture(scope="module")
 def cal_path(samples_csv: Path) -> Path:
-    out = samples_csv.parent / "calibration.yaml"
-    assert main(["fit", str(samples_csv), "-o", str(out)]) == 0
-    return out
+    return fit_calibration(samples_csv)
 
 
 def test_fit_writes_loadable_calibration_for_every_config(cal_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

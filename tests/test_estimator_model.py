@@ -10,15 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.model_cases import BAD, make_cal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trt_latency.errors import InputError
 from trt_latency.estimator import _reference
 from trt_latency.estimator.calibration import (
-    Calibration,
-    ConfigCalibration,
-    FactorisedModel,
     save_calibration,
 )
 from trt_latency.estimator.model import Estimator
@@ -30,18 +28,6 @@ try:
     IMPLS.append(_kernels)
 except ImportError:  # pragma: no cover - the reference alone is still tested
     pass
-
-
-def make_cal() -> Calibration:
-    measured = ConfigCalibration(
-        0, 1, 4, [1.0, 1024.0, 4096.0], [1.0, 1.2, 3.0], [2.0, 0.01, 1e-6], {0.5: 1.0, 0.9: 1.1, 0.99: 1.25},
-        [1.0, 4096.0], [8.0, 2048.0], {"loo_median_rel": 0.003, "loo_max_rel": 0.01, "n_positions": 19},
-        {"alphas": [0.01, 0.1], "factors": [1.5, 1.2], "n": 100},
-    )
-    small = ConfigCalibration(0, 1, 2, [1.0, 4096.0], [0.6, 1.5], [1.0, 0.005, 5e-7], {0.5: 1.0, 0.99: 1.3},
-                              [1.0, 4096.0], [8.0, 2048.0])
-    fact = FactorisedModel(0, 0.2, 0.2, 0.0, 1e-4, [1.0, 4096.0], 2, 0.02, 0.05)
-    return Calibration(1, {"backend": "test"}, [measured, small], [fact])
 
 
 @pytest.fixture(params=IMPLS, ids=lambda m: m.IMPLEMENTATION)
@@ -107,20 +93,6 @@ def test_default_blocks_factorised_and_extrapolation(est: Estimator) -> None:
     slope = (3.0 - 1.2) / (4096 - 1024)
     assert est.decode_step_ms(5096) == pytest.approx(3.0 + 1000 * slope, rel=1e-12)
     assert est.decode_step_ms(0) == pytest.approx(1.0)  # below the first knot: held at the first value
-
-
-JUNK = ["12", b"1", 1 + 2j, True, [1], object()]
-INT_BAD = [*JUNK, math.nan, 1.5, 2.0, -1, 2**31, 2**64, 10**30]  # integers only, in [lo, 2**31 - 1]
-BAD = {
-    "budget_ms": [*JUNK, None, math.nan, math.inf, -math.inf, -1, -0.5, 10**400],
-    "vision_tokens": [*INT_BAD, None],
-    "text_tokens": [*INT_BAD, None],
-    "max_new_tokens": [*INT_BAD, 0],
-    "tier_idx": [*INT_BAD, None],
-    "top_k": [*INT_BAD, None],
-    "num_active_blocks": INT_BAD,
-    "alpha": [*JUNK, math.nan, math.inf, 0.0, 1.0, -0.1, 2],
-}
 
 
 @pytest.mark.parametrize("field", list(BAD))

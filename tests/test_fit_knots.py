@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_estimator_fit import POSITIONS
+from helpers.fit_data import POSITIONS
 
 from trt_latency.estimator.fit import fit_decode, greedy_knots
 

@@ -46,7 +46,7 @@ def test_runner_says_how_its_memory_was_backed(huge: bool) -> None:
 
 
 def test_plan_switch_is_validated(tmp_path: Path) -> None:
-    from test_engines_config import TINY_PLAN
+    from helpers.plans import TINY_PLAN
 
     from trt_latency.engines.config import load_plan
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers.kernel_cases import calibrations, close, kernels, scales
+from helpers.model_cases import BAD as EST_BAD
+from helpers.model_cases import make_cal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_estimator_kernels import calibrations, close, kernels, scales
-from test_estimator_model import BAD as EST_BAD
-from test_estimator_model import make_cal
 
 from trt_latency.estimator import _reference
 from trt_latency.estimator.calibration import Calibration, ConfigCalibration, ServingLoop

@@ -22,7 +22,7 @@ def _python_block() -> str:
 
 @pytest.mark.slow
 def test_readme_api_block_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from test_engines_config import write_plan
+    from helpers.plans import write_plan
 
     plan = write_plan(tmp_path)
     out = tmp_path / "cal"

@@ -210,13 +210,9 @@ def test_controller_tracks_events_threadsafe() -> None:
 
 @pytest.fixture(scope="module")
 def cli_cal(tmp_path_factory: pytest.TempPathFactory):
-    import sys
-    from pathlib import Path
+    from helpers.fitted import fit_calibration, write_samples_csv
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_estimator_cli import cal_path, samples_csv  # noqa: F401 - the fitted calibration of that module
-
-    return cal_path.__wrapped__(samples_csv.__wrapped__(tmp_path_factory))  # type: ignore[attr-defined]
+    return fit_calibration(write_samples_csv(tmp_path_factory.mktemp("fit")))
 
 
 def test_cli_admit_and_predict_with_running(cli_cal, capsys: pytest.CaptureFixture[str]) -> None:

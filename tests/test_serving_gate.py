@@ -7,9 +7,9 @@ import math
 from typing import Any
 
 import pytest
+from helpers.kernel_cases import calibrations, close, kernels, scales, vlm_calibrations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_estimator_kernels import calibrations, close, kernels, scales, vlm_calibrations
 
 from trt_latency.estimator.calibration import Calibration
 from trt_latency.estimator.model import build_tables

@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 import pytest
-from test_tool_calibrate import TINY_PLAN
+from helpers.plans import CALIBRATE_PLAN as TINY_PLAN
 
 from trt_latency.cli import main
 

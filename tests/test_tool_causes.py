@@ -87,7 +87,7 @@ def test_prompt_tokens_move_only_a(tmp_path: Path) -> None:
 
 
 def test_kv_slope_far_above_the_calibration_is_not_kv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from test_tool_analyze import _calibration
+    from helpers.analyze_cases import straight_calibration as _calibration
 
     from trt_latency.estimator.calibration import save_calibration
 
@@ -117,7 +117,7 @@ REPLAY_EDGES = ((2, 2), (3, 3), (4, 5), (6, 8))
 def _replay(tmp_path: Path, requests: int = 200) -> Path:
     """A real replay of the tiny reference decoder on ONNX Runtime (CPU): 2 .. 8 output tokens (~1 s)."""
     pytest.importorskip("onnxruntime")
-    from test_engines_config import write_plan
+    from helpers.plans import write_plan
 
     plan = write_plan(tmp_path, log=3, lin=2, reps=2)
     plan.write_text(plan.read_text().replace("output_tokens: [1, 6]", "output_tokens: [2, 8]")
