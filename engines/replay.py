@@ -100,7 +100,7 @@ class FileRequestSink:
         return done_requests(self.path)
 
     def append(self, rows: list[dict[str, Any]]) -> None:
-        from trt_latency.schema import append_requests
+        from trt_latency.formats import append_requests
 
         append_requests(self.path, rows)
 

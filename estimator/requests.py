@@ -13,17 +13,14 @@ Pure stdlib + numpy: a serving process may read logs without the engine stack.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from trt_latency.errors import RequestLogError
-from trt_latency.formats import REQUESTS_REQUIRED, check_requests_header
-from trt_latency.schema import REQUEST_COLUMNS, append_requests
+from trt_latency.formats import REQUEST_COLUMNS, REQUESTS_REQUIRED, append_requests, request_records
 
 __all__ = ["REQUEST_COLUMNS", "RequestLog", "append_requests", "read_requests"]  # the writer lives in schema
 
@@ -99,64 +96,35 @@ def read_requests(path: str | os.PathLike[str], *, require_decode: bool = False)
     column. With ``require_decode`` every request must have output_tokens >= 2 (needed
     for decode ms/token).
     """
-    p = Path(path)
-    spath = str(p)
-    if not p.is_file():
-        raise RequestLogError("file not found", path=spath, expected="a request log CSV with columns "
-                              + ",".join(REQUEST_COLUMNS))
-    try:
-        handle = p.open(newline="", encoding="utf-8")
-    except OSError as exc:
-        raise RequestLogError(f"cannot open ({exc.strerror})", path=spath) from None
-    with handle:
-        reader = csv.reader(handle)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise RequestLogError("empty file", path=spath, expected="a header line "
-                                  + ",".join(REQUEST_COLUMNS)) from None
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise RequestLogError(f"not a CSV ({exc})", path=spath, row=1) from None
-        header = [h.strip() for h in header]
-        check_requests_header(header, spath, resume=False)  # the one version policy (trt_latency/formats.py)
-        index = {name: i for i, name in enumerate(header)}
-        numeric = [c for c in REQUEST_COLUMNS if c in index]
-        meta_cols = [c for c in header if c not in REQUEST_COLUMNS]
-        values: dict[str, list[float | int]] = {c: [] for c in numeric}
-        metadata: dict[str, list[str]] = {c: [] for c in meta_cols}
-        rows: list[int] = []
-        row = 1  # line number: 1 = header (same convention as samples.csv errors)
-        try:
-            for record in reader:
-                row += 1
-                if not record or all(not cell.strip() for cell in record):
-                    continue  # blank line
-                if len(record) != len(header):
-                    raise RequestLogError(path=spath, row=row,
-                                          expected=f"{len(header)} comma-separated fields", got=len(record))
-                for column in numeric:
-                    values[column].append(_parse_number(record[index[column]], path=spath, row=row,
-                                                        column=column, integer=column in _INT_COLUMNS))
-                for column in meta_cols:
-                    metadata[column].append(record[index[column]])
-                out_tokens = values["output_tokens"][-1]
-                if out_tokens < 1:
-                    raise RequestLogError(path=spath, row=row, field="output_tokens",
-                                          expected="an integer >= 1", got=record[index["output_tokens"]])
-                if require_decode and out_tokens < 2:
-                    raise RequestLogError(
-                        "decode ms/token = (total_ms - ttft_ms) / (output_tokens - 1) needs a decode step",
-                        path=spath, row=row, field="output_tokens", expected="an integer >= 2",
-                        got=record[index["output_tokens"]])
-                if values["total_ms"][-1] < values["ttft_ms"][-1]:
-                    raise RequestLogError("total_ms includes the TTFT", path=spath, row=row, field="total_ms",
-                                          expected=f">= ttft_ms ({record[index['ttft_ms']]})",
-                                          got=record[index["total_ms"]])
-                rows.append(row)
-        except csv.Error as exc:
-            raise RequestLogError(f"malformed CSV ({exc})", path=spath, row=row + 1) from None
-        except UnicodeDecodeError:
-            raise RequestLogError("not UTF-8 text", path=spath, row=row + 1) from None
+    spath = os.fspath(path)
+    records = request_records(spath)  # the one reader and version policy (trt_latency/formats.py)
+    _, header = next(records)
+    index = {name: i for i, name in enumerate(header)}
+    numeric = [c for c in REQUEST_COLUMNS if c in index]
+    meta_cols = [c for c in header if c not in REQUEST_COLUMNS]
+    values: dict[str, list[float | int]] = {c: [] for c in numeric}
+    metadata: dict[str, list[str]] = {c: [] for c in meta_cols}
+    rows: list[int] = []
+    for row, record in records:  # row: the file line (1 = header), as samples.csv errors count
+        for column in numeric:
+            values[column].append(_parse_number(record[index[column]], path=spath, row=row,
+                                                column=column, integer=column in _INT_COLUMNS))
+        for column in meta_cols:
+            metadata[column].append(record[index[column]])
+        out_tokens = values["output_tokens"][-1]
+        if out_tokens < 1:
+            raise RequestLogError(path=spath, row=row, field="output_tokens",
+                                  expected="an integer >= 1", got=record[index["output_tokens"]])
+        if require_decode and out_tokens < 2:
+            raise RequestLogError(
+                "decode ms/token = (total_ms - ttft_ms) / (output_tokens - 1) needs a decode step",
+                path=spath, row=row, field="output_tokens", expected="an integer >= 2",
+                got=record[index["output_tokens"]])
+        if values["total_ms"][-1] < values["ttft_ms"][-1]:
+            raise RequestLogError("total_ms includes the TTFT", path=spath, row=row, field="total_ms",
+                                  expected=f">= ttft_ms ({record[index['ttft_ms']]})",
+                                  got=record[index["total_ms"]])
+        rows.append(row)
     if not rows:
         raise RequestLogError("no requests", path=spath, expected="at least one data row")
     n = len(rows)

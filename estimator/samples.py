@@ -7,17 +7,15 @@ kv_max / kv_total (batched decode rows) default to past_len / batch * past_len.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from trt_latency.errors import SamplesError
-from trt_latency.formats import SAMPLES_REQUIRED, check_samples_header
+from trt_latency.formats import SAMPLES_REQUIRED, samples_records
 from trt_latency.schema import SAMPLES_COLUMNS, ConfigKey
 
 __all__ = ["SAMPLES_COLUMNS", "Samples", "concat_samples", "read_samples", "samples_from_rows"]
@@ -138,48 +136,27 @@ def _to_samples(cols: dict[str, list[object]], source: str) -> Samples:
 def read_samples(path: str | os.PathLike[str]) -> Samples:
     """Parse samples.csv. Errors are SamplesError naming the file, the row (1 = header) and the column."""
     p = os.fspath(path)
-    try:
-        fh = Path(p).open(newline="", encoding="utf-8")
-    except FileNotFoundError:
-        raise SamplesError("file not found", path=p) from None
-    except OSError as exc:
-        raise SamplesError(f"cannot read ({exc.strerror or exc})", path=p) from None
     cols: dict[str, list[object]] = {c: [] for c in SAMPLES_COLUMNS}
-    try:
-        with fh:
-            reader = csv.reader(fh)
-            try:
-                header = next(reader)
-            except StopIteration:
-                raise SamplesError("empty file", path=p, expected="a header row " + ",".join(SAMPLES_COLUMNS)) from None
-            names = [h.strip() for h in header]
-            check_samples_header(names, p, append=False)  # the one version policy (trt_latency/formats.py)
-            index = {name: i for i, name in enumerate(names)}
-            for rowno, row in enumerate(reader, start=2):
-                if not row or all(not x.strip() for x in row):
-                    continue
-                if len(row) != len(names):
-                    raise SamplesError(path=p, row=rowno, expected=f"{len(names)} fields", got=f"{len(row)} fields")
-                for c in INT_COLUMNS:
-                    if c in index:
-                        cols[c].append(_parse_int(row[index[c]], p, rowno, c))
-                    else:
-                        cols[c].append(_INT_DEFAULTS.get(c, 0))
-                phase = row[index["phase"]].strip()
-                if phase not in PHASES:
-                    raise SamplesError(path=p, row=rowno, field="phase", expected="'decode' or 'prefill'", got=phase)
-                cols["phase"].append(phase)
-                cols["latency_ms"].append(_parse_latency(row[index["latency_ms"]], p, rowno))
-                cols["backend"].append(row[index["backend"]].strip() if "backend" in index else "")
-                cols["device"].append(row[index["device"]].strip() if "device" in index else "")
-                cols["kv_mode"].append(row[index["kv_mode"]].strip() if "kv_mode" in index else "")
-                for c in _KV_META:
-                    text = row[index[c]].strip() if c in index else ""
-                    cols[c].append(_parse_int(text, p, rowno, c) if text else -1)
-    except UnicodeDecodeError:
-        raise SamplesError("not UTF-8 text", path=p, expected="a CSV file") from None
-    except csv.Error as exc:
-        raise SamplesError(f"malformed CSV ({exc})", path=p) from None
+    records = samples_records(p)  # the one reader and version policy (trt_latency/formats.py)
+    _, names = next(records)
+    index = {name: i for i, name in enumerate(names)}
+    for rowno, row in records:
+        for c in INT_COLUMNS:
+            if c in index:
+                cols[c].append(_parse_int(row[index[c]], p, rowno, c))
+            else:
+                cols[c].append(_INT_DEFAULTS.get(c, 0))
+        phase = row[index["phase"]].strip()
+        if phase not in PHASES:
+            raise SamplesError(path=p, row=rowno, field="phase", expected="'decode' or 'prefill'", got=phase)
+        cols["phase"].append(phase)
+        cols["latency_ms"].append(_parse_latency(row[index["latency_ms"]], p, rowno))
+        cols["backend"].append(row[index["backend"]].strip() if "backend" in index else "")
+        cols["device"].append(row[index["device"]].strip() if "device" in index else "")
+        cols["kv_mode"].append(row[index["kv_mode"]].strip() if "kv_mode" in index else "")
+        for c in _KV_META:
+            text = row[index[c]].strip() if c in index else ""
+            cols[c].append(_parse_int(text, p, rowno, c) if text else -1)
     if not cols["latency_ms"]:
         raise SamplesError("no data rows", path=p, expected="at least one sample row")
     return _to_samples(cols, p)

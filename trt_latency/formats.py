@@ -2,8 +2,8 @@
 headers may be read, which may be appended to), the trailing-line repair after a killed writer, the
 resume readers the sweeps and the replay use, and samples.csv's writer.
 
-Neutral like schema.py (which keeps the column names, SAMPLES_COLUMNS / REQUEST_COLUMNS, and the
-request-log appender): engines/ and estimator/ both import it, it imports no layer. The numpy readers
+Neutral like schema.py (which re-exports the columns): engines/ and estimator/ both import it, it imports no
+layer. The writers: samples.csv's ``GroupWriter`` / ``open_writer``, requests.csv's ``append_requests``. The numpy readers
 (estimator/samples.py ``read_samples``, estimator/requests.py ``read_requests``) and the resume readers
 here check headers through the same two functions, so a file one side accepts the other does too.
 
@@ -20,16 +20,31 @@ this process, make them durable and stop the process (SIGSTOP), so a test kills 
 from __future__ import annotations
 
 import csv
-import io
 import os
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from trt_latency.errors import RequestLogError, SamplesError
-from trt_latency.schema import OPTIONAL_REQUEST_COLUMNS, REQUEST_COLUMNS, SAMPLES_COLUMNS
+import numpy as np
+
+from trt_latency.errors import InputError, RequestLogError, SamplesError
+
+# samples.csv: one row per timed repetition (engines/sweep.py writes it, estimator/samples.py reads it).
+SAMPLES_COLUMNS: tuple[str, ...] = ("tier_idx", "top_k", "num_active_blocks", "batch", "phase", "past_len",
+                                    "new_tokens", "rep", "latency_ms", "backend", "device", "kv_mode",
+                                    "kv_total", "kv_max")  # fmt: skip
+# kv_total / kv_max: the batch's sum and max of past lengths (a batched decode row has past_len = kv_max);
+# files written before them load with kv_max = past_len, kv_total = batch * past_len.
+
+# requests.csv: one row per end-to-end request (engines/replay.py and loadtest write it,
+# estimator/requests.py reads it), plus free metadata columns.
+REQUEST_COLUMNS: tuple[str, ...] = ("request_id", "vision_tokens", "text_tokens", "output_tokens", "tier_idx",
+                                    "top_k", "num_active_blocks", "ttft_ms", "total_ms", "images")  # fmt: skip
+# Columns added later, with the value a file written before them means (images: a request's vision
+# tokens came as this many images; before the column, replay sent one image per request).
+OPTIONAL_REQUEST_COLUMNS: dict[str, int] = {"images": 1}
 
 STOP_AFTER_ROWS_ENV = "TRT_LATENCY_TEST_STOP_AFTER_ROWS"
 
@@ -69,6 +84,41 @@ def repair_trailing_line(path: Path) -> bool:
     return True
 
 
+def _records(path: str, error: type[InputError], what: str, columns: Sequence[str],
+             check: Callable[[list[str]], None]) -> Iterator[tuple[int, list[str]]]:
+    """THE reader of both files: (line, fields) of the header (first, line 1, stripped names, checked by
+    ``check``: the version policy) and then of every non-blank row, each with the header's field count.
+    Streams the file; every error is ``error`` naming the file and the line (1 = header)."""
+    try:
+        fh = Path(path).open(newline="", encoding="utf-8")
+    except FileNotFoundError:
+        raise error("file not found", path=path, expected=f"{what} with columns " + ",".join(columns)) from None
+    except OSError as exc:
+        raise error(f"cannot read ({exc.strerror or exc})", path=path) from None
+    row = 0  # the line read last
+    with fh:
+        reader = csv.reader(fh)
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise error("empty file", path=path, expected="a header row " + ",".join(columns))
+            row = 1
+            names = [h.strip() for h in header]
+            check(names)
+            yield 1, names
+            for record in reader:
+                row += 1
+                if not record or all(not cell.strip() for cell in record):
+                    continue  # blank line
+                if len(record) != len(names):
+                    raise error(path=path, row=row, expected=f"{len(names)} comma-separated fields", got=len(record))
+                yield row, record
+        except csv.Error as exc:
+            raise error(f"malformed CSV ({exc})", path=path, row=row + 1) from None
+        except UnicodeDecodeError:
+            raise error("not UTF-8 text", path=path, row=row + 1) from None
+
+
 # ------------------------------------------------------------------------------ samples.csv
 
 
@@ -85,6 +135,14 @@ def check_samples_header(names: Sequence[str], path: str, *, append: bool) -> No
                            expected="a header with columns " + ",".join(SAMPLES_REQUIRED), got=",".join(names)[:80])
 
 
+def samples_records(path: str | os.PathLike[str], *, append: bool = False) -> Iterator[tuple[int, list[str]]]:
+    """samples.csv through the one reader: the header (line 1) first, then (line, fields) of every row.
+    ``append``: the header must be this version's (a sweep resuming into the file appends to it)."""
+    p = os.fspath(path)
+    return _records(p, SamplesError, "samples.csv", SAMPLES_COLUMNS,
+                    lambda names: check_samples_header(names, p, append=append))
+
+
 def int_field(text: str, path: Path, row: int, column: str) -> int:
     try:
         return int(text)
@@ -98,17 +156,9 @@ def resume_records(path: Path) -> Iterator[tuple[int, list[str]]]:
     if not path.is_file() or path.stat().st_size == 0:
         return
     repair_trailing_line(path)
-    reader = csv.reader(io.StringIO(path.read_text(encoding="utf-8")))
-    header = next(reader, None)
-    if header is None:
-        return
-    check_samples_header([h.strip() for h in header], str(path), append=True)
-    for n, rec in enumerate(reader, start=1):
-        if not rec:
-            continue
-        if len(rec) != len(SAMPLES_COLUMNS):
-            raise SamplesError(path=str(path), row=n, expected=f"{len(SAMPLES_COLUMNS)} fields", got=len(rec))
-        yield n, rec
+    records = samples_records(path, append=True)
+    next(records)  # the header, checked
+    yield from records
 
 
 class GroupWriter:
@@ -187,32 +237,91 @@ def check_requests_header(header: Sequence[str], path: str, *, resume: bool) -> 
         seen.add(column)
 
 
+def request_records(path: str | os.PathLike[str], *, resume: bool = False) -> Iterator[tuple[int, list[str]]]:
+    """requests.csv through the one reader: the header (line 1) first, then (line, fields) of every row.
+    ``resume``: the header must allow appending (request ids, this version's columns)."""
+    p = os.fspath(path)
+    return _records(p, RequestLogError, "a request log CSV", REQUEST_COLUMNS,
+                    lambda names: check_requests_header(names, p, resume=resume))
+
+
 def done_requests(path: Path) -> dict[int, tuple[int, int, int] | None]:
     """request_id -> config key (tier_idx, top_k, num_active_blocks) of the rows already in the log
     (None where the log has no config columns); a partial trailing line from a killed run is cut first."""
     if not path.is_file() or path.stat().st_size == 0:
         return {}
     repair_trailing_line(path)
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.reader(fh)
-        header = [h.strip() for h in next(reader, [])]
-        if not header:
-            return {}
-        check_requests_header(header, str(path), resume=True)
-        col = header.index("request_id")
-        key_cols = [header.index(c) if c in header else -1 for c in ("tier_idx", "top_k", "num_active_blocks")]
-        done: dict[int, tuple[int, int, int] | None] = {}
-        for n, rec in enumerate(reader, start=1):
-            if not rec:
-                continue
-            try:
-                rid = int(rec[col])
-            except (ValueError, IndexError):
-                raise RequestLogError(path=str(path), row=n, field="request_id", expected="an integer",
-                                      got=rec[col] if col < len(rec) else None) from None
-            try:
-                t, k, b = (int(rec[c]) for c in key_cols)
-                done[rid] = (t, k, b)
-            except (ValueError, IndexError):  # no config columns: the reader of the log reports bad values
-                done[rid] = None
+    records = request_records(path, resume=True)
+    _, header = next(records)
+    col = header.index("request_id")
+    key_cols = [header.index(c) if c in header else -1 for c in ("tier_idx", "top_k", "num_active_blocks")]
+    done: dict[int, tuple[int, int, int] | None] = {}
+    for n, rec in records:
+        try:
+            rid = int(rec[col])
+        except ValueError:
+            raise RequestLogError(path=str(path), row=n, field="request_id", expected="an integer",
+                                  got=rec[col]) from None
+        try:
+            t, k, b = (int(rec[c]) for c in key_cols)
+            done[rid] = (t, k, b)
+        except (ValueError, IndexError):  # no config columns: the reader of the log reports bad values
+            done[rid] = None
     return done
+
+
+def append_requests(path: str | os.PathLike[str], rows: Iterable[Mapping[str, object]]) -> int:
+    """Append request rows to a log, creating it with a header if needed; returns rows written.
+
+    A new file gets REQUEST_COLUMNS followed by the rows' extra (metadata) keys in first-seen order;
+    an existing file keeps its header, and a key it lacks is an error (except an OPTIONAL_REQUEST_COLUMNS
+    key at the value a file without it means: that row is written without it). The data is flushed and
+    fsync'ed before returning, so a replay killed later keeps every row appended so far.
+    """
+    p = Path(path)
+    spath = str(p)
+    batch = [dict(r) for r in rows]
+    if not batch:
+        return 0
+    exists = p.is_file() and p.stat().st_size > 0
+    if exists:
+        with p.open(newline="", encoding="utf-8") as handle:
+            header = [h.strip() for h in next(csv.reader(handle), [])]
+        with p.open("rb") as raw:
+            raw.seek(-1, os.SEEK_END)
+            needs_newline = raw.read(1) not in (b"\n", b"\r")
+    else:
+        header = list(REQUEST_COLUMNS)
+        for r in batch:
+            for key in r:
+                if key not in header:
+                    header.append(key)
+        needs_newline = False
+    for i, r in enumerate(batch):
+        for key in [k for k in r if k not in header and k in OPTIONAL_REQUEST_COLUMNS]:
+            if r[key] == OPTIONAL_REQUEST_COLUMNS[key]:
+                del r[key]  # an older log: the column's absence already says this value
+        for key in r:
+            if key not in header:
+                raise RequestLogError("row has a column the file lacks", path=spath, field=key,
+                                      expected="one of " + ",".join(header), got=f"appended row {i + 1}")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with p.open("a", newline="", encoding="utf-8") as handle:
+        if needs_newline:
+            handle.write("\n")
+        writer = csv.writer(handle, lineterminator="\n")
+        if not exists:
+            writer.writerow(header)
+        for r in batch:
+            writer.writerow([_format(r.get(key, OPTIONAL_REQUEST_COLUMNS.get(key, ""))) for key in header])
+        handle.flush()
+        os.fsync(handle.fileno())
+    return len(batch)
+
+
+def _format(value: object) -> str:
+    if isinstance(value, float | np.floating):
+        return repr(float(value))
+    if isinstance(value, np.integer):
+        return str(int(value))
+    return str(value)
