@@ -68,13 +68,14 @@ def write_cimport_tree() -> str:
     """
     pkg = os.path.join(CIMPORT_ROOT, "trt_latency", "ext")
     os.makedirs(pkg, exist_ok=True)
-    for folder in (os.path.dirname(pkg), pkg):
-        open(os.path.join(folder, "__init__.pxd"), "w", encoding="utf-8").close()
+    files = {os.path.join(os.path.dirname(pkg), "__init__.pxd"): "", os.path.join(pkg, "__init__.pxd"): ""}
     for name in ("_kernels.pxd", "_layout.pxi"):
         with open(os.path.join("ext", name), encoding="utf-8") as src:
-            text = src.read()
-        with open(os.path.join(pkg, name), "w", encoding="utf-8") as dst:
-            dst.write(text)
+            files[os.path.join(pkg, name)] = src.read()
+    for target, text in files.items():  # rewritten only when changed: an unchanged copy triggers no recompile
+        if not os.path.exists(target) or open(target, encoding="utf-8").read() != text:
+            with open(target, "w", encoding="utf-8") as dst:
+                dst.write(text)
     return CIMPORT_ROOT
 
 
