@@ -112,7 +112,7 @@ def test_predict_batch_matches_predict() -> None:
         for i, (v, t, o) in enumerate([(0, 10, 5), (64, 100, 2000)]):
             p = est.predict(v, t, o, quantile=0.99)
             assert (pre[i], dec[i], tot[i]) == (p.prefill_ms, p.decode_ms, p.total_ms)
-        assert flags[1] & 1 and not flags[0] & 1  # 164 + 1998 > 1000: extrapolated
+        assert flags[1] & layout.PB_EXTRAPOLATED and not flags[0] & layout.PB_EXTRAPOLATED  # 164 + 1998 > 1000: extrapolated
         assert flags[2] == 8 and np.isnan(tot[2])  # empty prompt
 
 
@@ -385,7 +385,7 @@ def test_images_reach_choose_and_the_batch_entry_points(cal: Calibration,
             prompt = float(r["vision"] + r["text"])
             want_pre = est._kernel.prefill(row, prompt) + est._kernel.vision(row, float(r["vision"]), prompt, float(k))
             assert close(float(pre[i]), want_pre) and close(float(tot[i]), float(pre[i]) + float(dec[i]))
-            assert bool(flags[i] & 1) == est._kernel.extrapolated(row, prompt, float(outs[i]), float(r["vision"]),
+            assert bool(flags[i] & layout.PB_EXTRAPOLATED) == est._kernel.extrapolated(row, prompt, float(outs[i]), float(r["vision"]),
                                                                   float(k))
             if k == 1:
                 assert close(float(one[2][i]), float(tot[i])) and one[3][i] == flags[i]

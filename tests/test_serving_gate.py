@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from trt_latency.estimator.calibration import Calibration
 from trt_latency.estimator.model import build_tables
-from trt_latency.ext.layout import EXTRAPOLATED_BIT, F_NONE, TOKEN_MAX
+from trt_latency.ext.layout import ADMIT_BELOW, EXTRAPOLATED_BIT, F_NONE, TOKEN_MAX
 
 gate_mod = pytest.importorskip("trt_latency.serving._gate", reason="Cython extension not built")
 
@@ -67,7 +67,7 @@ def test_gate_equals_reference_scaled_model(cal: Calibration, data: st.DataObjec
         if code & EXTRAPOLATED_BIT:
             assert d is None, r
             continue
-        assert d is not None and (d.admit, d.max_new_tokens, d.code) == (code < 16, nout, code), r
+        assert d is not None and (d.admit, d.max_new_tokens, d.code) == (code < ADMIT_BELOW, nout, code), r
         assert close(d.predicted_ms, pred) and not d.extrapolated and d.judged
         ring = (ring + [(budget, prompt, n, bucket, r[0], im)])[-8:]
         counts[0] += 1
