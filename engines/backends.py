@@ -56,7 +56,7 @@ def _open_tensorrt(path: Path, max_past_len: int | None, max_new_tokens: int | N
     # tensorrt-stubs installs an importable but empty `tensorrt` namespace: find_spec alone proves nothing.
     if importlib.util.find_spec("tensorrt") is None:
         raise BackendUnavailable("backend 'tensorrt' needs the TensorRT Python package "
-                                 "(pip install 'trt-latency[tensorrt]' on a GPU host)")
+                                 "(pip install 'trt-latency[tensorrt-cu12]' or '[tensorrt-cu13]' on a GPU host)")
     try:
         loader: Any = importlib.import_module("trt_latency.engines.trt.loader")
         loader.import_tensorrt()  # raises BackendUnavailable for stubs-only installs

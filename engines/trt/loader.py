@@ -64,8 +64,8 @@ def import_tensorrt() -> ModuleType:
         import tensorrt
     except ImportError as exc:
         raise BackendUnavailable(
-            "TensorRT is not installed (pip install tensorrt from NVIDIA's index, "
-            "or pip install 'trt-latency[tensorrt]')"
+            "TensorRT is not installed: pip install 'trt-latency[tensorrt-cu12]' (NVIDIA driver with CUDA 12) "
+            "or 'trt-latency[tensorrt-cu13]' (CUDA 13), matching nvidia-smi's CUDA Version"
         ) from exc
     if not hasattr(tensorrt, "Builder"):
         raise BackendUnavailable(
