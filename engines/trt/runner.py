@@ -239,23 +239,26 @@ class TrtRunner(Closing):
                 rng.standard_normal((rows, self.hidden)) / np.sqrt(self.hidden)).astype(token.dtype)
         else:
             self._embed_table = None
+            self._addr[sig.token_name].memset(0, stream=stream)  # valid ids (0) until a request writes its own
         self._rng = rng
         # The attention mask attends to every position: ones over its longest length, bound by prefix.
+        self._mask_ones: np.ndarray | None = None
         if sig.attention_mask:
             mask = inputs[sig.attention_mask]
-            ones = np.ones(int(np.prod(mask.max_shape, dtype=np.int64)), dtype=mask.dtype)
-            self._addr[sig.attention_mask].copy_from_host(ones, stream=stream)
+            self._mask_ones = np.ones(int(np.prod(mask.max_shape, dtype=np.int64)), dtype=mask.dtype)
+            self._addr[sig.attention_mask].copy_from_host(self._mask_ones, stream=stream)
         # Pinned staging for generate()/time_step(): per-step copies are truly async on the stream.
         logits = outputs[sig.logits]
         width = () if ids_model else (self.hidden,)
         self._pinned_tokens = self._pin(token.dtype, (1, self.max_prefill_len, *width))
+        # Positions [B, S], or M-RoPE's [3, B, S] (text tokens: the same position in every row), staged flat so
+        # the first rows * S values are the step's C-contiguous [rows, 1, S] array.
+        self._position_rows = 1
+        self._pinned_positions: np.ndarray | None = None
         if sig.position_ids:
             pos = inputs[sig.position_ids]
-            # [B, S] or M-RoPE's [3, B, S]: text tokens get the same position in every row.
-            self._pinned_positions: np.ndarray | None = self._pin(
-                pos.dtype, (*pos.max_shape[:-2], 1, self.max_prefill_len))
-        else:
-            self._pinned_positions = None
+            self._position_rows = int(np.prod(pos.max_shape[:-2], dtype=np.int64))
+            self._pinned_positions = self._pin(pos.dtype, (self._position_rows * self.max_prefill_len,))
         self._pinned_logits = self._pin(logits.dtype, (self.vocab,))
         stream.synchronize()
 
@@ -397,8 +400,9 @@ class TrtRunner(Closing):
         name = self.signature.position_ids
         if name is None or self._pinned_positions is None:
             return  # no position input (genai: rotary inside GroupQueryAttention, from the mask)
-        positions = self._pinned_positions[..., :new_tokens]
-        positions[...] = np.arange(past_len, past_len + new_tokens, dtype=positions.dtype)
+        rows = self._position_rows
+        positions = self._pinned_positions[: rows * new_tokens].reshape(rows, new_tokens)
+        positions[:] = np.arange(past_len, past_len + new_tokens, dtype=positions.dtype)
         self._addr[name].copy_from_host(positions, stream=self._stream)
 
     def _enqueue(self) -> None:
@@ -575,6 +579,10 @@ class TrtRunner(Closing):
             shape = loader.dims_tuple(self._context.get_tensor_shape(name))
             buf = self._kv[present_of[name]][1] if name in present_of else self._addr[name]
             results[name] = buf.copy_to_host(np.empty(shape, dtype=t.dtype), stream=self._stream)
+        mask = self.signature.attention_mask
+        if mask is not None and mask in feeds and self._mask_ones is not None:
+            self._addr[mask].copy_from_host(self._mask_ones, stream=self._stream)  # timing attends to everything
+            self._stream.synchronize()
         del held
         return results
 
