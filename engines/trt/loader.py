@@ -1,4 +1,13 @@
-"""Build, cache and load TensorRT engines for the exported decoder.
+"""Build, cache and load TensorRT engines for a decoder from any exporter the DecoderSignature reads.
+
+Which input carries what comes only from the model's DecoderSignature (engines/signature.py): the ONNX's
+(read_signature) when building, the engine's own I/O tensors (:func:`engine_tensors` ->
+signature_from_tensors) for a prebuilt one. :func:`input_layouts` turns the roles into each input's axes:
+the token input (ids [B, S] or embeddings [B, S, H]), the attention mask [B, past + S], position ids
+([B, S] or M-RoPE's [3, B, S]) and past KV ([B, H, past, D], or fused [2, B, H, past, D]) under whatever
+names the exporter used. These planning functions are pure (no tensorrt import), so CI tests them against
+every third-party fixture. KV is timed as concat (separate past and present buffers); a shared
+(genai past_present_share_buffer) KV is refused by :func:`tensorrt_kv_mode`.
 
 Two optimization profiles, as production LLM builds do, so prefill is not timed with kernels
 tuned for decode: profile 0 ("decode") fixes the new-token axis ``S`` at 1 with ``past_len`` from 0

@@ -17,8 +17,10 @@ shape that cannot be captured falls back to plain enqueue, as trtexec does, and 
 ``graph_fallbacks``. The first ``generate`` is preceded by an untimed warm-up request, so lazy
 kernel loading is not billed to the first replayed request's TTFT.
 
-KV cache: two buffers per past/present tensor, both sized for ``max_past_len + max_prefill_len``
-tokens. A present tensor [1, kv_heads, past+S, head_dim] laid out contiguously is exactly the past
+Every binding comes from the engine's DecoderSignature (engines/trt/loader.py plans the shapes per step):
+token ids or embeddings, the attention mask (all ones, bound at past + S), position ids when the model has
+them, and its KV pairs by their own names. KV cache: two buffers per past/present tensor, both sized for
+``max_past_len + max_prefill_len`` tokens. A present tensor [1, kv_heads, past+S, head_dim] laid out contiguously is exactly the past
 tensor of the next step, so ``generate`` swaps the two buffers' roles instead of copying.
 """
 
