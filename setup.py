@@ -3,9 +3,15 @@
 Four code folders (engines/, estimator/, serving/, ext/) are mapped into one import namespace,
 `trt_latency`, so nothing generic lands in site-packages. The Cython modules (ext/*.pyx, the math
 core and kernels; serving/*.pyx, the serving loop's gate) are
-optional at build time (msgpack-python's pattern): if the compiler or Cython is missing
-the package still installs and falls back to the pure-Python reference, saying so once.
-Set TRT_LATENCY_REQUIRE_EXT=1 to make a failed extension build an error (CI does).
+optional when installing (msgpack-python's pattern): if the compiler or Cython is missing, `pip install`
+still installs and falls back to the pure-Python reference, with a banner (`pip install -v` shows it; the
+package says so again when imported). Set TRT_LATENCY_REQUIRE_EXT=1 to make a failed extension build an
+error (CI does).
+
+A wheel for others to install must not lack the kernels silently: `python -m build` / `bdist_wheel` outside
+pip refuses when any kernel failed to compile, unless TRT_LATENCY_ALLOW_PURE_PYTHON=1 asks for a
+pure-Python wheel on purpose. (pip's own build for the machine it installs on, from an sdist or a source
+tree, keeps the fallback: pip marks its builds with PIP_BUILD_TRACKER, or PIP_REQ_TRACKER before pip 22.1.)
 """
 
 from __future__ import annotations
@@ -15,8 +21,11 @@ import os
 import sys
 
 from setuptools import setup
+from setuptools.command.bdist_wheel import bdist_wheel
 from setuptools.command.build_ext import build_ext
 from setuptools.extension import Extension
+
+FAILED: list[str] = []  # why each kernel (or the cythonize step) did not build, in this process
 
 
 class OptionalBuildExt(build_ext):
@@ -38,7 +47,26 @@ class OptionalBuildExt(build_ext):
     def _skip(exc: Exception) -> None:
         if os.environ.get("TRT_LATENCY_REQUIRE_EXT") == "1":
             raise exc
-        sys.stderr.write(f"trt-latency: Cython extension not built ({exc}); using the pure-Python reference\n")
+        FAILED.append(f"{type(exc).__name__}: {exc}")
+        bar = "!" * 100
+        sys.stderr.write(f"{bar}\ntrt-latency: WARNING: a Cython kernel was NOT built ({exc}).\n"
+                         "trt-latency: this install falls back to the pure-Python reference (same answers, "
+                         "~100x slower admission).\ntrt-latency: install a C compiler and Cython >= 3, then "
+                         f"reinstall; TRT_LATENCY_REQUIRE_EXT=1 makes this an error.\n{bar}\n")
+
+
+class KernelWheel(bdist_wheel):
+    """A wheel for distribution carries the compiled kernels, or is a pure-Python one asked for by name."""
+
+    def run(self) -> None:
+        self.run_command("build")  # compiles the kernels first (FAILED says which did not); run once
+        under_pip = bool(os.environ.get("PIP_BUILD_TRACKER") or os.environ.get("PIP_REQ_TRACKER"))
+        if FAILED and not under_pip and os.environ.get("TRT_LATENCY_ALLOW_PURE_PYTHON") != "1":
+            raise SystemExit(
+                "trt-latency: refusing to build a wheel without the compiled Cython kernels ("
+                + "; ".join(FAILED) + "). Fix the compiler / Cython, or set TRT_LATENCY_ALLOW_PURE_PYTHON=1 "
+                "to build a pure-Python wheel on purpose.")
+        super().run()
 
 
 # Source folder -> package, for every folder holding .pyx modules.
@@ -137,5 +165,5 @@ setup(
         "trt_latency.configs": ["*.yaml"],
     },
     ext_modules=extensions(),
-    cmdclass={"build_ext": OptionalBuildExt},
+    cmdclass={"build_ext": OptionalBuildExt, "bdist_wheel": KernelWheel},
 )

@@ -52,11 +52,11 @@ def resolve_backend(name: str) -> Callable[..., Runner]:
 
 
 def _open_tensorrt(path: Path, max_past_len: int | None, max_new_tokens: int | None, device_id: int, seed: int,
-                   trt_options: dict[str, Any] | None) -> Runner:
+                   trt_options: dict[str, Any] | None, signature_options: Mapping[str, Any]) -> Runner:
     # tensorrt-stubs installs an importable but empty `tensorrt` namespace: find_spec alone proves nothing.
     if importlib.util.find_spec("tensorrt") is None:
         raise BackendUnavailable("backend 'tensorrt' needs the TensorRT Python package "
-                                 "(pip install 'trt-latency[tensorrt]' on a GPU host)")
+                                 "(pip install 'trt-latency[tensorrt-cu12]' or '[tensorrt-cu13]' on a GPU host)")
     try:
         loader: Any = importlib.import_module("trt_latency.engines.trt.loader")
         loader.import_tensorrt()  # raises BackendUnavailable for stubs-only installs
@@ -66,7 +66,8 @@ def _open_tensorrt(path: Path, max_past_len: int | None, max_new_tokens: int | N
     trt_runner = getattr(module, "TrtRunner", None)
     if trt_runner is None:
         raise BackendUnavailable("trt_latency.engines.trt.runner has no TrtRunner")
-    kwargs: dict[str, Any] = {"device_id": device_id, "seed": seed, **(trt_options or {})}
+    # kv_mode / io / dims bind the engine by its DecoderSignature, as they bind the ONNX Runtime runners.
+    kwargs: dict[str, Any] = {"device_id": device_id, "seed": seed, **signature_options, **(trt_options or {})}
     if max_past_len is not None:
         kwargs["max_past_len"] = max_past_len
     if max_new_tokens is not None:
@@ -140,10 +141,20 @@ def open_first(path: Path, open_one: Callable[[str], Runner], candidates: tuple[
 
 
 def open_tensorrt(path: Path, *, max_past_len: int | None = None, max_new_tokens: int | None = None,
-                  device_id: int = 0, seed: int = 0, trt_options: dict[str, Any] | None = None,
-                  **_ignored: Any) -> Runner:
-    """Registry factory for "tensorrt" (ONNX Runtime's thread / signature options do not apply)."""
-    return _open_tensorrt(path, max_past_len, max_new_tokens, device_id, seed, trt_options)
+                  device_id: int = 0, seed: int = 0, trt_options: dict[str, Any] | None = None, kv_mode: str = "auto",
+                  io: dict[str, str] | str | None = None, dims: dict[str, int] | str | None = None,
+                  threads: int = 0, inter_threads: int = 0, huge_pages: bool = True,
+                  max_batch: int | None = None) -> Runner:
+    """Registry factory for "tensorrt".
+
+    ``kv_mode``, ``io`` and ``dims`` are honoured: the engine's profiles and bindings come from the model's
+    DecoderSignature (engines/trt/loader.py); kv_mode shared is refused in one line (TensorRT binds past and
+    present as separate buffers). ``threads``, ``inter_threads``, ``huge_pages`` and ``max_batch`` size ONNX
+    Runtime's CPU sessions and buffers: a TensorRT engine runs on the GPU at batch 1, so they do not apply.
+    """
+    del threads, inter_threads, huge_pages, max_batch
+    return _open_tensorrt(path, max_past_len, max_new_tokens, device_id, seed, trt_options,
+                          {"kv_mode": kv_mode, "io": io, "dims": dims})
 
 
 def open_runner(path: str | os.PathLike[str], backend: str = "auto", *, threads: int = 0, inter_threads: int = 0,

@@ -6,6 +6,9 @@ so a typo in a tier never surfaces later as a shape error inside ONNX Runtime.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -376,13 +379,20 @@ def _batch(ctx: _Ctx, raw: object, where: str, base: BatchSweep | None) -> Batch
     return spec
 
 
+# Keeps default_plan_path()'s file alive for the process: from a zipped install, as_file extracts a
+# temporary copy that its context would delete on exit. Closed (the copy removed) at interpreter exit.
+_RESOURCES = contextlib.ExitStack()
+atexit.register(_RESOURCES.close)
+
+
+@functools.cache
 def default_plan_path() -> Path:
-    """Path of the packaged default plan (trt_latency/configs/default.yaml)."""
+    """Path of the packaged default plan (trt_latency/configs/default.yaml), valid until the process exits
+    (a real file for an editable or wheel install; an extracted copy for a zipped one)."""
     from importlib.resources import as_file, files
 
     resource = files("trt_latency.configs").joinpath(DEFAULT_CONFIG_NAME)
-    with as_file(resource) as p:  # a real file for an editable or wheel install
-        return Path(p)
+    return Path(_RESOURCES.enter_context(as_file(resource)))
 
 
 def load_plan(path: str | os.PathLike[str] | None = None, quick: bool = False) -> Plan:

@@ -57,7 +57,7 @@ class CudaUnavailable(CudaError, BackendUnavailable):
 def _runtime() -> ModuleType:
     try:
         from cuda.bindings import runtime
-    except ImportError as exc:  # cuda-bindings comes with the `test`, `tensorrt`, `cu12` and `cu13` extras
+    except ImportError as exc:  # cuda-bindings comes with the `test`, `tensorrt-cu12/13`, `cu12` and `cu13` extras
         raise BackendUnavailable(
             "CUDA is not usable: the 'cuda-bindings' package is not installed (pip install "
             "'trt-latency[cu12]' or 'trt-latency[cu13]', matching the NVIDIA driver's CUDA major)"

@@ -110,3 +110,18 @@ def test_auto_reports_unavailable_gpu_backends_only_where_a_gpu_is(
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("trt-latency: backend auto: ort-cuda unavailable: ")
     assert "CUDAExecutionProvider" in err[0] and err[0].endswith("trying ort-cpu")
+
+
+def test_tensorrt_refuses_shared_kv_before_any_build() -> None:
+    # genai's share-buffer KV cannot be bound by a TensorRT engine: one line, no TensorRT needed to say so.
+    genai = Path(__file__).resolve().parent / "data" / "thirdparty" / "genai-llama-fp32" / "model.onnx"
+    if not genai.is_file():
+        pytest.skip("fixture genai-llama-fp32 not present")
+    for mode in ("auto", "shared"):
+        with pytest.raises(InputError, match="--kv-mode concat") as info:
+            TrtRunner.from_onnx(genai, kv_mode=mode, max_past_len=64)
+        assert "\n" not in str(info.value)
+    # kv_mode, io and dims reach both constructors (none is dropped as a build option).
+    options = {"kv_mode": "concat", "io": "a=input_ids", "dims": "head_dim=8"}
+    for path in (Path("model.onnx"), Path("decoder.plan")):
+        assert tensorrt_constructor(TrtRunner, path, options)[1] == options

@@ -12,6 +12,7 @@ import pytest
 from trt_latency.engines import cuda
 from trt_latency.engines.config import TierSpec
 from trt_latency.engines.export import export_decoder
+from trt_latency.engines.signature import read_signature
 from trt_latency.engines.trt import loader
 from trt_latency.errors import InputError
 
@@ -54,7 +55,7 @@ def _feeds(past_len: int, new_tokens: int, seed: int = 1) -> dict[str, np.ndarra
     }
     for block in range(2):
         for kind in ("key", "value"):
-            feeds[loader.past_name(block, kind)] = (
+            feeds[f"past_key_values.{block}.{kind}"] = (
                 rng.standard_normal((1, TINY.kv_heads, past_len, TINY.head_dim)) * 0.5).astype(np.float32)
     return feeds
 
@@ -79,7 +80,7 @@ def test_runner_attributes(runner: Any) -> None:
 
 
 def test_engine_cached_on_disk(model: Path, cache_dir: Path, runner: Any) -> None:
-    cached = loader.build_or_load_cached(model, max_past_len=TINY.max_past_len,
+    cached = loader.build_or_load_cached(model, read_signature(model), max_past_len=TINY.max_past_len,
                                          max_prefill_len=TINY.max_prefill_len, cache_dir=cache_dir)
     assert cached.cache_hit and cached.path.parent == cache_dir
     assert cached.key.device == cuda.device_name() and cached.key.tensorrt_version == trt.__version__
@@ -90,14 +91,14 @@ def test_engine_cached_on_disk(model: Path, cache_dir: Path, runner: Any) -> Non
 
 def test_build_is_announced_and_reuses_the_timing_cache(model: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    first = loader.build_or_load_cached(model, max_past_len=32, max_prefill_len=8, cache_dir=tmp_path,
+    first = loader.build_or_load_cached(model, read_signature(model), max_past_len=32, max_prefill_len=8, cache_dir=tmp_path,
                                         workspace_bytes=256 << 20)
     err = capsys.readouterr().err
     assert not first.cache_hit and "building a TensorRT engine" in err and str(first.path) in err
     assert first.timing_cache is not None and first.timing_cache.is_file()
     timing = first.timing_cache.read_bytes()
     # Another workspace is another engine (a miss), built with the timing cache the first one left.
-    second = loader.build_or_load_cached(model, max_past_len=32, max_prefill_len=8, cache_dir=tmp_path,
+    second = loader.build_or_load_cached(model, read_signature(model), max_past_len=32, max_prefill_len=8, cache_dir=tmp_path,
                                          workspace_bytes=512 << 20)
     err = capsys.readouterr().err
     assert not second.cache_hit and second.path != first.path and "ignoring" not in err
@@ -122,7 +123,7 @@ def test_logits_and_present_match_ort_cpu(model: Path, runner: Any, past_len: in
     assert got["logits"].shape == ref["logits"].shape == (1, new_tokens, TINY.vocab)
     # fp32 ONNX; TensorRT may use TF32 matmuls, hence 1e-2 relative to the output scale.
     assert _rel_err(got["logits"], ref["logits"]) < 1e-2
-    present = loader.present_name(1, "value")
+    present = "present.1.value"
     assert got[present].shape == (1, TINY.kv_heads, past_len + new_tokens, TINY.head_dim)
     assert _rel_err(got[present], ref[present]) < 1e-2
 
@@ -167,16 +168,16 @@ def test_generate_follows_ort_greedy_decode(model: Path, runner: Any) -> None:
     empty = np.zeros((1, TINY.kv_heads, 0, TINY.head_dim), dtype=np.float32)
     feeds: dict[str, np.ndarray] = {"inputs_embeds": prompt,
                                     "position_ids": np.arange(6, dtype=np.int64).reshape(1, -1)}
-    feeds.update({loader.past_name(b, k): empty for b in range(2) for k in ("key", "value")})
+    feeds.update({f"past_key_values.{b}.{k}": empty for b in range(2) for k in ("key", "value")})
     for step, token in enumerate(result.tokens):
         out = _ort(model, feeds)
         last = out["logits"][0, -1]
         # TensorRT's token must be an argmax of ONNX Runtime's logits up to fp tolerance.
         assert last[token] >= last.max() - 1e-2 * max(np.abs(last).max(), 1e-6), (step, token, int(last.argmax()))
-        past_len = feeds[loader.past_name(0, "key")].shape[2] + feeds["inputs_embeds"].shape[1]
+        past_len = feeds["past_key_values.0.key"].shape[2] + feeds["inputs_embeds"].shape[1]
         feeds = {"inputs_embeds": table[token % table.shape[0]].reshape(1, 1, -1),
                  "position_ids": np.array([[past_len]], dtype=np.int64)}
-        feeds.update({loader.past_name(b, k): out[loader.present_name(b, k)] for b in range(2)
+        feeds.update({f"past_key_values.{b}.{k}": out[f"present.{b}.{k}"] for b in range(2)
                       for k in ("key", "value")})
 
 
@@ -195,7 +196,7 @@ def test_first_generate_is_warmed_up(model: Path, cache_dir: Path) -> None:
 def test_from_engine_loads_the_cached_plan(model: Path, cache_dir: Path) -> None:
     from trt_latency.engines.trt.runner import TrtRunner
 
-    cached = loader.build_or_load_cached(model, max_past_len=TINY.max_past_len,
+    cached = loader.build_or_load_cached(model, read_signature(model), max_past_len=TINY.max_past_len,
                                          max_prefill_len=TINY.max_prefill_len, cache_dir=cache_dir)
     with TrtRunner.from_engine(cached.path) as r:
         assert r.max_past_len == TINY.max_past_len
@@ -210,3 +211,17 @@ def test_open_runner_tensorrt_backend(model: Path, cache_dir: Path, monkeypatch:
     with backends.open_runner(model, "tensorrt") as r:
         assert r.backend == "tensorrt"
         assert (r.time_step(3, 1, reps=2) > 0).all()
+
+
+@pytest.mark.parametrize("name", ["optimum-llama-fp32", "torch-llama-embeds"])
+def test_third_party_export_runs_by_its_signature(name: str, tmp_path: Path) -> None:
+    # Token ids + mask + positions (optimum) and embeddings + positions (torch.onnx), bound by their roles.
+    from trt_latency.engines.trt.runner import TrtRunner
+
+    path = Path(__file__).resolve().parent / "data" / "thirdparty" / name / "model.onnx"
+    with TrtRunner.from_onnx(path, max_past_len=64, max_new_tokens=16, cache_dir=tmp_path, kv_mode="auto") as r:
+        assert r.kv_mode == "concat" and r.token_input == read_signature(path).token_input
+        assert r.max_past_len == 64 and r.max_prefill_len == 16
+        assert r.time_step(10, 1, reps=2).shape == (2,)
+        result = r.generate(np.zeros((1, 8, r.hidden), dtype=np.float32), 4)
+        assert len(result.tokens) == 4 and len(result.step_ms) == 3 and result.ttft_ms > 0

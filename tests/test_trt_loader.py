@@ -11,6 +11,7 @@ import pytest
 
 from trt_latency.engines.config import TierSpec
 from trt_latency.engines.export import export_decoder
+from trt_latency.engines.signature import DecoderSignature, SignatureError, read_signature
 from trt_latency.engines.trt import loader
 from trt_latency.errors import BackendUnavailable, InputError
 
@@ -23,40 +24,58 @@ def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_decoder(TINY, 1, 2, tmp_path_factory.mktemp("trt") / "model.onnx")
 
 
+def _layouts(path: Path) -> dict[str, tuple[loader.Axis, ...]]:
+    return loader.input_layouts(read_signature(path), loader.onnx_input_shapes(path))
+
+
+def _sig(shapes: dict[str, tuple[int, ...]]) -> DecoderSignature:
+    """The signature of an engine with these inputs (float32, ours: logits and present.* outputs)."""
+    ins = [(n, list(s), "DataType.FLOAT" if n != "position_ids" else "DataType.INT64") for n, s in shapes.items()]
+    outs = [("logits", [-1, -1, 16], "DataType.FLOAT")] + [
+        (n.replace("past_key_values", "present"), list(s), "DataType.FLOAT") for n, s in shapes.items()
+        if n.startswith("past_key_values")]
+    return loader.engine_signature("x.engine", ins, outs, dims="context_length=4097")
+
+
 def test_profile_from_exported_model(tiny_onnx: Path) -> None:
     shapes = loader.onnx_input_shapes(tiny_onnx)
-    assert shapes[loader.INPUTS_EMBEDS] == (-1, -1, 64)
-    assert shapes[loader.past_name(1, "value")] == (-1, 1, -1, 32)
-    profile = loader.profile_shapes(shapes, max_past_len=4096, max_prefill_len=1024)
+    assert shapes["inputs_embeds"] == (-1, -1, 64)
+    assert shapes["past_key_values.1.value"] == (-1, 1, -1, 32)
+    layouts = _layouts(tiny_onnx)
+    assert layouts["inputs_embeds"] == ("batch", "seq", 64) and layouts["position_ids"] == ("batch", "seq")
+    assert layouts["past_key_values.0.key"] == ("batch", 1, "past", 32)
+    profile = loader.profile_shapes(layouts, max_past_len=4096, max_prefill_len=1024)
     assert set(profile) == {"inputs_embeds", "position_ids"} | {
-        loader.past_name(b, k) for b in (0, 1) for k in ("key", "value")}
-    embeds = profile[loader.INPUTS_EMBEDS]
+        f"past_key_values.{b}.{k}" for b in (0, 1) for k in ("key", "value")}
+    embeds = profile["inputs_embeds"]
     assert embeds.min == (1, 1, 64) and embeds.opt == (1, 1, 64) and embeds.max == (1, 1024, 64)
-    assert profile[loader.POSITION_IDS] == ((1, 1), (1, 1), (1, 1024))
-    past = profile[loader.past_name(0, "key")]
+    assert profile["position_ids"] == ((1, 1), (1, 1), (1, 1024))
+    past = profile["past_key_values.0.key"]
     # Prefill runs with an empty past; opt defaults to the middle of the decode range.
     assert past.min == (1, 1, 0, 32) and past.opt == (1, 1, 2048, 32) and past.max == (1, 1, 4096, 32)
 
 
 def test_decode_and_prefill_profiles(tiny_onnx: Path) -> None:
-    shapes = loader.onnx_input_shapes(tiny_onnx)
-    profiles = loader.decoder_profiles(shapes, max_past_len=4096, max_prefill_len=1024)
+    layouts = _layouts(tiny_onnx)
+    profiles = loader.decoder_profiles(layouts, max_past_len=4096, max_prefill_len=1024)
     assert tuple(profiles) == loader.PROFILES == ("decode", "prefill")  # index order of the engine's profiles
     decode, prefill = profiles["decode"], profiles["prefill"]
     # Decode: S fixed at 1, tuned in the middle of the KV range.
-    assert decode[loader.INPUTS_EMBEDS] == ((1, 1, 64), (1, 1, 64), (1, 1, 64))
-    assert decode[loader.past_name(1, "key")] == ((1, 1, 0, 32), (1, 1, 2048, 32), (1, 1, 4096, 32))
+    assert decode["inputs_embeds"] == ((1, 1, 64), (1, 1, 64), (1, 1, 64))
+    assert decode["past_key_values.1.key"] == ((1, 1, 0, 32), (1, 1, 2048, 32), (1, 1, 4096, 32))
     # Prefill: tuned for a prompt (S = half the max) on an almost empty cache, not for S = 1.
-    assert prefill[loader.INPUTS_EMBEDS] == ((1, 1, 64), (1, 512, 64), (1, 1024, 64))
-    assert prefill[loader.POSITION_IDS] == ((1, 1), (1, 512), (1, 1024))
-    assert prefill[loader.past_name(0, "value")] == ((1, 1, 0, 32), (1, 1, 1, 32), (1, 1, 4096, 32))
-    tuned = loader.decoder_profiles(shapes, max_past_len=100, max_prefill_len=10, opt_prefill_len=7,
+    assert prefill["inputs_embeds"] == ((1, 1, 64), (1, 512, 64), (1, 1024, 64))
+    assert prefill["position_ids"] == ((1, 1), (1, 512), (1, 1024))
+    assert prefill["past_key_values.0.value"] == ((1, 1, 0, 32), (1, 1, 1, 32), (1, 1, 4096, 32))
+    tuned = loader.decoder_profiles(layouts, max_past_len=100, max_prefill_len=10, opt_prefill_len=7,
                                     opt_past_len=30, min_past_len=2)
-    assert tuned["prefill"][loader.INPUTS_EMBEDS].opt == (1, 7, 64)
-    assert tuned["prefill"][loader.past_name(0, "key")].opt == (1, 1, 2, 32)  # never below min_past_len
-    assert tuned["decode"][loader.past_name(0, "key")].opt == (1, 1, 30, 32)
+    assert tuned["prefill"]["inputs_embeds"].opt == (1, 7, 64)
+    assert tuned["prefill"]["past_key_values.0.key"].opt == (1, 1, 2, 32)  # never below min_past_len
+    assert tuned["decode"]["past_key_values.0.key"].opt == (1, 1, 30, 32)
     with pytest.raises(InputError, match="opt_prefill_len"):
-        loader.decoder_profiles(shapes, max_past_len=100, max_prefill_len=10, opt_prefill_len=11)
+        loader.decoder_profiles(layouts, max_past_len=100, max_prefill_len=10, opt_prefill_len=11)
+    # Our metadata's tier dims are the profile's default limits.
+    assert loader.profile_limits(read_signature(tiny_onnx), None, None) == (64, 64)
 
 
 def test_choose_profile_per_step() -> None:
@@ -76,41 +95,52 @@ def test_choose_profile_per_step() -> None:
 def test_profile_options_and_fixed_batch() -> None:
     shapes = {"inputs_embeds": (1, -1, 8), "position_ids": (1, -1),
               "past_key_values.0.key": (1, 2, -1, 4), "past_key_values.0.value": (1, 2, -1, 4)}
-    profile = loader.profile_shapes(shapes, max_past_len=100, max_prefill_len=10, opt_past_len=7,
+    layouts = loader.input_layouts(_sig(shapes), shapes)
+    profile = loader.profile_shapes(layouts, max_past_len=100, max_prefill_len=10, opt_past_len=7,
                                     opt_new_tokens=3, batch=4)
     assert profile["inputs_embeds"] == ((1, 1, 8), (1, 3, 8), (1, 10, 8))  # a fixed batch axis stays fixed
     assert profile["past_key_values.0.value"].opt == (1, 2, 7, 4)
-    fallback = loader.profile_shapes(shapes, max_past_len=100, max_prefill_len=10, min_past_len=1)
+    fallback = loader.profile_shapes(layouts, max_past_len=100, max_prefill_len=10, min_past_len=1)
     assert fallback["past_key_values.0.key"].min == (1, 2, 1, 4)  # for a TensorRT without empty tensors
     dyn_batch = dict(shapes, inputs_embeds=(-1, -1, 8))
-    assert loader.profile_shapes(dyn_batch, max_past_len=100, max_prefill_len=10, batch=4)[
-        "inputs_embeds"].max == (4, 10, 8)
+    assert loader.profile_shapes(loader.input_layouts(_sig(dyn_batch), dyn_batch), max_past_len=100,
+                                 max_prefill_len=10, batch=4)["inputs_embeds"].max == (4, 10, 8)
+
+
+GOOD = {"inputs_embeds": (1, -1, 8), "position_ids": (1, -1), "past_key_values.0.key": (1, 2, -1, 4),
+        "past_key_values.0.value": (1, 2, -1, 4)}
 
 
 @pytest.mark.parametrize(
     ("shapes", "kwargs", "field"),
     [
-        ({"inputs_embeds": (1, -1, -1), "position_ids": (1, -1), "past_key_values.0.key": (1, 2, -1, 4)},
-         {}, "inputs_embeds"),  # dynamic hidden axis: no role
-        ({"inputs_embeds": (1, -1, 8), "past_key_values.0.key": (1, 2, -1, 4)}, {}, "position_ids"),
-        ({"inputs_embeds": (1, -1, 8), "position_ids": (1, -1)}, {}, "past_key_values.0.key"),
-        ({"inputs_embeds": (1, -1, 8), "position_ids": (1, -1), "past_key_values.0.key": (1, 2, -1, 4)},
-         {"opt_past_len": 101}, "opt_past_len"),
-        ({"inputs_embeds": (1, -1, 8), "position_ids": (1, -1), "past_key_values.0.key": (1, 2, -1, 4)},
-         {"min_past_len": 5, "opt_past_len": 2}, "opt_past_len"),
+        (GOOD, {"opt_past_len": 101}, "opt_past_len"),
+        (GOOD, {"min_past_len": 5, "opt_past_len": 2}, "opt_past_len"),
+        (GOOD, {"max_prefill_len": 0}, "max_prefill_len"),
     ],
 )
 def test_profile_rejects_bad_inputs(shapes: dict[str, tuple[int, ...]], kwargs: dict[str, int], field: str) -> None:
+    layouts = loader.input_layouts(_sig(shapes), shapes)
     with pytest.raises(InputError) as info:
-        loader.profile_shapes(shapes, max_past_len=100, max_prefill_len=10, **kwargs)
+        loader.profile_shapes(layouts, **{"max_past_len": 100, "max_prefill_len": 10, **kwargs})
     assert field in str(info.value)
 
 
-def test_kv_names_round_trip() -> None:
-    assert loader.parse_kv_name(loader.past_name(3, "value")) == ("past", 3, "value")
-    assert loader.parse_kv_name(loader.present_name(0, "key")) == ("present", 0, "key")
-    assert loader.parse_kv_name("past_key_values.x.key") is None
-    assert loader.parse_kv_name("logits") is None
+@pytest.mark.parametrize(
+    ("engine_shapes", "field"),
+    [
+        ({"position_ids": (1, -1, -1)}, "position_ids"),  # rank 3 with a dynamic section axis: not M-RoPE
+        ({"inputs_embeds": (1, -1, 9)}, "inputs_embeds"),  # a static axis against the signature's hidden
+        ({"extra": (1, -1)}, "extra"),  # an input the signature has no role for
+    ],
+)
+def test_layouts_reject_what_the_signature_does_not_bind(engine_shapes: dict[str, tuple[int, ...]], field: str) -> None:
+    with pytest.raises(SignatureError) as info:
+        loader.input_layouts(_sig(GOOD), {**GOOD, **engine_shapes})
+    assert field in str(info.value)
+    missing = {k: v for k, v in GOOD.items() if k != "position_ids"}
+    with pytest.raises(SignatureError, match="position_ids"):
+        loader.input_layouts(_sig(GOOD), missing)
 
 
 def test_file_sha256_matches_hashlib(tiny_onnx: Path) -> None:

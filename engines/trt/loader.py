@@ -1,4 +1,13 @@
-"""Build, cache and load TensorRT engines for the exported decoder.
+"""Build, cache and load TensorRT engines for a decoder from any exporter the DecoderSignature reads.
+
+Which input carries what comes only from the model's DecoderSignature (engines/signature.py): the ONNX's
+(read_signature) when building, the engine's own I/O tensors (:func:`engine_tensors` ->
+signature_from_tensors) for a prebuilt one. :func:`input_layouts` turns the roles into each input's axes:
+the token input (ids [B, S] or embeddings [B, S, H]), the attention mask [B, past + S], position ids
+([B, S] or M-RoPE's [3, B, S]) and past KV ([B, H, past, D], or fused [2, B, H, past, D]) under whatever
+names the exporter used. These planning functions are pure (no tensorrt import), so CI tests them against
+every third-party fixture. KV is timed as concat (separate past and present buffers); a shared
+(genai past_present_share_buffer) KV is refused by :func:`tensorrt_kv_mode`.
 
 Two optimization profiles, as production LLM builds do, so prefill is not timed with kernels
 tuned for decode: profile 0 ("decode") fixes the new-token axis ``S`` at 1 with ``past_len`` from 0
@@ -33,36 +42,22 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from trt_latency.engines.signature import (
+    DecoderSignature,
+    SignatureError,
+    Tensor,
+    normalize_dtype,
+    parse_dims,
+    parse_io,
+    signature_from_tensors,
+)
 from trt_latency.errors import BackendUnavailable, InputError, TrtLatencyError
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-INPUTS_EMBEDS = "inputs_embeds"
-POSITION_IDS = "position_ids"
-LOGITS = "logits"
-_PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-_PRESENT_RE = re.compile(r"^present\.(\d+)\.(key|value)$")
-
-CACHE_FORMAT = 2  # bump when the cache layout or the profile rule changes (2: decode + prefill profiles)
+CACHE_FORMAT = 3  # bump when the cache layout or the profile rule changes (3: axes from the DecoderSignature)
 PROFILES = ("decode", "prefill")  # optimization profile index -> role
-
-
-def past_name(block: int, kind: str) -> str:
-    return f"past_key_values.{block}.{kind}"
-
-
-def present_name(block: int, kind: str) -> str:
-    return f"present.{block}.{kind}"
-
-
-def parse_kv_name(name: str) -> tuple[str, int, str] | None:
-    """('past'|'present', block, 'key'|'value') for a KV tensor name, else None."""
-    for role, pattern in (("past", _PAST_RE), ("present", _PRESENT_RE)):
-        m = pattern.match(name)
-        if m:
-            return role, int(m.group(1)), m.group(2)
-    return None
 
 
 # ----------------------------------------------------------------------------- availability
@@ -78,8 +73,8 @@ def import_tensorrt() -> ModuleType:
         import tensorrt
     except ImportError as exc:
         raise BackendUnavailable(
-            "TensorRT is not installed (pip install tensorrt from NVIDIA's index, "
-            "or pip install 'trt-latency[tensorrt]')"
+            "TensorRT is not installed: pip install 'trt-latency[tensorrt-cu12]' (NVIDIA driver with CUDA 12) "
+            "or 'trt-latency[tensorrt-cu13]' (CUDA 13), matching nvidia-smi's CUDA Version"
         ) from exc
     if not hasattr(tensorrt, "Builder"):
         raise BackendUnavailable(
@@ -112,16 +107,79 @@ class ProfileShape(NamedTuple):
     max: tuple[int, ...]
 
 
-def _axis_role(name: str, axis: int) -> str | None:
-    """Which dynamic quantity an axis of a decoder input carries (batch, seq or past)."""
-    if axis == 0:
-        return "batch"
-    if name in (INPUTS_EMBEDS, POSITION_IDS) and axis == 1:
-        return "seq"
-    kv = parse_kv_name(name)
-    if kv is not None and kv[0] == "past" and axis == 2:
-        return "past"
-    return None
+# An input's axis: a fixed size, or the dynamic quantity it carries: "batch", "seq" (new tokens S),
+# "past" (past_len) or "total" (past_len + S, the attention mask's length).
+Axis = int | str
+DYNAMIC = ("batch", "seq", "past", "total")
+KV_MODES = ("auto", "concat")  # what backend tensorrt binds (shared is refused by tensorrt_kv_mode)
+
+
+def tensorrt_kv_mode(sig: DecoderSignature, kv_mode: str = "auto") -> str:
+    """The KV mode a TensorRT engine of ``sig`` is timed in: always "concat" (past and present are separate
+    buffers, ping-ponged between steps). Refuses "shared" in one line, whether asked for or implied by
+    genai_config.json (kv_mode auto): the runner never binds an output to the memory of an input."""
+    mode = sig.resolve_kv_mode(kv_mode)
+    if mode == "shared":
+        why = ("--kv-mode shared" if kv_mode == "shared" else
+               "kv_mode auto resolves to shared (genai_config.json search.past_present_share_buffer)")
+        raise SignatureError(
+            f"backend tensorrt binds past and present KV as separate buffers (it never aliases an engine output "
+            f"to an input), so {why} cannot be timed on it", path=sig.model, field="kv_mode",
+            expected="--kv-mode concat on tensorrt, or an ONNX Runtime backend (ort-cpu, ort-cuda) for shared",
+            got="shared")
+    return mode
+
+
+def signature_layouts(sig: DecoderSignature, ranks: Mapping[str, int]) -> dict[str, tuple[Axis, ...]]:
+    """What each input's axes carry, from the signature's roles (never from tensor names).
+
+    ``ranks``: each input's rank (position_ids may be [B, S] or M-RoPE's [3, B, S]). Token ids [batch, seq];
+    embeddings [batch, seq, hidden]; attention_mask [batch, total]; position_ids [..., batch, seq]; KV
+    [batch, kv_heads, past, head_dim], fused [2, batch, kv_heads, past, head_dim]."""
+    out: dict[str, tuple[Axis, ...]] = {}
+    out[sig.token_name] = ("batch", "seq") if sig.token_input == "input_ids" else ("batch", "seq", sig.hidden)
+    if sig.attention_mask:
+        out[sig.attention_mask] = ("batch", "total")
+    if sig.position_ids:
+        rank = ranks.get(sig.position_ids, 2)
+        # M-RoPE: one row of positions per rotary section (temporal, height, width) ahead of [B, S].
+        out[sig.position_ids] = ("batch", "seq") if rank == 2 else (3, "batch", "seq")
+    kv: tuple[Axis, ...] = ("batch", sig.kv_heads, "past", sig.head_dim)
+    if sig.kv_layout == "fused":
+        kv = (2, *kv)
+    for block in sig.kv:
+        for past, _ in block.pairs():
+            out[past] = kv
+    return out
+
+
+def input_layouts(sig: DecoderSignature, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[Axis, ...]]:
+    """Each input's axes as the engine has them: a static axis keeps its size (a batch fixed at 1 stays 1),
+    a dynamic one (-1) takes its role from :func:`signature_layouts`, and a dynamic size the signature knows
+    (hidden, kv_heads, head_dim: from shapes, configs or ``--dims``) is fixed at that size."""
+    want = signature_layouts(sig, {n: len(s) for n, s in input_shapes.items()})
+    missing = sorted(set(want) - set(input_shapes))
+    if missing:
+        raise SignatureError(f"the engine has no input '{missing[0]}' that the decoder signature binds",
+                             path=sig.model, field=missing[0], expected="inputs " + ", ".join(sorted(want)),
+                             got=sorted(input_shapes))
+    out: dict[str, tuple[Axis, ...]] = {}
+    for name, shape in input_shapes.items():
+        axes = want.get(name)
+        if axes is None:
+            raise SignatureError(f"input '{name}' has no role in the decoder signature", path=sig.model, field=name,
+                                 expected="inputs " + ", ".join(sorted(want)), got=name)
+        if len(shape) != len(axes):
+            raise SignatureError(f"input '{name}' has rank {len(shape)}", path=sig.model, field=name,
+                                 expected=f"rank {len(axes)} {list(axes)}", got=tuple(shape))
+        merged: list[Axis] = []
+        for axis, (dim, role) in enumerate(zip(shape, axes, strict=True)):
+            if dim >= 0 and isinstance(role, int) and role != dim:
+                raise SignatureError(f"axis {axis} of '{name}' is {dim} in the engine but {role} in the signature "
+                                     "(--dims?)", path=sig.model, field=name, expected=role, got=dim)
+            merged.append(int(dim) if dim >= 0 else role)
+        out[name] = tuple(merged)
+    return out
 
 
 def _check_limits(max_past_len: int, max_prefill_len: int, min_past_len: int) -> None:
@@ -133,46 +191,28 @@ def _check_limits(max_past_len: int, max_prefill_len: int, min_past_len: int) ->
         raise InputError(field="min_past_len", expected=f"0..{max_past_len}", got=min_past_len)
 
 
-def _shapes_for(input_shapes: Mapping[str, Sequence[int]], ranges: Mapping[str, tuple[int, int, int]]
+def _shapes_for(layouts: Mapping[str, Sequence[Axis]], ranges: Mapping[str, tuple[int, int, int]]
                 ) -> dict[str, ProfileShape]:
-    """min/opt/max of every input from the (min, opt, max) of each dynamic role (batch, seq, past)."""
-    names = set(input_shapes)
-    missing = [n for n in (INPUTS_EMBEDS, POSITION_IDS) if n not in names]
-    if not any(parse_kv_name(n) for n in names):
-        missing.append("past_key_values.0.key")
-    if missing:
-        raise InputError(
-            "decoder inputs missing", field=", ".join(missing),
-            expected="inputs_embeds, position_ids, past_key_values.{i}.key|value", got=sorted(names),
-        )
+    """min/opt/max of every input from the (min, opt, max) of each dynamic role."""
+    rng = dict(ranges)
+    seq, past = rng["seq"], rng["past"]
+    rng["total"] = (past[0] + seq[0], past[1] + seq[1], past[2] + seq[2])
     shapes: dict[str, ProfileShape] = {}
-    for name, shape in input_shapes.items():
-        lo: list[int] = []
-        mid: list[int] = []
-        hi: list[int] = []
-        for axis, dim in enumerate(shape):
-            if dim >= 0:
-                lo.append(dim)
-                mid.append(dim)
-                hi.append(dim)
-                continue
-            role = _axis_role(name, axis)
-            if role is None:
-                raise InputError(
-                    f"dynamic axis {axis} has no known role", field=name,
-                    expected="dynamic axes only for batch, S (inputs_embeds/position_ids axis 1) "
-                    "or past_len (past_key_values axis 2)", got=tuple(shape),
-                )
-            a, b, c = ranges[role]
-            lo.append(a)
-            mid.append(b)
-            hi.append(c)
-        shapes[name] = ProfileShape(tuple(lo), tuple(mid), tuple(hi))
+    for name, axes in layouts.items():
+        triples = [(a, a, a) if isinstance(a, int) else rng[a] for a in axes]
+        shapes[name] = ProfileShape(*(tuple(t[k] for t in triples) for k in range(3)))
     return shapes
 
 
+def _past_opt(max_past_len: int, min_past_len: int, opt_past_len: int | None) -> int:
+    opt_past = max(max_past_len // 2, min_past_len) if opt_past_len is None else opt_past_len
+    if not min_past_len <= opt_past <= max_past_len:
+        raise InputError(field="opt_past_len", expected=f"{min_past_len}..{max_past_len}", got=opt_past)
+    return opt_past
+
+
 def profile_shapes(
-    input_shapes: Mapping[str, Sequence[int]],
+    layouts: Mapping[str, Sequence[Axis]],
     *,
     max_past_len: int,
     max_prefill_len: int,
@@ -181,23 +221,20 @@ def profile_shapes(
     batch: int = 1,
     min_past_len: int = 0,
 ) -> dict[str, ProfileShape]:
-    """min/opt/max shapes of every decoder input for one optimization profile over both phases.
+    """min/opt/max shapes of every decoder input (``layouts``: :func:`input_layouts`) for one profile
+    over both phases.
 
-    ``input_shapes`` maps input name to its network shape, -1 for a dynamic axis. Fixed axes keep
-    their size. Dynamic axes: batch = ``batch``; S (axis 1 of inputs_embeds / position_ids) from 1
-    over ``opt_new_tokens`` to ``max_prefill_len``; past_len (axis 2 of past_key_values.*) from
+    batch = ``batch``; S from 1 over ``opt_new_tokens`` to ``max_prefill_len``; past_len from
     ``min_past_len`` (default 0: prefill runs with an empty past, which TensorRT accepts as an empty
-    tensor) over ``opt_past_len`` (default max_past_len // 2) to ``max_past_len``.
-    :func:`decoder_profiles` builds the decode and prefill profiles the engines use.
+    tensor) over ``opt_past_len`` (default max_past_len // 2) to ``max_past_len``; the mask's length is
+    past_len + S. :func:`decoder_profiles` builds the decode and prefill profiles the engines use.
     """
     _check_limits(max_past_len, max_prefill_len, min_past_len)
-    opt_past = max(max_past_len // 2, min_past_len) if opt_past_len is None else opt_past_len
-    if not min_past_len <= opt_past <= max_past_len:
-        raise InputError(field="opt_past_len", expected=f"{min_past_len}..{max_past_len}", got=opt_past)
+    opt_past = _past_opt(max_past_len, min_past_len, opt_past_len)
     if not 1 <= opt_new_tokens <= max_prefill_len:
         raise InputError(field="opt_new_tokens", expected=f"1..{max_prefill_len}", got=opt_new_tokens)
-    return _shapes_for(input_shapes, {"batch": (batch, batch, batch), "seq": (1, opt_new_tokens, max_prefill_len),
-                                      "past": (min_past_len, opt_past, max_past_len)})
+    return _shapes_for(layouts, {"batch": (batch, batch, batch), "seq": (1, opt_new_tokens, max_prefill_len),
+                                 "past": (min_past_len, opt_past, max_past_len)})
 
 
 def default_opt_prefill_len(max_prefill_len: int) -> int:
@@ -210,7 +247,7 @@ def prefill_opt_past_len(min_past_len: int, max_past_len: int) -> int:
 
 
 def decoder_profiles(
-    input_shapes: Mapping[str, Sequence[int]],
+    layouts: Mapping[str, Sequence[Axis]],
     *,
     max_past_len: int,
     max_prefill_len: int,
@@ -221,24 +258,44 @@ def decoder_profiles(
 ) -> dict[str, dict[str, ProfileShape]]:
     """The engine's optimization profiles, in index order (:data:`PROFILES`): decode, then prefill.
 
-    decode: S = 1, past_len ``min_past_len`` .. ``max_past_len`` with opt ``opt_past_len`` (default
-    the middle). prefill: S 1 .. ``max_prefill_len`` with opt ``opt_prefill_len`` (default half the
-    max), past_len over the same range with opt :func:`prefill_opt_past_len`.
+    ``layouts``: :func:`input_layouts`. decode: S = 1, past_len ``min_past_len`` .. ``max_past_len`` with opt
+    ``opt_past_len`` (default the middle). prefill: S 1 .. ``max_prefill_len`` with opt ``opt_prefill_len``
+    (default half the max), past_len over the same range with opt :func:`prefill_opt_past_len`.
     """
     _check_limits(max_past_len, max_prefill_len, min_past_len)
-    opt_past = max(max_past_len // 2, min_past_len) if opt_past_len is None else opt_past_len
-    if not min_past_len <= opt_past <= max_past_len:
-        raise InputError(field="opt_past_len", expected=f"{min_past_len}..{max_past_len}", got=opt_past)
+    opt_past = _past_opt(max_past_len, min_past_len, opt_past_len)
     opt_seq = default_opt_prefill_len(max_prefill_len) if opt_prefill_len is None else opt_prefill_len
     if not 1 <= opt_seq <= max_prefill_len:
         raise InputError(field="opt_prefill_len", expected=f"1..{max_prefill_len}", got=opt_seq)
     batch_range = (batch, batch, batch)
-    decode = _shapes_for(input_shapes, {"batch": batch_range, "seq": (1, 1, 1),
-                                        "past": (min_past_len, opt_past, max_past_len)})
-    prefill = _shapes_for(input_shapes, {
+    decode = _shapes_for(layouts, {"batch": batch_range, "seq": (1, 1, 1),
+                                   "past": (min_past_len, opt_past, max_past_len)})
+    prefill = _shapes_for(layouts, {
         "batch": batch_range, "seq": (1, opt_seq, max_prefill_len),
         "past": (min_past_len, prefill_opt_past_len(min_past_len, max_past_len), max_past_len)})
     return {"decode": decode, "prefill": prefill}
+
+
+def step_shapes(layouts: Mapping[str, Sequence[Axis]], past_len: int, new_tokens: int) -> dict[str, tuple[int, ...]]:
+    """Every input's shape for one batch-1 step at (past_len, new_tokens): what the runner sets."""
+    value = {"batch": 1, "seq": new_tokens, "past": past_len, "total": past_len + new_tokens}
+    return {name: tuple(a if isinstance(a, int) else value[a] for a in axes) for name, axes in layouts.items()}
+
+
+def profile_limits(sig: DecoderSignature, max_past_len: int | None, max_prefill_len: int | None
+                   ) -> tuple[int, int]:
+    """(max_past_len, max_prefill_len) of the profiles: the arguments, else the model's longest past (our
+    metadata, or its context length - 1 from its config); never beyond the model's own limit. The longest
+    prefill defaults to the longest past."""
+    model = sig.max_past_len
+    past = max_past_len if max_past_len is not None else model
+    if past is None:
+        raise InputError("the model says nothing of its context length (no trt_latency metadata, no "
+                         "config beside it): pass max_past_len", path=sig.model, field="max_past_len",
+                         expected="an integer (--max-past-len, or the plan's)")
+    past = min(int(past), model) if model is not None else int(past)
+    prefill = int(max_prefill_len) if max_prefill_len is not None else past
+    return past, min(prefill, model + 1) if model is not None else prefill
 
 
 class ProfileRange(NamedTuple):
@@ -246,6 +303,24 @@ class ProfileRange(NamedTuple):
 
     seq: tuple[int, int, int]
     past: tuple[int, int, int]
+
+
+def _role_axis(axes: Sequence[Axis], role: str, name: str) -> int:
+    if role not in axes:
+        raise SignatureError(f"input '{name}' has no dynamic {role} axis, so the engine cannot time a "
+                             f"position-dependent step", field=name, expected=f"a dynamic {role} axis", got=list(axes))
+    return list(axes).index(role)
+
+
+def profile_range(sig: DecoderSignature, layouts: Mapping[str, Sequence[Axis]],
+                  shapes: Mapping[str, ProfileShape]) -> ProfileRange:
+    """The (min, opt, max) of S and past_len one profile allows: the token input's seq axis, the first
+    past KV input's past axis (by the signature's roles)."""
+    past0 = sig.kv[0].past_key
+    s = _role_axis(layouts[sig.token_name], "seq", sig.token_name)
+    p = _role_axis(layouts[past0], "past", past0)
+    tok, past = shapes[sig.token_name], shapes[past0]
+    return ProfileRange((tok.min[s], tok.opt[s], tok.max[s]), (past.min[p], past.opt[p], past.max[p]))
 
 
 def choose_profile(ranges: Sequence[ProfileRange], past_len: int, new_tokens: int) -> int:
@@ -260,6 +335,27 @@ def choose_profile(ranges: Sequence[ProfileRange], past_len: int, new_tokens: in
         if best < 0 or gap < best_gap:
             best, best_gap = i, gap
     return best
+
+
+def layouts_digest(layouts: Mapping[str, Sequence[Axis]]) -> str:
+    """A short stable digest of the planned axes (part of the engine key: --io / --dims change the plan)."""
+    blob = json.dumps({n: list(a) for n, a in sorted(layouts.items())}, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def trt_dtype_name(dtype: object) -> str:
+    """A TensorRT DataType as signature.normalize_dtype reads it ('DataType.HALF' -> 'float16')."""
+    return normalize_dtype(str(dtype))
+
+
+def engine_signature(source: str | os.PathLike[str], inputs: Sequence[Tensor], outputs: Sequence[Tensor], *,
+                     io: Mapping[str, str] | str | None = None, dims: Mapping[str, int] | str | None = None,
+                     model_dir: str | os.PathLike[str] | None = None) -> DecoderSignature:
+    """The DecoderSignature of an engine's I/O tensor lists ((name, shape with -1 dynamic, dtype) each): the
+    same roles as the ONNX it came from, with configs read beside ``model_dir`` (default: the engine's folder)."""
+    return signature_from_tensors(source, inputs, outputs, model_dir=model_dir,
+                                  io=parse_io(io) if isinstance(io, str) or io is None else io,
+                                  dims=parse_dims(dims) if isinstance(dims, str) or dims is None else dims)
 
 
 def onnx_input_shapes(onnx_path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
@@ -367,6 +463,7 @@ class EngineKey:
     min_past_len: int = 0
     opt_prefill_len: int = 1
     profiles: str = "+".join(PROFILES)
+    layouts: str = ""  # layouts_digest(): which axis carries what, from the DecoderSignature (--io, --dims)
     workspace_bytes: int | None = None  # None: TensorRT's default (the device's memory)
 
     def as_dict(self) -> dict[str, Any]:
@@ -396,6 +493,7 @@ def engine_key(
     batch: int = 1,
     min_past_len: int = 0,
     workspace_bytes: int | None = None,
+    layouts: Mapping[str, Sequence[Axis]] | None = None,
 ) -> EngineKey:
     return EngineKey(
         model_sha256=model_digest,
@@ -409,6 +507,7 @@ def engine_key(
         opt_prefill_len=int(default_opt_prefill_len(max_prefill_len) if opt_prefill_len is None
                             else opt_prefill_len),
         workspace_bytes=None if workspace_bytes is None else int(workspace_bytes),
+        layouts="" if layouts is None else layouts_digest(layouts),
     )
 
 
@@ -487,6 +586,7 @@ def _load_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> trt.ITi
 
 def build_serialized_engine(
     onnx_path: str | os.PathLike[str],
+    signature: DecoderSignature,
     *,
     max_past_len: int,
     max_prefill_len: int,
@@ -498,7 +598,8 @@ def build_serialized_engine(
     timing_cache: str | os.PathLike[str] | None = None,
     verbose: bool = False,
 ) -> bytes:
-    """Parse ``onnx_path`` and build a serialized engine with the decode and prefill profiles.
+    """Parse ``onnx_path`` and build a serialized engine with the decode and prefill profiles, whose axes
+    come from ``signature`` (:func:`input_layouts` over the parsed network's inputs).
 
     ``timing_cache``: a file to read the TensorRT timing cache from (if present) and to write the
     updated cache back to after the build.
@@ -513,7 +614,7 @@ def build_serialized_engine(
     builder = trt.Builder(logger)
     network, _parser = _parse_onnx(builder, path, logger)
     profiles = decoder_profiles(
-        network_input_shapes(network), max_past_len=max_past_len, max_prefill_len=max_prefill_len,
+        input_layouts(signature, network_input_shapes(network)), max_past_len=max_past_len, max_prefill_len=max_prefill_len,
         opt_past_len=opt_past_len, opt_prefill_len=opt_prefill_len, batch=batch, min_past_len=min_past_len,
     )
     config = builder.create_builder_config()
@@ -546,6 +647,7 @@ class CachedEngine:
 
 def build_or_load_cached(
     onnx_path: str | os.PathLike[str],
+    signature: DecoderSignature,
     *,
     max_past_len: int,
     max_prefill_len: int,
@@ -558,7 +660,8 @@ def build_or_load_cached(
     workspace_bytes: int | None = None,
     device_id: int = 0,
 ) -> CachedEngine:
-    """The serialized engine for ``onnx_path`` from the cache, building and storing it on a miss.
+    """The serialized engine for ``onnx_path`` (bound by ``signature``, read from that ONNX) from the cache,
+    building and storing it on a miss.
 
     A miss is announced on stderr before the build starts (minutes for a large model).
     """
@@ -570,10 +673,13 @@ def build_or_load_cached(
     if not path.is_file():
         raise InputError("ONNX model not found", path=path)
     version, device = str(trt_mod.__version__), cuda.device_name(device_id)
+    # The ONNX graph's inputs are what the parser gives the network (-1 for a dynamic axis).
+    layouts = input_layouts(signature, onnx_input_shapes(path))
     key = engine_key(
         model_sha256(path), version, device,
         max_past_len=max_past_len, max_prefill_len=max_prefill_len, opt_past_len=opt_past_len,
         opt_prefill_len=opt_prefill_len, batch=batch, min_past_len=min_past_len, workspace_bytes=workspace_bytes,
+        layouts=layouts,
     )
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     plan = directory / key.filename()
@@ -584,7 +690,7 @@ def build_or_load_cached(
           f"{max_past_len}, prefill <= {max_prefill_len}) on {device}: this can take minutes; cached as {plan}",
           file=sys.stderr, flush=True)
     data = build_serialized_engine(
-        path, max_past_len=max_past_len, max_prefill_len=max_prefill_len,
+        path, signature, max_past_len=max_past_len, max_prefill_len=max_prefill_len,
         opt_past_len=key.opt_past_len, opt_prefill_len=key.opt_prefill_len, batch=batch, min_past_len=min_past_len,
         workspace_bytes=workspace_bytes, timing_cache=timing,
     )
@@ -612,6 +718,19 @@ def deserialize_engine(
             path=source,
         )
     return runtime, engine
+
+
+def engine_tensors(engine: trt.ICudaEngine) -> tuple[list[Tensor], list[Tensor]]:
+    """(inputs, outputs) of an engine as (name, shape with -1 dynamic, dtype name) tuples, in I/O order."""
+    import tensorrt as trt
+
+    inputs: list[Tensor] = []
+    outputs: list[Tensor] = []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        tensor = (name, list(dims_tuple(engine.get_tensor_shape(name))), trt_dtype_name(engine.get_tensor_dtype(name)))
+        (inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(tensor)
+    return inputs, outputs
 
 
 def load_engine_file(path: str | os.PathLike[str]) -> tuple[trt.Runtime, trt.ICudaEngine]:

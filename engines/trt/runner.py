@@ -17,8 +17,10 @@ shape that cannot be captured falls back to plain enqueue, as trtexec does, and 
 ``graph_fallbacks``. The first ``generate`` is preceded by an untimed warm-up request, so lazy
 kernel loading is not billed to the first replayed request's TTFT.
 
-KV cache: two buffers per past/present tensor, both sized for ``max_past_len + max_prefill_len``
-tokens. A present tensor [1, kv_heads, past+S, head_dim] laid out contiguously is exactly the past
+Every binding comes from the engine's DecoderSignature (engines/trt/loader.py plans the shapes per step):
+token ids or embeddings, the attention mask (all ones, bound at past + S), position ids when the model has
+them, and its KV pairs by their own names. KV cache: two buffers per past/present tensor, both sized for
+``max_past_len + max_prefill_len`` tokens. A present tensor [1, kv_heads, past+S, head_dim] laid out contiguously is exactly the past
 tensor of the next step, so ``generate`` swaps the two buffers' roles instead of copying.
 """
 
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
     import tensorrt as trt
 
     from trt_latency.engines.base import GenerateResult
+    from trt_latency.engines.signature import DecoderSignature
 
 _EMBED_TABLE_ROWS = 4096  # host stand-in for the token embedding table used by generate()
 
@@ -77,7 +80,7 @@ class _Tensor:
 
 
 class TrtRunner(Closing):
-    """Runner (ARCHITECTURE.md contract) over a deserialized TensorRT engine."""
+    """Runner (ARCHITECTURE.md contract) over a deserialized TensorRT engine, bound by its DecoderSignature."""
 
     backend = "tensorrt"
 
@@ -91,7 +94,13 @@ class TrtRunner(Closing):
         seed: int = 0,
         graph_cache_size: int = 64,
         device_id: int = 0,
+        signature: DecoderSignature | None = None,
+        kv_mode: str = "auto",
+        io: Mapping[str, str] | str | None = None,
+        dims: Mapping[str, int] | str | None = None,
     ) -> None:
+        """``signature``: the one read from the ONNX the engine was built from; without it, the roles are read
+        from the engine's own I/O tensors (``io`` / ``dims`` as for the ONNX, configs beside ``source``)."""
         import tensorrt as trt
 
         cuda.require_device(device_id)
@@ -110,26 +119,26 @@ class TrtRunner(Closing):
         self._warmed = False
         self._closed = False
         try:
+            if signature is None:
+                ins, outs = loader.engine_tensors(engine)
+                signature = loader.engine_signature(self.source, ins, outs, io=io, dims=dims)
+            self.signature = signature
+            self.kv_mode = loader.tensorrt_kv_mode(signature, kv_mode)
+            self.token_input = signature.token_input
             self._setup(trt, engine, seed)
         except BaseException:
             self.close()
             raise
 
     def _setup(self, trt: Any, engine: trt.ICudaEngine, seed: int) -> None:
+        sig = self.signature
         self._stream = cuda.Stream()  # first: profiles are selected and buffers filled on it
         self._timer = cuda.EventTimer()
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        for required, group in ((loader.INPUTS_EMBEDS, input_names), (loader.POSITION_IDS, input_names),
-                                (loader.LOGITS, names)):
-            if required not in group:
-                raise InputError("engine lacks a decoder tensor", path=self.source, field=required,
-                                 expected="inputs_embeds, position_ids, past_key_values.*, logits, present.*")
-        blocks = sorted({kv[1] for n in input_names if (kv := loader.parse_kv_name(n)) and kv[0] == "past"})
-        if not blocks:
-            raise InputError("engine has no past_key_values inputs", path=self.source,
-                             field="past_key_values.0.key")
-        past0_name = loader.past_name(blocks[0], "key")
+        # Which axis carries what (batch, S, past_len, past_len + S), from the signature's roles.
+        self._layouts = loader.input_layouts(
+            sig, {n: loader.dims_tuple(engine.get_tensor_shape(n)) for n in input_names})
 
         # Per profile: its S and past_len ranges (to pick one per step) and its input extremes.
         num_profiles = int(engine.num_optimization_profiles)
@@ -137,10 +146,10 @@ class TrtRunner(Closing):
         profile_max: list[dict[str, tuple[int, ...]]] = []
         inputs: dict[str, _Tensor] = {}
         for p in range(num_profiles):
-            shapes = {n: [loader.dims_tuple(d) for d in engine.get_tensor_profile_shape(n, p)] for n in input_names}
-            emb, past = shapes[loader.INPUTS_EMBEDS], shapes[past0_name]
-            ranges.append(loader.ProfileRange((emb[0][1], emb[1][1], emb[2][1]), (past[0][2], past[1][2], past[2][2])))
-            profile_max.append({n: sh[2] for n, sh in shapes.items()})
+            shapes = {n: loader.ProfileShape(*(loader.dims_tuple(d) for d in engine.get_tensor_profile_shape(n, p)))
+                      for n in input_names}
+            ranges.append(loader.profile_range(sig, self._layouts, shapes))
+            profile_max.append({n: sh.max for n, sh in shapes.items()})
             for n, (lo, _opt, hi) in shapes.items():
                 t = inputs.get(n)
                 if t is None:
@@ -190,46 +199,68 @@ class TrtRunner(Closing):
         self._inputs = inputs
         self._outputs = outputs
 
-        embeds = inputs[loader.INPUTS_EMBEDS]
-        self.hidden = int(embeds.max_shape[2])
-        self.max_prefill_len = int(embeds.max_shape[1])
+        token = inputs[sig.token_name]
+        seq_axis = self._layouts[sig.token_name].index("seq")
+        self.hidden = sig.hidden or 1  # a token-id model needs no hidden size; 1 keeps the Runner contract's int
+        self.max_prefill_len = int(token.max_shape[seq_axis])
         self.max_new_tokens = self.max_prefill_len  # the name the ORT runner uses
-        self.num_blocks = len(blocks)
-        past0 = inputs[past0_name]
-        self.max_past_len = int(past0.max_shape[2])
-        self.min_past_len = int(past0.min_shape[2])
-        self.kv_heads = int(past0.max_shape[1])
-        self.head_dim = int(past0.max_shape[3])
-        self._blocks = blocks
-        self.vocab = int(outputs[loader.LOGITS].max_shape[-1])
+        self.num_blocks = sig.blocks
+        self.max_past_len = max(r.past[2] for r in ranges)
+        self.min_past_len = min(r.past[0] for r in ranges)
+        self.kv_heads = sig.kv_heads
+        self.head_dim = sig.head_dim
+        self.vocab = int(outputs[sig.logits].max_shape[-1])
         # Which role each profile plays, for reports: "decode" when it only takes S = 1.
         self.profiles = ["decode" if r.seq[2] == 1 else "prefill" for r in ranges]
 
         self._addr: dict[str, cuda.DeviceBuffer] = {}
-        # KV pairs: index 0 = canonical past, 1 = canonical present; both fit past+S tokens.
-        self._kv: dict[tuple[int, str], tuple[cuda.DeviceBuffer, cuda.DeviceBuffer]] = {}
+        # KV: past name -> (buffer A, buffer B), each big enough for past + S tokens; A starts as the past.
+        self._kv: dict[str, tuple[cuda.DeviceBuffer, cuda.DeviceBuffer]] = {}
+        self._present: dict[str, str] = {}  # past name -> its present output
         rng = np.random.default_rng(seed)
         stream = self._stream
-        for block in blocks:
-            for kind in ("key", "value"):
-                pin = inputs[loader.past_name(block, kind)]
-                pout = outputs.get(loader.present_name(block, kind))
-                size = max(pin.nbytes, pout.nbytes if pout else 0)
-                pair = (self._alloc(size), self._alloc(size))
+        for block in sig.kv:
+            for past, present in block.pairs():
+                pin, pout = inputs[past], outputs.get(present)
+                pair = (self._alloc(max(pin.nbytes, pout.nbytes if pout else 0)),
+                        self._alloc(max(pin.nbytes, pout.nbytes if pout else 0)))
                 # Realistic magnitudes so attention does ordinary work (no NaN/denormal paths).
                 _fill_random(pair[0], pin.dtype, rng, stream)
-                self._kv[(block, kind)] = pair
+                self._kv[past] = pair
+                if pout is not None:
+                    self._present[past] = present
+        kv_names = set(self._kv) | set(self._present.values())
         for name, t in {**inputs, **outputs}.items():
-            if loader.parse_kv_name(name) is None:
+            if name not in kv_names:
                 self._addr[name] = self._alloc(t.nbytes)
-        _fill_random(self._addr[loader.INPUTS_EMBEDS], embeds.dtype, rng, stream, scale=1 / np.sqrt(self.hidden))
-        rows = min(self.vocab, _EMBED_TABLE_ROWS)
-        self._embed_table = (rng.standard_normal((rows, self.hidden)) / np.sqrt(self.hidden)).astype(embeds.dtype)
-        self._positions_dtype = inputs[loader.POSITION_IDS].dtype
+        ids_model = sig.token_input == "input_ids"
+        if not ids_model:
+            _fill_random(self._addr[sig.token_name], token.dtype, rng, stream, scale=1 / np.sqrt(self.hidden))
+            rows = min(self.vocab, _EMBED_TABLE_ROWS)
+            self._embed_table: np.ndarray | None = (
+                rng.standard_normal((rows, self.hidden)) / np.sqrt(self.hidden)).astype(token.dtype)
+        else:
+            self._embed_table = None
+            self._addr[sig.token_name].memset(0, stream=stream)  # valid ids (0) until a request writes its own
+        self._rng = rng
+        # The attention mask attends to every position: ones over its longest length, bound by prefix.
+        self._mask_ones: np.ndarray | None = None
+        if sig.attention_mask:
+            mask = inputs[sig.attention_mask]
+            self._mask_ones = np.ones(int(np.prod(mask.max_shape, dtype=np.int64)), dtype=mask.dtype)
+            self._addr[sig.attention_mask].copy_from_host(self._mask_ones, stream=stream)
         # Pinned staging for generate()/time_step(): per-step copies are truly async on the stream.
-        logits = outputs[loader.LOGITS]
-        self._pinned_embeds = self._pin(embeds.dtype, (1, self.max_prefill_len, self.hidden))
-        self._pinned_positions = self._pin(self._positions_dtype, (1, self.max_prefill_len))
+        logits = outputs[sig.logits]
+        width = () if ids_model else (self.hidden,)
+        self._pinned_tokens = self._pin(token.dtype, (1, self.max_prefill_len, *width))
+        # Positions [B, S], or M-RoPE's [3, B, S] (text tokens: the same position in every row), staged flat so
+        # the first rows * S values are the step's C-contiguous [rows, 1, S] array.
+        self._position_rows = 1
+        self._pinned_positions: np.ndarray | None = None
+        if sig.position_ids:
+            pos = inputs[sig.position_ids]
+            self._position_rows = int(np.prod(pos.max_shape[:-2], dtype=np.int64))
+            self._pinned_positions = self._pin(pos.dtype, (self._position_rows * self.max_prefill_len,))
         self._pinned_logits = self._pin(logits.dtype, (self.vocab,))
         stream.synchronize()
 
@@ -251,27 +282,38 @@ class TrtRunner(Closing):
         rebuild: bool = False,
         device_id: int = 0,
         seed: int = 0,
+        kv_mode: str = "auto",
+        io: Mapping[str, str] | str | None = None,
+        dims: Mapping[str, int] | str | None = None,
     ) -> TrtRunner:
-        """Build (or reuse from the cache) an engine for the exported decoder at ``path``.
+        """Build (or reuse from the cache) an engine for the decoder at ``path`` (any exporter the
+        DecoderSignature reads: ours, optimum, torch.onnx, the genai builder).
 
         ``max_past_len`` / ``max_new_tokens`` (the profile max of S, i.e. the longest prefill)
-        default to the tier's max_past_len / max_prefill_len stored in the ONNX metadata.
+        default to the tier's max_past_len / max_prefill_len stored in the ONNX metadata, else the model's
+        context length from its config; never beyond the model's own limit.
         ``min_past_len`` 0 lets prefill run with an empty past; 1 is the fallback for a TensorRT
         that rejects empty-tensor profiles (prefill timing then needs past_len >= 1).
         ``opt_past_len`` / ``opt_prefill_len``: where the decode / prefill profiles are tuned;
         ``workspace_bytes``: TensorRT's workspace limit (part of the cache key).
+        ``kv_mode`` / ``io`` / ``dims``: as for the ONNX Runtime runners (engines/signature.py); kv_mode
+        shared is refused (:func:`loader.tensorrt_kv_mode`).
         """
+        from trt_latency.engines.signature import read_signature
+
+        sig = read_signature(path, io=io, dims=dims)
+        loader.tensorrt_kv_mode(sig, kv_mode)  # refuse before minutes of engine build
         loader.import_tensorrt()
         cuda.require_device(device_id)
-        past, prefill = _profile_limits(Path(path), max_past_len, max_new_tokens)
+        past, prefill = _profile_limits(Path(path), sig, max_past_len, max_new_tokens)
         cached = loader.build_or_load_cached(
-            path, max_past_len=past, max_prefill_len=prefill, opt_past_len=opt_past_len,
+            path, sig, max_past_len=past, max_prefill_len=prefill, opt_past_len=opt_past_len,
             opt_prefill_len=opt_prefill_len, min_past_len=min_past_len, cache_dir=cache_dir, rebuild=rebuild,
             workspace_bytes=workspace_bytes, device_id=device_id,
         )
         runtime, engine = loader.deserialize_engine(cached.data, source=cached.path)
         return cls(runtime, engine, source=cached.path, use_cuda_graph=use_cuda_graph, device_id=device_id,
-                   seed=seed)
+                   seed=seed, signature=sig, kv_mode=kv_mode)
 
     @classmethod
     def from_engine(
@@ -284,16 +326,21 @@ class TrtRunner(Closing):
         max_past_len: int | None = None,
         max_new_tokens: int | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
+        kv_mode: str = "auto",
+        io: Mapping[str, str] | str | None = None,
+        dims: Mapping[str, int] | str | None = None,
     ) -> TrtRunner:
         """Load a prebuilt serialized engine (``--engine``); its profile fixes the limits.
 
-        ``max_past_len`` / ``max_new_tokens``, when given, must fit inside the engine's profile.
+        The roles come from the engine's I/O tensors (``io`` / ``dims`` / configs beside the engine as
+        for an ONNX). ``max_past_len`` / ``max_new_tokens``, when given, must fit inside the engine's profile.
         ``cache_dir`` is accepted for symmetry with :meth:`from_onnx` and unused (nothing is built).
         """
         del cache_dir
         cuda.require_device(device_id)
         runtime, engine = loader.load_engine_file(path)
-        runner = cls(runtime, engine, source=path, use_cuda_graph=use_cuda_graph, device_id=device_id, seed=seed)
+        runner = cls(runtime, engine, source=path, use_cuda_graph=use_cuda_graph, device_id=device_id, seed=seed,
+                     kv_mode=kv_mode, io=io, dims=dims)
         for name, wanted, have in (("max_past_len", max_past_len, runner.max_past_len),
                                    ("max_new_tokens", max_new_tokens, runner.max_prefill_len)):
             if wanted is not None and wanted > have:
@@ -331,19 +378,18 @@ class TrtRunner(Closing):
                              f"profiles {[tuple(r) for r in self._ranges]}", got=(past_len, new_tokens))
 
     def _bind(self, past_len: int, new_tokens: int, swap: bool = False) -> None:
-        """Pick the profile's context for (past_len, new_tokens); set its shapes and every tensor
-        address (``swap``: KV roles)."""
+        """Pick the profile's context for (past_len, new_tokens); set its shapes (loader.step_shapes over the
+        signature's axes) and every tensor address (``swap``: KV roles)."""
         self._active = loader.choose_profile(self._ranges, past_len, new_tokens)
         self._context = self._contexts[self._active]
-        self._set_shape(loader.INPUTS_EMBEDS, (1, new_tokens, self.hidden))
-        self._set_shape(loader.POSITION_IDS, (1, new_tokens))
-        past_shape = (1, self.kv_heads, past_len, self.head_dim)
-        for (block, kind), (a, b) in self._kv.items():
+        for name, shape in loader.step_shapes(self._layouts, past_len, new_tokens).items():
+            self._set_shape(name, shape)
+        for past, (a, b) in self._kv.items():
             past_buf, present_buf = (b, a) if swap else (a, b)
-            self._set_shape(loader.past_name(block, kind), past_shape)
-            self._set_address(loader.past_name(block, kind), past_buf)
-            if loader.present_name(block, kind) in self._outputs:
-                self._set_address(loader.present_name(block, kind), present_buf)
+            self._set_address(past, past_buf)
+            present = self._present.get(past)
+            if present is not None:
+                self._set_address(present, present_buf)
         for name, buf in self._addr.items():
             self._set_address(name, buf)
 
@@ -353,9 +399,13 @@ class TrtRunner(Closing):
 
     def _write_positions(self, past_len: int, new_tokens: int) -> None:
         # Pinned staging: the caller syncs the stream before the next write reuses it.
-        positions = self._pinned_positions[:, :new_tokens]
-        positions[0] = np.arange(past_len, past_len + new_tokens, dtype=self._positions_dtype)
-        self._addr[loader.POSITION_IDS].copy_from_host(positions, stream=self._stream)
+        name = self.signature.position_ids
+        if name is None or self._pinned_positions is None:
+            return  # no position input (genai: rotary inside GroupQueryAttention, from the mask)
+        rows = self._position_rows
+        positions = self._pinned_positions[: rows * new_tokens].reshape(rows, new_tokens)
+        positions[:] = np.arange(past_len, past_len + new_tokens, dtype=positions.dtype)
+        self._addr[name].copy_from_host(positions, stream=self._stream)
 
     def _enqueue(self) -> None:
         if not self._context.execute_async_v3(self._stream.ptr):
@@ -395,8 +445,8 @@ class TrtRunner(Closing):
             prefill = [r for r in self._ranges if r.seq[2] > 1]
             prompt_len = prefill[0].seq[1] if prefill else 1
         prompt = max(1, min(int(prompt_len), self.max_prefill_len))
-        x = np.zeros((1, prompt, self.hidden), dtype=self._inputs[loader.INPUTS_EMBEDS].dtype)
-        self._run_request(x, 2 if prompt <= self.max_past_len else 1)
+        self._run_request(self.prompt_values(np.zeros((1, prompt), dtype=np.int64)),
+                          2 if prompt <= self.max_past_len else 1)
         self._warmed = True
 
     # ------------------------------------------------------------------ Runner contract
@@ -418,17 +468,34 @@ class TrtRunner(Closing):
             times[r] = self._timer.time_ms(stream, work)
         return times
 
+    def prompt_values(self, prompt: np.ndarray) -> np.ndarray:
+        """``prompt`` as the engine's token input: ids [1, S] for a token-id engine, embeddings [1, S, H] for an
+        embeddings one. Ids for an embeddings engine are rows of the runner's random embedding table;
+        embeddings for a token-id engine become S random ids (only the length matters for timing)."""
+        arr = np.asarray(prompt)
+        dtype = self._inputs[self.signature.token_name].dtype
+        ids = arr.ndim == 2 and np.issubdtype(arr.dtype, np.integer)
+        if not ids and (arr.ndim != 3 or (self._embed_table is not None and arr.shape[2] != self.hidden)):
+            raise InputError(field="inputs_embeds", expected=f"shape [1, S, {self.hidden}] (or input_ids [1, S])",
+                             got=arr.shape)
+        if arr.shape[0] != 1 or arr.shape[1] < 1:
+            raise InputError(field="inputs_embeds", expected="one prompt of at least one token", got=arr.shape)
+        if self._embed_table is None:
+            values = arr if ids else self._rng.integers(0, self.vocab, arr.shape[:2])
+            return np.ascontiguousarray(values, dtype=dtype)
+        if ids:
+            arr = self._embed_table[arr[0] % self._embed_table.shape[0]][None]
+        return np.ascontiguousarray(arr, dtype=dtype)
+
     def generate(self, inputs_embeds: np.ndarray, output_tokens: int) -> GenerateResult:
         """Prefill, then ``output_tokens - 1`` greedy decode steps, wall-clock timed on the host.
 
-        Each step reads the last token's logits back, takes the argmax and feeds that token's row
-        of a fixed random embedding table (the exported decoder takes embeddings, not ids), so
-        the loop pays what a serving loop pays: H2D input, enqueue, D2H logits, sync. The first
-        call is preceded by :meth:`warm_up` at the same prompt length (untimed).
+        Each step reads the last token's logits back, takes the argmax and feeds that token back: its id
+        (token-id engine) or its row of a fixed random embedding table (embeddings engine), so the loop pays
+        what a serving loop pays: H2D input, enqueue, D2H logits, sync. The first call is preceded by
+        :meth:`warm_up` at the same prompt length (untimed).
         """
-        x = np.asarray(inputs_embeds)
-        if x.ndim != 3 or x.shape[0] != 1 or x.shape[2] != self.hidden:
-            raise InputError(field="inputs_embeds", expected=f"shape [1, S, {self.hidden}]", got=x.shape)
+        x = self.prompt_values(inputs_embeds)
         prompt = int(x.shape[1])
         if output_tokens < 1:
             raise InputError(field="output_tokens", expected="an integer >= 1", got=output_tokens)
@@ -439,26 +506,27 @@ class TrtRunner(Closing):
                              got=output_tokens)
         if not self._warmed:
             self.warm_up(prompt)
-        return self._run_request(np.ascontiguousarray(x, dtype=self._inputs[loader.INPUTS_EMBEDS].dtype),
-                                 output_tokens)
+        return self._run_request(x, output_tokens)
 
     def _run_request(self, x: np.ndarray, output_tokens: int) -> GenerateResult:
         from trt_latency.engines.base import GenerateResult
 
+        sig = self.signature
         prompt = int(x.shape[1])
-        logits_t = self._outputs[loader.LOGITS]
+        logits_t = self._outputs[sig.logits]
         row_bytes = self.vocab * logits_t.dtype.itemsize
         logits = self._pinned_logits
-        embeds_buf = self._addr[loader.INPUTS_EMBEDS]
-        logits_buf = self._addr[loader.LOGITS]
-        staged = self._pinned_embeds
+        tokens_buf = self._addr[sig.token_name]
+        logits_buf = self._addr[sig.logits]
+        staged = self._pinned_tokens
+        table = self._embed_table
         stream = self._stream
 
         start = time.perf_counter()
         swap = False
         self._bind(0, prompt, swap)
         staged[:, :prompt] = x
-        embeds_buf.copy_from_host(staged[:, :prompt], stream=stream)
+        tokens_buf.copy_from_host(staged[:, :prompt], stream=stream)
         self._write_positions(0, prompt)
         self._enqueue()
         logits_buf.copy_to_host(logits, offset=(prompt - 1) * row_bytes, stream=stream)  # syncs the stream
@@ -472,8 +540,8 @@ class TrtRunner(Closing):
             t0 = time.perf_counter()
             swap = not swap  # this step's past is the previous step's present
             self._bind(past_len, 1, swap)
-            staged[0, 0] = self._embed_table[token % self._embed_table.shape[0]]
-            embeds_buf.copy_from_host(staged[:, :1], stream=stream)
+            staged[0, 0] = token if table is None else table[token % table.shape[0]]
+            tokens_buf.copy_from_host(staged[:, :1], stream=stream)
             self._write_positions(past_len, 1)
             self._enqueue()
             logits_buf.copy_to_host(logits, stream=stream)
@@ -487,11 +555,14 @@ class TrtRunner(Closing):
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the engine once on host arrays; every output back on the host (for accuracy checks).
 
-        ``feeds`` holds inputs_embeds, position_ids and past_key_values.* in the engine's shapes.
+        ``feeds`` holds every engine input (token input, mask / positions if any, past KV) in the engine's
+        shapes, by the engine's own names.
         """
-        embeds = np.asarray(feeds[loader.INPUTS_EMBEDS])
-        past0 = np.asarray(feeds[loader.past_name(self._blocks[0], "key")])
-        past_len, new_tokens = int(past0.shape[2]), int(embeds.shape[1])
+        sig = self.signature
+        token = np.asarray(feeds[sig.token_name])
+        past0 = np.asarray(feeds[sig.kv[0].past_key])
+        past_len = int(past0.shape[self._layouts[sig.kv[0].past_key].index("past")])
+        new_tokens = int(token.shape[self._layouts[sig.token_name].index("seq")])
         self._check_position(past_len, new_tokens)
         self._bind(past_len, new_tokens)
         held: list[np.ndarray] = []
@@ -500,17 +571,20 @@ class TrtRunner(Closing):
             if t is None:
                 raise InputError("not an engine input", field=name, expected=", ".join(sorted(self._inputs)))
             arr = np.ascontiguousarray(value, dtype=t.dtype)
-            kv = loader.parse_kv_name(name)
-            buf = self._kv[(kv[1], kv[2])][0] if kv else self._addr[name]
+            buf = self._kv[name][0] if name in self._kv else self._addr[name]
             buf.copy_from_host(arr, stream=self._stream)
             held.append(arr)
         self._enqueue()
         results: dict[str, np.ndarray] = {}
+        present_of = {present: past for past, present in self._present.items()}
         for name, t in self._outputs.items():
             shape = loader.dims_tuple(self._context.get_tensor_shape(name))
-            kv = loader.parse_kv_name(name)
-            buf = self._kv[(kv[1], kv[2])][1] if kv else self._addr[name]
+            buf = self._kv[present_of[name]][1] if name in present_of else self._addr[name]
             results[name] = buf.copy_to_host(np.empty(shape, dtype=t.dtype), stream=self._stream)
+        mask = self.signature.attention_mask
+        if mask is not None and mask in feeds and self._mask_ones is not None:
+            self._addr[mask].copy_from_host(self._mask_ones, stream=self._stream)  # timing attends to everything
+            self._stream.synchronize()
         del held
         return results
 
@@ -558,16 +632,12 @@ def _fill_random(buf: cuda.DeviceBuffer, dtype: np.dtype[Any], rng: np.random.Ge
         offset += part.nbytes
 
 
-def _profile_limits(path: Path, max_past_len: int | None, max_new_tokens: int | None) -> tuple[int, int]:
-    """(max_past_len, max_prefill_len) for the profile: arguments first, else the model's metadata."""
+def _profile_limits(path: Path, sig: DecoderSignature, max_past_len: int | None, max_new_tokens: int | None
+                    ) -> tuple[int, int]:
+    """(max_past_len, max_prefill_len) for the profile: arguments, else the model's metadata or config."""
     if not path.is_file():
         raise InputError("ONNX model not found", path=path)
     from trt_latency.engines.export import model_metadata
 
-    meta = model_metadata(path) if max_past_len is None or max_new_tokens is None else {}
-    past = max_past_len if max_past_len is not None else meta.get("max_past_len")
-    if past is None:
-        raise InputError("no tier dims in the model's metadata: pass max_past_len", path=path,
-                         field="max_past_len", expected="an integer")
-    prefill = max_new_tokens if max_new_tokens is not None else meta.get("max_prefill_len", past)
-    return int(past), int(prefill)
+    prefill = model_metadata(path).get("max_prefill_len") if max_new_tokens is None else max_new_tokens
+    return loader.profile_limits(sig, max_past_len, prefill)

@@ -45,8 +45,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from trt_latency.cli import _extras
+
+    missing = _extras.missing_line(args)
+    if missing:
+        print(missing, file=sys.stderr)
+        return 1
     try:
         return int(args.func(args) or 0)
+    except ModuleNotFoundError as exc:
+        line = _extras.message(args.verb, exc.name or "")
+        if line is None or args.debug:
+            raise
+        print(line, file=sys.stderr)
+        return 1
     except TrtLatencyError as exc:
         if args.debug:
             raise
