@@ -7,6 +7,8 @@ that opens a model:
 - token input: ``input_ids`` [B, S] int32/int64, or ``inputs_embeds`` [B, S, H] float32/float16/bfloat16;
 - ``attention_mask`` [B, past + S] and ``position_ids`` [B, S], each optional (genai has no positions:
   rotary runs inside GroupQueryAttention, which derives seqlens_k from the mask's contents);
+- or 3-D M-RoPE ``position_ids`` [3, B, S] (temporal, height, width: genai's Qwen2.5-VL text decoder),
+  the ``position_ids_mrope`` role (engines/mrope.py computes what it is fed);
 - KV in / out by name: ``past_key_values.{i}.key|value`` -> ``present.{i}.key|value`` (optimum, genai,
   ours), ``past_key.{i}`` / ``past_value.{i}`` -> ``present_key.{i}`` / ``present_value.{i}``, and the
   fused ``past.{i}`` [2, B, H, L, D] -> ``present.{i}`` of older exporters.
@@ -35,7 +37,7 @@ from typing import Any
 from trt_latency.errors import InputError
 
 KV_MODES = ("auto", "concat", "shared")
-ROLES = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "logits",
+ROLES = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "position_ids_mrope", "logits",
          "past_key.{i}", "past_value.{i}", "present_key.{i}", "present_value.{i}", "past.{i}", "present.{i}")
 DIM_NAMES = ("kv_heads", "head_dim", "hidden", "vocab", "heads", "context_length")
 
@@ -115,6 +117,7 @@ class DecoderSignature:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     sources: dict[str, str] = field(default_factory=dict)
+    position_layout: str = "1d"  # "1d": position_ids [B, S]; "mrope": [3, B, S] (t, h, w rows)
 
     @property
     def blocks(self) -> int:
@@ -141,6 +144,10 @@ class DecoderSignature:
                 path=self.model, field="--kv-mode", expected="concat (or auto) for this model", got="shared")
         return kv_mode
 
+    def position_shape(self, new_tokens: int, batch: int = 1) -> list[int]:
+        """What position_ids is bound as: [B, S], or [3, B, S] for M-RoPE."""
+        return [3, batch, new_tokens] if self.position_layout == "mrope" else [batch, new_tokens]
+
     def kv_shape(self, length: int, batch: int = 1) -> list[int]:
         if self.kv_layout == "fused":
             return [2, batch, self.kv_heads, length, self.head_dim]
@@ -162,7 +169,8 @@ class DecoderSignature:
         if self.attention_mask:
             add(self.attention_mask, "input", "attention_mask", [1, total], self.mask_dtype or "int64")
         if self.position_ids:
-            add(self.position_ids, "input", "position_ids", [1, new_tokens], self.position_dtype or "int64")
+            add(self.position_ids, "input", "position_ids_mrope" if self.position_layout == "mrope" else "position_ids",
+                self.position_shape(new_tokens), self.position_dtype or "int64")
         past_shape = self.kv_shape(cap if mode == "shared" else past_len)
         present_shape = self.kv_shape(cap if mode == "shared" else total)
         kinds = ("",) if self.kv_layout == "fused" else ("_key", "_value")
@@ -185,6 +193,7 @@ class DecoderSignature:
             "token_dtype": self.token_dtype,
             "attention_mask": self.attention_mask,
             "position_ids": self.position_ids,
+            "position_layout": self.position_layout,
             "logits": self.logits,
             "kv_mode": self.resolve_kv_mode(kv_mode),
             "kv_layout": self.kv_layout,
@@ -582,7 +591,13 @@ def signature_from_tensors(model: str | os.PathLike[str], inputs: Sequence[Tenso
     assert kv_heads is not None and head_dim is not None and vocab is not None  # for mypy: checked above
 
     mask = ins.get("attention_mask")
-    pos = ins.get("position_ids")
+    if "position_ids" in ins and "position_ids_mrope" in ins:
+        raise fail("position_ids", "two position inputs (position_ids and one named position_ids_mrope)",
+                   "--io NAME=ROLE on one of them only")
+    pos = ins.get("position_ids_mrope", ins.get("position_ids"))
+    pos_layout = _position_layout(pos, "position_ids_mrope" in ins, fail)
+    if pos is not None and pos_layout == "mrope":
+        sources["position_layout"] = f"M-RoPE: {pos[0]} {list(pos[1])} (t, h, w rows)"
     known = {token_name, *(m[0] for m in (mask, pos) if m)} | {p for b in kv for p, _ in b.pairs()}
     extra = [n for n in names_in if n not in known]
     if extra:
@@ -598,7 +613,22 @@ def signature_from_tensors(model: str | os.PathLike[str], inputs: Sequence[Tenso
         logits=logits_name, logits_dtype=logits_dtype, kv=tuple(kv), kv_layout=layout, kv_dtype=kv_dtype,
         kv_heads=kv_heads, head_dim=head_dim, hidden=hidden or 0, vocab=vocab, heads=heads, max_past_len=max_past,
         share_buffer=bool(share), attention_ops=attention_ops, graph_read=graph is not None, inputs=tuple(names_in),
-        outputs=tuple(o[0] for o in outputs), sources=sources)
+        outputs=tuple(o[0] for o in outputs), sources=sources, position_layout=pos_layout)
+
+
+def _position_layout(pos: tuple[str, list[Dim], str] | None, named_mrope: bool, fail: Any) -> str:
+    """'1d' for position_ids [B, S]; 'mrope' for [3, B, S] (a static leading 3, or --io NAME=position_ids_mrope)."""
+    if pos is None:
+        return "1d"
+    name, shape, _ = pos
+    dims = _dims_of(shape)
+    if len(dims) == 3 and (dims[0] == 3 or (named_mrope and dims[0] is None)):
+        return "mrope"
+    if len(dims) == 2 and not named_mrope:
+        return "1d"
+    want = "[3, B, S] (M-RoPE)" if named_mrope else "[B, S], or [3, B, S] for 3-D M-RoPE (t, h, w)"
+    raise fail("position_ids", f"'{name}' has shape {list(shape)}, expected {want}",
+                "--io NAME=position_ids_mrope for a [3, B, S] input with a symbolic leading dim")
 
 
 def _find_present(outs: Mapping[str, tuple[str, list[Dim], str]], i: int, kind: str) -> str | None:
