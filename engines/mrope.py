@@ -104,9 +104,11 @@ def prompt_positions(grids: Sequence[Grid], text_tokens: int, spatial_merge_size
                      text_before: int = 0) -> tuple[np.ndarray, int]:
     """Positions [3, S] and the rope delta of a one-request prompt laid out as a VLM chain sends it:
     ``text_before`` text tokens, the images in order, then ``text_tokens`` text tokens. Two images in a row
-    are two grids (a real prompt separates them by <|vision_end|><|vision_start|>, here counted as image
-    tokens: the chain's vision token count is what the encoder writes)."""
-    segments: list[Segment] = [(text_before, None, 1.0)] + [(0, g, 1.0) for g in grids] + [(text_tokens, None, 1.0)]
+    are two grids (a real prompt also has a <|vision_start|> and <|vision_end|> token around each image: a
+    few positions more, which do not change what a step costs)."""
+    segments: list[Segment] = [(text_before, None, 1.0)]
+    segments += [(0, g, 1.0) for g in grids]
+    segments.append((text_tokens, None, 1.0))
     pos = layout_positions(segments, spatial_merge_size)
     return pos, int(pos.max()) + 1 - pos.shape[1] if pos.size else 0
 

@@ -118,6 +118,7 @@ class DecoderSignature:
     outputs: tuple[str, ...]
     sources: dict[str, str] = field(default_factory=dict)
     position_layout: str = "1d"  # "1d": position_ids [B, S]; "mrope": [3, B, S] (t, h, w rows)
+    sliding_window: int = 0  # GroupQueryAttention local_window_size of sliding-window layers (0: none)
 
     @property
     def blocks(self) -> int:
@@ -136,6 +137,12 @@ class DecoderSignature:
             raise SignatureError(field="kv_mode", expected="one of " + ", ".join(KV_MODES), got=kv_mode)
         if kv_mode == "auto":
             return "shared" if self.share_buffer else "concat"
+        if kv_mode == "concat" and self.sliding_window > 0:
+            raise SignatureError(
+                f"kv_mode concat binds a past of exactly past_len tokens, and this graph's sliding-window "
+                f"GroupQueryAttention (local_window_size {self.sliding_window}) refuses a KV buffer shorter than "
+                f"its window", path=self.model, field="--kv-mode", expected="shared (or auto) for this model",
+                got="concat")
         if kv_mode == "shared" and self.can_share_buffer is False:
             raise SignatureError(
                 f"kv_mode shared needs an attention op that writes the new token into the past buffer "
@@ -330,6 +337,9 @@ def graph_facts(model: Any) -> tuple[dict[str, tuple[int, str]], tuple[str, ...]
             ops.add(node.op_type)
         if node.op_type == "GroupQueryAttention":
             attrs = {a.name: a.i for a in node.attribute if a.type == 2}  # AttributeProto.INT
+            if attrs.get("local_window_size", -1) > 0:  # sliding-window layers (Gemma 3, Mistral)
+                facts.setdefault("sliding_window", (attrs["local_window_size"],
+                                                    "graph GroupQueryAttention local_window_size"))
             if attrs.get("kv_num_heads", 0) > 0:
                 facts.setdefault("kv_heads", (attrs["kv_num_heads"], "graph GroupQueryAttention kv_num_heads"))
             if attrs.get("num_heads", 0) > 0:
@@ -598,6 +608,9 @@ def signature_from_tensors(model: str | os.PathLike[str], inputs: Sequence[Tenso
     pos_layout = _position_layout(pos, "position_ids_mrope" in ins, fail)
     if pos is not None and pos_layout == "mrope":
         sources["position_layout"] = f"M-RoPE: {pos[0]} {list(pos[1])} (t, h, w rows)"
+    window = gfacts.get("sliding_window", (0, ""))[0]
+    if window:
+        sources["sliding_window"] = gfacts["sliding_window"][1]
     known = {token_name, *(m[0] for m in (mask, pos) if m)} | {p for b in kv for p, _ in b.pairs()}
     extra = [n for n in names_in if n not in known]
     if extra:
@@ -613,7 +626,8 @@ def signature_from_tensors(model: str | os.PathLike[str], inputs: Sequence[Tenso
         logits=logits_name, logits_dtype=logits_dtype, kv=tuple(kv), kv_layout=layout, kv_dtype=kv_dtype,
         kv_heads=kv_heads, head_dim=head_dim, hidden=hidden or 0, vocab=vocab, heads=heads, max_past_len=max_past,
         share_buffer=bool(share), attention_ops=attention_ops, graph_read=graph is not None, inputs=tuple(names_in),
-        outputs=tuple(o[0] for o in outputs), sources=sources, position_layout=pos_layout)
+        outputs=tuple(o[0] for o in outputs), sources=sources, position_layout=pos_layout,
+        sliding_window=window)
 
 
 def _position_layout(pos: tuple[str, list[Dim], str] | None, named_mrope: bool, fail: Any) -> str:
