@@ -292,10 +292,8 @@ class OrtRunner(Closing):
         if not self.signature.position_ids:
             return
         if self._mrope:
-            from trt_latency.engines.mrope import text_positions
-
-            rows = grid if grid is not None else text_positions(start, new_tokens)
-            self._host_pos[: 3 * new_tokens] = np.asarray(rows, dtype=self._host_pos.dtype).reshape(-1)
+            rows = self._host_pos[: 3 * new_tokens].reshape(3, new_tokens)
+            rows[:] = grid if grid is not None else np.arange(start, start + new_tokens)  # text: one per row
         else:
             self._host_pos[:new_tokens] = np.arange(start, start + new_tokens, dtype=self._host_pos.dtype)
         if self._on_device:
