@@ -7,6 +7,8 @@ that opens a model:
 - token input: ``input_ids`` [B, S] int32/int64, or ``inputs_embeds`` [B, S, H] float32/float16/bfloat16;
 - ``attention_mask`` [B, past + S] and ``position_ids`` [B, S], each optional (genai has no positions:
   rotary runs inside GroupQueryAttention, which derives seqlens_k from the mask's contents);
+- or 3-D M-RoPE ``position_ids`` [3, B, S] (temporal, height, width: genai's Qwen2.5-VL text decoder),
+  the ``position_ids_mrope`` role (engines/mrope.py computes what it is fed);
 - KV in / out by name: ``past_key_values.{i}.key|value`` -> ``present.{i}.key|value`` (optimum, genai,
   ours), ``past_key.{i}`` / ``past_value.{i}`` -> ``present_key.{i}`` / ``present_value.{i}``, and the
   fused ``past.{i}`` [2, B, H, L, D] -> ``present.{i}`` of older exporters.
@@ -35,7 +37,7 @@ from typing import Any
 from trt_latency.errors import InputError
 
 KV_MODES = ("auto", "concat", "shared")
-ROLES = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "logits",
+ROLES = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "position_ids_mrope", "logits",
          "past_key.{i}", "past_value.{i}", "present_key.{i}", "present_value.{i}", "past.{i}", "present.{i}")
 DIM_NAMES = ("kv_heads", "head_dim", "hidden", "vocab", "heads", "context_length")
 
@@ -115,6 +117,8 @@ class DecoderSignature:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     sources: dict[str, str] = field(default_factory=dict)
+    position_layout: str = "1d"  # "1d": position_ids [B, S]; "mrope": [3, B, S] (t, h, w rows)
+    sliding_window: int = 0  # GroupQueryAttention local_window_size of sliding-window layers (0: none)
 
     @property
     def blocks(self) -> int:
@@ -133,6 +137,12 @@ class DecoderSignature:
             raise SignatureError(field="kv_mode", expected="one of " + ", ".join(KV_MODES), got=kv_mode)
         if kv_mode == "auto":
             return "shared" if self.share_buffer else "concat"
+        if kv_mode == "concat" and self.sliding_window > 0:
+            raise SignatureError(
+                f"kv_mode concat binds a past of exactly past_len tokens, and this graph's sliding-window "
+                f"GroupQueryAttention (local_window_size {self.sliding_window}) refuses a KV buffer shorter than "
+                f"its window", path=self.model, field="--kv-mode", expected="shared (or auto) for this model",
+                got="concat")
         if kv_mode == "shared" and self.can_share_buffer is False:
             raise SignatureError(
                 f"kv_mode shared needs an attention op that writes the new token into the past buffer "
@@ -140,6 +150,10 @@ class DecoderSignature:
                 f"({', '.join(self.attention_ops) or 'standard ops'})",
                 path=self.model, field="--kv-mode", expected="concat (or auto) for this model", got="shared")
         return kv_mode
+
+    def position_shape(self, new_tokens: int, batch: int = 1) -> list[int]:
+        """What position_ids is bound as: [B, S], or [3, B, S] for M-RoPE."""
+        return [3, batch, new_tokens] if self.position_layout == "mrope" else [batch, new_tokens]
 
     def kv_shape(self, length: int, batch: int = 1) -> list[int]:
         if self.kv_layout == "fused":
@@ -162,7 +176,8 @@ class DecoderSignature:
         if self.attention_mask:
             add(self.attention_mask, "input", "attention_mask", [1, total], self.mask_dtype or "int64")
         if self.position_ids:
-            add(self.position_ids, "input", "position_ids", [1, new_tokens], self.position_dtype or "int64")
+            add(self.position_ids, "input", "position_ids_mrope" if self.position_layout == "mrope" else "position_ids",
+                self.position_shape(new_tokens), self.position_dtype or "int64")
         past_shape = self.kv_shape(cap if mode == "shared" else past_len)
         present_shape = self.kv_shape(cap if mode == "shared" else total)
         kinds = ("",) if self.kv_layout == "fused" else ("_key", "_value")
@@ -185,6 +200,7 @@ class DecoderSignature:
             "token_dtype": self.token_dtype,
             "attention_mask": self.attention_mask,
             "position_ids": self.position_ids,
+            "position_layout": self.position_layout,
             "logits": self.logits,
             "kv_mode": self.resolve_kv_mode(kv_mode),
             "kv_layout": self.kv_layout,
@@ -321,6 +337,9 @@ def graph_facts(model: Any) -> tuple[dict[str, tuple[int, str]], tuple[str, ...]
             ops.add(node.op_type)
         if node.op_type == "GroupQueryAttention":
             attrs = {a.name: a.i for a in node.attribute if a.type == 2}  # AttributeProto.INT
+            if attrs.get("local_window_size", -1) > 0:  # sliding-window layers (Gemma 3, Mistral)
+                facts.setdefault("sliding_window", (attrs["local_window_size"],
+                                                    "graph GroupQueryAttention local_window_size"))
             if attrs.get("kv_num_heads", 0) > 0:
                 facts.setdefault("kv_heads", (attrs["kv_num_heads"], "graph GroupQueryAttention kv_num_heads"))
             if attrs.get("num_heads", 0) > 0:
@@ -582,7 +601,16 @@ def signature_from_tensors(model: str | os.PathLike[str], inputs: Sequence[Tenso
     assert kv_heads is not None and head_dim is not None and vocab is not None  # for mypy: checked above
 
     mask = ins.get("attention_mask")
-    pos = ins.get("position_ids")
+    if "position_ids" in ins and "position_ids_mrope" in ins:
+        raise fail("position_ids", "two position inputs (position_ids and one named position_ids_mrope)",
+                   "--io NAME=ROLE on one of them only")
+    pos = ins.get("position_ids_mrope", ins.get("position_ids"))
+    pos_layout = _position_layout(pos, "position_ids_mrope" in ins, fail)
+    if pos is not None and pos_layout == "mrope":
+        sources["position_layout"] = f"M-RoPE: {pos[0]} {list(pos[1])} (t, h, w rows)"
+    window = gfacts.get("sliding_window", (0, ""))[0]
+    if window:
+        sources["sliding_window"] = gfacts["sliding_window"][1]
     known = {token_name, *(m[0] for m in (mask, pos) if m)} | {p for b in kv for p, _ in b.pairs()}
     extra = [n for n in names_in if n not in known]
     if extra:
@@ -598,7 +626,23 @@ def signature_from_tensors(model: str | os.PathLike[str], inputs: Sequence[Tenso
         logits=logits_name, logits_dtype=logits_dtype, kv=tuple(kv), kv_layout=layout, kv_dtype=kv_dtype,
         kv_heads=kv_heads, head_dim=head_dim, hidden=hidden or 0, vocab=vocab, heads=heads, max_past_len=max_past,
         share_buffer=bool(share), attention_ops=attention_ops, graph_read=graph is not None, inputs=tuple(names_in),
-        outputs=tuple(o[0] for o in outputs), sources=sources)
+        outputs=tuple(o[0] for o in outputs), sources=sources, position_layout=pos_layout,
+        sliding_window=window)
+
+
+def _position_layout(pos: tuple[str, list[Dim], str] | None, named_mrope: bool, fail: Any) -> str:
+    """'1d' for position_ids [B, S]; 'mrope' for [3, B, S] (a static leading 3, or --io NAME=position_ids_mrope)."""
+    if pos is None:
+        return "1d"
+    name, shape, _ = pos
+    dims = _dims_of(shape)
+    if len(dims) == 3 and (dims[0] == 3 or (named_mrope and dims[0] is None)):
+        return "mrope"
+    if len(dims) == 2 and not named_mrope:
+        return "1d"
+    want = "[3, B, S] (M-RoPE)" if named_mrope else "[B, S], or [3, B, S] for 3-D M-RoPE (t, h, w)"
+    raise fail("position_ids", f"'{name}' has shape {list(shape)}, expected {want}",
+                "--io NAME=position_ids_mrope for a [3, B, S] input with a symbolic leading dim")
 
 
 def _find_present(outs: Mapping[str, tuple[str, list[Dim], str]], i: int, kind: str) -> str | None:

@@ -211,6 +211,11 @@ class VitAdapter:
         h = max(1, int(math.isqrt(max(1, int(n)))))
         return h * max(h, int(round(n / h)))
 
+    def llm_grid(self, patches: int) -> tuple[tuple[int, int, int], int]:
+        """An image's (t, h, w) grid and spatial merge as an M-RoPE decoder positions it (one token a patch)."""
+        h, w = _grid(patches)
+        return (1, h, w), 1
+
     def feeds(self, patches: int, images: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         h, w = _grid(patches)
         x = rng.standard_normal((images, self.channels, h * self.patch, w * self.patch), dtype=np.float32)
@@ -288,8 +293,14 @@ class QwenAdapter:
         h = max(1, int(math.isqrt(m)))
         return h * max(h, int(round(m / h))) * self.merge * self.merge
 
-    def feeds(self, patches: int, images: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def llm_grid(self, patches: int) -> tuple[tuple[int, int, int], int]:
+        """An image's (t, h, w) patch grid (as feeds builds it) and the spatial merge: the text decoder's
+        M-RoPE positions of its tokens (engines/mrope.py)."""
         h, w = _grid(patches, self.merge)
+        return (1, h, w), self.merge
+
+    def feeds(self, patches: int, images: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        (_, h, w), _ = self.llm_grid(patches)
         grid = [(1, h, w)] * images
         dim = self.channels * self.temporal * self.patch * self.patch
         pix = rng.standard_normal((patches * images, dim), dtype=np.float32)
@@ -571,4 +582,21 @@ class VisionChain:
         else:  # the host joins the features to the text embeddings (not timed: a copy)
             embeds = (rng.standard_normal((1, vision_tokens + text_tokens, runner.hidden)) * 0.5)
         dtype = getattr(getattr(runner, "dims", None), "token_dtype", np.float32)
+        if getattr(runner, "mrope", False):
+            self._announce_positions(runner, n, images, int(embeds.shape[1]))
         return np.ascontiguousarray(embeds, dtype=dtype), ChainTiming(vision_ms, emb_ms, len(calls))
+
+    def _announce_positions(self, runner: Any, patches: int, images: int, prompt: int) -> None:
+        """An M-RoPE decoder's prefill gets the images' grid positions (images first, then the text, as
+        engines/mrope.py lays a prompt out) and its decode steps the rope delta; the runner applies them
+        to the next generate."""
+        from trt_latency.engines.mrope import image_tokens, prompt_positions
+
+        llm_grid = getattr(self.encoder.adapter, "llm_grid", None)
+        if llm_grid is None:  # a hook family: no grid known, the vision tokens are positioned as text
+            return
+        grid, merge = llm_grid(patches)
+        text = prompt - images * image_tokens(grid, merge)
+        if text >= 0:  # the encoder's rounded patch count fits the prompt (else: text positions)
+            pos, delta = prompt_positions([grid] * images, text, merge)
+            runner.set_prompt_positions(pos, delta)

@@ -268,3 +268,33 @@ def test_loadtest_serves_a_vlm_through_its_encoder_chain(tmp_path: Path, capsys:
                  "--max-batch", "2"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "vision" in err[0] and "--max-batch" in err[0]
+
+
+def test_calibrate_qwen25vl_chain_on_genai_mrope_decoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`calibrate --onnx <genai Qwen2.5-VL text decoder> --vision-onnx <qwen2.5-vl encoder>` end to end: the
+    decoder takes 3-D M-RoPE position_ids [3, B, S] (genai builder, exclude_embeds), the replay's requests with
+    images announce their grid positions to it (tests/test_mrope.py checks those against transformers)."""
+    from trt_latency.cli import main
+    from trt_latency.engines.ort.runner import OrtRunner
+    from trt_latency.estimator.calibration import load_calibration
+
+    announced: list[int] = []
+    real = OrtRunner.set_prompt_positions
+
+    def counting(self: OrtRunner, positions: np.ndarray, delta: int) -> None:
+        announced.append(delta)
+        real(self, positions, delta)
+
+    monkeypatch.setattr(OrtRunner, "set_prompt_positions", counting)
+    out = tmp_path / "out"
+    decoder = DATA / "thirdparty" / "genai-qwen25vl-text" / "model.onnx"
+    assert main(["calibrate", "--onnx", str(decoder), "--vision-onnx", str(DATA / "vlm" / "qwen2.5-vl" / "vision.onnx"),
+                 "--vision-family", "qwen2.5-vl", "--quick", "--requests", "6", "--vision-patches", "16", "256",
+                 "--vision-points", "3", "--no-plot", "--no-progress", "--out", str(out)]) == 0
+    cal = load_calibration(out / "calibration.yaml")
+    assert cal.vision is not None and cal.vision.family == "qwen2.5-vl" and cal.vision.tokens_per_patch == 0.25
+    rows = (out / "requests.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    vision = [int(r.split(",")[header.index("vision_tokens")]) for r in rows[1:]]
+    assert len(vision) == 6 and len(announced) == sum(v > 0 for v in vision) > 0
+    assert all(d <= 0 for d in announced)  # an image's grid positions end below its token count

@@ -1,7 +1,10 @@
 """ONNX Runtime session -> per-position step timings and real end-to-end requests (the Runner contract).
 
 What is bound comes from the model's DecoderSignature (engines/signature.py): token ids or embeddings,
-attention_mask and position_ids when the model has them, KV by its own names and layout. Two KV modes:
+attention_mask and position_ids when the model has them, KV by its own names and layout. 3-D M-RoPE
+position_ids [3, 1, S] (genai's Qwen2.5-VL text decoder) get the same position on the three rows, except
+a VLM prompt whose image grid the chain announced (``set_prompt_positions``): its prefill is fed the
+grid positions of engines/mrope.py and its decode steps KV length + the rope delta. Two KV modes:
 
 - ``concat``: present = past + S tokens, written to a second buffer; two ping-pong sets so a decode
   loop feeds present back as past without copies (optimum / torch.onnx exports, ours);
@@ -119,7 +122,8 @@ def _trt_profile(sig: Any, max_past: int, max_new: int) -> dict[str, tuple[str, 
     else:
         prof = {sig.token_name: (f"1x1x{h}", f"1x1x{h}", f"1x{max_new}x{h}")}
     if sig.position_ids:
-        prof[sig.position_ids] = ("1x1", "1x1", f"1x{max_new}")
+        lead = "3x" if sig.position_layout == "mrope" else ""
+        prof[sig.position_ids] = (f"{lead}1x1", f"{lead}1x1", f"{lead}1x{max_new}")
     if sig.attention_mask:
         prof[sig.attention_mask] = ("1x1", f"1x{max_past // 2 + 1}", f"1x{max_past + max_new}")
     lead = "2x1" if sig.kv_layout == "fused" else "1"
@@ -216,7 +220,10 @@ class OrtRunner(Closing):
             self._host_tokens = self._rng.integers(0, d.vocab, self.max_new_tokens).astype(d.token_dtype)
         else:
             self._host_tokens = filled(self.max_new_tokens * d.hidden, d.token_dtype)
-        self._host_pos = np.zeros(self.max_new_tokens, dtype=d.pos_dtype)
+        # M-RoPE: [3, 1, S] bound as a prefix, so the three rows of a step lie in the first 3 * S values
+        self._mrope = sig.position_layout == "mrope"
+        self._host_pos = np.zeros(self.max_new_tokens * (3 if self._mrope else 1), dtype=d.pos_dtype)
+        self._prompt_positions: tuple[np.ndarray, int] | None = None  # the next prompt's ([3, S], delta)
         self._host_mask = np.ones(self._max_len, dtype=d.mask_dtype)  # a prefix of ones of length past + S
         # Greedy decoding of an embeddings model feeds the embedding of the chosen token back in (the
         # model has no embedding table of its own); a token-id model is fed the token id.
@@ -265,7 +272,7 @@ class OrtRunner(Closing):
         if sig.attention_mask:
             b.bind_input(sig.attention_mask, dev, did, d.mask_dtype, [1, past_len + new_tokens], self._ptr(self._mask))
         if sig.position_ids:
-            b.bind_input(sig.position_ids, dev, did, d.pos_dtype, [1, new_tokens], self._ptr(self._pos))
+            b.bind_input(sig.position_ids, dev, did, d.pos_dtype, sig.position_shape(new_tokens), self._ptr(self._pos))
         logits = self._logits_step if new_tokens == 1 else self._logits
         b.bind_output(sig.logits, dev, did, d.logits_dtype, [1, new_tokens, d.vocab], self._ptr(logits))
         if self.kv_mode == "shared":
@@ -280,12 +287,31 @@ class OrtRunner(Closing):
                 b.bind_output(present, dev, did, d.kv_dtype, present_shape, self._ptr(self._kv[present_set][i][j]))
         return b
 
-    def _set_positions(self, start: int, new_tokens: int) -> None:
+    def _set_positions(self, start: int, new_tokens: int, grid: np.ndarray | None = None) -> None:
+        """Positions start .. start + S - 1 (the same on M-RoPE's three rows), or a prompt's ``grid`` [3, S]."""
         if not self.signature.position_ids:
             return
-        self._host_pos[:new_tokens] = np.arange(start, start + new_tokens, dtype=self._host_pos.dtype)
+        if self._mrope:
+            rows = self._host_pos[: 3 * new_tokens].reshape(3, new_tokens)
+            rows[:] = grid if grid is not None else np.arange(start, start + new_tokens)  # text: one per row
+        else:
+            self._host_pos[:new_tokens] = np.arange(start, start + new_tokens, dtype=self._host_pos.dtype)
         if self._on_device:
             self._pos.update_inplace(self._host_pos)
+
+    @property
+    def mrope(self) -> bool:
+        """The model takes 3-D M-RoPE position_ids [3, B, S] (a VLM chain announces its prompts' image grids)."""
+        return self._mrope
+
+    def set_prompt_positions(self, positions: np.ndarray, delta: int) -> None:
+        """The next ``generate``'s prompt positions [3, S] and rope delta (engines.mrope.prompt_positions): its
+        prefill is fed them and its decode steps KV length + delta. Used once; a prompt of another length
+        falls back to text positions."""
+        pos = np.asarray(positions)
+        if pos.ndim != 2 or pos.shape[0] != 3:
+            raise ValueError(f"prompt positions must be [3, S], got {list(pos.shape)}")
+        self._prompt_positions = (pos, int(delta))
 
     def _set_tokens(self, values: np.ndarray) -> None:
         flat = np.ascontiguousarray(values, dtype=self.dims.token_dtype).reshape(-1)
@@ -395,9 +421,11 @@ class OrtRunner(Closing):
         run = self.session.run_with_iobinding
         clock = time.perf_counter_ns
         shared = self.kv_mode == "shared"
+        announced, self._prompt_positions = self._prompt_positions, None
+        grid, delta = announced if announced is not None and announced[0].shape[1] == prompt else (None, 0)
         t_start = clock()
         self._set_tokens(values)
-        self._set_positions(0, prompt)
+        self._set_positions(0, prompt, grid)
         try:
             run(self._bind(0, prompt, past_set=0))
         except Exception as exc:  # noqa: BLE001 - one line instead of ORT's traceback
@@ -409,7 +437,7 @@ class OrtRunner(Closing):
         for _ in range(output_tokens - 1):
             t0 = clock()
             self._feed_token(token)
-            self._set_positions(past_len, 1)
+            self._set_positions(past_len + delta, 1)
             run(self._bind(past_len, 1, past_set))
             token = self._last_token(1)
             steps.append((clock() - t0) * 1e-6)
@@ -472,7 +500,7 @@ class OrtRunner(Closing):
         ids = sig.token_input == "input_ids"
         tokens = (self._rng.integers(0, d.vocab, nb).astype(d.token_dtype) if ids else
                   (self._rng.standard_normal(nb * d.hidden, dtype=np.float32) * 0.1).astype(d.token_dtype))
-        host = {"tokens": tokens, "pos": np.zeros(nb, dtype=d.pos_dtype),
+        host = {"tokens": tokens, "pos": np.zeros(nb * (3 if self._mrope else 1), dtype=d.pos_dtype),
                 "mask": np.zeros(nb * length, dtype=self._batch_mask_dtype),
                 "logits": np.empty(nb * d.vocab, dtype=d.logits_dtype)}
         n_sets = 1 if self.kv_mode == "shared" else 2
@@ -521,7 +549,7 @@ class OrtRunner(Closing):
         for i, slot in enumerate(self._row_slots(lens)):
             mask[i, slot] = 1
             mask[i, lmax if self.batch_padding == "left" else lens[i]] = 1  # the new token
-        host["pos"][:n] = lens  # each row's new token sits at its own position
+        host["pos"][: n * (3 if self._mrope else 1)] = np.tile(lens, 3 if self._mrope else 1)  # each row's own position
         if self._on_device:
             buf["mask"].update_inplace(host["mask"])
             buf["pos"].update_inplace(host["pos"])
@@ -530,7 +558,7 @@ class OrtRunner(Closing):
         if self._batch_mask_name:
             b.bind_input(self._batch_mask_name, dev, did, self._batch_mask_dtype, [n, total], self._ptr(buf["mask"]))
         if sig.position_ids:
-            b.bind_input(sig.position_ids, dev, did, d.pos_dtype, [n, 1], self._ptr(buf["pos"]))
+            b.bind_input(sig.position_ids, dev, did, d.pos_dtype, sig.position_shape(1, batch=n), self._ptr(buf["pos"]))
         b.bind_output(sig.logits, dev, did, d.logits_dtype, [n, 1, d.vocab], self._ptr(buf["logits"]))
         if self.kv_mode == "shared":
             past_shape = present_shape = sig.kv_shape(buf["length"], batch=n)
