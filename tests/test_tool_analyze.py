@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from trt_latency.cli import main
-from trt_latency.estimator.analyze import BUCKETS, analyze
+from trt_latency.diagnostics.analyze import BUCKETS, analyze
 from trt_latency.estimator.calibration import Calibration, ConfigCalibration, save_calibration
 from trt_latency.estimator.requests import append_requests, read_requests
 

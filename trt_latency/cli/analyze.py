@@ -12,7 +12,11 @@ import textwrap
 from typing import Any
 
 from trt_latency.cli._args import positive_int
-from trt_latency.estimator.causes import DEFAULT_BANDWIDTH_GB_S, DEFAULT_KV_BYTES_PER_TOKEN, OPEN_UPPER_FACTOR
+from trt_latency.diagnostics.causes import (
+    DEFAULT_BANDWIDTH_GB_S,
+    DEFAULT_KV_BYTES_PER_TOKEN,
+    OPEN_UPPER_FACTOR,
+)
 from trt_latency.schema import ConfigKey
 
 EXAMPLE = """\
@@ -99,7 +103,7 @@ def kv_bytes_from_calibration(cal: Any) -> dict[ConfigKey, float]:
 
 def _kv_bound(args: argparse.Namespace, cal: Any) -> tuple[float, str]:
     """ms per KV token the engine can pay: the calibration's steepest decode slope, else the assumed bound."""
-    from trt_latency.estimator.causes import default_kv_bound, kv_slope_from_calibration
+    from trt_latency.diagnostics.causes import default_kv_bound, kv_slope_from_calibration
 
     if cal is not None:
         return kv_slope_from_calibration(cal), f"the steepest decode slope of {args.calibration}"
@@ -117,7 +121,7 @@ def _write_plot(plot: Any, report: Any, path: str) -> None:
 
 
 def run_table(args: argparse.Namespace) -> int:
-    from trt_latency.estimator.causes import explain_table, read_bucket_table
+    from trt_latency.diagnostics.causes import explain_table, read_bucket_table
 
     table = read_bucket_table(args.table, open_upper=args.open_upper)
     cal = None
@@ -128,7 +132,7 @@ def run_table(args: argparse.Namespace) -> int:
     bound, source = _kv_bound(args, cal)
     report = explain_table(table, prompt_tokens=args.prompt_tokens, kv_slope_bound=bound, bound_source=source)
     if args.plot:
-        from trt_latency.plots import plot_causes
+        from trt_latency.diagnostics.plots import plot_causes
 
         _write_plot(plot_causes, report, args.plot)
     return _print(report, cal, args)
@@ -141,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         args.parser.error("REQUESTS.csv and --table TABLE.csv are mutually exclusive: give one of them")
     if args.table is not None:
         return run_table(args)
-    from trt_latency.estimator.analyze import analyze
+    from trt_latency.diagnostics.analyze import analyze
     from trt_latency.estimator.requests import read_requests
 
     log = read_requests(args.requests, require_decode=True)
@@ -164,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     report = analyze(log, estimator, kv_bytes, kv_slope_bound=bound, kv_bound_source=bound_source)
     report.source.update(source)
     if args.plot:
-        from trt_latency.plots import plot_analysis
+        from trt_latency.diagnostics.plots import plot_analysis
 
         _write_plot(plot_analysis, report, args.plot)
         report.source["plot"] = os.fspath(args.plot)

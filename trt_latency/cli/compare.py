@@ -56,9 +56,9 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from trt_latency.diagnostics.compare import compare_log
     from trt_latency.errors import InputError
     from trt_latency.estimator.requests import read_requests
-    from trt_latency.serving.compare import compare_log
 
     log = read_requests(args.requests)
     estimator = None
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     if args.calibration:
         report.source["calibration"] = os.fspath(args.calibration)
     if args.plot:
-        from trt_latency.plots_compare import plot_compare
+        from trt_latency.diagnostics.plots import plot_compare
 
         try:
             plot_compare(report, args.plot)
