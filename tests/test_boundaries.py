@@ -12,11 +12,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # source folder -> the trt_latency packages it must not import
+# diagnostics/ (analyze, causes, compare, their plots) sits above estimator/ and serving/: an offline
+# consumer of request logs and calibrations that runs no engine; nothing below it, the admission path
+# included, may import it.
 FORBIDDEN = {
-    "engines": ("trt_latency.estimator", "trt_latency.serving"),
-    "estimator": ("trt_latency.engines", "trt_latency.serving", "trt_latency.cli"),
-    "ext": ("trt_latency.engines", "trt_latency.estimator", "trt_latency.serving", "trt_latency.cli"),
-    "serving": ("trt_latency.cli",),
+    "engines": ("trt_latency.estimator", "trt_latency.serving", "trt_latency.diagnostics"),
+    "estimator": ("trt_latency.engines", "trt_latency.serving", "trt_latency.cli", "trt_latency.diagnostics"),
+    "ext": ("trt_latency.engines", "trt_latency.estimator", "trt_latency.serving", "trt_latency.cli",
+            "trt_latency.diagnostics"),
+    "serving": ("trt_latency.cli", "trt_latency.diagnostics"),
+    "diagnostics": ("trt_latency.cli", "trt_latency.engines"),
 }
 # serving/ builds on estimator/; of engines/ only the load generator may import (it runs real engine
 # calls: open_runner, the model's metadata, the plan), and nothing else of serving/ may.
@@ -58,17 +63,18 @@ def test_serving_uses_engines_only_in_the_load_generator() -> None:
 @pytest.mark.parametrize("path", NEUTRAL)
 def test_neutral_modules_import_no_layer(path: str) -> None:
     """schema / errors / layout are below every layer: they import none."""
-    layers = ("trt_latency.engines", "trt_latency.estimator", "trt_latency.serving", "trt_latency.cli", "onnx",
+    layers = ("trt_latency.engines", "trt_latency.estimator", "trt_latency.serving", "trt_latency.cli",
+              "trt_latency.diagnostics", "onnx",
               "onnxruntime", "tensorrt", "tqdm", "matplotlib")
     names = [n for n in _imports(ROOT / path) if n.startswith(layers)]
     assert not names, names
 
 
 @pytest.mark.parametrize("name", ["class ConfigKey", "SAMPLES_COLUMNS:", "REQUEST_COLUMNS:", "TOKEN_MAX =",
-                                  "CODE_BAD =", "NCOL =", "class Tally", "class Gate"])
+                                  "CODE_BAD =", "NCOL =", "class Tally", "class Gate", "BUCKETS:"])
 def test_defined_once(name: str) -> None:
     """One home for each: a second definition anywhere in the sources (Python or Cython) fails."""
-    files = [p for folder in ("engines", "estimator", "serving", "ext", "trt_latency")
+    files = [p for folder in ("engines", "estimator", "serving", "ext", "diagnostics", "trt_latency")
              for pattern in ("*.py", "*.pyx", "*.pxd") for p in (ROOT / folder).rglob(pattern)]
     homes = [str(p.relative_to(ROOT)) for p in files
              if any(line.startswith(name) or line.startswith("cdef " + name) for line in p.read_text().splitlines())]
