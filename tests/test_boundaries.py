@@ -94,6 +94,31 @@ def test_a_mistyped_verb_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
         cli.build_parser()
 
 
+@pytest.mark.parametrize(("argv", "options"), [
+    (["analyze", "r.csv"], "trt_latency.diagnostics.run:AnalyzeOptions"),
+    (["compare", "r.csv"], "trt_latency.diagnostics.run:CompareOptions"),
+    (["loadtest", "-c", "cal.yaml"], "trt_latency.loadtest:LoadtestOptions"),
+])
+def test_a_verb_hands_the_library_a_dataclass(argv: list[str], options: str) -> None:
+    """The library takes an options dataclass, never the Namespace: every flag of the verb but the printing
+    ones (--json, --debug) is a field, so from_namespace drops none."""
+    import dataclasses
+    import importlib
+
+    from trt_latency.cli import build_parser
+
+    module, name = options.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    ns = build_parser().parse_args(argv)
+    flags = set(vars(ns)) - {"func", "verb", "parser", "json", "debug"}
+    assert flags <= {f.name for f in dataclasses.fields(cls)}, flags - {f.name for f in dataclasses.fields(cls)}
+    def same(value: object) -> object:  # a list flag (nargs) may be kept as a tuple (frozen options)
+        return tuple(value) if isinstance(value, list | tuple) else value
+
+    opts = cls.from_namespace(ns)
+    assert {k: same(getattr(opts, k)) for k in flags} == {k: same(getattr(ns, k)) for k in flags}
+
+
 def test_progress_bars_draw_only_on_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
     """A calibrate logged to a file must not hold bar redraws: stderr here is not a terminal."""
     pytest.importorskip("tqdm")
