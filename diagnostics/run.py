@@ -123,7 +123,7 @@ def run_analyze(options: AnalyzeOptions) -> Analysis:
     report = analyze(log, estimator, kv_bytes, kv_slope_bound=bound, kv_bound_source=bound_source)
     report.source.update(source)
     if options.plot:
-        from trt_latency.diagnostics.plots import plot_analysis
+        from trt_latency.diagnostics.plot_analyze import plot_analysis
 
         _write_plot(plot_analysis, report, options.plot)
         report.source["plot"] = os.fspath(options.plot)
@@ -147,7 +147,7 @@ def _table(options: AnalyzeOptions) -> Analysis:
     bound, source = _kv_bound(options, cal)
     report = explain_table(table, prompt_tokens=options.prompt_tokens, kv_slope_bound=bound, bound_source=source)
     if options.plot:
-        from trt_latency.diagnostics.plots import plot_causes
+        from trt_latency.diagnostics.plot_analyze import plot_causes
 
         _write_plot(plot_causes, report, options.plot)
     return Analysis(report, cal)
@@ -176,7 +176,7 @@ def run_compare(options: CompareOptions) -> Any:
     if options.calibration:
         report.source["calibration"] = os.fspath(options.calibration)
     if options.plot:
-        from trt_latency.diagnostics.plots import plot_compare
+        from trt_latency.diagnostics.plot_compare import plot_compare
 
         _write_plot(plot_compare, report, options.plot)
         report.source["plot"] = os.fspath(options.plot)
