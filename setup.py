@@ -1,6 +1,6 @@
 """Build for trt-latency.
 
-Four code folders (engines/, estimator/, serving/, ext/) are mapped into one import namespace,
+Five code folders (engines/, estimator/, serving/, ext/, diagnostics/) are mapped into one import namespace,
 `trt_latency`, so nothing generic lands in site-packages. The Cython modules (ext/*.pyx, the math
 core and kernels; serving/*.pyx, the serving loop's gate) are
 optional when installing (msgpack-python's pattern): if the compiler or Cython is missing, `pip install`
@@ -149,6 +149,7 @@ setup(
         "trt_latency.serving",
         "trt_latency.ext",
         "trt_latency.configs",
+        "trt_latency.diagnostics",
     ],
     package_dir={
         "trt_latency": "trt_latency",
@@ -157,6 +158,7 @@ setup(
         "trt_latency.serving": "serving",
         "trt_latency.ext": "ext",
         "trt_latency.configs": "configs",
+        "trt_latency.diagnostics": "diagnostics",
     },
     package_data={
         "trt_latency": ["py.typed"],

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from trt_latency.diagnostics.buckets import BUCKETS, in_bucket
+
 
 def generate(n_requests: int, seed: int = 0, a: float = 60.0, b: float = 0.08, t0: float = 30.0, t1: float = 0.01,
              first: float = 25.0, step_noise: float = 4.0, request_spread: float = 0.08,
@@ -55,8 +57,8 @@ def seed_table(rows: list[dict[str, object]]) -> str:
     rate = np.array([(float(r["total_ms"]) - float(r["ttft_ms"])) / max(int(r["output_tokens"]) - 1, 1)  # type: ignore[arg-type, call-overload]
                      for r in rows])
     lines = ["output tokens      n   decode ms/token   std"]
-    for lo, hi, label in ((2, 2, "2"), (3, 5, "3-5"), (6, 10, "6-10"), (11, 20, "11-20"), (21, 10**9, "21+")):
-        mine = (n >= lo) & (n <= hi)
+    for label, lo, hi in BUCKETS:
+        mine = in_bucket(n, lo, hi)
         if mine.any():
             lines.append(f"{label:>13} {int(mine.sum()):6d} {rate[mine].mean():17.2f} {rate[mine].std():5.2f}")
     return "\n".join(lines)

@@ -12,11 +12,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # source folder -> the trt_latency packages it must not import
+# diagnostics/ (analyze, causes, compare, their plots) sits above estimator/ and serving/: an offline
+# consumer of request logs and calibrations that runs no engine; nothing below it, the admission path
+# included, may import it.
 FORBIDDEN = {
-    "engines": ("trt_latency.estimator", "trt_latency.serving"),
-    "estimator": ("trt_latency.engines", "trt_latency.serving", "trt_latency.cli"),
-    "ext": ("trt_latency.engines", "trt_latency.estimator", "trt_latency.serving", "trt_latency.cli"),
-    "serving": ("trt_latency.cli",),
+    "engines": ("trt_latency.estimator", "trt_latency.serving", "trt_latency.diagnostics"),
+    "estimator": ("trt_latency.engines", "trt_latency.serving", "trt_latency.cli", "trt_latency.diagnostics"),
+    "ext": ("trt_latency.engines", "trt_latency.estimator", "trt_latency.serving", "trt_latency.cli",
+            "trt_latency.diagnostics"),
+    "serving": ("trt_latency.cli", "trt_latency.diagnostics"),
+    "diagnostics": ("trt_latency.cli", "trt_latency.engines"),
 }
 # serving/ builds on estimator/; of engines/ only the load generator may import (it runs real engine
 # calls: open_runner, the model's metadata, the plan), and nothing else of serving/ may.
@@ -59,17 +64,18 @@ def test_serving_uses_engines_only_in_the_load_generator() -> None:
 @pytest.mark.parametrize("path", NEUTRAL)
 def test_neutral_modules_import_no_layer(path: str) -> None:
     """schema / errors / layout are below every layer: they import none."""
-    layers = ("trt_latency.engines", "trt_latency.estimator", "trt_latency.serving", "trt_latency.cli", "onnx",
+    layers = ("trt_latency.engines", "trt_latency.estimator", "trt_latency.serving", "trt_latency.cli",
+              "trt_latency.diagnostics", "onnx",
               "onnxruntime", "tensorrt", "tqdm", "matplotlib")
     names = [n for n in _imports(ROOT / path) if n.startswith(layers)]
     assert not names, names
 
 
 @pytest.mark.parametrize("name", ["class ConfigKey", "SAMPLES_COLUMNS:", "REQUEST_COLUMNS:", "TOKEN_MAX =",
-                                  "CODE_BAD =", "NCOL =", "class Tally", "class Gate"])
+                                  "CODE_BAD =", "NCOL =", "class Tally", "class Gate", "BUCKETS:"])
 def test_defined_once(name: str) -> None:
     """One home for each: a second definition anywhere in the sources (Python or Cython) fails."""
-    files = [p for folder in ("engines", "estimator", "serving", "ext", "trt_latency")
+    files = [p for folder in ("engines", "estimator", "serving", "ext", "diagnostics", "trt_latency")
              for pattern in ("*.py", "*.pyx", "*.pxd") for p in (ROOT / folder).rglob(pattern)]
     homes = [str(p.relative_to(ROOT)) for p in files
              if any(line.startswith(name) or line.startswith("cdef " + name) for line in p.read_text().splitlines())]
@@ -105,6 +111,31 @@ def test_a_mistyped_verb_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "VERBS", (*cli.VERBS, "admitt"))
     with pytest.raises(ModuleNotFoundError, match="trt_latency.cli.admitt"):
         cli.build_parser()
+
+
+@pytest.mark.parametrize(("argv", "options"), [
+    (["analyze", "r.csv"], "trt_latency.diagnostics.run:AnalyzeOptions"),
+    (["compare", "r.csv"], "trt_latency.diagnostics.run:CompareOptions"),
+    (["loadtest", "-c", "cal.yaml"], "trt_latency.loadtest:LoadtestOptions"),
+])
+def test_a_verb_hands_the_library_a_dataclass(argv: list[str], options: str) -> None:
+    """The library takes an options dataclass, never the Namespace: every flag of the verb but the printing
+    ones (--json, --debug) is a field, so from_namespace drops none."""
+    import dataclasses
+    import importlib
+
+    from trt_latency.cli import build_parser
+
+    module, name = options.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    ns = build_parser().parse_args(argv)
+    flags = set(vars(ns)) - {"func", "verb", "parser", "json", "debug"}
+    assert flags <= {f.name for f in dataclasses.fields(cls)}, flags - {f.name for f in dataclasses.fields(cls)}
+    def same(value: object) -> object:  # a list flag (nargs) may be kept as a tuple (frozen options)
+        return tuple(value) if isinstance(value, list | tuple) else value
+
+    opts = cls.from_namespace(ns)
+    assert {k: same(getattr(opts, k)) for k in flags} == {k: same(getattr(ns, k)) for k in flags}
 
 
 def test_progress_bars_draw_only_on_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
+from trt_latency.diagnostics.analyze import analyze
 from trt_latency.errors import CalibrationError
-from trt_latency.estimator.analyze import analyze
 from trt_latency.estimator.calibration import (
     Calibration,
     ConfigCalibration,

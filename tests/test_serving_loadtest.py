@@ -108,6 +108,30 @@ def test_loadtest_usage_and_missing_model(calibrated: Path, tmp_path: Path,
     assert "model.onnx" in capsys.readouterr().err
 
 
+def test_every_flag_reaches_the_library_options() -> None:
+    """The verb hands the library a LoadtestOptions, never its Namespace: every flag but --json (printing) is a
+    field, a parsed command line keeps its values, and the library refuses an out-of-range option itself."""
+    import dataclasses
+
+    from trt_latency.cli import build_parser
+    from trt_latency.loadtest import LoadtestOptions, run_loadtest
+
+    argv = ["loadtest", "-c", "cal.yaml", "--requests", "7", "--slo-quantiles", "0.3", "0.7", "--no-warm-start",
+            "--kv-mode", "shared", "--max-batch", "3", "--rate", "2.5"]
+    ns = build_parser().parse_args(argv)
+    fields = {f.name for f in dataclasses.fields(LoadtestOptions)}
+    flags = set(vars(ns)) - {"func", "verb", "json", "debug", "command"}
+    assert flags <= fields, flags - fields
+    opts = LoadtestOptions.from_namespace(ns)
+    assert (opts.calibration, opts.requests, opts.slo_quantiles, opts.no_warm_start, opts.kv_mode, opts.max_batch,
+            opts.rate) == ("cal.yaml", 7, (0.3, 0.7), True, "shared", 3, 2.5)
+    assert opts.problem() is None
+    bad = dataclasses.replace(opts, min_observations=9, window=8)
+    assert bad.problem() == "--min-observations must be in 1 .. --window (8)"
+    with pytest.raises(ValueError, match="--min-observations"):
+        run_loadtest(bad)  # before any file is opened: cal.yaml does not exist
+
+
 def test_conformal_from_the_calibrate_replay(calibrated: Path) -> None:
     from trt_latency.estimator.calibration import load_calibration
     from trt_latency.serving.conformal import min_requests_for

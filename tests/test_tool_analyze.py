@@ -17,7 +17,7 @@ from helpers.analyze_cases import KV_BYTES, A, B
 from helpers.analyze_cases import straight_calibration as _calibration
 
 from trt_latency.cli import main
-from trt_latency.estimator.analyze import BUCKETS, analyze
+from trt_latency.diagnostics.analyze import BUCKETS, analyze
 from trt_latency.estimator.calibration import save_calibration
 from trt_latency.estimator.requests import append_requests, read_requests
 

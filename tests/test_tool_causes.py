@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from trt_latency.cli import main
-from trt_latency.estimator.causes import (
+from trt_latency.diagnostics.causes import (
     CAUSES,
     BucketTable,
     explain_requests,

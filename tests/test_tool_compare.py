@@ -12,10 +12,7 @@ import numpy as np
 import pytest
 
 from trt_latency.cli import build_parser, main
-from trt_latency.estimator.calibration import Calibration, ConfigCalibration, save_calibration
-from trt_latency.estimator.model import Estimator
-from trt_latency.estimator.requests import append_requests, read_requests
-from trt_latency.serving.compare import (
+from trt_latency.diagnostics.compare import (
     SLO_QUANTILES,
     STRATEGIES,
     Columns,
@@ -29,6 +26,9 @@ from trt_latency.serving.compare import (
     score,
     split_log,
 )
+from trt_latency.estimator.calibration import Calibration, ConfigCalibration, save_calibration
+from trt_latency.estimator.model import Estimator
+from trt_latency.estimator.requests import append_requests, read_requests
 
 
 def cols(n: list[int], ttft: list[float], total: list[float], prompt: list[float] | None = None,

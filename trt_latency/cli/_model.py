@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from typing import Any
 
 from trt_latency.cli._args import positive_int
@@ -29,10 +30,26 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                             "capped by the plan's max_past_len; never past what the model supports)")
 
 
+@dataclass(frozen=True)
+class ModelOptions:
+    """The flags above as the library reads them (pipeline.tier_from_onnx; open_runner takes kv_mode, io,
+    dims): a verb hands this on, never its argparse Namespace."""
+
+    kv_mode: str = "auto"
+    io: str | None = None
+    dims: str | None = None
+    max_past_len: int | None = None
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> ModelOptions:
+        """The flags a verb has (one without them leaves their defaults)."""
+        return cls(**{f: getattr(args, f) for f in cls.__dataclass_fields__ if hasattr(args, f)})
+
+
 def model_options(args: argparse.Namespace) -> dict[str, Any]:
     """open_runner keywords from the flags (the ones a verb without them leaves at their defaults)."""
-    return {"kv_mode": getattr(args, "kv_mode", "auto"), "io": getattr(args, "io", None),
-            "dims": getattr(args, "dims", None)}
+    opts = ModelOptions.from_namespace(args)
+    return {"kv_mode": opts.kv_mode, "io": opts.io, "dims": opts.dims}
 
 
 def backend_choices() -> tuple[str, ...]:

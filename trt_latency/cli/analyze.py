@@ -7,13 +7,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import textwrap
 from typing import Any
 
 from trt_latency.cli._args import positive_int
-from trt_latency.estimator.causes import DEFAULT_BANDWIDTH_GB_S, DEFAULT_KV_BYTES_PER_TOKEN, OPEN_UPPER_FACTOR
-from trt_latency.schema import ConfigKey
+from trt_latency.diagnostics.causes import (
+    DEFAULT_BANDWIDTH_GB_S,
+    DEFAULT_KV_BYTES_PER_TOKEN,
+    OPEN_UPPER_FACTOR,
+)
 
 EXAMPLE = """\
 example:
@@ -87,88 +89,15 @@ def register(sub: Any) -> None:
     parser.set_defaults(func=run, parser=parser)
 
 
-def kv_bytes_from_calibration(cal: Any) -> dict[ConfigKey, float]:
-    """Bytes per KV token of each calibrated config (2 * blocks * kv_heads * head_dim * dtype size)."""
-    out: dict[ConfigKey, float] = {}
-    for cfg in cal.configs:
-        value = getattr(cfg, "kv_bytes_per_token", None)
-        if value:
-            out[ConfigKey(int(cfg.tier_idx), int(cfg.top_k), int(cfg.num_active_blocks))] = float(value)
-    return out
-
-
-def _kv_bound(args: argparse.Namespace, cal: Any) -> tuple[float, str]:
-    """ms per KV token the engine can pay: the calibration's steepest decode slope, else the assumed bound."""
-    from trt_latency.estimator.causes import default_kv_bound, kv_slope_from_calibration
-
-    if cal is not None:
-        return kv_slope_from_calibration(cal), f"the steepest decode slope of {args.calibration}"
-    return default_kv_bound(args.kv_bytes_per_token, args.bandwidth_gbs)
-
-
-def _write_plot(plot: Any, report: Any, path: str) -> None:
-    try:
-        plot(report, path)
-    except OSError as exc:
-        from trt_latency.errors import InputError
-
-        raise InputError(f"cannot write the plot ({exc.strerror or exc})", path=path,
-                         expected="a writable PNG path in an existing folder") from None
-
-
-def run_table(args: argparse.Namespace) -> int:
-    from trt_latency.estimator.causes import explain_table, read_bucket_table
-
-    table = read_bucket_table(args.table, open_upper=args.open_upper)
-    cal = None
-    if args.calibration:
-        from trt_latency.estimator.calibration import load_calibration
-
-        cal = load_calibration(args.calibration)
-    bound, source = _kv_bound(args, cal)
-    report = explain_table(table, prompt_tokens=args.prompt_tokens, kv_slope_bound=bound, bound_source=source)
-    if args.plot:
-        from trt_latency.plots import plot_causes
-
-        _write_plot(plot_causes, report, args.plot)
-    return _print(report, cal, args)
-
-
 def run(args: argparse.Namespace) -> int:
     if args.requests is None and args.table is None:
         args.parser.error("the following arguments are required: REQUESTS.csv (or --table TABLE.csv)")
     if args.requests is not None and args.table is not None:
         args.parser.error("REQUESTS.csv and --table TABLE.csv are mutually exclusive: give one of them")
-    if args.table is not None:
-        return run_table(args)
-    from trt_latency.estimator.analyze import analyze
-    from trt_latency.estimator.requests import read_requests
+    from trt_latency.diagnostics.run import AnalyzeOptions, run_analyze
 
-    log = read_requests(args.requests, require_decode=True)
-    estimator = None
-    cal = None
-    kv_bytes: dict[ConfigKey, float] | None = None
-    source: dict[str, Any] = {}
-    if args.calibration:
-        from trt_latency.estimator.calibration import load_calibration
-        from trt_latency.estimator.model import Estimator
-
-        cal = load_calibration(args.calibration)
-        estimator = Estimator(cal)
-        kv_bytes = kv_bytes_from_calibration(cal) or None
-        prov = dict(getattr(cal, "provenance", {}) or {})
-        desc = ", ".join(str(prov[k]) for k in ("backend", "device") if prov.get(k))
-        source = {"calibration": os.fspath(args.calibration) + (f" ({desc})" if desc else ""),
-                  "provenance": {k: v for k, v in prov.items() if isinstance(v, str | int | float)}}
-    bound, bound_source = _kv_bound(args, cal if args.calibration else None)
-    report = analyze(log, estimator, kv_bytes, kv_slope_bound=bound, kv_bound_source=bound_source)
-    report.source.update(source)
-    if args.plot:
-        from trt_latency.plots import plot_analysis
-
-        _write_plot(plot_analysis, report, args.plot)
-        report.source["plot"] = os.fspath(args.plot)
-    return _print(report, cal, args)
+    result = run_analyze(AnalyzeOptions.from_namespace(args))
+    return _print(result.report, result.calibration, args)
 
 
 def _print(report: Any, cal: Any, args: argparse.Namespace) -> int:

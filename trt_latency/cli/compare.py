@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import textwrap
 from typing import Any
 
@@ -56,35 +55,9 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trt_latency.errors import InputError
-    from trt_latency.estimator.requests import read_requests
-    from trt_latency.serving.compare import compare_log
+    from trt_latency.diagnostics.run import CompareOptions, run_compare
 
-    log = read_requests(args.requests)
-    estimator = None
-    if args.calibration:
-        from trt_latency.estimator.calibration import load_calibration
-        from trt_latency.estimator.model import Estimator
-
-        estimator = Estimator(load_calibration(args.calibration))
-    try:
-        report = compare_log(log, estimator, alpha=args.alpha, split=args.split, seed=args.seed,
-                             conformal=args.conformal)
-    except ValueError as exc:
-        raise InputError(str(exc), path=args.requests,
-                         expected="requests on both sides of the split (and predictable by the calibration)") from None
-    report.source["requests"] = os.fspath(args.requests)
-    if args.calibration:
-        report.source["calibration"] = os.fspath(args.calibration)
-    if args.plot:
-        from trt_latency.plots_compare import plot_compare
-
-        try:
-            plot_compare(report, args.plot)
-        except OSError as exc:
-            raise InputError(f"cannot write the plot ({exc.strerror or exc})", path=args.plot,
-                             expected="a writable PNG path in an existing folder") from None
-        report.source["plot"] = os.fspath(args.plot)
+    report = run_compare(CompareOptions.from_namespace(args))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=_jsonable))
     else:

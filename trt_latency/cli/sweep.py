@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from trt_latency.cli._model import add_model_args, backend_choices, model_options
+from trt_latency.cli._model import ModelOptions, add_model_args, backend_choices, model_options
 from trt_latency.cli.export import add_config_args, ensure_model, resolve_key
 
 EXAMPLE = """\
@@ -67,7 +67,7 @@ def plan_for_onnx(plan: Any, args: argparse.Namespace) -> Any:
 
     from trt_latency.pipeline import tier_from_onnx
 
-    tier, key, _ = tier_from_onnx(Path(args.onnx), plan, args)
+    tier, key, _ = tier_from_onnx(Path(args.onnx), plan, ModelOptions.from_namespace(args))
     return replace(plan, tiers={tier.tier_idx: tier}, configs=[key])
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import re
 import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from trt_latency.diagnostics.buckets import parse_bucket
 from trt_latency.errors import InputError
 
 CAUSES = ("constant", "counting", "first_step", "kv_growth")
@@ -97,23 +97,6 @@ class BucketTable:
     buckets: list[Bucket]
     has_std: bool
     has_count: bool
-
-
-_LABEL = re.compile(r"^\s*(\d+)\s*(?:(-)\s*(\d+)|(\+))?\s*$")
-
-
-def parse_bucket(text: str) -> tuple[int, int | None]:
-    """``2`` -> (2, 2), ``3-5`` -> (3, 5), ``21+`` -> (21, None); ValueError otherwise."""
-    m = _LABEL.match(text)
-    if not m:
-        raise ValueError(text)
-    lo = int(m.group(1))
-    if m.group(4):
-        return lo, None
-    hi = int(m.group(3)) if m.group(2) else lo
-    if hi < lo:
-        raise ValueError(text)
-    return lo, hi
 
 
 def read_bucket_table(path: str | os.PathLike[str], open_upper: int | None = None) -> BucketTable:

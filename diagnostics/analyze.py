@@ -10,7 +10,7 @@ AnalysisReport with
 - the trace authors' two checks: (a) decode ms/token against the mean KV size in bytes of each request
   (correlation, slope, and the memory bandwidth that slope implies), (b) decode ms/token at fixed output
   length across prefill-length terciles;
-- the competing causes of a ms/token change (estimator.causes: constant, first_step, kv_growth; counting
+- the competing causes of a ms/token change (diagnostics.causes: constant, first_step, kv_growth; counting
   cannot occur, ms/token is per decode step here) fitted per request, scored by AICc, kv_growth's slope
   checked against the calibration's;
 - with a calibration that carries serving-loop terms (o per decode step, c once after the prefill,
@@ -18,7 +18,8 @@ AnalysisReport with
   engine-only prediction is shown beside it, and the loop's share of the predicted time is stated.
   The KV-explained share always compares the engine-only growth (KV reads are engine work).
 
-Pure numpy: no plotting or engine imports here.
+Pure numpy: no plotting or engine imports here. The numbers are computed here; their words (each check's
+verdict, the printed table) are diagnostics.analyze_text's.
 """
 
 from __future__ import annotations
@@ -30,22 +31,19 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from trt_latency.diagnostics.analyze_text import (
+    NO_PREFILL_PAIRS,
+    format_analysis,
+    growth_verdict,
+    kv_verdict,
+    prefill_verdict,
+    share_text,
+)
+from trt_latency.diagnostics.buckets import BUCKETS, SIGNIFICANCE_SE, in_bucket
+from trt_latency.diagnostics.causes import CauseReport, explain_requests, kv_slope_from_calibration
 from trt_latency.errors import RequestLogError, TrtLatencyError
-from trt_latency.estimator.causes import CauseReport, explain_requests, kv_slope_from_calibration
 from trt_latency.estimator.requests import RequestLog
 from trt_latency.schema import ConfigKey
-
-# Output-token buckets of the production trace (DESIGN.md): (label, lo, hi) inclusive.
-BUCKETS: tuple[tuple[str, int, int], ...] = (
-    ("2", 2, 2),
-    ("3-5", 3, 5),
-    ("6-10", 6, 10),
-    ("11-20", 11, 20),
-    ("21+", 21, 2**62),
-)
-# |difference| must exceed this many standard errors to count as a real change.
-SIGNIFICANCE_SE = 2.0
-
 
 
 class _Prediction(Protocol):
@@ -87,13 +85,7 @@ class GrowthShare:
     loop_growth: float = math.nan  # what the serving-loop terms add to the predicted growth (c weighs on short requests)
 
     def share_text(self) -> str:
-        if math.isfinite(self.share):
-            return f"{self.share:.0%}"
-        if self.significant is False:
-            return "n/a (no significant growth)"
-        if self.measured_growth <= 0:
-            return "n/a (measured ms/token falls)"
-        return "n/a"
+        return share_text(self)
 
 
 @dataclass
@@ -146,7 +138,7 @@ class AnalysisReport:
     loop_share_total: float = math.nan  # share of the predicted total time that is serving-loop terms
     notes: list[str] = field(default_factory=list)
     source: dict[str, Any] = field(default_factory=dict)  # e.g. calibration path and provenance
-    causes: CauseReport | None = None  # constant / first_step / kv_growth fitted per request (estimator.causes)
+    causes: CauseReport | None = None  # constant / first_step / kv_growth fitted per request (diagnostics.causes)
 
     def to_dict(self) -> dict[str, Any]:
         def clean(value: Any) -> Any:
@@ -185,120 +177,7 @@ class AnalysisReport:
         return clean(out)  # type: ignore[no-any-return]
 
     def format_table(self) -> str:
-        lines: list[str] = []
-        lines.append(f"Request log: {self.path} ({self.n_requests} requests, {self.n_decode} with >= 2 output tokens)")
-        if self.source.get("calibration"):
-            lines.append(f"Calibration: {self.source['calibration']}")
-        lines.append("")
-        loop = self.has_model and bool(self.serving_loop)
-        header = f"{'output tokens':>13}  {'n':>5}  {'measured ms/token':>19}  {'mean KV len':>11}"
-        if self.has_model:
-            header += f"  {'predicted ms/token':>19}  {'pred/meas':>9}"
-        if loop:
-            header += f"  {'engine only':>11}"
-        lines.append(header)
-        lines.append("-" * len(header))
-        for b in self.buckets:
-            if b.count == 0:
-                row = f"{b.label:>13}  {0:>5}  {'-':>19}  {'-':>11}"
-                if self.has_model:
-                    row += f"  {'-':>19}  {'-':>9}"
-                if loop:
-                    row += f"  {'-':>11}"
-            else:
-                row = (f"{b.label:>13}  {b.count:>5}  {_pm(b.measured_mean, b.measured_std):>19}"
-                       f"  {b.mean_kv_tokens:>11.0f}")
-                if self.has_model:
-                    ratio = b.predicted_mean / b.measured_mean if b.measured_mean > 0 else math.nan
-                    row += f"  {_pm(b.predicted_mean, b.predicted_std):>19}  {ratio:>9.2f}"
-                if loop:
-                    row += f"  {b.engine_mean:>11.3f}"
-            lines.append(row)
-        lines.append("")
-        if loop:
-            lines.append("Predicted = engine per-position model + serving-loop terms (from the calibration):")
-            for key, t in sorted(self.serving_loop.items()):
-                lines.append(f"  config ({key}): o = {t['decode_step_ms']:.4f} ms per decode step, c = "
-                             f"{t['first_step_ms']:.4f} ms once after the prefill, o_p = {t['prefill_ms']:.4f} ms "
-                             f"on the prefill ({t['source']}, {t['n_requests']} requests)")
-            lines.append(_wrap(f"Loop share: the serving-loop terms are {self.loop_share_decode:.1%} of the predicted "
-                               f"decode time and {self.loop_share_total:.1%} of the predicted total time of these "
-                               "requests."))
-            lines.append("")
-        if self.has_model and math.isfinite(self.level_ratio):
-            what = "the model's prediction (engine + serving loop)" if loop else "the engine's per-position prediction"
-            text = f"Level: the requests decode at {self.level_ratio:.2f}x {what} overall"
-            if loop and math.isfinite(self.engine_level_ratio):
-                text += f" ({self.engine_level_ratio:.2f}x the engine-only prediction)"
-            lines.append(_wrap(text + "." + (_LEVEL_HINT if abs(self.level_ratio - 1.0) > 0.2 else "")))
-            lines.append("")
-        if self.growth is not None:
-            g = self.growth
-            lines.append(f"Growth {g.first} -> {g.last}: measured {g.measured_growth:+.3f} ms/token "
-                         f"(2 SE = {SIGNIFICANCE_SE * g.measured_se:.3f})"
-                         + (f", model {g.predicted_growth + (g.loop_growth if math.isfinite(g.loop_growth) else 0.0):+.3f}"
-                            " ms/token" if self.has_model else ""))
-            if self.has_model and math.isfinite(g.loop_growth):
-                lines.append(f"  of the model's growth: KV (engine) {g.predicted_growth:+.3f}, serving loop "
-                             f"{g.loop_growth:+.3f} ms/token (the one-off c weighs most on short requests)")
-            if self.has_model:
-                lines.append("KV-explained share of the growth: " + g.share_text())
-            lines.append(_wrap("Verdict: " + g.verdict))
-            lines.append("")
-        if self.kv_check is not None:
-            k = self.kv_check
-            lines.append(f"Check (a) decode ms/token vs KV size ({k.n} requests, x = mean KV {k.x_unit} per step):")
-            line = (f"  correlation r = {k.correlation:+.2f}, slope = {k.slope_ms_per_unit:+.4g} ms/token per "
-                    f"{k.x_unit}, intercept = {k.intercept_ms:.3f} ms")
-            lines.append(line)
-            if self.has_model:
-                lines.append(f"  model slope on the same requests = {k.predicted_slope_ms_per_unit:+.4g} ms/token per {k.x_unit}")
-            if math.isfinite(k.implied_bandwidth_gb_s):
-                lines.append(f"  implied KV read rate = {k.implied_bandwidth_gb_s:.1f} GB/s "
-                             "(compare with the device's memory bandwidth)")
-            lines.append(_wrap("  " + k.verdict, indent="  "))
-            lines.append("")
-        if self.prefill_check is not None:
-            pc = self.prefill_check
-            edges = ", ".join(f"{e:.0f}" for e in pc.tercile_edges)
-            lines.append(f"Check (b) decode ms/token at fixed output length across prompt-length terciles (edges {edges}):")
-            head = f"  {'output tokens':>13}  {'prompt':>12}  {'n':>4}  {'mean P':>7}  {'measured':>17}"
-            if self.has_model:
-                head += f"  {'predicted':>9}"
-            lines.append(head)
-            for c in pc.cells:
-                row = (f"  {c.bucket:>13}  {c.tercile:>12}  {c.count:>4}  {c.mean_prompt_tokens:>7.0f}"
-                       f"  {_pm(c.measured_mean, c.measured_std):>17}")
-                if self.has_model:
-                    row += f"  {c.predicted_mean:>9.3f}"
-                lines.append(row)
-            summary = f"  longest - shortest prompt tercile: measured {pc.mean_delta_ms:+.3f} ms/token (2 SE = {SIGNIFICANCE_SE * pc.mean_delta_se:.3f})"
-            if self.has_model:
-                summary += f", model {pc.predicted_delta_ms:+.3f}"
-            lines.append(summary)
-            lines.append(_wrap("  " + pc.verdict, indent="  "))
-            lines.append("")
-        if self.causes is not None:
-            lines.append(self.causes.format_table())
-        for note in self.notes:
-            lines.append(_wrap("Note: " + note))
-        return "\n".join(lines).rstrip() + "\n"
-
-
-_LEVEL_HINT = (" The gap is not KV growth (the prediction includes it): it is time per token the per-position "
-               "sweep did not see, e.g. work between engine calls, other load on the device while the log was "
-               "recorded, or heavy-tailed step times (a request's total follows the mean step time, the fitted "
-               "model the typical one; see residual_quantiles in the calibration).")
-
-
-def _pm(mean: float, std: float) -> str:
-    return f"{mean:.3f} ± {std:.3f}" if math.isfinite(std) else f"{mean:.3f}"
-
-
-def _wrap(text: str, width: int = 100, indent: str = "") -> str:
-    import textwrap
-
-    return textwrap.fill(text, width=width, subsequent_indent=indent + "  ")
+        return format_analysis(self)
 
 
 def _std(x: np.ndarray) -> float:
@@ -393,40 +272,8 @@ def _growth(buckets: list[BucketRow], measured: dict[str, np.ndarray], has_model
     # A share of a change that is not there is noise: only report it for a real growth.
     share = min(1.0, max(0.0, share_raw)) if math.isfinite(share_raw) and significant is not False and g > 0 \
         else math.nan
-    span = f"from {first.label} to {last.label} output tokens"
-    if not has_model:
-        verdict = (f"Measured decode ms/token changes by {g:+.3f} {span}. Pass the calibration (-c CAL) to see "
-                   "how much of it KV-cache growth explains.")
-    elif significant is False:
-        verdict = (f"Measured decode ms/token does not change significantly {span} ({g:+.3f} ms/token, within "
-                   f"{SIGNIFICANCE_SE:g} standard errors = {SIGNIFICANCE_SE * se:.3f}); there is no growth for the "
-                   f"KV cache to explain (the model predicts {p:+.3f} ms/token from KV growth alone).")
-    elif g < 0:
-        verdict = (f"Measured decode ms/token falls by {-g:.3f} {span}; a longer KV cache can only make later "
-                   f"steps slower (the model predicts {p:+.3f}), so the KV cache cannot explain this change. A first "
-                   "decode step that costs more than later ones (warm-up after prefill, a shape change) weighs most "
-                   "in short requests and shows up this way.")
-        if with_loop:
-            fits = math.isfinite(se) and abs(p_model - g) <= SIGNIFICANCE_SE * se
-            verdict += (f" With the calibrated serving-loop terms (first-step transient c, per-step o) the model "
-                        f"predicts {p_model:+.3f} ms/token"
-                        + (": they account for the fall." if fits else ", which does not match the measured fall."))
-    elif share_raw >= 0.8:
-        extra = (f" (the model predicts {share_raw:.0%} of it, more than measured; clamped to 100%)"
-                 if share_raw > 1.0 else "")
-        verdict = (f"KV-cache growth explains {share:.0%} of the measured growth {span} "
-                   f"(model {p:+.3f} vs measured {g:+.3f} ms/token){extra}.")
-    elif share_raw >= 0.5:
-        verdict = (f"KV-cache growth explains {share:.0%} of the measured growth {span}; the remaining "
-                   f"{g - p:+.3f} ms/token ({1 - share:.0%}) comes from something the per-position model does "
-                   "not see.")
-    else:
-        verdict = (f"The KV cache cannot explain this growth: it accounts for only {share:.0%} of it "
-                   f"(model {p:+.3f} vs measured {g:+.3f} ms/token {span}). The other {g - p:+.3f} ms/token comes "
-                   "from something the per-position engine timing does not include: per-request overhead in the "
-                   "decode loop, batching or contention with other requests, host-side sampling or scheduling.")
-    if significant is None:
-        verdict += " (Too few requests in the first or last bucket to test significance.)"
+    verdict = growth_verdict(first.label, last.label, g, se, significant, p, p_model, share_raw, share,
+                             has_model, with_loop)
     return GrowthShare(first.label, last.label, g, se, significant, p, share_raw, share, verdict, loop_growth)
 
 
@@ -456,28 +303,7 @@ def _kv_check(log: RequestLog, ok: np.ndarray, measured: np.ndarray, predicted: 
     n = int(ok.sum())
     # t statistic of the correlation: is the slope distinguishable from zero with this many requests?
     t_stat = r * math.sqrt((n - 2) / max(1e-12, 1.0 - r * r)) if math.isfinite(r) and n > 2 else math.nan
-    if not math.isfinite(slope):
-        verdict = "All requests have the same KV size; nothing to compare."
-    elif not math.isfinite(t_stat) or abs(t_stat) < SIGNIFICANCE_SE:
-        verdict = (f"Decode ms/token shows no clear relation to KV size (r = {r:+.2f} over {n} requests, "
-                   "not significant): the KV cache is not what drives the per-request differences in this log.")
-    elif slope > 0:
-        strength = "strongly" if r >= 0.7 else "moderately" if r >= 0.4 else "weakly"
-        verdict = f"Decode ms/token rises {strength} with KV size (r = {r:+.2f})."
-        if predicted is not None and math.isfinite(pslope) and pslope > 0:
-            ratio = slope / pslope
-            if 0.5 <= ratio <= 2.0:
-                verdict += f" The measured slope is {ratio:.2f}x the engine's per-position slope: consistent."
-            elif ratio > 2.0:
-                verdict += (f" But the measured slope is {ratio:.1f}x the engine's per-position slope: KV reads "
-                            "alone do not account for it (a confounder that grows with KV size, e.g. longer "
-                            "requests sharing the engine with more concurrent work).")
-            else:
-                verdict += (f" The measured slope is only {ratio:.2f}x the engine's per-position slope: "
-                            "something offsets the KV cost in this log.")
-    else:
-        verdict = (f"Decode ms/token falls as KV size grows (r = {r:+.2f}): the opposite of what KV reads cause, "
-                   "so the KV cache does not explain the differences.")
+    verdict = kv_verdict(n, r, slope, pslope, t_stat, predicted is not None)
     return KvSizeCheck(unit, n, r, slope, intercept, pslope, bandwidth, verdict)
 
 
@@ -496,10 +322,10 @@ def _prefill_check(log: RequestLog, ok: np.ndarray, measured: np.ndarray,
     groups: list[tuple[np.ndarray, np.ndarray]] = []  # per bucket: (mask of shortest, mask of longest tercile)
     within: list[tuple[int, float]] = []  # (n - 1, variance) of every cell with >= 2 requests
     for label, lo, hi in BUCKETS:
-        in_bucket = ok & (log.output_tokens >= lo) & (log.output_tokens <= hi)
+        mine = ok & in_bucket(log.output_tokens, lo, hi)
         present = []
         for gi, glabel in enumerate(labels):
-            m = in_bucket & (group == gi)
+            m = mine & (group == gi)
             if not m.any():
                 continue
             pm = _mean(predicted[m]) if predicted is not None else math.nan
@@ -519,35 +345,14 @@ def _prefill_check(log: RequestLog, ok: np.ndarray, measured: np.ndarray,
         pd = _mean(predicted[hi_m]) - _mean(predicted[lo_m]) if predicted is not None else math.nan
         deltas.append((int(min(lo_m.sum(), hi_m.sum())), d, var, pd))
     if not deltas:
-        return PrefillCheck(edges, cells, math.nan, math.nan, math.nan,
-                            "No output-length bucket has both short and long prompts; cannot compare.")
+        return PrefillCheck(edges, cells, math.nan, math.nan, math.nan, NO_PREFILL_PAIRS)
     w = np.asarray([d[0] for d in deltas], dtype=np.float64)
     w = w / w.sum()
     delta = float(np.sum(w * np.asarray([d[1] for d in deltas])))
     variances = np.asarray([d[2] for d in deltas])
     se = float(math.sqrt(np.sum(w**2 * variances))) if np.isfinite(variances).all() else math.nan
     pdelta = float(np.sum(w * np.asarray([d[3] for d in deltas]))) if predicted is not None else math.nan
-    model = f" (model {pdelta:+.3f})" if predicted is not None else ""
-    if not math.isfinite(se):
-        verdict = (f"Longest - shortest prompt tercile at fixed output length: {delta:+.3f} ms/token{model}; too few "
-                   "requests per cell to test significance.")
-    elif abs(delta) <= SIGNIFICANCE_SE * se:
-        verdict = (f"At fixed output length, prompt length makes no significant difference ({delta:+.3f} ms/token, "
-                   f"2 SE = {SIGNIFICANCE_SE * se:.3f}).")
-        if predicted is not None and abs(pdelta) <= SIGNIFICANCE_SE * se:
-            verdict += (f" The engine predicts {pdelta:+.3f}, also within the noise: this log is too small or "
-                        "too noisy to show a KV effect of that size.")
-        else:
-            verdict += " In this log the KV length set by the prompt does not drive decode latency."
-    elif delta > 0:
-        verdict = (f"At fixed output length, requests with the longest prompts decode {delta:.3f} ms/token slower "
-                   f"than those with the shortest{model}: the KV length set by the prompt costs decode time.")
-        if predicted is not None and pdelta > 0 and delta / pdelta > 2.0:
-            verdict += (f" The difference is {delta / pdelta:.1f}x what the engine's per-position cost predicts, "
-                        "so KV reads explain only part of it.")
-    else:
-        verdict = (f"At fixed output length, requests with the longest prompts decode {-delta:.3f} ms/token faster"
-                   f"{model}: the opposite of a KV-cache effect.")
+    verdict = prefill_verdict(delta, se, pdelta, predicted is not None)
     return PrefillCheck(edges, cells, delta, se, pdelta, verdict)
 
 
@@ -557,7 +362,7 @@ def analyze(requests: RequestLog, estimator: Predictor | None = None,
     """Bucket table, KV-explained share, the two verification checks and the competing causes for one log.
 
     ``kv_slope_bound``: ms per KV token the engine can pay (kv_growth's plausibility); default: the
-    estimator's calibration's steepest decode slope, else estimator.causes' assumed bound.
+    estimator's calibration's steepest decode slope, else diagnostics.causes' assumed bound.
 
     ``kv_bytes_per_token``: bytes of K and V per token of KV length (2 * layers * kv_heads * head_dim *
     dtype size), one number or one per (tier_idx, top_k, num_active_blocks); without it check (a) uses
@@ -592,7 +397,7 @@ def analyze(requests: RequestLog, estimator: Predictor | None = None,
     buckets: list[BucketRow] = []
     by_label: dict[str, np.ndarray] = {}
     for label, lo, hi in BUCKETS:
-        m = ok & (log.output_tokens >= lo) & (log.output_tokens <= hi)
+        m = ok & in_bucket(log.output_tokens, lo, hi)
         by_label[label] = measured[m]
         buckets.append(BucketRow(
             label=label, count=int(m.sum()), measured_mean=_mean(measured[m]), measured_std=_std(measured[m]),

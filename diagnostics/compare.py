@@ -55,9 +55,10 @@ from typing import Any
 
 import numpy as np
 
+from trt_latency.diagnostics.buckets import BUCKETS, in_bucket
+
 STRATEGIES: tuple[str, ...] = ("average", "conservative-1.2", "conservative-1.3", "hybrid", "position",
                                "trt-latency")
-SEED_BUCKETS: tuple[tuple[int, int | None], ...] = ((2, 2), (3, 5), (6, 10), (11, 20), (21, None))
 EARLY_LAST_TOKEN = 5  # the seed's option 4: "first 2-5 tokens" are early, later ones late
 SLO_QUANTILES: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)  # loadtest --slo-quantiles default
 MIN_GROUP_ROWS = 8  # fewer fit requests in a config: it uses the pooled fit
@@ -144,8 +145,8 @@ def fit_average(c: Columns) -> dict[str, float]:
 def fit_conservative(c: Columns) -> dict[str, float]:
     """Option 3: mean per-request ms/token of the largest non-empty seed bucket (21+ when present)."""
     rate, n = _rate(c), c.output_tokens
-    for lo, hi in reversed(SEED_BUCKETS):
-        mine = (n >= lo) & ((n <= hi) if hi is not None else True) & np.isfinite(rate)
+    for _label, lo, hi in reversed(BUCKETS):
+        mine = in_bucket(n, lo, hi) & np.isfinite(rate)
         if mine.any():
             return {"ttft_ms": _mean(c.ttft_ms), "ms_per_token": float(rate[mine].mean()), "bucket_from": float(lo)}
     return {"ttft_ms": _mean(c.ttft_ms), "ms_per_token": math.nan, "bucket_from": math.nan}
