@@ -713,7 +713,9 @@ def _key_name(key: Any) -> str:
 def borrow_primary_loop(loops: dict[Any, Any], primary: Any, keys: list[Any]) -> dict[Any, Any]:
     """`loops` with every config of `keys` that has no replay-fitted terms given the primary's (when
     the primary has them), flagged source "borrowed:<primary>". Conformal factors are never borrowed."""
-    from trt_latency.estimator.calibration import ServingLoop, borrowed_source
+    import dataclasses
+
+    from trt_latency.estimator.calibration import borrowed_source
 
     donor = loops.get(tuple(primary))
     if donor is None or donor.source != "replay":
@@ -722,12 +724,11 @@ def borrow_primary_loop(loops: dict[Any, Any], primary: Any, keys: list[Any]) ->
     for key in keys:
         key = tuple(key)
         if key != tuple(primary) and (key not in out or out[key].source != "replay"):
-            out[key] = ServingLoop(donor.decode_step_ms, donor.first_step_ms, donor.prefill_ms,
-                                   donor.n_requests, borrowed_source(tuple(primary)))
+            out[key] = dataclasses.replace(donor, source=borrowed_source(tuple(primary)))
     return out
 
 
-LOOP_HEADER = ("  serving loop: total(n) = prefill + o_p + [n>=2] c + sum (T_engine + o); terms fitted on the "
+LOOP_HEADER = ("  serving loop: total(n) = prefill + o_p + [n>=2] c(P) + sum (T_engine + o); terms fitted on the "
                "even request_ids of each config, checked on the odd ones")
 
 
@@ -739,6 +740,8 @@ def _in_plan_order(cal: Any, keys: list[Any]) -> list[Any]:
 
 def _loop_rows(configs: list[Any], reports: dict[Any, Any]) -> list[str]:
     """One line per config: its terms and where they come from."""
+    from trt_latency.estimator.fit import loop_note
+
     lines = [f"    {'config':<9} {'o ms/step':>9} {'c ms once':>9} {'o_p ms':>8}  source"]
     for c in configs:
         lp = c.serving_loop
@@ -754,7 +757,7 @@ def _loop_rows(configs: list[Any], reports: dict[Any, Any]) -> list[str]:
         else:
             src = f"{lp.source} ({lp.n_requests} requests there)"
         lines.append(f"    {_key_name(c.key):<9} {lp.decode_step_ms:>9.4f} {lp.first_step_ms:>9.4f} "
-                     f"{lp.prefill_ms:>8.4f}  {src}")
+                     f"{lp.prefill_ms:>8.4f}  {src}{loop_note(lp)}")  # c(P)'s slope, clamped terms
     return lines
 
 
