@@ -218,9 +218,11 @@ class AnalysisReport:
         if loop:
             lines.append("Predicted = engine per-position model + serving-loop terms (from the calibration):")
             for key, t in sorted(self.serving_loop.items()):
+                slope = f" + {t['first_step_per_token_ms']:.3g} ms * P" if t.get("first_step_per_token_ms") else ""
+                clamped = f"; clamped at 0: {', '.join(t['clamped'])}" if t.get("clamped") else ""
                 lines.append(f"  config ({key}): o = {t['decode_step_ms']:.4f} ms per decode step, c = "
-                             f"{t['first_step_ms']:.4f} ms once after the prefill, o_p = {t['prefill_ms']:.4f} ms "
-                             f"on the prefill ({t['source']}, {t['n_requests']} requests)")
+                             f"{t['first_step_ms']:.4f}{slope} ms once after the prefill, o_p = {t['prefill_ms']:.4f} ms "
+                             f"on the prefill ({t['source']}, {t['n_requests']} requests{clamped})")
             lines.append(_wrap(f"Loop share: the serving-loop terms are {self.loop_share_decode:.1%} of the predicted "
                                f"decode time and {self.loop_share_total:.1%} of the predicted total time of these "
                                "requests."))
@@ -636,5 +638,6 @@ def _serving_loops(estimator: Any) -> dict[str, Any]:
         if lp is not None:
             out[f"{c.tier_idx},{c.top_k},{c.num_active_blocks}"] = {
                 "decode_step_ms": lp.decode_step_ms, "first_step_ms": lp.first_step_ms, "prefill_ms": lp.prefill_ms,
-                "n_requests": lp.n_requests, "source": lp.source}
+                "n_requests": lp.n_requests, "source": lp.source,
+                "first_step_per_token_ms": lp.first_step_per_token_ms, "clamped": list(lp.clamped)}
     return out
