@@ -114,18 +114,35 @@ def loaded_ort_libraries(maps: str | None = None) -> list[str]:
     return seen
 
 
-def ort_mismatch(libraries: list[str], module_version: str | None) -> str | None:
-    """A warning when the ONNX Runtime library genai loaded is not the ``onnxruntime`` module's version
-    (the sweep times the module's; the calibration would describe another runtime), else None."""
+def ort_distributions() -> dict[str, str]:
+    """Installed ONNX Runtime distributions (onnxruntime, onnxruntime-gpu, ...) -> version: two of them share one
+    ``onnxruntime`` package folder, and whichever was installed last decides the library genai loads."""
+    import importlib.metadata as md
+
+    out = {}
+    for dist in md.distributions():
+        name = str(dist.metadata["Name"] or "")
+        if name.lower().startswith("onnxruntime") and "genai" not in name.lower():
+            out[name] = str(dist.version)
+    return out
+
+
+def ort_mismatch(libraries: list[str], module_version: str | None,
+                 distributions: dict[str, str] | None = None) -> str | None:
+    """A warning when the ONNX Runtime library genai loaded is not the ``onnxruntime`` module's version (the
+    sweep times the module's) or not every installed ONNX Runtime distribution's (an overlaid flavour, e.g.
+    onnxruntime-gpu installed over genai's onnxruntime, replaced the runtime genai was installed with), else None."""
     versions = sorted({m.group(1) for lib in libraries if (m := _ORT_LIB.search(lib))})
-    if not versions or module_version is None:
+    if not versions:
         return None
-    mod = module_version.split("+")[0]
-    if versions == [mod]:
+    claims = {} if module_version is None else {"the onnxruntime module the sweep times": module_version}
+    claims.update({f"the installed distribution {name}": v for name, v in (distributions or {}).items()})
+    off = [f"{who} {v}" for who, v in claims.items() if [v.split("+")[0]] != versions]
+    if not off:
         return None
-    return (f"onnxruntime-genai loaded ONNX Runtime {', '.join(versions)} ({', '.join(libraries)}) but the "
-            f"sweep times the onnxruntime module {module_version}: the loop terms and the engine model come "
-            "from different ONNX Runtime builds (install one onnxruntime in this venv)")
+    return (f"onnxruntime-genai loaded ONNX Runtime {', '.join(versions)} ({', '.join(libraries)}), but "
+            f"{'; '.join(off)}: the loop terms and the engine model may come from different ONNX Runtime "
+            "builds (keep one ONNX Runtime distribution in this venv)")
 
 
 class GenaiLoop(Closing):
@@ -216,7 +233,7 @@ class GenaiLoop(Closing):
             module = str(ort.__version__)
         except ImportError:
             module = None
-        return ort_mismatch(loaded_ort_libraries(), module)
+        return ort_mismatch(loaded_ort_libraries(), module, ort_distributions())
 
     def close(self) -> None:
         self.model = None

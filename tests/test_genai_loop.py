@@ -67,6 +67,11 @@ def test_ort_version_mismatch_is_named() -> None:
     warning = ort_mismatch(libs, "1.31.1")  # issue 24: onnxruntime-gpu 1.31.1 overlaid on genai's 1.32.0
     assert warning is not None and "1.32.0" in warning and "1.31.1" in warning
     assert ort_mismatch([], "1.32.0") is None and ort_mismatch(libs, None) is None
+    # Two flavours in one venv: the one installed last owns the package folder (issue 24's overlay).
+    both = {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.31.1"}
+    overlaid = ort_mismatch(loaded_ort_libraries(MAPS.replace("1.32.0", "1.31.1")), "1.31.1", both)
+    assert overlaid is not None and "onnxruntime 1.32.0" in overlaid and "onnxruntime-gpu" not in overlaid
+    assert ort_mismatch(libs, "1.32.0", {"onnxruntime": "1.32.0"}) is None
 
 
 # ------------------------------------------------------------------------------ with onnxruntime-genai
