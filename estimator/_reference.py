@@ -6,8 +6,8 @@ two equal on random tables and requests. The table layout, decision codes, reaso
 and field converters are ext/layout.py's (both implementations import that one module).
 
 Semantics: C(m) = sum_{L=0}^{m-1} T(L) in closed form per piece; prefill(P) = max(a + b P + c P^2, 0) + o_p;
-total(n) = (prefill(P) + [n >= 2] ((C(P+n-1) - C(P)) + c)) * f for n >= 1, where f is the alpha / quantile
-factor. T here is the step the tables were built with: the serving step T_engine(L) + o when the
+total(n) = (prefill(P) + [n >= 2] ((C(P+n-1) - C(P)) + c(P))) * f for n >= 1, where f is the alpha / quantile
+factor and c(P) = c0 + c1 P the serving loop's one-off first-step cost (c1 = 0: a constant). T here is the step the tables were built with: the serving step T_engine(L) + o when the
 per-step loop overhead o is folded into the piece values (Estimator does that at load time), so the
 kernels never see o itself. ``nfit`` is the largest n with total(n) <= budget,
 found by a binary search over pieces, a quadratic solve inside the piece, then a fix-up against total()
@@ -43,6 +43,7 @@ from trt_latency.ext.layout import (
     FACTORISED,
     FACTORISED_BIT,
     LOOP_FIRST,
+    LOOP_FIRST_P,
     LOOP_PRE,
     P_CUM,
     P_SLOPE,
@@ -226,10 +227,15 @@ class Kernel:
         e = row[EMB_A] + row[EMB_B] * prompt
         return float(x + (e if e > 0.0 else 0.0))
 
+    def first(self, c: int, prompt: float) -> float:
+        """The serving loop's one-off first-step cost c(P) = c0 + c1 * P (paid when n >= 2)."""
+        row = self.cfg[c]
+        return float(row[LOOP_FIRST] + row[LOOP_FIRST_P] * prompt)
+
     def decode_sum(self, c: int, prompt: float, n: float) -> float:
         if n <= 1.0:
             return 0.0
-        return (self.cumsum(c, prompt + n - 1.0) - self.cumsum(c, prompt)) + self.cfg[c][LOOP_FIRST]
+        return (self.cumsum(c, prompt + n - 1.0) - self.cumsum(c, prompt)) + self.first(c, prompt)
 
     def total(self, c: int, prompt: float, n: float, factor: float) -> float:
         return (self.prefill(c, prompt) + self.decode_sum(c, prompt, n)) * factor
@@ -245,7 +251,7 @@ class Kernel:
         precomputed, the decode part times ds (same arithmetic; ds = 1.0 is exact)."""
         if n <= 1.0:
             return (pre + 0.0) * factor
-        return (pre + ds * ((self.cumsum(c, prompt + n - 1.0) - cp) + self.cfg[c][LOOP_FIRST])) * factor
+        return (pre + ds * ((self.cumsum(c, prompt + n - 1.0) - cp) + self.first(c, prompt))) * factor
 
     def nfit(self, c: int, prompt: float, budget: float, factor: float) -> int:
         """Largest n in [0, TOKEN_MAX] with total(n) <= budget (0: not even the first token)."""
@@ -268,7 +274,7 @@ class Kernel:
         cp = self.cumsum(c, prompt)
         row = self.cfg[c]
         off, cnt = int(row[PIECE_OFF]), int(row[PIECE_CNT])
-        target = cp + ((budget / factor - pre) / ds - row[LOOP_FIRST])  # an estimate: _fixup makes it exact
+        target = cp + ((budget / factor - pre) / ds - self.first(c, prompt))  # an estimate: _fixup makes it exact
         i = bisect_right(self._cums[c], target) - 1
         if i < 0:
             i = 0

@@ -18,7 +18,8 @@ Schema version 1 (one mapping)::
         fit_error: {loo_median_rel, loo_max_rel, n_positions, knots_chosen_by}
         kv_bytes_per_token: null | int
         serving_loop:                                # optional (absent = zeros; not written when unset)
-          {decode_step_ms: o, first_step_ms: c, prefill_ms: o_p, n_requests: int, source: replay|none|borrowed:t<i>.k<k>.b<b>}
+          {decode_step_ms: o, first_step_ms: c, prefill_ms: o_p, n_requests: int, source: replay|none|borrowed:t<i>.k<k>.b<b>,
+           clamped: [o, c, c1, o_p]}                 # optional: the terms the fit held at 0 (absent = none)
     factorised:                                       # per tier: t0 + blocks*(u + w*top_k + v*L)
       - {tier_idx, t0, u, w, v, valid_past_len, heldout_median_rel, heldout_max_rel, n_configs}
     preference:                                       # optional: Estimator.choose's order, first = preferred
@@ -38,6 +39,11 @@ T(B, X) per measured batch size, estimator/batch_model.py; BATCH_CONTRACT.md)::
 
 A file is written as version 1 when no config has a batch section (older readers keep reading it,
 and version-1 files round-trip byte identical) and as version 2 otherwise.
+
+Schema version 3 adds the first step's growth with the prompt to the serving loop,
+c(P) = first_step_ms + first_step_per_token_ms * P (``first_step_per_token_ms: c1``, ms per prompt token,
+>= 0). A file is written as version 3 only when some c1 > 0 (an older reader then refuses the file instead
+of silently predicting with c1 = 0); files without it load with c1 = 0.
 
 The serving-loop section models what a real generate loop adds to the engine-only sweep
 (estimator.fit.fit_serving_loop): total(n) = prefill(P) + o_p + [n >= 2] * c + sum_{j=0}^{n-2} (T(P+j) + o).
@@ -68,8 +74,8 @@ import yaml
 from trt_latency.errors import CalibrationError
 from trt_latency.schema import ConfigKey
 
-SCHEMA_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+SUPPORTED_VERSIONS = (1, 2, 3)
 BATCH_KV_READS = ("padded", "packed")
 BATCH_PREFILL_MODES = ("separate", "mixed")
 # Largest tier_idx / top_k / num_active_blocks a file may name (keeps lookup tables small).
@@ -77,6 +83,7 @@ MAX_CONFIG_INT = 4095
 
 
 SERVING_LOOP_SOURCES = ("replay", "none")
+LOOP_TERMS = ("o", "c", "c1", "o_p")  # names of the serving-loop terms (ServingLoop.clamped)
 # Terms copied from another config's replay (a config with no replay of its own): "borrowed:t0.k1.b4".
 BORROWED_SOURCE = re.compile(r"borrowed:t\d+\.k\d+\.b\d+")
 
@@ -91,8 +98,12 @@ class ServingLoop:
     """Per-request cost of the serving loop around the engine, fitted from replayed requests (all ms, >= 0).
 
     decode_step_ms (o): added to every decode step (re-binding, argmax, embedding copy);
-    first_step_ms (c): once per request with >= 1 decode step (cold caches after the prefill);
+    first_step_ms (c0) + first_step_per_token_ms (c1) * P: once per request with >= 1 decode step (cold
+    caches after the prefill; a runtime that frees the P x vocab prefill logits there pays per prompt
+    token: c1 > 0 only where the replay supports the slope, estimator.fit.fit_loop_terms);
     prefill_ms (o_p): added to the prefill (TTFT) side.
+    clamped: the terms the fit held at their bound 0 (the data asked for a negative value), by name
+    ("o", "c", "c1", "o_p"): a 0 there is a bound, not a measurement.
     """
 
     decode_step_ms: float = 0.0
@@ -100,6 +111,12 @@ class ServingLoop:
     prefill_ms: float = 0.0
     n_requests: int = 0
     source: str = "none"
+    first_step_per_token_ms: float = 0.0
+    clamped: tuple[str, ...] = ()
+
+    def first_ms(self, prompt: float) -> float:
+        """c(P): the one-off first decode step's extra cost after a prefill of `prompt` tokens."""
+        return self.first_step_ms + self.first_step_per_token_ms * prompt
 
 
 @dataclass
@@ -191,19 +208,25 @@ def with_serving_loop(cal: Calibration, loops: Mapping[tuple[int, int, int], Ser
         if tuple(key) not in known:
             raise CalibrationError(field="configs", expected=f"a measured config {tuple(key)}", got=None)
     configs = [dataclasses.replace(c, serving_loop=loops[c.key]) if c.key in loops else c for c in cal.configs]
-    out = dataclasses.replace(cal, configs=configs)
+    out = dataclasses.replace(cal, configs=configs, schema_version=max(cal.schema_version, schema_version_for(configs)))
     validate_calibration(out)
     return out
 
 
 def _loop_dict(loop: ServingLoop) -> dict[str, Any]:
-    return {
+    out: dict[str, Any] = {
         "decode_step_ms": float(loop.decode_step_ms),
         "first_step_ms": float(loop.first_step_ms),
         "prefill_ms": float(loop.prefill_ms),
         "n_requests": int(loop.n_requests),
         "source": str(loop.source),
     }
+    # Written only when set, so files without them round-trip byte identical.
+    if loop.first_step_per_token_ms:
+        out["first_step_per_token_ms"] = float(loop.first_step_per_token_ms)
+    if loop.clamped:
+        out["clamped"] = list(loop.clamped)
+    return out
 
 
 def _config_dict(c: ConfigCalibration) -> dict[str, Any]:
@@ -253,7 +276,10 @@ def _batch_dict(section: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def schema_version_for(configs: Sequence[ConfigCalibration]) -> int:
-    """1 unless a config carries a batch section (then 2): single-request files stay readable by old tools."""
+    """1 unless a config carries a batch section (then 2) or a first-step slope c1 > 0 (then 3, which an
+    older reader refuses instead of silently dropping c1): files without them stay readable by old tools."""
+    if any(c.serving_loop is not None and c.serving_loop.first_step_per_token_ms for c in configs):
+        return 3
     return 2 if any(c.batch is not None for c in configs) else 1
 
 
@@ -492,6 +518,9 @@ class _Validator:
         for i, c in enumerate(configs):
             if c.batch is not None and version < 2:
                 raise self.fail(f"configs[{i}].batch", "schema_version 2 for a batch section", version)
+            if c.serving_loop is not None and c.serving_loop.first_step_per_token_ms and version < 3:
+                raise self.fail(f"configs[{i}].serving_loop.first_step_per_token_ms",
+                                "schema_version 3 for a first-step slope", version)
         seen: set[tuple[int, int, int]] = set()
         for i, c in enumerate(configs):
             if c.key in seen:
@@ -674,7 +703,16 @@ class _Validator:
             prefill_ms=self.number(m["prefill_ms"], f"{name}.prefill_ms", lo=0.0, hi=1e9, what=ms),
             n_requests=self.integer(m.get("n_requests", 0), f"{name}.n_requests", lo=0, hi=1 << 40),
             source=str(source),
+            first_step_per_token_ms=self.number(m.get("first_step_per_token_ms", 0.0),
+                                                f"{name}.first_step_per_token_ms", lo=0.0, hi=1e6,
+                                                what="a finite number of ms per prompt token in [0, 1e6]"),
+            clamped=self.clamped(m.get("clamped", []), f"{name}.clamped"),
         )
+
+    def clamped(self, data: Any, name: str) -> tuple[str, ...]:
+        if not isinstance(data, list) or any(v not in LOOP_TERMS for v in data) or len(set(data)) != len(data):
+            raise self.fail(name, "a list of distinct term names from " + ", ".join(LOOP_TERMS), data)
+        return tuple(str(v) for v in data)
 
     def conformal(self, data: Any, name: str) -> dict[str, Any]:
         m = self.mapping(data, name, ["alphas", "factors", "n"])

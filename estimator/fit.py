@@ -15,8 +15,10 @@ leave-one-config-out error; the Estimator uses it for configs that were not meas
 Serving loop (from a replayed request log, not from samples): the real generate loop pays more than
 the engine-only sweep (re-binding, argmax, embedding copy per step; cold caches on the first steps
 after a prefill). `fit_serving_loop` regresses each request's decode residual
-r = measured_decode - engine_decode on (n - 1) and 1 (Huber IRLS, o, c >= 0) and the TTFT residual
-on a constant (o_p >= 0): total(n) = prefill(P) + o_p + [n >= 2] c + sum_{j=0}^{n-2} (T(P + j) + o).
+r = measured_decode - engine_decode on (n - 1) and 1, and P where AICc supports it (Huber IRLS, o, c0,
+c1 >= 0; a runtime that frees the P x vocab prefill logits at the first step pays per prompt token) and the
+TTFT residual on a constant (o_p >= 0): total(n) = prefill(P) + o_p + [n >= 2] c(P) + sum_{j=0}^{n-2}
+(T(P + j) + o), c(P) = c0 + c1 P. Terms held at the bound 0 are named (ServingLoop.clamped).
 Fit it on one half of the log (`split_requests`) and keep the other half for validation and the
 conformal factors, so those stay exchangeable with new requests.
 """
@@ -473,32 +475,102 @@ def _huber_nnls(a: np.ndarray, b: np.ndarray, weights: np.ndarray | None = None,
     return x
 
 
-def fit_loop_terms(output_tokens: np.ndarray, decode_residual_ms: np.ndarray,
-                   prefill_residual_ms: np.ndarray, prefill_ms: np.ndarray | None = None) -> tuple[float, float, float]:
-    """(o, c, o_p) from per-request residuals over the engine-only prediction.
+@dataclass(frozen=True)
+class LoopTerms:
+    """The serving-loop terms fitted from request residuals, and which of them sit at their bound 0."""
+
+    o: float = 0.0
+    c0: float = 0.0
+    c1: float = 0.0  # ms per prompt token of the first step; 0 when the constant c is kept
+    o_p: float = 0.0
+    clamped: tuple[str, ...] = ()  # names from calibration.LOOP_TERMS held at 0 by the fit
+    form: str = "constant"  # "constant" c or "prompt" c0 + c1 P (chosen by AICc)
+    aicc: tuple[float, float] = (math.nan, math.nan)  # (constant, prompt); nan = not compared
+
+
+def _aicc(rss: float, n: int, k: int) -> float:
+    if n - k - 1 <= 0 or not rss > 0:
+        return math.nan
+    return n * math.log(rss / n) + 2 * k + 2 * k * (k + 1) / (n - k - 1)
+
+
+def _robust_rss(a: np.ndarray, b: np.ndarray, x: np.ndarray, w: np.ndarray, clip: float) -> float:
+    """Weighted residual sum of squares with each residual clipped at `clip` (the Huber cut of a common
+    scale), so a few descheduled requests do not choose the model form."""
+    r = np.clip((b - a @ x) * np.sqrt(w), -clip, clip)
+    return float(r @ r)
+
+
+MIN_SLOPE_PROMPTS = 3  # distinct prompt lengths among the decode rows before a first-step slope is tried
+SLOPE_AICC_MARGIN = 2.0  # the slope must lower AICc by this much (otherwise the constant c is kept)
+
+
+def fit_loop(output_tokens: np.ndarray, decode_residual_ms: np.ndarray, prefill_residual_ms: np.ndarray,
+             prefill_ms: np.ndarray | None = None, prompt: np.ndarray | None = None) -> LoopTerms:
+    """The serving-loop terms from per-request residuals over the engine-only prediction.
 
     decode_residual_ms[i] = measured decode - engine decode of request i (used where output_tokens >= 2):
-    r = o * (n - 1) + c, rows weighted 1 / (n - 1) since a sum of n - 1 noisy steps has variance ~ n - 1.
-    prefill_residual_ms = measured TTFT - engine prefill: o_p is its Huber location, rows weighted
-    1 / prefill_ms^2 when given (timing noise is relative: a VLM request's 100 ms encoder scatters by
-    +-20 ms and would bury a 0.1 ms host overhead measured on the short prompts). All clamped >= 0.
+    r = o * (n - 1) + c(P), rows weighted 1 / (n - 1) since a sum of n - 1 noisy steps has variance ~ n - 1.
+    c(P) is a constant c0, or c0 + c1 P (P = `prompt`, the request's prompt tokens) when the slope is
+    supported: enough distinct prompts, c1 > 0, and AICc (robust RSS, residuals clipped at the Huber cut of
+    the constant fit's scale) lower by SLOPE_AICC_MARGIN. prefill_residual_ms = measured TTFT - engine
+    prefill: o_p is its Huber location, rows weighted 1 / prefill_ms^2 when given (timing noise is relative:
+    a VLM request's 100 ms encoder scatters by +-20 ms and would bury a 0.1 ms host overhead measured on the
+    short prompts). All >= 0; a term the bound holds at 0 is named in `clamped`.
     """
     n = np.asarray(output_tokens, dtype=np.float64)
     r = np.asarray(decode_residual_ms, dtype=np.float64)
     rp = np.asarray(prefill_residual_ms, dtype=np.float64)
     dec = (n >= 2) & np.isfinite(r)
-    o = c = 0.0
+    o = c0 = c1 = 0.0
+    clamped: list[str] = []
+    form, aicc = "constant", (math.nan, math.nan)
     if dec.any():
         steps = n[dec] - 1.0
+        w = 1.0 / steps
         if np.unique(steps).size >= 2:
-            o, c = (float(v) for v in _huber_nnls(np.column_stack([steps, np.ones_like(steps)]), r[dec], 1.0 / steps))
+            a = np.column_stack([steps, np.ones_like(steps)])
+            x = _huber_nnls(a, r[dec], w)
+            o, c0 = (float(v) for v in x)
+            pl = None if prompt is None else np.asarray(prompt, dtype=np.float64)[dec]
+            if pl is not None and np.unique(pl).size >= MIN_SLOPE_PROMPTS:
+                a2 = np.column_stack([steps, np.ones_like(steps), pl])
+                x2 = _huber_nnls(a2, r[dec], w)
+                res = (r[dec] - a @ x) * np.sqrt(w)
+                clip = HUBER_K * max(1.4826 * float(np.median(np.abs(res - np.median(res)))), 1e-12)
+                m = int(steps.size)
+                aicc = (_aicc(_robust_rss(a, r[dec], x, w, clip), m, 2), _aicc(_robust_rss(a2, r[dec], x2, w, clip), m, 3))
+                if x2[2] > 0 and aicc[1] + SLOPE_AICC_MARGIN < aicc[0]:
+                    o, c0, c1 = (float(v) for v in x2)
+                    form = "prompt"
+            clamped += [name for name, v in (("o", o), ("c", c0)) if v == 0.0]
         else:  # one output length only: o and c cannot be told apart; call it all per-step
-            o = float(_huber_nnls(steps[:, None], r[dec], 1.0 / steps)[0])
+            o = float(_huber_nnls(steps[:, None], r[dec], w)[0])
+            clamped += ["o"] if o == 0.0 else []
     ok = np.isfinite(rp)
     wp = None if prefill_ms is None else 1.0 / np.maximum(np.asarray(prefill_ms, dtype=np.float64)[ok], 1e-3) ** 2
     rp = rp[ok]
     o_p = float(_huber_nnls(np.ones((rp.size, 1)), rp, wp)[0]) if rp.size else 0.0
-    return o, c, o_p
+    if rp.size and o_p == 0.0:
+        clamped.append("o_p")
+    return LoopTerms(o, c0, c1, o_p, tuple(clamped), form, aicc)
+
+
+def loop_note(loop: ServingLoop) -> str:
+    """The summary's note on a config's loop terms: the first step's slope and the terms held at their
+    bound (a clamped term is never printed as a silent 0.0000)."""
+    note = f"; c(P) = c + {loop.first_step_per_token_ms:.3g} ms * P" if loop.first_step_per_token_ms else ""
+    if loop.clamped:
+        note += (f"; clamped at 0: {', '.join(loop.clamped)} (the replay asked for less than the engine-only "
+                 "sweep: a bound, not a measurement)")
+    return note
+
+
+def fit_loop_terms(output_tokens: np.ndarray, decode_residual_ms: np.ndarray,
+                   prefill_residual_ms: np.ndarray, prefill_ms: np.ndarray | None = None) -> tuple[float, float, float]:
+    """(o, c, o_p) of `fit_loop` with a constant first-step term (no prompt lengths given)."""
+    t = fit_loop(output_tokens, decode_residual_ms, prefill_residual_ms, prefill_ms)
+    return t.o, t.c0, t.o_p
 
 
 @dataclass
@@ -515,6 +587,7 @@ class LoopFitReport:
     holdout_median_ratio_serving: float
     holdout_decode_median_rel_engine: float = math.nan  # decode part only (requests with >= 2 tokens)
     holdout_decode_median_rel_serving: float = math.nan
+    terms: LoopTerms | None = None  # the fit itself (form, AICc); None without enough decode requests
 
 
 def split_requests(request_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -567,6 +640,7 @@ def fit_serving_loop(log: Any, estimator: Any, fit_mask: np.ndarray | None = Non
     ttft = np.asarray(log.ttft_ms, dtype=np.float64)
     total = np.asarray(log.total_ms, dtype=np.float64)
     n_out = np.asarray(log.output_tokens, dtype=np.int64)
+    prompt = (np.asarray(log.vision_tokens, dtype=np.float64) + np.asarray(log.text_tokens, dtype=np.float64))
     keys: list[ConfigKey | None] = []
     for i in range(len(log)):
         t, k, b = _log_key(log, i)
@@ -580,15 +654,16 @@ def fit_serving_loop(log: Any, estimator: Any, fit_mask: np.ndarray | None = Non
         mine = np.array([k == key for k in keys]) & np.isfinite(pre) & np.isfinite(dec)
         fit = mine & fit_mask
         n_dec = int((fit & (n_out >= 2)).sum())
+        terms = None
         if n_dec >= MIN_LOOP_REQUESTS:
-            o, c, o_p = fit_loop_terms(n_out[fit], (total - ttft)[fit] - dec[fit], ttft[fit] - pre[fit], pre[fit])
-            loop = ServingLoop(o, c, o_p, int(fit.sum()), "replay")
+            terms = fit_loop(n_out[fit], (total - ttft)[fit] - dec[fit], ttft[fit] - pre[fit], pre[fit], prompt[fit])
+            loop = ServingLoop(terms.o, terms.c0, terms.o_p, int(fit.sum()), "replay", terms.c1, terms.clamped)
         else:
             loop = ServingLoop(0.0, 0.0, 0.0, int(fit.sum()), "none")
         hold = mine & holdout_mask
         engine_total = pre[hold] + dec[hold]
         steps = np.maximum(n_out[hold] - 1, 0).astype(np.float64)
-        serving_total = (engine_total + loop.prefill_ms + np.where(steps > 0, loop.first_step_ms, 0.0)
+        serving_total = (engine_total + loop.prefill_ms + np.where(steps > 0, loop.first_ms(prompt[hold]), 0.0)
                          + steps * loop.decode_step_ms)
         rel_e, ratio_e = _median_rel(total[hold], engine_total)
         rel_s, ratio_s = _median_rel(total[hold], serving_total)
@@ -597,6 +672,6 @@ def fit_serving_loop(log: Any, estimator: Any, fit_mask: np.ndarray | None = Non
         dec_e = _median_rel(measured_dec, dec[hold][has_dec])[0]
         dec_s = _median_rel(measured_dec, (serving_total - pre[hold] - loop.prefill_ms)[has_dec])[0]
         out[key] = LoopFitReport(key, loop, int(fit.sum()), int(hold.sum()), rel_e, rel_s, ratio_e, ratio_s,
-                                 dec_e, dec_s)
+                                 dec_e, dec_s, terms)
     return out
 

@@ -11,10 +11,11 @@ It never raises for bad request fields: Decision(False, 0, nan, reason) says whi
 Semantics: P = vision_tokens + text_tokens and, with the config's serving-loop terms (o, c, o_p; zeros
 when the calibration has none),
 
-    total(n) = prefill(P) + o_p + [n >= 2] * c + sum_{j=0}^{n-2} (T(P + j) + o)
+    total(n) = prefill(P) + o_p + [n >= 2] * c(P) + sum_{j=0}^{n-2} (T(P + j) + o),   c(P) = c0 + c1 * P
 
-where T is the engine-only step fitted from the sweep. The serving step T + o is folded into the
-kernel tables at load time (o shifts every knot value), c and o_p are table columns; a second set of
+where T is the engine-only step fitted from the sweep and c(P) the first decode step's extra cost after
+a prefill of P tokens (c1 = 0 unless the replay supports a slope). The serving step T + o is folded into the
+kernel tables at load time (o shifts every knot value), c0, c1 and o_p are table columns; a second set of
 tables without the loop terms answers `serving=False` (engine only, for reports and the sweep).
 Decision.predicted_ms is total(max_new_tokens requested, or 1 when None) times the alpha factor;
 admit is True iff that fits the budget; Decision.max_new_tokens = min(requested, largest n that fits).
@@ -142,7 +143,7 @@ def build_tables(cal: Calibration, serving: bool = True) -> tuple[dict[str, np.n
     """Flat tables for the kernels, the key of each row and whether it is factorised.
 
     serving=True folds each config's serving-loop terms in: o into every piece value (T + o per
-    step), c and o_p into the LOOP_FIRST / LOOP_PRE columns. serving=False: engine-only tables.
+    step), c0, c1 and o_p into the LOOP_FIRST / LOOP_FIRST_P / LOOP_PRE columns. serving=False: engine-only tables.
     """
     rows = _factorised_rows(cal)
     cfg = np.zeros((len(rows), layout.NCOL))
@@ -160,6 +161,7 @@ def build_tables(cal: Calibration, serving: bool = True) -> tuple[dict[str, np.n
         pieces.append(p)
         row = cfg[i]
         row[layout.LOOP_FIRST], row[layout.LOOP_PRE] = loop.first_step_ms, loop.prefill_ms
+        row[layout.LOOP_FIRST_P] = loop.first_step_per_token_ms
         row[layout.PRE_A], row[layout.PRE_B], row[layout.PRE_C] = c.prefill_coeffs
         row[layout.PAST_LO], row[layout.PAST_HI] = c.valid_past_len
         row[layout.PRE_LO], row[layout.PRE_HI] = c.valid_prefill_len

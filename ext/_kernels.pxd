@@ -131,10 +131,15 @@ cdef inline double c_vision(const Tables* t, Py_ssize_t c, double vision, double
     return x + (e if e > 0.0 else 0.0)
 
 
+cdef inline double c_first(const double* row, double prompt) noexcept nogil:
+    """The serving loop's one-off first-step cost c(P) = c0 + c1 * P (paid when n >= 2)."""
+    return row[LOOP_FIRST] + row[LOOP_FIRST_P] * prompt
+
+
 cdef inline double c_decode_sum(const Tables* t, Py_ssize_t c, double prompt, double n) noexcept nogil:
     if n <= 1.0:
         return 0.0
-    return (c_cumsum(t, c, prompt + n - 1.0) - c_cumsum(t, c, prompt)) + t.cfg[c * NCOL + LOOP_FIRST]
+    return (c_cumsum(t, c, prompt + n - 1.0) - c_cumsum(t, c, prompt)) + c_first(t.cfg + c * NCOL, prompt)
 
 
 cdef inline double c_total(const Tables* t, Py_ssize_t c, double prompt, double n, double factor) noexcept nogil:
@@ -163,7 +168,7 @@ cdef inline double c_total_at(const Tables* t, Py_ssize_t c, double prompt, doub
     precomputed, the decode part times ds (same arithmetic; ds = 1.0 is exact)."""
     if n <= 1.0:
         return (pre + 0.0) * factor
-    return (pre + ds * ((_cumsum_hint(t, c, prompt + n - 1.0, hint) - cp) + t.cfg[c * NCOL + LOOP_FIRST])) * factor
+    return (pre + ds * ((_cumsum_hint(t, c, prompt + n - 1.0, hint) - cp) + c_first(t.cfg + c * NCOL, prompt))) * factor
 
 
 cdef inline long long _fixup(const Tables* t, Py_ssize_t c, double prompt, double budget, double factor,
@@ -219,7 +224,7 @@ cdef inline long long c_nfit_at(const Tables* t, Py_ssize_t c, double prompt, do
     off = <Py_ssize_t>row[PIECE_OFF]
     cnt = <Py_ssize_t>row[PIECE_CNT]
     first = t.pieces + off * PCOL
-    target = cp + ((budget / factor - pre) / ds - row[LOOP_FIRST])  # an estimate: _fixup makes it exact
+    target = cp + ((budget / factor - pre) / ds - c_first(row, prompt))  # an estimate: _fixup makes it exact
     i = _bisect(first + P_CUM, cnt, target)
     if i < 0:
         i = 0

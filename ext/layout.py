@@ -10,7 +10,7 @@ Tables (built by estimator.model.build_tables):
 
 - ``cfg``     float64 [n_cfg, NCOL]: prefill a, b, c; valid past_len lo, hi; valid prefill lo, hi;
   factorised flag; offsets/counts into ``pieces``, ``conf`` and ``rq``; serving-loop first-step
-  transient c (LOOP_FIRST) and prefill overhead o_p (LOOP_PRE), both ms >= 0 (0 = none); the vision
+  transient c(P) = LOOP_FIRST + LOOP_FIRST_P * P and prefill overhead o_p (LOOP_PRE), all >= 0 (0 = none); the vision
   encoder and embedding step of a VLM chain (VIS_A .. VIS_MODE, zeros = none).
 - ``pieces``  float64 [n, PCOL]: per piece of T(L) over integer L: start B (integer valued), T(B) = v,
   slope beta, cum = sum_{L=0}^{B-1} T(L). Piece 0 starts at 0 (constant T = first knot value below the
@@ -41,7 +41,11 @@ VIS_A, VIS_B, VIS_C, VIS_LO, VIS_HI, EMB_A, EMB_B, VIS_NAT_V, VIS_NAT_MS = 16, 1
 # f2 the 2-images-per-call fit VIS2_A + VIS2_B u + VIS2_C u^2 (VIS2_NAT_MS at the native grid when > 0),
 # extrapolated for k > 2; 2 = one call but no 2-image fit: k * f1(u), extrapolated.
 VIS2_A, VIS2_B, VIS2_C, VIS2_NAT_MS, VIS_MODE = 25, 26, 27, 28, 29
-NCOL = 30
+# serving loop: the first step's growth with the prompt, c(P) = LOOP_FIRST + LOOP_FIRST_P * P (ms per prompt
+# token, >= 0; 0 = a constant c). A runtime may pay per prompt token once after the prefill (genai frees
+# the P x vocab logits there: docs/decisions.md).
+LOOP_FIRST_P = 30
+NCOL = 31
 # pieces columns
 P_START, P_VALUE, P_SLOPE, P_CUM = 0, 1, 2, 3
 PCOL = 4
@@ -156,7 +160,7 @@ def as_candidates(o: Any) -> tuple[Any, ...] | list[Any]:
 _ENUM_NAMES = ("PRE_A", "PRE_B", "PRE_C", "PAST_LO", "PAST_HI", "PRE_LO", "PRE_HI", "FACTORISED", "PIECE_OFF",
                "PIECE_CNT", "CONF_OFF", "CONF_CNT", "RQ_OFF", "RQ_CNT", "LOOP_FIRST", "LOOP_PRE", "VIS_A", "VIS_B",
                "VIS_C", "VIS_LO", "VIS_HI", "EMB_A", "EMB_B", "VIS_NAT_V", "VIS_NAT_MS", "VIS2_A", "VIS2_B",
-               "VIS2_C", "VIS2_NAT_MS", "VIS_MODE", "NCOL",
+               "VIS2_C", "VIS2_NAT_MS", "VIS_MODE", "LOOP_FIRST_P", "NCOL",
                "P_START", "P_VALUE", "P_SLOPE", "P_CUM", "PCOL", "TOKEN_MAX", "F_NONE", "F_CONFORMAL",
                "F_RESIDUAL", "F_CLIPPED", "CODE_BAD", "CODE_EMPTY_PROMPT", "CODE_UNKNOWN_CONFIG",
                "CODE_BAD_SCALE", "CODE_NO_CANDIDATE", "CODE_BAD_IMAGES", "EXTRAPOLATED_BIT", "ST_FITS", "ST_FEWER",

@@ -108,7 +108,7 @@ def _set(path: list, value):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [
-        (_set(["schema_version"], 3), "schema_version"),  # 1 and 2 load (2: batch sections)
+        (_set(["schema_version"], 4), "schema_version"),  # 1, 2 and 3 load (2: batch sections, 3: a first-step slope)
         (_set(["schema_version"], KeyError), "schema_version"),
         (_set(["configs"], []), "configs"),
         (_set(["configs"], "x"), "configs"),

@@ -154,7 +154,8 @@ def test_max_new_tokens_is_exact_with_serving_loop(cal: Calibration, data: st.Da
 @LOOP_SETTINGS
 @given(calibrations(nonzero_loops), st.data())
 def test_serving_loop_terms_are_exactly_the_documented_sum(cal: Calibration, data: st.DataObject) -> None:
-    """predict(serving=True) = engine prefill + o_p, engine decode + c + (n - 1) o (n >= 2); steps + o."""
+    """predict(serving=True) = engine prefill + o_p, engine decode + c(P) + (n - 1) o (n >= 2), with
+    c(P) = c0 + c1 P over the whole prompt (vision + text tokens); steps + o."""
     for impl in (cy, _reference):
         est = Estimator(cal, implementation=impl)
         for _ in range(5):
@@ -163,8 +164,11 @@ def test_serving_loop_terms_are_exactly_the_documented_sum(cal: Calibration, dat
             loop = cal.config(*key).serving_loop
             assert loop is not None and est.serving_loop(**kw) == loop
             prompt, n = data.draw(st.integers(1, 5000)), data.draw(st.integers(1, 4000))
-            served, engine = est.predict(0, prompt, n, **kw), est.predict(0, prompt, n, serving=False, **kw)
-            extra = loop.first_step_ms + (n - 1) * loop.decode_step_ms if n >= 2 else 0.0
+            vision = data.draw(st.integers(0, prompt - 1)) if cal.vision is None else 0
+            served = est.predict(vision, prompt - vision, n, **kw)
+            engine = est.predict(vision, prompt - vision, n, serving=False, **kw)
+            extra = loop.first_step_ms + loop.first_step_per_token_ms * prompt + (n - 1) * loop.decode_step_ms \
+                if n >= 2 else 0.0
             assert served.prefill_ms == pytest.approx(engine.prefill_ms + loop.prefill_ms, rel=1e-12, abs=1e-9)
             assert served.decode_ms == pytest.approx(engine.decode_ms + extra, rel=1e-9, abs=1e-7)
             past = data.draw(st.integers(0, 9000))

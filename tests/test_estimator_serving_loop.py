@@ -23,7 +23,7 @@ from trt_latency.estimator.calibration import (
     save_calibration,
     with_serving_loop,
 )
-from trt_latency.estimator.fit import fit_loop_terms, fit_serving_loop, split_requests
+from trt_latency.estimator.fit import fit_loop, fit_loop_terms, fit_serving_loop, loop_note, split_requests
 from trt_latency.estimator.model import Estimator
 from trt_latency.estimator.requests import append_requests, read_requests
 
@@ -50,7 +50,7 @@ def synthetic_log(path: Path, loop: ServingLoop, n_requests: int = 120, noise_ms
         prompt, n = int(rng.integers(16, 800)), int(rng.integers(1, 64))
         p = est.predict(0, prompt, n)
         ttft = p.prefill_ms + loop.prefill_ms + rng.normal(0.0, noise_ms)
-        decode = p.decode_ms + (loop.first_step_ms + (n - 1) * loop.decode_step_ms if n >= 2 else 0.0)
+        decode = p.decode_ms + (loop.first_ms(prompt) + (n - 1) * loop.decode_step_ms if n >= 2 else 0.0)
         decode += rng.normal(0.0, noise_ms) * np.sqrt(max(n - 1, 0))
         if i < outliers:
             decode += 40.0
@@ -149,6 +149,89 @@ def test_fit_serving_loop_on_synthetic_requests(tmp_path: Path) -> None:
     served, engine = est.predict(0, 300, 20), est.predict(0, 300, 20, serving=False)
     assert served.total_ms - engine.total_ms == pytest.approx(
         r.loop.prefill_ms + r.loop.first_step_ms + 19 * r.loop.decode_step_ms, rel=1e-9)
+
+
+# The first step after a prefill growing with the prompt (genai frees the P x vocab logits there; issue 24).
+SLOPED = dataclasses.replace(TRUE, first_step_ms=0.5, first_step_per_token_ms=0.02)
+
+
+def test_fit_serving_loop_finds_a_first_step_growing_with_the_prompt(tmp_path: Path) -> None:
+    log = read_requests(synthetic_log(tmp_path / "req.csv", SLOPED, n_requests=160))
+    r = fit_serving_loop(log, Estimator(engine_cal()))[KEY]
+    assert r.terms is not None and r.terms.form == "prompt" and r.terms.aicc[1] < r.terms.aicc[0] - 2.0
+    assert r.loop.first_step_per_token_ms == pytest.approx(0.02, rel=0.1)
+    assert r.loop.first_step_ms == pytest.approx(0.5, abs=1.0)
+    assert r.loop.decode_step_ms == pytest.approx(TRUE.decode_step_ms, abs=0.03)
+    assert r.holdout_decode_median_rel_serving < 0.02
+    # The kernels price c(P) from the stored slope: a 2-token request pays c0 + c1 P once.
+    cal = with_serving_loop(engine_cal(), {KEY: r.loop})
+    assert cal.schema_version == 3
+    est = Estimator(cal)
+    for p in (16, 700):
+        extra = est.predict(0, p, 2).total_ms - est.predict(0, p, 2, serving=False).total_ms
+        assert extra == pytest.approx(r.loop.prefill_ms + r.loop.first_ms(p) + r.loop.decode_step_ms, rel=1e-9)
+    assert "c(P) = c + 0.02" in loop_note(r.loop)
+
+
+def test_fit_keeps_the_constant_when_the_slope_is_not_supported(tmp_path: Path) -> None:
+    log = read_requests(synthetic_log(tmp_path / "req.csv", TRUE, n_requests=160))
+    r = fit_serving_loop(log, Estimator(engine_cal()))[KEY]
+    assert r.terms is not None and r.terms.form == "constant" and r.loop.first_step_per_token_ms == 0.0
+    assert r.loop.first_step_ms == pytest.approx(TRUE.first_step_ms, abs=0.4)
+    assert with_serving_loop(engine_cal(), {KEY: r.loop}).schema_version == 1  # old readers keep reading it
+
+
+def test_clamped_terms_are_named_in_the_fit_the_file_and_the_summary(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    n = rng.integers(1, 60, 120)
+    steps = np.maximum(n - 1, 0)
+    prompt = rng.integers(16, 800, n.size)
+    t = fit_loop(n, -0.2 * steps - 1.0 + rng.normal(0, 0.01, n.size), rng.normal(-3.0, 0.1, n.size), None, prompt)
+    assert (t.o, t.c0, t.c1, t.o_p) == (0.0, 0.0, 0.0, 0.0) and t.clamped == ("o", "c", "o_p")
+    loop = ServingLoop(t.o, t.c0, t.o_p, 60, "replay", t.c1, t.clamped)
+    assert "clamped at 0: o, c, o_p" in loop_note(loop)
+    path = tmp_path / "cal.yaml"
+    save_calibration(with_serving_loop(engine_cal(), {KEY: loop}), path)
+    assert "clamped: [o, c, o_p]" in path.read_text()
+    assert load_calibration(path).configs[0].serving_loop == loop
+    # A term fitted above its bound is not named.
+    t2 = fit_loop(n, 0.3 * steps + 2.0 + rng.normal(0, 0.01, n.size), rng.normal(0.7, 0.01, n.size), None, prompt)
+    assert t2.clamped == () and loop_note(ServingLoop(t2.o, t2.c0, t2.o_p, 60, "replay")) == ""
+
+
+def test_slope_round_trip_and_version(tmp_path: Path) -> None:
+    loop = dataclasses.replace(SLOPED, n_requests=16)
+    cal = with_serving_loop(engine_cal(), {KEY: loop})
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    save_calibration(cal, a)
+    loaded = load_calibration(a)
+    assert loaded == cal and loaded.schema_version == 3 and loaded.configs[0].serving_loop == loop
+    save_calibration(loaded, b)
+    assert a.read_bytes() == b.read_bytes()
+    # A slope in a file that claims an older schema is refused (an old reader would drop it silently).
+    data = calibration_to_dict(cal)
+    data["schema_version"] = 1
+    a.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(CalibrationError, match="first_step_per_token_ms"):
+        load_calibration(a)
+
+
+@pytest.mark.parametrize(("extra", "field"), [
+    ({"first_step_per_token_ms": -0.1}, "serving_loop.first_step_per_token_ms"),
+    ({"first_step_per_token_ms": "x"}, "serving_loop.first_step_per_token_ms"),
+    ({"clamped": ["q"]}, "serving_loop.clamped"),
+    ({"clamped": "o"}, "serving_loop.clamped"),
+    ({"clamped": ["o", "o"]}, "serving_loop.clamped"),
+])
+def test_bad_slope_or_clamped_names_file_and_field(tmp_path: Path, extra: dict, field: str) -> None:
+    data = calibration_to_dict(engine_cal())
+    data["schema_version"] = 3
+    data["configs"][0]["serving_loop"] = {"decode_step_ms": 0.1, "first_step_ms": 0.0, "prefill_ms": 0.0, **extra}
+    path = tmp_path / "cal.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(CalibrationError) as info:
+        load_calibration(path)
+    assert str(path) in str(info.value) and f"configs[0].{field}" in str(info.value)
 
 
 def test_too_few_requests_give_no_loop_terms(tmp_path: Path) -> None:

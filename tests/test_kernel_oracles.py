@@ -398,6 +398,28 @@ def test_nfit_target_below_the_first_piece() -> None:
         assert kernel.nfit(0, 2.0, math.nextafter(one, 0.0), 1.0) == 0
 
 
+@pytest.mark.parametrize("prompt", [1, 16, 256, 1024, 2048, 4096])
+def test_first_step_growing_with_the_prompt(prompt: int) -> None:
+    """c(P) = c0 + c1 P (genai's first step after a prefill: +2 .. +212 ms at P = 16 .. 4096, issue 24):
+    the jump from n = 1 to n = 2 is the step at KV P plus c0 + c1 P, computed from the table's own values,
+    and max_new_tokens equals the brute-force walk over predict, for the vision tokens counted in P too."""
+    c0, c1 = 2.0, 0.05
+    loop = ServingLoop(decode_step_ms=0.1, first_step_ms=c0, prefill_ms=0.3, n_requests=8, source="replay",
+                       first_step_per_token_ms=c1)
+    cal = _one_config(loop)
+    for kernel in kernels(cal):
+        jump = kernel.total(0, float(prompt), 2.0, 1.0) - kernel.total(0, float(prompt), 1.0, 1.0)
+        assert jump == pytest.approx(kernel.step(0, float(prompt)) + c0 + c1 * prompt, rel=1e-12)
+    for impl in (cy, _reference):
+        est = Estimator(cal, implementation=impl)
+        one = est.predict(0, prompt, 1).total_ms
+        for budget in (one, one + c0 + c1 * prompt, one + c0 + c1 * prompt + 40.0, one + 500.0):
+            for vision in {0, prompt // 2}:
+                want = brute_max_new_tokens(est, budget, vision, prompt - vision, {}, 2000)
+                assert est.max_new_tokens(budget, vision, prompt - vision) == want, (budget, vision)
+                assert est.admit(budget, vision, prompt - vision, None).max_new_tokens == want
+
+
 # ------------------------------------------------------------------------------ predict_batch flags
 
 

@@ -604,7 +604,8 @@ def _fit_all(cals: list[Calibration], items: list[Item], done: dict[int, dict[st
             continue
         info = {k: mine[0][k] for k in ("backend", "device", "kv_mode", "token_input")} if mine else {}
         sweeps = {tuple(d["sweep"].key): d["sweep"] for d in mine}
-        cal, samples = _fit(out / "samples.csv", cal_def.plan, targets, info, cal_def.options)
+        # Ray actors replay through our ORT loop (engines.replay), never genai's: provenance says so.
+        cal, samples = _fit(out / "samples.csv", cal_def.plan, targets, info, replace(cal_def.options, runtime="ort"))
         cal = _with_sweep_record(cal, sweeps, cal_def.plan)
         save_calibration(cal, out / "calibration.yaml")
         if not cal_def.options.no_plot:

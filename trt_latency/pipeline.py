@@ -58,6 +58,7 @@ class CalibrateOptions:
     max_past_len: int | None = None
     precision: float | None = None  # target relative SE of each position's median (None: the plan's; 0: fixed)
     time_budget: float | None = None  # seconds for the whole calibrate (None: the plan's)
+    runtime: str = "auto"  # the replay's loop: auto | ort | genai (engines/genai_loop.py)
     # VLM deployments (trt_latency/pipeline_vision.py): the vision encoder, its family / config / feeds
     # hook, the embedding step, and how a request's images go to the encoder.
     vision_onnx: str | None = None
@@ -372,7 +373,8 @@ def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) 
         cut = ""
         for i, t in enumerate(targets):
             result = _replay(t, plan, backend, requests_path, n_requests, progress, id_offset=i * REPLAY_ID_STRIDE,
-                             options=options, say=say, vision=args if args.vision_onnx else None)
+                             options=options, say=say, vision=args if args.vision_onnx else None,
+                             loop=str(cal.provenance.get("loop", "ort")))
             written += result.rows_written
             skipped += result.rows_skipped
             seconds += result.seconds
@@ -634,6 +636,7 @@ def _fit(samples_path: Path, plan: Any, targets: list[Target], runner_info: dict
         models={f"t{t.key.tier_idx}.k{t.key.top_k}.b{t.key.num_active_blocks}": {
             "path": str(t.path), "sha256": _sha256(t.path)} for t in targets},
         engine_sha256=_sha256(targets[0].path),
+        loop=_loop_choice(args, targets[0], runner_info.get("backend", "")),  # the replay's loop, decided here
         tiers={str(t.tier.tier_idx): {f: getattr(t.tier, f) for f in t.tier.__dataclass_fields__} for t in targets},
     )
     sigs = {_key_name(t.key): _signature_record(t.signature) for t in targets if t.signature is not None}
@@ -684,13 +687,23 @@ def _plot(samples: Any, cal: Any, path: Path, runner_info: dict[str, str]) -> bo
     return True
 
 
+def _loop_choice(args: Any, target: Target, backend: str) -> str:
+    """The replay's loop for provenance (engines/genai_loop.py): "genai x.y" or "ort"."""
+    from trt_latency.engines.genai_loop import choose_loop, loop_provenance
+
+    return loop_provenance(choose_loop(args.runtime, target.path, backend, embeddings=bool(args.vision_onnx)))
+
+
 def _replay(target: Target, plan: Any, backend: str, requests_path: Path, n: int, progress: bool,
             id_offset: int = 0, options: dict[str, Any] | None = None, say: Callable[[str], None] = print,
-            vision: Any = None) -> Any:
+            vision: Any = None, loop: str = "ort") -> Any:
+    from trt_latency.engines.genai_loop import choose_loop, open_replay_runner
     from trt_latency.engines.replay import run_replay
 
     spec = replace(plan.replay, requests=n)
-    with _open(target, plan, backend, options) as runner:
+    choice = choose_loop("genai" if loop.startswith("genai") else "ort", target.path)  # as the provenance says
+    with open_replay_runner(choice, lambda: _open(target, plan, backend, options), plan.runtime.intra_op_threads,
+                            plan.runtime.huge_pages, say) as runner:
         if getattr(runner, "token_input", "") == "input_ids":
             say("  " + VISION_NOTE)
         chain = None
@@ -713,7 +726,9 @@ def _key_name(key: Any) -> str:
 def borrow_primary_loop(loops: dict[Any, Any], primary: Any, keys: list[Any]) -> dict[Any, Any]:
     """`loops` with every config of `keys` that has no replay-fitted terms given the primary's (when
     the primary has them), flagged source "borrowed:<primary>". Conformal factors are never borrowed."""
-    from trt_latency.estimator.calibration import ServingLoop, borrowed_source
+    import dataclasses
+
+    from trt_latency.estimator.calibration import borrowed_source
 
     donor = loops.get(tuple(primary))
     if donor is None or donor.source != "replay":
@@ -722,12 +737,11 @@ def borrow_primary_loop(loops: dict[Any, Any], primary: Any, keys: list[Any]) ->
     for key in keys:
         key = tuple(key)
         if key != tuple(primary) and (key not in out or out[key].source != "replay"):
-            out[key] = ServingLoop(donor.decode_step_ms, donor.first_step_ms, donor.prefill_ms,
-                                   donor.n_requests, borrowed_source(tuple(primary)))
+            out[key] = dataclasses.replace(donor, source=borrowed_source(tuple(primary)))
     return out
 
 
-LOOP_HEADER = ("  serving loop: total(n) = prefill + o_p + [n>=2] c + sum (T_engine + o); terms fitted on the "
+LOOP_HEADER = ("  serving loop: total(n) = prefill + o_p + [n>=2] c(P) + sum (T_engine + o); terms fitted on the "
                "even request_ids of each config, checked on the odd ones")
 
 
@@ -739,6 +753,8 @@ def _in_plan_order(cal: Any, keys: list[Any]) -> list[Any]:
 
 def _loop_rows(configs: list[Any], reports: dict[Any, Any]) -> list[str]:
     """One line per config: its terms and where they come from."""
+    from trt_latency.estimator.fit import loop_note
+
     lines = [f"    {'config':<9} {'o ms/step':>9} {'c ms once':>9} {'o_p ms':>8}  source"]
     for c in configs:
         lp = c.serving_loop
@@ -754,7 +770,7 @@ def _loop_rows(configs: list[Any], reports: dict[Any, Any]) -> list[str]:
         else:
             src = f"{lp.source} ({lp.n_requests} requests there)"
         lines.append(f"    {_key_name(c.key):<9} {lp.decode_step_ms:>9.4f} {lp.first_step_ms:>9.4f} "
-                     f"{lp.prefill_ms:>8.4f}  {src}")
+                     f"{lp.prefill_ms:>8.4f}  {src}{loop_note(lp)}")  # c(P)'s slope, clamped terms
     return lines
 
 

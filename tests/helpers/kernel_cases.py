@@ -23,12 +23,14 @@ serving_loops = st.one_of(
     st.builds(ServingLoop, decode_step_ms=st.one_of(st.just(0.0), st.floats(0.0, 2.0)),
               first_step_ms=st.one_of(st.just(0.0), st.floats(0.0, 20.0)),
               prefill_ms=st.one_of(st.just(0.0), st.floats(0.0, 10.0)), n_requests=st.integers(0, 100),
-              source=st.sampled_from(["replay", "none"])),
+              source=st.sampled_from(["replay", "none"]),
+              first_step_per_token_ms=st.one_of(st.just(0.0), st.floats(0.0, 0.1))),  # c(P) = c0 + c1 P
 )
 
 
 nonzero_loops = st.builds(ServingLoop, decode_step_ms=st.floats(1e-3, 2.0), first_step_ms=st.floats(1e-3, 20.0),
-                          prefill_ms=st.floats(1e-3, 10.0), n_requests=st.just(8), source=st.just("replay"))
+                          prefill_ms=st.floats(1e-3, 10.0), n_requests=st.just(8), source=st.just("replay"),
+                          first_step_per_token_ms=st.one_of(st.just(0.0), st.floats(1e-6, 0.1)))
 
 
 @st.composite

@@ -65,6 +65,10 @@ def register(sub: Any) -> None:
                         help="cap the whole calibrate at S seconds (default: the plan's sweep.adaptive.time_budget_s)")
     parser.add_argument("--no-replay", action="store_true", help="skip the end-to-end replay into requests.csv")
     parser.add_argument("--requests", type=int, metavar="N", help="replay N requests (default: the plan's replay size)")
+    parser.add_argument("--runtime", choices=("auto", "ort", "genai"), default="auto",
+                        help="the loop the replay runs requests through: genai = onnxruntime-genai's Generator "
+                             "(the model's folder has genai_config.json); auto (default) = genai where that "
+                             "config is there and onnxruntime_genai imports, else our ONNX Runtime loop")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--no-plot", action="store_true", help="skip decode.png (matplotlib takes seconds)")
     parser.add_argument("--ray", nargs="?", const=LOCAL_RAY, metavar="ADDRESS",
