@@ -14,6 +14,7 @@ from trt_latency.estimator.calibration import (
     ConfigCalibration,
     FactorisedModel,
     ServingLoop,
+    schema_version_for,
     validate_calibration,
 )
 from trt_latency.estimator.model import build_tables
@@ -81,7 +82,7 @@ def calibrations(draw: st.DrawFn, loops: st.SearchStrategy[ServingLoop | None] =
             factorised.append(FactorisedModel(tier_idx=tier, t0=draw(st.floats(0.01, 5.0)), u=draw(st.floats(0.0, 1.0)),
                                               w=draw(st.floats(-0.1, 0.5)), v=draw(st.floats(0.0, 1e-3)),
                                               valid_past_len=[1.0, 4096.0], n_configs=2))
-    cal = Calibration(1, {}, configs, factorised)
+    cal = Calibration(schema_version_for(configs), {}, configs, factorised)
     validate_calibration(cal)
     return cal
 
