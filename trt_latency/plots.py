@@ -37,7 +37,7 @@ class DecodeSeries:
     prefill_coeffs: Sequence[float] | None = None  # a + b*S + c*S^2
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -97,7 +97,7 @@ def _decode_panel(ax: Any, s: DecodeSeries, color: str) -> None:
 
 def plot_decode(series: Sequence[DecodeSeries], path: str | os.PathLike[str], title: str = "") -> str:
     """Write decode.png: one decode panel per config, prefill vs prompt length beside them."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.gridspec import GridSpec
 
     n = max(1, len(series))
@@ -140,7 +140,7 @@ def plot_decode(series: Sequence[DecodeSeries], path: str | os.PathLike[str], ti
 
 def plot_analysis(report: AnalysisReport, path: str | os.PathLike[str]) -> str:
     """Measured vs predicted decode ms/token per output-token bucket (error bars = std)."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = [b for b in report.buckets if b.count > 0]
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     x = np.arange(len(rows), dtype=np.float64)
@@ -203,7 +203,7 @@ def plot_causes(report: Any, path: str | os.PathLike[str]) -> str:
     bucket's mean n, beside each cause's per-n curve and its bucket averages (estimator.causes.CauseReport)."""
     from trt_latency.estimator.causes import CAUSES, per_n_curve
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     x = np.asarray(report.mean_n, dtype=np.float64)
     y = np.asarray(report.measured, dtype=np.float64)
@@ -249,7 +249,7 @@ def plot_batch(samples: Any, cal: Any, path: str | os.PathLike[str], title: str 
     configs = [c for c in cal.configs if c.batch is not None]
     if not configs:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(configs), figsize=(7 * len(configs), 5), squeeze=False)
     for ax, cfg in zip(axes[0], configs, strict=True):
         section = cfg.batch

@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from trt_latency.plots import _pyplot
+from trt_latency.plots import pyplot
 
 if TYPE_CHECKING:
     from trt_latency.serving.compare import CompareReport
 
 
 def plot_compare(report: CompareReport, path: str | os.PathLike[str]) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     names = list(report.held_bounds)
     cols = 3
     rows = max(1, math.ceil(len(names) / cols))
