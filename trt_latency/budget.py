@@ -35,7 +35,7 @@ BATCH_SHARE = 0.15  # of a target's window, for the plan's batch sweep (past its
 VISION_SHARE = 0.15  # of the primary target's window, for the encoder sweep (VLM chain)
 REPLAY_SHARE = 1 / 3  # of what sweep + replay share (module docstring)
 PREFILL_SHARE = 0.35  # of the sweep's share at most for prefill visits (caps prefill reps)
-FIT_RESERVE_S = 4.0  # fit, plot, loop terms and conformal factors (seconds, 2 cores)
+FIT_RESERVE_S = 6.0  # fit, plots, loop terms and conformal factors after the last target (seconds, 2 cores)
 MIN_PASS_S = 1.0  # a second sweep pass shorter than this is not worth reopening a runner
 REPLAY_OVERHEAD = 1.3  # a replayed request over its engine steps, until the pilot measures this model's
 MIN_REQUESTS = 20  # per config: 10 held out (conformal factors down to alpha 0.1) and 10 for the loop terms
@@ -84,7 +84,7 @@ def pilot(runner: Any, max_past_len: int, prefill_lengths: list[int],
     decode = [(p, float(np.median(runner.time_step(p, 1, PILOT_RUNS)[1:]))) for p in kv]
     lengths = sorted({prefill_lengths[0], prefill_lengths[len(prefill_lengths) // 2], prefill_lengths[-1]}) \
         if prefill_lengths else []
-    prefill = [(s, float(np.median(runner.time_step(0, s, 2)[1:]))) for s in lengths] or [(1, decode[0][1])]
+    prefill = [(s, float(np.median(runner.time_step(0, s, PILOT_RUNS)[1:]))) for s in lengths] or [(1, decode[0][1])]
     prices = Prices(decode, prefill)
     if replay is not None:
         # One measured request against its price from the steps just timed: the loop's own overhead
@@ -107,6 +107,7 @@ class Allocation:
     vision_s: float = 0.0
     sweep_s: float = 0.0
     replay_s: float = 0.0  # priced cost of the replay
+    sweep_floor_s: float = 0.0  # MIN_ROUNDS of the sweep, priced: the replay stops before eating into it
     notes: list[str] = field(default_factory=list)  # what the budget changed, for the summary
 
 
@@ -166,35 +167,12 @@ def allocate(prices: Prices, plan: Any, tier: Any, window_s: float | None, *, re
             notes.append(f"prefill reps {reps}, not {pre.reps}: a prefill round costs {pre_round:.2f} s")
     sized = replace(plan, sweep=replace(sweep, decode=replace(dec, log_points=log_p, linear_points=lin_p),
                                         prefill=replace(pre, reps=reps)))
+    floor = MIN_ROUNDS * (round_s(log_p, lin_p) + pre_round)
     return Allocation(plan=sized, requests=n, batch_s=batch_s, vision_s=vision_s, sweep_s=sweep_s, replay_s=replay_s,
-                      notes=notes)
+                      sweep_floor_s=floor, notes=notes)
 
 
 # ------------------------------------------------------------------------------------------ deadlines
-
-
-def replay_seconds(states: Any, requests: list[Any], overhead: float) -> float | None:
-    """A replay's cost priced from a sweep's medians so far: per request, prefill at the prompt length
-    plus (output - 1) decode steps at the mean position it passes through; None before the sweep has
-    two decode positions and a prefill length."""
-    dec = sorted((s.x, s.median()) for s in states if s.phase == "decode" and s.n)
-    pre = sorted((s.x, s.median()) for s in states if s.phase == "prefill" and s.n)
-    if not requests or len(dec) < 2 or not pre:
-        return None
-    return request_mix_seconds(Prices(dec, pre, overhead), requests)
-
-
-def sweep_deadline(end: float, requests: list[Any], priced_s: float, overhead: float
-                   ) -> Callable[[tuple[Any, ...]], float]:
-    """The sweep's deadline as a function of its own state, re-read every round: ``end`` (this target's
-    perf_counter end) minus the replay still to come, priced from the medians measured so far (from the
-    first rounds on), the pilot's price ``priced_s`` before that."""
-
-    def deadline(states: tuple[Any, ...]) -> float:
-        own = replay_seconds(states, requests, overhead) if states and requests else None
-        return end - (priced_s if own is None else own)
-
-    return deadline
 
 
 def target_end(started: float, budget: float | None, targets_left: int, now: float | None = None) -> float | None:

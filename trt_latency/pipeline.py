@@ -292,12 +292,13 @@ def refiner_for(plan: Any) -> Any:
 
 def measure(target: Target, plan: MeasurePlan, sinks: Sinks, deadline: float | None,
             say: Callable[[str], None] = print) -> Measured:
-    """Every measuring phase of one target, rows into ``sinks``: pilot (prices, with a deadline), decode /
-    prefill sweep, batch sweep, encoder sweep (VLM chain), replay. ``deadline``: time.time() at which this
-    target's phases end (None: the plan's sizes, no budget); the replay stops there, keeping what it did.
-    The local run calls it per target, a Ray actor per work item: one pipeline (DESIGN.md, Scale-out)."""
-    from trt_latency.budget import Allocation, Ledger, allocate, sweep_deadline
-    from trt_latency.engines.adaptive import describe
+    """Every measuring phase of one target, rows into ``sinks``: pilot (prices, with a deadline), replay,
+    batch sweep, encoder sweep (VLM chain), decode / prefill sweep. ``deadline``: time.time() at which this
+    target's phases end (None: the plan's sizes, no budget). The priced phases come first, each stopping at
+    its own deadline and keeping what it did (a rerun continues); the adaptive sweep, which can use any
+    time, comes last and ends at ``deadline`` (after at least its MIN_ROUNDS). The local run calls it per
+    target, a Ray actor per work item: one pipeline (DESIGN.md, Scale-out)."""
+    from trt_latency.budget import Allocation, Ledger, allocate
 
     ledger = Ledger()
     end = None if deadline is None else time.perf_counter() + max(deadline - time.time(), 0.0)
@@ -306,11 +307,11 @@ def measure(target: Target, plan: MeasurePlan, sinks: Sinks, deadline: float | N
     out = Measured(key=target.key, plan=p, ledger=ledger)
     replay_vision = plan.vision if plan.vision is not None and plan.vision.vision_onnx else None
     n = plan.requests if sinks.requests is not None else 0
+    alloc = Allocation(plan=p, requests=n)
     with open_target(target, p, plan.backend, plan.options) as runner:
         out.runner = runner_record(runner, p)
         if sinks.opened is not None:
             sinks.opened(runner)
-        alloc = Allocation(plan=p, requests=n)
         if plan.pilot and end is not None:
             with ledger.phase("pilot"):
                 out.prices = _pilot(runner, target, p)
@@ -321,33 +322,17 @@ def measure(target: Target, plan: MeasurePlan, sinks: Sinks, deadline: float | N
             out.notes = alloc.notes
             for note in alloc.notes:
                 say(f"  budget {name}: {note}")
-        if plan.sweep:
-            sweep_end: Any = None
-            if end is not None:
-                from trt_latency.engines.replay import draw_requests
+    if n > 0 and alloc.requests > 0:
+        # Stops where the phases after it would lose their shares (the sweep keeps its MIN_ROUNDS' price).
+        replay_end = None if end is None else end - alloc.batch_s - alloc.vision_s - alloc.sweep_floor_s
+        with ledger.phase("replay", replay_end):
+            out.replay = _replay(target, plan, alloc.requests, sinks.requests, replay_end, replay_vision, say)
+        from trt_latency.engines.replay import draw_requests
 
-                tail_end = end - alloc.batch_s - alloc.vision_s
-                overhead = out.prices.request_overhead if out.prices is not None else 1.3
-                sweep_end = sweep_deadline(tail_end, draw_requests(p.replay, alloc.requests, target.tier),
-                                           alloc.replay_s, overhead)
-            from trt_latency.engines.sweep import run_sweep
-
-            with ledger.phase("sweep"):
-                result = run_sweep(runner, target.key, p, sinks.samples, progress=plan.progress,
-                                   refiner=refiner_for(p) if plan.refine else None, deadline=sweep_end)
-            out.sweep = result
-            k = target.key
-            summary = (f"  sweep tier_idx={k.tier_idx} top_k={k.top_k} num_active_blocks={k.num_active_blocks}: "
-                       f"{result.rows_written} repetitions timed, {result.rows_skipped} already in "
-                       f"{Path(result.path).name}, {len(result.positions)} decode positions up to "
-                       f"{max(result.positions) if result.positions else 0}, {len(result.prefill_lengths)} prefill "
-                       f"lengths up to {max(result.prefill_lengths) if result.prefill_lengths else 0}, "
-                       f"{fmt_time(result.seconds)} ({runner.backend} on {runner.device}, "
-                       f"kv_mode {getattr(runner, 'kv_mode', 'concat')})")
-            say(summary)
-            say(describe(result.states, p.sweep.adaptive, p.sweep.warmups()))
-            out.reach.update(decode_max=max(result.positions, default=0),
-                             prefill_max=max(result.prefill_lengths, default=0))
+        drawn = draw_requests(p.replay, alloc.requests, target.tier)
+        out.reach.update(prompt_max=max((r.vision_tokens + r.text_tokens for r in drawn), default=0),
+                         kv_max=max((r.vision_tokens + r.text_tokens + r.output_tokens - 1 for r in drawn),
+                                    default=0))
     if plan.batch and p.batch is not None:
         batch_end = None if end is None else time.perf_counter() + alloc.batch_s
         with ledger.phase("batch sweep", batch_end):
@@ -359,16 +344,32 @@ def measure(target: Target, plan: MeasurePlan, sinks: Sinks, deadline: float | N
         vision_s = alloc.vision_s if end is not None else None
         with ledger.phase("vision", None if vision_s is None else time.perf_counter() + vision_s):
             out.vision = sweep_vision(replay_vision, p, sinks.vision, vision_s)
-    if n > 0 and alloc.requests > 0:
-        with ledger.phase("replay", end):
-            out.replay = _replay(target, plan, alloc.requests, sinks.requests, end, replay_vision, say)
-        from trt_latency.engines.replay import draw_requests
-
-        drawn = draw_requests(p.replay, alloc.requests, target.tier)
-        out.reach.update(prompt_max=max((r.vision_tokens + r.text_tokens for r in drawn), default=0),
-                         kv_max=max((r.vision_tokens + r.text_tokens + r.output_tokens - 1 for r in drawn),
-                                    default=0))
+    if plan.sweep:
+        with ledger.phase("sweep", end):
+            out.sweep = _sweep(target, plan, p, sinks.samples, end, say)
+        out.reach.update(decode_max=max(out.sweep.positions, default=0),
+                         prefill_max=max(out.sweep.prefill_lengths, default=0))
     return out
+
+
+def _sweep(target: Target, plan: MeasurePlan, p: Any, sink: Any, end: float | None,
+           say: Callable[[str], None]) -> Any:
+    from trt_latency.engines.adaptive import describe
+    from trt_latency.engines.sweep import run_sweep
+
+    with open_target(target, p, plan.backend, plan.options) as runner:
+        result = run_sweep(runner, target.key, p, sink, progress=plan.progress,
+                           refiner=refiner_for(p) if plan.refine else None, deadline=end)
+        k = target.key
+        say(f"  sweep tier_idx={k.tier_idx} top_k={k.top_k} num_active_blocks={k.num_active_blocks}: "
+            f"{result.rows_written} repetitions timed, {result.rows_skipped} already in "
+            f"{Path(result.path).name}, {len(result.positions)} decode positions up to "
+            f"{max(result.positions) if result.positions else 0}, {len(result.prefill_lengths)} prefill "
+            f"lengths up to {max(result.prefill_lengths) if result.prefill_lengths else 0}, "
+            f"{fmt_time(result.seconds)} ({runner.backend} on {runner.device}, "
+            f"kv_mode {getattr(runner, 'kv_mode', 'concat')})")
+    say(describe(result.states, p.sweep.adaptive, p.sweep.warmups()))
+    return result
 
 
 def runner_record(runner: Any, plan: Any) -> dict[str, str]:
