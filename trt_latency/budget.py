@@ -111,6 +111,19 @@ class Allocation:
     notes: list[str] = field(default_factory=list)  # what the budget changed, for the summary
 
 
+def batch_floor_s(prices: Prices, plan: Any, tier: Any) -> float:
+    """The batch sweep's MIN_ROUNDS over its shapes (it takes them budget or not), priced as B single steps
+    at the batch's longest row: an upper bound (a batched step reads the weights once), so the phases after
+    it are never promised time it will take."""
+    from trt_latency.engines.batch_sweep import batch_shapes
+
+    spec = plan.batch
+    if spec is None:
+        return 0.0
+    shapes = batch_shapes(spec, tier.max_past_len, max(spec.sizes), plan.sweep.seed)
+    return MIN_ROUNDS * (spec.warmup + 1) * sum(s.batch * prices.decode_ms(s.kv_max) for s in shapes) * 1e-3
+
+
 def request_mix_seconds(prices: Prices, requests: list[Any]) -> float:
     return sum(prices.request_s(r.vision_tokens + r.text_tokens, r.output_tokens) for r in requests)
 
@@ -126,7 +139,7 @@ def allocate(prices: Prices, plan: Any, tier: Any, window_s: float | None, *, re
         return Allocation(plan=plan, requests=requests)
     w = max(window_s, 0.0)
     vision_s = VISION_SHARE * w if vision else 0.0
-    batch_s = BATCH_SHARE * w if batch else 0.0
+    batch_s = max(BATCH_SHARE * w, batch_floor_s(prices, plan, tier)) if batch else 0.0
     rest = w - vision_s - batch_s
     notes: list[str] = []
     n = requests
@@ -202,8 +215,10 @@ class Ledger:
     overruns: list[Overrun] = field(default_factory=list)
 
     @contextmanager
-    def phase(self, name: str, deadline: float | None = None, slack_s: float = 0.5) -> Iterator[None]:
-        """Time ``name``; past ``deadline`` (perf_counter) by more than ``slack_s`` is an overrun."""
+    def phase(self, name: str, deadline: float | None = None, slack_s: float = 0.5, where: str = ""
+              ) -> Iterator[None]:
+        """Time ``name``; past ``deadline`` (perf_counter) by more than ``slack_s`` is an overrun (``where``:
+        e.g. the config, for the summary)."""
         t0 = time.perf_counter()
         try:
             yield
@@ -211,7 +226,7 @@ class Ledger:
             t1 = time.perf_counter()
             self.add(name, t1 - t0)
             if deadline is not None and t1 > deadline + slack_s:
-                self.overruns.append(Overrun(name, t1 - deadline))
+                self.overruns.append(Overrun(f"{name} {where}".strip(), t1 - deadline))
 
     def add(self, name: str, seconds: float) -> None:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds

@@ -325,7 +325,7 @@ def measure(target: Target, plan: MeasurePlan, sinks: Sinks, deadline: float | N
     if n > 0 and alloc.requests > 0:
         # Stops where the phases after it would lose their shares (the sweep keeps its MIN_ROUNDS' price).
         replay_end = None if end is None else end - alloc.batch_s - alloc.vision_s - alloc.sweep_floor_s
-        with ledger.phase("replay", replay_end):
+        with ledger.phase("replay", replay_end, where=name):
             out.replay = _replay(target, plan, alloc.requests, sinks.requests, replay_end, replay_vision, say)
         from trt_latency.engines.replay import draw_requests
 
@@ -335,17 +335,17 @@ def measure(target: Target, plan: MeasurePlan, sinks: Sinks, deadline: float | N
                                     default=0))
     if plan.batch and p.batch is not None:
         batch_end = None if end is None else time.perf_counter() + alloc.batch_s
-        with ledger.phase("batch sweep", batch_end):
+        with ledger.phase("batch sweep", batch_end, where=name):
             out.batch, info = _batch_sweep(target, plan, sinks.samples, batch_end, say)
         out.runner.update(info)
     if plan.vision_sweep and replay_vision is not None and sinks.vision is not None:
         from trt_latency.pipeline_vision import sweep_vision
 
         vision_s = alloc.vision_s if end is not None else None
-        with ledger.phase("vision", None if vision_s is None else time.perf_counter() + vision_s):
+        with ledger.phase("vision", None if vision_s is None else time.perf_counter() + vision_s, where=name):
             out.vision = sweep_vision(replay_vision, p, sinks.vision, vision_s)
     if plan.sweep:
-        with ledger.phase("sweep", end):
+        with ledger.phase("sweep", end, where=name):
             out.sweep = _sweep(target, plan, p, sinks.samples, end, say)
         out.reach.update(decode_max=max(out.sweep.positions, default=0),
                          prefill_max=max(out.sweep.prefill_lengths, default=0))
@@ -774,25 +774,27 @@ def measure_plans(args: CalibrateOptions, plan: Any, targets: list[Target], back
 
 
 def larger_budget_lines(measured: list[Measured], plan: Any) -> list[str]:
-    """What more seconds would buy: the sweep's precision where the deadline cut it, the replay's rest."""
+    """What more seconds would buy, one line per config: the sweep's precision where the deadline cut it,
+    the replay's rest, and the plan's own sizes where the budget trimmed them."""
     from trt_latency.engines.adaptive import STOP_TIME, time_to_target
 
     lines = []
     for m in measured:
-        name = key_name(m.key)
+        parts = []
         if m.sweep is not None:
             short = [s for s in m.sweep.states if s.stop == STOP_TIME]
-            if short:
-                need = sum(time_to_target([s for s in short if s.phase == ph], m.plan.sweep.warmups()[ph])
-                           for ph in ("decode", "prefill"))
-                if np.isfinite(need):
-                    lines.append(f"{name}: about +{fmt_time(need)}: every position at its precision target "
-                                 f"({len(short)} positions stopped by the deadline)")
+            need = sum(time_to_target([s for s in short if s.phase == ph], m.plan.sweep.warmups()[ph])
+                       for ph in ("decode", "prefill")) if short else 0.0
+            if short and np.isfinite(need):
+                parts.append(f"about +{fmt_time(need)} for every position at its precision target "
+                             f"({len(short)} stopped by the deadline)")
         if m.replay is not None and m.replay.out_of_time:
             left = m.replay.rows_planned - m.replay.rows_written - m.replay.rows_skipped
-            lines.append(f"{name}: the replay's other {left} requests (a rerun into the same --out adds them)")
-        for note in m.notes:
-            lines.append(f"{name}: the plan as written, where the budget trimmed it ({note})")
+            parts.append(f"the replay's other {left} requests (a rerun into the same --out adds them)")
+        if m.notes:
+            parts.append("the plan's own sizes, trimmed here: " + "; ".join(m.notes))
+        if parts:
+            lines.append(f"{key_name(m.key)}: " + "; ".join(parts))
     return lines
 
 
