@@ -557,7 +557,20 @@ def _run(ray: Any, cals: list[Calibration], backend: str, args: Any, say: Callab
     say(f"  {len(done)} of {len(items)} item(s) measured" + (f", {retried} resent after an actor restart"
                                                               if retried else "")
         + f"; rows dropped as already written: {sum(f.dropped for f in folders.values())}")
-    return _fit_all(cals, items, done, folders, say)
+    results = _fit_all(cals, items, done, folders, say)
+    from trt_latency.budget import Ledger
+    from trt_latency.pipeline import larger_budget_lines
+    from trt_latency.report import time_lines
+
+    ledger = Ledger()
+    for d in done.values():
+        ledger.merge(d["measured"].ledger)
+    say("")
+    say(f"(seconds per phase summed over {n_actors} actor(s), side by side)")
+    for line in time_lines(budget, time.perf_counter() - started, ledger.seconds, ledger.overruns,
+                           larger_budget_lines([d["measured"] for _, d in sorted(done.items())], plan0)):
+        say(line)
+    return results
 
 
 def _name(item: Item) -> str:
@@ -624,7 +637,7 @@ def _fit_all(cals: list[Calibration], items: list[Item], done: dict[int, dict[st
         if not targets or not (out / "samples.csv").is_file():
             continue
         info = mine[0].runner if mine else {}
-        fin = finish(out, cal_def.plan, targets, mine, cal_def.options, say=say)
+        fin = finish(out, cal_def.plan, targets, mine, cal_def.options)
         say("")
         say(f"{out}: {info.get('backend', '?')} on {info.get('device', '?')}, {len(targets)} config(s), "
             f"{len(fin.samples)} timed repetitions")

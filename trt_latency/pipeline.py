@@ -464,7 +464,7 @@ class Finished:
 
 
 def finish(out: Path, plan: Any, targets: list[Target], measured: list[Measured], options: CalibrateOptions,
-           ledger: Any = None, say: Callable[[str], None] = print) -> Finished:
+           ledger: Any = None) -> Finished:
     """Fit, provenance, the sweep record, the vision section, plots, serving-loop terms and conformal
     factors, from the files in ``out`` (samples.csv, requests.csv, vision_samples.csv): the local run and
     the Ray driver call it alike."""
@@ -473,10 +473,10 @@ def finish(out: Path, plan: Any, targets: list[Target], measured: list[Measured]
 
     ledger = ledger if ledger is not None else Ledger()
     cal_path, samples_path, requests_path = out / "calibration.yaml", out / "samples.csv", out / "requests.csv"
-    info: dict[str, str] = {}
-    for m in measured:
-        info.update({k: v for k, v in m.runner.items() if v} if not info else
-                    {k: v for k, v in m.runner.items() if k == "batch_kv_read" and v})
+    info = dict(measured[0].runner) if measured else {}  # the primary's runner, as it measured
+    kv_read = next((m.runner["batch_kv_read"] for m in measured if m.runner.get("batch_kv_read")), None)
+    if kv_read:  # the batch sweep's engine (the primary's, or every config's with batch.all_configs)
+        info["batch_kv_read"] = kv_read
     with ledger.phase("fit"):
         cal, samples = _fit(samples_path, plan, targets, info)
         cal = _with_sweep_record(cal, {tuple(m.key): m.sweep for m in measured if m.sweep is not None}, plan)
@@ -854,7 +854,7 @@ def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) 
     for m in measured:
         ledger.merge(m.ledger)
 
-    done = finish(out, plan, targets, measured, args, ledger, say)
+    done = finish(out, plan, targets, measured, args, ledger)
     say("")
     say("Decode step latency per KV position: measured (median, p90 over repetitions) vs the fitted model")
     say(position_table(done.samples, load(done.calibration)))
