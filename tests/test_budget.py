@@ -124,13 +124,13 @@ def test_pilot_prices_a_real_runner(tmp_path: Path, plan_path: Path) -> None:
 def test_replay_stops_at_the_budget_keeps_its_rows_and_a_rerun_continues(
         tmp_path: Path, plan_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    cmd = ["calibrate", str(plan_path), "--out", str(out), "--no-progress", "--no-plot", "--requests", "3000",
-           "--time-budget", "8", "--threads", "1"]
+    cmd = ["calibrate", str(plan_path), "--out", str(out), "--no-progress", "--no-plot", "--requests", "4000",
+           "--time-budget", "15", "--threads", "1"]
     assert main(cmd) == 0
     text = capsys.readouterr().out
     with (out / "requests.csv").open() as fh:
         first = len(list(csv.DictReader(fh)))
-    assert 0 < first < 3000, first
+    assert 0 < first < 4000, first
     assert "--time-budget reached after" in text and "a rerun into the same --out replays the rest" in text
     assert "Where the time went: " in text and "replay" in text.split("Where the time went: ")[1]
     assert "A larger --time-budget would buy:" in text and "the replay's other" in text

@@ -327,12 +327,10 @@ def measure(target: Target, plan: MeasurePlan, sinks: Sinks, deadline: float | N
         replay_end = None if end is None else end - alloc.batch_s - alloc.vision_s - alloc.sweep_floor_s
         with ledger.phase("replay", replay_end, where=name):
             out.replay = _replay(target, plan, alloc.requests, sinks.requests, replay_end, replay_vision, say)
-        from trt_latency.engines.replay import draw_requests
-
-        drawn = draw_requests(p.replay, alloc.requests, target.tier)
-        out.reach.update(prompt_max=max((r.vision_tokens + r.text_tokens for r in drawn), default=0),
-                         kv_max=max((r.vision_tokens + r.text_tokens + r.output_tokens - 1 for r in drawn),
-                                    default=0))
+        # The longest request the mix can draw (engines/replay.draw_requests caps it at the tier).
+        prompt = min(max(p.replay.vision_tokens) + p.replay.text_tokens[1], target.tier.max_prefill_len)
+        out.reach.update(prompt_max=prompt,
+                         kv_max=min(prompt + p.replay.output_tokens[1] - 1, target.tier.max_past_len))
     if plan.batch and p.batch is not None:
         batch_end = None if end is None else time.perf_counter() + alloc.batch_s
         with ledger.phase("batch sweep", batch_end, where=name):

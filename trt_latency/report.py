@@ -145,8 +145,8 @@ def extrapolation_lines(reach: dict[str, dict[str, int]]) -> list[str]:
     there is extrapolated. ``reach``: config name -> {decode_max, prefill_max, prompt_max, kv_max}."""
     lines = []
     for name, r in reach.items():
-        text = (f"  measured     {name}: decode steps at KV 1..{r['decode_max']}, prefill 1..{r['prefill_max']} "
-                f"tokens; replayed prompts up to {r['prompt_max']}, KV up to {r['kv_max']}")
+        text = (f"  measured     {name}: decode steps at KV up to {r['decode_max']}, prefill up to {r['prefill_max']} "
+                f"tokens; the replay's mix reaches prompts of {r['prompt_max']}, KV {r['kv_max']}")
         beyond = []
         if r["prompt_max"] > r["prefill_max"]:
             beyond.append(f"prompts above {r['prefill_max']}")
