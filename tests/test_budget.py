@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from trt_latency.budget import (
+    FIT_RESERVE_S,
     MIN_LINEAR_POINTS,
     MIN_LOG_POINTS,
     MIN_REQUESTS,
@@ -82,7 +83,7 @@ def test_allocation_keeps_the_plan_when_it_is_affordable_and_trims_it_when_not()
 def test_target_windows_share_what_is_left() -> None:
     assert target_end(0.0, None, 3) is None
     end = target_end(100.0, 60.0, 3, now=110.0)
-    assert end == pytest.approx(110.0 + (60.0 - 6.0 - 10.0) / 3)
+    assert end == pytest.approx(110.0 + (60.0 - FIT_RESERVE_S - 10.0) / 3)
     assert target_end(0.0, 10.0, 1, now=50.0) == 50.0  # spent: no window, never a negative one
 
 
