@@ -10,7 +10,9 @@ runs=${1:-1}
 shift || true
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-budget=$(python -c "from trt_latency.engines.config import load_plan; print(load_plan(None).sweep.adaptive.time_budget_s)")
+quick=False
+for a in "$@"; do [ "$a" = "--quick" ] && quick=True; done
+budget=$(python -c "from trt_latency.engines.config import load_plan; print(load_plan(None, quick=$quick).sweep.adaptive.time_budget_s)")
 for i in $(seq 1 "$runs"); do
   start=$(date +%s.%N)
   trt-latency calibrate --out "$out/run$i" --no-progress "$@" > "$out/run$i.log" 2>&1
