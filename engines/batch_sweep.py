@@ -25,12 +25,13 @@ import numpy as np
 from trt_latency.engines.config import BatchSweep, Plan
 from trt_latency.engines.sweep import (
     SAMPLES_INDEX,
-    _int_field,
-    _open_writer,
-    _progress,
+    RowSink,
+    as_sink,
     check_backend,
+    int_field,
     interleaved_rounds,
     past_deadline,
+    progress_bar,
     resume_records,
 )
 from trt_latency.errors import InputError
@@ -122,7 +123,7 @@ def read_done_batch(path: Path, key: ConfigKey, backend: str | None = None) -> s
     idx = SAMPLES_INDEX
     done: set[tuple[int, int, int, int]] = set()
     for n, rec in resume_records(path):
-        ints = {c: _int_field(rec[idx[c]], path, n, c)
+        ints = {c: int_field(rec[idx[c]], path, n, c)
                 for c in ("tier_idx", "top_k", "num_active_blocks", "batch", "rep", "kv_max", "kv_total")}
         if (ints["tier_idx"], ints["top_k"], ints["num_active_blocks"]) != tuple(key) or ints["batch"] < 2:
             continue
@@ -131,12 +132,14 @@ def read_done_batch(path: Path, key: ConfigKey, backend: str | None = None) -> s
     return done
 
 
-def run_batch_sweep(runner: Any, key: ConfigKey, plan: Plan, samples_path: str | os.PathLike[str],
+def run_batch_sweep(runner: Any, key: ConfigKey, plan: Plan, samples_path: str | os.PathLike[str] | RowSink,
                     progress: bool = True, deadline: float | None = None) -> BatchSweepResult:
     """Measure the batched rows of ``key`` missing from ``samples_path`` and append them as measured.
 
-    ``deadline`` (time.perf_counter): no new round starts after it once every shape has MIN_ROUNDS
-    (calibrate's --time-budget gives the batch axis its share; later rounds are then left for a rerun)."""
+    ``samples_path`` may be a ``RowSink`` (engines/sweep.py: a Ray actor streams its rows to the driver),
+    as for the decode sweep; a path is ``FileSink(path)``. ``deadline`` (time.perf_counter): no new round
+    starts after it once every shape has MIN_ROUNDS (calibrate's --time-budget gives the batch axis its
+    share; later rounds are then left for a rerun)."""
     spec = plan.batch
     if spec is None:
         raise InputError("the plan has no batch block", path=str(plan.source), field="batch",
@@ -144,18 +147,17 @@ def run_batch_sweep(runner: Any, key: ConfigKey, plan: Plan, samples_path: str |
     if not hasattr(runner, "time_batch_step"):
         raise InputError(f"backend {runner.backend} cannot time batched steps", field="batch",
                          expected="an ONNX Runtime backend (ort-cpu, ort-cuda, ort-trt)")
-    path = Path(samples_path)
+    sink = as_sink(samples_path)
     planned = plan_batch_rows(spec, runner.max_past_len, int(getattr(runner, "max_batch", 1)), plan.sweep.seed)
-    done = read_done_batch(path, key, runner.backend)
+    done = sink.batch_rows(key, runner.backend)
     todo = [r for r in planned if r.key not in done]
     order = batch_order(todo, plan.sweep.seed, key)
     kv_mode = getattr(runner, "kv_mode", "concat")
     t_start = time.perf_counter()
-    bar = _progress(len(order), f"batch sweep tier {key.tier_idx} top_k {key.top_k} blocks {key.num_active_blocks}",
+    bar = progress_bar(len(order), f"batch sweep tier {key.tier_idx} top_k {key.top_k} blocks {key.num_active_blocks}",
                     progress and bool(order))
     written = 0
     out_of_time = False
-    writer = _open_writer(path)  # rows durable in half-second groups, as the decode sweep's
     try:
         for row in order:
             if past_deadline(deadline, row.rep):
@@ -164,16 +166,16 @@ def run_batch_sweep(runner: Any, key: ConfigKey, plan: Plan, samples_path: str |
             s = row.shape
             # Warm-up and timed run in one bound call (the first run after a rebind pays extra).
             ms = float(runner.time_batch_step(s.kv_lens, spec.warmup + 1)[-1])
-            writer.row([key.tier_idx, key.top_k, key.num_active_blocks, s.batch, "decode", s.kv_max, 1,
+            sink.append([key.tier_idx, key.top_k, key.num_active_blocks, s.batch, "decode", s.kv_max, 1,
                         row.rep, f"{ms:.6f}", runner.backend, runner.device, kv_mode, s.kv_total, s.kv_max])
             written += 1
             if bar is not None:
                 bar.update(1)
     finally:
-        writer.close()
+        sink.close()  # rows durable in half-second groups (FileSink), as the decode sweep's
         if bar is not None:
             bar.close()
     sizes = tuple(sorted({r.shape.batch for r in planned}))
-    return BatchSweepResult(path=path, key=key, rows_planned=len(planned), rows_written=written,
+    return BatchSweepResult(path=sink.path, key=key, rows_planned=len(planned), rows_written=written,
                             rows_skipped=len(planned) - len(todo), seconds=time.perf_counter() - t_start,
                             sizes=sizes, shapes=len({r.shape for r in planned}), out_of_time=out_of_time)

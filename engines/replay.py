@@ -46,6 +46,17 @@ class ReplayResult:
     rows_written: int
     rows_skipped: int
     seconds: float
+    out_of_time: bool = False  # the deadline stopped it: the rest is left for a rerun into the same log
+    rows_planned: int = 0
+
+
+def random_prompt(runner: Runner, tokens: int, dtype: Any, rng: np.random.Generator) -> Any:
+    """A prompt of ``tokens`` in the model's own input kind (runner.random_prompt): token ids for a token-id
+    model, where vision tokens are prompt tokens like the text ones; random embeddings otherwise."""
+    make = getattr(runner, "random_prompt", None)
+    if make is not None:
+        return make(tokens, rng)
+    return (rng.standard_normal((1, tokens, runner.hidden), dtype=np.float32) * 0.5).astype(dtype)
 
 
 def image_count(choices: tuple[int, ...], seed: int, index: int) -> int:
@@ -107,13 +118,15 @@ class FileRequestSink:
 
 def run_replay(runner: Runner, key: ConfigKey, tier: TierSpec, spec: ReplaySpec,
                requests_path: str | os.PathLike[str] | RequestSink, n: int | None = None, progress: bool = True,
-               id_offset: int = 0, chain: Any = None) -> ReplayResult:
+               id_offset: int = 0, chain: Any = None, deadline: float | None = None) -> ReplayResult:
     """Replay ``n`` (default spec.requests) requests; append one row per request to ``requests_path``.
 
     Request i of this config is written as request_id ``id_offset + i``. A request_id already in the
     log is skipped when its row is this config's; a row of another config there means the log was
     written by a different plan (RequestLogError: appending would make the ids ambiguous).
-    ``requests_path`` may be a ``RequestSink`` (rows streamed elsewhere, e.g. to a Ray driver)."""
+    ``requests_path`` may be a ``RequestSink`` (rows streamed elsewhere, e.g. to a Ray driver).
+    ``deadline`` (time.perf_counter): no request starts after it; the ones done are kept (each row is
+    durable as it is written) and a rerun into the same log replays the rest."""
     sink = requests_path if isinstance(requests_path, RequestSink) else FileRequestSink(requests_path)
     path = sink.path
     count = spec.requests if n is None else n
@@ -130,22 +143,20 @@ def run_replay(runner: Runner, key: ConfigKey, tier: TierSpec, spec: ReplaySpec,
                                   got=f"a row of config {other} (a log from a different plan: use a new output)")
     todo = [r for r in requests if r.request_id not in done]
     dtype = np.float16 if tier.dtype == "float16" else np.float32
-    bar: Any = None
-    if progress and todo:
-        from tqdm import tqdm
+    from trt_latency.engines.sweep import progress_bar
 
-        bar = tqdm(total=len(todo), desc="replay", unit="req", dynamic_ncols=True, leave=False, disable=None)
+    bar = progress_bar(len(todo), f"replay t{key.tier_idx}.k{key.top_k}.b{key.num_active_blocks}",
+                       progress and bool(todo), unit="request")
     t_start = time.perf_counter()
     written = 0
+    out_of_time = False
     try:
         for req in todo:
+            if deadline is not None and time.perf_counter() >= deadline:
+                out_of_time = True
+                break
             rng = np.random.default_rng([spec.seed, req.request_id])
-            prompt = req.vision_tokens + req.text_tokens
-            # The model's own input kind (runner.random_prompt): token ids for a token-id model, where
-            # vision tokens are prompt tokens like the text ones; embeddings otherwise.
-            make = getattr(runner, "random_prompt", None)
-            embeds = (make(prompt, rng) if make is not None else
-                      (rng.standard_normal((1, prompt, runner.hidden), dtype=np.float32) * 0.5).astype(dtype))
+            embeds = random_prompt(runner, req.vision_tokens + req.text_tokens, dtype, rng)
             before = 0.0
             if chain is not None and req.vision_tokens > 0:
                 embeds, timing = chain.prompt(runner, req.vision_tokens, req.text_tokens, req.images, rng)
@@ -167,4 +178,4 @@ def run_replay(runner: Runner, key: ConfigKey, tier: TierSpec, spec: ReplaySpec,
         if bar is not None:
             bar.close()
     return ReplayResult(path=path, rows_written=written, rows_skipped=len(requests) - len(todo),
-                        seconds=time.perf_counter() - t_start)
+                        seconds=time.perf_counter() - t_start, out_of_time=out_of_time, rows_planned=len(requests))

@@ -46,9 +46,8 @@ from trt_latency.engines.adaptive import (
 from trt_latency.engines.base import Runner
 from trt_latency.engines.config import AdaptiveSpec, Plan, SweepSpec, TierSpec
 from trt_latency.errors import SamplesError
-from trt_latency.formats import SAMPLES_INDEX, resume_records
+from trt_latency.formats import SAMPLES_INDEX, int_field, resume_records
 from trt_latency.formats import GroupWriter as _GroupWriter
-from trt_latency.formats import int_field as _int_field
 from trt_latency.formats import open_writer as _open_writer
 from trt_latency.schema import SAMPLES_COLUMNS, ConfigKey  # noqa: F401 - SAMPLES_COLUMNS re-exported
 
@@ -95,8 +94,14 @@ def decode_positions(max_past_len: int, log_points: int, linear_points: int) -> 
 
 
 def prefill_lengths(tier: TierSpec, sweep: SweepSpec, max_new_tokens: int | None = None) -> list[int]:
+    """The plan's prefill lengths up to the model's usable prompt length, plus that length itself: the
+    grid reaches the longest prompt the model (capped by the plan's tier) accepts, so a long prompt is
+    interpolated, not extrapolated from the plan's last length."""
     cap = tier.max_prefill_len if max_new_tokens is None else min(tier.max_prefill_len, max_new_tokens)
-    return sorted(s for s in sweep.prefill.lengths if s <= cap)
+    lengths = sorted(s for s in sweep.prefill.lengths if s <= cap)
+    if lengths and cap > lengths[-1]:
+        lengths.append(cap)
+    return lengths
 
 
 def plan_rows(tier: TierSpec, sweep: SweepSpec, max_past_len: int | None = None,
@@ -169,7 +174,7 @@ def read_rows(path: Path, key: ConfigKey, backend: str | None = None) -> dict[Pl
     idx = SAMPLES_INDEX
     done: dict[PlannedRow, float] = {}
     for n, rec in resume_records(path):
-        cfg = tuple(_int_field(rec[idx[c]], path, n, c) for c in ("tier_idx", "top_k", "num_active_blocks", "batch"))
+        cfg = tuple(int_field(rec[idx[c]], path, n, c) for c in ("tier_idx", "top_k", "num_active_blocks", "batch"))
         if cfg != (*key, BATCH):
             continue
         check_backend(rec, key, backend, path, n)
@@ -181,9 +186,9 @@ def read_rows(path: Path, key: ConfigKey, backend: str | None = None) -> dict[Pl
         except ValueError:
             raise SamplesError(path=str(path), row=n, field="latency_ms", expected="a number",
                                got=rec[idx["latency_ms"]]) from None
-        done[PlannedRow(phase, _int_field(rec[idx["past_len"]], path, n, "past_len"),
-                        _int_field(rec[idx["new_tokens"]], path, n, "new_tokens"),
-                        _int_field(rec[idx["rep"]], path, n, "rep"))] = ms
+        done[PlannedRow(phase, int_field(rec[idx["past_len"]], path, n, "past_len"),
+                        int_field(rec[idx["new_tokens"]], path, n, "new_tokens"),
+                        int_field(rec[idx["rep"]], path, n, "rep"))] = ms
     return done
 
 
@@ -219,6 +224,10 @@ class RowSink(Protocol):
         """The sweep is over (or interrupted): make what was appended durable."""
         ...
 
+    def batch_rows(self, key: ConfigKey, backend: str) -> set[tuple[int, int, int, int]]:
+        """(batch, kv_max, kv_total, rep) of ``key``'s batched rows already measured (engines/batch_sweep)."""
+        ...
+
     def read_state(self, key: ConfigKey) -> dict[tuple[str, int, int], tuple[float, str]]:
         """The adaptive side file's targets for ``key`` (engines/adaptive.read_state)."""
         ...
@@ -252,6 +261,14 @@ class FileSink:
             writer, self._writer = self._writer, None
             writer.close()
 
+    def batch_rows(self, key: ConfigKey, backend: str) -> set[tuple[int, int, int, int]]:
+        from trt_latency.engines.batch_sweep import read_done_batch
+
+        done = read_done_batch(self.path, key, backend)
+        if not self._opened:
+            self._writer, self._opened = _open_writer(self.path), True
+        return done
+
     def read_state(self, key: ConfigKey) -> dict[tuple[str, int, int], tuple[float, str]]:
         return read_state(state_path(self.path), tuple(key))
 
@@ -264,12 +281,49 @@ def as_sink(target: str | os.PathLike[str] | RowSink) -> RowSink:
     return target if isinstance(target, RowSink) else FileSink(target)
 
 
-def _progress(total: int | None, desc: str, enabled: bool) -> Any:
+PLAIN_PROGRESS_SECONDS = 10.0  # a plain progress line at most this often when stderr is not a terminal
+
+
+class PlainProgress:
+    """The bar's stand-in for a log file (stderr not a terminal): one plain line per PLAIN_PROGRESS_SECONDS
+    ("sweep t0.k1.b4: 1200 rows, 30 s, 12 positions active"), nothing for a phase shorter than that."""
+
+    def __init__(self, total: int | None, desc: str, unit: str, every: float = PLAIN_PROGRESS_SECONDS) -> None:
+        self.total, self.desc, self.unit, self.every = total, desc, unit, every
+        self.n = 0
+        self.note = ""
+        self.start = self.last = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            done = f"{self.n} of {self.total}" if self.total else str(self.n)
+            import sys
+
+            print(f"  {self.desc}: {done} {self.unit}s, {now - self.start:.0f} s" + (f", {self.note}" if self.note
+                  else ""), file=sys.stderr, flush=True)
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        self.note = text
+
+    def close(self) -> None:
+        return None
+
+
+def progress_bar(total: int | None, desc: str, enabled: bool, unit: str = "row") -> Any:
+    """A tqdm bar on a terminal, plain lines at a modest rate otherwise (a log keeps no bar redraws); None
+    when disabled (--no-progress)."""
     if not enabled:
         return None
+    import sys
+
+    if not sys.stderr.isatty():
+        return PlainProgress(total, desc, unit)
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="row", dynamic_ncols=True, leave=False, disable=None)
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
 
 
 def run_sweep(runner: Runner, key: ConfigKey, plan: Plan, samples_path: str | os.PathLike[str] | RowSink,
@@ -330,7 +384,7 @@ def _run_fixed(runner: Runner, key: ConfigKey, plan: Plan, sink: RowSink, progre
     todo = [r for r in planned if r not in done]
     order = measurement_order(todo)
     t_start = time.perf_counter()
-    bar = _progress(len(order), f"sweep tier {key.tier_idx} top_k {key.top_k} blocks {key.num_active_blocks}",
+    bar = progress_bar(len(order), f"sweep tier {key.tier_idx} top_k {key.top_k} blocks {key.num_active_blocks}",
                     progress and bool(order))
     written = 0
     out_of_time = False
@@ -417,7 +471,7 @@ def _run_adaptive(runner: Runner, key: ConfigKey, plan: Plan, sink: RowSink, pro
     t_start = time.perf_counter()
     desc = f"sweep tier {key.tier_idx} top_k {key.top_k} blocks {key.num_active_blocks}"
     # No total: how many rows the precision needs is what the sweep finds out; the postfix says how far it is.
-    bar = _progress(None, desc, progress)
+    bar = progress_bar(None, desc, progress)
     if bar is not None:
         bar.update(len(done))
     written = 0

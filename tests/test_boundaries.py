@@ -100,6 +100,48 @@ def test_one_native_switch() -> None:
     assert readers == ["trt_latency/_native.py"], readers
 
 
+def _module_file(module: str) -> Path | None:
+    """The source of a trt_latency module (trt_latency.X -> its folder: engines/, estimator/, ... or trt_latency/)."""
+    parts = module.split(".")
+    if parts[0] != "trt_latency":
+        return None
+    mapped = {"engines", "estimator", "serving", "ext", "diagnostics"}
+    base = ROOT / parts[1] if len(parts) > 1 and parts[1] in mapped else ROOT / "trt_latency"
+    rest = parts[2:] if len(parts) > 1 and parts[1] in mapped else parts[1:]
+    for suffix in (".py", ".pyx"):
+        candidate = base.joinpath(*rest).with_suffix(suffix) if rest else None
+        if candidate is not None and candidate.is_file():
+            return candidate
+    return base.joinpath(*rest, "__init__.py") if (base.joinpath(*rest, "__init__.py")).is_file() else None
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    """`from M import _name` across modules reaches into M's internals (issue 26: cluster.py did into
+    pipeline.py, and the copies drifted). A private *submodule* (``from trt_latency.ext import _kernels``,
+    a compiled module) is a module, not a name, and is allowed."""
+    bad = []
+    for folder in ("engines", "estimator", "serving", "ext", "diagnostics", "trt_latency"):
+        for path in _sources(folder):
+            if path.suffix != ".py":
+                continue
+            tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+            for node in ast.walk(tree):
+                if not (isinstance(node, ast.ImportFrom) and node.module and node.level == 0):
+                    continue
+                source = _module_file(node.module)
+                if source is None or source.resolve() == path.resolve():
+                    continue
+                for alias in node.names:
+                    name = alias.name
+                    if not name.startswith("_") or name.startswith("__"):
+                        continue
+                    pkg = source.parent if source.name == "__init__.py" else None
+                    if pkg is not None and any((pkg / f"{name}{s}").is_file() for s in (".py", ".pyx", ".pxd")):
+                        continue  # a submodule
+                    bad.append(f"{path.relative_to(ROOT)}: from {node.module} import {name}")
+    assert not bad, "\n".join(bad)
+
+
 def test_the_kernels_do_not_import_the_reference() -> None:
     text = (ROOT / "ext" / "_kernels.pyx").read_text()
     assert "_reference" not in text.replace("pure-Python reference", "")
@@ -141,9 +183,9 @@ def test_a_verb_hands_the_library_a_dataclass(argv: list[str], options: str) -> 
 def test_progress_bars_draw_only_on_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
     """A calibrate logged to a file must not hold bar redraws: stderr here is not a terminal."""
     pytest.importorskip("tqdm")
-    from trt_latency.engines.sweep import _progress
+    from trt_latency.engines.sweep import progress_bar
 
-    bar = _progress(500, "sweep", True)
+    bar = progress_bar(500, "sweep", True)
     for _ in range(500):
         bar.update(1)
     bar.close()

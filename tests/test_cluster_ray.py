@@ -198,3 +198,78 @@ def test_a_node_without_the_model_path_gets_it_from_the_object_store(local_ray: 
                               files=files))
     assert there != gone and there.name == "decoder.onnx" and there.read_bytes() == b"graph"
     assert sorted(p.name for p in there.parent.iterdir()) == ["decoder.onnx", "decoder.onnx.data"]
+
+
+def _batch_shapes(path: Path) -> dict[tuple[int, ...], int]:
+    """(config, batch, kv_max, kv_total) -> rounds of the batched rows in samples.csv."""
+    with path.open(newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if int(r["batch"]) > 1]
+    return dict(Counter((int(r["tier_idx"]), int(r["top_k"]), int(r["num_active_blocks"]), int(r["batch"]),
+                         int(r["kv_max"]), int(r["kv_total"])) for r in rows))
+
+
+@pytest.mark.slow
+def test_ray_runs_the_plans_batch_sweep_as_the_local_run(local_ray: Any, tmp_path: Path) -> None:
+    """The default plan (--quick, a short budget): --ray measures the batch sweep too, through the same
+    pipeline.measure, into the same shapes and columns, and records the memory provenance."""
+    from dataclasses import replace
+
+    from trt_latency.engines.sweep import MIN_ROUNDS
+    from trt_latency.estimator.calibration import load_calibration
+
+    opts = CalibrateOptions(quick=True, time_budget=15, requests=6, no_plot=True, no_progress=True)
+    calibrate(replace(opts, out=str(tmp_path / "local")), say=lambda _: None)
+    calibrate_on_ray(replace(opts, out=str(tmp_path / "ray")), say=lambda _: None)
+    dev = _device_folder(tmp_path / "ray")
+    local, ray = _batch_shapes(tmp_path / "local" / "samples.csv"), _batch_shapes(dev / "samples.csv")
+    assert local and set(ray) == set(local)
+    assert min(ray.values()) >= MIN_ROUNDS and min(local.values()) >= MIN_ROUNDS
+    assert (dev / "samples.csv").read_text().splitlines()[0] == \
+        (tmp_path / "local" / "samples.csv").read_text().splitlines()[0]
+    a, b = load_calibration(tmp_path / "local" / "calibration.yaml"), load_calibration(dev / "calibration.yaml")
+    assert a.configs[0].batch is not None and b.configs[0].batch is not None
+    assert a.configs[0].batch["sizes"] == b.configs[0].batch["sizes"]
+    assert b.provenance["memory"] and b.provenance["threads"] == a.provenance["threads"]
+
+
+@pytest.mark.slow
+def test_ray_calibrates_the_vlm_chain_as_the_local_run(local_ray: Any, tmp_path: Path) -> None:
+    """The VLM fixture chain (tests/test_vlm.py's): --ray sweeps the encoder and replays requests through
+    encoder -> embedding -> decoder, writing the same vision rows and request rows as the local run."""
+    from dataclasses import replace
+
+    from trt_latency.estimator.calibration import load_calibration
+
+    data = Path(__file__).parent / "data"
+    vit = data / "vlm" / "vit"
+    opts = CalibrateOptions(quick=True, requests=6, no_plot=True, no_progress=True, vision_onnx=str(vit / "vision.onnx"),
+                            embedding_onnx=str(vit / "embedding.onnx"), vision_patches=(16, 256), vision_points=4)
+    decoder = str(data / "thirdparty" / "genai-llama-embeds" / "model.onnx")
+    calibrate(replace(opts, onnx=decoder, out=str(tmp_path / "local")), say=lambda _: None)
+    calibrate_on_ray(replace(opts, out=str(tmp_path / "ray")), models=[decoder], say=lambda _: None)
+    dev = _device_folder(tmp_path / "ray")
+
+    def vision_rows(path: Path) -> set[tuple[str, ...]]:
+        with path.open(newline="") as fh:
+            return {(r["stage"], r["images"], r["patches"], r["tokens"]) for r in csv.DictReader(fh)}
+
+    def request_rows(path: Path) -> list[tuple[str, ...]]:
+        with path.open(newline="") as fh:
+            return sorted((r["request_id"], r["vision_tokens"], r["text_tokens"], r["output_tokens"], r["images"])
+                          for r in csv.DictReader(fh))
+
+    assert vision_rows(dev / "vision_samples.csv") == vision_rows(tmp_path / "local" / "vision_samples.csv")
+    assert request_rows(dev / "requests.csv") == request_rows(tmp_path / "local" / "requests.csv")
+    assert any(int(r[1]) > 0 for r in request_rows(dev / "requests.csv"))  # requests with images ran the chain
+    a, b = load_calibration(tmp_path / "local" / "calibration.yaml"), load_calibration(dev / "calibration.yaml")
+    assert a.vision is not None and b.vision is not None and set(b.vision.fits) == set(a.vision.fits) == {1, 2}
+
+
+def test_vision_on_a_cluster_by_address_fails_at_the_start(tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="ray is not installed")
+    from trt_latency.errors import ConfigError
+
+    opts = CalibrateOptions(out=str(tmp_path / "o"), vision_onnx="vision.onnx")
+    with pytest.raises(ConfigError, match="--vision-onnx"):
+        calibrate_on_ray(opts, address="10.0.0.1:6379", say=lambda _: None)
+    assert not (tmp_path / "o").exists()

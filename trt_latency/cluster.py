@@ -4,9 +4,11 @@ driver is the single writer of every file.
     from trt_latency.cluster import calibrate_on_ray
     results = calibrate_on_ray(CalibrateOptions(out="out"), models=[], address=None)
 
-Work item = one config of one model: the actor opens its runner (one at a time), runs the sweep and then
-the replay with sinks (engines/sweep.RowSink, engines/replay.RequestSink) that hand rows to a queue;
-the actor's method is a Ray streaming generator that yields them in half-second chunks. The driver
+Work item = one config of one model: the actor runs trt_latency/pipeline.measure on it, the same phases
+as the local run (pilot, sweep, the plan's batch sweep and the VLM chain's encoder sweep on the primary
+config, the replay), with sinks (engines/sweep.RowSink, engines/replay.RequestSink) that hand rows to a
+queue; the actor's method is a Ray streaming generator that yields them in half-second chunks. The
+encoder sweep's vision_samples.csv (redone whole, as on one machine) travels as the file's bytes. The driver
 appends each chunk to DIR/<device>/samples.csv / requests.csv (the rows' own device column decides the
 folder) through the same file sinks the single-machine path uses, so a rerun resumes exactly as there:
 the driver sends every item the rows already in each device folder, and the actor continues from the
@@ -22,8 +24,9 @@ every row whose key (config, phase, past_len, new_tokens, rep) or request_id its
 nothing is written twice. Rows reach the disk as they arrive, in the single-machine writer's
 half-second fsync'ed groups: Ctrl-C leaves what was measured.
 
-The fit runs on the driver per device folder with trt_latency/pipeline.py's own steps (_fit,
-_with_sweep_record, _plot, _serving_loop_and_conformal, position_table).
+The fit runs on the driver per device folder with trt_latency/pipeline.finish, as the local run's.
+Not supported, refused at the start in one line: --vision-onnx on a cluster joined by address (the encoder
+files are not shipped to other nodes, as the decoder's are).
 
 Several models (repeatable --onnx / --engine): each is its own calibration in DIR/<model name>/ (two
 user models may share a config key, and each has its own tiers), with its device folders inside.
@@ -90,27 +93,29 @@ class Item:
     tier: Any
     path: str
     files: Any = None  # ObjectRef of {name: bytes}: the model's files, for an actor that cannot see `path`
-    plan: Any = None
-    backend: str = "auto"
-    options: dict[str, Any] = field(default_factory=dict)
-    replay_n: int = 0
+    work: Any = None  # pipeline.MeasurePlan: the phases pipeline.measure runs for this config
     done_rows: dict[str, Any] = field(default_factory=dict)  # device folder -> {PlannedRow: ms}
+    done_batch: dict[str, Any] = field(default_factory=dict)  # device folder -> {(batch, kv_max, kv_total, rep)}
     done_state: dict[str, Any] = field(default_factory=dict)  # device folder -> side-file targets
     done_requests: dict[str, Any] = field(default_factory=dict)  # device folder -> {request_id: key}
-    deadline_wall: float | None = None  # time.time() at which the sweep stops (after its first rounds)
-    adaptive: bool = False
+    deadline_wall: float | None = None  # time.time() at which the item's phases end (pipeline.measure)
 
 
 class _QueueSink:
     """The actor's RowSink: rows of its device go into a queue the generator drains; resume state is
-    what the driver sent for this device folder."""
+    what the driver sent for this device folder (``folder``, set once the runner says its device)."""
 
-    def __init__(self, q: queue.Queue[Any], item: Item, folder: str) -> None:
+    def __init__(self, q: queue.Queue[Any], item: Item) -> None:
         self.q = q
-        self.path = Path(folder) / "samples.csv"
         self.item = item
-        self.folder = folder
+        self.folder = ""
+        self.path = Path("samples.csv")
         self.appended: dict[Any, float] = {}
+        self.appended_batch: set[tuple[int, int, int, int]] = set()
+
+    def bind(self, folder: str) -> None:
+        self.folder = folder
+        self.path = Path(folder) / "samples.csv"
 
     def rows(self, key: Any, backend: str) -> dict[Any, float]:
         from trt_latency.engines.sweep import PlannedRow
@@ -120,8 +125,14 @@ class _QueueSink:
             done[PlannedRow(*values)] = ms
         return done
 
+    def batch_rows(self, key: Any, backend: str) -> set[tuple[int, int, int, int]]:
+        return set(self.item.done_batch.get(self.folder, set())) | self.appended_batch
+
     def append(self, values: list[Any]) -> None:
-        self.appended[(values[4], int(values[5]), int(values[6]), int(values[7]))] = float(values[8])
+        if int(values[3]) > 1:  # a batched step: (batch, kv_max, kv_total, rep)
+            self.appended_batch.add((int(values[3]), int(values[13]), int(values[12]), int(values[7])))
+        else:
+            self.appended[(values[4], int(values[5]), int(values[6]), int(values[7]))] = float(values[8])
         self.q.put(("samples", values))
 
     def close(self) -> None:
@@ -137,10 +148,15 @@ class _QueueSink:
 class _QueueRequestSink:
     """The actor's RequestSink: request rows into the queue; done ids as the driver sent them."""
 
-    def __init__(self, q: queue.Queue[Any], item: Item, folder: str) -> None:
+    def __init__(self, q: queue.Queue[Any], item: Item) -> None:
         self.q = q
+        self.item = item
+        self.path = Path("requests.csv")
+        self.done_ids: dict[int, Any] = {}
+
+    def bind(self, folder: str) -> None:
         self.path = Path(folder) / "requests.csv"
-        self.done_ids = dict(item.done_requests.get(folder, {}))
+        self.done_ids = dict(self.item.done_requests.get(folder, {}))
 
     def done(self) -> dict[int, Any]:
         return dict(self.done_ids)
@@ -216,29 +232,28 @@ def _local_model(item: Item) -> Path:
 
 
 def _measure_item(item: Item, q: queue.Queue[Any]) -> dict[str, Any]:
-    """Sweep, then replay, one config on this actor's device: rows go to the queue."""
-    from trt_latency.engines.replay import REPLAY_ID_STRIDE, run_replay
-    from trt_latency.engines.sweep import run_sweep
-    from trt_latency.pipeline import Target, _open, _refiner
+    """pipeline.measure for one config on this actor's device (every phase the local run has: sweep, batch
+    sweep, encoder sweep, replay): rows go to the queue, the encoder sweep's file as bytes."""
+    import tempfile
+
+    from trt_latency.pipeline import Sinks, Target, measure
 
     target = Target(item.key, item.tier, _local_model(item))
-    with _open(target, item.plan, item.backend, item.options) as runner:
+    sink, rsink = _QueueSink(q, item), _QueueRequestSink(q, item)
+
+    def opened(runner: Any) -> None:  # the device names the folder whose rows the item resumes from
         folder = device_folder(runner.device)
-        sink = _QueueSink(q, item, folder)
-        deadline = None
-        if item.deadline_wall is not None:  # wall clock across processes; perf_counter inside this one
-            deadline = time.perf_counter() + max(item.deadline_wall - time.time(), 0.0)
-        result = run_sweep(runner, item.key, item.plan, sink, progress=False,
-                           refiner=_refiner(item.plan) if item.adaptive else None, deadline=deadline)
-        replay = None
-        if item.replay_n > 0:
-            spec = replace(item.plan.replay, requests=item.replay_n)
-            rsink = _QueueRequestSink(q, item, folder)
-            replay = run_replay(runner, item.key, item.tier, spec, rsink, item.replay_n, progress=False,
-                                id_offset=item.position * REPLAY_ID_STRIDE)
-        return {"folder": folder, "backend": runner.backend, "device": runner.device,
-                "kv_mode": getattr(runner, "kv_mode", "concat"), "token_input": getattr(runner, "token_input", ""),
-                "sweep": result, "replay": replay, "pid": os.getpid()}
+        sink.bind(folder)
+        rsink.bind(folder)
+
+    with tempfile.TemporaryDirectory(prefix="trt-latency-vision-") as tmp:
+        vision = Path(tmp) / "vision_samples.csv"
+        sinks = Sinks(samples=sink, requests=rsink if item.work.requests > 0 else None, vision=vision,
+                      opened=opened)
+        m = measure(target, item.work, sinks, item.deadline_wall, say=lambda _: None)
+        if m.vision is not None and vision.is_file():
+            q.put(("vision", (sink.folder, vision.read_bytes())))
+    return {"folder": sink.folder, "device": m.runner.get("device", ""), "measured": m, "pid": os.getpid()}
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -292,7 +307,10 @@ class _Folder:
                 from trt_latency.schema import ConfigKey
 
                 have = self.keys[key] = set(self.samples.rows(ConfigKey(*key), str(values[9])))
-            row = PlannedRow(str(values[4]), int(values[5]), int(values[6]), int(values[7]))
+                have.update(("batch", *b) for b in self.samples.batch_rows(ConfigKey(*key), str(values[9])))
+            row: Any = PlannedRow(str(values[4]), int(values[5]), int(values[6]), int(values[7]))
+            if int(values[3]) > 1:  # a batched step: identified by (batch, kv_max, kv_total, rep)
+                row = ("batch", int(values[3]), int(values[13]), int(values[12]), int(values[7]))
             if row in have:
                 self.dropped += 1
                 continue
@@ -314,16 +332,18 @@ class _Folder:
 def _done_for(item: Item, root: Path) -> None:
     """Every device folder's rows of the item's config, read fresh at dispatch (what is missing is measured)."""
     from trt_latency.engines.adaptive import read_state, state_path
+    from trt_latency.engines.batch_sweep import read_done_batch
     from trt_latency.engines.replay import done_requests
     from trt_latency.engines.sweep import read_rows
 
-    item.done_rows, item.done_state, item.done_requests = {}, {}, {}
+    item.done_rows, item.done_batch, item.done_state, item.done_requests = {}, {}, {}, {}
     if not root.is_dir():
         return
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         samples = sub / "samples.csv"
         if samples.is_file():
             item.done_rows[sub.name] = read_rows(samples, item.key)
+            item.done_batch[sub.name] = read_done_batch(samples, item.key)
             item.done_state[sub.name] = read_state(state_path(samples), tuple(item.key))
         requests = sub / "requests.csv"
         if requests.is_file():
@@ -338,23 +358,23 @@ def _model_files(path: Path) -> dict[str, bytes]:
 
 def _calibrations(args: Any, models: list[str], engines: list[str], say: Callable[[str], None]) -> list[Calibration]:
     from trt_latency.engines.config import load_plan
-    from trt_latency.pipeline import _export_if_needed, _targets, _with_adaptive_flags
+    from trt_latency.pipeline import export_if_needed, targets_for, with_adaptive_flags
 
-    base = _with_adaptive_flags(load_plan(args.config, quick=args.quick), args)
+    base = with_adaptive_flags(load_plan(args.config, quick=args.quick), args)
     out = Path(args.out)
     sources = [("onnx", m) for m in models] + [("engine", e) for e in engines]
     names = model_names([s for _, s in sources])
     cals: list[Calibration] = []
     if not sources:
-        plan, targets = _targets(replace(args, onnx=None, engine=None), base, out)
+        plan, targets = targets_for(replace(args, onnx=None, engine=None), base, out)
         for t in targets:
-            t.exported = _export_if_needed(t.tier, t.key, t.path, plan.sweep.seed)
+            t.exported = export_if_needed(t.tier, t.key, t.path, plan.sweep.seed)
             say(f"  model {t.path.name}: {'exported' if t.exported else 'reused (same content hash)'}")
         return [Calibration(out, plan, targets, args)]
     for (kind, src), name in zip(sources, names, strict=True):
         opts = replace(args, onnx=src if kind == "onnx" else None, engine=src if kind == "engine" else None,
                        out=str(out / name) if len(sources) > 1 else str(out))
-        plan, targets = _targets(opts, base, Path(opts.out))
+        plan, targets = targets_for(opts, base, Path(opts.out))
         cals.append(Calibration(Path(opts.out), plan, targets, opts))
     return cals
 
@@ -393,6 +413,16 @@ def calibrate_on_ray(args: Any, models: list[str] | None = None, engines: list[s
         from trt_latency.errors import ConfigError
 
         raise ConfigError(field="--requests", expected="an integer >= 0", got=args.requests)
+    if getattr(args, "vision_onnx", None) and address is not None:
+        from trt_latency.errors import ConfigError
+
+        raise ConfigError("the VLM chain's encoder files are not shipped to other nodes", field="--vision-onnx",
+                          expected="--ray without ADDRESS (a local Ray) or calibrate without --ray",
+                          got=f"--ray {address}")
+    if getattr(args, "vision_onnx", None):  # a vision model the adapters cannot feed fails now, as locally
+        from trt_latency.pipeline_vision import vision_signature
+
+        vision_signature(args)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     say(f"trt-latency calibrate --ray: output {args.out}/")
     cals = _calibrations(args, models, engines, say)
@@ -420,29 +450,24 @@ def calibrate_on_ray(args: Any, models: list[str] | None = None, engines: list[s
 
 def _run(ray: Any, cals: list[Calibration], backend: str, args: Any, say: Callable[[str], None],
          started: float, max_actors: int | None, actors: list[Any]) -> list[ClusterResult]:
-    from trt_latency.engines.replay import REPLAY_ID_STRIDE
+    from trt_latency.budget import target_end
+    from trt_latency.pipeline import measure_plans, time_budget
 
     plan0 = cals[0].plan
     threads = max(int(plan0.runtime.intra_op_threads or 1), 1)
     n_actors, resources, pin = _actor_kind(ray, backend, threads, max_actors)
-    options = {"kv_mode": args.kv_mode, "io": args.io, "dims": args.dims}
     items: list[Item] = []
     shipped: dict[str, Any] = {}
     for ci, cal in enumerate(cals):
-        n_req = cal.plan.replay.requests if args.requests is None else args.requests
-        if n_req > REPLAY_ID_STRIDE:
-            from trt_latency.errors import ConfigError
-
-            raise ConfigError(field="--requests", expected=f"at most {REPLAY_ID_STRIDE} requests per config",
-                              got=n_req)
-        spec = cal.plan.sweep.adaptive
-        for pi, t in enumerate(cal.targets):
+        # The local run's own per-config phases (batch sweep and encoder sweep on the primary, the replay
+        # under each config's request_id range): pipeline.measure_plans decides for both.
+        works = measure_plans(cal.options, cal.plan, cal.targets, backend)
+        for pi, (t, work) in enumerate(zip(cal.targets, works, strict=True)):
             if str(t.path) not in shipped:  # actors on nodes without this path fetch it from the object store
                 shipped[str(t.path)] = ray.put(_model_files(Path(t.path)))
             items.append(Item(index=len(items), calibration=ci, position=pi, key=t.key, tier=t.tier,
-                              path=str(Path(t.path).resolve()), files=shipped[str(t.path)], plan=cal.plan,
-                              backend=backend, options=options, replay_n=0 if args.no_replay else n_req,
-                              adaptive=spec is not None and spec.enabled))
+                              path=str(Path(t.path).resolve()), files=shipped[str(t.path)],
+                              work=replace(work, progress=False)))
     n_actors = min(n_actors, len(items))
     run_id = uuid.uuid4().hex[:8]
     remote = ray.remote(Worker)
@@ -452,10 +477,7 @@ def _run(ray: Any, cals: list[Calibration], backend: str, args: Any, say: Callab
     kind = ", ".join(f"{k}={v}" for k, v in resources.items())
     say(f"  {len(items)} work item(s) (model, config) on {n_actors} Ray actor(s) ({kind} each"
         f"{', pinned to cores' if pin else ''}), backend {backend}")
-    budget = plan0.sweep.adaptive.time_budget_s if plan0.sweep.adaptive is not None else None
-    from trt_latency.pipeline import TAIL_SHARE
-
-    sweeps_end = time.time() + budget * (1 - TAIL_SHARE) - (time.perf_counter() - started) if budget else None
+    budget = time_budget(plan0)
     folders: dict[tuple[int, str], _Folder] = {}
     done: dict[int, dict[str, Any]] = {}
     resent: dict[int, int] = {}
@@ -469,9 +491,11 @@ def _run(ray: Any, cals: list[Calibration], backend: str, args: Any, say: Callab
             return
         item = pending.pop(0)
         _done_for(item, cals[item.calibration].root)
-        if sweeps_end is not None:
-            rounds = math.ceil((len(pending) + 1) / n_actors)
-            item.deadline_wall = time.time() + max(sweeps_end - time.time(), 0.0) / rounds
+        # The item's window: an equal share of what the budget leaves, per round of items over the actors
+        # (the local run's arithmetic, trt_latency/budget.target_end, with actors side by side).
+        end = target_end(started, budget, math.ceil((len(pending) + 1) / n_actors))
+        if end is not None:
+            item.deadline_wall = time.time() + (end - time.perf_counter())
         gen = actors[a].run.options(num_returns="streaming").remote(item)
         running[gen] = (a, item)
 
@@ -514,6 +538,9 @@ def _run(ray: Any, cals: list[Calibration], backend: str, args: Any, say: Callab
                     elif kind_ == "state":
                         name, key, positions = data
                         _folder(folders, item.calibration, root, name).samples.write_state(key, positions)
+                    elif kind_ == "vision":  # the encoder sweep's file, redone whole as on one machine
+                        name, data_ = data
+                        (_folder(folders, item.calibration, root, name).path / "vision_samples.csv").write_bytes(data_)
                     elif kind_ == "result":
                         done[item.index] = data
                         _folder(folders, item.calibration, root, data["device"])
@@ -530,7 +557,20 @@ def _run(ray: Any, cals: list[Calibration], backend: str, args: Any, say: Callab
     say(f"  {len(done)} of {len(items)} item(s) measured" + (f", {retried} resent after an actor restart"
                                                               if retried else "")
         + f"; rows dropped as already written: {sum(f.dropped for f in folders.values())}")
-    return _fit_all(cals, items, done, folders, say)
+    results = _fit_all(cals, items, done, folders, say)
+    from trt_latency.budget import Ledger
+    from trt_latency.pipeline import larger_budget_lines
+    from trt_latency.report import time_lines
+
+    ledger = Ledger()
+    for d in done.values():
+        ledger.merge(d["measured"].ledger)
+    say("")
+    say(f"(seconds per phase summed over {n_actors} actor(s), side by side)")
+    for line in time_lines(budget, time.perf_counter() - started, ledger.seconds, ledger.overruns,
+                           larger_budget_lines([d["measured"] for _, d in sorted(done.items())], plan0)):
+        say(line)
+    return results
 
 
 def _name(item: Item) -> str:
@@ -582,47 +622,33 @@ class _Bars:
 
 def _fit_all(cals: list[Calibration], items: list[Item], done: dict[int, dict[str, Any]],
              folders: dict[tuple[int, str], _Folder], say: Callable[[str], None]) -> list[ClusterResult]:
-    """Per calibration and device folder: the single-machine pipeline's fit, plot, loop terms, factors."""
-    from trt_latency.estimator.calibration import save_calibration
-    from trt_latency.pipeline import (
-        _fit,
-        _load,
-        _plot,
-        _serving_loop_and_conformal,
-        _with_sweep_record,
-        position_table,
-    )
+    """Per calibration and device folder: the single-machine pipeline's own ``finish`` (fit, provenance,
+    vision section, plots, loop terms, conformal factors) over the measured items of that folder."""
+    from trt_latency.pipeline import finish, load, position_table
 
     results = []
     for (ci, name), folder in sorted(folders.items()):
         cal_def = cals[ci]
         out = folder.path
-        mine = [d for i, d in done.items() if items[i].calibration == ci and d["folder"] == name]
-        measured = {tuple(items[i].key) for i, d in done.items() if items[i].calibration == ci and d["folder"] == name}
+        mine = [d["measured"] for i, d in sorted(done.items())
+                if items[i].calibration == ci and d["folder"] == name]
+        measured = {tuple(m.key) for m in mine}
         targets = [replace(t, path=_place_model(t.path, out)) for t in cal_def.targets if tuple(t.key) in measured]
         if not targets or not (out / "samples.csv").is_file():
             continue
-        info = {k: mine[0][k] for k in ("backend", "device", "kv_mode", "token_input")} if mine else {}
-        sweeps = {tuple(d["sweep"].key): d["sweep"] for d in mine}
+        info = mine[0].runner if mine else {}
         # Ray actors replay through our ORT loop (engines.replay), never genai's: provenance says so.
-        cal, samples = _fit(out / "samples.csv", cal_def.plan, targets, info, replace(cal_def.options, runtime="ort"))
-        cal = _with_sweep_record(cal, sweeps, cal_def.plan)
-        save_calibration(cal, out / "calibration.yaml")
-        if not cal_def.options.no_plot:
-            _plot(samples, cal, out / "decode.png", info)
-        requests = out / "requests.csv"
-        lines: list[str] = []
-        if requests.is_file() and requests.stat().st_size > 0:
-            lines, _ = _serving_loop_and_conformal(out / "calibration.yaml", requests, [t.key for t in targets])
+        fin = finish(out, cal_def.plan, targets, mine, replace(cal_def.options, runtime="ort"))
         say("")
         say(f"{out}: {info.get('backend', '?')} on {info.get('device', '?')}, {len(targets)} config(s), "
-            f"{len(samples)} timed repetitions")
-        say(position_table(samples, _load(out / "calibration.yaml")))
-        for line in lines:
+            f"{len(fin.samples)} timed repetitions")
+        say(position_table(fin.samples, load(fin.calibration)))
+        for line in fin.loop_lines + fin.vision_lines:
             say(line)
-        results.append(ClusterResult(out=out, device=str(info.get("device", name)), calibration=out / "calibration.yaml",
+        requests = out / "requests.csv"
+        results.append(ClusterResult(out=out, device=str(info.get("device", name)), calibration=fin.calibration,
                                      samples=out / "samples.csv", requests=requests if requests.is_file() else None,
-                                     rows=len(samples)))
+                                     rows=len(fin.samples)))
     return results
 
 

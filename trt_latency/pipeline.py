@@ -1,9 +1,17 @@
-"""The calibration pipeline as a library function: export -> sweep -> fit -> calibration.yaml, decode.png,
-replay -> requests.csv -> serving-loop terms (fitted on the even request_ids) -> conformal factors (from the
-odd ones). `trt-latency calibrate` only parses its flags into CalibrateOptions and calls ``calibrate``.
+"""The calibration pipeline as a library function: export -> measure (per config: pilot, sweep, batch sweep,
+encoder sweep, replay) -> finish (fit -> calibration.yaml, decode.png, serving-loop terms fitted on the even
+request_ids, conformal factors from the odd ones). `trt-latency calibrate` only parses its flags into
+CalibrateOptions and calls ``calibrate``.
 
     from trt_latency.pipeline import CalibrateOptions, calibrate
     result = calibrate(CalibrateOptions(onnx="model.onnx", out="out", quick=True))
+
+Two public steps, shared by the local run and `calibrate --ray` (trt_latency/cluster.py):
+``measure(target, MeasurePlan, Sinks, deadline)`` runs every measuring phase of one config, rows into
+sinks (files here, a queue to the Ray driver there); ``finish(out, plan, targets, measured, options)``
+fits and writes from the files. --time-budget bounds the whole run: trt_latency/budget.py splits it
+(a pilot prices the measurements; each config's window covers its replay too); trt_latency/report.py
+formats the report.
 
 Every config is replayed with its own model and runner into the one requests.csv, config i under
 request_ids i * REPLAY_ID_STRIDE + (0 .. n-1); its loop terms and conformal factors come from its own
@@ -22,7 +30,7 @@ import hashlib
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +38,20 @@ import numpy as np
 
 from trt_latency.engines.signature import VISION_NOTE, capped_past
 from trt_latency.errors import ConfigError, TrtLatencyError
+from trt_latency.report import (
+    LOOP_HEADER,
+    conformal_lines,
+    extrapolation_lines,
+    fmt_time,
+    holdout_lines,
+    key_name,
+    loop_rows,
+    no_log_lines,
+    position_table,
+    time_lines,
+)
 
 DEFAULT_OUT = "trt-latency-out"
-
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -59,6 +78,7 @@ class CalibrateOptions:
     precision: float | None = None  # target relative SE of each position's median (None: the plan's; 0: fixed)
     time_budget: float | None = None  # seconds for the whole calibrate (None: the plan's)
     runtime: str = "auto"  # the replay's loop: auto | ort | genai (engines/genai_loop.py)
+    threads: int | None = None  # ONNX Runtime intra-op threads (None: the plan's runtime.intra_op_threads)
     # VLM deployments (trt_latency/pipeline_vision.py): the vision encoder, its family / config / feeds
     # hook, the embedding step, and how a request's images go to the encoder.
     vision_onnx: str | None = None
@@ -92,7 +112,6 @@ class CalibrateResult:
 
 
 
-
 @dataclass
 class Target:
     """One config to time: its key, tier dims and the model/engine file."""
@@ -110,10 +129,10 @@ def model_path(out: Path, key: Any, primary: bool = False) -> Path:
     model.t<tier_idx>.k<top_k>.b<num_active_blocks>.onnx."""
     if primary:
         return out / "model.onnx"
-    return out / f"model.{_key_name(key)}.onnx"
+    return out / f"model.{key_name(key)}.onnx"
 
 
-def _export_if_needed(tier: Any, key: Any, path: Path, seed: int) -> bool:
+def export_if_needed(tier: Any, key: Any, path: Path, seed: int) -> bool:
     """Export unless `path` already holds this exact model (same content hash); True if written."""
     from trt_latency.engines.export import (
         EXTERNAL_DATA_THRESHOLD,
@@ -175,7 +194,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _targets(args: CalibrateOptions, plan: Any, out: Path) -> tuple[Any, list[Target]]:
+def targets_for(args: CalibrateOptions, plan: Any, out: Path) -> tuple[Any, list[Target]]:
     if args.onnx:
         tier, key, sig = tier_from_onnx(Path(args.onnx), plan, args)
         plan = replace(plan, tiers={tier.tier_idx: tier}, configs=[key])
@@ -195,246 +214,60 @@ def _targets(args: CalibrateOptions, plan: Any, out: Path) -> tuple[Any, list[Ta
     return plan, targets
 
 
-# ------------------------------------------------------------------------------------------ report
+# ------------------------------------------------------------------------------------------ measure
 
 
-def _versions() -> dict[str, str]:
-    from importlib import metadata
+@dataclass
+class MeasurePlan:
+    """What ``measure`` does for one target: every measuring phase, each switched on here."""
 
-    out: dict[str, str] = {"python": sys.version.split()[0], "numpy": np.__version__}
-    for dist in ("trt-latency", "onnxruntime", "onnxruntime-gpu", "onnx", "tensorrt"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
-
-
-def position_table(samples: Any, cal: Any) -> str:
-    """Per config: past_len, reps, measured median and p90, fitted value, relative error."""
-    from trt_latency.estimator.fit import decode_latencies, decode_rows
-    from trt_latency.estimator.model import Estimator
-
-    est = Estimator(cal)
-    lines: list[str] = []
-    for cfg in cal.configs:
-        # The medians the fit used (the machine's drift divided out: estimator.fit.drift_adjusted); p90 raw.
-        rows = decode_rows(samples, cfg.key)
-        past, lat, _ = decode_latencies(samples, rows)
-        raw = samples.latency_ms[rows]
-        lines.append(f"config tier_idx={cfg.tier_idx} top_k={cfg.top_k} num_active_blocks={cfg.num_active_blocks}")
-        lines.append(f"  {'past_len':>8}  {'reps':>4}  {'median ms':>10}  {'p90 ms':>9}  {'fitted ms':>10}  {'fit err':>8}")
-        for p in np.unique(past):
-            y = lat[past == p]
-            med = float(np.median(y))
-            fitted = float(est.decode_step_ms(int(p), tier_idx=cfg.tier_idx, top_k=cfg.top_k,
-                                              num_active_blocks=cfg.num_active_blocks, serving=False))
-            lines.append(f"  {int(p):>8}  {y.size:>4}  {med:>10.4f}  {float(np.quantile(raw[past == p], 0.9)):>9.4f}  "
-                         f"{fitted:>10.4f}  {(fitted - med) / med:>+8.1%}")
-        lines.append(fit_summary(cfg))
-        lines.append("")
-    return "\n".join(lines)
+    plan: Any  # the plan (engines.config.Plan), flags applied
+    backend: str = "auto"
+    options: dict[str, Any] = field(default_factory=dict)  # kv_mode, io, dims for the runner
+    sweep: bool = True  # the decode / prefill sweep
+    batch: bool = False  # the plan's batch sweep (plan.batch) on this target
+    requests: int = 0  # replayed requests (the plan's size: a cap the budget may lower; 0: no replay)
+    exact_requests: bool = False  # --requests N: replay N, budget or not (the deadline still stops it)
+    id_offset: int = 0  # request_ids of this target: id_offset + 0 .. n-1
+    vision: Any = None  # CalibrateOptions with the VLM chain's flags: the replay runs the chain
+    vision_sweep: bool = False  # sweep the encoder here (one target per calibration)
+    pilot: bool = True  # price the measurements first and size the plan to the deadline
+    refine: bool = True  # the fit's refiner sends positions back (adaptive plans)
+    progress: bool = True
+    runtime: str = "auto"  # the replay's loop (engines/genai_loop.choose_loop): auto | ort | genai
 
 
-def fit_summary(cfg: Any) -> str:
-    knots = [float(k) for k in cfg.decode_knots]
-    values = [float(v) for v in cfg.decode_values_ms]
-    slopes = [(values[i + 1] - values[i]) / (knots[i + 1] - knots[i]) * 1e3 for i in range(len(knots) - 1)]
-    overall = (values[-1] - values[0]) / (knots[-1] - knots[0]) * 1e3
-    err = cfg.fit_error or {}
-    loo_med, loo_max = err.get("loo_median_rel"), err.get("loo_max_rel")
-    a, b, c = (float(x) for x in cfg.prefill_coeffs)
-    parts = [
-        "  fit: " + f"{len(knots)} knots at past_len " + ", ".join(f"{k:.0f}" for k in knots),
-        "       T(L) at knots (ms): " + ", ".join(f"{v:.4f}" for v in values),
-        f"       slope {overall:.3f} us per KV token overall (per segment: "
-        + ", ".join(f"{s:.3f}" for s in slopes) + ")",
-    ]
-    if isinstance(loo_med, int | float) and isinstance(loo_max, int | float):
-        within, total = err.get("loo_within_2se"), err.get("loo_with_se")
-        noise = (f"; {within} of {total} within 2 SE of their own median (the rest: model error or a shift "
-                 f"that more rounds would not remove)" if isinstance(within, int) and total else "")
-        parts.append(f"       leave-one-position-out error: median {loo_med:.1%}, max {loo_max:.1%}"
-                     f" over {err.get('n_positions', '?')} positions{noise}")
-    drift = err.get("drift_sd_rel")
-    if isinstance(drift, int | float) and drift > 0:
-        parts.append(f"       machine drift divided out of the medians: {drift:.1%} robust sd over the sweep "
-                     "(the level all positions shared at the time)")
-    parts.append(f"       prefill(S) = {a:.4f} + {b:.3e}*S + {c:.3e}*S^2 ms")
-    if cfg.kv_bytes_per_token:
-        line = f"       KV cache: {cfg.kv_bytes_per_token} bytes per token"
-        if overall > 0:
-            ms_per_mib = overall * 1e-3 / cfg.kv_bytes_per_token * 2**20
-            line += (f"; slope = {ms_per_mib:.3f} ms per MiB of KV "
-                     f"(an effective {2**20 / (ms_per_mib * 1e-3) / 1e9:.1f} GB/s if it were all KV reads)")
-        parts.append(line)
-    return "\n".join(parts)
+@dataclass
+class Sinks:
+    """Where ``measure`` writes: sweep and batch rows, request rows, the encoder sweep's file."""
+
+    samples: Any  # engines.sweep.RowSink
+    requests: Any = None  # engines.replay.RequestSink (None: no replay)
+    vision: Path | None = None  # vision_samples.csv, written whole by the encoder sweep
+    # Called with the first runner before any sink is read: a sink whose resume state depends on the
+    # device (a Ray actor: one folder per device class) learns it here.
+    opened: Callable[[Any], None] | None = None
 
 
-def _fmt_time(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+@dataclass
+class Measured:
+    """What ``measure`` hands to ``finish`` (plain data: a Ray actor returns it to the driver)."""
+
+    key: Any
+    plan: Any  # the plan as sized for this target (a second pass reuses it)
+    runner: dict[str, str] = field(default_factory=dict)  # backend, device, kv_mode, memory, token_input, ...
+    sweep: Any = None  # engines.sweep.SweepResult
+    batch: Any = None  # engines.batch_sweep.BatchSweepResult
+    replay: Any = None  # engines.replay.ReplayResult
+    vision: dict[str, Any] | None = None  # the encoder sweep: what the vision fit needs (pipeline_vision)
+    prices: Any = None  # budget.Prices from the pilot
+    notes: list[str] = field(default_factory=list)  # what the budget changed
+    ledger: Any = None  # budget.Ledger: seconds per phase, overruns
+    reach: dict[str, int] = field(default_factory=dict)  # measured vs replayed lengths (extrapolation)
 
 
-# ------------------------------------------------------------------------------------------ run
-
-
-def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) -> CalibrateResult:
-    """Run the whole calibration into ``args.out``; ``say`` gets the report lines (default: print)."""
-    from trt_latency.engines.config import load_plan
-
-    started = time.perf_counter()
-    if args.requests is not None and args.requests < 0:
-        raise ConfigError(field="--requests", expected="an integer >= 0", got=args.requests)
-    plan = load_plan(args.config, quick=args.quick)
-    plan = _with_adaptive_flags(plan, args)
-    budget = plan.sweep.adaptive.time_budget_s if plan.sweep.adaptive is not None else None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    backend = "tensorrt" if args.engine and args.backend == "auto" else args.backend
-    if args.engine and backend != "tensorrt":
-        raise ConfigError(field="--backend", expected="tensorrt (or auto) with --engine", got=backend)
-    plan, targets = _targets(args, plan, out)
-    if args.vision_onnx:  # a vision model the adapters cannot feed fails now, not after the decoder sweep
-        from trt_latency.pipeline_vision import vision_signature
-
-        vision_signature(args)
-    progress = not args.no_progress
-    samples_path = out / "samples.csv"
-    cal_path = out / "calibration.yaml"
-    plot_path = out / "decode.png"
-    requests_path = out / "requests.csv"
-    say = say or _Say()
-
-    say(f"trt-latency calibrate: plan {plan.source}{' (--quick)' if plan.quick else ''}, "
-        f"{len(targets)} config(s), output {out}/")
-    if not (args.onnx or args.engine):
-        for t in targets:
-            t.exported = _export_if_needed(t.tier, t.key, t.path, plan.sweep.seed)
-            say(f"  model {t.path.name}: {'exported' if t.exported else 'reused (same content hash)'}")
-    runner_info: dict[str, str] = {}
-    sweep_stats: list[str] = []
-    options = {"kv_mode": args.kv_mode, "io": args.io, "dims": args.dims}
-    sweeps: dict[Any, Any] = {}
-    refiner = _refiner(plan)
-    n_requests = plan.replay.requests if args.requests is None else args.requests
-    n_replays = len(targets) if not args.no_replay and n_requests > 0 else 0
-    replay_costs: list[float] = []  # estimated replay seconds of the configs swept so far
-    if plan.batch is not None:
-        # Batched steps first (a fixed grid): the adaptive decode sweeps below then share what the time
-        # budget has left, so --time-budget caps the whole calibrate, batch sweep included.
-        batch_targets = targets if plan.batch.all_configs else targets[:1]
-        for i, t in enumerate(batch_targets):
-            # Its share of the budget (BATCH_SHARE), split over the configs it covers: the rounds past
-            # MIN_ROUNDS are precision, not coverage, and the decode sweeps are what calibrate is for.
-            end = (None if budget is None else
-                   time.perf_counter() + max(started + BATCH_SHARE * budget - time.perf_counter(), 0.0)
-                   / (len(batch_targets) - i))
-            runner_info.update(_batch_sweep_one(t, plan, backend, samples_path, progress, options, say, end))
-    for i, t in enumerate(targets):
-        deadline = _deadline_fn(started, budget, len(targets) - i, replay_costs, n_replays, plan, t.tier, n_requests)
-        info, sweeps[tuple(t.key)] = _sweep_one(t, plan, backend, samples_path, progress, options, say, refiner,
-                                                deadline)
-        runner_info.update(info)
-        sweep_stats.append(info.get("summary", ""))
-        cost = _replay_seconds(sweeps[tuple(t.key)].states, plan, t.tier, n_requests)
-        if cost is not None:
-            replay_costs.append(cost)
-    # Configs that finished early left budget behind: one more pass over those the deadline cut short.
-    pending = [t for t in targets if sweeps[tuple(t.key)].out_of_time]
-    for i, t in enumerate(pending):
-        end = _sweep_deadline(started, budget, len(pending) - i, replay_costs, n_replays)
-        if end is None or end - time.perf_counter() < MIN_PASS_S:
-            continue
-        _, sweeps[tuple(t.key)] = _sweep_one(t, plan, backend, samples_path, progress, options, say, refiner, end)
-
-    cal, samples = _fit(samples_path, plan, targets, runner_info, args)
-    cal = _with_sweep_record(cal, sweeps, plan)
-    from trt_latency.estimator.calibration import save_calibration
-
-    save_calibration(cal, cal_path)
-    vision_lines: list[str] = []
-    if args.vision_onnx:
-        from trt_latency.pipeline_vision import calibrate_vision
-
-        vision_lines = calibrate_vision(args, plan, out, cal_path, say)
-    plot_written = False if getattr(args, "no_plot", False) else _plot(samples, cal, plot_path, runner_info)
-    batch_plot = None if getattr(args, "no_plot", False) else _plot_batch(samples, cal, out / "batch.png", runner_info)
-
-    replaying = not args.no_replay and n_requests > 0
-    replay_note = "skipped (--no-replay)" if args.no_replay else "skipped (0 requests)"
-    if replaying:
-        from trt_latency.engines.replay import REPLAY_ID_STRIDE
-
-        if n_requests > REPLAY_ID_STRIDE:
-            raise ConfigError(field="--requests", expected=f"at most {REPLAY_ID_STRIDE} requests per config",
-                              got=n_requests)
-        written = skipped = 0
-        seconds = 0.0
-        cut = ""
-        for i, t in enumerate(targets):
-            result = _replay(t, plan, backend, requests_path, n_requests, progress, id_offset=i * REPLAY_ID_STRIDE,
-                             options=options, say=say, vision=args if args.vision_onnx else None,
-                             loop=str(cal.provenance.get("loop", "ort")))
-            written += result.rows_written
-            skipped += result.rows_skipped
-            seconds += result.seconds
-            if budget is not None and time.perf_counter() - started > budget and i + 1 < len(targets):
-                cut = f"--time-budget spent after {i + 1} of {len(targets)} configs; "
-                break
-        replay_note = (f"{cut}{written + skipped} requests, {n_requests} per config ({written} replayed in "
-                       f"{_fmt_time(seconds)}, {skipped} already there)")
-    loop_lines: list[str] = []
-    if requests_path.is_file() and requests_path.stat().st_size > 0:
-        # Also with --no-replay: the rows an earlier run left keep their loop terms and factors.
-        loop_lines, conformal_note = _serving_loop_and_conformal(cal_path, requests_path, [t.key for t in targets])
-        if not replaying:
-            replay_note += f", the {requests_path.name} an earlier run left is used"
-        replay_note += conformal_note
-    else:
-        loop_lines = _no_log_lines()
-
-    say("")
-    say("Decode step latency per KV position: measured (median, p90 over repetitions) vs the fitted model")
-    say(position_table(samples, _load(cal_path)))
-    if plan.batch is not None:
-        from trt_latency.estimator.batch_fit import format_batch_table
-
-        say(format_batch_table(cal, samples))
-    wall = time.perf_counter() - started
-    say("Summary")
-    say(f"  backend      {runner_info.get('backend', backend)} on {runner_info.get('device', '?')}")
-    say(f"  kv_mode      {runner_info.get('kv_mode', 'concat')}"
-        + (f" (token input {runner_info['token_input']})" if runner_info.get("token_input") else ""))
-    if runner_info.get("memory"):
-        say(f"  memory       {runner_info['memory']}")
-    for t in targets:
-        say(f"  model        {t.path}")
-    say(f"  samples      {samples_path} ({len(samples)} timed repetitions)")
-    say(f"  calibration  {cal_path}")
-    no_plot = "not written (--no-plot)" if getattr(args, "no_plot", False) else "not written (matplotlib missing)"
-    say(f"  plot         {plot_path if plot_written else no_plot}")
-    if batch_plot is not None:
-        say(f"  batch plot   {batch_plot}")
-    say(f"  requests     {requests_path if requests_path.is_file() else '-'}: {replay_note}")
-    for line in loop_lines:
-        say(line)
-    for line in vision_lines:
-        say(line)
-    say(f"  wall time    {_fmt_time(wall)}")
-    if replaying:
-        say(f"Next: trt-latency analyze {requests_path} -c {cal_path}")
-    return CalibrateResult(out=out, models=tuple(t.path for t in targets), samples=samples_path,
-                           calibration=cal_path, plot=plot_path if plot_written else None,
-                           requests=requests_path if requests_path.is_file() else None,
-                           kv_mode=runner_info.get("kv_mode", "concat"), seconds=wall, batch_plot=batch_plot)
-
-
-class _Say:
-    def __call__(self, text: str) -> None:
-        print(text, flush=True)
-
-
-def _open(target: Target, plan: Any, backend: str, options: dict[str, Any] | None = None) -> Any:
+def open_target(target: Target, plan: Any, backend: str, options: dict[str, Any] | None = None) -> Any:
+    """The runner every measuring phase of ``target`` opens (plan's threads, page backing, profile)."""
     from trt_latency.engines.backends import open_runner
 
     return open_runner(target.path, backend=backend, threads=plan.runtime.intra_op_threads,
@@ -443,59 +276,30 @@ def _open(target: Target, plan: Any, backend: str, options: dict[str, Any] | Non
                        huge_pages=plan.runtime.huge_pages, **(options or {}))
 
 
-def _sweep_one(target: Target, plan: Any, backend: str, samples_path: Path, progress: bool,
-               options: dict[str, Any] | None = None, say: Callable[[str], None] = print, refiner: Any = None,
-               deadline: Any = None) -> tuple[dict[str, str], Any]:
-    from trt_latency.engines.adaptive import describe
-    from trt_latency.engines.sweep import run_sweep
+def open_replay_runner(target: Target, plan: Any, backend: str, options: dict[str, Any] | None = None,
+                       runtime: str = "ort", resolved_backend: str = "ort-cpu", embeddings: bool = False,
+                       say: Callable[[str], None] = print) -> Any:
+    """The runner the replay serves requests with: the one place the serving loop is chosen. onnxruntime-genai's
+    own Generator where ``runtime`` picks it (engines/genai_loop.py: genai_config.json beside the model, CPU),
+    else the ONNX Runtime / TensorRT runner the sweep used. ``resolved_backend``: the backend the sweep's
+    runner reported (``backend`` may say auto)."""
+    from trt_latency.engines.genai_loop import choose_loop
+    from trt_latency.engines.genai_loop import open_replay_runner as open_loop
 
-    with _open(target, plan, backend, options) as runner:
-        result = run_sweep(runner, target.key, plan, samples_path, progress=progress, refiner=refiner,
-                           deadline=deadline)
-        k = target.key
-        summary = (f"  sweep tier_idx={k.tier_idx} top_k={k.top_k} num_active_blocks={k.num_active_blocks}: "
-                   f"{result.rows_written} repetitions timed, {result.rows_skipped} already in "
-                   f"{samples_path.name}, {len(result.positions)} decode positions up to "
-                   f"{max(result.positions) if result.positions else 0}, {len(result.prefill_lengths)} prefill "
-                   f"lengths, {_fmt_time(result.seconds)} ({runner.backend} on {runner.device}, "
-                   f"kv_mode {getattr(runner, 'kv_mode', 'concat')})")
-        say(summary)
-        say(describe(result.states, plan.sweep.adaptive, plan.sweep.warmups()))
-        return {"backend": runner.backend, "device": runner.device, "summary": summary,
-                "kv_mode": getattr(runner, "kv_mode", "concat"),
-                "memory": getattr(runner, "memory", ""),
-                "token_input": getattr(runner, "token_input", "")}, result
+    choice = choose_loop(runtime, target.path, resolved_backend, embeddings=embeddings)
+    return open_loop(choice, lambda: open_target(target, plan, backend, options), plan.runtime.intra_op_threads,
+                     plan.runtime.huge_pages, say)
 
 
-# ------------------------------------------------------------------------------------------ adaptive
+def loop_record(options: CalibrateOptions, target: Target, resolved_backend: str) -> str:
+    """The provenance ``loop`` entry ("genai x.y" or "ort"): the same choice open_replay_runner makes."""
+    from trt_latency.engines.genai_loop import choose_loop, loop_provenance
 
-TAIL_SHARE = 0.3  # of --time-budget kept for fit + replay before any sweep has priced the replay
-BATCH_SHARE = 0.15  # of --time-budget the batch sweep may use (past its MIN_ROUNDS)
-FIT_RESERVE_S = 4.0  # fit, plot, loop terms and conformal factors (seconds, 2 cores)
-MIN_PASS_S = 1.0  # a second pass shorter than this is not worth reopening a runner
-REPLAY_OVERHEAD = 1.3  # a replayed request costs more than its engine steps (binding, argmax, embeds per step)
-
-
-def _with_adaptive_flags(plan: Any, args: CalibrateOptions) -> Any:
-    """The plan with --precision / --time-budget applied to its sweep.adaptive section."""
-    from trt_latency.engines.config import AdaptiveSpec
-
-    if args.precision is None and args.time_budget is None:
-        return plan
-    if args.precision is not None and not 0 <= args.precision < 1:
-        raise ConfigError(field="--precision", expected="a relative standard error in [0, 1), e.g. 0.004",
-                          got=args.precision)
-    if args.time_budget is not None and not args.time_budget > 0:
-        raise ConfigError(field="--time-budget", expected="a number of seconds > 0", got=args.time_budget)
-    spec = plan.sweep.adaptive or AdaptiveSpec(precision=0.0)
-    if args.precision is not None:
-        spec = replace(spec, precision=float(args.precision))
-    if args.time_budget is not None:
-        spec = replace(spec, time_budget_s=float(args.time_budget))
-    return replace(plan, sweep=replace(plan.sweep, adaptive=spec))
+    return loop_provenance(choose_loop(options.runtime, target.path, resolved_backend,
+                                       embeddings=bool(options.vision_onnx)))
 
 
-def _refiner(plan: Any) -> Any:
+def refiner_for(plan: Any) -> Any:
     """The fit's say on which positions need more rounds (estimator/refine.py); None for a fixed plan."""
     spec = plan.sweep.adaptive
     if spec is None or not spec.enabled:
@@ -505,113 +309,233 @@ def _refiner(plan: Any) -> Any:
     return LopoRefiner()
 
 
-def _sweep_deadline(started: float, budget: float | None, configs_left: int, replay_costs: list[float],
-                    n_replays: int, now: float | None = None) -> float | None:
-    """An equal share of what the budget leaves for sweeps to each config still to sweep (a config that
-    finishes early hands its rest on). What follows the sweeps is priced from the sweeps measured so far
-    (each config's replay from its own medians); with nothing measured yet, TAIL_SHARE of the budget."""
-    if budget is None:
-        return None
-    now = time.perf_counter() if now is None else now
-    if n_replays and not replay_costs:
-        tail = TAIL_SHARE * budget
-    else:
-        mean = sum(replay_costs) / len(replay_costs) if replay_costs else 0.0
-        tail = FIT_RESERVE_S + sum(replay_costs[:n_replays]) + mean * max(n_replays - len(replay_costs), 0)
-    left = budget - tail - (now - started)
-    return now + max(left, 0.0) / max(configs_left, 1)
+def measure(target: Target, plan: MeasurePlan, sinks: Sinks, deadline: float | None,
+            say: Callable[[str], None] = print) -> Measured:
+    """Every measuring phase of one target, rows into ``sinks``: pilot (prices, with a deadline), replay,
+    batch sweep, encoder sweep (VLM chain), decode / prefill sweep. ``deadline``: time.time() at which this
+    target's phases end (None: the plan's sizes, no budget). The priced phases come first, each stopping at
+    its own deadline and keeping what it did (a rerun continues); the adaptive sweep, which can use any
+    time, comes last and ends at ``deadline`` (after at least its MIN_ROUNDS). The local run calls it per
+    target, a Ray actor per work item: one pipeline (DESIGN.md, Scale-out)."""
+    from trt_latency.budget import Allocation, Ledger, allocate
+
+    ledger = Ledger()
+    end = None if deadline is None else time.perf_counter() + max(deadline - time.time(), 0.0)
+    name = key_name(target.key)
+    p = plan.plan
+    out = Measured(key=target.key, plan=p, ledger=ledger)
+    replay_vision = plan.vision if plan.vision is not None and plan.vision.vision_onnx else None
+    n = plan.requests if sinks.requests is not None else 0
+    alloc = Allocation(plan=p, requests=n)
+    with open_target(target, p, plan.backend, plan.options) as runner:
+        out.runner = runner_record(runner, p)
+        if sinks.opened is not None:
+            sinks.opened(runner)
+        if plan.pilot and end is not None:
+            with ledger.phase("pilot"):
+                out.prices = _pilot(runner, target, p)
+            alloc = allocate(out.prices, p, target.tier, end - time.perf_counter(), requests=n,
+                             exact=plan.exact_requests, batch=plan.batch and p.batch is not None,
+                             vision=plan.vision_sweep and replay_vision is not None)
+            out.plan = p = alloc.plan
+            out.notes = alloc.notes
+            for note in alloc.notes:
+                say(f"  budget {name}: {note}")
+    if n > 0 and alloc.requests > 0:
+        # Stops where the phases after it would lose their shares (the sweep keeps its MIN_ROUNDS' price).
+        replay_end = None if end is None else end - alloc.batch_s - alloc.vision_s - alloc.sweep_floor_s
+        with ledger.phase("replay", replay_end, where=name):
+            out.replay = _replay(target, plan, alloc.requests, sinks.requests, replay_end, replay_vision, say,
+                                 str(out.runner.get("backend", "ort-cpu")))
+        # The longest request the mix can draw (engines/replay.draw_requests caps it at the tier).
+        prompt = min(max(p.replay.vision_tokens) + p.replay.text_tokens[1], target.tier.max_prefill_len)
+        out.reach.update(prompt_max=prompt,
+                         kv_max=min(prompt + p.replay.output_tokens[1] - 1, target.tier.max_past_len))
+    if plan.batch and p.batch is not None:
+        batch_end = None if end is None else time.perf_counter() + alloc.batch_s
+        with ledger.phase("batch sweep", batch_end, where=name):
+            out.batch, info = _batch_sweep(target, plan, sinks.samples, batch_end, say)
+        out.runner.update(info)
+    if plan.vision_sweep and replay_vision is not None and sinks.vision is not None:
+        from trt_latency.pipeline_vision import sweep_vision
+
+        vision_s = alloc.vision_s if end is not None else None
+        with ledger.phase("vision", None if vision_s is None else time.perf_counter() + vision_s, where=name):
+            out.vision = sweep_vision(replay_vision, p, sinks.vision, vision_s)
+    if plan.sweep:
+        with ledger.phase("sweep", end, where=name):
+            out.sweep = _sweep(target, plan, p, sinks.samples, end, say)
+        out.reach.update(decode_max=max(out.sweep.positions, default=0),
+                         prefill_max=max(out.sweep.prefill_lengths, default=0))
+    return out
 
 
-def _deadline_fn(started: float, budget: float | None, configs_left: int, replay_costs: list[float],
-                 n_replays: int, plan: Any, tier: Any, n_requests: int) -> Any:
-    """The sweep's deadline as a function of its own state: re-read every round, it prices this config's
-    replay from the medians measured so far (from the first rounds on), not only from the configs before."""
-    if budget is None:
-        return None
-    start = time.perf_counter()
-    requests = _requests_for_pricing(plan, tier, n_requests if n_replays else 0)
+def _sweep(target: Target, plan: MeasurePlan, p: Any, sink: Any, end: float | None,
+           say: Callable[[str], None]) -> Any:
+    from trt_latency.engines.adaptive import describe
+    from trt_latency.engines.sweep import run_sweep
 
-    def deadline(states: Any) -> float:
-        own = _replay_seconds(states, plan, tier, n_requests, requests) if states and requests else None
-        costs = replay_costs if own is None else [*replay_costs, own]
-        end = _sweep_deadline(started, budget, configs_left, costs, n_replays, now=start)
-        assert end is not None
-        return end
-
-    return deadline
-
-
-def _requests_for_pricing(plan: Any, tier: Any, n: int) -> list[Any]:
-    from trt_latency.engines.replay import draw_requests
-
-    return draw_requests(plan.replay, n, tier) if n > 0 else []
+    with open_target(target, p, plan.backend, plan.options) as runner:
+        result = run_sweep(runner, target.key, p, sink, progress=plan.progress,
+                           refiner=refiner_for(p) if plan.refine else None, deadline=end)
+        k = target.key
+        say(f"  sweep tier_idx={k.tier_idx} top_k={k.top_k} num_active_blocks={k.num_active_blocks}: "
+            f"{result.rows_written} repetitions timed, {result.rows_skipped} already in "
+            f"{Path(result.path).name}, {len(result.positions)} decode positions up to "
+            f"{max(result.positions) if result.positions else 0}, {len(result.prefill_lengths)} prefill "
+            f"lengths up to {max(result.prefill_lengths) if result.prefill_lengths else 0}, "
+            f"{fmt_time(result.seconds)} ({runner.backend} on {runner.device}, "
+            f"kv_mode {getattr(runner, 'kv_mode', 'concat')})")
+    say(describe(result.states, p.sweep.adaptive, p.sweep.warmups()))
+    return result
 
 
-def _replay_seconds(states: Any, plan: Any, tier: Any, n: int, requests: list[Any] | None = None) -> float | None:
-    """The replay's cost for one config, priced from its sweep's medians: per request, prefill at the
-    prompt length plus (output - 1) decode steps at the mean position it passes through."""
-    dec = sorted((s.x, s.median()) for s in states if s.phase == "decode" and s.n)
-    pre = sorted((s.x, s.median()) for s in states if s.phase == "prefill" and s.n)
-    if n <= 0 or len(dec) < 2 or not pre:
-        return None
-    dx, dy = np.array(dec, dtype=np.float64).T
-    px, py = np.array(pre, dtype=np.float64).T
-    total_ms = 0.0
-    for r in requests if requests is not None else _requests_for_pricing(plan, tier, n):
-        prompt = r.vision_tokens + r.text_tokens
-        total_ms += float(np.interp(prompt, px, py))
-        total_ms += (r.output_tokens - 1) * float(np.interp(prompt + r.output_tokens / 2.0, dx, dy))
-    return total_ms * 1e-3 * REPLAY_OVERHEAD
+def runner_record(runner: Any, plan: Any) -> dict[str, str]:
+    """What the calibration records of the runner that measured (provenance and the summary)."""
+    return {"backend": runner.backend, "device": runner.device, "kv_mode": getattr(runner, "kv_mode", "concat"),
+            "memory": getattr(runner, "memory", ""), "token_input": getattr(runner, "token_input", ""),
+            "threads": str(plan.runtime.intra_op_threads), "inter_threads": str(plan.runtime.inter_op_threads)}
 
 
-def _with_sweep_record(cal: Any, sweeps: dict[Any, Any], plan: Any) -> Any:
-    """Each config's fit_error gains the sweep's per-position repetitions, achieved SE and stop reason."""
-    from trt_latency.engines.adaptive import sweep_record
+def _pilot(runner: Any, target: Target, plan: Any) -> Any:
+    """budget.pilot on this runner: its decode / prefill prices and one replayed request's overhead."""
+    from trt_latency.budget import pilot
+    from trt_latency.engines.replay import random_prompt
+    from trt_latency.engines.sweep import prefill_lengths
 
-    configs = []
-    for c in cal.configs:
-        result = sweeps.get(tuple(c.key))
-        if result is not None and result.states:
-            c = replace(c, fit_error={**c.fit_error, **sweep_record(result.states, plan.sweep.adaptive)})
-        configs.append(c)
-    return replace(cal, configs=configs)
+    max_new = getattr(runner, "max_new_tokens", None)
+    lengths = prefill_lengths(target.tier, plan.sweep, max_new)
+    dtype = np.float16 if target.tier.dtype == "float16" else np.float32
+
+    def one_request(prices: Any) -> float:
+        # A short request (prompt 32, 8 tokens out) through the runner's own loop, against its price.
+        prompt, output = min(32, max(lengths or [32])), 8
+        embeds = random_prompt(runner, prompt, dtype, np.random.default_rng([plan.sweep.seed, 31337]))
+        res = runner.generate(embeds, output)
+        priced = prices.prefill_ms(prompt) + (output - 1) * prices.decode_ms(prompt + output / 2.0)
+        return float(res.total_ms) / priced if priced > 0 else 1.0
+
+    return pilot(runner, min(target.tier.max_past_len, runner.max_past_len), lengths,
+                 one_request if hasattr(runner, "generate") else None)
 
 
-def _batch_sweep_one(target: Target, plan: Any, backend: str, samples_path: Path, progress: bool,
-                     options: dict[str, Any] | None = None, say: Callable[[str], None] = print,
-                     deadline: float | None = None) -> dict[str, str]:
-    """The batch axis (plan.batch): batched decode steps per size into the same samples.csv; returns what
-    the fit needs to know about the engine (batch_kv_read). A runner that cannot batch is reported, not fatal."""
+def _batch_sweep(target: Target, plan: MeasurePlan, sink: Any, deadline: float | None,
+                 say: Callable[[str], None]) -> tuple[Any, dict[str, str]]:
+    """The batch axis (plan.batch): batched decode steps per size into the sweep's sink; returns the result
+    and what the fit needs to know about the engine (batch_kv_read). A runner that cannot batch is
+    reported, not fatal."""
     from trt_latency.engines.base import supports_batch
     from trt_latency.engines.batch_sweep import run_batch_sweep
 
-    sizes = plan.batch.sizes
-    with _open(target, plan, backend, {**(options or {}), "max_batch": max(sizes)}) as runner:
-        name = _key_name(target.key)
+    p = plan.plan
+    with open_target(target, p, plan.backend, {**plan.options, "max_batch": max(p.batch.sizes)}) as runner:
+        name = key_name(target.key)
         if not supports_batch(runner):
             say(f"  batch sweep {name}: skipped ({runner.backend} runner cannot batch this model)")
-            return {}
-        result = run_batch_sweep(runner, target.key, plan, samples_path, progress=progress, deadline=deadline)
+            return None, {}
+        result = run_batch_sweep(runner, target.key, p, sink, progress=plan.progress, deadline=deadline)
         say(f"  batch sweep {name}: batch sizes {', '.join(str(b) for b in result.sizes)} (1 = the decode sweep), "
             f"{result.shapes} shapes, {result.rows_written} steps timed, {result.rows_skipped} already in "
-            f"{samples_path.name}, {_fmt_time(result.seconds)}"
+            f"{Path(result.path).name}, {fmt_time(result.seconds)}"
             + (" (time budget share used up: fewer rounds than the plan's)" if result.out_of_time else "")
             + f"; kv_read {runner.batch_kv_read}")
-        return {"batch_kv_read": runner.batch_kv_read}
+        return result, {"batch_kv_read": runner.batch_kv_read}
 
 
-def _plot_batch(samples: Any, cal: Any, path: Path, runner_info: dict[str, str]) -> Path | None:
-    try:
-        from trt_latency.plots import plot_batch
+def _replay(target: Target, plan: MeasurePlan, n: int, sink: Any, deadline: float | None, vision: Any,
+            say: Callable[[str], None], resolved_backend: str = "ort-cpu") -> Any:
+    from trt_latency.engines.replay import run_replay
 
-        title = f"trt-latency batched decode: {runner_info.get('backend', '')} on {runner_info.get('device', '')}"
-        return Path(written) if (written := plot_batch(samples, cal, path, title=title)) else None
-    except ImportError:  # matplotlib missing
-        return None
+    p = plan.plan
+    spec = replace(p.replay, requests=n)
+    with open_replay_runner(target, p, plan.backend, plan.options, plan.runtime, resolved_backend,
+                            embeddings=vision is not None, say=say) as runner:
+        if getattr(runner, "token_input", "") == "input_ids":
+            say("  " + VISION_NOTE)
+        chain = None
+        if vision is not None:  # requests with vision tokens run encoder -> embedding -> decoder
+            from trt_latency.pipeline_vision import open_chain
+
+            chain = open_chain(vision, p.runtime.intra_op_threads, p.runtime.huge_pages)
+        result = run_replay(runner, target.key, target.tier, spec, sink, n, progress=plan.progress,
+                            id_offset=plan.id_offset, chain=chain, deadline=deadline)
+    cut = (f"; --time-budget reached after {result.rows_written + result.rows_skipped} of {n} (a rerun into the "
+           "same --out replays the rest)" if result.out_of_time else "")
+    say(f"  replay {key_name(target.key)} (request_id {plan.id_offset}..{plan.id_offset + n - 1}): "
+        f"{result.rows_written} replayed in {fmt_time(result.seconds)}, {result.rows_skipped} already there{cut}")
+    return result
+
+
+# ------------------------------------------------------------------------------------------ finish
+
+
+@dataclass
+class Finished:
+    """What ``finish`` wrote and the report lines it has for the summary."""
+
+    calibration: Path
+    samples: Any  # estimator.samples.Samples (all rows of the calibration's configs)
+    plot: Path | None
+    batch_plot: Path | None
+    loop_lines: list[str]
+    vision_lines: list[str]
+    replay_note: str
+
+
+def finish(out: Path, plan: Any, targets: list[Target], measured: list[Measured], options: CalibrateOptions,
+           ledger: Any = None) -> Finished:
+    """Fit, provenance, the sweep record, the vision section, plots, serving-loop terms and conformal
+    factors, from the files in ``out`` (samples.csv, requests.csv, vision_samples.csv): the local run and
+    the Ray driver call it alike."""
+    from trt_latency.budget import Ledger
+    from trt_latency.estimator.calibration import save_calibration
+
+    ledger = ledger if ledger is not None else Ledger()
+    cal_path, samples_path, requests_path = out / "calibration.yaml", out / "samples.csv", out / "requests.csv"
+    info = dict(measured[0].runner) if measured else {}  # the primary's runner, as it measured
+    kv_read = next((m.runner["batch_kv_read"] for m in measured if m.runner.get("batch_kv_read")), None)
+    if kv_read:  # the batch sweep's engine (the primary's, or every config's with batch.all_configs)
+        info["batch_kv_read"] = kv_read
+    with ledger.phase("fit"):
+        cal, samples = _fit(samples_path, plan, targets, info, options)
+        cal = _with_sweep_record(cal, {tuple(m.key): m.sweep for m in measured if m.sweep is not None}, plan)
+        save_calibration(cal, cal_path)
+    vision_lines: list[str] = []
+    swept = next((m.vision for m in measured if m.vision), None)
+    if swept is not None and options.vision_onnx:
+        from trt_latency.pipeline_vision import fit_vision_section
+
+        with ledger.phase("fit"):
+            vision_lines = fit_vision_section(options, swept, out / "vision_samples.csv", cal_path)
+    plot_written = batch_plot = None
+    if not options.no_plot:
+        with ledger.phase("plot"):
+            plot_written = plot_path if _plot(samples, cal, (plot_path := out / "decode.png"), info) else None
+            batch_plot = _plot_batch(samples, cal, out / "batch.png", info)
+    replaying = any(m.replay is not None for m in measured)
+    replay_note = "skipped (--no-replay)" if options.no_replay else "skipped (0 requests)"
+    if replaying:
+        rs = [m.replay for m in measured if m.replay is not None]
+        written, skipped = sum(r.rows_written for r in rs), sum(r.rows_skipped for r in rs)
+        cut = sum(1 for r in rs if r.out_of_time)
+        replay_note = (f"{written + skipped} requests ({written} replayed in {fmt_time(sum(r.seconds for r in rs))}, "
+                       f"{skipped} already there)"
+                       + (f"; --time-budget stopped {cut} config(s)' replay early" if cut else ""))
+    if requests_path.is_file() and requests_path.stat().st_size > 0:
+        # Also with --no-replay: the rows an earlier run left keep their loop terms and factors.
+        with ledger.phase("loop terms"):
+            loop_lines, note = serving_loop_and_conformal(cal_path, requests_path, [t.key for t in targets])
+        if not replaying:
+            replay_note += f", the {requests_path.name} an earlier run left is used"
+        replay_note += note
+    else:
+        loop_lines = no_log_lines()
+    return Finished(calibration=cal_path, samples=samples, plot=plot_written, batch_plot=batch_plot,
+                    loop_lines=loop_lines, vision_lines=vision_lines, replay_note=replay_note)
 
 
 def _fit(samples_path: Path, plan: Any, targets: list[Target], runner_info: dict[str, str],
-         args: CalibrateOptions) -> tuple[Any, Any]:
+         options: CalibrateOptions) -> tuple[Any, Any]:
     from trt_latency.estimator.fit import fit_samples
     from trt_latency.estimator.samples import read_samples
 
@@ -629,28 +553,35 @@ def _fit(samples_path: Path, plan: Any, targets: list[Target], runner_info: dict
         device=runner_info.get("device", ""),
         kv_mode=runner_info.get("kv_mode", "concat"),
         memory=runner_info.get("memory", ""),
+        threads={"intra_op": int(runner_info.get("threads") or plan.runtime.intra_op_threads),
+                 "inter_op": int(runner_info.get("inter_threads") or plan.runtime.inter_op_threads)},
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         versions=_versions(),
         plan={"source": str(plan.source), "quick": bool(plan.quick),
               "configs": [list(t.key) for t in targets]},
-        models={f"t{t.key.tier_idx}.k{t.key.top_k}.b{t.key.num_active_blocks}": {
-            "path": str(t.path), "sha256": _sha256(t.path)} for t in targets},
+        models={key_name(t.key): {"path": str(t.path), "sha256": _sha256(t.path)} for t in targets},
         engine_sha256=_sha256(targets[0].path),
-        loop=_loop_choice(args, targets[0], runner_info.get("backend", "")),  # the replay's loop, decided here
+        loop=loop_record(options, targets[0], runner_info.get("backend", "")),  # the replay's loop
         tiers={str(t.tier.tier_idx): {f: getattr(t.tier, f) for f in t.tier.__dataclass_fields__} for t in targets},
     )
-    sigs = {_key_name(t.key): _signature_record(t.signature) for t in targets if t.signature is not None}
+    ort = onnxruntime_build()
+    if ort:
+        provenance["onnxruntime"] = ort
+    sigs = {key_name(t.key): _signature_record(t.signature) for t in targets if t.signature is not None}
     if sigs:
         provenance["signatures"] = sigs
     cal = replace(cal, provenance=provenance)
     return cal, samples
 
 
-def _signature_record(sig: Any) -> dict[str, Any]:
-    """What calibration.yaml keeps of a user model's signature (how it was bound, and where dims came from)."""
-    d = sig.describe()
-    return {k: d[k] for k in ("token_input", "attention_mask", "position_ids", "kv_layout", "blocks", "kv_heads",
-                              "head_dim", "kv_dtype", "max_past_len", "share_buffer", "sources")}
+def onnxruntime_build() -> dict[str, Any]:
+    """The ONNX Runtime this process times with, for provenance and the summary: engines/ort/runtime_info's
+    ort_build() (package, version, providers, every installed flavour, a warning when they disagree); {}
+    without one (a TensorRT-only host)."""
+    from trt_latency.engines.ort.runtime_info import ort_build
+
+    info = ort_build()
+    return {k: v for k, v in info.items() if v not in (None, [], {})} if info.get("version") else {}
 
 
 def _subset(samples: Any, keep: np.ndarray) -> Any:
@@ -668,10 +599,42 @@ def _subset(samples: Any, keep: np.ndarray) -> Any:
     return type(samples)(**values)
 
 
-def _load(path: Path) -> Any:
+def _with_sweep_record(cal: Any, sweeps: dict[Any, Any], plan: Any) -> Any:
+    """Each config's fit_error gains the sweep's per-position repetitions, achieved SE and stop reason."""
+    from trt_latency.engines.adaptive import sweep_record
+
+    configs = []
+    for c in cal.configs:
+        result = sweeps.get(tuple(c.key))
+        if result is not None and result.states:
+            c = replace(c, fit_error={**c.fit_error, **sweep_record(result.states, plan.sweep.adaptive)})
+        configs.append(c)
+    return replace(cal, configs=configs)
+
+
+def load(path: Path) -> Any:
     from trt_latency.estimator.calibration import load_calibration
 
     return load_calibration(path)
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out: dict[str, str] = {"python": sys.version.split()[0], "numpy": np.__version__}
+    for dist in ("trt-latency", "onnxruntime", "onnxruntime-gpu", "onnx", "tensorrt"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _signature_record(sig: Any) -> dict[str, Any]:
+    """What calibration.yaml keeps of a user model's signature (how it was bound, and where dims came from)."""
+    d = sig.describe()
+    return {k: d[k] for k in ("token_input", "attention_mask", "position_ids", "kv_layout", "blocks", "kv_heads",
+                              "head_dim", "kv_dtype", "max_past_len", "share_buffer", "sources")}
 
 
 def _plot(samples: Any, cal: Any, path: Path, runner_info: dict[str, str]) -> bool:
@@ -687,40 +650,14 @@ def _plot(samples: Any, cal: Any, path: Path, runner_info: dict[str, str]) -> bo
     return True
 
 
-def _loop_choice(args: Any, target: Target, backend: str) -> str:
-    """The replay's loop for provenance (engines/genai_loop.py): "genai x.y" or "ort"."""
-    from trt_latency.engines.genai_loop import choose_loop, loop_provenance
+def _plot_batch(samples: Any, cal: Any, path: Path, runner_info: dict[str, str]) -> Path | None:
+    try:
+        from trt_latency.plots import plot_batch
 
-    return loop_provenance(choose_loop(args.runtime, target.path, backend, embeddings=bool(args.vision_onnx)))
-
-
-def _replay(target: Target, plan: Any, backend: str, requests_path: Path, n: int, progress: bool,
-            id_offset: int = 0, options: dict[str, Any] | None = None, say: Callable[[str], None] = print,
-            vision: Any = None, loop: str = "ort") -> Any:
-    from trt_latency.engines.genai_loop import choose_loop, open_replay_runner
-    from trt_latency.engines.replay import run_replay
-
-    spec = replace(plan.replay, requests=n)
-    choice = choose_loop("genai" if loop.startswith("genai") else "ort", target.path)  # as the provenance says
-    with open_replay_runner(choice, lambda: _open(target, plan, backend, options), plan.runtime.intra_op_threads,
-                            plan.runtime.huge_pages, say) as runner:
-        if getattr(runner, "token_input", "") == "input_ids":
-            say("  " + VISION_NOTE)
-        chain = None
-        if vision is not None:  # requests with vision tokens run encoder -> embedding -> decoder
-            from trt_latency.pipeline_vision import open_chain
-
-            chain = open_chain(vision, plan.runtime.intra_op_threads, plan.runtime.huge_pages)
-        result = run_replay(runner, target.key, target.tier, spec, requests_path, n, progress=progress,
-                            id_offset=id_offset, chain=chain)
-    say(f"  replay {_key_name(target.key)} (request_id {id_offset}..{id_offset + n - 1}): "
-        f"{result.rows_written} replayed in {_fmt_time(result.seconds)}, {result.rows_skipped} already there")
-    return result
-
-
-def _key_name(key: Any) -> str:
-    t, k, b = (int(x) for x in key)
-    return f"t{t}.k{k}.b{b}"
+        title = f"trt-latency batched decode: {runner_info.get('backend', '')} on {runner_info.get('device', '')}"
+        return Path(written) if (written := plot_batch(samples, cal, path, title=title)) else None
+    except ImportError:  # matplotlib missing
+        return None
 
 
 def borrow_primary_loop(loops: dict[Any, Any], primary: Any, keys: list[Any]) -> dict[Any, Any]:
@@ -737,12 +674,8 @@ def borrow_primary_loop(loops: dict[Any, Any], primary: Any, keys: list[Any]) ->
     for key in keys:
         key = tuple(key)
         if key != tuple(primary) and (key not in out or out[key].source != "replay"):
-            out[key] = dataclasses.replace(donor, source=borrowed_source(tuple(primary)))
+            out[key] = dataclasses.replace(donor, source=borrowed_source(tuple(primary)))  # c(P)'s slope too
     return out
-
-
-LOOP_HEADER = ("  serving loop: total(n) = prefill + o_p + [n>=2] c(P) + sum (T_engine + o); terms fitted on the "
-               "even request_ids of each config, checked on the odd ones")
 
 
 def _in_plan_order(cal: Any, keys: list[Any]) -> list[Any]:
@@ -751,36 +684,7 @@ def _in_plan_order(cal: Any, keys: list[Any]) -> list[Any]:
     return [by_key[tuple(int(x) for x in k)] for k in keys if tuple(int(x) for x in k) in by_key]
 
 
-def _loop_rows(configs: list[Any], reports: dict[Any, Any]) -> list[str]:
-    """One line per config: its terms and where they come from."""
-    from trt_latency.estimator.fit import loop_note
-
-    lines = [f"    {'config':<9} {'o ms/step':>9} {'c ms once':>9} {'o_p ms':>8}  source"]
-    for c in configs:
-        lp = c.serving_loop
-        if lp is None:
-            lines.append(f"    {_key_name(c.key):<9} {'-':>9} {'-':>9} {'-':>8}  none (no replay): engine-only")
-            continue
-        src = lp.source
-        r = reports.get(c.key)
-        if lp.source == "replay":
-            src = f"replay ({lp.n_requests} requests)"
-        elif lp.source == "none":
-            src = f"none (only {r.n_fit if r else 0} fit requests): zero"
-        else:
-            src = f"{lp.source} ({lp.n_requests} requests there)"
-        lines.append(f"    {_key_name(c.key):<9} {lp.decode_step_ms:>9.4f} {lp.first_step_ms:>9.4f} "
-                     f"{lp.prefill_ms:>8.4f}  {src}{loop_note(lp)}")  # c(P)'s slope, clamped terms
-    return lines
-
-
-def _no_log_lines() -> list[str]:
-    """No request log at all: nothing to fit or borrow; say so in one line."""
-    return ["  serving loop: no replayed requests: engine-only predictions, no conformal factors "
-            "(admit(alpha=...) uses the residual quantiles)"]
-
-
-def _serving_loop_and_conformal(cal_path: Path, requests_path: Path, keys: list[Any]) -> tuple[list[str], str]:
+def serving_loop_and_conformal(cal_path: Path, requests_path: Path, keys: list[Any]) -> tuple[list[str], str]:
     """Fit the serving-loop terms per config on its even request_ids, store them (configs without
     enough rows borrow the primary's), then the conformal factors per config from its odd ones only
     (scored against the serving prediction), so the factors' coverage guarantee is not spent on data
@@ -793,10 +697,10 @@ def _serving_loop_and_conformal(cal_path: Path, requests_path: Path, keys: list[
 
     wanted = {tuple(int(x) for x in k) for k in keys}
     try:
-        cal = _load(cal_path)
+        cal = load(cal_path)
         log = read_requests(requests_path)
         if len(log) == 0:
-            return _no_log_lines(), ""
+            return no_log_lines(), ""
         # Rows of configs this plan does not list (an older run into the same folder) take no part.
         mine = np.array([(int(a), int(b), int(c)) in wanted for a, b, c in
                          zip(log.tier_idx, log.top_k, log.num_active_blocks, strict=True)], dtype=bool)
@@ -808,21 +712,9 @@ def _serving_loop_and_conformal(cal_path: Path, requests_path: Path, keys: list[
     except TrtLatencyError as exc:
         return [], f"; serving-loop terms and conformal factors not stored ({exc})"
     configs = _in_plan_order(cal, keys)
-    lines = [LOOP_HEADER, *_loop_rows(configs, reports)]
-    lines.append("  held-out total time, median |measured/predicted - 1|: engine-only -> with loop terms "
-                 "(decode part alone; median measured/predicted)")
-    for c in configs:
-        r = reports.get(c.key)
-        if r is None or r.n_holdout == 0:
-            lines.append(f"    {_key_name(c.key):<9} no held-out requests")
-            continue
-        lines.append(f"    {_key_name(c.key):<9} {r.n_holdout:>4} requests: {r.holdout_median_rel_engine:6.1%} -> "
-                     f"{r.holdout_median_rel_serving:6.1%}  (decode {r.holdout_decode_median_rel_engine:6.1%} -> "
-                     f"{r.holdout_decode_median_rel_serving:6.1%}; ratio {r.holdout_median_ratio_engine:.3f} -> "
-                     f"{r.holdout_median_ratio_serving:.3f})")
+    lines = [LOOP_HEADER, *loop_rows(configs, reports), *holdout_lines(configs, reports)]
     names = ("vision_tokens", "text_tokens", "output_tokens", "tier_idx", "top_k", "num_active_blocks", "total_ms")
     held = {name: np.asarray(getattr(log, name))[holdout & mine] for name in names}
-    lines.append("  conformal factors (each config's odd request_ids, against its serving prediction)")
     try:
         fits = fit_conformal(Estimator(cal), held)
         if fits:
@@ -830,15 +722,7 @@ def _serving_loop_and_conformal(cal_path: Path, requests_path: Path, keys: list[
             save_calibration(cal, cal_path)
     except TrtLatencyError as exc:
         return lines, f"; conformal factors not stored ({exc})"
-    for c in configs:
-        f = fits.get(c.key)
-        if f is None:
-            lines.append(f"    {_key_name(c.key):<9} none (no held-out requests of its own): admit(alpha=...) "
-                         "uses the residual quantiles")
-            continue
-        shown = ", ".join(f"{a:g}: {v:.3f}" if np.isfinite(v) else f"{a:g}: n/a"
-                          for a, v in zip(f.alphas, f.factors, strict=True))
-        lines.append(f"    {_key_name(c.key):<9} n = {f.n:>4}, alpha -> factor  {shown}")
+    lines += conformal_lines(configs, fits)
     n_loop = sum(1 for c in cal.configs if c.serving_loop is not None and c.serving_loop.source == "replay")
     n_borrowed = sum(1 for c in cal.configs if c.serving_loop is not None
                      and c.serving_loop.source.startswith("borrowed:"))
@@ -846,3 +730,193 @@ def _serving_loop_and_conformal(cal_path: Path, requests_path: Path, keys: list[
     if n_borrowed:
         note += f", borrowed by {n_borrowed}"
     return lines, note + f", conformal factors for {len(fits)} config(s)"
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+def with_adaptive_flags(plan: Any, args: CalibrateOptions) -> Any:
+    """The plan with --precision / --time-budget / --threads applied."""
+    from trt_latency.engines.config import AdaptiveSpec
+
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(field="--threads", expected="an integer >= 1 (ONNX Runtime intra-op threads)",
+                              got=threads)
+        plan = replace(plan, runtime=replace(plan.runtime, intra_op_threads=int(threads)))
+    if args.precision is None and args.time_budget is None:
+        return plan
+    if args.precision is not None and not 0 <= args.precision < 1:
+        raise ConfigError(field="--precision", expected="a relative standard error in [0, 1), e.g. 0.004",
+                          got=args.precision)
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise ConfigError(field="--time-budget", expected="a number of seconds > 0", got=args.time_budget)
+    spec = plan.sweep.adaptive or AdaptiveSpec(precision=0.0)
+    if args.precision is not None:
+        spec = replace(spec, precision=float(args.precision))
+    if args.time_budget is not None:
+        spec = replace(spec, time_budget_s=float(args.time_budget))
+    return replace(plan, sweep=replace(plan.sweep, adaptive=spec))
+
+
+def time_budget(plan: Any) -> float | None:
+    spec = plan.sweep.adaptive
+    return spec.time_budget_s if spec is not None and spec.time_budget_s else None
+
+
+def measure_plans(args: CalibrateOptions, plan: Any, targets: list[Target], backend: str) -> list[MeasurePlan]:
+    """Per target (plan order): which phases ``measure`` runs there. The batch sweep on the primary (every
+    config with batch.all_configs), the encoder sweep on the primary, the replay on each config under its
+    own request_id range."""
+    from trt_latency.engines.replay import REPLAY_ID_STRIDE
+
+    n = plan.replay.requests if args.requests is None else args.requests
+    if n > REPLAY_ID_STRIDE:
+        raise ConfigError(field="--requests", expected=f"at most {REPLAY_ID_STRIDE} requests per config", got=n)
+    options = {"kv_mode": args.kv_mode, "io": args.io, "dims": args.dims}
+    batch_all = plan.batch is not None and plan.batch.all_configs
+    return [MeasurePlan(plan=plan, backend=backend, options=options, batch=plan.batch is not None and (i == 0 or batch_all),
+                        requests=0 if args.no_replay else n, exact_requests=args.requests is not None,
+                        id_offset=i * REPLAY_ID_STRIDE, vision=args if args.vision_onnx else None,
+                        vision_sweep=bool(args.vision_onnx) and i == 0, progress=not args.no_progress,
+                        runtime=args.runtime)
+            for i, _ in enumerate(targets)]
+
+
+def larger_budget_lines(measured: list[Measured], plan: Any) -> list[str]:
+    """What more seconds would buy, one line per config: the sweep's precision where the deadline cut it,
+    the replay's rest, and the plan's own sizes where the budget trimmed them."""
+    from trt_latency.engines.adaptive import STOP_TIME, time_to_target
+
+    lines = []
+    for m in measured:
+        parts = []
+        if m.sweep is not None:
+            short = [s for s in m.sweep.states if s.stop == STOP_TIME]
+            need = sum(time_to_target([s for s in short if s.phase == ph], m.plan.sweep.warmups()[ph])
+                       for ph in ("decode", "prefill")) if short else 0.0
+            if short and np.isfinite(need):
+                parts.append(f"about +{fmt_time(need)} for every position at its precision target "
+                             f"({len(short)} stopped by the deadline)")
+        if m.replay is not None and m.replay.out_of_time:
+            left = m.replay.rows_planned - m.replay.rows_written - m.replay.rows_skipped
+            parts.append(f"the replay's other {left} requests (a rerun into the same --out adds them)")
+        if m.notes:
+            parts.append("the plan's own sizes, trimmed here: " + "; ".join(m.notes))
+        if parts:
+            lines.append(f"{key_name(m.key)}: " + "; ".join(parts))
+    return lines
+
+
+def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) -> CalibrateResult:
+    """Run the whole calibration into ``args.out``; ``say`` gets the report lines (default: print)."""
+    from trt_latency.budget import MIN_PASS_S, Ledger, target_end
+    from trt_latency.engines.config import load_plan
+    from trt_latency.engines.replay import FileRequestSink
+    from trt_latency.engines.sweep import FileSink
+
+    started = time.perf_counter()
+    if args.requests is not None and args.requests < 0:
+        raise ConfigError(field="--requests", expected="an integer >= 0", got=args.requests)
+    plan = with_adaptive_flags(load_plan(args.config, quick=args.quick), args)
+    budget = time_budget(plan)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    backend = "tensorrt" if args.engine and args.backend == "auto" else args.backend
+    if args.engine and backend != "tensorrt":
+        raise ConfigError(field="--backend", expected="tensorrt (or auto) with --engine", got=backend)
+    plan, targets = targets_for(args, plan, out)
+    if args.vision_onnx:  # a vision model the adapters cannot feed fails now, not after the decoder sweep
+        from trt_latency.pipeline_vision import vision_signature
+
+        vision_signature(args)
+    works = measure_plans(args, plan, targets, backend)
+    say = say or _Say()
+    ledger = Ledger()
+
+    say(f"trt-latency calibrate: plan {plan.source}{' (--quick)' if plan.quick else ''}, "
+        f"{len(targets)} config(s), output {out}/"
+        + (f", --time-budget {fmt_time(budget)}" if budget else "")
+        + f", {plan.runtime.intra_op_threads} intra-op thread(s)")
+    if not (args.onnx or args.engine):
+        with ledger.phase("export"):
+            for t in targets:
+                t.exported = export_if_needed(t.tier, t.key, t.path, plan.sweep.seed)
+                say(f"  model {t.path.name}: {'exported' if t.exported else 'reused (same content hash)'}")
+    sinks = Sinks(samples=FileSink(out / "samples.csv"), requests=FileRequestSink(out / "requests.csv"),
+                  vision=out / "vision_samples.csv")
+    measured: list[Measured] = []
+    for i, (t, work) in enumerate(zip(targets, works, strict=True)):
+        end = target_end(started, budget, len(targets) - i)
+        deadline = None if end is None else time.time() + (end - time.perf_counter())
+        measured.append(measure(t, work, sinks, deadline, say))
+    # Configs that finished early left budget behind: one more sweep pass over those the deadline cut short.
+    pending = [(i, m) for i, m in enumerate(measured) if m.sweep is not None and m.sweep.out_of_time]
+    for j, (i, m) in enumerate(pending):
+        end = target_end(started, budget, len(pending) - j)
+        if end is None or end - time.perf_counter() < MIN_PASS_S:
+            continue
+        again = replace(works[i], plan=m.plan, batch=False, requests=0, vision_sweep=False, pilot=False)
+        second = measure(targets[i], again, replace(sinks, requests=None), time.time() + end - time.perf_counter(),
+                         say)
+        m.sweep = second.sweep
+        m.ledger.merge(second.ledger)
+    for m in measured:
+        ledger.merge(m.ledger)
+
+    done = finish(out, plan, targets, measured, args, ledger)
+    say("")
+    say("Decode step latency per KV position: measured (median, p90 over repetitions) vs the fitted model")
+    say(position_table(done.samples, load(done.calibration)))
+    if plan.batch is not None:
+        from trt_latency.estimator.batch_fit import format_batch_table
+
+        say(format_batch_table(load(done.calibration), done.samples))
+    info = measured[0].runner if measured else {}
+    wall = time.perf_counter() - started
+    say("Summary")
+    for line in summary_lines(info, backend, targets, out, done, len(done.samples), args):
+        say(line)
+    for line in extrapolation_lines({key_name(m.key): {"decode_max": 0, "prefill_max": 0, "prompt_max": 0,
+                                                        "kv_max": 0, **m.reach} for m in measured if m.replay}):
+        say(line)
+    say(f"  wall time    {fmt_time(wall)}")
+    if any(m.replay is not None for m in measured):
+        say(f"Next: trt-latency analyze {out / 'requests.csv'} -c {done.calibration}")
+    for line in time_lines(budget, wall, ledger.seconds, ledger.overruns, larger_budget_lines(measured, plan)):
+        say(line)
+    requests_path = out / "requests.csv"
+    return CalibrateResult(out=out, models=tuple(t.path for t in targets), samples=out / "samples.csv",
+                           calibration=done.calibration, plot=done.plot,
+                           requests=requests_path if requests_path.is_file() else None,
+                           kv_mode=info.get("kv_mode", "concat"), seconds=wall, batch_plot=done.batch_plot)
+
+
+def summary_lines(info: dict[str, str], backend: str, targets: list[Target], out: Path, done: Finished,
+                  n_samples: int, args: CalibrateOptions) -> list[str]:
+    lines = [f"  backend      {info.get('backend', backend)} on {info.get('device', '?')}",
+             f"  kv_mode      {info.get('kv_mode', 'concat')}"
+             + (f" (token input {info['token_input']})" if info.get("token_input") else ""),
+             f"  threads      {info.get('threads', '?')} intra-op, {info.get('inter_threads', '?')} inter-op"
+             + (f" (ONNX Runtime {o['version']}, {o.get('package', '?')}: {', '.join(o.get('providers', []))})"
+                if (o := onnxruntime_build()) else "")]
+    if o and o.get("warning"):
+        lines.append(f"  warning      {o['warning']}")
+    if info.get("memory"):
+        lines.append(f"  memory       {info['memory']}")
+    lines += [f"  model        {t.path}" for t in targets]
+    lines.append(f"  samples      {out / 'samples.csv'} ({n_samples} timed repetitions)")
+    lines.append(f"  calibration  {done.calibration}")
+    no_plot = "not written (--no-plot)" if args.no_plot else "not written (matplotlib missing)"
+    lines.append(f"  plot         {done.plot if done.plot is not None else no_plot}")
+    if done.batch_plot is not None:
+        lines.append(f"  batch plot   {done.batch_plot}")
+    requests_path = out / "requests.csv"
+    lines.append(f"  requests     {requests_path if requests_path.is_file() else '-'}: {done.replay_note}")
+    return lines + done.loop_lines + done.vision_lines
+
+
+class _Say:
+    def __call__(self, text: str) -> None:
+        print(text, flush=True)

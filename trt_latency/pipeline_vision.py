@@ -1,13 +1,13 @@
 """calibrate's vision step (VLM deployments): sweep the encoder (and the embedding step), fit vision(N) per
 images per call, store the calibration's ``vision`` section, and build the chain the replay runs.
 
-Called by trt_latency.pipeline.calibrate when ``--vision-onnx`` is given; kept in its own module so the
-decoder pipeline stays as it is.
+Called by trt_latency.pipeline when ``--vision-onnx`` is given: ``sweep_vision`` is measure's encoder phase
+(a Ray actor runs it too), ``fit_vision_section`` is finish's; kept in its own module so the decoder
+pipeline stays as it is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -68,41 +68,49 @@ def chain_from_calibration(cal: Any, cal_path: str | Path, threads: int, huge_pa
     return open_chain(args, threads, huge_pages)
 
 
-def calibrate_vision(args: Any, plan: Any, out: Path, cal_path: Path, say: Callable[[str], None]) -> list[str]:
-    """Sweep + fit + store; returns the report lines."""
-    from trt_latency.engines.vision import (
-        MIN_ROUNDS,
-        read_vision_samples,
-        run_vision_sweep,
-        vision_patch_points,
-    )
-    from trt_latency.estimator.calibration import load_calibration, save_calibration
-    from trt_latency.estimator.vision import fit_vision
+def sweep_vision(args: Any, plan: Any, path: Path, max_seconds: float | None = None) -> dict[str, Any]:
+    """The encoder sweep (pipeline.measure's vision phase): rows into ``path`` (vision_samples.csv, redone
+    whole); returns what the fit needs about the encoder (plain data: a Ray actor returns it)."""
+    from trt_latency.engines.vision import MIN_ROUNDS, run_vision_sweep, vision_patch_points
 
     chain = open_chain(args, plan.runtime.intra_op_threads, plan.runtime.huge_pages)
     enc = chain.encoder
     lo, hi = args.vision_patches
     patches = vision_patch_points(enc.adapter, lo, hi, args.vision_points)
-    path = out / "vision_samples.csv"
     if path.is_file():
         path.unlink()  # the encoder sweep is short: redone whole (no resume bookkeeping)
     # MIN_ROUNDS over all sizes (medians over the whole sweep against a busy host), then more rounds for the
-    # sizes whose median is still imprecise (the small, cheap, noisy calls)
+    # sizes whose median is still imprecise (the small, cheap, noisy calls), within the budget's share
+    extra = {} if max_seconds is None else {"max_seconds": max(float(max_seconds), 0.0)}
     sweep = run_vision_sweep(enc, patches, VISION_IMAGES, MIN_ROUNDS, chain.embedding, seed=plan.sweep.seed,
-                             path=path)
+                             path=path, **extra)
+    return {"family": enc.sig.family, "source": enc.sig.source, "encoder": str(enc.sig.path),
+            "tokens_per_patch": float(enc.tokens_per_patch), "native_patches": float(enc.adapter.native_patches),
+            "patches": [int(x) for x in patches], "calls": len(sweep.rows), "seconds": float(sweep.seconds),
+            "rounds": [min(sweep.rounds.values()), max(sweep.rounds.values())]}
+
+
+def fit_vision_section(args: Any, swept: dict[str, Any], path: Path, cal_path: Path) -> list[str]:
+    """Fit vision(N) per images per call from ``path`` and store the calibration's vision section
+    (pipeline.finish); returns the report lines."""
+    from trt_latency.engines.vision import MIN_ROUNDS, read_vision_samples
+    from trt_latency.estimator.calibration import load_calibration, save_calibration
+    from trt_latency.estimator.vision import fit_vision
+
     rows = read_vision_samples(path)
-    native = float(enc.adapter.native_patches)
-    vis = fit_vision(rows, enc.sig.family, enc.tokens_per_patch, args.vision_images_per_call, native_patches=native)
-    fixed = fit_vision(rows, enc.sig.family, enc.tokens_per_patch, args.vision_images_per_call, max_visits=MIN_ROUNDS,
-                       native_patches=native)
+    family, tpp, native = swept["family"], swept["tokens_per_patch"], swept["native_patches"]
+    patches = swept["patches"]
+    vis = fit_vision(rows, family, tpp, args.vision_images_per_call, native_patches=native)
+    fixed = fit_vision(rows, family, tpp, args.vision_images_per_call, max_visits=MIN_ROUNDS, native_patches=native)
     cal = load_calibration(cal_path)
     prov = dict(cal.provenance)
-    prov["vision_models"] = {"encoder": str(enc.sig.path), "family_source": enc.sig.source,
+    prov["vision_models"] = {"encoder": swept["encoder"], "family_source": swept["source"],
                              "embedding": str(args.embedding_onnx or ""), "config": str(args.vision_config or "")}
     save_calibration(replace(cal, vision=vis, provenance=prov), cal_path)
-    lines = [f"  vision {enc.sig.family} ({enc.sig.source}): {len(patches)} patch counts {patches[0]}..{patches[-1]} "
-             f"x images per call {list(VISION_IMAGES)}, {len(sweep.rows)} timed calls in {sweep.seconds:.1f} s "
-             f"({min(sweep.rounds.values())}-{max(sweep.rounds.values())} per size) -> {path.name}; tokens per patch "
+    lo, hi = swept["rounds"]
+    lines = [f"  vision {family} ({swept['source']}): {len(patches)} patch counts {patches[0]}..{patches[-1]} "
+             f"x images per call {list(VISION_IMAGES)}, {swept['calls']} timed calls in {swept['seconds']:.1f} s "
+             f"({lo}-{hi} per size) -> {path.name}; tokens per patch "
              f"{vis.tokens_per_patch:g}, images_per_call {vis.images_per_call}"]
     nan = float("nan")
     for i, (a, b, c) in sorted(vis.fits.items()):
@@ -122,6 +130,4 @@ def calibrate_vision(args: Any, plan: Any, out: Path, cal_path: Path, say: Calla
                                  for i, ms in sorted(vis.native_ms.items())))
     if vis.embedding is not None:
         lines.append(f"    embedding step: {vis.embedding[0]:.4f} + {vis.embedding[1]:.3e} S ms")
-    for line in lines:
-        say(line)
     return lines

@@ -62,7 +62,11 @@ def register(sub: Any) -> None:
                         help="target relative standard error of every position's median, e.g. 0.006 "
                              "(default: the plan's sweep.adaptive.precision; 0 = the fixed plan, every round)")
     parser.add_argument("--time-budget", type=float, metavar="S",
-                        help="cap the whole calibrate at S seconds (default: the plan's sweep.adaptive.time_budget_s)")
+                        help="cap the whole calibrate at S seconds: batch sweep, sweep, replay and vision (default: "
+                             "the plan's sweep.adaptive.time_budget_s); the summary says where the time went")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="ONNX Runtime intra-op threads of the runner (default: the plan's "
+                             "runtime.intra_op_threads); printed in the summary, recorded in provenance")
     parser.add_argument("--no-replay", action="store_true", help="skip the end-to-end replay into requests.csv")
     parser.add_argument("--requests", type=int, metavar="N", help="replay N requests (default: the plan's replay size)")
     parser.add_argument("--runtime", choices=("auto", "ort", "genai"), default="auto",
