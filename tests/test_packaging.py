@@ -156,7 +156,7 @@ def _tree_without_kernels(dst: Path) -> Path:
     dst.mkdir()
     for name in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy(REPO / name, dst / name)
-    for folder in ("trt_latency", "engines", "estimator", "serving", "ext", "configs"):
+    for folder in ("trt_latency", "engines", "estimator", "serving", "diagnostics", "ext", "configs"):
         shutil.copytree(REPO / folder, dst / folder,
                         ignore=shutil.ignore_patterns("*.pyx", "*.c", "*.so", "__pycache__", "_layout.pxi"))
     (dst / "ext" / "_kernels.pyx").write_text("cdef int broken = \n")  # a Cython syntax error
