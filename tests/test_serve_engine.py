@@ -4,7 +4,6 @@ greedy generation per request; EOS, min_tokens, ignore_eos and max_tokens; a can
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
