@@ -243,7 +243,8 @@ def parse_completion(ctx: ServeContext, raw: bytes, headers: Mapping[str, str]) 
     if len(ids) > ctx.max_prompt:
         raise BadField("prompt", f"field 'prompt': {len(ids)} tokens, over the longest prefill ({ctx.max_prompt})")
     hi = ctx.max_len + 1 - len(ids)
-    max_tokens = _int_field(body, "max_tokens", min(16, hi), 1, hi)
+    name = "max_tokens" if "max_tokens" in body or "max_completion_tokens" not in body else "max_completion_tokens"
+    max_tokens = _int_field(body, name, min(16, hi), 1, hi)
     min_tokens = _int_field(body, "min_tokens", 0, 0, max_tokens)
     stream, ignore_eos = body.get("stream", False), body.get("ignore_eos", False)
     for name, value in (("stream", stream), ("ignore_eos", ignore_eos)):
@@ -255,21 +256,27 @@ def parse_completion(ctx: ServeContext, raw: bytes, headers: Mapping[str, str]) 
 
 
 class _Detok:
-    """Incremental detokenization: the text a token adds (held back while it ends in a partial character)."""
+    """Incremental detokenization: the text a token adds. A delta ending in a partial UTF-8 character is held
+    back for up to 3 more tokens (a character is at most 4 bytes), then sent as is. Special tokens are
+    skipped, except when the client asked for ``ignore_eos`` (a benchmark's fixed length: every token
+    streams as text, an EOS included)."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, skip_special: bool = True) -> None:
         self.tok = tokenizer
+        self.skip = skip_special
         self.ids: list[int] = []
         self.sent = 0
+        self.held = 0
 
     def add(self, token: int) -> str:
         if self.tok is None:
             return ""
         self.ids.append(token)
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        text = self.tok.decode(self.ids, skip_special_tokens=self.skip)
+        if text.endswith("\ufffd") and self.held < 3:
+            self.held += 1
             return ""
-        delta, self.sent = text[self.sent:], len(text)
+        delta, self.sent, self.held = text[self.sent:], len(text), 0
         return str(delta)
 
 
@@ -344,7 +351,7 @@ def create_app(ctx: ServeContext) -> Any:
                        ignore_eos=req["ignore_eos"], arrival=t_arrival)
         ctx.engine.submit(g)
         created, cid = int(time.time()), f"cmpl-{rid}"
-        detok = _Detok(ctx.tokenizer)
+        detok = _Detok(ctx.tokenizer, skip_special=not req["ignore_eos"])
 
         def usage() -> dict[str, int]:
             n = len(g.tokens)
