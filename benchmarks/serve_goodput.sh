@@ -27,7 +27,7 @@ ALPHA=${ALPHA:-0.05}
 MODES=${MODES:-"trt-latency none seed-1.3"}
 TOKENIZER="$ROOT/tests/data/serve"
 mkdir -p "$WORK"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# (no HF_HUB_OFFLINE here: aiperf 0.13 then refuses a local tokenizer directory; a local one never downloads)
 
 if [ ! -x "$AIPERF_VENV/bin/aiperf" ]; then
   python3 -m venv "$AIPERF_VENV"
@@ -80,6 +80,7 @@ profile() {  # $1 = artifact dir, rest = aiperf flags
   local dir=$1
   shift
   rm -rf "$dir"
+  mkdir -p "$(dirname "$dir")"
   "$AIPERF" profile --model bench --url "$URL" --endpoint-type completions --streaming \
     --tokenizer "$TOKENIZER" --use-legacy-max-tokens --use-server-token-count \
     --isl "$ISL" --isl-stddev 0 --osl "$OSL" --osl-stddev 0 --extra-inputs ignore_eos:true \
