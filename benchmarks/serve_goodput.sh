@@ -15,7 +15,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${WORK:-/work/scratch/serve_goodput}
 AIPERF_VENV=${AIPERF_VENV:-/work/scratch/aiperf-venv}
-PY=${PY:-$(command -v python)}            # a Python with trt-latency[serve] installed (the repo's venv)
+PY=${PY:-$( [ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || command -v python)}  # with trt-latency[serve]
 SEED=${SEED:-0}
 MAX_BATCH=${MAX_BATCH:-8}
 ISL=${ISL:-32}

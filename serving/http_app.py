@@ -63,6 +63,7 @@ class Verdict:
     budget_ms: float
     max_tokens_that_fit: int
     decide_ns: int
+    full: bool = False  # rejected only because every KV slot is held: the handler may wait for one
 
 
 class ServeAdmission(Listener):
@@ -78,11 +79,18 @@ class ServeAdmission(Listener):
         self.metrics = metrics
         self.seed_rate_ms = seed_rate_ms
         self.engine = engine
-        self._pending: dict[Any, tuple[float, float, Slo]] = {}  # rid -> predicted total, ttft, slo
+        self.on_finished: Any = None  # called on the engine thread when a request ends (wakes slot waiters)
+        # rid -> predicted total and TTFT (ms from the decision), the SLO asked (from arrival), the decision time (s)
+        self._pending: dict[Any, tuple[float, float, Slo, float]] = {}
 
-    def decide(self, rid: Any, prompt: int, max_tokens: int, slo: Slo) -> Verdict:
-        """The decision at arrival (the handler's thread: the event loop). Timed: the decision call only."""
-        budget = slo.total_ms
+    def decide(self, rid: Any, prompt: int, max_tokens: int, slo: Slo, elapsed_ms: float = 0.0,
+               record: bool = True) -> Verdict:
+        """The decision (the handler's thread: the event loop), ``elapsed_ms`` after arrival: the budgets are
+        what is left of the SLO. Timed: the decision call only. ``record``: count it in the metrics (a
+        full-batch reject the handler will retry is not a final outcome)."""
+        asked, budget = slo, slo.total_ms - elapsed_ms
+        slo = Slo(budget, slo.ttft_ms - elapsed_ms, slo.source, slo.tpot_ms)
+        full = False
         if self.mode == "trt-latency":
             t0 = time.perf_counter_ns()
             d = self.controller.decide(rid, prompt, max_tokens, budget if math.isfinite(budget) else 1e12,
@@ -90,6 +98,7 @@ class ServeAdmission(Listener):
             ns = time.perf_counter_ns() - t0
             ttft = self.est.prefill_ms(prompt) * self.controller.base_factor
             admit, reason, pred, fit = bool(d.admit), str(d.reason), float(d.predicted_ms), int(d.max_new_tokens)
+            full = not admit and reason.startswith("batch full")
             if admit and ttft > slo.ttft_ms:
                 admit, reason = False, "predicted TTFT (prefill x factor) over the TTFT budget"
         elif self.mode == "seed-1.3":
@@ -107,15 +116,25 @@ class ServeAdmission(Listener):
             ns = time.perf_counter_ns() - t0
         self.metrics.decide_ns.add(ns)
         self.metrics.decision_ns.observe(ns)
-        self.metrics.decisions.labels(outcome="admit" if admit else "reject", reason=reason).inc()
+        if record or admit:
+            self.metrics.decisions.labels(outcome="admit" if admit else "reject", reason=reason).inc()
         if admit:
-            self._pending[rid] = (pred, ttft, slo)
+            self._pending[rid] = (pred, ttft, asked, time.perf_counter())
             if self.controller is not None and self.mode == "trt-latency":
                 self.controller.started(rid, prompt, max_tokens, budget if math.isfinite(budget) else 1e12)
             if math.isfinite(pred):
                 self.metrics.predicted_total.observe(pred)
                 self.metrics.predicted_ttft.observe(ttft)
-        return Verdict(admit, reason, pred, ttft, budget, fit, ns)
+        return Verdict(admit, reason, pred, ttft, budget, fit, ns, full)
+
+    def fits_alone(self, prompt: int, max_tokens: int, slo: Slo, elapsed_ms: float) -> bool:
+        """Could the request still meet its SLO if a slot freed now and it ran alone? (Worth waiting for.)"""
+        factor = self.controller.base_factor * self.controller.correction(1)
+        alone = self.est.total_with([], prompt, max_tokens) * factor
+        return alone <= slo.total_ms - elapsed_ms and self.est.prefill_ms(prompt) * factor <= slo.ttft_ms - elapsed_ms
+
+    def record_reject(self, v: Verdict) -> None:
+        self.metrics.decisions.labels(outcome="reject", reason=v.reason).inc()
 
     # -- engine thread -----------------------------------------------------------------------------------
     def prefilled(self, req: GenRequest) -> None:
@@ -133,12 +152,16 @@ class ServeAdmission(Listener):
         self._gauges()
 
     def finished(self, req: GenRequest) -> None:
-        pred, _, slo = self._pending.pop(req.rid, (math.nan, math.nan, Slo(math.inf, math.inf, "none")))
+        pred, _, slo, t_decided = self._pending.pop(req.rid, (math.nan, math.nan, Slo(math.inf, math.inf, "none"),
+                                                               req.arrival))
         total, ttft = req.total_ms, req.ttft_ms
-        ok = req.finish_reason in ("stop", "length")
+        ok = req.finish_reason in ("stop", "length") and req.finished_at is not None
         if self.controller is not None and self.mode == "trt-latency":
-            self.controller.finished(req.rid, total if ok else None, pred if ok else None)
+            since = (req.finished_at - t_decided) * 1e3 if ok else None  # type: ignore[operator]
+            self.controller.finished(req.rid, since, pred if ok else None)
             self.metrics.set_factors(self.controller.counters())
+        if self.on_finished is not None:
+            self.on_finished()
         m = self.metrics
         m.finished.labels(finish_reason=req.finish_reason).inc()
         m.tokens.inc(len(req.tokens))
@@ -171,6 +194,7 @@ class ServeContext:
     default_slo: Slo = Slo(math.inf, math.inf, "none")
     draining: bool = False
     info: str = ""
+    slot_freed: Any = None  # asyncio.Event of the server's loop, set (and replaced) when a request ends
 
 
 def _slo(body: Mapping[str, Any], headers: Mapping[str, str], default: Slo, max_tokens: int) -> Slo:
@@ -318,6 +342,44 @@ def create_app(ctx: ServeContext) -> Any:
                 "queued": ctx.engine.queued(), "decode_steps": ctx.engine.steps, "engine": ctx.info,
                 "controller": c.counters() if c is not None else None}
 
+    loop_box: list[asyncio.AbstractEventLoop] = []
+
+    def notify_slot_freed() -> None:  # the engine thread, when a request ends
+        if loop_box:
+            loop_box[0].call_soon_threadsafe(_wake)
+
+    def _wake() -> None:
+        event, ctx.slot_freed = ctx.slot_freed, asyncio.Event()
+        if event is not None:
+            event.set()
+
+    ctx.admission.on_finished = notify_slot_freed
+
+    async def admit_or_wait(rid: int, req: dict[str, Any], t_arrival: float) -> Verdict:
+        """Decide at arrival; when the only obstacle is a full batch and the request could still meet its
+        SLO alone, wait for a slot to free and decide again with what is left of the budget (as the
+        batched load test's trt-latency policy: serving/batchload.py). Bounded by the request's budget."""
+        if not loop_box:
+            loop_box.append(asyncio.get_running_loop())
+        prompt, n, slo = len(req["ids"]), req["max_tokens"], req["slo"]
+        v = ctx.admission.decide(rid, prompt, n, slo, record=False)
+        m.round_trip_ms.add((time.perf_counter() - t_arrival) * 1e3)
+        while v.full:
+            elapsed = (time.perf_counter() - t_arrival) * 1e3
+            if not ctx.admission.fits_alone(prompt, n, slo, elapsed) or ctx.draining:
+                break
+            if ctx.slot_freed is None:
+                ctx.slot_freed = asyncio.Event()
+            try:
+                left_s = (slo.total_ms - elapsed) / 1e3 if math.isfinite(slo.total_ms) else 60.0
+                await asyncio.wait_for(ctx.slot_freed.wait(), timeout=max(left_s, 0.001))
+            except TimeoutError:
+                pass
+            v = ctx.admission.decide(rid, prompt, n, slo, (time.perf_counter() - t_arrival) * 1e3, record=False)
+        if not v.admit:
+            ctx.admission.record_reject(v)
+        return v
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         t_arrival = time.perf_counter()
@@ -330,8 +392,7 @@ def create_app(ctx: ServeContext) -> Any:
             m.bad_requests.labels(field=exc.field).inc()
             return error(400, str(exc), param=exc.field)
         rid = next(ids)
-        v = ctx.admission.decide(rid, len(req["ids"]), req["max_tokens"], req["slo"])
-        m.round_trip_ms.add((time.perf_counter() - t_arrival) * 1e3)
+        v = await admit_or_wait(rid, req, t_arrival)
         if not v.admit:
             retry = max(1, math.ceil((v.predicted_ms - v.budget_ms) / 1e3)) if math.isfinite(v.predicted_ms) else 1
             extra = {"reason": v.reason, "predicted_ms": _num(v.predicted_ms), "budget_ms": _num(v.budget_ms),

@@ -301,3 +301,75 @@ def test_sigterm_drains_the_running_request_and_exits_0(calibrated: Path) -> Non
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_the_baselines_run_through_the_same_server(calibrated: Path) -> None:
+    seed = Server(calibrated, admission="seed-1.3", max_batch=2)
+    try:
+        r = seed.client.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 50, "slo_ms": 0.01})
+        assert r.status_code == 429 and "seed's constant rate" in r.json()["reason"]
+        assert r.json()["max_tokens_that_fit"] == 0
+        ok = seed.client.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 5, "slo_ms": 60000})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 5
+        assert seed.stats()["controller"] is None and seed.stats()["decide_ns"]["n"] == 2
+    finally:
+        seed.close()
+    none = Server(calibrated, admission="none", max_batch=1)
+    try:  # admission off: an impossible SLO is admitted all the same, and counted as a violation
+        r = none.client.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 4, "slo_ms": 0.01})
+        assert r.status_code == 200
+        assert _wait(lambda: none.metrics().get("trtl_slo_violations_total") == 1.0)
+    finally:
+        none.close()
+
+
+def test_readme_serving_block_runs(calibrated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## In your own serving process"):]
+    block = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    monkeypatch.chdir(calibrated.parent)
+    namespace: dict[str, Any] = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README is ours
+    assert namespace["ctl"].counters()["decisions"] == 1 and namespace["ctl"].running() == 0
+
+
+def test_without_the_extra_the_verb_says_which_to_install(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import trt_latency.cli.serve as serve
+
+    monkeypatch.setattr(serve, "EXTRA", (*serve.EXTRA, "no_such_module_for_serve"))
+    assert main(["serve", "-c", "missing.yaml"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'trt-latency[serve]'" in err[0] and "no_such_module_for_serve" in err[0]
+
+
+def test_a_full_batch_waits_for_a_slot_while_the_slo_allows(calibrated: Path) -> None:
+    one = Server(calibrated, max_batch=1)
+    decode = one.ctx.engine.decoder.decode
+
+    def slow_decode(slots: list[int]) -> list[int]:  # a slower engine (10 ms a step): the first request holds
+        time.sleep(0.01)                               # its slot while the others arrive
+        return decode(slots)  # type: ignore[no-any-return]
+
+    one.ctx.engine.decoder.decode = slow_decode
+    try:
+        with httpx.Client(base_url=one.url, timeout=30) as client:
+            with client.stream("POST", "/v1/completions", json={"prompt": [1, 2], "max_tokens": 100,
+                                                                "ignore_eos": True, "stream": True,
+                                                                "slo_ms": 60000}) as r:
+                lines = r.iter_lines()
+                next(lines)
+                assert one.stats()["running"] == 1
+                # every slot is held: a loose SLO waits for it and runs; one that cannot fit even alone is a 429
+                late = one.client.post("/v1/completions", json={"prompt": [3], "max_tokens": 3, "slo_ms": 60000})
+                tight = one.client.post("/v1/completions", json={"prompt": [3], "max_tokens": 200, "slo_ms": 0.01})
+                assert [ln for ln in lines if ln][-1] == "data: [DONE]"
+        assert late.status_code == 200 and late.json()["usage"]["completion_tokens"] == 3
+        assert tight.status_code == 429
+        m = one.metrics()
+        assert sum(v for k, v in m.items() if k.startswith('trtl_decisions_total{outcome="admit"')) == 2
+        assert sum(v for k, v in m.items() if k.startswith('trtl_decisions_total{outcome="reject"')) == 1
+    finally:
+        one.close()
