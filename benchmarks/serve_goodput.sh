@@ -5,8 +5,9 @@
 #
 # 1. installs aiperf 0.13 into its own venv ($AIPERF_VENV; never the package's deps, never CI);
 # 2. calibrates a small CPU decoder (vocab 512 = the committed byte-level BPE tokenizer, tests/data/serve);
-# 3. capacity: a closed loop at concurrency = --max-batch under admission none (aiperf's request throughput);
-#    SLOs: TTFT <= TTFT_X x and request latency <= LAT_X x that run's p50s (DistServe-style goodput);
+# 3. capacity: a closed loop at concurrency = 2 x --max-batch under admission none (a full batch with requests
+#    queued behind it: the engine's saturated throughput, aiperf's request throughput); SLOs: TTFT <= TTFT_X x
+#    and request latency <= LAT_X x the p50s of a closed loop at concurrency = --max-batch (DistServe goodput);
 # 4. Poisson arrivals at 1x and 2x capacity, the same --random-seed, once per admission mode
 #    (trt-latency, none, seed-1.3), each on a fresh server given the same SLOs as its defaults;
 # 5. tabulates from aiperf's own JSON exports (benchmarks/serve_goodput_table.py).
@@ -20,7 +21,7 @@ SEED=${SEED:-0}
 MAX_BATCH=${MAX_BATCH:-8}
 ISL=${ISL:-32}
 OSL=${OSL:-32}
-REQUESTS=${REQUESTS:-240}                 # per Poisson run
+REQUESTS=${REQUESTS:-400}                 # per Poisson run
 TTFT_X=${TTFT_X:-2}
 LAT_X=${LAT_X:-1.5}
 ALPHA=${ALPHA:-0.05}
@@ -88,11 +89,15 @@ profile() {  # $1 = artifact dir, rest = aiperf flags
     > "$dir.log" 2>&1 || { echo "aiperf failed, see $dir.log" >&2; tail -20 "$dir.log" >&2; exit 1; }
 }
 
-# Capacity and the SLOs it sets (admission off, the batch kept full by a closed loop).
+# Capacity (a closed loop at 2 x max batch: the batch full, requests queued behind it) and the SLOs (a closed
+# loop at max batch: the latency of a full batch without queueing), admission off.
 start_server none
-profile "$WORK/capacity" --concurrency "$MAX_BATCH" --request-count $((REQUESTS / 2)) --warmup-request-count "$MAX_BATCH"
+profile "$WORK/capacity" --concurrency $((2 * MAX_BATCH)) --request-count $((REQUESTS / 2)) \
+  --warmup-request-count "$MAX_BATCH"
+profile "$WORK/slo-base" --concurrency "$MAX_BATCH" --request-count $((REQUESTS / 4))
 stop_server capacity
-read -r CAPACITY TTFT_SLO LAT_SLO < <("$PY" "$ROOT/benchmarks/serve_goodput_table.py" --capacity "$WORK/capacity" \
+read -r CAPACITY _ _ < <("$PY" "$ROOT/benchmarks/serve_goodput_table.py" --capacity "$WORK/capacity")
+read -r _ TTFT_SLO LAT_SLO < <("$PY" "$ROOT/benchmarks/serve_goodput_table.py" --capacity "$WORK/slo-base" \
   --ttft-x "$TTFT_X" --lat-x "$LAT_X")
 echo "capacity $CAPACITY req/s; SLOs: TTFT <= $TTFT_SLO ms, request latency <= $LAT_SLO ms" | tee "$WORK/slo.txt"
 

@@ -92,9 +92,12 @@ class ServeAdmission(Listener):
         slo = Slo(budget, slo.ttft_ms - elapsed_ms, slo.source, slo.tpot_ms)
         full = False
         if self.mode == "trt-latency":
+            # The controller's clock (perf_counter ms) read here: the compiled decide then runs without a
+            # Python frame, so no GIL hand-off to the engine thread can land inside the timed call.
+            now = time.perf_counter() * 1e3
             t0 = time.perf_counter_ns()
             d = self.controller.decide(rid, prompt, max_tokens, budget if math.isfinite(budget) else 1e12,
-                                       None, True)
+                                       now, True)
             ns = time.perf_counter_ns() - t0
             ttft = self.est.prefill_ms(prompt) * self.controller.base_factor
             admit, reason, pred, fit = bool(d.admit), str(d.reason), float(d.predicted_ms), int(d.max_new_tokens)
