@@ -61,6 +61,18 @@ def test_serving_uses_engines_only_in_the_load_generator() -> None:
     assert users, "the load generator runs real engines: this rule describes a real import"
 
 
+# The serve extra: only the server's own modules import it (the admission path never does).
+SERVE_EXTRA = ("fastapi", "uvicorn", "prometheus_client", "tokenizers", "starlette")
+SERVE_EXTRA_USERS = {"serving/http_app.py", "serving/metrics.py", "trt_latency/cli/serve.py"}
+
+
+def test_only_the_server_imports_the_serve_extra() -> None:
+    users = {str(p.relative_to(ROOT)) for folder in ("engines", "estimator", "serving", "ext", "trt_latency")
+             for p in _sources(folder) if any(n.startswith(SERVE_EXTRA) for n in _imports(p))}
+    assert users <= SERVE_EXTRA_USERS, users
+    assert users, "the server imports its extra: this rule describes a real import"
+
+
 @pytest.mark.parametrize("path", NEUTRAL)
 def test_neutral_modules_import_no_layer(path: str) -> None:
     """schema / errors / layout are below every layer: they import none."""

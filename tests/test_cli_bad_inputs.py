@@ -330,6 +330,16 @@ CASES = [
       "--min-observations must be in 1 .. --window (8)", code=2),
     C("loadtest", "usage", "loadtest -c {d}/calibration.yaml --requests x",
       "argument --requests: invalid int value: 'x'", code=2),
+    # ---- serve (bad request bodies, 429, SIGTERM: test_serve_http.py)
+    C("serve", "missing-file", "serve -c {d}/none.yaml", "{d}/none.yaml: file not found", needs=("fastapi",)),
+    C("serve", "malformed-yaml", "serve -c {d}/calibration.yaml", "{d}/calibration.yaml: malformed YAML at line 3",
+      change=(K, None, BAD_YAML), needs=("fastapi",)),
+    C("serve", "missing-onnx", "serve -c {d}/calibration.yaml --onnx {d}/none.onnx", "{d}/none.onnx: model not found",
+      needs=("fastapi",)),
+    C("serve", "missing-tokenizer", "serve -c {d}/calibration.yaml --onnx {d}/model.onnx --tokenizer {d}/none",
+      "{d}/none: field '--tokenizer': tokenizer not found", needs=(*ORT, "fastapi")),
+    C("serve", "max-batch", "serve -c {d}/calibration.yaml --max-batch 0", "--max-batch must be >= 1", code=2),
+    C("serve", "engine", "serve -c {d}/calibration.yaml --engine {d}/x.plan", "--engine", "serve the ONNX model with --onnx", code=2),
 ]
 
 

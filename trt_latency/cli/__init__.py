@@ -15,7 +15,7 @@ from trt_latency.errors import TrtLatencyError
 
 # Order = order in `trt-latency --help`: the data flow from engine to serving loop.
 VERBS = ("calibrate", "inspect", "export", "sweep", "fit", "predict", "admit", "choose", "replay", "analyze",
-         "compare", "bench", "loadtest")  # fmt: skip
+         "compare", "bench", "loadtest", "serve")  # fmt: skip
 
 
 class _Parser(argparse.ArgumentParser):

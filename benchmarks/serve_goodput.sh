@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Goodput of `trt-latency serve` measured by NVIDIA's aiperf (a real outside client), admission on vs off.
+#
+#   benchmarks/serve_goodput.sh            # everything under $WORK (default /work/scratch/serve_goodput)
+#
+# 1. installs aiperf 0.13 into its own venv ($AIPERF_VENV; never the package's deps, never CI);
+# 2. calibrates a small CPU decoder (vocab 512 = the committed byte-level BPE tokenizer, tests/data/serve);
+# 3. capacity: a closed loop at concurrency = 2 x --max-batch under admission none (a full batch with requests
+#    queued behind it: the engine's saturated throughput, aiperf's request throughput); SLOs: TTFT <= TTFT_X x
+#    and request latency <= LAT_X x the p50s of a closed loop at concurrency = --max-batch (DistServe goodput);
+# 4. Poisson arrivals at 1x and 2x capacity, the same --random-seed, once per admission mode
+#    (trt-latency, none, seed-1.3), each on a fresh server given the same SLOs as its defaults;
+# 5. tabulates from aiperf's own JSON exports (benchmarks/serve_goodput_table.py).
+# Timings depend on the machine and its load: say which, next to any number.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+WORK=${WORK:-/work/scratch/serve_goodput}
+AIPERF_VENV=${AIPERF_VENV:-/work/scratch/aiperf-venv}
+PY=${PY:-$( [ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || command -v python)}  # with trt-latency[serve]
+SEED=${SEED:-0}
+MAX_BATCH=${MAX_BATCH:-8}
+ISL=${ISL:-32}
+OSL=${OSL:-32}
+REQUESTS=${REQUESTS:-400}                 # per Poisson run
+TTFT_X=${TTFT_X:-2}
+LAT_X=${LAT_X:-1.5}
+ALPHA=${ALPHA:-0.05}
+MODES=${MODES:-"trt-latency none seed-1.3"}
+TOKENIZER="$ROOT/tests/data/serve"
+mkdir -p "$WORK"
+# (no HF_HUB_OFFLINE here: aiperf 0.13 then refuses a local tokenizer directory; a local one never downloads)
+
+if [ ! -x "$AIPERF_VENV/bin/aiperf" ]; then
+  python3 -m venv "$AIPERF_VENV"
+  "$AIPERF_VENV/bin/pip" install -q "aiperf==0.13.*"
+fi
+AIPERF="$AIPERF_VENV/bin/aiperf"
+
+cat > "$WORK/plan.yaml" <<'EOF'
+schema_version: 1
+tiers:
+  - {tier_idx: 0, name: bench, hidden: 256, layers: 4, heads: 8, kv_heads: 4, head_dim: 32, intermediate: 768,
+     vocab: 512, experts: 1, dtype: float32, max_past_len: 256, max_prefill_len: 128}
+configs:
+  - {tier_idx: 0, top_k: 1, num_active_blocks: 4}
+runtime: {intra_op_threads: 1, inter_op_threads: 1, huge_pages: false}
+sweep:
+  decode: {log_points: 6, linear_points: 6, reps: 5, warmup: 2}
+  prefill: {lengths: [4, 16, 32, 64, 128], reps: 3}
+  seed: 0
+quick:
+  decode: {log_points: 6, linear_points: 6, reps: 5, warmup: 2}
+  prefill: {lengths: [4, 16, 32, 64, 128], reps: 3}
+  replay: {requests: 40}
+replay: {requests: 40, vision_tokens: [0], text_tokens: [8, 64], output_tokens: [8, 64], seed: 0}
+EOF
+[ -f "$WORK/cal/calibration.yaml" ] || "$PY" -m trt_latency.cli calibrate "$WORK/plan.yaml" --quick \
+  --out "$WORK/cal" --backend ort-cpu --no-progress > "$WORK/calibrate.log"
+
+SERVER_PID=""
+start_server() {  # $1 = admission mode, rest = extra flags; sets URL
+  local log="$WORK/server-$1.log"
+  "$PY" -m trt_latency.cli serve -c "$WORK/cal/calibration.yaml" --port 0 --tokenizer "$TOKENIZER" \
+    --model-name bench --max-batch "$MAX_BATCH" --alpha "$ALPHA" --admission "$@" > "$log" 2>&1 &
+  SERVER_PID=$!
+  for _ in $(seq 1 100); do
+    URL=$(grep -o 'http://[0-9.]*:[0-9]*' "$log" | head -1 || true)
+    if [ -n "$URL" ] && curl -sf "$URL/health" > /dev/null; then return 0; fi
+    sleep 0.2
+  done
+  echo "server did not start: $(cat "$log")" >&2
+  exit 1
+}
+stop_server() {
+  curl -s "$URL/stats" > "$WORK/stats-$1.json" || true
+  curl -s "$URL/metrics" > "$WORK/metrics-$1.txt" || true
+  kill -TERM "$SERVER_PID"
+  wait "$SERVER_PID" || true
+}
+profile() {  # $1 = artifact dir, rest = aiperf flags
+  local dir=$1
+  shift
+  rm -rf "$dir"
+  mkdir -p "$(dirname "$dir")"
+  "$AIPERF" profile --model bench --url "$URL" --endpoint-type completions --streaming \
+    --tokenizer "$TOKENIZER" --use-legacy-max-tokens --use-server-token-count \
+    --isl "$ISL" --isl-stddev 0 --osl "$OSL" --osl-stddev 0 --extra-inputs ignore_eos:true \
+    --random-seed "$SEED" --ui none --no-server-metrics --no-gpu-telemetry --artifact-dir "$dir" "$@" \
+    > "$dir.log" 2>&1 || { echo "aiperf failed, see $dir.log" >&2; tail -20 "$dir.log" >&2; exit 1; }
+}
+
+# Capacity (a closed loop at 2 x max batch: the batch full, requests queued behind it) and the SLOs (a closed
+# loop at max batch: the latency of a full batch without queueing), admission off.
+start_server none
+profile "$WORK/capacity" --concurrency $((2 * MAX_BATCH)) --request-count $((REQUESTS / 2)) \
+  --warmup-request-count "$MAX_BATCH"
+profile "$WORK/slo-base" --concurrency "$MAX_BATCH" --request-count $((REQUESTS / 4))
+stop_server capacity
+read -r CAPACITY _ _ < <("$PY" "$ROOT/benchmarks/serve_goodput_table.py" --capacity "$WORK/capacity")
+read -r _ TTFT_SLO LAT_SLO < <("$PY" "$ROOT/benchmarks/serve_goodput_table.py" --capacity "$WORK/slo-base" \
+  --ttft-x "$TTFT_X" --lat-x "$LAT_X")
+echo "capacity $CAPACITY req/s; SLOs: TTFT <= $TTFT_SLO ms, request latency <= $LAT_SLO ms" | tee "$WORK/slo.txt"
+
+for load in 1 2; do
+  rate=$("$PY" -c "print(round($CAPACITY * $load, 3))")
+  for mode in $MODES; do
+    start_server "$mode" --slo-ms "$LAT_SLO" --ttft-slo-ms "$TTFT_SLO"
+    profile "$WORK/runs/${load}x-$mode" --request-rate "$rate" --arrival-pattern poisson \
+      --request-count "$REQUESTS" --goodput "time_to_first_token:$TTFT_SLO request_latency:$LAT_SLO"
+    stop_server "${load}x-$mode"
+  done
+done
+"$PY" "$ROOT/benchmarks/serve_goodput_table.py" "$WORK/runs" --slo "$WORK/slo.txt" --alpha "$ALPHA" | tee "$WORK/table.md"

@@ -1,0 +1,97 @@
+"""Tabulate benchmarks/serve_goodput.sh from aiperf's own JSON exports (profile_export_aiperf.json per run).
+
+    python benchmarks/serve_goodput_table.py RUNS_DIR [--slo slo.txt] [--alpha 0.05]
+    python benchmarks/serve_goodput_table.py --capacity CAPACITY_DIR --ttft-x 2 --lat-x 1.5   # -> "cap ttft lat"
+
+Per run (RUNS_DIR/<load>x-<mode>/): goodput (aiperf's, DistServe's definition: completed requests within every
+SLO per second), completed, rejected (aiperf's error count: the server's 429s), the violation share among
+completed (1 - good / completed), p50/p99 TTFT and ITL; then the done-when checks of issue 25.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def export(run: Path) -> dict[str, Any]:
+    found = sorted(run.rglob("profile_export_aiperf.json"))
+    if not found:
+        raise SystemExit(f"{run}: no profile_export_aiperf.json (did aiperf run? see {run}.log)")
+    return json.loads(found[0].read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+
+
+def stat(d: dict[str, Any], name: str, key: str = "avg") -> float | None:
+    v = d.get(name)
+    return float(v[key]) if isinstance(v, dict) and v.get(key) is not None else None
+
+
+def row(d: dict[str, Any]) -> dict[str, Any]:
+    duration = stat(d, "benchmark_duration") or float("nan")
+    completed = stat(d, "request_count") or 0.0
+    goodput = stat(d, "goodput")
+    good = goodput * duration if goodput is not None else None
+    return {"goodput": goodput, "completed": completed, "rejected": stat(d, "error_request_count") or 0.0,
+            "violations": (1.0 - good / completed) if good is not None and completed else None,
+            "ttft_p50": stat(d, "time_to_first_token", "p50"), "ttft_p99": stat(d, "time_to_first_token", "p99"),
+            "itl_p50": stat(d, "inter_token_latency", "p50"), "itl_p99": stat(d, "inter_token_latency", "p99"),
+            "duration": duration}
+
+
+def fmt(v: Any, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="?")
+    p.add_argument("--capacity", type=Path)
+    p.add_argument("--ttft-x", type=float, default=2.0)
+    p.add_argument("--lat-x", type=float, default=1.5)
+    p.add_argument("--slo", type=Path)
+    p.add_argument("--alpha", type=float, default=0.05)
+    args = p.parse_args(argv)
+    if args.capacity is not None:
+        d = export(args.capacity)
+        cap = stat(d, "request_throughput")
+        ttft, lat = stat(d, "time_to_first_token", "p50"), stat(d, "request_latency", "p50")
+        if cap is None or ttft is None or lat is None:
+            raise SystemExit(f"{args.capacity}: no request_throughput / p50 TTFT / p50 request_latency")
+        print(f"{cap:.3f} {args.ttft_x * ttft:.1f} {args.lat_x * lat:.1f}")
+        return 0
+    if not args.runs:
+        p.error("RUNS_DIR or --capacity")
+    rows = {r.name: row(export(r)) for r in sorted(Path(args.runs).iterdir()) if r.is_dir()}
+    if args.slo is not None and args.slo.is_file():
+        print(args.slo.read_text(encoding="utf-8").strip() + "\n")
+    print("| load | admission | goodput (req/s) | completed | rejected | violations among completed | "
+          "TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        load, mode = name.split("-", 1)
+        print(f"| {load} | {mode} | {fmt(r['goodput'])} | {fmt(int(r['completed']))} | {fmt(int(r['rejected']))} | "
+              f"{fmt(r['violations'], 3)} | {fmt(r['ttft_p50'], 1)} / {fmt(r['ttft_p99'], 1)} | "
+              f"{fmt(r['itl_p50'], 2)} / {fmt(r['itl_p99'], 2)} |")
+    print()
+
+    def gp(name: str) -> float:
+        v = rows.get(name, {}).get("goodput")
+        return float(v) if v is not None else float("nan")
+
+    checks = [
+        ("2x: trt-latency goodput >= 1.5 x none", gp("2x-trt-latency") >= 1.5 * gp("2x-none")),
+        ("2x: trt-latency goodput > seed-1.3", gp("2x-trt-latency") > gp("2x-seed-1.3")),
+        (f"2x: violations among admitted <= alpha + 0.03 = {args.alpha + 0.03:.2f}",
+         (rows.get("2x-trt-latency", {}).get("violations") or 1.0) <= args.alpha + 0.03),
+        ("1x: trt-latency goodput >= 0.95 x none", gp("1x-trt-latency") >= 0.95 * gp("1x-none")),
+    ]
+    for text, ok in checks:
+        print(f"- {'PASS' if ok else 'FAIL'}: {text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

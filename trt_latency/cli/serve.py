@@ -1,0 +1,230 @@
+"""`trt-latency serve`: the calibrated decoder behind an OpenAI-compatible HTTP API, with SLO admission.
+
+The verb opens the calibration and the runner (as loadtest does), wraps the runner's session in a slot
+decoder (engines/ort/slots.py), and hands it to the engine loop (serving/engine_loop.py) and the app
+(serving/http_app.py). FastAPI, uvicorn, prometheus_client and tokenizers are the ``serve`` extra,
+imported only here and in the modules this verb loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from trt_latency.cli._model import add_model_args, backend_choices, model_options
+
+EXTRA = ("fastapi", "uvicorn", "prometheus_client", "tokenizers")
+EPILOG = """\
+example:
+  trt-latency calibrate --quick --out cal
+  trt-latency serve -c cal/calibration.yaml --port 8000 --slo-ms 500 --tokenizer tests/data/serve
+  curl -N localhost:8000/v1/completions -H 'content-type: application/json' \\
+       -d '{"prompt": "def main():", "max_tokens": 16, "stream": true}'
+  curl localhost:8000/v1/completions -H 'x-slo-ms: 0.5' -d '{"prompt": [1, 2, 3], "max_tokens": 64}'  # 429
+
+SLO per request: body slo_ms (total from arrival), or ttft_slo_ms + tpot_slo_ms; then the x-slo-ms header;
+then --slo-ms / --ttft-slo-ms + --tpot-slo-ms. A rejected request gets 429 with reason, predicted_ms,
+budget_ms and max_tokens_that_fit, and Retry-After. GET /metrics (Prometheus), /stats (decision cost
+p50/p99 ns), /health, /v1/models. SIGTERM: 503 for new requests, running ones finish, exit 0.
+"""
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("serve", help="serve the calibrated decoder over an OpenAI-compatible API with SLO admission",
+                       description="OpenAI-compatible completions (streaming SSE and not) over the calibrated "
+                       "engine: one engine thread with in-flight batching, admission at arrival by the "
+                       "batch-aware controller, Prometheus metrics.", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--calibration", required=True, metavar="CAL", help="calibration.yaml")
+    p.add_argument("--onnx", metavar="F", help="model to serve (default: model.onnx next to CAL)")
+    p.add_argument("--engine", metavar="PLAN", help="a TensorRT engine: not served yet (needs per-request KV slots "
+                   "on the TensorRT runner); use --onnx")
+    p.add_argument("--backend", default="ort-cpu", help="runner backend (default ort-cpu; names: "
+                   + ", ".join(backend_choices()) + ")")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the plan's)")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0: an ephemeral port (printed at start)")
+    p.add_argument("--admission", choices=("trt-latency", "none", "seed-1.3"), default="trt-latency")
+    p.add_argument("--alpha", type=float, default=0.05, help="violation level of the admission (default 0.05)")
+    p.add_argument("--slo-ms", type=float, default=None, help="default total SLO from arrival (ms)")
+    p.add_argument("--ttft-slo-ms", type=float, default=None, help="default TTFT SLO (ms)")
+    p.add_argument("--tpot-slo-ms", type=float, default=None, help="default time per output token (ms); with "
+                   "--ttft-slo-ms and no --slo-ms the total budget is ttft + tpot x (max_tokens - 1)")
+    p.add_argument("--max-batch", type=int, default=8, help="KV slots = the largest running batch (default 8)")
+    p.add_argument("--tokenizer", metavar="DIR", default=None,
+                   help="directory with tokenizer.json (default: the model's directory, if it has one)")
+    p.add_argument("--model-name", default=None, help="the id /v1/models lists (default: the model's directory name)")
+    p.add_argument("--log-level", default="warning")
+    p.set_defaults(func=run)
+
+
+def _missing_extra() -> list[str]:
+    return [name for name in EXTRA if importlib.util.find_spec(name) is None]
+
+
+def _usage(message: str) -> int:
+    print(f"trt-latency serve: error: {message}", file=sys.stderr)
+    return 2
+
+
+def load_tokenizer(directory: str | Path) -> tuple[Any, int | None]:
+    """(tokenizers.Tokenizer from DIR/tokenizer.json, the EOS id: tokenizer_config.json's eos_token, else
+    <|endoftext|> / </s> when the vocabulary has one)."""
+    from tokenizers import Tokenizer
+
+    from trt_latency.errors import InputError
+
+    d = Path(directory)
+    path = d / "tokenizer.json" if d.is_dir() else d
+    if not path.is_file():
+        raise InputError("tokenizer not found", path=str(path), field="--tokenizer",
+                         expected="a directory with tokenizer.json")
+    tok = Tokenizer.from_file(str(path))
+    names = ["<|endoftext|>", "</s>"]
+    config = path.parent / "tokenizer_config.json"
+    if config.is_file():
+        eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        if isinstance(eos, str):
+            names.insert(0, eos)
+    ids = [tok.token_to_id(n) for n in names]
+    return tok, next((i for i in ids if i is not None), None)
+
+
+def make_context(runner: Any, cal: Any, key: Any, *, admission: str = "trt-latency", alpha: float = 0.05,
+                 max_batch: int = 8, tokenizer: Any = None, eos_id: int | None = None, model_name: str = "model",
+                 slo: Any = None) -> Any:
+    """The engine loop (started), the admission and the app's context over an open runner."""
+    from trt_latency.engines.ort.slots import SlotDecoder
+    from trt_latency.estimator.model import Estimator
+    from trt_latency.serving.batch_admission import BatchAdmissionController, BatchEstimator
+    from trt_latency.serving.engine_loop import EngineLoop
+    from trt_latency.serving.http_app import SEED_FACTOR, ServeAdmission, ServeContext, Slo
+    from trt_latency.serving.metrics import ServeMetrics
+
+    decoder = SlotDecoder(runner, max_batch)
+    if not decoder.can_batch:  # batch 1: one request at a time (decoder.why says why, the start line shows it)
+        decoder.slots, max_batch = decoder.slots[:1], 1
+    est = BatchEstimator.from_estimator(Estimator(cal), *key)
+    controller = BatchAdmissionController(est, alpha=alpha, max_batch=max_batch) if admission == "trt-latency" \
+        else None
+    metrics = ServeMetrics()
+    seed_rate = SEED_FACTOR * est.step_ms([decoder.max_len])
+    adm = ServeAdmission(admission, est, controller, metrics, seed_rate)
+    engine = EngineLoop(decoder, eos_id=eos_id, listener=adm)
+    adm.engine = engine
+    info = (f"{runner.backend} on {runner.device}, {max_batch} KV slots, {decoder.why}; admission {admission}"
+            + (f" (alpha {alpha}, factor {controller.base_factor:.3g} from {controller.factor_source})"
+               if controller is not None else f" (seed rate {seed_rate:.3g} ms/token)" if admission == "seed-1.3"
+               else ""))
+    ctx = ServeContext(engine=engine, admission=adm, model_name=model_name, max_prompt=decoder.max_prompt,
+                       max_len=decoder.max_len, vocab=decoder.vocab, tokenizer=tokenizer,
+                       default_slo=slo if slo is not None else Slo(math.inf, math.inf, "none"), info=info)
+    engine.start()
+    return ctx
+
+
+def _default_slo(args: argparse.Namespace) -> Any:
+    from trt_latency.serving.http_app import Slo
+
+    ttft = args.ttft_slo_ms if args.ttft_slo_ms is not None else math.inf
+    if args.slo_ms is not None:
+        return Slo(args.slo_ms, ttft, "server --slo-ms")
+    if args.tpot_slo_ms is not None:
+        return Slo(math.inf, ttft, "server --ttft-slo-ms + --tpot-slo-ms", tpot_ms=args.tpot_slo_ms)
+    return Slo(math.inf, ttft, "server --ttft-slo-ms" if math.isfinite(ttft) else "none")
+
+
+def run(args: argparse.Namespace) -> int:
+    missing = _missing_extra()
+    if missing:
+        print(f"trt-latency serve: error: needs the serve extra (missing {', '.join(missing)}): "
+              "pip install 'trt-latency[serve]'", file=sys.stderr)
+        return 1
+    if args.engine:
+        return _usage("--engine: serving a TensorRT engine needs per-request KV slots on the TensorRT runner, "
+                      "which it does not have yet; serve the ONNX model with --onnx")
+    if args.max_batch < 1:
+        return _usage("--max-batch must be >= 1")
+    if not 0.0 < args.alpha < 1.0:
+        return _usage("--alpha must be in (0, 1)")
+    for name in ("slo_ms", "ttft_slo_ms", "tpot_slo_ms"):
+        v = getattr(args, name)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            return _usage(f"--{name.replace('_', '-')} must be a number of ms > 0")
+    if args.tpot_slo_ms is not None and args.ttft_slo_ms is None:
+        return _usage("--tpot-slo-ms needs --ttft-slo-ms")
+    import uvicorn
+
+    from trt_latency.estimator.calibration import load_calibration
+    from trt_latency.serving import loadgen
+    from trt_latency.serving.http_app import create_app
+
+    cal_path = Path(args.calibration)
+    cal = load_calibration(cal_path)
+    model_path = loadgen.find_model(cal_path, args.onnx)
+    plan = loadgen.plan_of(cal)
+    key = loadgen.served_key(model_path, cal)
+    options = model_options(args)
+    if options["kv_mode"] == "auto":
+        options["kv_mode"] = str(cal.provenance.get("kv_mode") or "auto")
+    threads = int(args.threads if args.threads is not None else plan.runtime.intra_op_threads)
+    tok_dir = Path(args.tokenizer) if args.tokenizer else model_path.parent
+    tokenizer, eos = load_tokenizer(tok_dir) if args.tokenizer or (tok_dir / "tokenizer.json").is_file() \
+        else (None, None)
+    runner = loadgen.open_model(model_path, args.backend, threads, **options, max_past_len=args.max_past_len,
+                                huge_pages=plan.runtime.huge_pages)
+    ctx = make_context(runner, cal, key, admission=args.admission, alpha=args.alpha, max_batch=args.max_batch,
+                       tokenizer=tokenizer, eos_id=eos, model_name=args.model_name or model_path.parent.name,
+                       slo=_default_slo(args))
+    app = create_app(ctx)
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    sock.listen(1024)
+    port = sock.getsockname()[1]
+    server = _draining_server(uvicorn.Config(app, log_level=args.log_level, timeout_keep_alive=30), ctx)
+    print(f"trt-latency serve: {ctx.model_name} ({ctx.info}); tokenizer "
+          f"{'none (token ids only)' if tokenizer is None else tok_dir}", flush=True)
+    print(f"trt-latency serve: listening on http://{args.host}:{port}", flush=True)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        ctx.engine.stop(drain=False, timeout=10)
+        runner.close()
+    if ctx.engine.error is not None:
+        print(f"trt-latency serve: error: the engine failed: {ctx.engine.error}", file=sys.stderr)
+        return 1
+    print("trt-latency serve: drained, exiting", flush=True)
+    return 0
+
+
+def _draining_server(config: Any, ctx: Any) -> Any:
+    """uvicorn's Server whose first SIGTERM / SIGINT drains: new requests get 503, the running ones finish,
+    then the server exits (and the process with 0, not re-raising the signal). A second signal exits at once."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if ctx.draining:
+                self.should_exit = self.force_exit = True
+                return
+            ctx.draining = True
+            threading.Thread(target=self._drain, name="trt-latency-drain", daemon=True).start()
+
+        def _drain(self, limit_s: float = 600.0) -> None:
+            end = time.monotonic() + limit_s
+            while not ctx.engine.idle() and time.monotonic() < end:
+                time.sleep(0.02)
+            self.should_exit = True
+
+    return DrainingServer(config)
