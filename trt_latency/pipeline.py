@@ -58,6 +58,7 @@ class CalibrateOptions:
     max_past_len: int | None = None
     precision: float | None = None  # target relative SE of each position's median (None: the plan's; 0: fixed)
     time_budget: float | None = None  # seconds for the whole calibrate (None: the plan's)
+    huge_pages: bool | None = None  # --huge-pages / --no-huge-pages (None: the plan's runtime.huge_pages)
     # VLM deployments (trt_latency/pipeline_vision.py): the vision encoder, its family / config / feeds
     # hook, the embedding step, and how a request's images go to the encoder.
     vision_onnx: str | None = None
@@ -286,6 +287,8 @@ def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) 
         raise ConfigError(field="--requests", expected="an integer >= 0", got=args.requests)
     plan = load_plan(args.config, quick=args.quick)
     plan = _with_adaptive_flags(plan, args)
+    if args.huge_pages is not None:
+        plan = replace(plan, runtime=replace(plan.runtime, huge_pages=args.huge_pages))
     budget = plan.sweep.adaptive.time_budget_s if plan.sweep.adaptive is not None else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -403,6 +406,7 @@ def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) 
     say(f"  backend      {runner_info.get('backend', backend)} on {runner_info.get('device', '?')}")
     say(f"  kv_mode      {runner_info.get('kv_mode', 'concat')}"
         + (f" (token input {runner_info['token_input']})" if runner_info.get("token_input") else ""))
+    say(f"  threads      intra_op {plan.runtime.intra_op_threads}, inter_op {plan.runtime.inter_op_threads}")
     if runner_info.get("memory"):
         say(f"  memory       {runner_info['memory']}")
     for t in targets:

@@ -63,6 +63,9 @@ def register(sub: Any) -> None:
                              "(default: the plan's sweep.adaptive.precision; 0 = the fixed plan, every round)")
     parser.add_argument("--time-budget", type=float, metavar="S",
                         help="cap the whole calibrate at S seconds (default: the plan's sweep.adaptive.time_budget_s)")
+    parser.add_argument("--huge-pages", action=argparse.BooleanOptionalAction, default=None,
+                        help="time on 2 MiB pages (CPU; default: the plan's runtime.huge_pages, false: the backing an "
+                             "ordinary process gets). Serve on the same: trt_latency.apply_backing (README)")
     parser.add_argument("--no-replay", action="store_true", help="skip the end-to-end replay into requests.csv")
     parser.add_argument("--requests", type=int, metavar="N", help="replay N requests (default: the plan's replay size)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -195,10 +195,18 @@ def _open_served(args: argparse.Namespace, cal: Any, model_path: Path, plan: Any
     if options["kv_mode"] == "auto":
         options["kv_mode"] = str(cal.provenance.get("kv_mode") or "auto")
     return loadgen.open_model(model_path, args.backend, _served_threads(args, plan), **options,
-                              max_past_len=args.max_past_len, huge_pages=plan.runtime.huge_pages, **extra)
+                              max_past_len=args.max_past_len, huge_pages=_huge_pages(cal, plan), **extra)
+
+
+def _huge_pages(cal: Any, plan: Any) -> bool:
+    """Serve on the backing the calibration recorded (calibrate --huge-pages is not in the plan)."""
+    from trt_latency.backing import calibrated_huge_pages
+
+    return calibrated_huge_pages(cal, default=bool(plan.runtime.huge_pages))
 
 
 def loadtest(args: argparse.Namespace) -> dict[str, Any]:
+    from trt_latency.backing import backing_warning
     from trt_latency.estimator.calibration import save_calibration
     from trt_latency.estimator.model import Estimator
     from trt_latency.serving import conformal, loadgen
@@ -210,8 +218,10 @@ def loadtest(args: argparse.Namespace) -> dict[str, Any]:
     if cal.vision is not None:  # a VLM: requests with vision tokens run encoder -> embedding -> decoder
         from trt_latency.pipeline_vision import chain_from_calibration
 
-        chain = chain_from_calibration(cal, cal_path, _served_threads(args, plan), plan.runtime.huge_pages)
+        chain = chain_from_calibration(cal, cal_path, _served_threads(args, plan), _huge_pages(cal, plan))
     runner = _open_served(args, cal, model_path, plan)
+    if (warning := backing_warning(cal)) is not None:
+        print(warning, flush=True)
     try:
         key = loadgen.served_key(model_path, cal)
         cfg = cal.config(*key)
