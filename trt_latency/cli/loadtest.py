@@ -221,7 +221,7 @@ def loadtest(args: argparse.Namespace) -> dict[str, Any]:
         chain = chain_from_calibration(cal, cal_path, _served_threads(args, plan), _huge_pages(cal, plan))
     runner = _open_served(args, cal, model_path, plan)
     if (warning := backing_warning(cal)) is not None:
-        print(warning, flush=True)
+        print(warning, file=sys.stderr, flush=True)  # stdout may be --json
     try:
         key = loadgen.served_key(model_path, cal)
         cfg = cal.config(*key)
