@@ -162,10 +162,11 @@ def table(model: Path, cal_info: dict[str, Any], scores: list[dict[str, Any]], r
     return "\n".join(lines) + "\n"
 
 
-def machine_load() -> str:
-    load1, load5, _ = os.getloadavg()
-    return (f"{os.cpu_count()} CPUs, load average {load1:.1f} (1 min) / {load5:.1f} (5 min) at the end "
-            "(a quiet machine reads < 1)")
+def machine_load(runs: list[dict[str, Any]], note: str) -> str:
+    """The 1-minute load average each genai process saw at its start and end (a quiet machine reads < 1)."""
+    seen = [f"{a:.1f}-{b:.1f}" for a, b in (r["load_avg"] for r in runs if "load_avg" in r)]
+    got = f"load average over the genai processes {', '.join(seen)}" if seen else "load average not recorded"
+    return f"{os.cpu_count()} CPUs, {got} (a quiet machine reads < 1){'; ' + note if note else ''}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backing-from-calibration", action="store_true",
                     help="each genai process applies the calibration's backing (trt_latency.apply_backing)")
     ap.add_argument("--quiet", action="store_true", help="no per-request lines from the genai processes")
+    ap.add_argument("--note", default="", help="a line on the machine's state for the table (e.g. who else ran)")
     args = ap.parse_args(argv)
     from trt_latency import Estimator
 
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(time_genai(args.genai_python, args.model, path, args,
                                cal_path if args.backing_from_calibration else None))
     scores = [score(est, run) for run in runs]
-    md = table(args.model, cal_info, scores, runs, machine_load())
+    md = table(args.model, cal_info, scores, runs, machine_load(runs, args.note))
     (args.out / "results.md").write_text(md)
     (args.out / "results.json").write_text(json.dumps({"calibrate": cal_info, "scores": scores}, indent=1))
     print(md)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata as md
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-sweep", action="store_true")
     args = ap.parse_args(argv)
 
+    load_start = os.getloadavg()[0]
     cfg = og.Config(str(args.model))
     cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
         "intra_op_num_threads": args.threads, "inter_op_num_threads": 1}}}}))
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "model": str(args.model), "threads": args.threads, "seed": args.seed, "load_ms": load_ms,
         "versions": {k: _version(k) for k in ("onnxruntime-genai", "onnxruntime", "numpy")},
-        "thp": _thp(), "anon_huge_mib": _anon_huge_mib(), "backing": backing or "ordinary (none applied)",
+        "load_avg": [load_start, os.getloadavg()[0]], "thp": _thp(), "anon_huge_mib": _anon_huge_mib(), "backing": backing or "ordinary (none applied)",
         "requests": requests, "sweep": sweep,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
