@@ -1,8 +1,9 @@
 """The memory backing of a CPU process: the ordinary one, or transparent huge pages on request.
 
 Why: a decode step reads the weights (~17 MB on the reference tier, ~300 MB on a 0.5B int4 model), and
-the page size under them moves the step: on this host (THP ``madvise``) onnxruntime-genai's ordinary
-process runs on 4 KiB pages, 7-50% slower than on 2 MiB pages (benchmarks/realsize/backing_ab.py). A
+the page size under them moves the step: on this host (THP ``madvise``) an ordinary process (genai's, a
+serving one) runs on 4 KiB pages, where a 0.5B int4 step read 1.14-1.30x its 2 MiB-page time, interleaved
+in one process (benchmarks/realsize/backing_ab.py, results.md); a fixture that fits the caches, 1.00x. A
 calibration must describe the process that serves, so the backing is the ordinary one unless asked
 (``calibrate --huge-pages``, plan ``runtime.huge_pages``), calibration.yaml's provenance ``memory`` says
 which (``describe``; ``page_backing`` reads it back), and the serving process gets the same backing with
@@ -20,6 +21,7 @@ Linux, with THP ``never``, or on an older kernel it reports what it could do and
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,8 +87,6 @@ def page_backing(memory: str) -> str:
 def process_backing() -> str:
     """The pages this process's large allocations get now: HUGE_PAGES after back_with_huge_pages, with THP
     ``always``, or with THP ``madvise`` and glibc's ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``; else SMALL_PAGES."""
-    import os
-
     mode = thp_mode()
     if mode in ("never", "unavailable"):
         return SMALL_PAGES
