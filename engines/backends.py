@@ -161,7 +161,7 @@ def open_runner(path: str | os.PathLike[str], backend: str = "auto", *, threads:
                 max_past_len: int | None = None, max_new_tokens: int | None = None, device_id: int = 0,
                 seed: int = 0, trt_options: dict[str, Any] | None = None, kv_mode: str = "auto",
                 io: dict[str, str] | str | None = None, dims: dict[str, int] | str | None = None,
-                max_batch: int | None = None, huge_pages: bool = True) -> Runner:
+                max_batch: int | None = None, huge_pages: bool = False) -> Runner:
     """Open ``path`` (model.onnx, or a serialized TensorRT engine for backend 'tensorrt') as a Runner.
 
     ``backend``: a REGISTRY name, or "auto" (AUTO_ORDER: the first that really works here).

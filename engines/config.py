@@ -66,7 +66,7 @@ class TierSpec:
 class RuntimeSpec:
     intra_op_threads: int = 2
     inter_op_threads: int = 1
-    huge_pages: bool = True  # CPU provider: weights and buffers on 2 MiB pages (engines/hugepages.py)
+    huge_pages: bool = False  # CPU provider: opt-in 2 MiB pages (engines/hugepages.py); off = the ordinary backing
 
 
 @dataclass(frozen=True)
@@ -466,7 +466,7 @@ def load_plan(path: str | os.PathLike[str] | None = None, quick: bool = False) -
         runtime = RuntimeSpec(
             intra_op_threads=ctx.integer(m.get("intra_op_threads", 2), "runtime.intra_op_threads", lo=0),
             inter_op_threads=ctx.integer(m.get("inter_op_threads", 1), "runtime.inter_op_threads", lo=0),
-            huge_pages=ctx.boolean(m.get("huge_pages", True), "runtime.huge_pages"),
+            huge_pages=ctx.boolean(m.get("huge_pages", False), "runtime.huge_pages"),
         )
 
     sw = ctx.mapping(top["sweep"], "sweep")

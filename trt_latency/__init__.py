@@ -5,6 +5,7 @@ The embedding surface::
     from trt_latency import Estimator
     est = Estimator.load("calibration.yaml")
     est.admit(120.0, vision_tokens=576, text_tokens=40, max_new_tokens=64, alpha=0.01)
+    trt_latency.apply_backing(est)   # once, after the serving model is loaded: the calibration's page backing
 
 Names are resolved lazily so `import trt_latency` costs numpy + yaml at most, and never
 onnx, onnxruntime, tensorrt or cuda (tests/test_imports.py checks it).
@@ -30,6 +31,7 @@ _EXPORTS = {
     "TrtLatencyError": "trt_latency.errors",
     "InputError": "trt_latency.errors",
     "CalibrationError": "trt_latency.errors",
+    "apply_backing": "trt_latency.backing",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,10 +137,18 @@ def _open_served(options: LoadtestOptions, cal: Any, model_path: Path, plan: Any
     if model["kv_mode"] == "auto":
         model["kv_mode"] = str(cal.provenance.get("kv_mode") or "auto")
     return loadgen.open_model(model_path, options.backend, _served_threads(options, plan), **model,
-                              max_past_len=options.max_past_len, huge_pages=plan.runtime.huge_pages, **extra)
+                              max_past_len=options.max_past_len, huge_pages=_huge_pages(cal, plan), **extra)
+
+
+def _huge_pages(cal: Any, plan: Any) -> bool:
+    """Serve on the backing the calibration recorded (calibrate --huge-pages is not in the plan)."""
+    from trt_latency.backing import calibrated_huge_pages
+
+    return calibrated_huge_pages(cal, default=bool(plan.runtime.huge_pages))
 
 
 def loadtest(options: LoadtestOptions) -> dict[str, Any]:
+    from trt_latency.backing import backing_warning
     from trt_latency.estimator.calibration import save_calibration
     from trt_latency.estimator.model import Estimator
     from trt_latency.serving import conformal, loadgen
@@ -151,8 +160,10 @@ def loadtest(options: LoadtestOptions) -> dict[str, Any]:
     if cal.vision is not None:  # a VLM: requests with vision tokens run encoder -> embedding -> decoder
         from trt_latency.pipeline_vision import chain_from_calibration
 
-        chain = chain_from_calibration(cal, cal_path, _served_threads(options, plan), plan.runtime.huge_pages)
+        chain = chain_from_calibration(cal, cal_path, _served_threads(options, plan), _huge_pages(cal, plan))
     runner = _open_served(options, cal, model_path, plan)
+    if (warning := backing_warning(cal)) is not None:
+        print(warning, file=sys.stderr, flush=True)  # stdout may be --json
     try:
         key = loadgen.served_key(model_path, cal)
         cfg = cal.config(*key)

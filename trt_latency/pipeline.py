@@ -79,6 +79,7 @@ class CalibrateOptions:
     time_budget: float | None = None  # seconds for the whole calibrate (None: the plan's)
     runtime: str = "auto"  # the replay's loop: auto | ort | genai (engines/genai_loop.py)
     threads: int | None = None  # ONNX Runtime intra-op threads (None: the plan's runtime.intra_op_threads)
+    huge_pages: bool | None = None  # --huge-pages / --no-huge-pages (None: the plan's runtime.huge_pages)
     # VLM deployments (trt_latency/pipeline_vision.py): the vision encoder, its family / config / feeds
     # hook, the embedding step, and how a request's images go to the encoder.
     vision_onnx: str | None = None
@@ -736,7 +737,7 @@ def serving_loop_and_conformal(cal_path: Path, requests_path: Path, keys: list[A
 
 
 def with_adaptive_flags(plan: Any, args: CalibrateOptions) -> Any:
-    """The plan with --precision / --time-budget / --threads applied."""
+    """The plan with --precision / --time-budget / --threads / --huge-pages applied."""
     from trt_latency.engines.config import AdaptiveSpec
 
     threads = getattr(args, "threads", None)
@@ -745,6 +746,9 @@ def with_adaptive_flags(plan: Any, args: CalibrateOptions) -> Any:
             raise ConfigError(field="--threads", expected="an integer >= 1 (ONNX Runtime intra-op threads)",
                               got=threads)
         plan = replace(plan, runtime=replace(plan.runtime, intra_op_threads=int(threads)))
+    huge_pages = getattr(args, "huge_pages", None)
+    if huge_pages is not None:  # --huge-pages / --no-huge-pages over the plan's runtime.huge_pages
+        plan = replace(plan, runtime=replace(plan.runtime, huge_pages=bool(huge_pages)))
     if args.precision is None and args.time_budget is None:
         return plan
     if args.precision is not None and not 0 <= args.precision < 1:

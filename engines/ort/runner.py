@@ -141,11 +141,11 @@ class OrtRunner(Closing):
                  inter_op_threads: int = 0, max_past_len: int | None = None, max_new_tokens: int | None = None,
                  device_id: int = 0, seed: int = 0, trt_cache_dir: str | None = None, kv_mode: str = "auto",
                  io: Any = None, dims: Any = None, signature: Any = None, session: Any = None,
-                 max_batch: int = DEFAULT_MAX_BATCH, huge_pages: bool = True) -> None:
+                 max_batch: int = DEFAULT_MAX_BATCH, huge_pages: bool = False) -> None:
         """``session``: an already-built onnxruntime.InferenceSession (engines/ort/loader.create_session) for
         ``path``; by default the runner builds one on ``device``. ``signature``: an already-read one.
-        ``huge_pages``: on the CPU provider, back the weights and buffers with 2 MiB pages
-        (engines/hugepages.py: as a tuned CPU serving process runs); ``memory`` says what backed them."""
+        ``huge_pages``: on the CPU provider, back the weights and buffers with 2 MiB pages (engines/hugepages.py;
+        off: the ordinary backing a serving process gets); ``memory`` says what backed them."""
         from trt_latency.engines.ort.loader import create_session
         from trt_latency.engines.signature import read_signature
 
@@ -188,15 +188,16 @@ class OrtRunner(Closing):
         self._last_past_set = 0
         self._init_batch(max_batch)
         self._huge_pages = huge_pages and not self._on_device
-        self.memory = "device memory" if self._on_device else "4 KiB pages (huge pages off)"
+        self.memory = "device memory"
         self._back_memory()
 
     def _back_memory(self) -> None:
-        """Collapse the session's weights and the runner's buffers onto huge pages (CPU; see hugepages.py)."""
-        if self._huge_pages:
-            from trt_latency.engines.hugepages import back_with_huge_pages
+        """CPU: collapse the session's weights and the runner's buffers onto huge pages when asked, else say
+        which ordinary backing they have (see hugepages.py)."""
+        if not self._on_device:
+            from trt_latency.engines.hugepages import back_memory
 
-            self.memory = back_with_huge_pages().describe()
+            self.memory = back_memory(self._huge_pages).describe()
 
     # -- buffers -----------------------------------------------------------------------------
 

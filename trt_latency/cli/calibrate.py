@@ -67,6 +67,9 @@ def register(sub: Any) -> None:
     parser.add_argument("--threads", type=int, metavar="N",
                         help="ONNX Runtime intra-op threads of the runner (default: the plan's "
                              "runtime.intra_op_threads); printed in the summary, recorded in provenance")
+    parser.add_argument("--huge-pages", action=argparse.BooleanOptionalAction, default=None,
+                        help="time on 2 MiB pages (CPU; default: the plan's runtime.huge_pages, false: the backing an "
+                             "ordinary process gets). Serve on the same: trt_latency.apply_backing (README)")
     parser.add_argument("--no-replay", action="store_true", help="skip the end-to-end replay into requests.csv")
     parser.add_argument("--requests", type=int, metavar="N", help="replay N requests (default: the plan's replay size)")
     parser.add_argument("--runtime", choices=("auto", "ort", "genai"), default="auto",
