@@ -117,7 +117,7 @@ def calibrated(tmp_path: Path) -> dict[bool, Path]:
         threads = [i for i, line in enumerate(summary) if line.startswith("  threads ")]
         memory = [i for i, line in enumerate(summary) if line.startswith("  memory ")]
         assert threads and memory and memory[0] == threads[0] + 1, summary  # the backing beside the threads
-        assert summary[threads[0]] == "  threads      intra_op 1, inter_op 1"
+        assert summary[threads[0]].startswith("  threads      1 intra-op, 1 inter-op"), summary
         assert summary[memory[0]].split(None, 1)[1].startswith("huge pages" if huge else "ordinary pages"), summary
         out[huge] = result.calibration
     return out

@@ -50,7 +50,7 @@ def test_tensorrt_extras_pin_their_majors(extra: str, cuda: str) -> None:
 
 def test_test_extra_is_everything_cpu_with_pinned_linters() -> None:
     test = PYPROJECT["project"]["optional-dependencies"]["test"]
-    assert "trt-latency[ort,plots,cluster]" in test
+    assert "trt-latency[ort,plots,cluster,serve]" in test
     pins = {_name(r): r for r in test}
     for linter in ("ruff", "mypy"):
         assert re.fullmatch(rf"{linter}==[0-9.]+", pins[linter]), pins[linter]

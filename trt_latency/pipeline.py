@@ -905,10 +905,10 @@ def summary_lines(info: dict[str, str], backend: str, targets: list[Target], out
              f"  threads      {info.get('threads', '?')} intra-op, {info.get('inter_threads', '?')} inter-op"
              + (f" (ONNX Runtime {o['version']}, {o.get('package', '?')}: {', '.join(o.get('providers', []))})"
                 if (o := onnxruntime_build()) else "")]
-    if o and o.get("warning"):
-        lines.append(f"  warning      {o['warning']}")
     if info.get("memory"):
         lines.append(f"  memory       {info['memory']}")
+    if o and o.get("warning"):
+        lines.append(f"  warning      {o['warning']}")
     lines += [f"  model        {t.path}" for t in targets]
     lines.append(f"  samples      {out / 'samples.csv'} ({n_samples} timed repetitions)")
     lines.append(f"  calibration  {done.calibration}")
