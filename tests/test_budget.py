@@ -15,7 +15,8 @@ from trt_latency.budget import (
     FIT_RESERVE_S,
     MIN_LINEAR_POINTS,
     MIN_LOG_POINTS,
-    MIN_REQUESTS,
+    MIN_LOOP_REQUESTS,
+    MIN_PREFILL_LENGTHS,
     Ledger,
     Prices,
     allocate,
@@ -67,11 +68,15 @@ def test_allocation_keeps_the_plan_when_it_is_affordable_and_trims_it_when_not()
     # A 0.5B-class model: 30-60 ms steps, a 1-s prefill at 1024. Fewer requests (never under the minimum),
     # a thinner grid, fewer prefill reps, and each change said in a note.
     dear = allocate(_prices(30.0, 1000.0), plan, tier, 60.0, requests=80, exact=False, batch=True, vision=True)
-    assert MIN_REQUESTS <= dear.requests < 80 and dear.requests % 2 == 0
+    assert MIN_LOOP_REQUESTS <= dear.requests < 80 and dear.requests % 2 == 0
     d = dear.plan.sweep.decode
     assert (d.log_points, d.linear_points) == (MIN_LOG_POINTS, MIN_LINEAR_POINTS)
     assert dear.plan.sweep.prefill.reps < plan.sweep.prefill.reps
-    assert len(dear.notes) == 3 and dear.vision_s > 0
+    assert len(dear.plan.sweep.prefill.lengths) < len(plan.sweep.prefill.lengths)
+    assert dear.vision_s > 0
+    said = " | ".join(dear.notes)
+    for change in ("position grid", "prefill grid", "replay", "prefill reps"):
+        assert change in said, said
     # --requests N is kept as asked (the deadline still stops the replay).
     exact = allocate(_prices(30.0, 1000.0), plan, tier, 60.0, requests=80, exact=True, batch=False, vision=False)
     assert exact.requests == 80
@@ -175,3 +180,20 @@ def test_plain_progress_lines_off_a_terminal(capsys: pytest.CaptureFixture[str])
     bar.update(4)
     bar.close()
     assert capsys.readouterr().err.strip() == "replay t0.k1.b2: 4 of 10 requests, 0 s, 3 positions active"
+
+
+def test_a_real_size_window_keeps_the_loop_terms_and_drops_the_batch_sweep() -> None:
+    """0.5B-class prices in the default window (benchmarks/realsize: 30-50 ms steps, a 4-s prefill at 1024): the
+    sweep's floor and MIN_LOOP_REQUESTS replayed requests come first; the batch sweep, whose own floor would
+    leave no replay at all, is skipped and says so; the replay's deadline never falls before its floor."""
+    plan = load_plan(None)
+    tier = plan.tier(0)
+    alloc = allocate(_prices(30.0, 4000.0), plan, tier, 80.0, requests=80, exact=False, batch=True, vision=False)
+    assert alloc.plan.batch is None and alloc.batch_s == 0.0
+    assert any(n.startswith("batch sweep skipped") for n in alloc.notes), alloc.notes
+    assert alloc.requests >= MIN_LOOP_REQUESTS and alloc.replay_floor_s > 0
+    assert max(alloc.plan.sweep.prefill.lengths) == max(plan.sweep.prefill.lengths)  # the longest is kept
+    assert len(alloc.plan.sweep.prefill.lengths) >= MIN_PREFILL_LENGTHS
+    # A fixture-sized model in the same window keeps everything.
+    cheap = allocate(_prices(0.5, 20.0), plan, tier, 80.0, requests=80, exact=False, batch=True, vision=False)
+    assert cheap.plan.batch is plan.batch and cheap.batch_s > 0

@@ -39,8 +39,14 @@ FIT_RESERVE_S = 8.0  # fit, two plots, loop terms, conformal factors and the sum
 MIN_PASS_S = 1.0  # a second sweep pass shorter than this is not worth reopening a runner
 REPLAY_OVERHEAD = 1.3  # a replayed request over its engine steps, until the pilot measures this model's
 MIN_REQUESTS = 20  # per config: 10 held out (conformal factors down to alpha 0.1) and 10 for the loop terms
+# Replayed requests a config gets even when the window cannot pay for MIN_REQUESTS beside the sweep's floor
+# (a real-size model in the default budget): the loop terms (o, c(P), o_p) moved 2-token requests by 30-60%
+# on a 0.5B-class genai model (benchmarks/realsize), more than any sweep round buys, so they are a floor
+# like the sweep's MIN_ROUNDS, not a share.
+MIN_LOOP_REQUESTS = 8
 MIN_USEFUL_ROUNDS = 30  # rounds per position below which a thinner grid buys more than it costs
 MIN_LOG_POINTS, MIN_LINEAR_POINTS = 4, 3  # the thinnest grid (plus 1, 2, 4 and max, always there)
+MIN_PREFILL_LENGTHS = 3  # the prefill grid thins to no fewer lengths (a quadratic needs three)
 MIN_ROUNDS = 3  # = engines.sweep.MIN_ROUNDS: every shape gets these, budget or not
 PILOT_RUNS = 3  # runs per pilot shape (the first one pays the shape change; the median of the rest)
 
@@ -108,6 +114,7 @@ class Allocation:
     sweep_s: float = 0.0
     replay_s: float = 0.0  # priced cost of the replay
     sweep_floor_s: float = 0.0  # MIN_ROUNDS of the sweep, priced: the replay stops before eating into it
+    replay_floor_s: float = 0.0  # MIN_LOOP_REQUESTS replayed, priced: the replay's deadline is never earlier
     notes: list[str] = field(default_factory=list)  # what the budget changed, for the summary
 
 
@@ -139,22 +146,11 @@ def allocate(prices: Prices, plan: Any, tier: Any, window_s: float | None, *, re
         return Allocation(plan=plan, requests=requests)
     w = max(window_s, 0.0)
     vision_s = VISION_SHARE * w if vision else 0.0
-    batch_s = max(BATCH_SHARE * w, batch_floor_s(prices, plan, tier)) if batch else 0.0
-    rest = w - vision_s - batch_s
+    batch_floor = batch_floor_s(prices, plan, tier) if batch else 0.0
+    batch_s = max(BATCH_SHARE * w, batch_floor) if batch else 0.0
     notes: list[str] = []
-    n = requests
-    replay_s = 0.0
-    if requests > 0:
-        drawn = draw_requests(plan.replay, requests, tier)
-        per = request_mix_seconds(prices, drawn) / max(len(drawn), 1)
-        if not exact:
-            afford = int(REPLAY_SHARE * rest / per) if per > 0 else requests
-            n = int(min(max(afford, MIN_REQUESTS), requests))
-            n -= n % 2  # even: the fit/holdout halves stay equal
-            if n < requests:
-                notes.append(f"replay {n} of the plan's {requests} requests ({per:.2f} s each priced)")
-        replay_s = request_mix_seconds(prices, drawn[:n])
-    sweep_s = max(rest - replay_s, 0.0)
+    drawn = draw_requests(plan.replay, requests, tier) if requests > 0 else []
+    per = request_mix_seconds(prices, drawn) / max(len(drawn), 1) if drawn else 0.0
     sweep = plan.sweep
     dec, pre = sweep.decode, sweep.prefill
     warm = sweep.warmups()
@@ -164,25 +160,64 @@ def allocate(prices: Prices, plan: Any, tier: Any, window_s: float | None, *, re
         return sum((warm["decode"] + 1) * prices.decode_ms(p) for p in
                    decode_positions(cap, log_points, linear_points)) * 1e-3
 
+    def prefill_round_s(lengths: list[int]) -> float:
+        return sum((warm["prefill"] + 1) * prices.prefill_ms(s) for s in prefill_lengths(tier, sweep_with(lengths))) * 1e-3
+
+    def sweep_with(lengths: list[int]) -> Any:
+        return replace(sweep, prefill=replace(pre, lengths=tuple(lengths)))
+
+    rest = w - vision_s - batch_s
+    share = rest * (1 - REPLAY_SHARE) if requests > 0 else rest  # the sweep's share, before the replay is sized
     log_p, lin_p = dec.log_points, dec.linear_points
-    while (sweep_s * (1 - PREFILL_SHARE) < MIN_USEFUL_ROUNDS * round_s(log_p, lin_p)
+    while (share * (1 - PREFILL_SHARE) < MIN_USEFUL_ROUNDS * round_s(log_p, lin_p)
            and (log_p > MIN_LOG_POINTS or lin_p > MIN_LINEAR_POINTS)):
         log_p, lin_p = max(log_p - 1, MIN_LOG_POINTS), max(lin_p - 1, MIN_LINEAR_POINTS)
     if (log_p, lin_p) != (dec.log_points, dec.linear_points):
         notes.append(f"position grid {len(decode_positions(cap, log_p, lin_p))} positions, not "
                      f"{len(decode_positions(cap, dec.log_points, dec.linear_points))}: a step round costs "
                      f"{round_s(dec.log_points, dec.linear_points):.2f} s")
-    pre_round = sum((warm["prefill"] + 1) * prices.prefill_ms(s) for s in prefill_lengths(tier, sweep)) * 1e-3
+    # The prefill grid thins the same way (every other inner length; the longest is always kept, the grid
+    # reaches the usable prompt): MIN_ROUNDS of seven long prefills is most of a real-size model's window.
+    lengths = sorted(pre.lengths)
+    while len(lengths) > MIN_PREFILL_LENGTHS and MIN_ROUNDS * prefill_round_s(lengths) > PREFILL_SHARE * share:
+        lengths = [lengths[0], *lengths[1:-1][1::2], lengths[-1]] if len(lengths) > 3 else lengths[:1] + lengths[-1:]
+    if tuple(lengths) != tuple(sorted(pre.lengths)):
+        notes.append(f"prefill grid {len(prefill_lengths(tier, sweep_with(lengths)))} lengths, not "
+                     f"{len(prefill_lengths(tier, sweep))}: a prefill round costs {prefill_round_s(list(pre.lengths)):.2f} s")
+    pre_round = prefill_round_s(lengths)
+    floor = MIN_ROUNDS * (round_s(log_p, lin_p) + pre_round)
+    replay_floor = per * min(requests, MIN_LOOP_REQUESTS)
+    if batch and rest - floor - replay_floor < 0:
+        # The batch sweep checks batched admission; the sweep's floor and the loop terms are what every
+        # prediction stands on. When the window cannot hold all three, the batch sweep goes, and says so.
+        notes.append(f"batch sweep skipped: its {MIN_ROUNDS} rounds cost {batch_floor:.0f} s and the sweep's floor "
+                     f"plus {min(requests, MIN_LOOP_REQUESTS)} replayed requests need {floor + replay_floor:.0f} s "
+                     f"of a {w:.0f} s window")
+        batch, batch_s = False, 0.0
+        rest = w - vision_s
+    n = requests
+    replay_s = 0.0
+    if requests > 0:
+        if not exact:
+            afford = int(REPLAY_SHARE * rest / per) if per > 0 else requests
+            beside_floor = int(max(rest - floor, 0.0) / per) if per > 0 else requests
+            n = int(min(max(min(max(afford, MIN_REQUESTS), beside_floor), MIN_LOOP_REQUESTS), requests))
+            n -= n % 2  # even: the fit/holdout halves stay equal
+            if n < requests:
+                notes.append(f"replay {n} of the plan's {requests} requests ({per:.2f} s each priced)")
+        replay_s = request_mix_seconds(prices, drawn[:n])
+    sweep_s = max(rest - replay_s, 0.0)
     reps = pre.reps
     if pre_round > 0:
         reps = int(min(max(PREFILL_SHARE * sweep_s // pre_round, MIN_ROUNDS), pre.reps))
         if reps < pre.reps:
             notes.append(f"prefill reps {reps}, not {pre.reps}: a prefill round costs {pre_round:.2f} s")
     sized = replace(plan, sweep=replace(sweep, decode=replace(dec, log_points=log_p, linear_points=lin_p),
-                                        prefill=replace(pre, reps=reps)))
-    floor = MIN_ROUNDS * (round_s(log_p, lin_p) + pre_round)
+                                        prefill=replace(pre, reps=reps, lengths=tuple(lengths))),
+                    batch=plan.batch if batch or plan.batch is None else None)
     return Allocation(plan=sized, requests=n, batch_s=batch_s, vision_s=vision_s, sweep_s=sweep_s, replay_s=replay_s,
-                      sweep_floor_s=floor, notes=notes)
+                      sweep_floor_s=floor, replay_floor_s=request_mix_seconds(prices, drawn[:min(n, MIN_LOOP_REQUESTS)]),
+                      notes=notes)
 
 
 # ------------------------------------------------------------------------------------------ deadlines

@@ -344,7 +344,9 @@ def measure(target: Target, plan: MeasurePlan, sinks: Sinks, deadline: float | N
                 say(f"  budget {name}: {note}")
     if n > 0 and alloc.requests > 0:
         # Stops where the phases after it would lose their shares (the sweep keeps its MIN_ROUNDS' price).
-        replay_end = None if end is None else end - alloc.batch_s - alloc.vision_s - alloc.sweep_floor_s
+        # ... but never before its MIN_LOOP_REQUESTS (budget.py): the loop terms are a floor like MIN_ROUNDS.
+        replay_end = None if end is None else max(end - alloc.batch_s - alloc.vision_s - alloc.sweep_floor_s,
+                                                  time.perf_counter() + alloc.replay_floor_s)
         with ledger.phase("replay", replay_end, where=name):
             out.replay = _replay(target, plan, alloc.requests, sinks.requests, replay_end, replay_vision, say,
                                  str(out.runner.get("backend", "ort-cpu")))
