@@ -48,6 +48,7 @@ MIN_USEFUL_ROUNDS = 30  # rounds per position below which a thinner grid buys mo
 MIN_LOG_POINTS, MIN_LINEAR_POINTS = 4, 3  # the thinnest grid (plus 1, 2, 4 and max, always there)
 MIN_PREFILL_LENGTHS = 3  # the prefill grid thins to no fewer lengths (a quadratic needs three)
 MIN_ROUNDS = 3  # = engines.sweep.MIN_ROUNDS: every shape gets these, budget or not
+PILOT_SLOW_MS = 500.0  # a pilot shape this slow is priced from its first run (_price)
 PILOT_RUNS = 3  # runs per pilot shape (the first one pays the shape change; the median of the rest)
 
 
@@ -90,7 +91,7 @@ def pilot(runner: Any, max_past_len: int, prefill_lengths: list[int],
     decode = [(p, float(np.median(runner.time_step(p, 1, PILOT_RUNS)[1:]))) for p in kv]
     lengths = sorted({prefill_lengths[0], prefill_lengths[len(prefill_lengths) // 2], prefill_lengths[-1]}) \
         if prefill_lengths else []
-    prefill = [(s, float(np.median(runner.time_step(0, s, PILOT_RUNS)[1:]))) for s in lengths] or [(1, decode[0][1])]
+    prefill = [(s, _price(runner, 0, s)) for s in lengths] or [(1, decode[0][1])]
     prices = Prices(decode, prefill)
     if replay is not None:
         # One measured request against its price from the steps just timed: the loop's own overhead
@@ -98,6 +99,16 @@ def pilot(runner: Any, max_past_len: int, prefill_lengths: list[int],
         prices.request_overhead = float(np.clip(replay(prices), 1.0, 3.0))
     prices.seconds = time.perf_counter() - t0
     return prices
+
+
+def _price(runner: Any, past_len: int, new_tokens: int) -> float:
+    """One shape's price in ms: the median of PILOT_RUNS - 1 runs after a first that pays the shape change,
+    or the first alone when it took PILOT_SLOW_MS or more (a real-size model's long prefill: seconds each,
+    where the shape change is noise and two more runs would be most of the pilot)."""
+    first = float(runner.time_step(past_len, new_tokens, 1)[0])
+    if first >= PILOT_SLOW_MS:
+        return first
+    return float(np.median(runner.time_step(past_len, new_tokens, PILOT_RUNS - 1)))
 
 
 # ------------------------------------------------------------------------------------------ allocation
