@@ -44,6 +44,11 @@ MIN_REQUESTS = 20  # per config: 10 held out (conformal factors down to alpha 0.
 # on a 0.5B-class genai model (benchmarks/realsize), more than any sweep round buys, so they are a floor
 # like the sweep's MIN_ROUNDS, not a share.
 MIN_LOOP_REQUESTS = 8
+# The replay's longest output is halved (down to this) while the window cannot hold MIN_REQUESTS of its
+# mix: the loop terms (o, c(P), o_p) and the conformal factors want many requests over the prompt range,
+# and the decode curve at long KV comes from the sweep, not from long replayed outputs (a 0.5B model:
+# 7 s per request of the 2-256 mix, 8 requests in the default window, 4 to fit the loop terms on).
+MIN_REPLAY_OUTPUT = 16
 MIN_USEFUL_ROUNDS = 30  # rounds per position below which a thinner grid buys more than it costs
 MIN_LOG_POINTS, MIN_LINEAR_POINTS = 4, 3  # the thinnest grid (plus 1, 2, 4 and max, always there)
 MIN_PREFILL_LENGTHS = 3  # the prefill grid thins to no fewer lengths (a quadratic needs three)
@@ -160,8 +165,13 @@ def allocate(prices: Prices, plan: Any, tier: Any, window_s: float | None, *, re
     batch_floor = batch_floor_s(prices, plan, tier) if batch else 0.0
     batch_s = max(BATCH_SHARE * w, batch_floor) if batch else 0.0
     notes: list[str] = []
-    drawn = draw_requests(plan.replay, requests, tier) if requests > 0 else []
-    per = request_mix_seconds(prices, drawn) / max(len(drawn), 1) if drawn else 0.0
+    replay = plan.replay
+
+    def mix(spec: Any) -> tuple[list[Any], float]:
+        drawn = draw_requests(spec, requests, tier) if requests > 0 else []
+        return drawn, request_mix_seconds(prices, drawn) / max(len(drawn), 1) if drawn else 0.0
+
+    drawn, per = mix(replay)
     sweep = plan.sweep
     dec, pre = sweep.decode, sweep.prefill
     warm = sweep.warmups()
@@ -197,13 +207,22 @@ def allocate(prices: Prices, plan: Any, tier: Any, window_s: float | None, *, re
                      f"{len(prefill_lengths(tier, sweep))}: a prefill round costs {prefill_round_s(list(pre.lengths)):.2f} s")
     pre_round = prefill_round_s(lengths)
     floor = MIN_ROUNDS * (round_s(log_p, lin_p) + pre_round)
+    lo, hi = replay.output_tokens
+    while (not exact and per > 0 and (w - vision_s - floor) / per < min(requests, MIN_REQUESTS)
+           and hi > max(MIN_REPLAY_OUTPUT, lo)):
+        hi = max(hi // 2, MIN_REPLAY_OUTPUT, lo)
+        replay = replace(replay, output_tokens=(lo, hi))
+        drawn, per = mix(replay)
+    if replay.output_tokens != plan.replay.output_tokens:
+        notes.append(f"replay outputs {lo}-{hi} tokens, not {lo}-{plan.replay.output_tokens[1]}: more requests over "
+                     f"the prompt range for the loop terms (long KV comes from the sweep); {per:.2f} s each priced")
     replay_floor = per * min(requests, MIN_LOOP_REQUESTS)
     if batch and rest - floor - replay_floor < 0:
         # The batch sweep checks batched admission; the sweep's floor and the loop terms are what every
         # prediction stands on. When the window cannot hold all three, the batch sweep goes, and says so.
-        notes.append(f"batch sweep skipped: its {MIN_ROUNDS} rounds cost {batch_floor:.0f} s and the sweep's floor "
-                     f"plus {min(requests, MIN_LOOP_REQUESTS)} replayed requests need {floor + replay_floor:.0f} s "
-                     f"of a {w:.0f} s window")
+        notes.append(f"batch sweep skipped: its {MIN_ROUNDS} rounds ({batch_floor:.0f} s) would leave less than the "
+                     f"sweep's floor plus {min(requests, MIN_LOOP_REQUESTS)} replayed requests "
+                     f"({floor + replay_floor:.0f} s) of a {w:.0f} s window")
         batch, batch_s = False, 0.0
         rest = w - vision_s
     n = requests
@@ -225,7 +244,7 @@ def allocate(prices: Prices, plan: Any, tier: Any, window_s: float | None, *, re
             notes.append(f"prefill reps {reps}, not {pre.reps}: a prefill round costs {pre_round:.2f} s")
     sized = replace(plan, sweep=replace(sweep, decode=replace(dec, log_points=log_p, linear_points=lin_p),
                                         prefill=replace(pre, reps=reps, lengths=tuple(lengths))),
-                    batch=plan.batch if batch or plan.batch is None else None)
+                    batch=plan.batch if batch or plan.batch is None else None, replay=replay)
     return Allocation(plan=sized, requests=n, batch_s=batch_s, vision_s=vision_s, sweep_s=sweep_s, replay_s=replay_s,
                       sweep_floor_s=floor, replay_floor_s=request_mix_seconds(prices, drawn[:min(n, MIN_LOOP_REQUESTS)]),
                       notes=notes)

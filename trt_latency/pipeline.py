@@ -349,7 +349,7 @@ def measure(target: Target, plan: MeasurePlan, sinks: Sinks, deadline: float | N
                                                   time.perf_counter() + alloc.replay_floor_s)
         with ledger.phase("replay", replay_end, where=name):
             out.replay = _replay(target, plan, alloc.requests, sinks.requests, replay_end, replay_vision, say,
-                                 str(out.runner.get("backend", "ort-cpu")))
+                                 str(out.runner.get("backend", "ort-cpu")), sized=p)
         # The longest request the mix can draw (engines/replay.draw_requests caps it at the tier).
         prompt = min(max(p.replay.vision_tokens) + p.replay.text_tokens[1], target.tier.max_prefill_len)
         out.reach.update(prompt_max=prompt,
@@ -446,10 +446,11 @@ def _batch_sweep(target: Target, plan: MeasurePlan, sink: Any, deadline: float |
 
 
 def _replay(target: Target, plan: MeasurePlan, n: int, sink: Any, deadline: float | None, vision: Any,
-            say: Callable[[str], None], resolved_backend: str = "ort-cpu") -> Any:
+            say: Callable[[str], None], resolved_backend: str = "ort-cpu", sized: Any = None) -> Any:
+    """``sized``: the plan as the budget sized it (its replay mix), else the MeasurePlan's own."""
     from trt_latency.engines.replay import run_replay
 
-    p = plan.plan
+    p = plan.plan if sized is None else sized
     spec = replace(p.replay, requests=n)
     with open_replay_runner(target, p, plan.backend, plan.options, plan.runtime, resolved_backend,
                             embeddings=vision is not None, say=say) as runner:
