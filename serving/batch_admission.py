@@ -8,7 +8,10 @@ question needs the running state, which the Estimator does not hold. ``BatchEsti
 picks one config, builds its batch tables from the calibration's ``batch`` section (or, without one, from
 the single-request decode model as B = 1, larger batches flagged extrapolated) and the config's prefill
 coefficients, and answers with the compiled kernel when built (pure-Python reference otherwise, or with
-TRT_LATENCY_PUREPYTHON=1).
+TRT_LATENCY_PUREPYTHON=1). ``serving=True`` also prices the serving loop around the engine call (the
+config's fitted ``serving_loop`` terms o per decode step, c(P) after a prefill, o_p on the prefill), folded
+into the tables by ``build_batch_tables`` (no extra work per decision); the default (False) is the engine
+alone, what ``loadtest --max-batch`` replays on its virtual clock of engine milliseconds.
 
 Safety factor for ``alpha``: the batch section's ``conformal: {alphas, factors}`` (fitted by ``loadtest
 --max-batch`` on a replay of batched traffic, see serving/batchload.py) when present, else 1.0 (and the
@@ -89,9 +92,9 @@ class BatchEstimator:
     """Predict / admit / max_new_tokens for one config given the running batch."""
 
     def __init__(self, section: Mapping[str, Any], prefill_coeffs: Sequence[float],
-                 pure_python: bool | None = None) -> None:
+                 pure_python: bool | None = None, loop: Sequence[float] = (0.0, 0.0, 0.0, 0.0)) -> None:
         self.section = dict(section)
-        self.tables: BatchTables = ref.build_batch_tables(section, prefill_coeffs)
+        self.tables: BatchTables = ref.build_batch_tables(section, prefill_coeffs, loop=loop)
         self.pure_python = _pure() if pure_python is None else pure_python
         self._kernel = None if self.pure_python else _batch.BatchKernel(self.tables)
         conf = self.section.get("conformal") or {}
@@ -99,10 +102,21 @@ class BatchEstimator:
 
     @classmethod
     def from_estimator(cls, estimator: Any, tier_idx: int = 0, top_k: int = 1,
-                       num_active_blocks: int | None = None, pure_python: bool | None = None) -> BatchEstimator:
+                       num_active_blocks: int | None = None, pure_python: bool | None = None,
+                       serving: bool = False) -> BatchEstimator:
+        """``serving``: with the config's serving-loop terms (zeros when it has none), as a server pays them."""
         key = estimator.config_key(tier_idx, top_k, num_active_blocks)
         cfg = estimator.calibration.config(*key)
-        return cls(batch_section_of(cfg), cfg.prefill_coeffs, pure_python)
+        loop = (0.0, 0.0, 0.0, 0.0)
+        if serving:
+            sl = estimator.serving_loop(*key)
+            loop = (sl.decode_step_ms, sl.first_step_ms, sl.first_step_per_token_ms, sl.prefill_ms)
+        return cls(batch_section_of(cfg), cfg.prefill_coeffs, pure_python, loop)
+
+    @property
+    def loop(self) -> tuple[float, float, float, float]:
+        """The serving-loop terms (o, c0, c1, o_p) priced in (zeros: the engine alone)."""
+        return self.tables.loop
 
     @property
     def has_batch_section(self) -> bool:
@@ -129,7 +143,12 @@ class BatchEstimator:
         return float(self.predict(prompt, 0, output_tokens, running)["total_ms"])
 
     def prefill_ms(self, prompt: int) -> float:
+        """The stall a newcomer's admission puts on the batch: prefill (+ o_p + c(P) with the loop terms)."""
         return ref.prefill_ms(self.tables, float(prompt))
+
+    def ttft_ms(self, prompt: int) -> float:
+        """The newcomer's own first token: prefill (+ o_p with the loop terms)."""
+        return ref.ttft_ms(self.tables, float(prompt))
 
     def finish_times(self, running: Iterable[Running]) -> list[float]:
         """Each running request's predicted finish (ms from now), in the given order."""
@@ -180,7 +199,7 @@ class BatchEstimator:
         stall = self.prefill_ms(prompt)
         without = self.finish_times(rs)
         with_all = self.finish_times([*rs, Running(prompt, int(output_tokens) - 1)])
-        return {"ttft_ms": stall, "total_ms": stall + with_all[-1],
+        return {"ttft_ms": self.ttft_ms(prompt), "total_ms": stall + with_all[-1],
                 "running_finish_ms_without": without,
                 "running_finish_ms_with": [stall + t for t in with_all[:-1]],
                 "batch": len(rs) + 1}

@@ -99,7 +99,7 @@ class ServeAdmission(Listener):
             d = self.controller.decide(rid, prompt, max_tokens, budget if math.isfinite(budget) else 1e12,
                                        now, True)
             ns = time.perf_counter_ns() - t0
-            ttft = self.est.prefill_ms(prompt) * self.controller.base_factor
+            ttft = self.est.ttft_ms(prompt) * self.controller.base_factor
             admit, reason, pred, fit = bool(d.admit), str(d.reason), float(d.predicted_ms), int(d.max_new_tokens)
             full = not admit and reason.startswith("batch full")
             if admit and ttft > slo.ttft_ms:
@@ -134,7 +134,7 @@ class ServeAdmission(Listener):
         """Could the request still meet its SLO if a slot freed now and it ran alone? (Worth waiting for.)"""
         factor = self.controller.base_factor * self.controller.correction(1)
         alone = self.est.total_with([], prompt, max_tokens) * factor
-        return alone <= slo.total_ms - elapsed_ms and self.est.prefill_ms(prompt) * factor <= slo.ttft_ms - elapsed_ms
+        return alone <= slo.total_ms - elapsed_ms and self.est.ttft_ms(prompt) * factor <= slo.ttft_ms - elapsed_ms
 
     def record_reject(self, v: Verdict) -> None:
         self.metrics.decisions.labels(outcome="reject", reason=v.reason).inc()
