@@ -241,11 +241,16 @@ class BatchAdmissionController:
     Online correction per (config, batch-size bucket): each finished request's score actual / predicted
     (durations from its decision; predicted = its latest predicted finish) goes into a pooled window of
     ``residual_window`` scores and into its batch-size bucket's window (the batch it was admitted into:
-    1, 2, 3-4, 5-8, ...; ``window`` long). Once the pooled window holds enough scores for alpha, the factor
-    is their split-conformal quantile (before: the calibration's stored factor, or ``seed_scores`` from a
-    batched replay); a bucket with ``min_observations`` scores multiplies it by its median over the pooled
-    median. Everything clamped to ``clamp``. A controller serves one engine, so one config: the buckets are
-    that config's.
+    1, 2, 3-4, 5-8, ...; ``window`` long). A bucket's scale is its window's median once it holds
+    ``min_observations`` scores (else the pooled median). Once the pooled window holds enough scores for
+    alpha, the factor for bucket b is scale(b) x the split-conformal quantile of the scores each divided by
+    its own bucket's scale (a locally scaled conformal quantile): the model's bias by batch size (a server's
+    per-step cost grows with the batch more than the engine's) is taken out before the quantile, so it does
+    not widen it; the quantile of the raw pooled scores times a relative bucket correction counted that
+    bias twice and made a 1x load reject requests that met their SLO. Before that: the calibration's stored
+    factor (or ``seed_scores`` from a batched replay) times the bucket's median over the pooled median.
+    Everything clamped to ``clamp``. A controller serves one engine, so one config: the buckets are that
+    config's.
 
     Thread safety: with the compiled module the state is a ``_batch.BatchState`` whose methods run under
     the GIL without releasing it (each one atomic for Python threads) and ``decide`` IS its compiled
@@ -271,7 +276,7 @@ class BatchAdmissionController:
         self._windows: dict[int, deque[float]] = {}
         self._correction: dict[int, float] = {}
         self._window = window
-        self._scores: deque[float] = deque(maxlen=max(1, residual_window))
+        self._scores: deque[tuple[int, float]] = deque(maxlen=max(1, residual_window))  # (bucket, score)
         self._min_obs = min_observations
         self._clamp = clamp
         self._state: Any = None
@@ -370,35 +375,40 @@ class BatchAdmissionController:
             if w is None:
                 w = self._windows[b] = deque(maxlen=self._window)
             w.append(score)
-            self._scores.append(score)
+            self._scores.append((b, score))
             self._refit()
 
     def seed_scores(self, scores: Iterable[float]) -> None:
         """Warm start the online factor with scores of a batched replay (actual / predicted, as in finished)."""
         with self._lock:
-            self._scores.extend(float(v) for v in scores if math.isfinite(v) and v > 0)
+            self._scores.extend((-1, float(v)) for v in scores if math.isfinite(v) and v > 0)  # -1: no bucket
             self._refit()
 
     def _refit(self) -> None:
-        """Under the lock: the online factor (split-conformal quantile of the recent scores, once there are
-        enough for alpha) and, per batch bucket with min_observations scores, its median relative to
-        the pooled median (the shape of the error over batch sizes), both clamped."""
+        """Under the lock: per batch bucket its scale (median score; the pooled median until it has
+        min_observations) and, once there are enough scores for alpha, the online factor: the split-conformal
+        quantile of the scores divided by their bucket's scale (each bucket's factor = that x its scale).
+        Before that, the stored factor x each bucket's median relative to the pooled median. All clamped."""
         from trt_latency.serving.conformal import conformal_factor, min_requests_for
 
-        lo, hi = self._clamp
-        if self.alpha is not None and len(self._scores) >= min_requests_for(self.alpha):
-            factor = min(max(conformal_factor(list(self._scores), self.alpha), lo), hi)
-            self.base_factor = factor
-            self.factor_source = f"online: conformal quantile of the last {len(self._scores)} scores"
         if not self._scores:
             return
-        pooled = float(np.median(self._scores))
-        for b, w in self._windows.items():
-            if len(w) >= self._min_obs:
-                rel = min(max(float(np.median(w)) / pooled, lo), hi)
-                self._correction[b] = rel
-                if self._state is not None:
-                    self._state.set_correction(b, rel)
+        lo, hi = self._clamp
+        pooled = float(np.median([v for _, v in self._scores]))
+        scale = {b: float(np.median(w)) for b, w in self._windows.items() if len(w) >= self._min_obs}
+        if self.alpha is not None and len(self._scores) >= min_requests_for(self.alpha):
+            q = conformal_factor([v / scale.get(b, pooled) for b, v in self._scores], self.alpha)
+            self.base_factor = min(max(q, lo), hi)
+            self.factor_source = (f"online: conformal quantile of the last {len(self._scores)} scores, each over "
+                                  "its batch bucket's median")
+            # every bucket up to the largest batch: the ones without enough scores take the pooled median
+            updates = {b: min(max(scale.get(b, pooled), lo), hi) for b in range(batch_bucket(self.max_batch) + 1)}
+        else:
+            updates = {b: min(max(v / pooled, lo), hi) for b, v in scale.items()}
+        for b, value in updates.items():
+            self._correction[b] = value
+            if self._state is not None:
+                self._state.set_correction(b, value)
 
     # ----------------------------------------------------------------- decisions
     def correction(self, batch: int) -> float:

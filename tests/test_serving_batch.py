@@ -202,10 +202,37 @@ def test_controller_tracks_events_threadsafe() -> None:
     assert not errors and ctl.running() == 0
     assert ctl.counters()["decisions"] == 160
     counters = ctl.counters()
-    # every score is 10/9: the online factor is that, every bucket's relative correction 1
-    assert counters["factor"] == pytest.approx(10.0 / 9.0) and counters["factor_source"].startswith("online")
-    assert counters["correction_by_batch_bucket"]
-    assert all(v == pytest.approx(1.0) for v in counters["correction_by_batch_bucket"].values())
+    # every score is 10/9: each bucket's scale is that and the quantile of the scaled scores 1, so the factor
+    # of every batch size up to max_batch is 10/9
+    assert counters["factor"] == pytest.approx(1.0) and counters["factor_source"].startswith("online")
+    assert len(counters["correction_by_batch_bucket"]) == 5  # buckets of 1, 2, 3-4, 5-8, 9-16
+    assert all(v == pytest.approx(10.0 / 9.0) for v in counters["correction_by_batch_bucket"].values())
+    assert all(ctl.base_factor * ctl.correction(b) == pytest.approx(10.0 / 9.0) for b in (1, 2, 5, 16))
+
+
+def test_online_factor_takes_the_bias_by_batch_size_out_of_the_quantile() -> None:
+    """Two batch buckets with different biases (0.6 and 1.2) and the same relative noise: the factor of each is
+    its own scale x the quantile of the relative noise, not the pooled quantile (which holds the bias too)."""
+    from trt_latency.serving.batch_admission import BatchAdmissionController
+
+    ctl = BatchAdmissionController.from_section(synthetic_section(), PREFILL, alpha=0.1, max_batch=8, window=200,
+                                                residual_window=400)
+    rng = np.random.default_rng(2)
+    noise = rng.lognormal(0.0, 0.1, 400)
+    for i, eps in enumerate(noise):
+        batch = 1 if i % 2 else 8
+        rid = ("r", i)
+        for k in range(batch - 1):  # fill the batch so the request is admitted into a batch of that size
+            ctl.started(("f", i, k), 50, 4, 1e6, now=0.0)
+        ctl.started(rid, 50, 4, 1e6, now=0.0)
+        for k in range(batch - 1):
+            ctl.finished(("f", i, k))
+        ctl.finished(rid, actual_ms=(0.6 if batch == 1 else 1.2) * eps, predicted_ms=1.0)
+    q = float(np.quantile(noise, 0.9))
+    assert ctl.base_factor * ctl.correction(1) == pytest.approx(0.6 * q, rel=0.08)
+    assert ctl.base_factor * ctl.correction(8) == pytest.approx(1.2 * q, rel=0.08)
+    pooled = float(np.quantile([(0.6 if i % 2 else 1.2) * e for i, e in enumerate(noise)], 0.9))
+    assert ctl.base_factor * ctl.correction(1) < 0.7 * pooled  # the old rule's factor at batch 1 was >= pooled
 
 
 @pytest.fixture(scope="module")
