@@ -397,12 +397,15 @@ class BatchAdmissionController:
         pooled = float(np.median([v for _, v in self._scores]))
         scale = {b: float(np.median(w)) for b, w in self._windows.items() if len(w) >= self._min_obs}
         if self.alpha is not None and len(self._scores) >= min_requests_for(self.alpha):
-            q = conformal_factor([v / scale.get(b, pooled) for b, v in self._scores], self.alpha)
+            # every bucket up to the largest batch: the ones without enough scores take the pooled median;
+            # the scores are divided by the clamped scale they will be multiplied by again, so the
+            # quantile's coverage holds whatever the clamp cut
+            clamped = {b: min(max(scale.get(b, pooled), lo), hi) for b in range(-1, batch_bucket(self.max_batch) + 1)}
+            q = conformal_factor([v / clamped.get(b, clamped[-1]) for b, v in self._scores], self.alpha)
             self.base_factor = min(max(q, lo), hi)
             self.factor_source = (f"online: conformal quantile of the last {len(self._scores)} scores, each over "
                                   "its batch bucket's median")
-            # every bucket up to the largest batch: the ones without enough scores take the pooled median
-            updates = {b: min(max(scale.get(b, pooled), lo), hi) for b in range(batch_bucket(self.max_batch) + 1)}
+            updates = {b: v for b, v in clamped.items() if b >= 0}
         else:
             updates = {b: min(max(v / pooled, lo), hi) for b, v in scale.items()}
         for b, value in updates.items():
