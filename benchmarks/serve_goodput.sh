@@ -7,9 +7,9 @@
 # 2. calibrates a small CPU decoder (vocab 512 = the committed byte-level BPE tokenizer, tests/data/serve);
 # 3. capacity: the median over CAP_RUNS short closed loops at concurrency = 2 x --max-batch under admission none
 #    (a full batch with requests queued behind it: the engine's saturated throughput, aiperf's request
-#    throughput), cross-checked against what the calibration predicts a full batch sustains (engine + serving
-#    loop terms; the measured figure is lower by the HTTP and client cost) and capped by it; SLOs: TTFT <= TTFT_X x and request
-#    latency <= LAT_X x the medians over CAP_RUNS closed loops at concurrency = --max-batch of their p50s
+#    throughput), capped by what the calibration predicts a full batch sustains (engine + serving loop
+#    terms: a closed loop in a quiet minute overstates what the server sustains under an open loop); SLOs:
+#    TTFT <= TTFT_X x and request latency <= LAT_X x the medians over CAP_RUNS closed loops at concurrency = --max-batch of their p50s
 #    (DistServe goodput). One closed loop is at the mercy of a shared machine's load at that moment; the
 #    median of a few is not. To rerun on the same operating point, pin it: CAPACITY=.. TTFT_SLO=.. LAT_SLO=..
 #    (the figures of $WORK/slo.txt);
