@@ -105,8 +105,7 @@ class ServeAdmission(Listener):
             d = self.controller.decide(rid, prompt, max_tokens, budget if math.isfinite(budget) else 1e12,
                                        now, True)
             ns = time.perf_counter_ns() - t0
-            # the factor of the batch it joins (the conformal quantile x that batch bucket's scale)
-            ttft = self.predicted_ttft(prompt, self.controller.running() + 1)
+            ttft = self.predicted_ttft(prompt, self.controller.running() + 1)  # in the batch it would join
             admit, reason, pred, fit = bool(d.admit), str(d.reason), float(d.predicted_ms), int(d.max_new_tokens)
             full = not admit and reason.startswith("batch full")
             if admit and ttft > slo.ttft_ms:
