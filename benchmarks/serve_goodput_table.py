@@ -1,7 +1,14 @@
 """Tabulate benchmarks/serve_goodput.sh from aiperf's own JSON exports (profile_export_aiperf.json per run).
 
     python benchmarks/serve_goodput_table.py RUNS_DIR [--slo slo.txt] [--alpha 0.05]
-    python benchmarks/serve_goodput_table.py --capacity CAPACITY_DIR --ttft-x 2 --lat-x 1.5   # -> "cap ttft lat"
+    python benchmarks/serve_goodput_table.py --capacity DIR [DIR ...] --ttft-x 2 --lat-x 1.5   # -> "cap ttft lat"
+    python benchmarks/serve_goodput_table.py --predicted-capacity CAL --max-batch 8 --isl 32 --osl 32  # -> "cap"
+
+--capacity: the median over the closed-loop runs given (request throughput, and TTFT_X / LAT_X x the p50 TTFT
+and request latency), each run's figures on stderr: one run is at the mercy of a shared machine's load.
+--predicted-capacity: what the calibration (engine + its serving-loop terms) predicts a full batch sustains:
+per request one prefill stall (prefill + o_p + c) plus its 1/B share of OSL - 1 batched decode steps
+T(B, X at the mean KV length) + o. A cross-check of the measured capacity (HTTP and the client come on top).
 
 Per run (RUNS_DIR/<load>x-<mode>/): goodput (aiperf's, DistServe's definition: completed requests within every
 SLO per second), completed, rejected (aiperf's error count: the server's 429s), the violation share among
@@ -41,6 +48,36 @@ def row(d: dict[str, Any]) -> dict[str, Any]:
             "duration": duration}
 
 
+def median(values: list[float]) -> float:
+    v = sorted(values)
+    return v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
+
+
+def measured_capacity(dirs: list[Path], ttft_x: float, lat_x: float) -> tuple[float, float, float]:
+    runs = []
+    for run in dirs:
+        d = export(run)
+        cap = stat(d, "request_throughput")
+        ttft, lat = stat(d, "time_to_first_token", "p50"), stat(d, "request_latency", "p50")
+        if cap is None or ttft is None or lat is None:
+            raise SystemExit(f"{run}: no request_throughput / p50 TTFT / p50 request_latency")
+        print(f"{run.name}: {cap:.3f} req/s, p50 TTFT {ttft:.1f} ms, p50 request latency {lat:.1f} ms", file=sys.stderr)
+        runs.append((cap, ttft, lat))
+    return (median([r[0] for r in runs]), ttft_x * median([r[1] for r in runs]), lat_x * median([r[2] for r in runs]))
+
+
+def predicted_capacity(cal: Path, max_batch: int, isl: int, osl: int) -> float:
+    """Requests per second a full batch of max_batch sustains by the calibration's serving model."""
+    from trt_latency.estimator.calibration import load_calibration
+    from trt_latency.estimator.model import Estimator
+    from trt_latency.serving.batch_admission import BatchEstimator
+
+    est = BatchEstimator.from_estimator(Estimator(load_calibration(cal)), serving=True)
+    step = est.step_ms([isl + osl / 2.0] * max_batch) + est.loop[0]
+    per_request_ms = est.prefill_ms(isl) + (osl - 1) * step / max_batch
+    return 1e3 / per_request_ms
+
+
 def fmt(v: Any, digits: int = 2) -> str:
     return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
@@ -48,19 +85,22 @@ def fmt(v: Any, digits: int = 2) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="?")
-    p.add_argument("--capacity", type=Path)
+    p.add_argument("--capacity", type=Path, nargs="+")
+    p.add_argument("--predicted-capacity", type=Path, metavar="CAL")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--isl", type=int, default=32)
+    p.add_argument("--osl", type=int, default=32)
     p.add_argument("--ttft-x", type=float, default=2.0)
     p.add_argument("--lat-x", type=float, default=1.5)
     p.add_argument("--slo", type=Path)
     p.add_argument("--alpha", type=float, default=0.05)
     args = p.parse_args(argv)
+    if args.predicted_capacity is not None:
+        print(f"{predicted_capacity(args.predicted_capacity, args.max_batch, args.isl, args.osl):.3f}")
+        return 0
     if args.capacity is not None:
-        d = export(args.capacity)
-        cap = stat(d, "request_throughput")
-        ttft, lat = stat(d, "time_to_first_token", "p50"), stat(d, "request_latency", "p50")
-        if cap is None or ttft is None or lat is None:
-            raise SystemExit(f"{args.capacity}: no request_throughput / p50 TTFT / p50 request_latency")
-        print(f"{cap:.3f} {args.ttft_x * ttft:.1f} {args.lat_x * lat:.1f}")
+        cap, ttft, lat = measured_capacity(args.capacity, args.ttft_x, args.lat_x)
+        print(f"{cap:.3f} {ttft:.1f} {lat:.1f}")
         return 0
     if not args.runs:
         p.error("RUNS_DIR or --capacity")

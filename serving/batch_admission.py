@@ -8,7 +8,10 @@ question needs the running state, which the Estimator does not hold. ``BatchEsti
 picks one config, builds its batch tables from the calibration's ``batch`` section (or, without one, from
 the single-request decode model as B = 1, larger batches flagged extrapolated) and the config's prefill
 coefficients, and answers with the compiled kernel when built (pure-Python reference otherwise, or with
-TRT_LATENCY_PUREPYTHON=1).
+TRT_LATENCY_PUREPYTHON=1). ``serving=True`` also prices the serving loop around the engine call (the
+config's fitted ``serving_loop`` terms o per decode step, c(P) after a prefill, o_p on the prefill), folded
+into the tables by ``build_batch_tables`` (no extra work per decision); the default (False) is the engine
+alone, what ``loadtest --max-batch`` replays on its virtual clock of engine milliseconds.
 
 Safety factor for ``alpha``: the batch section's ``conformal: {alphas, factors}`` (fitted by ``loadtest
 --max-batch`` on a replay of batched traffic, see serving/batchload.py) when present, else 1.0 (and the
@@ -89,9 +92,9 @@ class BatchEstimator:
     """Predict / admit / max_new_tokens for one config given the running batch."""
 
     def __init__(self, section: Mapping[str, Any], prefill_coeffs: Sequence[float],
-                 pure_python: bool | None = None) -> None:
+                 pure_python: bool | None = None, loop: Sequence[float] = (0.0, 0.0, 0.0, 0.0)) -> None:
         self.section = dict(section)
-        self.tables: BatchTables = ref.build_batch_tables(section, prefill_coeffs)
+        self.tables: BatchTables = ref.build_batch_tables(section, prefill_coeffs, loop=loop)
         self.pure_python = _pure() if pure_python is None else pure_python
         self._kernel = None if self.pure_python else _batch.BatchKernel(self.tables)
         conf = self.section.get("conformal") or {}
@@ -99,10 +102,21 @@ class BatchEstimator:
 
     @classmethod
     def from_estimator(cls, estimator: Any, tier_idx: int = 0, top_k: int = 1,
-                       num_active_blocks: int | None = None, pure_python: bool | None = None) -> BatchEstimator:
+                       num_active_blocks: int | None = None, pure_python: bool | None = None,
+                       serving: bool = False) -> BatchEstimator:
+        """``serving``: with the config's serving-loop terms (zeros when it has none), as a server pays them."""
         key = estimator.config_key(tier_idx, top_k, num_active_blocks)
         cfg = estimator.calibration.config(*key)
-        return cls(batch_section_of(cfg), cfg.prefill_coeffs, pure_python)
+        loop = (0.0, 0.0, 0.0, 0.0)
+        if serving:
+            sl = estimator.serving_loop(*key)
+            loop = (sl.decode_step_ms, sl.first_step_ms, sl.first_step_per_token_ms, sl.prefill_ms)
+        return cls(batch_section_of(cfg), cfg.prefill_coeffs, pure_python, loop)
+
+    @property
+    def loop(self) -> tuple[float, float, float, float]:
+        """The serving-loop terms (o, c0, c1, o_p) priced in (zeros: the engine alone)."""
+        return self.tables.loop
 
     @property
     def has_batch_section(self) -> bool:
@@ -129,7 +143,12 @@ class BatchEstimator:
         return float(self.predict(prompt, 0, output_tokens, running)["total_ms"])
 
     def prefill_ms(self, prompt: int) -> float:
+        """The stall a newcomer's admission puts on the batch: prefill (+ o_p + c(P) with the loop terms)."""
         return ref.prefill_ms(self.tables, float(prompt))
+
+    def ttft_ms(self, prompt: int) -> float:
+        """The newcomer's own first token: prefill (+ o_p with the loop terms)."""
+        return ref.ttft_ms(self.tables, float(prompt))
 
     def finish_times(self, running: Iterable[Running]) -> list[float]:
         """Each running request's predicted finish (ms from now), in the given order."""
@@ -180,7 +199,7 @@ class BatchEstimator:
         stall = self.prefill_ms(prompt)
         without = self.finish_times(rs)
         with_all = self.finish_times([*rs, Running(prompt, int(output_tokens) - 1)])
-        return {"ttft_ms": stall, "total_ms": stall + with_all[-1],
+        return {"ttft_ms": self.ttft_ms(prompt), "total_ms": stall + with_all[-1],
                 "running_finish_ms_without": without,
                 "running_finish_ms_with": [stall + t for t in with_all[:-1]],
                 "batch": len(rs) + 1}
@@ -222,11 +241,16 @@ class BatchAdmissionController:
     Online correction per (config, batch-size bucket): each finished request's score actual / predicted
     (durations from its decision; predicted = its latest predicted finish) goes into a pooled window of
     ``residual_window`` scores and into its batch-size bucket's window (the batch it was admitted into:
-    1, 2, 3-4, 5-8, ...; ``window`` long). Once the pooled window holds enough scores for alpha, the factor
-    is their split-conformal quantile (before: the calibration's stored factor, or ``seed_scores`` from a
-    batched replay); a bucket with ``min_observations`` scores multiplies it by its median over the pooled
-    median. Everything clamped to ``clamp``. A controller serves one engine, so one config: the buckets are
-    that config's.
+    1, 2, 3-4, 5-8, ...; ``window`` long). A bucket's scale is its window's median once it holds
+    ``min_observations`` scores (else the pooled median). Once the pooled window holds enough scores for
+    alpha, the factor for bucket b is scale(b) x the split-conformal quantile of the scores each divided by
+    its own bucket's scale (a locally scaled conformal quantile): the model's bias by batch size (a server's
+    per-step cost grows with the batch more than the engine's) is taken out before the quantile, so it does
+    not widen it; the quantile of the raw pooled scores times a relative bucket correction counted that
+    bias twice and made a 1x load reject requests that met their SLO. Before that: the calibration's stored
+    factor (or ``seed_scores`` from a batched replay) times the bucket's median over the pooled median.
+    Everything clamped to ``clamp``. A controller serves one engine, so one config: the buckets are that
+    config's.
 
     Thread safety: with the compiled module the state is a ``_batch.BatchState`` whose methods run under
     the GIL without releasing it (each one atomic for Python threads) and ``decide`` IS its compiled
@@ -252,7 +276,7 @@ class BatchAdmissionController:
         self._windows: dict[int, deque[float]] = {}
         self._correction: dict[int, float] = {}
         self._window = window
-        self._scores: deque[float] = deque(maxlen=max(1, residual_window))
+        self._scores: deque[tuple[int, float]] = deque(maxlen=max(1, residual_window))  # (bucket, score)
         self._min_obs = min_observations
         self._clamp = clamp
         self._state: Any = None
@@ -351,35 +375,43 @@ class BatchAdmissionController:
             if w is None:
                 w = self._windows[b] = deque(maxlen=self._window)
             w.append(score)
-            self._scores.append(score)
+            self._scores.append((b, score))
             self._refit()
 
     def seed_scores(self, scores: Iterable[float]) -> None:
         """Warm start the online factor with scores of a batched replay (actual / predicted, as in finished)."""
         with self._lock:
-            self._scores.extend(float(v) for v in scores if math.isfinite(v) and v > 0)
+            self._scores.extend((-1, float(v)) for v in scores if math.isfinite(v) and v > 0)  # -1: no bucket
             self._refit()
 
     def _refit(self) -> None:
-        """Under the lock: the online factor (split-conformal quantile of the recent scores, once there are
-        enough for alpha) and, per batch bucket with min_observations scores, its median relative to
-        the pooled median (the shape of the error over batch sizes), both clamped."""
+        """Under the lock: per batch bucket its scale (median score; the pooled median until it has
+        min_observations) and, once there are enough scores for alpha, the online factor: the split-conformal
+        quantile of the scores divided by their bucket's scale (each bucket's factor = that x its scale).
+        Before that, the stored factor x each bucket's median relative to the pooled median. All clamped."""
         from trt_latency.serving.conformal import conformal_factor, min_requests_for
 
-        lo, hi = self._clamp
-        if self.alpha is not None and len(self._scores) >= min_requests_for(self.alpha):
-            factor = min(max(conformal_factor(list(self._scores), self.alpha), lo), hi)
-            self.base_factor = factor
-            self.factor_source = f"online: conformal quantile of the last {len(self._scores)} scores"
         if not self._scores:
             return
-        pooled = float(np.median(self._scores))
-        for b, w in self._windows.items():
-            if len(w) >= self._min_obs:
-                rel = min(max(float(np.median(w)) / pooled, lo), hi)
-                self._correction[b] = rel
-                if self._state is not None:
-                    self._state.set_correction(b, rel)
+        lo, hi = self._clamp
+        pooled = float(np.median([v for _, v in self._scores]))
+        scale = {b: float(np.median(w)) for b, w in self._windows.items() if len(w) >= self._min_obs}
+        if self.alpha is not None and len(self._scores) >= min_requests_for(self.alpha):
+            # every bucket up to the largest batch: the ones without enough scores take the pooled median;
+            # the scores are divided by the clamped scale they will be multiplied by again, so the
+            # quantile's coverage holds whatever the clamp cut
+            clamped = {b: min(max(scale.get(b, pooled), lo), hi) for b in range(-1, batch_bucket(self.max_batch) + 1)}
+            q = conformal_factor([v / clamped.get(b, clamped[-1]) for b, v in self._scores], self.alpha)
+            self.base_factor = min(max(q, lo), hi)
+            self.factor_source = (f"online: conformal quantile of the last {len(self._scores)} scores, each over "
+                                  "its batch bucket's median")
+            updates = {b: v for b, v in clamped.items() if b >= 0}
+        else:
+            updates = {b: min(max(v / pooled, lo), hi) for b, v in scale.items()}
+        for b, value in updates.items():
+            self._correction[b] = value
+            if self._state is not None:
+                self._state.set_correction(b, value)
 
     # ----------------------------------------------------------------- decisions
     def correction(self, batch: int) -> float:

@@ -43,6 +43,7 @@ class GenRequest:
     tokens: list[int] = field(default_factory=list)
     slot: int | None = None
     first_token_at: float | None = None
+    first_delivered_at: float | None = None  # s, set by the HTTP handler when it hands the first token on
     finished_at: float | None = None
     finish_reason: str = ""
 

@@ -27,6 +27,7 @@ import itertools
 import json
 import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +81,11 @@ class ServeAdmission(Listener):
         self.seed_rate_ms = seed_rate_ms
         self.engine = engine
         self.on_finished: Any = None  # called on the engine thread when a request ends (wakes slot waiters)
+        # TTFT from the decision as the handler hands the first token on, minus its predicted prefill: what
+        # the batch model does not price before a first token (the engine's step in progress, other prefills
+        # queued, the event loop's lag). Its split-conformal quantile for alpha is added to the predicted TTFT.
+        self._ttft_residuals: deque[float] = deque(maxlen=300)
+        self.ttft_reserve_ms: float | None = None
         # rid -> predicted total and TTFT (ms from the decision), the SLO asked (from arrival), the decision time (s)
         self._pending: dict[Any, tuple[float, float, Slo, float]] = {}
 
@@ -99,11 +105,12 @@ class ServeAdmission(Listener):
             d = self.controller.decide(rid, prompt, max_tokens, budget if math.isfinite(budget) else 1e12,
                                        now, True)
             ns = time.perf_counter_ns() - t0
-            ttft = self.est.prefill_ms(prompt) * self.controller.base_factor
+            ttft = self.predicted_ttft(prompt, self.controller.running() + 1)  # in the batch it would join
             admit, reason, pred, fit = bool(d.admit), str(d.reason), float(d.predicted_ms), int(d.max_new_tokens)
             full = not admit and reason.startswith("batch full")
             if admit and ttft > slo.ttft_ms:
-                admit, reason = False, "predicted TTFT (prefill x factor) over the TTFT budget"
+                admit, reason = False, "predicted TTFT (prefill x factor, or + the online TTFT reserve) over the " \
+                    "TTFT budget"
         elif self.mode == "seed-1.3":
             t0 = time.perf_counter_ns()
             ttft = self.est.prefill_ms(prompt)
@@ -130,11 +137,29 @@ class ServeAdmission(Listener):
                 self.metrics.predicted_ttft.observe(ttft)
         return Verdict(admit, reason, pred, ttft, budget, fit, ns, full)
 
+    def predicted_ttft(self, prompt: int, batch: int) -> float:
+        """trt-latency's TTFT from the decision: the prefill (+ o_p) plus the online TTFT reserve; until there
+        are enough residuals for it, the prefill x the factor of the batch it joins."""
+        reserve = self.ttft_reserve_ms
+        if reserve is not None:
+            return float(self.est.ttft_ms(prompt)) + reserve
+        return float(self.est.ttft_ms(prompt)) * self.controller.base_factor * self.controller.correction(batch)
+
     def fits_alone(self, prompt: int, max_tokens: int, slo: Slo, elapsed_ms: float) -> bool:
         """Could the request still meet its SLO if a slot freed now and it ran alone? (Worth waiting for.)"""
         factor = self.controller.base_factor * self.controller.correction(1)
         alone = self.est.total_with([], prompt, max_tokens) * factor
-        return alone <= slo.total_ms - elapsed_ms and self.est.prefill_ms(prompt) * factor <= slo.ttft_ms - elapsed_ms
+        return alone <= slo.total_ms - elapsed_ms and self.predicted_ttft(prompt, 1) <= slo.ttft_ms - elapsed_ms
+
+    def _observe_ttft(self, residual_ms: float) -> None:
+        """Engine thread: one TTFT residual; the reserve is their conformal quantile once there are enough."""
+        from trt_latency.serving.conformal import conformal_factor, min_requests_for
+
+        if self.controller is None or self.controller.alpha is None or not math.isfinite(residual_ms):
+            return
+        self._ttft_residuals.append(residual_ms)
+        if len(self._ttft_residuals) >= min_requests_for(self.controller.alpha):
+            self.ttft_reserve_ms = max(conformal_factor(list(self._ttft_residuals), self.controller.alpha), 0.0)
 
     def record_reject(self, v: Verdict) -> None:
         self.metrics.decisions.labels(outcome="reject", reason=v.reason).inc()
@@ -163,6 +188,9 @@ class ServeAdmission(Listener):
             since = (req.finished_at - t_decided) * 1e3 if ok else None  # type: ignore[operator]
             self.controller.finished(req.rid, since, pred if ok else None)
             self.metrics.set_factors(self.controller.counters())
+            first = req.first_delivered_at or req.first_token_at
+            if ok and first is not None:
+                self._observe_ttft((first - t_decided) * 1e3 - self.est.ttft_ms(len(req.prompt)))
         if self.on_finished is not None:
             self.on_finished()
         m = self.metrics
@@ -343,6 +371,7 @@ def create_app(ctx: ServeContext) -> Any:
         return {"admission": ctx.admission.mode, "decide_ns": m.decide_ns.summary(),
                 "handler_ms_to_decision": m.round_trip_ms.summary(), "running": ctx.engine.running(),
                 "queued": ctx.engine.queued(), "decode_steps": ctx.engine.steps, "engine": ctx.info,
+                "ttft_reserve_ms": ctx.admission.ttft_reserve_ms,
                 "controller": c.counters() if c is not None else None}
 
     loop_box: list[asyncio.AbstractEventLoop] = []
@@ -435,6 +464,8 @@ def create_app(ctx: ServeContext) -> Any:
                     while True:
                         kind, value = await events.get()
                         if kind == "token":
+                            if g.first_delivered_at is None:
+                                g.first_delivered_at = time.perf_counter()
                             yield chunk(detok.add(value), value, None)
                         elif kind == "done":
                             done = True

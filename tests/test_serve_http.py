@@ -373,3 +373,29 @@ def test_a_full_batch_waits_for_a_slot_while_the_slo_allows(calibrated: Path) ->
         assert sum(v for k, v in m.items() if k.startswith('trtl_decisions_total{outcome="reject"')) == 1
     finally:
         one.close()
+
+
+def test_the_ttft_check_learns_a_reserve_online(calibrated: Path) -> None:
+    """After enough streamed requests the TTFT check is prefill (+ o_p) + the conformal quantile of the
+    observed TTFT-from-decision residuals: a TTFT SLO below that gets a 429 naming TTFT, one above it passes."""
+    from trt_latency.serving.conformal import min_requests_for
+
+    alpha = 0.2
+    s = Server(calibrated, max_batch=4, alpha=alpha)
+    try:
+        assert s.stats()["ttft_reserve_ms"] is None
+        for _ in range(min_requests_for(alpha)):
+            _stream(s.client, {"prompt": [5, 6, 7], "max_tokens": 3, "slo_ms": 1e5})
+        assert _wait(lambda: s.ctx.engine.idle())
+        reserve = s.stats()["ttft_reserve_ms"]
+        assert reserve is not None and 0.0 <= reserve < 5e3
+        adm = s.ctx.admission
+        want = adm.est.ttft_ms(3) + reserve
+        assert adm.predicted_ttft(3, 1) == pytest.approx(want)
+        body = {"prompt": [5, 6, 7], "max_tokens": 3, "tpot_slo_ms": 1e4}
+        tight = s.client.post("/v1/completions", json={**body, "ttft_slo_ms": want * 0.5})
+        assert tight.status_code == 429 and "TTFT" in tight.json()["error"]["message"]
+        loose = s.client.post("/v1/completions", json={**body, "ttft_slo_ms": want + 1e3})
+        assert loose.status_code == 200
+    finally:
+        s.close()

@@ -202,10 +202,37 @@ def test_controller_tracks_events_threadsafe() -> None:
     assert not errors and ctl.running() == 0
     assert ctl.counters()["decisions"] == 160
     counters = ctl.counters()
-    # every score is 10/9: the online factor is that, every bucket's relative correction 1
-    assert counters["factor"] == pytest.approx(10.0 / 9.0) and counters["factor_source"].startswith("online")
-    assert counters["correction_by_batch_bucket"]
-    assert all(v == pytest.approx(1.0) for v in counters["correction_by_batch_bucket"].values())
+    # every score is 10/9: each bucket's scale is that and the quantile of the scaled scores 1, so the factor
+    # of every batch size up to max_batch is 10/9
+    assert counters["factor"] == pytest.approx(1.0) and counters["factor_source"].startswith("online")
+    assert len(counters["correction_by_batch_bucket"]) == 5  # buckets of 1, 2, 3-4, 5-8, 9-16
+    assert all(v == pytest.approx(10.0 / 9.0) for v in counters["correction_by_batch_bucket"].values())
+    assert all(ctl.base_factor * ctl.correction(b) == pytest.approx(10.0 / 9.0) for b in (1, 2, 5, 16))
+
+
+def test_online_factor_takes_the_bias_by_batch_size_out_of_the_quantile() -> None:
+    """Two batch buckets with different biases (0.6 and 1.2) and the same relative noise: the factor of each is
+    its own scale x the quantile of the relative noise, not the pooled quantile (which holds the bias too)."""
+    from trt_latency.serving.batch_admission import BatchAdmissionController
+
+    ctl = BatchAdmissionController.from_section(synthetic_section(), PREFILL, alpha=0.1, max_batch=8, window=200,
+                                                residual_window=400)
+    rng = np.random.default_rng(2)
+    noise = rng.lognormal(0.0, 0.1, 400)
+    for i, eps in enumerate(noise):
+        batch = 1 if i % 2 else 8
+        rid = ("r", i)
+        for k in range(batch - 1):  # fill the batch so the request is admitted into a batch of that size
+            ctl.started(("f", i, k), 50, 4, 1e6, now=0.0)
+        ctl.started(rid, 50, 4, 1e6, now=0.0)
+        for k in range(batch - 1):
+            ctl.finished(("f", i, k))
+        ctl.finished(rid, actual_ms=(0.6 if batch == 1 else 1.2) * eps, predicted_ms=1.0)
+    q = float(np.quantile(noise, 0.9))
+    assert ctl.base_factor * ctl.correction(1) == pytest.approx(0.6 * q, rel=0.08)
+    assert ctl.base_factor * ctl.correction(8) == pytest.approx(1.2 * q, rel=0.08)
+    pooled = float(np.quantile([(0.6 if i % 2 else 1.2) * e for i, e in enumerate(noise)], 0.9))
+    assert ctl.base_factor * ctl.correction(1) < 0.7 * pooled  # the old rule's factor at batch 1 was >= pooled
 
 
 @pytest.fixture(scope="module")
@@ -274,3 +301,81 @@ def test_compiled_controller_equals_python_controller_through_events() -> None:
         assert fast.running() == slow.running() == len(running)
     assert 30 < admitted < 270
     assert fast.counters()["decisions"] == slow.counters()["decisions"] == 300
+
+
+LOOP = (0.7, 1.1, 0.002, 0.3)  # o per decode step, c0 + c1 P after a prefill, o_p on the prefill (ms)
+
+
+@pytest.mark.parametrize("kv_read", ["padded", "packed"])
+def test_loop_terms_price_every_step_and_the_prefill(kv_read: str) -> None:
+    """With the serving-loop terms the closed form equals stepping the batch at T(B, X) + o per step, after a
+    stall of prefill + o_p + c(P); the newcomer's TTFT is prefill + o_p."""
+    rng = np.random.default_rng(7)
+    section = synthetic_section(kv_read)
+    engine = ref.build_batch_tables(section, PREFILL)
+    served = ref.build_batch_tables(section, PREFILL, loop=LOOP)
+    o, c0, c1, o_p = LOOP
+    for _ in range(30):
+        m = int(rng.integers(0, 12))
+        kv, left, _ = ref.sort_running([float(v) for v in rng.integers(1, 3000, m)],
+                                       [float(v) for v in rng.integers(0, 60, m)], [0.0] * m)
+        got, _ = ref.finish_times(served, kv, left)
+        np.testing.assert_allclose(got, [t + o * r for t, r in zip(simulate(section, kv, left), left, strict=True)],
+                                   rtol=1e-9, atol=1e-9)
+        prompt, n = float(rng.integers(1, 3000)), int(rng.integers(1, 70))
+        stall = ref.prefill_ms(engine, prompt) + o_p + c0 + c1 * prompt
+        merged = simulate(section, [*kv, prompt], [*left, n - 1.0])
+        pred, pushed, _ = ref.judge(served, left, [1e12] * m, ref.prepare(served, kv, left), prompt, float(n), 1.0,
+                                    True)
+        assert pred == pytest.approx(stall + merged[m] + o * (n - 1), rel=1e-9)
+        assert pushed == 0
+        assert ref.ttft_ms(served, prompt) == pytest.approx(ref.prefill_ms(engine, prompt) + o_p, rel=1e-12)
+        assert ref.ttft_ms(engine, prompt) == ref.prefill_ms(engine, prompt)
+    with pytest.raises(ValueError, match="serving-loop terms"):
+        ref.build_batch_tables(section, PREFILL, loop=(-1.0, 0.0, 0.0, 0.0))
+
+
+@compiled
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(running=states, prompt=st.integers(1, 4000), max_new=st.integers(1, 200),
+       budget=st.floats(0.0, 3000.0), factor=st.floats(0.8, 2.0), protect=st.booleans(),
+       kv_read=st.sampled_from(["padded", "packed"]), sizes=st.sampled_from([(1,), (1, 4), (1, 2, 4, 8)]),
+       loop=st.tuples(st.floats(0.0, 5.0), st.floats(0.0, 5.0), st.floats(0.0, 0.01), st.floats(0.0, 5.0)))
+def test_compiled_equals_reference_with_loop_terms(running, prompt, max_new, budget, factor, protect, kv_read, sizes,
+                                                   loop) -> None:
+    tables = ref.build_batch_tables(synthetic_section(kv_read, sizes), PREFILL, loop=loop)
+    kernel = _batch.BatchKernel(tables)
+    kv, left, dl = ref.sort_running([r[0] for r in running], [r[1] for r in running], [r[2] for r in running])
+    want = ref.decide(tables, kv, left, dl, 5.0, prompt, max_new, budget, factor, protect)
+    got = kernel.decide(np.asarray(kv), np.asarray(left), np.asarray(dl), 5.0, prompt, max_new, budget, factor,
+                        protect)
+    assert got.predicted_ms == pytest.approx(want.predicted_ms, rel=1e-12, abs=1e-12)
+    if abs(want.predicted_ms - budget) > 1e-9 * max(1.0, budget):
+        assert (got.admit, got.max_new_tokens, got.code, got.pushed) == (want.admit, want.max_new_tokens,
+                                                                        want.code, want.pushed)
+    np.testing.assert_allclose(kernel.finish_times(np.asarray(kv), np.asarray(left))[0],
+                               ref.finish_times(tables, kv, left)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_batch_estimator_takes_the_calibrations_loop_terms() -> None:
+    """serving=True reads the config's fitted serving_loop (the server's model); the default is the engine alone."""
+    from pathlib import Path
+
+    from trt_latency.estimator.calibration import load_calibration
+    from trt_latency.estimator.model import Estimator
+    from trt_latency.serving.batch_admission import BatchEstimator
+
+    est = Estimator(load_calibration(Path(__file__).parent / "data" / "calibration" / "calibration.yaml"))
+    engine = BatchEstimator.from_estimator(est)
+    served = BatchEstimator.from_estimator(est, serving=True)
+    sl = est.serving_loop()
+    assert sl.decode_step_ms > 0 and sl.first_step_ms > 0  # the fixture's replay fitted them
+    assert engine.loop == (0.0, 0.0, 0.0, 0.0)
+    assert served.loop == (sl.decode_step_ms, sl.first_step_ms, sl.first_step_per_token_ms, sl.prefill_ms)
+    n = 20
+    extra = sl.prefill_ms + sl.first_ms(100) + sl.decode_step_ms * (n - 1)
+    assert served.total_with([], 100, n) == pytest.approx(engine.total_with([], 100, n) + extra, rel=1e-9)
+    assert served.ttft_ms(100) == pytest.approx(engine.ttft_ms(100) + sl.prefill_ms, rel=1e-12)
+    # The same loop semantics as the single-request Estimator's serving prediction.
+    single = est.predict(0, 100, n).total_ms - est.predict(0, 100, n, serving=False).total_ms
+    assert extra == pytest.approx(single, rel=1e-9)

@@ -55,6 +55,10 @@ def register(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8000, help="0: an ephemeral port (printed at start)")
     p.add_argument("--admission", choices=("trt-latency", "none", "seed-1.3"), default="trt-latency")
     p.add_argument("--alpha", type=float, default=0.05, help="violation level of the admission (default 0.05)")
+    p.add_argument("--loop-terms", choices=("calibration", "none"), default="calibration",
+                   help="trt-latency admission prices the serving loop's own cost per step (o), after a prefill "
+                   "(c) and on the prefill (o_p) from the calibration's serving_loop (default), or the engine "
+                   "call alone (none: the online factor then has to carry that overhead)")
     p.add_argument("--slo-ms", type=float, default=None, help="default total SLO from arrival (ms)")
     p.add_argument("--ttft-slo-ms", type=float, default=None, help="default TTFT SLO (ms)")
     p.add_argument("--tpot-slo-ms", type=float, default=None, help="default time per output token (ms); with "
@@ -102,8 +106,12 @@ def load_tokenizer(directory: str | Path) -> tuple[Any, int | None]:
 
 def make_context(runner: Any, cal: Any, key: Any, *, admission: str = "trt-latency", alpha: float = 0.05,
                  max_batch: int = 8, tokenizer: Any = None, eos_id: int | None = None, model_name: str = "model",
-                 slo: Any = None) -> Any:
-    """The engine loop (started), the admission and the app's context over an open runner."""
+                 slo: Any = None, loop_terms: bool = True) -> Any:
+    """The engine loop (started), the admission and the app's context over an open runner.
+
+    ``loop_terms``: the trt-latency controller's batch model prices the calibration's serving-loop terms
+    (folded into its tables, so a decision costs the same); seed-1.3 stays the engine step x 1.3 (the
+    baseline as defined)."""
     from trt_latency.engines.ort.slots import SlotDecoder
     from trt_latency.estimator.model import Estimator
     from trt_latency.serving.batch_admission import BatchAdmissionController, BatchEstimator
@@ -114,7 +122,7 @@ def make_context(runner: Any, cal: Any, key: Any, *, admission: str = "trt-laten
     decoder = SlotDecoder(runner, max_batch)
     if not decoder.can_batch:  # batch 1: one request at a time (decoder.why says why, the start line shows it)
         decoder.slots, max_batch = decoder.slots[:1], 1
-    est = BatchEstimator.from_estimator(Estimator(cal), *key)
+    est = BatchEstimator.from_estimator(Estimator(cal), *key, serving=loop_terms and admission == "trt-latency")
     controller = BatchAdmissionController(est, alpha=alpha, max_batch=max_batch) if admission == "trt-latency" \
         else None
     metrics = ServeMetrics()
@@ -123,7 +131,8 @@ def make_context(runner: Any, cal: Any, key: Any, *, admission: str = "trt-laten
     engine = EngineLoop(decoder, eos_id=eos_id, listener=adm)
     adm.engine = engine
     info = (f"{runner.backend} on {runner.device}, {max_batch} KV slots, {decoder.why}; admission {admission}"
-            + (f" (alpha {alpha}, factor {controller.base_factor:.3g} from {controller.factor_source})"
+            + (f" (alpha {alpha}, factor {controller.base_factor:.3g} from {controller.factor_source}; loop "
+               "terms o {:.3g}, c0 {:.3g}, c1 {:.3g}, o_p {:.3g} ms)".format(*est.loop)
                if controller is not None else f" (seed rate {seed_rate:.3g} ms/token)" if admission == "seed-1.3"
                else ""))
     ctx = ServeContext(engine=engine, admission=adm, model_name=model_name, max_prompt=decoder.max_prompt,
@@ -185,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
                                 huge_pages=plan.runtime.huge_pages)
     ctx = make_context(runner, cal, key, admission=args.admission, alpha=args.alpha, max_batch=args.max_batch,
                        tokenizer=tokenizer, eos_id=eos, model_name=args.model_name or model_path.parent.name,
-                       slo=_default_slo(args))
+                       slo=_default_slo(args), loop_terms=args.loop_terms == "calibration")
     app = create_app(ctx)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
