@@ -114,19 +114,6 @@ def loaded_ort_libraries(maps: str | None = None) -> list[str]:
     return seen
 
 
-def ort_distributions() -> dict[str, str]:
-    """Installed ONNX Runtime distributions (onnxruntime, onnxruntime-gpu, ...) -> version: two of them share one
-    ``onnxruntime`` package folder, and whichever was installed last decides the library genai loads."""
-    import importlib.metadata as md
-
-    out = {}
-    for dist in md.distributions():
-        name = str(dist.metadata["Name"] or "")
-        if name.lower().startswith("onnxruntime") and "genai" not in name.lower():
-            out[name] = str(dist.version)
-    return out
-
-
 def ort_mismatch(libraries: list[str], module_version: str | None,
                  distributions: dict[str, str] | None = None) -> str | None:
     """A warning when the ONNX Runtime library genai loaded is not the ``onnxruntime`` module's version (the
@@ -233,7 +220,9 @@ class GenaiLoop(Closing):
             module = str(ort.__version__)
         except ImportError:
             module = None
-        return ort_mismatch(loaded_ort_libraries(), module, ort_distributions())
+        from trt_latency.engines.ort.runtime_info import ort_distributions  # the one reader of the flavours
+
+        return ort_mismatch(loaded_ort_libraries(), module, dict(ort_distributions()))
 
     def close(self) -> None:
         self.model = None
