@@ -181,11 +181,11 @@ def allocate(prices: Prices, plan: Any, tier: Any, window_s: float | None, *, re
         return sum((warm["decode"] + 1) * prices.decode_ms(p) for p in
                    decode_positions(cap, log_points, linear_points)) * 1e-3
 
-    def prefill_round_s(lengths: list[int]) -> float:
-        return sum((warm["prefill"] + 1) * prices.prefill_ms(s) for s in prefill_lengths(tier, sweep_with(lengths))) * 1e-3
-
     def sweep_with(lengths: list[int]) -> Any:
         return replace(sweep, prefill=replace(pre, lengths=tuple(lengths)))
+
+    def prefill_round_s(lengths: list[int]) -> float:
+        return sum((warm["prefill"] + 1) * prices.prefill_ms(s) for s in prefill_lengths(tier, sweep_with(lengths))) * 1e-3
 
     rest = w - vision_s - batch_s
     share = rest * (1 - REPLAY_SHARE) if requests > 0 else rest  # the sweep's share, before the replay is sized
@@ -201,7 +201,7 @@ def allocate(prices: Prices, plan: Any, tier: Any, window_s: float | None, *, re
     # reaches the usable prompt): MIN_ROUNDS of seven long prefills is most of a real-size model's window.
     lengths = sorted(pre.lengths)
     while len(lengths) > MIN_PREFILL_LENGTHS and MIN_ROUNDS * prefill_round_s(lengths) > PREFILL_SHARE * share:
-        lengths = [lengths[0], *lengths[1:-1][1::2], lengths[-1]] if len(lengths) > 3 else lengths[:1] + lengths[-1:]
+        lengths = [lengths[0], *lengths[1:-1][1::2], lengths[-1]]
     if tuple(lengths) != tuple(sorted(pre.lengths)):
         notes.append(f"prefill grid {len(prefill_lengths(tier, sweep_with(lengths)))} lengths, not "
                      f"{len(prefill_lengths(tier, sweep))}: a prefill round costs {prefill_round_s(list(pre.lengths)):.2f} s")
