@@ -169,6 +169,7 @@ def run_replay(runner: Runner, key: ConfigKey, tier: TierSpec, spec: ReplaySpec,
                 "output_tokens": req.output_tokens, "tier_idx": key.tier_idx, "top_k": key.top_k,
                 "num_active_blocks": key.num_active_blocks, "ttft_ms": round(res.ttft_ms, 6),
                 "total_ms": round(res.total_ms, 6), "images": req.images,
+                "first_step_ms": round(res.step_ms[0], 6) if res.step_ms else "",
                 "backend": runner.backend, "device": runner.device,
             }])
             written += 1

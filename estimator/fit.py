@@ -506,11 +506,18 @@ SLOPE_AICC_MARGIN = 2.0  # the slope must lower AICc by this much (otherwise the
 
 
 def fit_loop(output_tokens: np.ndarray, decode_residual_ms: np.ndarray, prefill_residual_ms: np.ndarray,
-             prefill_ms: np.ndarray | None = None, prompt: np.ndarray | None = None) -> LoopTerms:
+             prefill_ms: np.ndarray | None = None, prompt: np.ndarray | None = None,
+             first_residual_ms: np.ndarray | None = None) -> LoopTerms:
     """The serving-loop terms from per-request residuals over the engine-only prediction.
 
     decode_residual_ms[i] = measured decode - engine decode of request i (used where output_tokens >= 2):
     r = o * (n - 1) + c(P), rows weighted 1 / (n - 1) since a sum of n - 1 noisy steps has variance ~ n - 1.
+    first_residual_ms[i] (optional; NaN where not timed) = the first decode step alone - the engine's step
+    at KV P: o + c(P), observed without the n - 2 later steps' noise. Where it is given the request
+    contributes two rows instead of one: that first step [1, 1, P] (weight 1) and its later steps
+    r - first = o * (n - 2) (weight 1 / (n - 2), when n >= 3). The first step after a prefill is what c(P)
+    is, so a few requests pin its slope where their decode totals could not (a 2048-token prompt's extra
+    100 ms is lost in 16 steps that each scatter by 10-30% on a shared host).
     c(P) is a constant c0, or c0 + c1 P (P = `prompt`, the request's prompt tokens) when the slope is
     supported: enough distinct prompts, c1 > 0, and AICc (robust RSS, residuals clipped at the Huber cut of
     the constant fit's scale) lower by SLOPE_AICC_MARGIN. prefill_residual_ms = measured TTFT - engine
@@ -522,30 +529,42 @@ def fit_loop(output_tokens: np.ndarray, decode_residual_ms: np.ndarray, prefill_
     r = np.asarray(decode_residual_ms, dtype=np.float64)
     rp = np.asarray(prefill_residual_ms, dtype=np.float64)
     dec = (n >= 2) & np.isfinite(r)
+    pl_all = None if prompt is None else np.asarray(prompt, dtype=np.float64)
+    rf = np.full(n.shape, np.nan) if first_residual_ms is None else np.asarray(first_residual_ms, dtype=np.float64)
     o = c0 = c1 = 0.0
     clamped: list[str] = []
     form, aicc = "constant", (math.nan, math.nan)
     if dec.any():
-        steps = n[dec] - 1.0
-        w = 1.0 / steps
-        if np.unique(steps).size >= 2:
-            a = np.column_stack([steps, np.ones_like(steps)])
-            x = _huber_nnls(a, r[dec], w)
+        # one row per decode total, or two: the first step and the later steps
+        rows: list[tuple[float, float, float, float, float]] = []  # (o coef, c0 coef, c1 coef, target, weight)
+        for i in np.flatnonzero(dec):
+            p_i = 0.0 if pl_all is None else float(pl_all[i])
+            if np.isfinite(rf[i]):
+                rows.append((1.0, 1.0, p_i, float(rf[i]), 1.0))
+                if n[i] >= 3:
+                    rows.append((n[i] - 2.0, 0.0, 0.0, float(r[i] - rf[i]), 1.0 / (n[i] - 2.0)))
+            else:
+                rows.append((n[i] - 1.0, 1.0, p_i, float(r[i]), 1.0 / (n[i] - 1.0)))
+        table = np.asarray(rows, dtype=np.float64)
+        a3, b, w = table[:, :3], table[:, 3], table[:, 4]
+        a = a3[:, :2]
+        if np.linalg.matrix_rank(a) >= 2:  # o and c told apart: two output lengths, or first steps and later ones
+            x = _huber_nnls(a, b, w)
             o, c0 = (float(v) for v in x)
-            pl = None if prompt is None else np.asarray(prompt, dtype=np.float64)[dec]
-            if pl is not None and np.unique(pl).size >= MIN_SLOPE_PROMPTS:
-                a2 = np.column_stack([steps, np.ones_like(steps), pl])
-                x2 = _huber_nnls(a2, r[dec], w)
-                res = (r[dec] - a @ x) * np.sqrt(w)
+            with_c = a3[:, 1] > 0
+            if pl_all is not None and np.unique(a3[with_c, 2]).size >= MIN_SLOPE_PROMPTS:
+                x2 = _huber_nnls(a3, b, w)
+                res = (b - a @ x) * np.sqrt(w)
                 clip = HUBER_K * max(1.4826 * float(np.median(np.abs(res - np.median(res)))), 1e-12)
-                m = int(steps.size)
-                aicc = (_aicc(_robust_rss(a, r[dec], x, w, clip), m, 2), _aicc(_robust_rss(a2, r[dec], x2, w, clip), m, 3))
+                m = int(b.size)
+                aicc = (_aicc(_robust_rss(a, b, x, w, clip), m, 2), _aicc(_robust_rss(a3, b, x2, w, clip), m, 3))
                 if x2[2] > 0 and aicc[1] + SLOPE_AICC_MARGIN < aicc[0]:
                     o, c0, c1 = (float(v) for v in x2)
                     form = "prompt"
             clamped += [name for name, v in (("o", o), ("c", c0)) if v == 0.0]
         else:  # one output length only: o and c cannot be told apart; call it all per-step
-            o = float(_huber_nnls(steps[:, None], r[dec], w)[0])
+            steps = n[dec] - 1.0
+            o = float(_huber_nnls(steps[:, None], r[dec], 1.0 / steps)[0])
             clamped += ["o"] if o == 0.0 else []
     ok = np.isfinite(rp)
     wp = None if prefill_ms is None else 1.0 / np.maximum(np.asarray(prefill_ms, dtype=np.float64)[ok], 1e-3) ** 2
@@ -618,6 +637,24 @@ def engine_predictions(log: Any, estimator: Any, serving: bool = False) -> tuple
     return pre, dec
 
 
+def engine_first_steps(log: Any, estimator: Any) -> np.ndarray:
+    """The engine's step at each request's first decode position (KV = P): predict(P, 2 tokens).decode_ms,
+    engine-only; NaN where the log did not time its first step or the estimator cannot answer."""
+    out = np.full(len(log), np.nan)
+    first = getattr(log, "first_step_ms", None)
+    if first is None:
+        return out
+    for i in np.flatnonzero(np.isfinite(first) & (np.asarray(log.output_tokens) >= 2)):
+        t, k, b = _log_key(log, int(i))
+        try:
+            out[i] = estimator.predict(int(log.vision_tokens[i]), int(log.text_tokens[i]), 2, tier_idx=t, top_k=k,
+                                       num_active_blocks=b or None, serving=False,
+                                       images=log.images_of(int(i)) if hasattr(log, "images_of") else None).decode_ms
+        except Exception:  # noqa: BLE001 - as engine_predictions: such a request takes no part
+            continue
+    return out
+
+
 def _median_rel(measured: np.ndarray, predicted: np.ndarray) -> tuple[float, float]:
     ok = np.isfinite(measured) & np.isfinite(predicted) & (predicted > 0)
     if not ok.any():
@@ -637,6 +674,9 @@ def fit_serving_loop(log: Any, estimator: Any, fit_mask: np.ndarray | None = Non
     if fit_mask is None or holdout_mask is None:
         fit_mask, holdout_mask = split_requests(log.request_id)
     pre, dec = engine_predictions(log, estimator, serving=False)
+    first = getattr(log, "first_step_ms", None)  # None: a log written before the column
+    first_residual = (np.full(len(log), np.nan) if first is None else np.asarray(first, dtype=np.float64)) \
+        - engine_first_steps(log, estimator)
     ttft = np.asarray(log.ttft_ms, dtype=np.float64)
     total = np.asarray(log.total_ms, dtype=np.float64)
     n_out = np.asarray(log.output_tokens, dtype=np.int64)
@@ -656,7 +696,8 @@ def fit_serving_loop(log: Any, estimator: Any, fit_mask: np.ndarray | None = Non
         n_dec = int((fit & (n_out >= 2)).sum())
         terms = None
         if n_dec >= MIN_LOOP_REQUESTS:
-            terms = fit_loop(n_out[fit], (total - ttft)[fit] - dec[fit], ttft[fit] - pre[fit], pre[fit], prompt[fit])
+            terms = fit_loop(n_out[fit], (total - ttft)[fit] - dec[fit], ttft[fit] - pre[fit], pre[fit], prompt[fit],
+                             first_residual[fit])
             loop = ServingLoop(terms.o, terms.c0, terms.o_p, int(fit.sum()), "replay", terms.c1, terms.clamped)
         else:
             loop = ServingLoop(0.0, 0.0, 0.0, int(fit.sum()), "none")

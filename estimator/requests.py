@@ -3,7 +3,8 @@
 Columns (REQUEST_COLUMNS) plus free metadata columns. Required: vision_tokens, text_tokens,
 output_tokens, ttft_ms, total_ms. Optional with defaults: request_id (0, 1, 2, ... in file order),
 tier_idx (0), top_k (1), num_active_blocks (0 = "the tier's largest measured config"), images (how many
-images the vision tokens came as; 1, what logs written before the column mean; 0 without vision tokens).
+images the vision tokens came as; 1, what logs written before the column mean; 0 without vision tokens),
+first_step_ms (the first decode step after the prefill, alone; empty = not timed: NaN).
 
 Decode ms/token of a request = (total_ms - ttft_ms) / (output_tokens - 1): the first output token
 comes out of the prefill (TTFT), each later one costs one decode step.
@@ -29,6 +30,7 @@ _INT_COLUMNS = ("request_id", "vision_tokens", "text_tokens", "output_tokens", "
                 "images")
 _FLOAT_COLUMNS = ("ttft_ms", "total_ms")
 _DEFAULTS = {"tier_idx": 0, "top_k": 1, "num_active_blocks": 0, "images": 1}
+_NULLABLE_COLUMNS = ("first_step_ms",)  # float columns whose empty cell means "not measured"
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class RequestLog:
     metadata: dict[str, list[str]] = field(default_factory=dict)
     rows: np.ndarray | None = None  # file line of each entry, 1 = header (for error messages)
     images: np.ndarray | None = None  # images per request (read_requests fills it: 1 where the file has none)
+    first_step_ms: np.ndarray | None = None  # the first decode step alone (NaN: not timed; None: no column)
 
     def images_of(self, i: int) -> int:
         """Images of request i: the column, else 1 (logs written before it sent one image per request)."""
@@ -100,7 +103,8 @@ def read_requests(path: str | os.PathLike[str], *, require_decode: bool = False)
     records = request_records(spath)  # the one reader and version policy (trt_latency/formats.py)
     _, header = next(records)
     index = {name: i for i, name in enumerate(header)}
-    numeric = [c for c in REQUEST_COLUMNS if c in index]
+    numeric = [c for c in REQUEST_COLUMNS if c in index and c not in _NULLABLE_COLUMNS]
+    nullable = [c for c in _NULLABLE_COLUMNS if c in index]
     meta_cols = [c for c in header if c not in REQUEST_COLUMNS]
     values: dict[str, list[float | int]] = {c: [] for c in numeric}
     metadata: dict[str, list[str]] = {c: [] for c in meta_cols}
@@ -109,6 +113,10 @@ def read_requests(path: str | os.PathLike[str], *, require_decode: bool = False)
         for column in numeric:
             values[column].append(_parse_number(record[index[column]], path=spath, row=row,
                                                 column=column, integer=column in _INT_COLUMNS))
+        for column in nullable:  # empty: not timed
+            text = record[index[column]]
+            values.setdefault(column, []).append(
+                math.nan if not text.strip() else _parse_number(text, path=spath, row=row, column=column, integer=False))
         for column in meta_cols:
             metadata[column].append(record[index[column]])
         out_tokens = values["output_tokens"][-1]
@@ -137,5 +145,7 @@ def read_requests(path: str | os.PathLike[str], *, require_decode: bool = False)
         else:
             cols[column] = np.full(n, _DEFAULTS[column], dtype=np.int64)
     for column in _FLOAT_COLUMNS:
+        cols[column] = np.asarray(values[column], dtype=np.float64)
+    for column in nullable:
         cols[column] = np.asarray(values[column], dtype=np.float64)
     return RequestLog(path=spath, metadata=metadata, rows=np.asarray(rows, dtype=np.int64), **cols)

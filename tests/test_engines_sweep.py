@@ -159,6 +159,30 @@ def test_replay_rows_and_resume(setup: tuple[Path, Path], tmp_path: Path) -> Non
     assert np.all(reqs.total_ms >= reqs.ttft_ms) and np.all(reqs.ttft_ms > 0)
     assert set(reqs.metadata["backend"]) == {"ort-cpu"}
     assert reqs.num_active_blocks.tolist() == [2] * 5
+    # The first decode step is timed on its own (the loop fit's c(P) rows): inside the decode total, and
+    # empty (NaN) exactly for 1-token requests.
+    first = reqs.first_step_ms
+    assert first is not None
+    two = reqs.output_tokens >= 2
+    assert np.all(np.isnan(first[~two])) and np.all(first[two] > 0)
+    assert np.all(first[two] <= (reqs.total_ms - reqs.ttft_ms)[two] + 1e-6)
+
+
+def test_replay_resumes_into_a_log_written_before_first_step_ms(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    from trt_latency.estimator.requests import read_requests
+
+    plan_path, model = setup
+    plan = load_plan(plan_path)
+    runner = open_runner(model, "ort-cpu", threads=1)
+    log = tmp_path / "requests.csv"
+    run_replay(runner, KEY, plan.tier(0), plan.replay, log, n=2, progress=False)
+    lines = log.read_text().splitlines()  # the same rows as an older version wrote them: no first_step_ms
+    col = lines[0].split(",").index("first_step_ms")
+    log.write_text("\n".join(",".join(c for j, c in enumerate(line.split(",")) if j != col) for line in lines) + "\n")
+    res = run_replay(runner, KEY, plan.tier(0), plan.replay, log, n=4, progress=False)
+    assert (res.rows_written, res.rows_skipped) == (2, 2)
+    reqs = read_requests(log)
+    assert reqs.first_step_ms is None and len(reqs) == 4  # the detail is dropped, the rows kept
 
 
 def test_samples_file_is_what_the_estimator_reads(setup: tuple[Path, Path], tmp_path: Path) -> None:

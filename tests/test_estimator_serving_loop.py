@@ -199,6 +199,74 @@ def test_clamped_terms_are_named_in_the_fit_the_file_and_the_summary(tmp_path: P
     assert t2.clamped == () and loop_note(ServingLoop(t2.o, t2.c0, t2.o_p, 60, "replay")) == ""
 
 
+def _first_step_requests(seed: int, noise_rel: float = 0.2) -> tuple[np.ndarray, ...]:
+    """Few requests of a runtime whose first step costs c(P) = 5 + 0.05 P ms over a ~30 ms step, each step
+    scattering by `noise_rel` (a shared host): (n, decode residual, first residual, prefill residual, P)."""
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(32, 1024, 6).astype(np.float64)
+    n = rng.integers(2, 17, prompt.size)
+    o, c0, c1, step = 1.0, 5.0, 0.05, 30.0
+    first = o + c0 + c1 * prompt + rng.normal(0.0, noise_rel * step * 0.3, prompt.size)
+    later = np.array([np.sum(o + rng.normal(0.0, noise_rel * step, k)) for k in np.maximum(n - 2, 0)])
+    return n, first + later, first, rng.normal(2.0, 0.1, prompt.size), prompt
+
+
+def test_first_step_rows_pin_the_slope_that_the_decode_totals_miss() -> None:
+    """Six requests, as a real-size model's budget affords: with each request's first step observed on its
+    own, c(P)'s slope is chosen and close to the truth (0.05 ms per prompt token); the decode totals alone
+    lose it in the later steps' noise more often, and never estimate it better over the same draws."""
+    with_first, totals_only = [], []
+    for seed in range(20):
+        n, r, rf, rp, prompt = _first_step_requests(seed)
+        t = fit_loop(n, r, rp, None, prompt, rf)
+        u = fit_loop(n, r, rp, None, prompt)
+        with_first.append(t.c1)
+        totals_only.append(u.c1)
+    err_first = np.abs(np.asarray(with_first) - 0.05)
+    err_totals = np.abs(np.asarray(totals_only) - 0.05)
+    assert np.sum(np.asarray(with_first) > 0) >= 18  # the slope is chosen
+    assert np.median(err_first) < 0.01 < np.median(err_totals)
+
+
+def test_first_step_rows_tell_o_from_c_with_one_output_length() -> None:
+    """Every request 8 tokens long: the totals alone cannot split o from c (all of it goes to o), the
+    first steps can."""
+    prompt = np.linspace(64, 1024, 8)
+    n = np.full(prompt.size, 8)
+    first = 1.0 + 4.0 + 0.0 * prompt
+    r = first + 6 * 1.0
+    t = fit_loop(n, r, np.full(prompt.size, 0.5), None, prompt, first)
+    assert t.o == pytest.approx(1.0, abs=1e-6) and t.c0 == pytest.approx(4.0, abs=1e-6) and t.c1 == 0.0
+    u = fit_loop(n, r, np.full(prompt.size, 0.5), None, prompt)
+    assert u.c0 == 0.0 and u.o == pytest.approx(11.0 / 7.0)
+
+
+def test_fit_serving_loop_reads_first_steps_from_the_log(tmp_path: Path) -> None:
+    """A log with first_step_ms: c(P) from the first steps (true slope 0.004 ms per prompt token); the
+    same log without the column falls back to the totals."""
+    rng = np.random.default_rng(11)
+    est = Estimator(engine_cal())
+    rows = []
+    for i in range(40):
+        prompt, n = int(rng.integers(16, 1000)), int(rng.integers(2, 24))
+        p = est.predict(0, prompt, n)
+        t_first = est.predict(0, prompt, 2).decode_ms
+        first = t_first + 0.45 + 1.2 + 0.004 * prompt + rng.normal(0.0, 0.02)
+        rest = (p.decode_ms - t_first) + 0.45 * (n - 2) + rng.normal(0.0, 0.3) * np.sqrt(max(n - 2, 0))
+        ttft = p.prefill_ms + 0.8
+        rows.append({"request_id": i, "vision_tokens": 0, "text_tokens": prompt, "output_tokens": n, "tier_idx": 0,
+                     "top_k": 1, "num_active_blocks": 2, "ttft_ms": ttft, "total_ms": ttft + first + rest,
+                     "first_step_ms": first})
+    append_requests(tmp_path / "req.csv", rows)
+    log = read_requests(tmp_path / "req.csv")
+    r = fit_serving_loop(log, Estimator(engine_cal()))[KEY]
+    assert r.terms is not None and r.terms.form == "prompt"
+    assert r.loop.first_step_per_token_ms == pytest.approx(0.004, rel=0.1)
+    assert r.loop.first_step_ms == pytest.approx(1.2, abs=0.15) and r.loop.decode_step_ms == pytest.approx(0.45, abs=0.1)
+    older = dataclasses.replace(log, first_step_ms=None)
+    assert fit_serving_loop(older, Estimator(engine_cal()))[KEY].n_fit == r.n_fit
+
+
 def test_slope_round_trip_and_version(tmp_path: Path) -> None:
     loop = dataclasses.replace(SLOPED, n_requests=16)
     cal = with_serving_loop(engine_cal(), {KEY: loop})

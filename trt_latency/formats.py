@@ -41,10 +41,17 @@ SAMPLES_COLUMNS: tuple[str, ...] = ("tier_idx", "top_k", "num_active_blocks", "b
 # requests.csv: one row per end-to-end request (engines/replay.py and loadtest write it,
 # estimator/requests.py reads it), plus free metadata columns.
 REQUEST_COLUMNS: tuple[str, ...] = ("request_id", "vision_tokens", "text_tokens", "output_tokens", "tier_idx",
-                                    "top_k", "num_active_blocks", "ttft_ms", "total_ms", "images")  # fmt: skip
+                                    "top_k", "num_active_blocks", "ttft_ms", "total_ms", "images",
+                                    "first_step_ms")  # fmt: skip
 # Columns added later, with the value a file written before them means (images: a request's vision
-# tokens came as this many images; before the column, replay sent one image per request).
-OPTIONAL_REQUEST_COLUMNS: dict[str, int] = {"images": 1}
+# tokens came as this many images; before the column, replay sent one image per request. first_step_ms:
+# the first decode step after the prefill, the one that emits token 2, as the loop timed it; empty for a
+# 1-token request or where the loop did not time it, and before the column).
+OPTIONAL_REQUEST_COLUMNS: dict[str, object] = {"images": 1, "first_step_ms": ""}
+# Optional columns a row may drop when it is appended to an older file without them: timing detail that
+# only sharpens the loop fit (the first step observed on its own, not inside the decode total), never
+# what a row means, so a replay resumed into an older log keeps going.
+DROPPABLE_REQUEST_COLUMNS: tuple[str, ...] = ("first_step_ms",)
 
 STOP_AFTER_ROWS_ENV = "TRT_LATENCY_TEST_STOP_AFTER_ROWS"
 
@@ -275,7 +282,8 @@ def append_requests(path: str | os.PathLike[str], rows: Iterable[Mapping[str, ob
 
     A new file gets REQUEST_COLUMNS followed by the rows' extra (metadata) keys in first-seen order;
     an existing file keeps its header, and a key it lacks is an error (except an OPTIONAL_REQUEST_COLUMNS
-    key at the value a file without it means: that row is written without it). The data is flushed and
+    key at the value a file without it means, or a DROPPABLE_REQUEST_COLUMNS key: that row is written
+    without it). The data is flushed and
     fsync'ed before returning, so a replay killed later keeps every row appended so far.
     """
     p = Path(path)
@@ -299,8 +307,8 @@ def append_requests(path: str | os.PathLike[str], rows: Iterable[Mapping[str, ob
         needs_newline = False
     for i, r in enumerate(batch):
         for key in [k for k in r if k not in header and k in OPTIONAL_REQUEST_COLUMNS]:
-            if r[key] == OPTIONAL_REQUEST_COLUMNS[key]:
-                del r[key]  # an older log: the column's absence already says this value
+            if r[key] == OPTIONAL_REQUEST_COLUMNS[key] or key in DROPPABLE_REQUEST_COLUMNS:
+                del r[key]  # an older log: the column's absence already says this value (or loses only detail)
         for key in r:
             if key not in header:
                 raise RequestLogError("row has a column the file lacks", path=spath, field=key,
