@@ -338,6 +338,7 @@ cdef class BatchState:
     cdef public double base_factor
     cdef public double probe_interval  # ms; inf: no probes
     cdef public double last_admit  # the clock's ms of the last admission (probes included)
+    cdef readonly double last_factor  # the factor the last kernel decision used (1 for a probe): unscale with it
     cdef readonly bint protect
     cdef readonly long long max_batch, decisions, admits, rejects, probes
 
@@ -351,6 +352,7 @@ cdef class BatchState:
         self.clock = clock
         self.probe_interval = probe_interval
         self.last_admit = -INFINITY
+        self.last_factor = 1.0
         self.cap = max_batch + 1 if max_batch > 0 else 2
         self.kv = <double*>malloc(6 * self.cap * sizeof(double))
         if self.kv == NULL:
@@ -484,6 +486,7 @@ cdef class BatchState:
             bucket += 1
             b = (b + 1) >> 1
         factor = self.base_factor * self.correction[bucket if bucket < 64 else 63]
+        self.last_factor = factor
         code = c_batch_decide(&self.kernel.t, self.left, self.slack, self.agg, self.without, self.ext0, m, <double>p, n,
                         budget, factor, self.protect, want_fit, &pred, &pushed, &nfit)
         if code // 2 == BST_FITS:
@@ -497,6 +500,7 @@ cdef class BatchState:
                 self.admits += 1
                 self.probes += 1
                 self.last_admit = t
+                self.last_factor = 1.0
                 return _probe(n, pred1, probe)
         self.rejects += 1
         return _make(False, nfit, pred, code, pushed, code // 2)

@@ -319,6 +319,7 @@ class BatchAdmissionController:
             self._prep: ref.Prepared | None = None
             self._counts = [0, 0, 0, 0]  # decisions, admits, rejects, probes
             self._last_admit = -math.inf
+            self._last_factor = 1.0
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any], prefill_coeffs: Sequence[float],
@@ -475,6 +476,13 @@ class BatchAdmissionController:
                 self._state.set_correction(b, value)
 
     # ----------------------------------------------------------------- decisions
+    @property
+    def last_factor(self) -> float:
+        """The factor the last decision's prediction was scaled by (1 for a probe): predicted_ms / last_factor
+        is the model's own prediction, what ``finished`` scores against. Exact when read on the deciding
+        thread right after decide (the events and refits, on other threads, do not change it)."""
+        return float(self._state.last_factor) if self._state is not None else self._last_factor
+
     def correction(self, batch: int) -> float:
         return self._correction.get(batch_bucket(batch), 1.0)
 
@@ -503,7 +511,7 @@ class BatchAdmissionController:
                 return BatchDecision(False, 0, math.nan, ref.BST_NONE * 2, 0, "batch full (max_batch running)")
             if self._prep is None:
                 self._prep = ref.prepare(self.estimator.tables, self._kv, self._left)
-            factor = self._base * self._correction.get(batch_bucket(m + 1), 1.0)
+            factor = self._last_factor = self._base * self._correction.get(batch_bucket(m + 1), 1.0)
             d = ref.decide_prepared(self.estimator.tables, self._left, self._dl, self._prep, t, float(prompt),
                                     max_new_tokens, float(budget_ms), factor, self.protect, want_fit)
             if not d.admit and ref.probe_due(m, factor, t, self._last_admit, self.probe_interval_ms):
@@ -511,6 +519,7 @@ class BatchAdmissionController:
                                         max_new_tokens, float(budget_ms), 1.0, self.protect, False)
                 if p.admit:
                     self._counts[3] += 1
+                    self._last_factor = 1.0
                     d = p._replace(reason=ref.PROBE_REASON)
             if d.admit:
                 self._last_admit = t

@@ -7,8 +7,8 @@ import math
 
 import numpy as np
 import pytest
-
 from test_serving_batch import PREFILL, synthetic_section
+
 from trt_latency.serving import batch_reference as ref
 from trt_latency.serving.batch_admission import BatchAdmissionController, BatchEstimator
 
@@ -67,7 +67,8 @@ def test_a_controller_stuck_at_the_clamp_recovers_through_probes_and_the_horizon
         log.append((clock.t, bool(d.admit), str(d.reason)))
         if d.admit:
             ctl.started(k, PROMPT, TOKENS, budget, now=clock.t)
-            unscaled = d.predicted_ms if d.reason == ref.PROBE_REASON else alone
+            unscaled = d.predicted_ms / ctl.last_factor  # the model's own prediction, probe or not
+            assert unscaled == pytest.approx(alone)
             ctl.finished(k, 0.5 * alone, unscaled)  # finished before the next arrival: twice as fast as predicted
     probes = [t for t, a, r in log if a and r == ref.PROBE_REASON]
     regular = [t for t, a, r in log if a and r != ref.PROBE_REASON]
@@ -132,6 +133,7 @@ def test_compiled_probes_equal_the_python_probes() -> None:
         assert (a.admit, a.max_new_tokens, a.code, a.pushed, a.reason) == \
             (b.admit, b.max_new_tokens, b.code, b.pushed, b.reason)
         assert a.predicted_ms == pytest.approx(b.predicted_ms, rel=1e-12, nan_ok=True)
+        assert fast.last_factor == pytest.approx(slow.last_factor, rel=1e-12)
         if a.admit:
             for c in (fast, slow):
                 c.started(*args)
