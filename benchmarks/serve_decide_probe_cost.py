@@ -53,7 +53,10 @@ def _calls(mod: Any, running: int) -> dict[str, Any]:
     from trt_latency.serving import batch_reference as ref
 
     tables = ref.build_batch_tables(_section(), PREFILL)
-    clock = (lambda: 0.0)
+
+    def clock() -> float:
+        return 0.0
+
     full = mod.BatchState(mod.BatchKernel(tables), running + 1, True, 2.0, clock)
     rng = np.random.default_rng(1)
     for i in range(running):
