@@ -8,7 +8,7 @@ without the newcomer and once with it (its prefill stalls everyone first). The p
 bisect over piece starts are the math core's (ext/_kernels.pxd, cimported).
 """
 
-from libc.math cimport NAN, ceil
+from libc.math cimport INFINITY, NAN, ceil
 from libc.stdlib cimport free, malloc
 
 from trt_latency.ext._kernels cimport (  # the math core: PCOL / P_* enums, _bisect, TOKEN_MAX
@@ -22,7 +22,7 @@ from trt_latency.ext._kernels cimport (  # the math core: PCOL / P_* enums, _bis
 
 import numpy as np
 
-from trt_latency.serving.batch_reference import BAD_REQUEST, BATCH_REASONS
+from trt_latency.serving.batch_reference import BAD_REQUEST, BATCH_REASONS, PROBE_REASON
 
 cdef int BST_FITS = 0, BST_FEWER = 1, BST_NONE = 2, BST_PUSHES = 3
 cdef Py_ssize_t STACK = 128
@@ -320,7 +320,8 @@ cdef class BatchState:
     aggregates, finish times without a newcomer) cached until the next event. Every method runs under
     the GIL without releasing it, so each is atomic for Python threads: no lock on the decide path.
     ``decide`` is BatchAdmissionController.decide's compiled body (field checks, full batch, factor x
-    the correction of the batch-size bucket, the kernel, the counts)."""
+    the correction of the batch-size bucket, the kernel, the counts, and the probe: a request the factor
+    rejected is re-decided at factor 1 when batch_reference.probe_due says so, same rule)."""
 
     cdef BatchKernel kernel
     cdef double* kv
@@ -335,16 +336,23 @@ cdef class BatchState:
     cdef object clock
     cdef double correction[64]
     cdef public double base_factor
+    cdef public double probe_interval  # ms; inf: no probes
+    cdef public double last_admit  # the clock's ms of the last admission (probes included)
+    cdef readonly double last_factor  # the factor the last kernel decision used (1 for a probe): unscale with it
     cdef readonly bint protect
-    cdef readonly long long max_batch, decisions, admits, rejects
+    cdef readonly long long max_batch, decisions, admits, rejects, probes
 
-    def __cinit__(self, BatchKernel kernel, long long max_batch, bint protect, double base_factor, clock):
+    def __cinit__(self, BatchKernel kernel, long long max_batch, bint protect, double base_factor, clock,
+                  double probe_interval=INFINITY):
         cdef Py_ssize_t i
         self.kernel = kernel
         self.max_batch = max_batch
         self.protect = protect
         self.base_factor = base_factor
         self.clock = clock
+        self.probe_interval = probe_interval
+        self.last_admit = -INFINITY
+        self.last_factor = 1.0
         self.cap = max_batch + 1 if max_batch > 0 else 2
         self.kv = <double*>malloc(6 * self.cap * sizeof(double))
         if self.kv == NULL:
@@ -446,10 +454,10 @@ cdef class BatchState:
         return True
 
     def decide(self, rid, prompt, max_new_tokens, budget_ms, now=None, bint want_fit=False):
-        cdef long long p, n, pushed = 0, nfit = 0, b
-        cdef double budget, t, factor, pred = 0.0
+        cdef long long p, n, pushed = 0, nfit = 0, b, pushed1 = 0, nfit1 = 0
+        cdef double budget, t, factor, pred = 0.0, pred1 = 0.0
         cdef Py_ssize_t k, m
-        cdef int code, bucket
+        cdef int code, bucket, probe
         self.decisions += 1
         if (type(prompt) is not int or type(max_new_tokens) is not int
                 or not (type(budget_ms) is float or type(budget_ms) is int)):
@@ -478,11 +486,22 @@ cdef class BatchState:
             bucket += 1
             b = (b + 1) >> 1
         factor = self.base_factor * self.correction[bucket if bucket < 64 else 63]
+        self.last_factor = factor
         code = c_batch_decide(&self.kernel.t, self.left, self.slack, self.agg, self.without, self.ext0, m, <double>p, n,
                         budget, factor, self.protect, want_fit, &pred, &pushed, &nfit)
         if code // 2 == BST_FITS:
             self.admits += 1
+            self.last_admit = t
             return _make(True, nfit, pred, code, 0, BST_FITS)
+        if m == 0 and factor > 1.0 and self.probe_interval < INFINITY and t - self.last_admit >= self.probe_interval:  # batch_reference.probe_due
+            probe = c_batch_decide(&self.kernel.t, self.left, self.slack, self.agg, self.without, self.ext0, 0,
+                                   <double>p, n, budget, 1.0, self.protect, False, &pred1, &pushed1, &nfit1)
+            if probe // 2 == BST_FITS:
+                self.admits += 1
+                self.probes += 1
+                self.last_admit = t
+                self.last_factor = 1.0
+                return _probe(n, pred1, probe)
         self.rejects += 1
         return _make(False, nfit, pred, code, pushed, code // 2)
 
@@ -493,6 +512,16 @@ cdef BatchDecision _bad():
     d.predicted_ms = NAN
     d.code = BAD_REQUEST
     d.reason = "bad request: prompt and max_new_tokens integers >= 1, budget_ms a number >= 0"
+    return d
+
+
+cdef BatchDecision _probe(long long n, double pred, int code):
+    cdef BatchDecision d = BatchDecision.__new__(BatchDecision)
+    d.admit = True
+    d.max_new_tokens = n
+    d.predicted_ms = pred
+    d.code = code
+    d.reason = PROBE_REASON
     return d
 
 

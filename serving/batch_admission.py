@@ -252,6 +252,25 @@ class BatchAdmissionController:
     Everything clamped to ``clamp``. A controller serves one engine, so one config: the buckets are that
     config's.
 
+    Recovery from a factor that rejects everything (the scores learn only from admitted requests, so a
+    controller that starts far off, e.g. scores near the clamp after a cold start, would observe nothing and
+    stay there): two parts, both needed.
+    - Probes (``probe_interval_ms``, default 1000): a request the factor rejects is re-decided at factor 1
+      and admitted when the unscaled model says it fits, the batch is empty and nothing has been admitted
+      for the probe interval (batch_reference.probe_due; in the compiled decide too). A controller that
+      keeps admitting never probes; an empty batch means no running request can be pushed, so the cost is
+      at most one request per interval that the factor doubted and the model did not. Probes alone would
+      be too slow: one score per interval into a window of ``residual_window`` stale ones.
+    - A time horizon on the scores (``horizon_ms``, default 30 s on the controller's clock): at each refit
+      (every finished request) scores older than that expire. When fewer than the alpha's minimum remain,
+      the factor is the start-up one (the calibration's stored factor, or one set on ``base_factor``) times
+      the remaining buckets' relative medians, the regime a fresh controller runs in. So a controller stuck
+      on stale scores returns, one horizon after its last regular admission, to what it started from and
+      learns again from the probes' and then the admitted requests' scores. Why time and not a count: the
+      scores go stale with the machine's minute (load, clocks), not with their number. The price: a server
+      finishing fewer requests per horizon than the alpha needs (20 for 0.05) always runs on the stored
+      factor. ``None`` turns either part off (then the controller behaves as before it had them).
+
     Thread safety: with the compiled module the state is a ``_batch.BatchState`` whose methods run under
     the GIL without releasing it (each one atomic for Python threads) and ``decide`` IS its compiled
     method (no Python frame, no lock); the correction windows are updated under a lock in ``finished``.
@@ -259,7 +278,8 @@ class BatchAdmissionController:
 
     def __init__(self, estimator: BatchEstimator, alpha: float | None = 0.05, policy: str = "protect",
                  max_batch: int = 64, window: int = 32, min_observations: int = 8,
-                 clamp: tuple[float, float] = (0.5, 4.0), clock: Any = None, residual_window: int = 300) -> None:
+                 clamp: tuple[float, float] = (0.5, 4.0), clock: Any = None, residual_window: int = 300,
+                 horizon_ms: float | None = 30_000.0, probe_interval_ms: float | None = 1_000.0) -> None:
         if policy not in BATCH_POLICIES:
             raise ValueError(f"policy must be one of {BATCH_POLICIES}, got {policy!r}")
         if max_batch < 1:
@@ -276,12 +296,19 @@ class BatchAdmissionController:
         self._windows: dict[int, deque[float]] = {}
         self._correction: dict[int, float] = {}
         self._window = window
-        self._scores: deque[tuple[int, float]] = deque(maxlen=max(1, residual_window))  # (bucket, score)
+        # (bucket, score, clock ms when observed): the time is for the horizon
+        self._scores: deque[tuple[int, float, float]] = deque(maxlen=max(1, residual_window))
+        self._wtimes: dict[int, deque[float]] = {}  # observation times of each bucket window's scores
+        self.horizon_ms = math.inf if horizon_ms is None else float(horizon_ms)
+        self.probe_interval_ms = math.inf if probe_interval_ms is None else float(probe_interval_ms)
+        self.expired = 0  # scores dropped by the horizon
+        self._start = (factor, self.factor_source)  # what the factor falls back to (see the docstring)
         self._min_obs = min_observations
         self._clamp = clamp
         self._state: Any = None
         if estimator._kernel is not None:
-            self._state = _batch.BatchState(estimator._kernel, self.max_batch, self.protect, factor, self._clock)
+            self._state = _batch.BatchState(estimator._kernel, self.max_batch, self.protect, factor, self._clock,
+                                            self.probe_interval_ms)
             self.decide = self._state.decide  # type: ignore[method-assign]  # the compiled body, no Python frame
         else:
             self._base = factor
@@ -290,7 +317,9 @@ class BatchAdmissionController:
             self._left: list[float] = []
             self._dl: list[float] = []
             self._prep: ref.Prepared | None = None
-            self._counts = [0, 0, 0]  # decisions, admits, rejects
+            self._counts = [0, 0, 0, 0]  # decisions, admits, rejects, probes
+            self._last_admit = -math.inf
+            self._last_factor = 1.0
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any], prefill_coeffs: Sequence[float],
@@ -303,6 +332,11 @@ class BatchAdmissionController:
 
     @base_factor.setter
     def base_factor(self, value: float) -> None:
+        """Set from outside (a replay's fitted factor): also the factor a refit falls back to."""
+        self._start = (float(value), self.factor_source)
+        self._set_base(value)
+
+    def _set_base(self, value: float) -> None:
         if self._state is not None:
             self._state.base_factor = float(value)
         else:
@@ -370,50 +404,85 @@ class BatchAdmissionController:
             score = float(actual_ms) / float(predicted_ms)
             if not math.isfinite(score) or score <= 0:
                 return
+            now = self._clock()
             b = batch_bucket(batch)
             w = self._windows.get(b)
             if w is None:
                 w = self._windows[b] = deque(maxlen=self._window)
+                self._wtimes[b] = deque(maxlen=self._window)
             w.append(score)
-            self._scores.append((b, score))
-            self._refit()
+            self._wtimes[b].append(now)
+            self._scores.append((b, score, now))
+            self._refit(now)
 
     def seed_scores(self, scores: Iterable[float]) -> None:
         """Warm start the online factor with scores of a batched replay (actual / predicted, as in finished)."""
         with self._lock:
-            self._scores.extend((-1, float(v)) for v in scores if math.isfinite(v) and v > 0)  # -1: no bucket
-            self._refit()
+            now = self._clock()
+            self._scores.extend((-1, float(v), now) for v in scores if math.isfinite(v) and v > 0)  # -1: no bucket
+            self._refit(now)
 
-    def _refit(self) -> None:
-        """Under the lock: per batch bucket its scale (median score; the pooled median until it has
-        min_observations) and, once there are enough scores for alpha, the online factor: the split-conformal
-        quantile of the scores divided by their bucket's scale (each bucket's factor = that x its scale).
-        Before that, the stored factor x each bucket's median relative to the pooled median. All clamped."""
+    def _expire(self, now: float) -> None:
+        """Under the lock: drop the scores observed more than horizon_ms before ``now`` (each deque is in
+        observation order, so from the left)."""
+        cut = now - self.horizon_ms
+        while self._scores and self._scores[0][2] < cut:
+            self._scores.popleft()
+            self.expired += 1
+        for b, times in self._wtimes.items():
+            w = self._windows[b]
+            while times and times[0] < cut:
+                times.popleft()
+                w.popleft()
+
+    def _refit(self, now: float) -> None:
+        """Under the lock: expire the scores past the horizon; then per batch bucket its scale (median score;
+        the pooled median until it has min_observations) and, once there are enough scores for alpha, the
+        online factor: the split-conformal quantile of the scores divided by their bucket's scale (each
+        bucket's factor = that x its scale). Before that, the start-up factor x each bucket's median relative
+        to the pooled median (1 for a bucket without enough scores). All clamped."""
         from trt_latency.serving.conformal import conformal_factor, min_requests_for
 
+        self._expire(now)
+        stale = {b: 1.0 for b in self._correction}  # a bucket whose scores expired: back to no correction
         if not self._scores:
+            self._set_base(self._start[0])
+            self.factor_source = self._start[1]
+            self._apply(stale)
             return
         lo, hi = self._clamp
-        pooled = float(np.median([v for _, v in self._scores]))
+        pooled = float(np.median([v for _, v, _ in self._scores]))
         scale = {b: float(np.median(w)) for b, w in self._windows.items() if len(w) >= self._min_obs}
         if self.alpha is not None and len(self._scores) >= min_requests_for(self.alpha):
             # every bucket up to the largest batch: the ones without enough scores take the pooled median;
             # the scores are divided by the clamped scale they will be multiplied by again, so the
             # quantile's coverage holds whatever the clamp cut
             clamped = {b: min(max(scale.get(b, pooled), lo), hi) for b in range(-1, batch_bucket(self.max_batch) + 1)}
-            q = conformal_factor([v / clamped.get(b, clamped[-1]) for b, v in self._scores], self.alpha)
-            self.base_factor = min(max(q, lo), hi)
+            q = conformal_factor([v / clamped.get(b, clamped[-1]) for b, v, _ in self._scores], self.alpha)
+            self._set_base(min(max(q, lo), hi))
             self.factor_source = (f"online: conformal quantile of the last {len(self._scores)} scores, each over "
                                   "its batch bucket's median")
             updates = {b: v for b, v in clamped.items() if b >= 0}
-        else:
-            updates = {b: min(max(v / pooled, lo), hi) for b, v in scale.items()}
+        else:  # the start-up regime (a fresh controller, or every score but a few expired)
+            self._set_base(self._start[0])
+            self.factor_source = self._start[1]
+            updates = {**stale, **{b: min(max(v / pooled, lo), hi) for b, v in scale.items()}}
+        self._apply(updates)
+
+    def _apply(self, updates: Mapping[int, float]) -> None:
         for b, value in updates.items():
             self._correction[b] = value
             if self._state is not None:
                 self._state.set_correction(b, value)
 
     # ----------------------------------------------------------------- decisions
+    @property
+    def last_factor(self) -> float:
+        """The factor the last decision's prediction was scaled by (1 for a probe): predicted_ms / last_factor
+        is the model's own prediction, what ``finished`` scores against. Exact when read on the deciding
+        thread right after decide (the events and refits, on other threads, do not change it)."""
+        return float(self._state.last_factor) if self._state is not None else self._last_factor
+
     def correction(self, batch: int) -> float:
         return self._correction.get(batch_bucket(batch), 1.0)
 
@@ -442,18 +511,30 @@ class BatchAdmissionController:
                 return BatchDecision(False, 0, math.nan, ref.BST_NONE * 2, 0, "batch full (max_batch running)")
             if self._prep is None:
                 self._prep = ref.prepare(self.estimator.tables, self._kv, self._left)
-            factor = self._base * self._correction.get(batch_bucket(m + 1), 1.0)
+            factor = self._last_factor = self._base * self._correction.get(batch_bucket(m + 1), 1.0)
             d = ref.decide_prepared(self.estimator.tables, self._left, self._dl, self._prep, t, float(prompt),
                                     max_new_tokens, float(budget_ms), factor, self.protect, want_fit)
+            if not d.admit and ref.probe_due(m, factor, t, self._last_admit, self.probe_interval_ms):
+                p = ref.decide_prepared(self.estimator.tables, self._left, self._dl, self._prep, t, float(prompt),
+                                        max_new_tokens, float(budget_ms), 1.0, self.protect, False)
+                if p.admit:
+                    self._counts[3] += 1
+                    self._last_factor = 1.0
+                    d = p._replace(reason=ref.PROBE_REASON)
+            if d.admit:
+                self._last_admit = t
             self._counts[1 if d.admit else 2] += 1
         return d
 
     def counters(self) -> dict[str, Any]:
         if self._state is not None:
             s = self._state
-            counts = (int(s.decisions), int(s.admits), int(s.rejects))
+            counts = (int(s.decisions), int(s.admits), int(s.rejects), int(s.probes))
         else:
             counts = tuple(self._counts)  # type: ignore[assignment]
-        return {"decisions": counts[0], "admits": counts[1], "rejects": counts[2], "running": self.running(),
+        with self._lock:
+            live = len(self._scores)
+        return {"decisions": counts[0], "admits": counts[1], "rejects": counts[2], "probes": counts[3],
+                "running": self.running(), "scores": live, "expired_scores": self.expired,
                 "factor": self.base_factor, "factor_source": self.factor_source,
                 "correction_by_batch_bucket": {f"<={1 << b}": v for b, v in sorted(self._correction.items())}}

@@ -35,8 +35,8 @@ from typing import Any, NamedTuple
 
 from trt_latency.ext.layout import P_SLOPE, P_START, P_VALUE, PCOL, TOKEN_MAX
 
-__all__ = ["BATCH_POLICIES", "BATCH_REASONS", "BatchDecision", "BatchTables", "Prepared", "build_batch_tables", "decide", "decide_prepared", "judge", "prepare",
-           "finish_times", "segment_sum", "sort_running"]
+__all__ = ["BATCH_POLICIES", "BATCH_REASONS", "BatchDecision", "BatchTables", "PROBE_REASON", "Prepared", "build_batch_tables", "decide", "decide_prepared", "judge", "prepare",
+           "finish_times", "probe_due", "segment_sum", "sort_running"]
 
 BATCH_POLICIES = ("protect", "ignore-running")
 # Batch decision codes: status * 2 + extrapolated
@@ -48,6 +48,17 @@ BATCH_REASONS = (
     "would push a running request past its deadline; max_new_tokens is what keeps everyone on time",
 )
 BAD_REQUEST = 8  # code: a malformed newcomer or running state (reason in the decision)
+PROBE_REASON = ("admitted as a probe: the batch is empty, nothing was admitted for the probe interval, and it fits "
+                "the unscaled prediction (factor 1): only the online factor rejected it")
+
+
+def probe_due(running: int, factor: float, now: float, last_admit: float, interval: float) -> bool:
+    """Whether a request the factor rejected is re-decided at factor 1 as a probe (BatchAdmissionController:
+    an online factor learns only from admitted requests, so one that rejects everything would never move).
+    Only into an empty batch (no running request can be pushed), only when the factor is above 1 (else the
+    probe is no more permissive), and at most one admission per ``interval`` ms (the time since the last
+    admission of any kind, so a controller that keeps admitting never probes)."""
+    return running == 0 and factor > 1.0 and interval < math.inf and now - last_admit >= interval
 
 
 class BatchDecision(NamedTuple):

@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from trt_latency.serving.batch_reference import PROBE_REASON
 from trt_latency.serving.engine_loop import EngineLoop, GenRequest, Listener
 from trt_latency.serving.metrics import ServeMetrics
 
@@ -84,9 +85,13 @@ class ServeAdmission(Listener):
         # TTFT from the decision as the handler hands the first token on, minus its predicted prefill: what
         # the batch model does not price before a first token (the engine's step in progress, other prefills
         # queued, the event loop's lag). Its split-conformal quantile for alpha is added to the predicted TTFT.
-        self._ttft_residuals: deque[float] = deque(maxlen=300)
+        # (perf_counter ms, residual); past the controller's horizon they expire as its scores do, so a reserve
+        # fitted in a bad minute does not reject every request for good (the probes feed new residuals)
+        self._ttft_residuals: deque[tuple[float, float]] = deque(maxlen=300)
         self.ttft_reserve_ms: float | None = None
-        # rid -> predicted total and TTFT (ms from the decision), the SLO asked (from arrival), the decision time (s)
+        # rid -> the model's own predicted total (the decision's, over the factor it was scaled by: what the
+        # controller's scores are against) and TTFT (ms from the decision), the SLO asked (from arrival), the
+        # decision time (s)
         self._pending: dict[Any, tuple[float, float, Slo, float]] = {}
 
     def decide(self, rid: Any, prompt: int, max_tokens: int, slo: Slo, elapsed_ms: float = 0.0,
@@ -105,8 +110,14 @@ class ServeAdmission(Listener):
             d = self.controller.decide(rid, prompt, max_tokens, budget if math.isfinite(budget) else 1e12,
                                        now, True)
             ns = time.perf_counter_ns() - t0
-            ttft = self.predicted_ttft(prompt, self.controller.running() + 1)  # in the batch it would join
             admit, reason, pred, fit = bool(d.admit), str(d.reason), float(d.predicted_ms), int(d.max_new_tokens)
+            # the model's own total: the controller scores actual / this (a score against the scaled total
+            # would feed the factor back into itself: its fixed point would be the square root of the bias)
+            unscaled = pred / self.controller.last_factor
+            if reason == PROBE_REASON:  # admitted at factor 1 to observe again: its TTFT is checked unscaled too
+                ttft = float(self.est.ttft_ms(prompt))
+            else:
+                ttft = self.predicted_ttft(prompt, self.controller.running() + 1)  # in the batch it would join
             full = not admit and reason.startswith("batch full")
             if admit and ttft > slo.ttft_ms:
                 admit, reason = False, "predicted TTFT (prefill x factor, or + the online TTFT reserve) over the " \
@@ -114,7 +125,7 @@ class ServeAdmission(Listener):
         elif self.mode == "seed-1.3":
             t0 = time.perf_counter_ns()
             ttft = self.est.prefill_ms(prompt)
-            pred = ttft + (max_tokens - 1) * self.seed_rate_ms
+            pred = unscaled = ttft + (max_tokens - 1) * self.seed_rate_ms
             admit = pred <= budget and ttft <= slo.ttft_ms
             ns = time.perf_counter_ns() - t0
             fit = max(0, int((budget - ttft) // self.seed_rate_ms) + 1) if math.isfinite(budget) else max_tokens
@@ -123,13 +134,14 @@ class ServeAdmission(Listener):
         else:
             t0 = time.perf_counter_ns()
             admit, reason, pred, ttft, fit = True, "admission off", math.nan, math.nan, max_tokens
+            unscaled = pred
             ns = time.perf_counter_ns() - t0
         self.metrics.decide_ns.add(ns)
         self.metrics.decision_ns.observe(ns)
         if record or admit:
             self.metrics.decisions.labels(outcome="admit" if admit else "reject", reason=reason).inc()
         if admit:
-            self._pending[rid] = (pred, ttft, asked, time.perf_counter())
+            self._pending[rid] = (unscaled, ttft, asked, time.perf_counter())
             if self.controller is not None and self.mode == "trt-latency":
                 self.controller.started(rid, prompt, max_tokens, budget if math.isfinite(budget) else 1e12)
             if math.isfinite(pred):
@@ -157,9 +169,15 @@ class ServeAdmission(Listener):
 
         if self.controller is None or self.controller.alpha is None or not math.isfinite(residual_ms):
             return
-        self._ttft_residuals.append(residual_ms)
-        if len(self._ttft_residuals) >= min_requests_for(self.controller.alpha):
-            self.ttft_reserve_ms = max(conformal_factor(list(self._ttft_residuals), self.controller.alpha), 0.0)
+        now = time.perf_counter() * 1e3
+        res = self._ttft_residuals
+        res.append((now, residual_ms))
+        while res and res[0][0] < now - self.controller.horizon_ms:
+            res.popleft()
+        if len(res) >= min_requests_for(self.controller.alpha):
+            self.ttft_reserve_ms = max(conformal_factor([v for _, v in res], self.controller.alpha), 0.0)
+        else:  # too few within the horizon: the start-up rule (prefill x the factor)
+            self.ttft_reserve_ms = None
 
     def record_reject(self, v: Verdict) -> None:
         self.metrics.decisions.labels(outcome="reject", reason=v.reason).inc()

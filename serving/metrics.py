@@ -66,6 +66,13 @@ class ServeMetrics:
                                 ["batch_bucket"], registry=r)
         self.base_factor = Gauge("trtl_safety_factor", "Online safety factor (conformal quantile of scores)",
                                  registry=r)
+        self.probes = Counter("trtl_probe_admissions", "Requests admitted as probes (factor 1, empty batch, nothing "
+                              "admitted for the probe interval): how the online factor observes again", registry=r)
+        self.expired_scores = Counter("trtl_expired_scores", "Online-factor scores dropped past the time horizon",
+                                      registry=r)
+        self.live_scores = Gauge("trtl_live_scores", "Scores the online factor is fitted on (within the horizon)",
+                                 registry=r)
+        self._seen = {"probes": 0, "expired_scores": 0}  # the controller's totals already counted
         self.running = Gauge("trtl_running_batch", "Requests in the engine's running batch", registry=r)
         self.queue = Gauge("trtl_queue_depth", "Admitted requests waiting for a KV slot", registry=r)
         self.steps = Counter("trtl_decode_steps", "Batched decode steps", registry=r)
@@ -80,5 +87,11 @@ class ServeMetrics:
     def set_factors(self, counters: dict[str, Any]) -> None:
         """Gauges from BatchAdmissionController.counters()."""
         self.base_factor.set(float(counters.get("factor", 1.0)))
+        self.live_scores.set(float(counters.get("scores", 0)))
+        for key, counter in (("probes", self.probes), ("expired_scores", self.expired_scores)):
+            total = int(counters.get(key, 0))
+            if total > self._seen[key]:
+                counter.inc(total - self._seen[key])
+                self._seen[key] = total
         for bucket, value in counters.get("correction_by_batch_bucket", {}).items():
             self.correction.labels(batch_bucket=bucket).set(float(value))

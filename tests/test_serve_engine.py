@@ -83,6 +83,30 @@ def test_batched_tokens_equal_the_runners_greedy_generation(runner: OrtRunner) -
     assert not loop.alive
 
 
+def test_reusing_the_last_present_equals_relaying_out_every_step(runner: OrtRunner) -> None:
+    """The step feeds the previous present back as the past while the batch is unchanged: the same tokens
+    as re-laying every row's KV out each step (and as the runner's greedy generation), with re-layouts only
+    when the membership changes; a reused slot (new generation) is never fed a stale present."""
+    rng = np.random.default_rng(8)
+    prompts = [[int(t) for t in rng.integers(1, TINY.vocab, n)] for n in (4, 11, 2, 25, 7, 3, 19)]
+    lengths = [30, 9, 40, 14, 3, 22, 17]
+    refs = [runner.generate(np.asarray([p]), n).tokens for p, n in zip(prompts, lengths, strict=True)]
+    out = {}
+    for reuse in (True, False):
+        decoder = SlotDecoder(runner, 3)
+        decoder.reuse_batch = reuse
+        loop = EngineLoop(decoder).start()
+        try:
+            done = _run(loop, [{"prompt": p, "max_tokens": n} for p, n in zip(prompts, lengths, strict=True)])
+        finally:
+            loop.stop()
+        out[reuse] = ([c.tokens for _, c in done], decoder.relayouts, loop.steps)
+    assert out[True][0] == out[False][0] == refs
+    relayouts, steps = out[True][1], out[True][2]
+    # each request joins once and leaves once: at most that many membership changes, far fewer than steps
+    assert out[False][1] == out[False][2] and relayouts <= 2 * len(prompts) < steps, (relayouts, steps)
+
+
 def test_eos_min_tokens_and_ignore_eos(runner: OrtRunner) -> None:
     prompt = [7, 11, 13, 17]
     ref = runner.generate(np.asarray([prompt]), 12).tokens

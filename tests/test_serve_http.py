@@ -399,3 +399,30 @@ def test_the_ttft_check_learns_a_reserve_online(calibrated: Path) -> None:
         assert loose.status_code == 200
     finally:
         s.close()
+
+
+def test_a_stuck_factor_admits_a_probe_and_metrics_show_it(calibrated: Path) -> None:
+    """A controller whose factor (4) rejects a request the model alone fits: into the empty batch it is
+    admitted once as a probe (reason and /metrics say so), the next one within the probe interval is a 429."""
+    from trt_latency.serving.batch_reference import PROBE_REASON
+
+    s = Server(calibrated, max_batch=4, probe_interval_ms=60_000.0)
+    try:
+        adm = s.ctx.admission
+        adm.controller.base_factor = 4.0
+        body = {"prompt": [5, 6, 7], "max_tokens": 4, "ignore_eos": True,
+                "slo_ms": 2.0 * adm.est.total_with([], 3, 4)}
+        first = s.client.post("/v1/completions", json=body)
+        assert first.status_code == 200 and first.json()["usage"]["completion_tokens"] == 4
+        second = s.client.post("/v1/completions", json=body)
+        assert second.status_code == 429 and "over budget" in second.json()["error"]["message"]
+        assert _wait(lambda: s.ctx.engine.idle())
+        m = s.metrics()
+        probe = [v for k, v in m.items() if k.startswith('trtl_decisions_total{outcome="admit"') and "probe" in k]
+        assert probe == [1.0] and PROBE_REASON.startswith("admitted as a probe")
+        assert m["trtl_probe_admissions_total"] == 1.0 and m["trtl_live_scores"] == 1.0
+        assert m["trtl_expired_scores_total"] == 0.0
+        c = s.stats()["controller"]
+        assert c["probes"] == 1 and c["admits"] == 1 and c["scores"] == 1
+    finally:
+        s.close()

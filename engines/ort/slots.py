@@ -14,6 +14,13 @@ position of the present. Batching needs an attention mask input and standard-op 
 (no mask, or GroupQueryAttention, which reads right-padded rows) the decoder steps the rows one by one
 (``can_batch`` False, ``why`` says so). Supported: concat KV (past + new -> present), separate key/value
 tensors (our export, optimum); a shared-buffer or fused-KV model raises InputError naming the field.
+
+Between steps of an unchanged batch the past is not re-laid out: a concat model's present of step t (every
+row grown by one at the same position, so the left padding stays aligned) IS step t + 1's past, fed back
+as it came out (the mask gains a column of ones). The O(B L) left-pad copy into a fresh feed runs only when
+the batch's membership changes (a request joins after its prefill or leaves); each step still writes each
+row's new position into its slot (O(B)), so a re-layout always starts from current slots. Measured by
+benchmarks/serve_step_copy.py. The price: the batch's KV is held twice (slots + the last present).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ class Slot:
     length: int = 0
     last_token: int = -1
     busy: bool = field(default=False)
+    generation: int = 0  # bumped by each prefill: a batch cached over an older content of the slot is stale
 
 
 class SlotDecoder:
@@ -72,6 +80,12 @@ class SlotDecoder:
                                    if self._mask is None else "GroupQueryAttention reads right-padded rows"))
         shape = (int(sig.kv_heads), self.max_len, int(sig.head_dim))
         self.slots = [Slot([np.zeros(shape, dtype=self._kv_dtype) for _ in self._pairs]) for _ in range(slots)]
+        # The last batched step: its key (slot indices, their generations, their lengths after it), its present
+        # (the next step's past while the key holds) and each row's left padding. reuse_batch False re-lays
+        # the past out every step (the first version; benchmarks/serve_step_copy.py compares the two).
+        self.reuse_batch = True
+        self._cached: tuple[tuple[Any, ...], list[np.ndarray], np.ndarray] | None = None
+        self.relayouts = 0
 
     # -- slots ----------------------------------------------------------------------------------------
     def acquire(self) -> int | None:
@@ -120,6 +134,7 @@ class SlotDecoder:
         for buf, present in zip(slot.kv, out[1:], strict=True):
             buf[:, :n] = present[0]
         slot.length = n
+        slot.generation += 1
         slot.last_token = int(np.argmax(out[0][0, -1]))
         return slot.last_token
 
@@ -133,12 +148,20 @@ class SlotDecoder:
         if max(lens) >= self.max_len:
             raise ValueError(f"a slot is full ({max(lens)} of {self.max_len} KV positions)")
         b, lmax = len(slots), max(lens)
-        mask = np.zeros((b, lmax + 1), dtype=np.int64)
-        past = [np.zeros((b, self.sig.kv_heads, lmax, self.sig.head_dim), dtype=self._kv_dtype) for _ in self._pairs]
-        for r, s in enumerate(slots):
-            mask[r, lmax - s.length:] = 1  # left-padded: row r's past ends where the longest one's does
-            for j, arr in enumerate(past):
-                arr[r, :, lmax - s.length:] = s.kv[j][:, : s.length]
+        key = (tuple(indices), tuple(s.generation for s in slots), tuple(lens))
+        cached = self._cached if self.reuse_batch else None
+        self._cached = None
+        if cached is not None and cached[0] == key:  # the same rows, each one step on: last present = past
+            _, past, pad = cached
+        else:
+            self.relayouts += 1
+            pad = np.asarray([lmax - n for n in lens], dtype=np.int64)
+            past = [np.zeros((b, self.sig.kv_heads, lmax, self.sig.head_dim), dtype=self._kv_dtype)
+                    for _ in self._pairs]
+            for r, s in enumerate(slots):  # left-padded: row r's past ends where the longest one's does
+                for j, arr in enumerate(past):
+                    arr[r, :, pad[r]:] = s.kv[j][:, : s.length]
+        mask = (np.arange(lmax + 1)[None, :] >= pad[:, None]).astype(np.int64)
         ids = np.asarray([[s.last_token] for s in slots], dtype=np.int64)
         out = self._run(ids, np.asarray(lens)[:, None], mask, past)
         tokens = np.argmax(out[0][:, -1], axis=-1)
@@ -147,4 +170,6 @@ class SlotDecoder:
                 buf[:, s.length] = present[r, :, lmax]
             s.length += 1
             s.last_token = int(tokens[r])
+        if self.reuse_batch and lmax + 1 < self.max_len:
+            self._cached = ((tuple(indices), key[1], tuple(s.length for s in slots)), out[1:], pad)
         return [int(t) for t in tokens]

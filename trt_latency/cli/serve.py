@@ -59,6 +59,13 @@ def register(sub: Any) -> None:
                    help="trt-latency admission prices the serving loop's own cost per step (o), after a prefill "
                    "(c) and on the prefill (o_p) from the calibration's serving_loop (default), or the engine "
                    "call alone (none: the online factor then has to carry that overhead)")
+    p.add_argument("--score-horizon-s", type=float, default=30.0,
+                   help="trt-latency admission: the online factor's scores expire after this many seconds "
+                   "(default 30; 0: never); with too few left it falls back to the calibration's factor")
+    p.add_argument("--probe-interval-ms", type=float, default=1000.0,
+                   help="trt-latency admission: into an empty batch with nothing admitted for this long, admit "
+                   "one request the factor rejects but the model alone fits, so the factor observes again "
+                   "(default 1000; 0: no probes)")
     p.add_argument("--slo-ms", type=float, default=None, help="default total SLO from arrival (ms)")
     p.add_argument("--ttft-slo-ms", type=float, default=None, help="default TTFT SLO (ms)")
     p.add_argument("--tpot-slo-ms", type=float, default=None, help="default time per output token (ms); with "
@@ -106,12 +113,14 @@ def load_tokenizer(directory: str | Path) -> tuple[Any, int | None]:
 
 def make_context(runner: Any, cal: Any, key: Any, *, admission: str = "trt-latency", alpha: float = 0.05,
                  max_batch: int = 8, tokenizer: Any = None, eos_id: int | None = None, model_name: str = "model",
-                 slo: Any = None, loop_terms: bool = True) -> Any:
+                 slo: Any = None, loop_terms: bool = True, horizon_s: float | None = 30.0,
+                 probe_interval_ms: float | None = 1000.0) -> Any:
     """The engine loop (started), the admission and the app's context over an open runner.
 
     ``loop_terms``: the trt-latency controller's batch model prices the calibration's serving-loop terms
     (folded into its tables, so a decision costs the same); seed-1.3 stays the engine step x 1.3 (the
-    baseline as defined)."""
+    baseline as defined). ``horizon_s`` / ``probe_interval_ms``: the controller's recovery from a factor that
+    rejects everything (BatchAdmissionController; None: off)."""
     from trt_latency.engines.ort.slots import SlotDecoder
     from trt_latency.estimator.model import Estimator
     from trt_latency.serving.batch_admission import BatchAdmissionController, BatchEstimator
@@ -123,8 +132,9 @@ def make_context(runner: Any, cal: Any, key: Any, *, admission: str = "trt-laten
     if not decoder.can_batch:  # batch 1: one request at a time (decoder.why says why, the start line shows it)
         decoder.slots, max_batch = decoder.slots[:1], 1
     est = BatchEstimator.from_estimator(Estimator(cal), *key, serving=loop_terms and admission == "trt-latency")
-    controller = BatchAdmissionController(est, alpha=alpha, max_batch=max_batch) if admission == "trt-latency" \
-        else None
+    controller = BatchAdmissionController(
+        est, alpha=alpha, max_batch=max_batch, horizon_ms=None if horizon_s is None else horizon_s * 1e3,
+        probe_interval_ms=probe_interval_ms) if admission == "trt-latency" else None
     metrics = ServeMetrics()
     seed_rate = SEED_FACTOR * est.step_ms([decoder.max_len])
     adm = ServeAdmission(admission, est, controller, metrics, seed_rate)
@@ -166,6 +176,9 @@ def run(args: argparse.Namespace) -> int:
         return _usage("--max-batch must be >= 1")
     if not 0.0 < args.alpha < 1.0:
         return _usage("--alpha must be in (0, 1)")
+    for flag, value in (("--score-horizon-s", args.score_horizon_s), ("--probe-interval-ms", args.probe_interval_ms)):
+        if not math.isfinite(value) or value < 0:
+            return _usage(f"{flag} must be a number >= 0 (0: off), got {value}")
     for name in ("slo_ms", "ttft_slo_ms", "tpot_slo_ms"):
         v = getattr(args, name)
         if v is not None and not (math.isfinite(v) and v > 0):
@@ -194,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
                                 huge_pages=plan.runtime.huge_pages)
     ctx = make_context(runner, cal, key, admission=args.admission, alpha=args.alpha, max_batch=args.max_batch,
                        tokenizer=tokenizer, eos_id=eos, model_name=args.model_name or model_path.parent.name,
-                       slo=_default_slo(args), loop_terms=args.loop_terms == "calibration")
+                       slo=_default_slo(args), loop_terms=args.loop_terms == "calibration",
+                       horizon_s=args.score_horizon_s or None, probe_interval_ms=args.probe_interval_ms or None)
     app = create_app(ctx)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
