@@ -442,5 +442,6 @@ def _serving_loops(estimator: Any) -> dict[str, Any]:
             out[f"{c.tier_idx},{c.top_k},{c.num_active_blocks}"] = {
                 "decode_step_ms": lp.decode_step_ms, "first_step_ms": lp.first_step_ms, "prefill_ms": lp.prefill_ms,
                 "n_requests": lp.n_requests, "source": lp.source,
-                "first_step_per_token_ms": lp.first_step_per_token_ms, "clamped": list(lp.clamped)}
+                "first_step_per_token_ms": lp.first_step_per_token_ms, "clamped": list(lp.clamped),
+                "prefill_per_token_ms": lp.prefill_per_token_ms}
     return out

@@ -161,9 +161,10 @@ def format_analysis(report: AnalysisReport) -> str:
         lines.append("Predicted = engine per-position model + serving-loop terms (from the calibration):")
         for key, t in sorted(report.serving_loop.items()):
             slope = f" + {t['first_step_per_token_ms']:.3g} ms * P" if t.get("first_step_per_token_ms") else ""
+            pre_slope = f" + {t['prefill_per_token_ms']:.3g} ms * P" if t.get("prefill_per_token_ms") else ""
             clamped = f"; clamped at 0: {', '.join(t['clamped'])}" if t.get("clamped") else ""
             lines.append(f"  config ({key}): o = {t['decode_step_ms']:.4f} ms per decode step, c = "
-                         f"{t['first_step_ms']:.4f}{slope} ms once after the prefill, o_p = {t['prefill_ms']:.4f} ms "
+                         f"{t['first_step_ms']:.4f}{slope} ms once after the prefill, o_p = {t['prefill_ms']:.4f}{pre_slope} ms "
                          f"on the prefill ({t['source']}, {t['n_requests']} requests{clamped})")
         lines.append(_wrap(f"Loop share: the serving-loop terms are {report.loop_share_decode:.1%} of the predicted "
                            f"decode time and {report.loop_share_total:.1%} of the predicted total time of these "

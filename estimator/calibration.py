@@ -43,7 +43,9 @@ and version-1 files round-trip byte identical) and as version 2 otherwise.
 Schema version 3 adds the first step's growth with the prompt to the serving loop,
 c(P) = first_step_ms + first_step_per_token_ms * P (``first_step_per_token_ms: c1``, ms per prompt token,
 >= 0). A file is written as version 3 only when some c1 > 0 (an older reader then refuses the file instead
-of silently predicting with c1 = 0); files without it load with c1 = 0.
+of silently predicting with c1 = 0); files without it load with c1 = 0. The prefill side's o_p grows the
+same way where the replay supports it, o_p(P) = prefill_ms + prefill_per_token_ms * P (written, and
+making the file version 3, only when > 0).
 
 The serving-loop section models what a real generate loop adds to the engine-only sweep
 (estimator.fit.fit_serving_loop): total(n) = prefill(P) + o_p + [n >= 2] * c + sum_{j=0}^{n-2} (T(P+j) + o).
@@ -101,7 +103,9 @@ class ServingLoop:
     first_step_ms (c0) + first_step_per_token_ms (c1) * P: once per request with >= 1 decode step (cold
     caches after the prefill; a runtime that frees the P x vocab prefill logits there pays per prompt
     token: c1 > 0 only where the replay supports the slope, estimator.fit.fit_loop_terms);
-    prefill_ms (o_p): added to the prefill (TTFT) side.
+    prefill_ms (o_p) + prefill_per_token_ms (o_p1) * P: added to the prefill (TTFT) side (a runtime that
+    allocates and writes the P x vocab logits of the prefill pays per prompt token; o_p1 > 0 only where the
+    replay supports the slope).
     clamped: the terms the fit held at their bound 0 (the data asked for a negative value), by name
     ("o", "c", "c1", "o_p"): a 0 there is a bound, not a measurement.
     """
@@ -113,10 +117,20 @@ class ServingLoop:
     source: str = "none"
     first_step_per_token_ms: float = 0.0
     clamped: tuple[str, ...] = ()
+    prefill_per_token_ms: float = 0.0
 
     def first_ms(self, prompt: float) -> float:
         """c(P): the one-off first decode step's extra cost after a prefill of `prompt` tokens."""
         return self.first_step_ms + self.first_step_per_token_ms * prompt
+
+    def prefill_extra_ms(self, prompt: float) -> float:
+        """o_p(P): what the loop adds to the engine's prefill of `prompt` tokens (the TTFT side)."""
+        return self.prefill_ms + self.prefill_per_token_ms * prompt
+
+    @property
+    def has_slope(self) -> bool:
+        """A term per prompt token (c1 or o_p1): the file is schema 3 (an older reader refuses it)."""
+        return bool(self.first_step_per_token_ms or self.prefill_per_token_ms)
 
 
 @dataclass
@@ -224,6 +238,8 @@ def _loop_dict(loop: ServingLoop) -> dict[str, Any]:
     # Written only when set, so files without them round-trip byte identical.
     if loop.first_step_per_token_ms:
         out["first_step_per_token_ms"] = float(loop.first_step_per_token_ms)
+    if loop.prefill_per_token_ms:
+        out["prefill_per_token_ms"] = float(loop.prefill_per_token_ms)
     if loop.clamped:
         out["clamped"] = list(loop.clamped)
     return out
@@ -278,7 +294,7 @@ def _batch_dict(section: Mapping[str, Any]) -> dict[str, Any]:
 def schema_version_for(configs: Sequence[ConfigCalibration]) -> int:
     """1 unless a config carries a batch section (then 2) or a first-step slope c1 > 0 (then 3, which an
     older reader refuses instead of silently dropping c1): files without them stay readable by old tools."""
-    if any(c.serving_loop is not None and c.serving_loop.first_step_per_token_ms for c in configs):
+    if any(c.serving_loop is not None and c.serving_loop.has_slope for c in configs):
         return 3
     return 2 if any(c.batch is not None for c in configs) else 1
 
@@ -518,9 +534,10 @@ class _Validator:
         for i, c in enumerate(configs):
             if c.batch is not None and version < 2:
                 raise self.fail(f"configs[{i}].batch", "schema_version 2 for a batch section", version)
-            if c.serving_loop is not None and c.serving_loop.first_step_per_token_ms and version < 3:
-                raise self.fail(f"configs[{i}].serving_loop.first_step_per_token_ms",
-                                "schema_version 3 for a first-step slope", version)
+            for term in ("first_step_per_token_ms", "prefill_per_token_ms"):
+                if c.serving_loop is not None and getattr(c.serving_loop, term) and version < 3:
+                    raise self.fail(f"configs[{i}].serving_loop.{term}", "schema_version 3 for a per-prompt-token "
+                                    "loop term", version)
         seen: set[tuple[int, int, int]] = set()
         for i, c in enumerate(configs):
             if c.key in seen:
@@ -707,6 +724,8 @@ class _Validator:
                                                 f"{name}.first_step_per_token_ms", lo=0.0, hi=1e6,
                                                 what="a finite number of ms per prompt token in [0, 1e6]"),
             clamped=self.clamped(m.get("clamped", []), f"{name}.clamped"),
+            prefill_per_token_ms=self.number(m.get("prefill_per_token_ms", 0.0), f"{name}.prefill_per_token_ms",
+                                             lo=0.0, hi=1e6, what="a finite number of ms per prompt token in [0, 1e6]"),
         )
 
     def clamped(self, data: Any, name: str) -> tuple[str, ...]:

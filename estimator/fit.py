@@ -486,6 +486,8 @@ class LoopTerms:
     clamped: tuple[str, ...] = ()  # names from calibration.LOOP_TERMS held at 0 by the fit
     form: str = "constant"  # "constant" c or "prompt" c0 + c1 P (chosen by AICc)
     aicc: tuple[float, float] = (math.nan, math.nan)  # (constant, prompt); nan = not compared
+    o_p1: float = 0.0  # ms per prompt token on the TTFT side; 0 when the constant o_p is kept
+    prefill_form: str = "constant"  # "constant" o_p or "prompt" o_p + o_p1 P (chosen by AICc)
 
 
 def _aicc(rss: float, n: int, k: int) -> float:
@@ -521,7 +523,8 @@ def fit_loop(output_tokens: np.ndarray, decode_residual_ms: np.ndarray, prefill_
     c(P) is a constant c0, or c0 + c1 P (P = `prompt`, the request's prompt tokens) when the slope is
     supported: enough distinct prompts, c1 > 0, and AICc (robust RSS, residuals clipped at the Huber cut of
     the constant fit's scale) lower by SLOPE_AICC_MARGIN. prefill_residual_ms = measured TTFT - engine
-    prefill: o_p is its Huber location, rows weighted 1 / prefill_ms^2 when given (timing noise is relative:
+    prefill: o_p is its Huber location (or o_p + o_p1 P where the prompts support it, _fit_prefill_side), rows
+    weighted 1 / prefill_ms^2 when given (timing noise is relative:
     a VLM request's 100 ms encoder scatters by +-20 ms and would bury a 0.1 ms host overhead measured on the
     short prompts). All >= 0; a term the bound holds at 0 is named in `clamped`.
     """
@@ -566,19 +569,45 @@ def fit_loop(output_tokens: np.ndarray, decode_residual_ms: np.ndarray, prefill_
             steps = n[dec] - 1.0
             o = float(_huber_nnls(steps[:, None], r[dec], 1.0 / steps)[0])
             clamped += ["o"] if o == 0.0 else []
-    ok = np.isfinite(rp)
-    wp = None if prefill_ms is None else 1.0 / np.maximum(np.asarray(prefill_ms, dtype=np.float64)[ok], 1e-3) ** 2
-    rp = rp[ok]
-    o_p = float(_huber_nnls(np.ones((rp.size, 1)), rp, wp)[0]) if rp.size else 0.0
-    if rp.size and o_p == 0.0:
+    o_p, o_p1, prefill_form = _fit_prefill_side(rp, prefill_ms, pl_all)
+    if o_p == 0.0 and np.isfinite(rp).any():
         clamped.append("o_p")
-    return LoopTerms(o, c0, c1, o_p, tuple(clamped), form, aicc)
+    return LoopTerms(o, c0, c1, o_p, tuple(clamped), form, aicc, o_p1, prefill_form)
+
+
+def _fit_prefill_side(rp: np.ndarray, prefill_ms: np.ndarray | None, prompt: np.ndarray | None
+                      ) -> tuple[float, float, str]:
+    """(o_p, o_p1, form) from the TTFT residuals: a Huber location, or o_p + o_p1 P where the prompts
+    support it (the same AICc rule as c(P)). Rows weighted 1 / prefill_ms^2 when given: the prefill's
+    timing noise is relative, so a long prompt's seconds do not bury the short prompts' overhead; the slope
+    then has to hold on the relative scale too (a runtime writing P x vocab logits pays per token)."""
+    ok = np.isfinite(rp)
+    y = rp[ok]
+    if not y.size:
+        return 0.0, 0.0, "constant"
+    w = np.ones(y.size) if prefill_ms is None else 1.0 / np.maximum(np.asarray(prefill_ms, dtype=np.float64)[ok],
+                                                                    1e-3) ** 2
+    ones = np.ones((y.size, 1))
+    x = _huber_nnls(ones, y, w)
+    o_p = float(x[0])
+    if prompt is None or np.unique(prompt[ok]).size < MIN_SLOPE_PROMPTS:
+        return o_p, 0.0, "constant"
+    a2 = np.column_stack([np.ones(y.size), prompt[ok]])
+    x2 = _huber_nnls(a2, y, w)
+    res = (y - ones @ x) * np.sqrt(w)
+    clip = HUBER_K * max(1.4826 * float(np.median(np.abs(res - np.median(res)))), 1e-12)
+    m = int(y.size)
+    if x2[1] > 0 and (_aicc(_robust_rss(a2, y, x2, w, clip), m, 2) + SLOPE_AICC_MARGIN
+                      < _aicc(_robust_rss(ones, y, x, w, clip), m, 1)):
+        return float(x2[0]), float(x2[1]), "prompt"
+    return o_p, 0.0, "constant"
 
 
 def loop_note(loop: ServingLoop) -> str:
     """The summary's note on a config's loop terms: the first step's slope and the terms held at their
     bound (a clamped term is never printed as a silent 0.0000)."""
     note = f"; c(P) = c + {loop.first_step_per_token_ms:.3g} ms * P" if loop.first_step_per_token_ms else ""
+    note += f"; o_p(P) = o_p + {loop.prefill_per_token_ms:.3g} ms * P" if loop.prefill_per_token_ms else ""
     if loop.clamped:
         note += (f"; clamped at 0: {', '.join(loop.clamped)} (the replay asked for less than the engine-only "
                  "sweep: a bound, not a measurement)")
@@ -698,20 +727,22 @@ def fit_serving_loop(log: Any, estimator: Any, fit_mask: np.ndarray | None = Non
         if n_dec >= MIN_LOOP_REQUESTS:
             terms = fit_loop(n_out[fit], (total - ttft)[fit] - dec[fit], ttft[fit] - pre[fit], pre[fit], prompt[fit],
                              first_residual[fit])
-            loop = ServingLoop(terms.o, terms.c0, terms.o_p, int(fit.sum()), "replay", terms.c1, terms.clamped)
+            loop = ServingLoop(terms.o, terms.c0, terms.o_p, int(fit.sum()), "replay", terms.c1, terms.clamped,
+                               terms.o_p1)
         else:
             loop = ServingLoop(0.0, 0.0, 0.0, int(fit.sum()), "none")
         hold = mine & holdout_mask
         engine_total = pre[hold] + dec[hold]
         steps = np.maximum(n_out[hold] - 1, 0).astype(np.float64)
-        serving_total = (engine_total + loop.prefill_ms + np.where(steps > 0, loop.first_ms(prompt[hold]), 0.0)
+        serving_total = (engine_total + loop.prefill_extra_ms(prompt[hold])
+                         + np.where(steps > 0, loop.first_ms(prompt[hold]), 0.0)
                          + steps * loop.decode_step_ms)
         rel_e, ratio_e = _median_rel(total[hold], engine_total)
         rel_s, ratio_s = _median_rel(total[hold], serving_total)
         has_dec = steps > 0
         measured_dec = (total - ttft)[hold][has_dec]
         dec_e = _median_rel(measured_dec, dec[hold][has_dec])[0]
-        dec_s = _median_rel(measured_dec, (serving_total - pre[hold] - loop.prefill_ms)[has_dec])[0]
+        dec_s = _median_rel(measured_dec, (serving_total - pre[hold] - loop.prefill_extra_ms(prompt[hold]))[has_dec])[0]
         out[key] = LoopFitReport(key, loop, int(fit.sum()), int(hold.sum()), rel_e, rel_s, ratio_e, ratio_s,
                                  dec_e, dec_s, terms)
     return out

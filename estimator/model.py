@@ -11,11 +11,13 @@ It never raises for bad request fields: Decision(False, 0, nan, reason) says whi
 Semantics: P = vision_tokens + text_tokens and, with the config's serving-loop terms (o, c, o_p; zeros
 when the calibration has none),
 
-    total(n) = prefill(P) + o_p + [n >= 2] * c(P) + sum_{j=0}^{n-2} (T(P + j) + o),   c(P) = c0 + c1 * P
+    total(n) = prefill(P) + o_p(P) + [n >= 2] * c(P) + sum_{j=0}^{n-2} (T(P + j) + o),
+    c(P) = c0 + c1 * P,   o_p(P) = o_p + o_p1 * P
 
 where T is the engine-only step fitted from the sweep and c(P) the first decode step's extra cost after
-a prefill of P tokens (c1 = 0 unless the replay supports a slope). The serving step T + o is folded into the
-kernel tables at load time (o shifts every knot value), c0, c1 and o_p are table columns; a second set of
+a prefill of P tokens (c1 = 0 unless the replay supports a slope; o_p1 likewise). The serving step T + o is
+folded into the kernel tables at load time (o shifts every knot value, o_p1 the prefill's linear
+coefficient), c0, c1 and o_p are table columns; a second set of
 tables without the loop terms answers `serving=False` (engine only, for reports and the sweep).
 Decision.predicted_ms is total(max_new_tokens requested, or 1 when None) times the alpha factor;
 admit is True iff that fits the budget; Decision.max_new_tokens = min(requested, largest n that fits).
@@ -143,7 +145,8 @@ def build_tables(cal: Calibration, serving: bool = True) -> tuple[dict[str, np.n
     """Flat tables for the kernels, the key of each row and whether it is factorised.
 
     serving=True folds each config's serving-loop terms in: o into every piece value (T + o per
-    step), c0, c1 and o_p into the LOOP_FIRST / LOOP_FIRST_P / LOOP_PRE columns. serving=False: engine-only tables.
+    step), o_p1 into the prefill's linear coefficient, c0, c1 and o_p into the LOOP_FIRST / LOOP_FIRST_P /
+    LOOP_PRE columns. serving=False: engine-only tables.
     """
     rows = _factorised_rows(cal)
     cfg = np.zeros((len(rows), layout.NCOL))
@@ -163,6 +166,7 @@ def build_tables(cal: Calibration, serving: bool = True) -> tuple[dict[str, np.n
         row[layout.LOOP_FIRST], row[layout.LOOP_PRE] = loop.first_step_ms, loop.prefill_ms
         row[layout.LOOP_FIRST_P] = loop.first_step_per_token_ms
         row[layout.PRE_A], row[layout.PRE_B], row[layout.PRE_C] = c.prefill_coeffs
+        row[layout.PRE_B] += loop.prefill_per_token_ms  # o_p's slope, folded in as o is (the kernels unchanged)
         row[layout.PAST_LO], row[layout.PAST_HI] = c.valid_past_len
         row[layout.PRE_LO], row[layout.PRE_HI] = c.valid_prefill_len
         row[layout.FACTORISED] = 1.0 if fact else 0.0

@@ -108,10 +108,12 @@ class BatchEstimator:
         key = estimator.config_key(tier_idx, top_k, num_active_blocks)
         cfg = estimator.calibration.config(*key)
         loop = (0.0, 0.0, 0.0, 0.0)
+        coeffs = list(cfg.prefill_coeffs)
         if serving:
             sl = estimator.serving_loop(*key)
             loop = (sl.decode_step_ms, sl.first_step_ms, sl.first_step_per_token_ms, sl.prefill_ms)
-        return cls(batch_section_of(cfg), cfg.prefill_coeffs, pure_python, loop)
+            coeffs[1] += sl.prefill_per_token_ms  # o_p's slope: per prompt token, as the Estimator folds it
+        return cls(batch_section_of(cfg), coeffs, pure_python, loop)
 
     @property
     def loop(self) -> tuple[float, float, float, float]:

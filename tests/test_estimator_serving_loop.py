@@ -267,6 +267,47 @@ def test_fit_serving_loop_reads_first_steps_from_the_log(tmp_path: Path) -> None
     assert fit_serving_loop(older, Estimator(engine_cal()))[KEY].n_fit == r.n_fit
 
 
+def test_a_ttft_overhead_growing_with_the_prompt_is_fitted_and_priced(tmp_path: Path) -> None:
+    """A runtime whose TTFT adds 0.1 ms per prompt token (writing P x vocab logits): the prefill side's
+    slope o_p1 is chosen, written (schema 3), and priced by the compiled kernel and the reference alike,
+    in the Estimator and the batch tables; a constant overhead keeps the constant."""
+    from trt_latency import _native
+    from trt_latency.estimator import _reference
+    from trt_latency.serving.batch_admission import BatchEstimator
+
+    rng = np.random.default_rng(4)
+    prompt = rng.integers(32, 1024, 8).astype(np.float64)
+    prefill = 8.0 * prompt
+    rp = 0.1 * prompt * (1 + rng.normal(0.0, 0.02, prompt.size)) + prefill * rng.normal(0.0, 0.005, prompt.size)
+    n = np.full(prompt.size, 2)
+    t = fit_loop(n, np.ones(prompt.size), rp, prefill, prompt)
+    assert t.prefill_form == "prompt" and t.o_p1 == pytest.approx(0.1, rel=0.1)
+    flat = fit_loop(n, np.ones(prompt.size), 40.0 + prefill * rng.normal(0.0, 0.005, prompt.size), prefill, prompt)
+    assert flat.prefill_form == "constant" and flat.o_p1 == 0.0 and flat.o_p == pytest.approx(40.0, abs=5.0)
+
+    loop = ServingLoop(0.5, 1.0, 2.0, 8, "replay", prefill_per_token_ms=0.1)
+    cal = with_serving_loop(engine_cal(), {KEY: loop})
+    path = tmp_path / "cal.yaml"
+    save_calibration(cal, path)
+    assert load_calibration(path) == cal and load_calibration(path).schema_version == 3
+    assert "prefill_per_token_ms: 0.1" in path.read_text()
+    assert "o_p(P) = o_p + 0.1 ms * P" in loop_note(loop)
+    for impl in [m for m in (_native.kernels, _reference) if m is not None]:
+        est = Estimator(cal, implementation=impl)
+        for p in (16, 300, 1000):
+            extra = est.predict(0, p, 1).prefill_ms - est.predict(0, p, 1, serving=False).prefill_ms
+            assert extra == pytest.approx(2.0 + 0.1 * p, rel=1e-9)
+    data = calibration_to_dict(cal)
+    data["schema_version"] = 1
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(CalibrationError, match="prefill_per_token_ms"):
+        load_calibration(path)
+    batch_cal = with_serving_loop(engine_cal(), {KEY: loop})
+    est = Estimator(batch_cal)
+    served, engine = (BatchEstimator.from_estimator(est, *KEY, serving=s) for s in (True, False))
+    assert served.ttft_ms(500) - engine.ttft_ms(500) == pytest.approx(2.0 + 0.1 * 500, rel=1e-9)
+
+
 def test_slope_round_trip_and_version(tmp_path: Path) -> None:
     loop = dataclasses.replace(SLOPED, n_requests=16)
     cal = with_serving_loop(engine_cal(), {KEY: loop})
