@@ -577,10 +577,14 @@ def fit_loop(output_tokens: np.ndarray, decode_residual_ms: np.ndarray, prefill_
 
 def _fit_prefill_side(rp: np.ndarray, prefill_ms: np.ndarray | None, prompt: np.ndarray | None
                       ) -> tuple[float, float, str]:
-    """(o_p, o_p1, form) from the TTFT residuals: a Huber location, or o_p + o_p1 P where the prompts
-    support it (the same AICc rule as c(P)). Rows weighted 1 / prefill_ms^2 when given: the prefill's
-    timing noise is relative, so a long prompt's seconds do not bury the short prompts' overhead; the slope
-    then has to hold on the relative scale too (a runtime writing P x vocab logits pays per token)."""
+    """(o_p, o_p1, form) from the TTFT residuals: a Huber location, or a per-prompt-token form where the
+    prompts support it. Candidates: the constant o_p, o_p1 P alone (one parameter, as the constant: a runtime
+    that writes the prefill's P x vocab logits pays per token and nothing per call) and o_p + o_p1 P; the
+    lowest AICc wins, a per-token form only by SLOPE_AICC_MARGIN over the constant and with o_p1 > 0. The
+    one-parameter per-token form matters at a real-size model's budget: 4 fit requests, where AICc's
+    small-sample penalty for a second parameter (12 at n = 4) hides any slope. Rows weighted 1 /
+    prefill_ms^2 when given: the prefill's timing noise is relative, so a long prompt's seconds do not bury
+    the short prompts' overhead, and a slope has to hold on the relative scale too."""
     ok = np.isfinite(rp)
     y = rp[ok]
     if not y.size:
@@ -592,15 +596,20 @@ def _fit_prefill_side(rp: np.ndarray, prefill_ms: np.ndarray | None, prompt: np.
     o_p = float(x[0])
     if prompt is None or np.unique(prompt[ok]).size < MIN_SLOPE_PROMPTS:
         return o_p, 0.0, "constant"
-    a2 = np.column_stack([np.ones(y.size), prompt[ok]])
-    x2 = _huber_nnls(a2, y, w)
+    p = np.asarray(prompt, dtype=np.float64)[ok]
     res = (y - ones @ x) * np.sqrt(w)
     clip = HUBER_K * max(1.4826 * float(np.median(np.abs(res - np.median(res)))), 1e-12)
     m = int(y.size)
-    if x2[1] > 0 and (_aicc(_robust_rss(a2, y, x2, w, clip), m, 2) + SLOPE_AICC_MARGIN
-                      < _aicc(_robust_rss(ones, y, x, w, clip), m, 1)):
-        return float(x2[0]), float(x2[1]), "prompt"
-    return o_p, 0.0, "constant"
+    best = (_aicc(_robust_rss(ones, y, x, w, clip), m, 1), o_p, 0.0, "constant")
+    for a in (p[:, None], np.column_stack([np.ones(m), p])):
+        xa = _huber_nnls(a, y, w)
+        slope = float(xa[-1])
+        score = _aicc(_robust_rss(a, y, xa, w, clip), m, a.shape[1])
+        if slope > 0 and score + SLOPE_AICC_MARGIN < best[0] and not math.isnan(score):
+            best = (score + SLOPE_AICC_MARGIN, float(xa[0]) if a.shape[1] == 2 else 0.0, slope, "prompt")
+    if math.isnan(best[0]):
+        return o_p, 0.0, "constant"
+    return best[1], best[2], best[3]
 
 
 def loop_note(loop: ServingLoop) -> str:
