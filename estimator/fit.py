@@ -497,7 +497,7 @@ def _aicc(rss: float, n: int, k: int) -> float:
 
 
 def _robust_rss(a: np.ndarray, b: np.ndarray, x: np.ndarray, w: np.ndarray, clip: float) -> float:
-    """Weighted residual sum of squares with each residual clipped at `clip` (the Huber cut of a common
+    """Weighted residual sum of squares with each residual clipped at `clip` (SELECT_CLIP_K robust SDs of a common
     scale), so a few descheduled requests do not choose the model form."""
     r = np.clip((b - a @ x) * np.sqrt(w), -clip, clip)
     return float(r @ r)
@@ -505,6 +505,11 @@ def _robust_rss(a: np.ndarray, b: np.ndarray, x: np.ndarray, w: np.ndarray, clip
 
 MIN_SLOPE_PROMPTS = 3  # distinct prompt lengths among the decode rows before a first-step slope is tried
 SLOPE_AICC_MARGIN = 2.0  # the slope must lower AICc by this much (otherwise the constant c is kept)
+# Residuals are clipped at this many robust SDs of the constant fit when the forms are compared: a
+# descheduled request (a 3-sigma outlier) does not choose the form, but a systematic misfit still counts.
+# (The estimation's Huber cut, 1.345, clipped a third of a 9-row fit: a slope the first steps showed plainly,
+# 8-30 ms growing with P, lost to the constant whose worst residuals the clip had capped.)
+SELECT_CLIP_K = 3.0
 
 
 def fit_loop(output_tokens: np.ndarray, decode_residual_ms: np.ndarray, prefill_residual_ms: np.ndarray,
@@ -521,8 +526,8 @@ def fit_loop(output_tokens: np.ndarray, decode_residual_ms: np.ndarray, prefill_
     is, so a few requests pin its slope where their decode totals could not (a 2048-token prompt's extra
     100 ms is lost in 16 steps that each scatter by 10-30% on a shared host).
     c(P) is a constant c0, or c0 + c1 P (P = `prompt`, the request's prompt tokens) when the slope is
-    supported: enough distinct prompts, c1 > 0, and AICc (robust RSS, residuals clipped at the Huber cut of
-    the constant fit's scale) lower by SLOPE_AICC_MARGIN. prefill_residual_ms = measured TTFT - engine
+    supported: enough distinct prompts, c1 > 0, and AICc (robust RSS, residuals clipped at SELECT_CLIP_K
+    robust SDs of the constant fit) lower by SLOPE_AICC_MARGIN. prefill_residual_ms = measured TTFT - engine
     prefill: o_p is its Huber location (or o_p + o_p1 P where the prompts support it, _fit_prefill_side), rows
     weighted 1 / prefill_ms^2 when given (timing noise is relative:
     a VLM request's 100 ms encoder scatters by +-20 ms and would bury a 0.1 ms host overhead measured on the
@@ -558,7 +563,7 @@ def fit_loop(output_tokens: np.ndarray, decode_residual_ms: np.ndarray, prefill_
             if pl_all is not None and np.unique(a3[with_c, 2]).size >= MIN_SLOPE_PROMPTS:
                 x2 = _huber_nnls(a3, b, w)
                 res = (b - a @ x) * np.sqrt(w)
-                clip = HUBER_K * max(1.4826 * float(np.median(np.abs(res - np.median(res)))), 1e-12)
+                clip = SELECT_CLIP_K * max(1.4826 * float(np.median(np.abs(res - np.median(res)))), 1e-12)
                 m = int(b.size)
                 aicc = (_aicc(_robust_rss(a, b, x, w, clip), m, 2), _aicc(_robust_rss(a3, b, x2, w, clip), m, 3))
                 if x2[2] > 0 and aicc[1] + SLOPE_AICC_MARGIN < aicc[0]:
@@ -598,7 +603,7 @@ def _fit_prefill_side(rp: np.ndarray, prefill_ms: np.ndarray | None, prompt: np.
         return o_p, 0.0, "constant"
     p = np.asarray(prompt, dtype=np.float64)[ok]
     res = (y - ones @ x) * np.sqrt(w)
-    clip = HUBER_K * max(1.4826 * float(np.median(np.abs(res - np.median(res)))), 1e-12)
+    clip = SELECT_CLIP_K * max(1.4826 * float(np.median(np.abs(res - np.median(res)))), 1e-12)
     m = int(y.size)
     best = (_aicc(_robust_rss(ones, y, x, w, clip), m, 1), o_p, 0.0, "constant")
     for a in (p[:, None], np.column_stack([np.ones(m), p])):
