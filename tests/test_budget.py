@@ -197,3 +197,19 @@ def test_a_real_size_window_keeps_the_loop_terms_and_drops_the_batch_sweep() -> 
     # A fixture-sized model in the same window keeps everything.
     cheap = allocate(_prices(0.5, 20.0), plan, tier, 80.0, requests=80, exact=False, batch=True, vision=False)
     assert cheap.plan.batch is plan.batch and cheap.batch_s > 0
+
+
+def test_floors_over_the_window_are_said_up_front() -> None:
+    """A model whose floors (MIN_ROUNDS of the thinned grids, MIN_LOOP_REQUESTS replayed requests) cannot fit
+    the window (the 0.5B fp32 export: 4.5-s step rounds, 14-s prefill rounds, 6-s requests in an 81-s
+    window) is told how late it will end before it starts; a window that holds them says nothing."""
+    plan = load_plan(None)
+    tier = plan.tier(0)
+    alloc = allocate(_prices(100.0, 9000.0), plan, tier, 81.0, requests=80, exact=False, batch=True, vision=False)
+    note = [n for n in alloc.notes if n.startswith("floors over the window")]
+    assert len(note) == 1 and "past --time-budget" in note[0], alloc.notes
+    late = float(note[0].split("expect to finish about ")[1].split(" s past")[0])
+    # (the note prices the replay floor at the mix's mean request, Allocation at the drawn requests themselves)
+    assert late > 0 and late == pytest.approx(alloc.sweep_floor_s + alloc.replay_floor_s - 81.0, rel=0.3)
+    fits = allocate(_prices(30.0, 4000.0), plan, tier, 115.0, requests=80, exact=False, batch=True, vision=False)
+    assert not any(n.startswith("floors over the window") for n in fits.notes), fits.notes
