@@ -496,6 +496,11 @@ def _aicc(rss: float, n: int, k: int) -> float:
     return n * math.log(rss / n) + 2 * k + 2 * k * (k + 1) / (n - k - 1)
 
 
+def _selection_clip(residuals: np.ndarray) -> float:
+    """Where a model comparison clips residuals: SELECT_CLIP_K robust SDs (MAD) of the constant fit's."""
+    return SELECT_CLIP_K * max(1.4826 * float(np.median(np.abs(residuals - np.median(residuals)))), 1e-12)
+
+
 def _robust_rss(a: np.ndarray, b: np.ndarray, x: np.ndarray, w: np.ndarray, clip: float) -> float:
     """Weighted residual sum of squares with each residual clipped at `clip` (SELECT_CLIP_K robust SDs of a common
     scale), so a few descheduled requests do not choose the model form."""
@@ -563,7 +568,7 @@ def fit_loop(output_tokens: np.ndarray, decode_residual_ms: np.ndarray, prefill_
             if pl_all is not None and np.unique(a3[with_c, 2]).size >= MIN_SLOPE_PROMPTS:
                 x2 = _huber_nnls(a3, b, w)
                 res = (b - a @ x) * np.sqrt(w)
-                clip = SELECT_CLIP_K * max(1.4826 * float(np.median(np.abs(res - np.median(res)))), 1e-12)
+                clip = _selection_clip(res)
                 m = int(b.size)
                 aicc = (_aicc(_robust_rss(a, b, x, w, clip), m, 2), _aicc(_robust_rss(a3, b, x2, w, clip), m, 3))
                 if x2[2] > 0 and aicc[1] + SLOPE_AICC_MARGIN < aicc[0]:
@@ -603,7 +608,7 @@ def _fit_prefill_side(rp: np.ndarray, prefill_ms: np.ndarray | None, prompt: np.
         return o_p, 0.0, "constant"
     p = np.asarray(prompt, dtype=np.float64)[ok]
     res = (y - ones @ x) * np.sqrt(w)
-    clip = SELECT_CLIP_K * max(1.4826 * float(np.median(np.abs(res - np.median(res)))), 1e-12)
+    clip = _selection_clip(res)
     m = int(y.size)
     best = (_aicc(_robust_rss(ones, y, x, w, clip), m, 1), o_p, 0.0, "constant")
     for a in (p[:, None], np.column_stack([np.ones(m), p])):
@@ -664,14 +669,17 @@ def _log_key(log: Any, i: int) -> ConfigKey:
     return ConfigKey(int(log.tier_idx[i]), int(log.top_k[i]), int(log.num_active_blocks[i]))
 
 
-def engine_predictions(log: Any, estimator: Any, serving: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(prefill_ms, decode_ms) per request of a RequestLog from the Estimator (NaN where it cannot answer)."""
+def engine_predictions(log: Any, estimator: Any, serving: bool = False,
+                       output_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(prefill_ms, decode_ms) per request of a RequestLog from the Estimator (NaN where it cannot answer);
+    ``output_tokens``: the same count for every request instead of each one's own."""
     pre = np.full(len(log), np.nan)
     dec = np.full(len(log), np.nan)
     for i in range(len(log)):
         t, k, b = _log_key(log, i)
+        n = int(log.output_tokens[i]) if output_tokens is None else output_tokens
         try:
-            p = estimator.predict(int(log.vision_tokens[i]), int(log.text_tokens[i]), int(log.output_tokens[i]),
+            p = estimator.predict(int(log.vision_tokens[i]), int(log.text_tokens[i]), n,
                                   tier_idx=t, top_k=k, num_active_blocks=b or None, serving=serving,
                                   images=log.images_of(i) if hasattr(log, "images_of") else None)  # fmt: skip
         except Exception:  # noqa: BLE001 - a request the model cannot answer takes no part
@@ -681,21 +689,13 @@ def engine_predictions(log: Any, estimator: Any, serving: bool = False) -> tuple
 
 
 def engine_first_steps(log: Any, estimator: Any) -> np.ndarray:
-    """The engine's step at each request's first decode position (KV = P): predict(P, 2 tokens).decode_ms,
-    engine-only; NaN where the log did not time its first step or the estimator cannot answer."""
-    out = np.full(len(log), np.nan)
+    """The engine's step at each request's first decode position (KV = P): the engine-only decode of a
+    2-token request; NaN where the log did not time its first step or the estimator cannot answer."""
     first = getattr(log, "first_step_ms", None)
     if first is None:
-        return out
-    for i in np.flatnonzero(np.isfinite(first) & (np.asarray(log.output_tokens) >= 2)):
-        t, k, b = _log_key(log, int(i))
-        try:
-            out[i] = estimator.predict(int(log.vision_tokens[i]), int(log.text_tokens[i]), 2, tier_idx=t, top_k=k,
-                                       num_active_blocks=b or None, serving=False,
-                                       images=log.images_of(int(i)) if hasattr(log, "images_of") else None).decode_ms
-        except Exception:  # noqa: BLE001 - as engine_predictions: such a request takes no part
-            continue
-    return out
+        return np.full(len(log), np.nan)
+    timed = np.isfinite(first) & (np.asarray(log.output_tokens) >= 2)
+    return np.where(timed, engine_predictions(log, estimator, output_tokens=2)[1], np.nan)
 
 
 def _median_rel(measured: np.ndarray, predicted: np.ndarray) -> tuple[float, float]:
@@ -748,15 +748,15 @@ def fit_serving_loop(log: Any, estimator: Any, fit_mask: np.ndarray | None = Non
         hold = mine & holdout_mask
         engine_total = pre[hold] + dec[hold]
         steps = np.maximum(n_out[hold] - 1, 0).astype(np.float64)
-        serving_total = (engine_total + loop.prefill_extra_ms(prompt[hold])
-                         + np.where(steps > 0, loop.first_ms(prompt[hold]), 0.0)
+        pre_extra = loop.prefill_extra_ms(prompt[hold])
+        serving_total = (engine_total + pre_extra + np.where(steps > 0, loop.first_ms(prompt[hold]), 0.0)
                          + steps * loop.decode_step_ms)
         rel_e, ratio_e = _median_rel(total[hold], engine_total)
         rel_s, ratio_s = _median_rel(total[hold], serving_total)
         has_dec = steps > 0
         measured_dec = (total - ttft)[hold][has_dec]
         dec_e = _median_rel(measured_dec, dec[hold][has_dec])[0]
-        dec_s = _median_rel(measured_dec, (serving_total - pre[hold] - loop.prefill_extra_ms(prompt[hold]))[has_dec])[0]
+        dec_s = _median_rel(measured_dec, (serving_total - pre[hold] - pre_extra)[has_dec])[0]
         out[key] = LoopFitReport(key, loop, int(fit.sum()), int(hold.sum()), rel_e, rel_s, ratio_e, ratio_s,
                                  dec_e, dec_s, terms)
     return out

@@ -458,6 +458,7 @@ cdef class BatchState:
         cdef double budget, t, factor, pred = 0.0, pred1 = 0.0
         cdef Py_ssize_t k, m
         cdef int code, bucket, probe
+        cdef BatchDecision d
         self.decisions += 1
         if (type(prompt) is not int or type(max_new_tokens) is not int
                 or not (type(budget_ms) is float or type(budget_ms) is int)):
@@ -501,7 +502,9 @@ cdef class BatchState:
                 self.probes += 1
                 self.last_admit = t
                 self.last_factor = 1.0
-                return _probe(n, pred1, probe)
+                d = _make(True, n, pred1, probe, 0, BST_FITS)
+                d.reason = PROBE_REASON
+                return d
         self.rejects += 1
         return _make(False, nfit, pred, code, pushed, code // 2)
 
@@ -512,16 +515,6 @@ cdef BatchDecision _bad():
     d.predicted_ms = NAN
     d.code = BAD_REQUEST
     d.reason = "bad request: prompt and max_new_tokens integers >= 1, budget_ms a number >= 0"
-    return d
-
-
-cdef BatchDecision _probe(long long n, double pred, int code):
-    cdef BatchDecision d = BatchDecision.__new__(BatchDecision)
-    d.admit = True
-    d.max_new_tokens = n
-    d.predicted_ms = pred
-    d.code = code
-    d.reason = PROBE_REASON
     return d
 
 

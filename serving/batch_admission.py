@@ -92,7 +92,7 @@ class BatchEstimator:
     """Predict / admit / max_new_tokens for one config given the running batch."""
 
     def __init__(self, section: Mapping[str, Any], prefill_coeffs: Sequence[float],
-                 pure_python: bool | None = None, loop: Sequence[float] = (0.0, 0.0, 0.0, 0.0)) -> None:
+                 pure_python: bool | None = None, loop: Sequence[float] = (0.0, 0.0, 0.0, 0.0, 0.0)) -> None:
         self.section = dict(section)
         self.tables: BatchTables = ref.build_batch_tables(section, prefill_coeffs, loop=loop)
         self.pure_python = _pure() if pure_python is None else pure_python
@@ -107,17 +107,16 @@ class BatchEstimator:
         """``serving``: with the config's serving-loop terms (zeros when it has none), as a server pays them."""
         key = estimator.config_key(tier_idx, top_k, num_active_blocks)
         cfg = estimator.calibration.config(*key)
-        loop = (0.0, 0.0, 0.0, 0.0)
-        coeffs = list(cfg.prefill_coeffs)
+        loop = (0.0, 0.0, 0.0, 0.0, 0.0)
         if serving:
             sl = estimator.serving_loop(*key)
-            loop = (sl.decode_step_ms, sl.first_step_ms, sl.first_step_per_token_ms, sl.prefill_ms)
-            coeffs[1] += sl.prefill_per_token_ms  # o_p's slope: per prompt token, as the Estimator folds it
-        return cls(batch_section_of(cfg), coeffs, pure_python, loop)
+            loop = (sl.decode_step_ms, sl.first_step_ms, sl.first_step_per_token_ms, sl.prefill_ms,
+                    sl.prefill_per_token_ms)
+        return cls(batch_section_of(cfg), cfg.prefill_coeffs, pure_python, loop)
 
     @property
-    def loop(self) -> tuple[float, float, float, float]:
-        """The serving-loop terms (o, c0, c1, o_p) priced in (zeros: the engine alone)."""
+    def loop(self) -> tuple[float, float, float, float, float]:
+        """The serving-loop terms (o, c0, c1, o_p, o_p1) priced in (zeros: the engine alone)."""
         return self.tables.loop
 
     @property

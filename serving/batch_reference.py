@@ -85,7 +85,7 @@ class BatchTables(NamedTuple):
     valid_hi: float
     prefill: tuple[float, float, float]  # a, b, c of the prefill model (ms), serving-loop terms folded in
     n_blend: int = 0  # curves n_sizes + B - 1 (B = 1 .. n_blend): T(B, X) for that integer B, precomputed
-    loop: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # (o, c0, c1, o_p) folded in (see build)
+    loop: tuple[float, float, float, float, float] = (0.0, 0.0, 0.0, 0.0, 0.0)  # (o, c0, c1, o_p, o_p1) folded in
 
 
 def _curve_at(xs: Sequence[float], vs: Sequence[float], x: float) -> float:
@@ -117,27 +117,29 @@ def _blend(curves: Sequence[tuple[list[float], list[float]]], sizes: Sequence[fl
 
 
 def build_batch_tables(section: Mapping[str, Any], prefill_coeffs: Sequence[float],
-                       blend_up_to: int = 256, loop: Sequence[float] = (0.0, 0.0, 0.0, 0.0)) -> BatchTables:
+                       blend_up_to: int = 256, loop: Sequence[float] = (0.0, 0.0, 0.0, 0.0, 0.0)) -> BatchTables:
     """Tables from a calibration ``batch`` section (see estimator/batch_model.py) and the prefill
     coefficients; T(B, X) precomputed as one curve per integer B up to ``blend_up_to`` (one closed-form
     sum per segment instead of two, the same values up to rounding).
 
-    ``loop`` = (o, c0, c1, o_p), the serving loop's own cost around the engine call (the calibration's
+    ``loop`` = (o, c0, c1, o_p, o_p1), the serving loop's own cost around the engine call (the calibration's
     ``serving_loop``, estimator/calibration.py; zeros: the engine alone). Folded into the tables at build
     time, so the decision's arithmetic (and the compiled kernel) is unchanged and costs nothing more:
     o shifts every piece's value (each decode step of the batch costs T(B, X) + o); o_p + c(P), with
-    c(P) = c0 + c1 P the first decode step's transient after a prefill, shift the prefill coefficients
-    (a += o_p + c0, b += c1): like the prefill itself they stall every running request once, and the
-    newcomer's first token waits for o_p only (``ttft_ms``; c comes after it). A newcomer with n = 1 never
+    c(P) = c0 + c1 P the first decode step's transient after a prefill and o_p(P) = o_p + o_p1 P the TTFT
+    side's, shift the prefill coefficients (a += o_p + c0, b += c1 + o_p1): like the prefill itself they
+    stall every running request once, and the newcomer's first token waits for o_p(P) only (``ttft_ms``; c
+    comes after it). A newcomer with n = 1 never
     takes that first step, so its c is over-counted (conservative, ~1 ms)."""
     sizes = [float(s) for s in section["sizes"]]
     measured = [([float(x) for x in c["knots_x"]], [float(v) for v in c["values_ms"]]) for c in section["curves"]]
     if len(measured) != len(sizes):
         raise ValueError("batch section: one curve per size")
     n_blend = max(0, int(blend_up_to))
-    o, c0, c1, o_p = (float(v) for v in loop)
-    if not all(math.isfinite(v) and v >= 0.0 for v in (o, c0, c1, o_p)):
-        raise ValueError(f"serving-loop terms (o, c0, c1, o_p): expected finite numbers >= 0, got {tuple(loop)}")
+    o, c0, c1, o_p, o_p1 = (float(v) for v in loop)
+    if not all(math.isfinite(v) and v >= 0.0 for v in (o, c0, c1, o_p, o_p1)):
+        raise ValueError("serving-loop terms (o, c0, c1, o_p, o_p1): expected finite numbers >= 0, got "
+                         f"{tuple(loop)}")
     offs = [0]
     pieces: list[float] = []
     for xs, vs in measured + [_blend(measured, sizes, float(b)) for b in range(1, n_blend + 1)]:
@@ -152,7 +154,8 @@ def build_batch_tables(section: Mapping[str, Any], prefill_coeffs: Sequence[floa
     valid = section.get("valid_x") or [-math.inf, math.inf]
     a, b, c = (float(v) for v in prefill_coeffs)
     return BatchTables(sizes, offs, pieces, section.get("kv_read", "padded") == "packed",
-                       float(valid[0]), float(valid[1]), (a + o_p + c0, b + c1, c), n_blend, (o, c0, c1, o_p))
+                       float(valid[0]), float(valid[1]), (a + o_p + c0, b + c1 + o_p1, c), n_blend,
+                       (o, c0, c1, o_p, o_p1))
 
 
 def _bisect(pieces: Sequence[float], off: int, cnt: int, x: float) -> int:
@@ -264,7 +267,7 @@ def prefill_ms(t: BatchTables, prompt: float) -> float:
 
 def ttft_ms(t: BatchTables, prompt: float) -> float:
     """The newcomer's first token: its prefill plus o_p, without the first step's c(P) that the stall holds."""
-    _, c0, c1, _ = t.loop
+    c0, c1 = t.loop[1], t.loop[2]
     x = prefill_ms(t, prompt) - (c0 + c1 * prompt)
     return x if x > 0.0 else 0.0
 

@@ -303,18 +303,18 @@ def test_compiled_controller_equals_python_controller_through_events() -> None:
     assert fast.counters()["decisions"] == slow.counters()["decisions"] == 300
 
 
-LOOP = (0.7, 1.1, 0.002, 0.3)  # o per decode step, c0 + c1 P after a prefill, o_p on the prefill (ms)
+LOOP = (0.7, 1.1, 0.002, 0.3, 0.004)  # o per decode step, c0 + c1 P after a prefill, o_p + o_p1 P on the prefill (ms)
 
 
 @pytest.mark.parametrize("kv_read", ["padded", "packed"])
 def test_loop_terms_price_every_step_and_the_prefill(kv_read: str) -> None:
     """With the serving-loop terms the closed form equals stepping the batch at T(B, X) + o per step, after a
-    stall of prefill + o_p + c(P); the newcomer's TTFT is prefill + o_p."""
+    stall of prefill + o_p(P) + c(P); the newcomer's TTFT is prefill + o_p(P)."""
     rng = np.random.default_rng(7)
     section = synthetic_section(kv_read)
     engine = ref.build_batch_tables(section, PREFILL)
     served = ref.build_batch_tables(section, PREFILL, loop=LOOP)
-    o, c0, c1, o_p = LOOP
+    o, c0, c1, o_p, o_p1 = LOOP
     for _ in range(30):
         m = int(rng.integers(0, 12))
         kv, left, _ = ref.sort_running([float(v) for v in rng.integers(1, 3000, m)],
@@ -323,16 +323,17 @@ def test_loop_terms_price_every_step_and_the_prefill(kv_read: str) -> None:
         np.testing.assert_allclose(got, [t + o * r for t, r in zip(simulate(section, kv, left), left, strict=True)],
                                    rtol=1e-9, atol=1e-9)
         prompt, n = float(rng.integers(1, 3000)), int(rng.integers(1, 70))
-        stall = ref.prefill_ms(engine, prompt) + o_p + c0 + c1 * prompt
+        stall = ref.prefill_ms(engine, prompt) + o_p + o_p1 * prompt + c0 + c1 * prompt
         merged = simulate(section, [*kv, prompt], [*left, n - 1.0])
         pred, pushed, _ = ref.judge(served, left, [1e12] * m, ref.prepare(served, kv, left), prompt, float(n), 1.0,
                                     True)
         assert pred == pytest.approx(stall + merged[m] + o * (n - 1), rel=1e-9)
         assert pushed == 0
-        assert ref.ttft_ms(served, prompt) == pytest.approx(ref.prefill_ms(engine, prompt) + o_p, rel=1e-12)
+        assert ref.ttft_ms(served, prompt) == pytest.approx(ref.prefill_ms(engine, prompt) + o_p + o_p1 * prompt,
+                                                         rel=1e-12)
         assert ref.ttft_ms(engine, prompt) == ref.prefill_ms(engine, prompt)
     with pytest.raises(ValueError, match="serving-loop terms"):
-        ref.build_batch_tables(section, PREFILL, loop=(-1.0, 0.0, 0.0, 0.0))
+        ref.build_batch_tables(section, PREFILL, loop=(-1.0, 0.0, 0.0, 0.0, 0.0))
 
 
 @compiled
@@ -340,7 +341,8 @@ def test_loop_terms_price_every_step_and_the_prefill(kv_read: str) -> None:
 @given(running=states, prompt=st.integers(1, 4000), max_new=st.integers(1, 200),
        budget=st.floats(0.0, 3000.0), factor=st.floats(0.8, 2.0), protect=st.booleans(),
        kv_read=st.sampled_from(["padded", "packed"]), sizes=st.sampled_from([(1,), (1, 4), (1, 2, 4, 8)]),
-       loop=st.tuples(st.floats(0.0, 5.0), st.floats(0.0, 5.0), st.floats(0.0, 0.01), st.floats(0.0, 5.0)))
+       loop=st.tuples(st.floats(0.0, 5.0), st.floats(0.0, 5.0), st.floats(0.0, 0.01), st.floats(0.0, 5.0),
+                      st.floats(0.0, 0.5)))
 def test_compiled_equals_reference_with_loop_terms(running, prompt, max_new, budget, factor, protect, kv_read, sizes,
                                                    loop) -> None:
     tables = ref.build_batch_tables(synthetic_section(kv_read, sizes), PREFILL, loop=loop)
@@ -370,8 +372,9 @@ def test_batch_estimator_takes_the_calibrations_loop_terms() -> None:
     served = BatchEstimator.from_estimator(est, serving=True)
     sl = est.serving_loop()
     assert sl.decode_step_ms > 0 and sl.first_step_ms > 0  # the fixture's replay fitted them
-    assert engine.loop == (0.0, 0.0, 0.0, 0.0)
-    assert served.loop == (sl.decode_step_ms, sl.first_step_ms, sl.first_step_per_token_ms, sl.prefill_ms)
+    assert engine.loop == (0.0, 0.0, 0.0, 0.0, 0.0)
+    assert served.loop == (sl.decode_step_ms, sl.first_step_ms, sl.first_step_per_token_ms, sl.prefill_ms,
+                           sl.prefill_per_token_ms)
     n = 20
     extra = sl.prefill_ms + sl.first_ms(100) + sl.decode_step_ms * (n - 1)
     assert served.total_with([], 100, n) == pytest.approx(engine.total_with([], 100, n) + extra, rel=1e-9)

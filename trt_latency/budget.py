@@ -225,15 +225,15 @@ def allocate(prices: Prices, plan: Any, tier: Any, window_s: float | None, *, re
                      f"({floor + replay_floor:.0f} s) of a {w:.0f} s window")
         batch, batch_s = False, 0.0
         rest = w - vision_s
-    over = floor + (replay_floor if requests > 0 else 0.0) - rest
-    if not exact and over > 0:
+    need = floor + (replay_floor if requests > 0 else 0.0)
+    if not exact and need > rest:
         # Said up front, not only in the summary's EXCEEDED line: the floors are what every prediction stands
         # on, so they run past the budget rather than leave a config without a fit or loop terms.
         notes.append(f"floors over the window: the sweep's {MIN_ROUNDS} rounds ({floor:.0f} s)"
                      + (f" and {min(requests, MIN_LOOP_REQUESTS)} replayed requests ({replay_floor:.0f} s)"
                         if requests > 0 else "")
-                     + f" need {floor + (replay_floor if requests > 0 else 0.0):.0f} s of a {rest:.0f} s window: "
-                     f"expect to finish about {over:.0f} s past --time-budget (raise it by that much to hold it)")
+                     + f" need {need:.0f} s of a {rest:.0f} s window: expect to finish about {need - rest:.0f} s "
+                     "past --time-budget (raise it by that much to hold it)")
     n = requests
     replay_s = 0.0
     if requests > 0:

@@ -142,7 +142,7 @@ def make_context(runner: Any, cal: Any, key: Any, *, admission: str = "trt-laten
     adm.engine = engine
     info = (f"{runner.backend} on {runner.device}, {max_batch} KV slots, {decoder.why}; admission {admission}"
             + (f" (alpha {alpha}, factor {controller.base_factor:.3g} from {controller.factor_source}; loop "
-               "terms o {:.3g}, c0 {:.3g}, c1 {:.3g}, o_p {:.3g} ms)".format(*est.loop)
+               "terms o {:.3g}, c0 {:.3g}, c1 {:.3g}, o_p {:.3g}, o_p1 {:.3g} ms)".format(*est.loop)
                if controller is not None else f" (seed rate {seed_rate:.3g} ms/token)" if admission == "seed-1.3"
                else ""))
     ctx = ServeContext(engine=engine, admission=adm, model_name=model_name, max_prompt=decoder.max_prompt,
