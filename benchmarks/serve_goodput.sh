@@ -31,6 +31,7 @@ TTFT_X=${TTFT_X:-2}
 LAT_X=${LAT_X:-1.5}
 ALPHA=${ALPHA:-0.05}
 MODES=${MODES:-"trt-latency none seed-1.3"}  # also: trt-latency-engine-only (--loop-terms none, the model before)
+TRTL_ARGS=${TRTL_ARGS:-}                  # extra serve flags for the trt-latency modes, e.g. "--factor-max 8"
 CAP_RUNS=${CAP_RUNS:-3}                   # closed loops whose median gives capacity and SLOs
 TOKENIZER="$ROOT/tests/data/serve"
 mkdir -p "$WORK"
@@ -133,6 +134,8 @@ for load in 1 2; do
   rate=$("$PY" -c "print(round($CAPACITY * $load, 3))")
   for mode in $MODES; do
     if [ "$mode" = trt-latency-engine-only ]; then flags=(trt-latency --loop-terms none); else flags=("$mode"); fi
+    # shellcheck disable=SC2206 - word splitting intended: TRTL_ARGS is a list of flags
+    if [ "${flags[0]}" = trt-latency ]; then flags+=($TRTL_ARGS); fi
     start_server "${flags[@]}" --slo-ms "$LAT_SLO" --ttft-slo-ms "$TTFT_SLO"
     profile "$WORK/runs/${load}x-$mode" --request-rate "$rate" --arrival-pattern poisson \
       --request-count "$REQUESTS" --goodput "time_to_first_token:$TTFT_SLO request_latency:$LAT_SLO"

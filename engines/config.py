@@ -67,6 +67,9 @@ class RuntimeSpec:
     intra_op_threads: int = 2
     inter_op_threads: int = 1
     huge_pages: bool = False  # CPU provider: opt-in 2 MiB pages (engines/hugepages.py); off = the ordinary backing
+    # The replay runs in this many fresh processes, each loading the model once as a server does
+    # (engines/replay_processes.py: a process's step level is drawn at load); 0 = in this process.
+    replay_processes: int = 3
 
 
 @dataclass(frozen=True)
@@ -462,11 +465,13 @@ def load_plan(path: str | os.PathLike[str] | None = None, quick: bool = False) -
     runtime = RuntimeSpec()
     if "runtime" in top:
         m = ctx.mapping(top["runtime"], "runtime")
-        ctx.keys(m, "runtime", ("intra_op_threads", "inter_op_threads", "huge_pages"), ())
+        ctx.keys(m, "runtime", ("intra_op_threads", "inter_op_threads", "huge_pages", "replay_processes"), ())
         runtime = RuntimeSpec(
             intra_op_threads=ctx.integer(m.get("intra_op_threads", 2), "runtime.intra_op_threads", lo=0),
             inter_op_threads=ctx.integer(m.get("inter_op_threads", 1), "runtime.inter_op_threads", lo=0),
             huge_pages=ctx.boolean(m.get("huge_pages", False), "runtime.huge_pages"),
+            replay_processes=ctx.integer(m.get("replay_processes", RuntimeSpec.replay_processes),
+                                         "runtime.replay_processes", lo=0),
         )
 
     sw = ctx.mapping(top["sweep"], "sweep")

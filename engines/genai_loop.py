@@ -229,14 +229,26 @@ class GenaiLoop(Closing):
 
 
 def open_replay_runner(choice: LoopChoice, open_ort: Any, intra_op_threads: int = 0, huge_pages: bool = False,
-                       say: Any = print) -> Any:
-    """The runner a replay goes through: GenaiLoop for a genai choice (saying which ORT it loaded when that
-    is not the sweep's), else ``open_ort()`` (the ORT runner the sweep used)."""
-    if not choice.is_genai:
-        return open_ort()
-    runner = GenaiLoop(choice.model_dir, intra_op_threads, huge_pages)
-    say(f"  replay loop: {runner.loop} ({choice.why}), {runner.threads[0] or 'default'} intra-op thread(s)")
-    warning = runner.ort_warning()
+                       say: Any = print, processes: int = 0) -> Any:
+    """The runner a replay goes through: GenaiLoop for a genai choice, else ``open_ort()`` (the ORT runner
+    the sweep used); with ``processes`` > 0, that runner in as many fresh processes
+    (engines/replay_processes.py; ``open_ort`` must then pickle). Says which loop, and which ORT genai
+    loaded when that is not the sweep's."""
+    from functools import partial
+
+    opener = partial(GenaiLoop, choice.model_dir, intra_op_threads, huge_pages) if choice.is_genai else open_ort
+    if processes > 0:
+        from trt_latency.engines.replay_processes import ReplayProcesses
+
+        runner = ReplayProcesses(opener, processes)
+        where = f", in {processes} fresh process{'es' if processes > 1 else ''} (runtime.replay_processes)"
+    else:
+        runner, where = opener(), ""
+    if choice.is_genai or where:
+        threads = getattr(runner, "threads", (0, 0))[0]
+        say(f"  replay loop: {getattr(runner, 'loop', 'ort')} ({choice.why}), {threads or 'default'} "
+            f"intra-op thread(s){where}")
+    warning = runner.ort_warning() if hasattr(runner, "ort_warning") else None
     if warning:
         say(f"  warning: {warning}")
     return runner

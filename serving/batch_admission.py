@@ -305,7 +305,7 @@ class BatchAdmissionController:
         self.expired = 0  # scores dropped by the horizon
         self._start = (factor, self.factor_source)  # what the factor falls back to (see the docstring)
         self._min_obs = min_observations
-        self._clamp = clamp
+        self.clamp = clamp  # (lo, hi) of every factor: serve --factor-max sets hi
         self._state: Any = None
         if estimator._kernel is not None:
             self._state = _batch.BatchState(estimator._kernel, self.max_batch, self.protect, factor, self._clock,
@@ -451,7 +451,7 @@ class BatchAdmissionController:
             self.factor_source = self._start[1]
             self._apply(stale)
             return
-        lo, hi = self._clamp
+        lo, hi = self.clamp
         pooled = float(np.median([v for _, v, _ in self._scores]))
         scale = {b: float(np.median(w)) for b, w in self._windows.items() if len(w) >= self._min_obs}
         if self.alpha is not None and len(self._scores) >= min_requests_for(self.alpha):

@@ -153,3 +153,35 @@ def test_probe_due_rule() -> None:
     assert not ref.probe_due(0, 1.0, 1000.0, 0.0, 1000.0)  # factor 1: the probe admits nothing more
     assert not ref.probe_due(0, 2.0, 999.0, 0.0, 1000.0)  # admitted less than an interval ago
     assert not ref.probe_due(0, 2.0, 1e12, 0.0, math.inf)  # probes off
+
+
+@pytest.mark.parametrize("pure", PATHS)
+def test_the_upper_clamp_lets_each_bucket_keep_its_own_bias(pure: bool) -> None:
+    """A server 5-6x slower than its model (handlers sharing the GIL with the engine under overload): batches
+    of 5-8 at 5x, smaller ones at 6x. Under the controller's default clamp (4) every bucket's scale stops at 4
+    and the pooled quantile makes up the rest, so the 5-8 bucket is priced at the small batches' 6x; serve's
+    default `--factor-max 8` keeps each bucket at its own bias."""
+    rng = np.random.default_rng(3)
+    factors = {}
+    for hi in (4.0, 8.0):
+        ctl = controller(pure, Clock(), clamp=(0.5, hi))
+        assert ctl.clamp == (0.5, hi)
+        alone = ctl.estimator.total_with([], PROMPT, TOKENS)
+        for g in range(40):  # groups of 8 admitted one after another: batch sizes 1..8 at admission
+            rids = [(g, k) for k in range(8)]
+            for rid in rids:
+                ctl.started(rid, PROMPT, TOKENS, 1e6, now=0.0)
+            for k, rid in enumerate(rids):
+                bias = 5.0 if k + 1 >= 5 else 6.0
+                ctl.finished(rid, bias * float(1.0 + 0.01 * rng.standard_normal()) * alone, alone)
+        factors[hi] = (ctl.base_factor * ctl.correction(1), ctl.base_factor * ctl.correction(8))
+    assert factors[4.0][1] == pytest.approx(6.0, rel=0.04)  # the 5-8 bucket over-priced by a fifth
+    assert factors[8.0][0] == pytest.approx(6.0, rel=0.04) and factors[8.0][1] == pytest.approx(5.0, rel=0.04)
+
+
+def test_serve_parses_factor_max() -> None:
+    from trt_latency.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["serve", "-c", "x.yaml"]).factor_max == 8.0
+    assert parse(["serve", "-c", "x.yaml", "--factor-max", "4"]).factor_max == 4.0

@@ -406,9 +406,10 @@ def test_a_stuck_factor_admits_a_probe_and_metrics_show_it(calibrated: Path) -> 
     admitted once as a probe (reason and /metrics say so), the next one within the probe interval is a 429."""
     from trt_latency.serving.batch_reference import PROBE_REASON
 
-    s = Server(calibrated, max_batch=4, probe_interval_ms=60_000.0)
+    s = Server(calibrated, max_batch=4, probe_interval_ms=60_000.0, factor_max=8.0)
     try:
         adm = s.ctx.admission
+        assert adm.controller.clamp == (0.5, 8.0)  # serve --factor-max reaches the controller
         adm.controller.base_factor = 4.0
         body = {"prompt": [5, 6, 7], "max_tokens": 4, "ignore_eos": True,
                 "slo_ms": 2.0 * adm.est.total_with([], 3, 4)}

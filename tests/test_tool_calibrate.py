@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -139,15 +140,15 @@ def test_calibrate_no_replay_borrows_primary_loop_terms(
     assert primary.conformal is not None and primary.conformal["n"] == 4
     lp = other.serving_loop
     assert lp is not None and lp.source == "borrowed:t0.k1.b2"
-    assert (lp.decode_step_ms, lp.first_step_ms, lp.prefill_ms) == (
-        primary.serving_loop.decode_step_ms, primary.serving_loop.first_step_ms, primary.serving_loop.prefill_ms)
+    assert lp == replace(primary.serving_loop, source=lp.source)  # every term, slopes included
     assert other.conformal is None  # factors are never borrowed
     assert "borrowed:t0.k1.b2" in text and "borrowed by 1" in text
     est = Estimator(cal)  # the borrowed terms are what its serving prediction adds
     served = est.predict(8, 16, 5, tier_idx=0, top_k=1, num_active_blocks=1)
     engine = est.predict(8, 16, 5, tier_idx=0, top_k=1, num_active_blocks=1, serving=False)
+    # o_p(P) and c(P) at the 24-token prompt (their per-token slopes are fitted where the data call for them)
     assert served.total_ms == pytest.approx(
-        engine.total_ms + lp.prefill_ms + lp.first_step_ms + 4 * lp.decode_step_ms, rel=1e-9)
+        engine.total_ms + lp.prefill_extra_ms(24) + lp.first_ms(24) + 4 * lp.decode_step_ms, rel=1e-9)
 
 
 @pytest.mark.slow

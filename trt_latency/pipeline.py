@@ -80,6 +80,7 @@ class CalibrateOptions:
     runtime: str = "auto"  # the replay's loop: auto | ort | genai (engines/genai_loop.py)
     threads: int | None = None  # ONNX Runtime intra-op threads (None: the plan's runtime.intra_op_threads)
     huge_pages: bool | None = None  # --huge-pages / --no-huge-pages (None: the plan's runtime.huge_pages)
+    replay_processes: int | None = None  # fresh replay processes (None: the plan's runtime.replay_processes)
     # VLM deployments (trt_latency/pipeline_vision.py): the vision encoder, its family / config / feeds
     # hook, the embedding step, and how a request's images go to the encoder.
     vision_onnx: str | None = None
@@ -283,13 +284,19 @@ def open_replay_runner(target: Target, plan: Any, backend: str, options: dict[st
     """The runner the replay serves requests with: the one place the serving loop is chosen. onnxruntime-genai's
     own Generator where ``runtime`` picks it (engines/genai_loop.py: genai_config.json beside the model, CPU),
     else the ONNX Runtime / TensorRT runner the sweep used. ``resolved_backend``: the backend the sweep's
-    runner reported (``backend`` may say auto)."""
+    runner reported (``backend`` may say auto). On ONNX Runtime's CPU provider the loop runs in
+    ``plan.runtime.replay_processes`` fresh processes (engines/replay_processes.py); a VLM chain's replay, whose
+    encoder feeds the runner's own buffers, and the GPU backends (one CUDA context per process, not measured
+    on a device yet) stay in this process."""
+    from functools import partial
+
     from trt_latency.engines.genai_loop import choose_loop
     from trt_latency.engines.genai_loop import open_replay_runner as open_loop
 
     choice = choose_loop(runtime, target.path, resolved_backend, embeddings=embeddings)
-    return open_loop(choice, lambda: open_target(target, plan, backend, options), plan.runtime.intra_op_threads,
-                     plan.runtime.huge_pages, say)
+    processes = plan.runtime.replay_processes if resolved_backend == "ort-cpu" and not embeddings else 0
+    return open_loop(choice, partial(open_target, target, plan, backend, options), plan.runtime.intra_op_threads,
+                     plan.runtime.huge_pages, say, processes=processes)
 
 
 def loop_record(options: CalibrateOptions, target: Target, resolved_backend: str) -> str:
@@ -740,18 +747,21 @@ def serving_loop_and_conformal(cal_path: Path, requests_path: Path, keys: list[A
 
 
 def with_adaptive_flags(plan: Any, args: CalibrateOptions) -> Any:
-    """The plan with --precision / --time-budget / --threads / --huge-pages applied."""
+    """The plan with --precision / --time-budget / --threads / --huge-pages / --replay-processes applied."""
     from trt_latency.engines.config import AdaptiveSpec
 
-    threads = getattr(args, "threads", None)
-    if threads is not None:
-        if threads < 1:
-            raise ConfigError(field="--threads", expected="an integer >= 1 (ONNX Runtime intra-op threads)",
-                              got=threads)
-        plan = replace(plan, runtime=replace(plan.runtime, intra_op_threads=int(threads)))
-    huge_pages = getattr(args, "huge_pages", None)
-    if huge_pages is not None:  # --huge-pages / --no-huge-pages over the plan's runtime.huge_pages
-        plan = replace(plan, runtime=replace(plan.runtime, huge_pages=bool(huge_pages)))
+    # (flag, the option's name, its runtime field, the least value or None for a boolean, why), each over the
+    # plan's runtime.<field>
+    for flag, option, key, least, why in (
+            ("--threads", "threads", "intra_op_threads", 1, "ONNX Runtime intra-op threads"),
+            ("--huge-pages", "huge_pages", "huge_pages", None, ""),
+            ("--replay-processes", "replay_processes", "replay_processes", 0, "0: replay in this process")):
+        value = getattr(args, option, None)
+        if value is None:
+            continue
+        if least is not None and value < least:
+            raise ConfigError(field=flag, expected=f"an integer >= {least} ({why})", got=value)
+        plan = replace(plan, runtime=replace(plan.runtime, **{key: bool(value) if least is None else int(value)}))
     if args.precision is None and args.time_budget is None:
         return plan
     if args.precision is not None and not 0 <= args.precision < 1:

@@ -70,6 +70,11 @@ def register(sub: Any) -> None:
     parser.add_argument("--huge-pages", action=argparse.BooleanOptionalAction, default=None,
                         help="time on 2 MiB pages (CPU; default: the plan's runtime.huge_pages, false: the backing an "
                              "ordinary process gets). Serve on the same: trt_latency.apply_backing (README)")
+    parser.add_argument("--replay-processes", type=int, metavar="K",
+                        help="replay in K fresh processes that each load the model once, as a server does, requests "
+                             "round-robin (CPU; default: the plan's runtime.replay_processes, 3; 0: in this "
+                             "process). A process's step level is drawn when it loads the model: the loop terms "
+                             "then see K such draws, not this process's one (docs/decisions.md 14)")
     parser.add_argument("--no-replay", action="store_true", help="skip the end-to-end replay into requests.csv")
     parser.add_argument("--requests", type=int, metavar="N", help="replay N requests (default: the plan's replay size)")
     parser.add_argument("--runtime", choices=("auto", "ort", "genai"), default="auto",

@@ -66,6 +66,11 @@ def register(sub: Any) -> None:
                    help="trt-latency admission: into an empty batch with nothing admitted for this long, admit "
                    "one request the factor rejects but the model alone fits, so the factor observes again "
                    "(default 1000; 0: no probes)")
+    p.add_argument("--factor-max", type=float, default=8.0,
+                   help="trt-latency admission: the online factor's upper clamp, per batch bucket (default 8: the "
+                   "server may run 8x slower than its model before the factor stops following; under 2x overload "
+                   "the request handlers' share of the GIL took it past 4, the old clamp. The probes and the score "
+                   "horizon reopen a controller the clamp shut)")
     p.add_argument("--slo-ms", type=float, default=None, help="default total SLO from arrival (ms)")
     p.add_argument("--ttft-slo-ms", type=float, default=None, help="default TTFT SLO (ms)")
     p.add_argument("--tpot-slo-ms", type=float, default=None, help="default time per output token (ms); with "
@@ -114,13 +119,13 @@ def load_tokenizer(directory: str | Path) -> tuple[Any, int | None]:
 def make_context(runner: Any, cal: Any, key: Any, *, admission: str = "trt-latency", alpha: float = 0.05,
                  max_batch: int = 8, tokenizer: Any = None, eos_id: int | None = None, model_name: str = "model",
                  slo: Any = None, loop_terms: bool = True, horizon_s: float | None = 30.0,
-                 probe_interval_ms: float | None = 1000.0) -> Any:
+                 probe_interval_ms: float | None = 1000.0, factor_max: float = 8.0) -> Any:
     """The engine loop (started), the admission and the app's context over an open runner.
 
     ``loop_terms``: the trt-latency controller's batch model prices the calibration's serving-loop terms
     (folded into its tables, so a decision costs the same); seed-1.3 stays the engine step x 1.3 (the
     baseline as defined). ``horizon_s`` / ``probe_interval_ms``: the controller's recovery from a factor that
-    rejects everything (BatchAdmissionController; None: off)."""
+    rejects everything (BatchAdmissionController; None: off). ``factor_max``: its upper clamp."""
     from trt_latency.engines.ort.slots import SlotDecoder
     from trt_latency.estimator.model import Estimator
     from trt_latency.serving.batch_admission import BatchAdmissionController, BatchEstimator
@@ -134,7 +139,7 @@ def make_context(runner: Any, cal: Any, key: Any, *, admission: str = "trt-laten
     est = BatchEstimator.from_estimator(Estimator(cal), *key, serving=loop_terms and admission == "trt-latency")
     controller = BatchAdmissionController(
         est, alpha=alpha, max_batch=max_batch, horizon_ms=None if horizon_s is None else horizon_s * 1e3,
-        probe_interval_ms=probe_interval_ms) if admission == "trt-latency" else None
+        probe_interval_ms=probe_interval_ms, clamp=(0.5, factor_max)) if admission == "trt-latency" else None
     metrics = ServeMetrics()
     seed_rate = SEED_FACTOR * est.step_ms([decoder.max_len])
     adm = ServeAdmission(admission, est, controller, metrics, seed_rate)
@@ -179,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--score-horizon-s", args.score_horizon_s), ("--probe-interval-ms", args.probe_interval_ms)):
         if not math.isfinite(value) or value < 0:
             return _usage(f"{flag} must be a number >= 0 (0: off), got {value}")
+    if not (math.isfinite(args.factor_max) and args.factor_max > 1.0):
+        return _usage(f"--factor-max must be a number > 1, got {args.factor_max}")
     for name in ("slo_ms", "ttft_slo_ms", "tpot_slo_ms"):
         v = getattr(args, name)
         if v is not None and not (math.isfinite(v) and v > 0):
@@ -208,7 +215,8 @@ def run(args: argparse.Namespace) -> int:
     ctx = make_context(runner, cal, key, admission=args.admission, alpha=args.alpha, max_batch=args.max_batch,
                        tokenizer=tokenizer, eos_id=eos, model_name=args.model_name or model_path.parent.name,
                        slo=_default_slo(args), loop_terms=args.loop_terms == "calibration",
-                       horizon_s=args.score_horizon_s or None, probe_interval_ms=args.probe_interval_ms or None)
+                       horizon_s=args.score_horizon_s or None, probe_interval_ms=args.probe_interval_ms or None,
+                       factor_max=args.factor_max)
     app = create_app(ctx)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
