@@ -387,3 +387,21 @@ def test_analyze_reports_loop_share_and_engine_column(tmp_path: Path) -> None:
     # Without loop terms nothing about the loop is printed.
     plain = analyze(log, Estimator(engine_cal()), 256).format_table()
     assert "Loop share" not in plain and "engine only" not in plain
+
+
+def test_first_step_slope_survives_o_held_at_its_bound() -> None:
+    """The replay's processes stepping 4 ms faster than the sweep's session: o is held at 0 and the later
+    steps misfit alike under both forms of c. The forms are compared with o free, so that misfit no longer
+    drowns the first steps' slope (three ordinary-backing runs of the 0.5B int4 model had kept a constant c of
+    10.6-13.8 ms where the first steps read 3.9 ms at P = 167 and 38.7 at 940: the 2-token decode missed by
+    13-30%; refitted, 6-9%)."""
+    rng = np.random.default_rng(11)
+    prompt = np.array([776.0, 508.0, 260.0, 167.0, 314.0])  # the fit half of those runs
+    n = np.array([16, 2, 8, 4, 9])
+    first = -4.0 + 1.0 + 0.035 * prompt + rng.normal(0, 0.5, 5)  # o + c0 + c1 P, o = -4 in truth
+    later = -4.0 * np.maximum(n - 2, 0) + rng.normal(0, 0.5, 5) * np.sqrt(np.maximum(n - 2, 1))
+    t = fit_loop(n, first + later, 0.3 * prompt, None, prompt, first)
+    assert t.o == 0.0 and "o" in t.clamped  # the estimate keeps its bound
+    assert t.form == "prompt" and t.c1 == pytest.approx(0.035, rel=0.25)
+    # the first step of a 2-token request at P = 1000 as the fit prices it vs its truth (-3 + 35 = 32 ms)
+    assert t.o + t.c0 + t.c1 * 1000.0 == pytest.approx(32.0, rel=0.2)

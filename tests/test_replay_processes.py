@@ -73,3 +73,23 @@ def test_plan_key_and_flag_are_checked(tmp_path: Path) -> None:
     assert with_adaptive_flags(plan, CalibrateOptions(replay_processes=0)).runtime.replay_processes == 0
     with pytest.raises(ConfigError, match="--replay-processes"):
         with_adaptive_flags(plan, CalibrateOptions(replay_processes=-2))
+
+
+def test_calibrate_replays_in_fresh_processes_and_records_how_many(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from helpers.plans import CALIBRATE_PLAN
+
+    from trt_latency.cli import main
+    from trt_latency.estimator.calibration import load_calibration
+    from trt_latency.estimator.requests import read_requests
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(CALIBRATE_PLAN)
+    out = tmp_path / "cal"
+    assert main(["calibrate", str(plan), "--quick", "--out", str(out), "--backend", "ort-cpu", "--no-progress",
+                 "--requests", "6", "--replay-processes", "2", "--no-plot"]) == 0
+    text = capsys.readouterr().out
+    assert "in 2 fresh processes (runtime.replay_processes)" in text
+    assert len(read_requests(out / "requests.csv")) == 6
+    cal = load_calibration(out / "calibration.yaml")
+    assert cal.provenance["replay_processes"] == 2 and cal.provenance["loop"] == "ort"

@@ -294,9 +294,15 @@ def open_replay_runner(target: Target, plan: Any, backend: str, options: dict[st
     from trt_latency.engines.genai_loop import open_replay_runner as open_loop
 
     choice = choose_loop(runtime, target.path, resolved_backend, embeddings=embeddings)
-    processes = plan.runtime.replay_processes if resolved_backend == "ort-cpu" and not embeddings else 0
+    processes = replay_process_count(plan, resolved_backend, embeddings)
     return open_loop(choice, partial(open_target, target, plan, backend, options), plan.runtime.intra_op_threads,
                      plan.runtime.huge_pages, say, processes=processes)
+
+
+def replay_process_count(plan: Any, resolved_backend: str, embeddings: bool) -> int:
+    """Fresh processes the replay runs in: the plan's runtime.replay_processes on ONNX Runtime's CPU provider
+    for token-id requests, else 0 (in this process)."""
+    return int(plan.runtime.replay_processes) if resolved_backend == "ort-cpu" and not embeddings else 0
 
 
 def loop_record(options: CalibrateOptions, target: Target, resolved_backend: str) -> str:
@@ -573,6 +579,8 @@ def _fit(samples_path: Path, plan: Any, targets: list[Target], runner_info: dict
         models={key_name(t.key): {"path": str(t.path), "sha256": _sha256(t.path)} for t in targets},
         engine_sha256=_sha256(targets[0].path),
         loop=loop_record(options, targets[0], runner_info.get("backend", "")),  # the replay's loop
+        # ... and how many fresh processes it ran in (0: the calibrating process; docs/decisions.md 14)
+        replay_processes=replay_process_count(plan, runner_info.get("backend", ""), bool(options.vision_onnx)),
         tiers={str(t.tier.tier_idx): {f: getattr(t.tier, f) for f in t.tier.__dataclass_fields__} for t in targets},
     )
     ort = onnxruntime_build()
