@@ -24,6 +24,16 @@ class Closing:
         self.close()
 
 
+def draw_prompt(rng: np.random.Generator, length: int, *, vocab: int = 0, hidden: int = 1,
+                dtype: np.typing.DTypeLike = np.float32) -> np.ndarray:
+    """A random prompt of ``length`` tokens: token ids [1, S] in [0, vocab) when ``vocab`` is given (a token-id
+    model), else embeddings [1, S, hidden] (N(0, 0.5^2) in ``dtype``). Every runner's ``random_prompt`` draws
+    here, so a replay's prompts are the same whichever runner, or replay process, serves them."""
+    if vocab:
+        return rng.integers(0, vocab, (1, length)).astype(np.int64)
+    return (rng.standard_normal((1, length, hidden), dtype=np.float32) * 0.5).astype(dtype)
+
+
 @dataclass(frozen=True)
 class GenerateResult:
     """One real end-to-end request: TTFT (prefill -> token 1), total, and each decode step's ms."""

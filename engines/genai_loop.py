@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from trt_latency.engines.base import Closing, GenerateResult
+from trt_latency.engines.base import Closing, GenerateResult, draw_prompt
 from trt_latency.errors import BackendUnavailable, InputError
 
 RUNTIMES = ("auto", "ort", "genai")
@@ -179,7 +179,7 @@ class GenaiLoop(Closing):
             self.generate(np.arange(1, 9, dtype=np.int64)[None] % self.vocab, 3)
 
     def random_prompt(self, length: int, rng: np.random.Generator) -> np.ndarray:
-        return rng.integers(0, self.vocab, (1, length)).astype(np.int64)
+        return draw_prompt(rng, length, vocab=self.vocab)
 
     def generate(self, prompt: np.ndarray, output_tokens: int) -> GenerateResult:
         """append_tokens(prompt ids [1, P]) then ``output_tokens`` generate_next_token calls, timed."""
@@ -236,7 +236,9 @@ def open_replay_runner(choice: LoopChoice, open_ort: Any, intra_op_threads: int 
     loaded when that is not the sweep's."""
     from functools import partial
 
-    opener = partial(GenaiLoop, choice.model_dir, intra_op_threads, huge_pages) if choice.is_genai else open_ort
+    # a replay process warms whatever it opens (engines/replay_processes.py): GenaiLoop's own warm-up only here
+    opener = (partial(GenaiLoop, choice.model_dir, intra_op_threads, huge_pages, warmup=processes == 0)
+              if choice.is_genai else open_ort)
     if processes > 0:
         from trt_latency.engines.replay_processes import ReplayProcesses
 

@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from trt_latency.engines.base import Runner
+from trt_latency.engines.base import Runner, draw_prompt
 from trt_latency.engines.config import ReplaySpec, TierSpec
 from trt_latency.errors import RequestLogError
 from trt_latency.formats import done_requests
@@ -56,7 +56,7 @@ def random_prompt(runner: Runner, tokens: int, dtype: Any, rng: np.random.Genera
     make = getattr(runner, "random_prompt", None)
     if make is not None:
         return make(tokens, rng)
-    return (rng.standard_normal((1, tokens, runner.hidden), dtype=np.float32) * 0.5).astype(dtype)
+    return draw_prompt(rng, tokens, hidden=runner.hidden, dtype=dtype)
 
 
 def image_count(choices: tuple[int, ...], seed: int, index: int) -> int:

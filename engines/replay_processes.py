@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from trt_latency.engines.base import Closing, GenerateResult
+from trt_latency.engines.base import Closing, GenerateResult, draw_prompt
 from trt_latency.errors import BackendUnavailable
 
 # The runner attributes the replay and the summary read, copied from the first worker's hello.
@@ -141,10 +141,9 @@ class ReplayProcesses(Closing):
 
     def random_prompt(self, length: int, rng: np.random.Generator) -> np.ndarray:
         """Token ids [1, S] (the ORT runner's and the genai loop's draw), or embeddings [1, S, H]."""
-        if self.token_input == "input_ids":
-            return rng.integers(0, self.vocab, (1, length)).astype(np.int64)
-        dtype = np.dtype(getattr(self, "token_dtype", "<f4"))
-        return (rng.standard_normal((1, length, self.hidden), dtype=np.float32) * 0.5).astype(dtype)
+        ids = self.token_input == "input_ids"
+        return draw_prompt(rng, length, vocab=self.vocab if ids else 0, hidden=self.hidden,
+                           dtype=np.dtype(getattr(self, "token_dtype", "<f4")))
 
     def generate(self, inputs_embeds: np.ndarray, output_tokens: int) -> GenerateResult:
         i = self._next % len(self._conns)

@@ -199,7 +199,8 @@ def test_calibrate_fits_serving_loop_on_one_half_and_conformal_on_the_other(
     assert conformal is not None and conformal["n"] == int((log.request_id % 2 == 1).sum()) == 6
     est = Estimator(cal)
     served, engine = est.predict(8, 16, 5), est.predict(8, 16, 5, serving=False)
+    # o_p(P) and c(P) at the 24-token prompt (their per-token slopes are fitted where the data call for them)
     assert served.total_ms == pytest.approx(
-        engine.total_ms + loop.prefill_ms + loop.first_step_ms + 4 * loop.decode_step_ms, rel=1e-9)
+        engine.total_ms + loop.prefill_extra_ms(24) + loop.first_ms(24) + 4 * loop.decode_step_ms, rel=1e-9)
     assert "serving loop" in text and "o ms/step" in text and "replay (6 requests)" in text
     assert "t0.k1.b2  n =    6" in text

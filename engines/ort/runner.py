@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from trt_latency.engines.base import Closing, GenerateResult
+from trt_latency.engines.base import Closing, GenerateResult, draw_prompt
 from trt_latency.engines.export import MASK_INPUT
 from trt_latency.errors import BackendUnavailable, InputError
 
@@ -386,9 +386,9 @@ class OrtRunner(Closing):
 
     def random_prompt(self, length: int, rng: np.random.Generator) -> np.ndarray:
         """A random prompt of ``length`` tokens in the model's own input kind: ids [1, S] or embeddings [1, S, H]."""
-        if self.token_input == "input_ids":
-            return rng.integers(0, self.dims.vocab, (1, length)).astype(np.int64)
-        return (rng.standard_normal((1, length, self.hidden), dtype=np.float32) * 0.5).astype(self.dims.token_dtype)
+        ids = self.token_input == "input_ids"
+        return draw_prompt(rng, length, vocab=self.dims.vocab if ids else 0, hidden=self.hidden,
+                           dtype=self.dims.token_dtype)
 
     def prompt_values(self, prompt: np.ndarray) -> np.ndarray:
         """``prompt`` as the model's token input: ids [1, S] (token-id model) or embeddings [1, S, H].
