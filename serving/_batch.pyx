@@ -120,7 +120,7 @@ cdef inline double c_prefill_batch(const BT* t, double prompt) noexcept nogil:
 
 cdef inline double c_judge(const BT* t, const double* left, const double* slack, const double* agg,
                            const double* without, Py_ssize_t m, double prompt, double n, double factor,
-                           bint protect, long long* pushed_out, bint* ext_out) noexcept nogil:
+                           double center, bint protect, long long* pushed_out, bint* ext_out) noexcept nogil:
     """batch_reference.judge: the newcomer's predicted total * factor; pushed and extrapolated through
     the pointers."""
     cdef double r = n - 1.0, stall = c_prefill_batch(t, prompt), now = 0.0, jprev = 0.0
@@ -150,7 +150,7 @@ cdef inline double c_judge(const BT* t, const double* left, const double* slack,
             jprev = end
         if k < pos and protect:
             w = (stall + now) * factor
-            if w > slack[k] and without[k] <= slack[k]:
+            if w > slack[k] and without[k] * center <= slack[k]:
                 pushed += 1
     if protect and pos < m:
         j0 = left[pos - 1] if pos > 0 else 0.0
@@ -162,7 +162,7 @@ cdef inline double c_judge(const BT* t, const double* left, const double* slack,
         shift = stall + now - base
         for k in range(pos, m):
             w = (without[k] + shift) * factor
-            if w > slack[k] and without[k] <= slack[k]:
+            if w > slack[k] and without[k] * center <= slack[k]:
                 pushed += 1
     pushed_out[0] = pushed
     ext_out[0] = ext
@@ -171,15 +171,15 @@ cdef inline double c_judge(const BT* t, const double* left, const double* slack,
 
 cdef inline long long c_batch_nfit(const BT* t, const double* left, const double* slack, const double* agg,
                                    const double* without, Py_ssize_t m, double prompt, long long hi, double budget,
-                                   double factor, bint protect) noexcept nogil:
+                                   double factor, double center, bint protect) noexcept nogil:
     cdef long long lo = 1, mid, pushed = 0
     cdef bint ext = False
-    cdef double pred = c_judge(t, left, slack, agg, without, m, prompt, 1.0, factor, protect, &pushed, &ext)
+    cdef double pred = c_judge(t, left, slack, agg, without, m, prompt, 1.0, factor, center, protect, &pushed, &ext)
     if not (pred <= budget and pushed == 0):
         return 0
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        pred = c_judge(t, left, slack, agg, without, m, prompt, <double>mid, factor, protect, &pushed, &ext)
+        pred = c_judge(t, left, slack, agg, without, m, prompt, <double>mid, factor, center, protect, &pushed, &ext)
         if pred <= budget and pushed == 0:
             lo = mid
         else:
@@ -189,13 +189,13 @@ cdef inline long long c_batch_nfit(const BT* t, const double* left, const double
 
 cdef inline int c_batch_decide(const BT* t, const double* left, const double* slack, const double* agg,
                          const double* without, bint ext0, Py_ssize_t m, double prompt, long long max_new,
-                         double budget, double factor, bint protect, bint want_fit, double* pred_out,
+                         double budget, double factor, double center, bint protect, bint want_fit, double* pred_out,
                          long long* pushed_out, long long* nfit_out) noexcept nogil:
     """batch_reference.decide_prepared's arithmetic; returns the code (status * 2 + extrapolated)."""
     cdef bint ext = False
     cdef long long nfit = 0
     cdef int status
-    cdef double pred = c_judge(t, left, slack, agg, without, m, prompt, <double>max_new, factor, protect,
+    cdef double pred = c_judge(t, left, slack, agg, without, m, prompt, <double>max_new, factor, center, protect,
                                pushed_out, &ext)
     ext = ext or ext0 or <double>(m + 1) > t.sizes[t.n_sizes - 1]
     pred_out[0] = pred
@@ -203,7 +203,7 @@ cdef inline int c_batch_decide(const BT* t, const double* left, const double* sl
         nfit_out[0] = max_new
         return BST_FITS * 2 + ext
     if want_fit:
-        nfit = c_batch_nfit(t, left, slack, agg, without, m, prompt, max_new, budget, factor, protect)
+        nfit = c_batch_nfit(t, left, slack, agg, without, m, prompt, max_new, budget, factor, center, protect)
     nfit_out[0] = nfit
     if pred > budget:
         status = BST_FEWER if nfit >= 1 else BST_NONE
@@ -292,7 +292,7 @@ cdef class BatchKernel:
 
     def decide(self, const double[::1] kv, const double[::1] left, const double[::1] deadline, double now,
                double prompt, long long max_new, double budget, double factor=1.0, bint protect=True,
-               bint want_fit=True):
+               bint want_fit=True, double center=1.0):
         """batch_reference.decide, compiled: the running state sorted by tokens left."""
         cdef Py_ssize_t m = kv.shape[0], k
         if left.shape[0] != m or deadline.shape[0] != m:
@@ -311,7 +311,7 @@ cdef class BatchKernel:
         if m:
             ext0 = c_prepare(&self.t, &kv[0], &left[0], m, agg, without)
         code = c_batch_decide(&self.t, &left[0] if m else NULL, slack, agg, without, ext0, m, prompt, max_new, budget,
-                        factor, protect, want_fit, &pred, &pushed, &nfit)
+                        factor, center, protect, want_fit, &pred, &pushed, &nfit)
         return _make(code // 2 == BST_FITS, nfit, pred, code, pushed, code // 2)
 
 
@@ -455,7 +455,7 @@ cdef class BatchState:
 
     def decide(self, rid, prompt, max_new_tokens, budget_ms, now=None, bint want_fit=False):
         cdef long long p, n, pushed = 0, nfit = 0, b, pushed1 = 0, nfit1 = 0
-        cdef double budget, t, factor, pred = 0.0, pred1 = 0.0
+        cdef double budget, t, factor, center, pred = 0.0, pred1 = 0.0
         cdef Py_ssize_t k, m
         cdef int code, bucket, probe
         cdef BatchDecision d
@@ -486,17 +486,18 @@ cdef class BatchState:
         while b > 1:  # bit length of (m + 1) - 1: batch-size bucket 1, 2, 3-4, 5-8, ...
             bucket += 1
             b = (b + 1) >> 1
-        factor = self.base_factor * self.correction[bucket if bucket < 64 else 63]
+        center = self.correction[bucket if bucket < 64 else 63]  # the bucket's median bias: the give-up test's
+        factor = self.base_factor * center
         self.last_factor = factor
         code = c_batch_decide(&self.kernel.t, self.left, self.slack, self.agg, self.without, self.ext0, m, <double>p, n,
-                        budget, factor, self.protect, want_fit, &pred, &pushed, &nfit)
+                        budget, factor, center, self.protect, want_fit, &pred, &pushed, &nfit)
         if code // 2 == BST_FITS:
             self.admits += 1
             self.last_admit = t
             return _make(True, nfit, pred, code, 0, BST_FITS)
         if m == 0 and factor > 1.0 and self.probe_interval < INFINITY and t - self.last_admit >= self.probe_interval:  # batch_reference.probe_due
             probe = c_batch_decide(&self.kernel.t, self.left, self.slack, self.agg, self.without, self.ext0, 0,
-                                   <double>p, n, budget, 1.0, self.protect, False, &pred1, &pushed1, &nfit1)
+                                   <double>p, n, budget, 1.0, 1.0, self.protect, False, &pred1, &pushed1, &nfit1)
             if probe // 2 == BST_FITS:
                 self.admits += 1
                 self.probes += 1

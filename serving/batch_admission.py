@@ -35,6 +35,7 @@ from trt_latency.estimator.batch_model import section_from_decode
 from trt_latency.ext.layout import TOKEN_MAX
 from trt_latency.serving import batch_reference as ref
 from trt_latency.serving.batch_reference import BAD_REQUEST, BATCH_POLICIES, BatchDecision, BatchTables
+from trt_latency.serving.conformal import conformal_rank
 
 # The compiled batch kernel (serving/_batch.pyx), or None: trt_latency._native decides for every compiled
 # module at once (TRT_LATENCY_PUREPYTHON, a missing build); without it the reference decides.
@@ -163,13 +164,15 @@ class BatchEstimator:
         return out
 
     def decide_sorted(self, kv: Any, left: Any, deadline: Any, now: float, prompt: int, max_new: int,
-                      budget: float, factor: float = 1.0, protect: bool = True, want_fit: bool = True) -> BatchDecision:
-        """The kernel call on a state already sorted by tokens left (float64 arrays)."""
+                      budget: float, factor: float = 1.0, protect: bool = True, want_fit: bool = True,
+                      center: float = 1.0) -> BatchDecision:
+        """The kernel call on a state already sorted by tokens left (float64 arrays); ``center``: the give-up
+        test's bias (batch_reference's module docstring)."""
         if self._kernel is not None:
             return self._kernel.decide(kv, left, deadline, now, float(prompt), int(max_new), budget, factor, protect,  # type: ignore[no-any-return]
-                                       want_fit)
+                                       want_fit, center)
         return ref.decide(self.tables, kv, left, deadline, now, float(prompt), int(max_new), budget, factor, protect,
-                          want_fit)
+                          want_fit, center)
 
     def _state(self, running: Iterable[Running]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         kv, left, dl = ref.sort_running(*zip(*[(r.kv_len, r.tokens_left, r.deadline_ms) for r in running], strict=True)) \
@@ -272,6 +275,25 @@ class BatchAdmissionController:
       finishing fewer requests per horizon than the alpha needs (20 for 0.05) always runs on the stored
       factor. ``None`` turns either part off (then the controller behaves as before it had them).
 
+    Adaptive level (``level_step``, off by default; ``serve --alpha-step``): the target is the share of late
+    requests among those admitted, while the quantile at alpha bounds each request's own chance of missing.
+    Most admitted requests have slack, so a fixed per-request alpha leaves that share far below alpha and
+    rejects requests that would have made it (a 1x load: 91 of 400 rejected, 0 of 309 late). The level is
+    the lower of two trackers, each moved by level_step and kept within ``level_bounds`` (default alpha / 2
+    .. 0.5: never admit what the model expects late; the predicted one stays >= alpha):
+    - predicted: each regular admission (``started(..., model_ms=)``) has a predicted chance of missing its
+      budget, p = the share of the bucket-normalised scores above budget / (model_ms x its bucket's scale);
+      the tracker moves by step x (alpha - p), so it settles where the admitted requests' mean predicted miss
+      is alpha. No lag, but blind to what an admission does to the running requests and to a model that is
+      off.
+    - observed (adaptive conformal inference, Gibbs & Candes 2021): each finished request's outcome
+      (``finished(..., late=)``) moves it by step x (alpha - late): the late share itself, known a request's
+      duration after the decisions that caused it.
+    At a light load both climb; in an overload either one holds the level down: alone, the observed one
+    climbed on a run's first on-time second and overshot when the overload came (2x: 18% late at the
+    client), the predicted one climbed while the protect check, not the newcomer's own budget, was binding
+    (2x: 8.9% late).
+
     Thread safety: with the compiled module the state is a ``_batch.BatchState`` whose methods run under
     the GIL without releasing it (each one atomic for Python threads) and ``decide`` IS its compiled
     method (no Python frame, no lock); the correction windows are updated under a lock in ``finished``.
@@ -280,7 +302,8 @@ class BatchAdmissionController:
     def __init__(self, estimator: BatchEstimator, alpha: float | None = 0.05, policy: str = "protect",
                  max_batch: int = 64, window: int = 32, min_observations: int = 8,
                  clamp: tuple[float, float] = (0.5, 4.0), clock: Any = None, residual_window: int = 300,
-                 horizon_ms: float | None = 30_000.0, probe_interval_ms: float | None = 1_000.0) -> None:
+                 horizon_ms: float | None = 30_000.0, probe_interval_ms: float | None = 1_000.0,
+                 level_step: float | None = None, level_bounds: tuple[float, float] | None = None) -> None:
         if policy not in BATCH_POLICIES:
             raise ValueError(f"policy must be one of {BATCH_POLICIES}, got {policy!r}")
         if max_batch < 1:
@@ -306,6 +329,18 @@ class BatchAdmissionController:
         self._start = (factor, self.factor_source)  # what the factor falls back to (see the docstring)
         self._min_obs = min_observations
         self.clamp = clamp  # (lo, hi) of every factor: serve --factor-max sets hi
+        # Adaptive conformal inference on the quantile's level (see the docstring): None or 0 keeps it at alpha
+        self.level_step = float(level_step or 0.0)
+        self.level = alpha
+        self._level_predicted = self._level_observed = float(alpha or 0.0)  # the two trackers (the docstring)
+        if alpha is not None:
+            self.level_bounds = level_bounds or (alpha / 2.0, max(alpha, 0.5))
+            if not 0.0 < self.level_bounds[0] <= alpha <= self.level_bounds[1] < 1.0:
+                raise ValueError(f"level_bounds must hold alpha within (0, 1), got {self.level_bounds}")
+        self.late = 0  # admitted requests reported late (finished(..., late=True)); counted, for /stats
+        self.on_time = 0
+        # sorted scores over their bucket's scale (online regime); a list: bisect on it is ~10x a numpy call's cost
+        self._normalized: list[float] | None = None
         self._state: Any = None
         if estimator._kernel is not None:
             self._state = _batch.BatchState(estimator._kernel, self.max_batch, self.protect, factor, self._clock,
@@ -344,12 +379,17 @@ class BatchAdmissionController:
             self._base = float(value)
 
     # ----------------------------------------------------------------- events
-    def started(self, rid: Any, prompt: int, max_new_tokens: int, budget_ms: float, now: float | None = None) -> None:
+    def started(self, rid: Any, prompt: int, max_new_tokens: int, budget_ms: float, now: float | None = None,
+                model_ms: float | None = None) -> None:
         """The request's prefill is done (first token out): it joins the batch with max_new_tokens - 1
-        steps left and its deadline ``budget_ms`` after ``now`` (its decision time; default: the clock)."""
+        steps left and its deadline ``budget_ms`` after ``now`` (its decision time; default: the clock).
+        ``model_ms``: the model's own predicted total at the decision (predicted_ms / last_factor) of a regular
+        admission (not a probe); with ``level_step`` its predicted chance of missing moves the level."""
         t = self._clock() if now is None else now
         with self._lock:
-            self._admitted_batch.setdefault(rid, self.running() + 1)
+            batch = self._admitted_batch.setdefault(rid, self.running() + 1)
+            if model_ms is not None:
+                self._spend_risk(float(model_ms), float(budget_ms), batch)
             if self._state is not None:
                 self._state.started(rid, float(prompt), float(max_new_tokens - 1), t + float(budget_ms))
                 return
@@ -387,11 +427,22 @@ class BatchAdmissionController:
             self._left = [v - 1.0 for v in self._left]
             self._prep = None
 
-    def finished(self, rid: Any, actual_ms: float | None = None, predicted_ms: float | None = None) -> None:
+    def finished(self, rid: Any, actual_ms: float | None = None, predicted_ms: float | None = None,
+                 late: bool | None = None) -> None:
         """The request left the batch. With its actual duration and the predicted one (both ms from its
         decision; predicted = its latest predicted finish, which later admissions may have moved) the
-        score actual / predicted feeds the online factor and the batch-bucket correction."""
+        score actual / predicted feeds the online factor and the batch-bucket correction. ``late``: whether
+        it missed its SLO (None: unknown, e.g. cancelled): counted (``counters``), beside the level."""
         with self._lock:
+            if late is not None:
+                if late:
+                    self.late += 1
+                else:
+                    self.on_time += 1
+                if self.alpha is not None and self.level_step:
+                    self._level_observed = self._bounded(
+                        self._level_observed + self.level_step * (self.alpha - float(late)), self.level_bounds[0])
+                    self._set_level()
             if self._state is not None:
                 self._state.finished(rid)
             elif rid in self._ids:
@@ -415,6 +466,46 @@ class BatchAdmissionController:
             self._wtimes[b].append(now)
             self._scores.append((b, score, now))
             self._refit(now)
+
+    def miss_chance(self, model_ms: float, budget_ms: float, batch: int) -> float | None:
+        """The predicted chance that a request whose model total is ``model_ms`` joining ``batch`` misses
+        ``budget_ms``: the share of the bucket-normalised scores above budget / (model_ms x the bucket's scale).
+        None before the online regime (too few scores)."""
+        with self._lock:
+            return self._miss_chance(model_ms, budget_ms, batch)
+
+    def _miss_chance(self, model_ms: float, budget_ms: float, batch: int) -> float | None:
+        s = self._normalized
+        if not s or not model_ms > 0:
+            return None
+        r = budget_ms / (model_ms * self._correction.get(batch_bucket(batch), 1.0))
+        return (len(s) - bisect_right(s, r)) / len(s)
+
+    def _spend_risk(self, model_ms: float, budget_ms: float, batch: int) -> None:
+        """Under the lock: one regular admission's predicted miss chance p moves the level by step x (alpha - p),
+        within level_bounds (see the class docstring)."""
+        if self.alpha is None or not self.level_step:
+            return
+        p = self._miss_chance(model_ms, budget_ms, batch)
+        if p is None:
+            return
+        # floor alpha: a predicted miss above the level comes from admissions the factor did not decide (a
+        # factor changed since); only observed outcomes make the level stricter than alpha
+        self._level_predicted = self._bounded(self._level_predicted + self.level_step * (self.alpha - p), self.alpha)
+        self._set_level()
+
+    def _bounded(self, level: float, lo: float) -> float:
+        return min(max(level, lo), self.level_bounds[1])
+
+    def _set_level(self) -> None:
+        """Under the lock: the level = the lower tracker; in the online regime the factor follows it at once
+        (the scores are kept sorted: one index), not at the next refit."""
+        self.level = min(self._level_predicted, self._level_observed)
+        s = self._normalized
+        if not s:
+            return
+        rank = conformal_rank(len(s), max(self.level, 1.0 / (len(s) + 1)))
+        self._set_base(min(max(float(s[rank - 1]), self.clamp[0]), self.clamp[1]))
 
     def seed_scores(self, scores: Iterable[float]) -> None:
         """Warm start the online factor with scores of a batched replay (actual / predicted, as in finished)."""
@@ -447,6 +538,7 @@ class BatchAdmissionController:
         self._expire(now)
         stale = {b: 1.0 for b in self._correction}  # a bucket whose scores expired: back to no correction
         if not self._scores:
+            self._normalized = None
             self._set_base(self._start[0])
             self.factor_source = self._start[1]
             self._apply(stale)
@@ -459,12 +551,17 @@ class BatchAdmissionController:
             # the scores are divided by the clamped scale they will be multiplied by again, so the
             # quantile's coverage holds whatever the clamp cut
             clamped = {b: min(max(scale.get(b, pooled), lo), hi) for b in range(-1, batch_bucket(self.max_batch) + 1)}
-            q = conformal_factor([v / clamped.get(b, clamped[-1]) for b, v, _ in self._scores], self.alpha)
+            # the level (alpha, or where the adaptive step moved it) no lower than these scores can back
+            level = max(float(self.level), 1.0 / (len(self._scores) + 1))  # type: ignore[arg-type]
+            normalized = np.asarray([v / clamped.get(b, clamped[-1]) for b, v, _ in self._scores])
+            self._normalized = sorted(normalized.tolist())
+            q = conformal_factor(normalized, level)
             self._set_base(min(max(q, lo), hi))
-            self.factor_source = (f"online: conformal quantile of the last {len(self._scores)} scores, each over "
-                                  "its batch bucket's median")
+            self.factor_source = (f"online: conformal quantile (level {level:.3g}) of the last {len(self._scores)} "
+                                  "scores, each over its batch bucket's median")
             updates = {b: v for b, v in clamped.items() if b >= 0}
         else:  # the start-up regime (a fresh controller, or every score but a few expired)
+            self._normalized = None
             self._set_base(self._start[0])
             self.factor_source = self._start[1]
             updates = {**stale, **{b: min(max(v / pooled, lo), hi) for b, v in scale.items()}}
@@ -512,9 +609,10 @@ class BatchAdmissionController:
                 return BatchDecision(False, 0, math.nan, ref.BST_NONE * 2, 0, "batch full (max_batch running)")
             if self._prep is None:
                 self._prep = ref.prepare(self.estimator.tables, self._kv, self._left)
-            factor = self._last_factor = self._base * self._correction.get(batch_bucket(m + 1), 1.0)
+            center = self._correction.get(batch_bucket(m + 1), 1.0)  # the bucket's median bias: the give-up test's
+            factor = self._last_factor = self._base * center
             d = ref.decide_prepared(self.estimator.tables, self._left, self._dl, self._prep, t, float(prompt),
-                                    max_new_tokens, float(budget_ms), factor, self.protect, want_fit)
+                                    max_new_tokens, float(budget_ms), factor, self.protect, want_fit, center)
             if not d.admit and ref.probe_due(m, factor, t, self._last_admit, self.probe_interval_ms):
                 p = ref.decide_prepared(self.estimator.tables, self._left, self._dl, self._prep, t, float(prompt),
                                         max_new_tokens, float(budget_ms), 1.0, self.protect, False)
@@ -537,5 +635,7 @@ class BatchAdmissionController:
             live = len(self._scores)
         return {"decisions": counts[0], "admits": counts[1], "rejects": counts[2], "probes": counts[3],
                 "running": self.running(), "scores": live, "expired_scores": self.expired,
+                "level": self.level, "level_predicted": self._level_predicted,
+                "level_observed": self._level_observed, "late": self.late, "on_time": self.on_time,
                 "factor": self.base_factor, "factor_source": self.factor_source,
                 "correction_by_batch_bucket": {f"<={1 << b}": v for b, v in sorted(self._correction.items())}}

@@ -143,7 +143,9 @@ class ServeAdmission(Listener):
         if admit:
             self._pending[rid] = (unscaled, ttft, asked, time.perf_counter())
             if self.controller is not None and self.mode == "trt-latency":
-                self.controller.started(rid, prompt, max_tokens, budget if math.isfinite(budget) else 1e12)
+                # model_ms: a regular admission's predicted miss chance spends the level's risk budget
+                self.controller.started(rid, prompt, max_tokens, budget if math.isfinite(budget) else 1e12,
+                                        model_ms=None if reason == PROBE_REASON else unscaled)
             if math.isfinite(pred):
                 self.metrics.predicted_total.observe(pred)
                 self.metrics.predicted_ttft.observe(ttft)
@@ -174,8 +176,9 @@ class ServeAdmission(Listener):
         res.append((now, residual_ms))
         while res and res[0][0] < now - self.controller.horizon_ms:
             res.popleft()
-        if len(res) >= min_requests_for(self.controller.alpha):
-            self.ttft_reserve_ms = max(conformal_factor([v for _, v in res], self.controller.alpha), 0.0)
+        if len(res) >= min_requests_for(self.controller.alpha):  # at the controller's level (alpha or adapted)
+            level = max(float(self.controller.level), 1.0 / (len(res) + 1))
+            self.ttft_reserve_ms = max(conformal_factor([v for _, v in res], level), 0.0)
         else:  # too few within the horizon: the start-up rule (prefill x the factor)
             self.ttft_reserve_ms = None
 
@@ -202,9 +205,11 @@ class ServeAdmission(Listener):
                                                                req.arrival))
         total, ttft = req.total_ms, req.ttft_ms
         ok = req.finish_reason in ("stop", "length") and req.finished_at is not None
+        met = ok and total is not None and ttft is not None and total <= slo.total_ms and ttft <= slo.ttft_ms
         if self.controller is not None and self.mode == "trt-latency":
             since = (req.finished_at - t_decided) * 1e3 if ok else None  # type: ignore[operator]
-            self.controller.finished(req.rid, since, pred if ok else None)
+            # late or not against the SLO asked (from arrival, TTFT included): counted beside the level
+            self.controller.finished(req.rid, since, pred if ok else None, late=(not met) if ok else None)
             self.metrics.set_factors(self.controller.counters())
             first = req.first_delivered_at or req.first_token_at
             if ok and first is not None:
@@ -217,7 +222,7 @@ class ServeAdmission(Listener):
         if ok and total is not None and ttft is not None:
             m.observed_total.observe(total)
             m.observed_ttft.observe(ttft)
-            if total <= slo.total_ms and ttft <= slo.ttft_ms:
+            if met:
                 m.slo_met.inc()
             else:
                 m.slo_violations.inc()

@@ -70,6 +70,8 @@ class ServeMetrics:
                               "admitted for the probe interval): how the online factor observes again", registry=r)
         self.expired_scores = Counter("trtl_expired_scores", "Online-factor scores dropped past the time horizon",
                                       registry=r)
+        self.level = Gauge("trtl_quantile_level", "Level of the online factor's conformal quantile (alpha, or where "
+                           "the adaptive step moved it)", registry=r)
         self.live_scores = Gauge("trtl_live_scores", "Scores the online factor is fitted on (within the horizon)",
                                  registry=r)
         self._seen = {"probes": 0, "expired_scores": 0}  # the controller's totals already counted
@@ -88,6 +90,8 @@ class ServeMetrics:
         """Gauges from BatchAdmissionController.counters()."""
         self.base_factor.set(float(counters.get("factor", 1.0)))
         self.live_scores.set(float(counters.get("scores", 0)))
+        if counters.get("level") is not None:
+            self.level.set(float(counters["level"]))
         for key, counter in (("probes", self.probes), ("expired_scores", self.expired_scores)):
             total = int(counters.get(key, 0))
             if total > self._seen[key]:

@@ -185,3 +185,79 @@ def test_serve_parses_factor_max() -> None:
     parse = build_parser().parse_args
     assert parse(["serve", "-c", "x.yaml"]).factor_max == 8.0
     assert parse(["serve", "-c", "x.yaml", "--factor-max", "4"]).factor_max == 4.0
+
+
+# --- the adaptive level (a risk budget on the quantile's level) ----------------------------------------
+
+def _feed(ctl: BatchAdmissionController, clock: Clock, scores: list[float]) -> None:
+    """Requests admitted alone (no model_ms: they spend nothing), finishing with these actual / predicted."""
+    alone = ctl.estimator.total_with([], PROMPT, TOKENS)
+    for s in scores:
+        clock.t += 10.0
+        rid = ("feed", clock.t)
+        ctl.started(rid, PROMPT, TOKENS, 1e6, now=clock.t)
+        ctl.finished(rid, s * alone, alone, late=False)
+
+
+def _admit(ctl: BatchAdmissionController, clock: Clock, budget_over_model: float, n: int) -> None:
+    """n regular admissions whose budget is this multiple of their model total (they finish at once, unscored)."""
+    alone = ctl.estimator.total_with([], PROMPT, TOKENS)
+    for _ in range(n):
+        clock.t += 1.0
+        rid = ("admit", clock.t)
+        ctl.started(rid, PROMPT, TOKENS, budget_over_model * alone, now=clock.t, model_ms=alone)
+        ctl.finished(rid)
+
+
+@pytest.mark.parametrize("pure", PATHS)
+def test_the_level_spends_the_slack_of_admitted_requests_and_returns_to_alpha_at_the_edge(pure: bool) -> None:
+    """Scores spread 1..2 (uniform; the bucket's scale, their median, ~1.5). Admissions with a budget 3x their
+    model total (normalised 2: no score above it, predicted miss 0) move the level from alpha up to its bound
+    0.5: the factor falls from the 95th percentile (~1.95) to the median (~1.5), and a request whose budget lies
+    between the two, rejected at alpha, is admitted. Admissions at the edge (predicted miss ~0.17) bring it
+    back to alpha; late outcomes below it. Without level_step the same admissions leave it at alpha."""
+    rng = np.random.default_rng(3)
+    scores = list(rng.uniform(1.0, 2.0, 200))
+    clock, fixed_clock = Clock(), Clock()
+    ctl = controller(pure, clock, level_step=0.05, horizon_ms=None, probe_interval_ms=None)
+    fixed = controller(pure, fixed_clock, horizon_ms=None, probe_interval_ms=None)
+    for c, k in ((ctl, clock), (fixed, fixed_clock)):
+        _feed(c, k, scores)
+        _admit(c, k, 3.0, 200)
+    at_alpha = fixed.base_factor * fixed.correction(1)
+    assert fixed.level == 0.05 and at_alpha > 1.85
+    assert ctl.miss_chance(1.0, 3.0, 1) == 0.0
+    assert ctl.level == pytest.approx(0.5)  # +0.05 x (0.05 - 0) per admission, bounded
+    assert ctl.counters()["level"] == pytest.approx(0.5) and ctl.counters()["on_time"] == 200
+    adapted = ctl.base_factor * ctl.correction(1)
+    assert adapted == pytest.approx(1.5, abs=0.15) and adapted < at_alpha - 0.3  # the median score, about
+    alone = ctl.estimator.total_with([], PROMPT, TOKENS)
+    budget = 0.5 * (at_alpha + adapted) * alone  # between the two factors' totals
+    assert not fixed.decide("x", PROMPT, TOKENS, budget, now=fixed_clock.t).admit
+    assert ctl.decide("x", PROMPT, TOKENS, budget, now=clock.t).admit
+    # admissions at the edge: budget 1.8x the model = 1.2 x the scale, 15-20 % of the scores above it
+    edge = ctl.miss_chance(alone, 1.8 * alone, 1)
+    assert edge is not None and 0.1 < edge < 0.3
+    _admit(ctl, clock, 1.8, 300)
+    counters = ctl.counters()
+    assert ctl.level == counters["level_predicted"] == pytest.approx(0.05)  # the mean predicted miss is above alpha
+    assert counters["level_observed"] == pytest.approx(0.5)  # while every outcome was on time
+    assert fixed.miss_chance(alone, 1.8 * alone, 1) == pytest.approx(edge)
+    # late outcomes pull the observed tracker, and so the level, below alpha: a factor above alpha's
+    for _ in range(20):
+        clock.t += 1.0
+        ctl.started(("late", clock.t), PROMPT, TOKENS, 1e6, now=clock.t)
+        ctl.finished(("late", clock.t), late=True)
+    assert ctl.level == pytest.approx(0.025) and ctl.late == 20
+    assert ctl.base_factor * ctl.correction(1) >= at_alpha
+
+
+def test_the_level_bounds_are_checked_and_off_keeps_alpha() -> None:
+    est = BatchEstimator(synthetic_section(), PREFILL, pure_python=True)
+    with pytest.raises(ValueError, match="level_bounds"):
+        BatchAdmissionController(est, alpha=0.05, level_step=0.1, level_bounds=(0.1, 0.5))
+    ctl = BatchAdmissionController(est, alpha=0.05)
+    ctl.started("a", PROMPT, TOKENS, 1e6, model_ms=1.0)
+    ctl.finished("a", 1.0, 1.0, late=True)
+    assert ctl.level == 0.05 and ctl.late == 1  # counted, not adapted
+    assert ctl.miss_chance(1.0, 2.0, 1) is None  # before the online regime: no scores to price it

@@ -260,6 +260,9 @@ def test_metrics_add_up(server: Server) -> None:
     counters = server.stats()["controller"]
     assert admits == counters["admits"] == finished and rejects == counters["rejects"] >= 1
     assert m["trtl_slo_met_total"] + m["trtl_slo_violations_total"] == completed
+    # the controller heard each completed request's outcome (the adaptive level's signal), as /metrics counted it
+    assert (counters["on_time"], counters["late"]) == (m["trtl_slo_met_total"], m["trtl_slo_violations_total"])
+    assert m["trtl_quantile_level"] == counters["level"]
     assert m["trtl_observed_total_ms_count"] == completed == m["trtl_observed_ttft_ms_count"]
     assert m["trtl_predicted_total_ms_count"] == admits and m["trtl_decision_ns_count"] == admits + rejects
     assert m["trtl_running_batch"] == 0 and m["trtl_queue_depth"] == 0
@@ -410,6 +413,7 @@ def test_a_stuck_factor_admits_a_probe_and_metrics_show_it(calibrated: Path) -> 
     try:
         adm = s.ctx.admission
         assert adm.controller.clamp == (0.5, 8.0)  # serve --factor-max reaches the controller
+        assert adm.controller.level_step == 0.05  # and --alpha-step's default
         adm.controller.base_factor = 4.0
         body = {"prompt": [5, 6, 7], "max_tokens": 4, "ignore_eos": True,
                 "slo_ms": 2.0 * adm.est.total_with([], 3, 4)}

@@ -107,6 +107,23 @@ def test_protect_rejects_what_pushes_a_running_request_past_its_deadline() -> No
     assert late.admit
 
 
+def test_protect_gives_up_a_request_late_at_its_expected_pace() -> None:
+    """The give-up test prices the running request's finish without the newcomer at ``center`` (the
+    controller's median bias), not at the raw model: a request the raw model has on time but that at 3x its
+    model (how fast this server runs) misses anyway blocks no newcomer, and one on time at 3x still does."""
+    tables = ref.build_batch_tables(synthetic_section(), PREFILL)
+    kv, left = [500.0, 800.0], [5.0, 30.0]
+    without, _ = ref.finish_times(tables, kv, left)
+    args = dict(prompt=2000.0, max_new=20, budget=1e9, factor=3.3)
+    at_risk = [without[0] * 1.5, 1e9]  # on time raw, late at 3x
+    assert not ref.decide(tables, kv, left, at_risk, 0.0, **args).admit  # the raw model protects it
+    gave_up = ref.decide(tables, kv, left, at_risk, 0.0, center=3.0, **args)
+    assert gave_up.admit and gave_up.pushed == 0
+    on_time = [without[0] * 3.1, 1e9]  # on time at 3x; the newcomer's stall pushes it past at 3.3x
+    kept = ref.decide(tables, kv, left, on_time, 0.0, center=3.0, **args)
+    assert not kept.admit and kept.pushed == 1
+
+
 def test_max_new_tokens_is_the_exact_inverse() -> None:
     tables = ref.build_batch_tables(synthetic_section("packed"), PREFILL)
     kv, left, dl = ref.sort_running([300.0, 900.0, 1200.0], [10.0, 4.0, 50.0], [1e9, 1e9, 1e9])
@@ -124,14 +141,15 @@ states = st.lists(st.tuples(st.integers(1, 5000), st.integers(0, 80), st.floats(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(running=states, prompt=st.integers(1, 4000), max_new=st.integers(1, 200),
        budget=st.floats(0.0, 3000.0), factor=st.floats(0.8, 2.0), protect=st.booleans(),
-       kv_read=st.sampled_from(["padded", "packed"]), sizes=st.sampled_from([(1,), (1, 4), (1, 2, 4, 8)]))
-def test_compiled_equals_reference(running, prompt, max_new, budget, factor, protect, kv_read, sizes) -> None:
+       kv_read=st.sampled_from(["padded", "packed"]), sizes=st.sampled_from([(1,), (1, 4), (1, 2, 4, 8)]),
+       center=st.floats(0.5, 2.0))
+def test_compiled_equals_reference(running, prompt, max_new, budget, factor, protect, kv_read, sizes, center) -> None:
     tables = ref.build_batch_tables(synthetic_section(kv_read, sizes), PREFILL)
     kernel = _batch.BatchKernel(tables)
     kv, left, dl = ref.sort_running([r[0] for r in running], [r[1] for r in running], [r[2] for r in running])
-    want = ref.decide(tables, kv, left, dl, 5.0, prompt, max_new, budget, factor, protect)
+    want = ref.decide(tables, kv, left, dl, 5.0, prompt, max_new, budget, factor, protect, center=center)
     got = kernel.decide(np.asarray(kv), np.asarray(left), np.asarray(dl), 5.0, prompt, max_new, budget, factor,
-                        protect)
+                        protect, center=center)
     assert got.predicted_ms == pytest.approx(want.predicted_ms, rel=1e-12, abs=1e-12)
     if abs(want.predicted_ms - budget) > 1e-9 * max(1.0, budget):  # off the floating-point boundary
         assert (got.admit, got.max_new_tokens, got.code, got.pushed) == (want.admit, want.max_new_tokens,

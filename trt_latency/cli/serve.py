@@ -71,6 +71,11 @@ def register(sub: Any) -> None:
                    "server may run 8x slower than its model before the factor stops following; under 2x overload "
                    "the request handlers' share of the GIL took it past 4, the old clamp. The probes and the score "
                    "horizon reopen a controller the clamp shut)")
+    p.add_argument("--alpha-step", type=float, default=0.05,
+                   help="trt-latency admission: the online factor's quantile level spends a risk budget: each "
+                   "admission moves it by STEP x (alpha - p), p the admitted request's predicted chance of missing "
+                   "its SLO, between alpha and 0.5, so the admitted requests' mean predicted miss is alpha instead "
+                   "of lying far under it at a light load (default 0.05; 0: the level stays alpha)")
     p.add_argument("--slo-ms", type=float, default=None, help="default total SLO from arrival (ms)")
     p.add_argument("--ttft-slo-ms", type=float, default=None, help="default TTFT SLO (ms)")
     p.add_argument("--tpot-slo-ms", type=float, default=None, help="default time per output token (ms); with "
@@ -119,13 +124,15 @@ def load_tokenizer(directory: str | Path) -> tuple[Any, int | None]:
 def make_context(runner: Any, cal: Any, key: Any, *, admission: str = "trt-latency", alpha: float = 0.05,
                  max_batch: int = 8, tokenizer: Any = None, eos_id: int | None = None, model_name: str = "model",
                  slo: Any = None, loop_terms: bool = True, horizon_s: float | None = 30.0,
-                 probe_interval_ms: float | None = 1000.0, factor_max: float = 8.0) -> Any:
+                 probe_interval_ms: float | None = 1000.0, factor_max: float = 8.0,
+                 alpha_step: float = 0.05) -> Any:
     """The engine loop (started), the admission and the app's context over an open runner.
 
     ``loop_terms``: the trt-latency controller's batch model prices the calibration's serving-loop terms
     (folded into its tables, so a decision costs the same); seed-1.3 stays the engine step x 1.3 (the
     baseline as defined). ``horizon_s`` / ``probe_interval_ms``: the controller's recovery from a factor that
-    rejects everything (BatchAdmissionController; None: off). ``factor_max``: its upper clamp."""
+    rejects everything (BatchAdmissionController; None: off). ``factor_max``: its upper clamp. ``alpha_step``:
+    its adaptive level's step (0: the level stays alpha)."""
     from trt_latency.engines.ort.slots import SlotDecoder
     from trt_latency.estimator.model import Estimator
     from trt_latency.serving.batch_admission import BatchAdmissionController, BatchEstimator
@@ -139,14 +146,16 @@ def make_context(runner: Any, cal: Any, key: Any, *, admission: str = "trt-laten
     est = BatchEstimator.from_estimator(Estimator(cal), *key, serving=loop_terms and admission == "trt-latency")
     controller = BatchAdmissionController(
         est, alpha=alpha, max_batch=max_batch, horizon_ms=None if horizon_s is None else horizon_s * 1e3,
-        probe_interval_ms=probe_interval_ms, clamp=(0.5, factor_max)) if admission == "trt-latency" else None
+        probe_interval_ms=probe_interval_ms, clamp=(0.5, factor_max),
+        level_step=alpha_step) if admission == "trt-latency" else None
     metrics = ServeMetrics()
     seed_rate = SEED_FACTOR * est.step_ms([decoder.max_len])
     adm = ServeAdmission(admission, est, controller, metrics, seed_rate)
     engine = EngineLoop(decoder, eos_id=eos_id, listener=adm)
     adm.engine = engine
     info = (f"{runner.backend} on {runner.device}, {max_batch} KV slots, {decoder.why}; admission {admission}"
-            + (f" (alpha {alpha}, factor {controller.base_factor:.3g} from {controller.factor_source}; loop "
+            + (f" (alpha {alpha}" + (f", level adapted by step {alpha_step:g}" if alpha_step else "")
+               + f", factor {controller.base_factor:.3g} from {controller.factor_source}; loop "
                "terms o {:.3g}, c0 {:.3g}, c1 {:.3g}, o_p {:.3g}, o_p1 {:.3g} ms)".format(*est.loop)
                if controller is not None else f" (seed rate {seed_rate:.3g} ms/token)" if admission == "seed-1.3"
                else ""))
@@ -184,6 +193,8 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--score-horizon-s", args.score_horizon_s), ("--probe-interval-ms", args.probe_interval_ms)):
         if not math.isfinite(value) or value < 0:
             return _usage(f"{flag} must be a number >= 0 (0: off), got {value}")
+    if not (math.isfinite(args.alpha_step) and 0.0 <= args.alpha_step <= 1.0):
+        return _usage(f"--alpha-step must be a number in [0, 1] (0: off), got {args.alpha_step}")
     if not (math.isfinite(args.factor_max) and args.factor_max > 1.0):
         return _usage(f"--factor-max must be a number > 1, got {args.factor_max}")
     for name in ("slo_ms", "ttft_slo_ms", "tpot_slo_ms"):
@@ -216,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
                        tokenizer=tokenizer, eos_id=eos, model_name=args.model_name or model_path.parent.name,
                        slo=_default_slo(args), loop_terms=args.loop_terms == "calibration",
                        horizon_s=args.score_horizon_s or None, probe_interval_ms=args.probe_interval_ms or None,
-                       factor_max=args.factor_max)
+                       factor_max=args.factor_max, alpha_step=args.alpha_step)
     app = create_app(ctx)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
