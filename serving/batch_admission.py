@@ -243,7 +243,11 @@ class BatchAdmissionController:
     event, so a decision is one pass over the batch plus the segments the newcomer is part of.
 
     Online correction per (config, batch-size bucket): each finished request's score actual / predicted
-    (durations from its decision; predicted = its latest predicted finish) goes into a pooled window of
+    (durations from its decision; predicted = the model's total at the decision, so a bucket's scale also
+    holds the slowdown from requests admitted later, priced at the server's pace: scoring against the latest
+    predicted finish, each later admission's push added in model ms, was tried and let 2x overload through,
+    because the server's per-request step cost grows with the batch faster than the engine model's, so a push
+    in model ms understates it; benchmarks/serve_goodput.md run U) goes into a pooled window of
     ``residual_window`` scores and into its batch-size bucket's window (the batch it was admitted into:
     1, 2, 3-4, 5-8, ...; ``window`` long). A bucket's scale is its window's median once it holds
     ``min_observations`` scores (else the pooled median). Once the pooled window holds enough scores for
@@ -430,7 +434,7 @@ class BatchAdmissionController:
     def finished(self, rid: Any, actual_ms: float | None = None, predicted_ms: float | None = None,
                  late: bool | None = None) -> None:
         """The request left the batch. With its actual duration and the predicted one (both ms from its
-        decision; predicted = its latest predicted finish, which later admissions may have moved) the
+        decision; predicted = the model's total at the decision, see the class docstring) the
         score actual / predicted feeds the online factor and the batch-bucket correction. ``late``: whether
         it missed its SLO (None: unknown, e.g. cancelled): counted (``counters``), beside the level."""
         with self._lock:
