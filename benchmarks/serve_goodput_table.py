@@ -3,6 +3,7 @@
     python benchmarks/serve_goodput_table.py RUNS_DIR [--slo slo.txt] [--alpha 0.05]
     python benchmarks/serve_goodput_table.py --capacity DIR [DIR ...] --ttft-x 2 --lat-x 1.5   # -> "cap ttft lat"
     python benchmarks/serve_goodput_table.py --predicted-capacity CAL --max-batch 8 --isl 32 --osl 32  # -> "cap"
+    python benchmarks/serve_goodput_table.py --attainment DIR    # -> the share of completed requests within every SLO
 
 --capacity: the median over the closed-loop runs given (request throughput, and TTFT_X / LAT_X x the p50 TTFT
 and request latency), each run's figures on stderr: one run is at the mercy of a shared machine's load.
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="?")
     p.add_argument("--capacity", type=Path, nargs="+")
     p.add_argument("--predicted-capacity", type=Path, metavar="CAL")
+    p.add_argument("--attainment", type=Path, metavar="DIR")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--isl", type=int, default=32)
     p.add_argument("--osl", type=int, default=32)
@@ -101,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.predicted_capacity is not None:
         print(f"{predicted_capacity(args.predicted_capacity, args.max_batch, args.isl, args.osl):.3f}")
+        return 0
+    if args.attainment is not None:  # SLO attainment of one run (aiperf's good_request_count / completed)
+        r = row(export(args.attainment))
+        if r["violations"] is None:
+            raise SystemExit(f"{args.attainment}: no good_request_count (was aiperf run with --goodput?)")
+        print(f"{1.0 - r['violations']:.4f}")
         return 0
     if args.capacity is not None:
         cap, ttft, lat = measured_capacity(args.capacity, args.ttft_x, args.lat_x)
