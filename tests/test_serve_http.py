@@ -126,6 +126,23 @@ def _stream(client: Any, body: dict[str, Any]) -> tuple[list[dict[str, Any]], li
     return chunks, tokens, "".join(ch["text"] for c in chunks for ch in c["choices"])
 
 
+def _at_once(one: Any, n: int) -> None:
+    """one(0) .. one(n - 1) on n threads at once (each joined within 60 s)."""
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+
+
+def _greedy(calibrated: Path, prompts: list[Any], lengths: list[int]) -> dict[int, list[int]]:
+    """The runner's own greedy tokens for each prompt (what every front end must serve)."""
+    from trt_latency.engines.ort.runner import OrtRunner
+
+    with OrtRunner(calibrated / "model.onnx", "cpu", intra_op_threads=1, huge_pages=False) as ref:
+        return {i: ref.generate(np.asarray([p]), n).tokens for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))}
+
+
 def test_streaming_and_not_give_the_runners_greedy_tokens(server: Server, calibrated: Path) -> None:
     rng = np.random.default_rng(5)
     prompts = [[int(t) for t in rng.integers(1, 512, n)] for n in (4, 19, 7, 33, 2, 12)]
@@ -146,16 +163,8 @@ def test_streaming_and_not_give_the_runners_greedy_tokens(server: Server, calibr
             assert r.json()["usage"] == {"prompt_tokens": len(prompts[i]), "completion_tokens": lengths[i],
                                          "total_tokens": len(prompts[i]) + lengths[i]}
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    from trt_latency.engines.ort.runner import OrtRunner
-
-    with OrtRunner(calibrated / "model.onnx", "cpu", intra_op_threads=1, huge_pages=False) as ref:
-        for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
-            assert results[i] == ref.generate(np.asarray([p]), n).tokens, i
+    _at_once(one, len(prompts))
+    assert results == _greedy(calibrated, prompts, lengths)
 
 
 def test_text_prompt_streams_the_same_text_as_non_streaming(server: Server) -> None:
@@ -431,3 +440,62 @@ def test_a_stuck_factor_admits_a_probe_and_metrics_show_it(calibrated: Path) -> 
         assert c["probes"] == 1 and c["admits"] == 1 and c["scores"] == 1
     finally:
         s.close()
+
+
+# --- the same loop behind Triton's front end (serving/triton_front.py; pytriton itself is not installed in CI:
+# benchmarks/pytriton_serve.py runs it behind a real Triton server) ---------------------------------------
+
+@pytest.fixture()
+def triton_front(calibrated: Path) -> Iterator[Any]:
+    from trt_latency.cli.serve import make_context
+    from trt_latency.engines.ort.runner import OrtRunner
+    from trt_latency.estimator.calibration import load_calibration
+    from trt_latency.serving import loadgen
+    from trt_latency.serving.triton_front import TritonFront
+
+    cal = load_calibration(calibrated / "calibration.yaml")
+    runner = OrtRunner(calibrated / "model.onnx", "cpu", intra_op_threads=1, huge_pages=False)
+    ctx = make_context(runner, cal, loadgen.served_key(calibrated / "model.onnx", cal), max_batch=4, model_name="tiny")
+    yield TritonFront(ctx, timeout_s=60)
+    ctx.engine.stop(drain=False, timeout=10)
+    runner.close()
+
+
+def test_triton_front_serves_the_runners_greedy_tokens_concurrently(triton_front: Any, calibrated: Path) -> None:
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(1, 512, n).astype(np.int64) for n in (5, 17, 3, 30, 9, 12)]
+    lengths = [7, 12, 4, 9, 15, 6]
+    out: dict[int, dict[str, np.ndarray]] = {}
+
+    def one(i: int) -> None:
+        out[i] = triton_front(input_ids=prompts[i], max_tokens=np.asarray([lengths[i]], np.int32),
+                              slo_ms=np.asarray([0.0], np.float32), ignore_eos=np.asarray([True]))
+
+    _at_once(one, len(prompts))
+    assert {i: o["output_ids"].tolist() for i, o in out.items()} == _greedy(calibrated, prompts, lengths)
+    assert all(0 < o["ttft_ms"][0] <= o["total_ms"][0] for o in out.values())
+    counters = triton_front.ctx.admission.controller.counters()
+    assert counters["admits"] == len(prompts) and counters["running"] == 0
+
+
+def test_triton_front_rejects_with_why_and_names_bad_inputs(triton_front: Any) -> None:
+    from trt_latency.serving.triton_front import AdmissionRejected, BadInput
+
+    ok = {"input_ids": np.asarray([5, 6, 7]), "max_tokens": np.asarray([64], np.int32),
+          "slo_ms": np.asarray([0.01], np.float32)}
+    with pytest.raises(AdmissionRejected) as info:
+        triton_front(**ok)
+    assert info.value.info["budget_ms"] == pytest.approx(0.01, rel=1e-3) and info.value.info["reason"]
+    assert info.value.info["predicted_ms"] > 0.01 and isinstance(info.value.info["max_tokens_that_fit"], int)
+    assert "rejected at admission" in str(info.value) and '"reason"' in str(info.value)
+    for change, name in ((dict(input_ids=np.asarray([], np.int64)), "input_ids"),
+                         (dict(input_ids=np.asarray([5, 100000])), "input_ids"),
+                         (dict(max_tokens=np.asarray([0], np.int32)), "max_tokens"),
+                         (dict(max_tokens=np.asarray([1, 2], np.int32)), "max_tokens"),
+                         (dict(max_tokens=None), "max_tokens"),
+                         (dict(slo_ms=np.asarray([np.nan], np.float32)), "slo_ms")):
+        with pytest.raises(BadInput, match=f"input '{name}'"):
+            triton_front(**{k: v for k, v in {**ok, **change}.items() if v is not None})
+    assert triton_front.ctx.engine.alive  # nothing reached the engine, which still serves
+    r = triton_front(**{**ok, "max_tokens": np.asarray([2], np.int32), "slo_ms": np.asarray([0.0], np.float32)})
+    assert r["output_ids"].size == 2
