@@ -14,7 +14,7 @@ The server side is serving/triton_front.py on the engine loop `serve` builds (cl
 same admission (trt-latency, or --admission none / seed-1.3), Triton's HTTP front end, `--instances` model
 instances so that many requests are in flight at once. The client sends Poisson arrivals through pytriton's
 ModelClient (one per client thread: it is not thread-safe), ISL / OSL fixed (ignore_eos), and reports what
-it saw: completed, rejected at admission (Triton's error carries the reason), SLO violations among the
+it saw: completed, rejected at admission (with the reason), SLO violations among the
 completed, client-side latency p50 / p99, and the server's own decision cost. A reject is an answer whose
 ``rejected`` output holds the reason (serving/triton_front.py says why not a Triton error). It also checks the tokens of
 the first requests against the runner's own greedy generation. LD_LIBRARY_PATH: the Python-backend stub
@@ -92,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                                             slo_ms=np.asarray([0.0], np.float32), ignore_eos=np.asarray([True]))
             why = bytes(out["rejected"][0]).decode()
             if why:  # rejected at admission: an answer with the reason
-                results[i] = {"ok": False, "latency_ms": (time.perf_counter() - t0) * 1e3,
-                              "error": "rejected at admission: " + why}
+                results[i] = {"ok": False, "latency_ms": (time.perf_counter() - t0) * 1e3, "rejected": why}
             else:
                 results[i] = {"ok": True, "latency_ms": (time.perf_counter() - t0) * 1e3,
                               "tokens": out["output_ids"].tolist(), "server_total_ms": float(out["total_ms"][0])}
@@ -120,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     runner.close()
 
     done = [r for r in results if r.get("ok")]
-    rejected = [r for r in results if not r.get("ok") and "rejected at admission" in r.get("error", "")]
-    failed = [r for r in results if not r.get("ok") and r not in rejected]
+    rejected = [r for r in results if "rejected" in r]
+    failed = [r for r in results if "error" in r]
     late = [r for r in done if r["latency_ms"] > args.slo_ms]
     lat = [r["latency_ms"] for r in done]
     decide = ctx.admission.metrics.decide_ns.summary()
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         "goodput_rps": round((len(done) - len(late)) / wall, 2),
         "client_latency_ms": {"p50": round(percentile(lat, 50), 1), "p99": round(percentile(lat, 99), 1)},
         "decision_ns_in_server": decide, "tokens_checked_against_runner": len(checked), "tokens_identical": same,
-        "example_reject": rejected[0]["error"][:300] if rejected else None,
+        "example_reject": rejected[0]["rejected"][:300] if rejected else None,
         "example_failure": failed[0]["error"][:300] if failed else None,
         "controller": ctx.admission.controller.counters() if ctx.admission.controller is not None else None,
     }

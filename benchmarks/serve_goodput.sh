@@ -39,7 +39,7 @@ ALPHA=${ALPHA:-0.05}
 MODES=${MODES:-"trt-latency none seed-1.3"}  # also: trt-latency-engine-only (--loop-terms none, the model before)
 TRTL_ARGS=${TRTL_ARGS:-}                  # extra serve flags for the trt-latency modes, e.g. "--factor-max 8"
 CAP_RUNS=${CAP_RUNS:-3}                   # closed loops whose median gives capacity and SLOs
-ATTAIN=${ATTAIN:-$(python3 -c "print(1 - $ALPHA)")}  # the open-loop check: `none`'s SLO attainment at 1x
+ATTAIN=${ATTAIN:-$("$PY" -c "print(1 - $ALPHA)")}  # the open-loop check: `none`'s SLO attainment at 1x
 OPEN_STEPS=${OPEN_STEPS:-4}               # at most this many x 0.85 steps down from the closed loops' figure
 TOKENIZER="$ROOT/tests/data/serve"
 mkdir -p "$WORK"

@@ -35,7 +35,7 @@ from trt_latency.estimator.batch_model import section_from_decode
 from trt_latency.ext.layout import TOKEN_MAX
 from trt_latency.serving import batch_reference as ref
 from trt_latency.serving.batch_reference import BAD_REQUEST, BATCH_POLICIES, BatchDecision, BatchTables
-from trt_latency.serving.conformal import conformal_rank
+from trt_latency.serving.conformal import backed_level, conformal_rank
 
 # The compiled batch kernel (serving/_batch.pyx), or None: trt_latency._native decides for every compiled
 # module at once (TRT_LATENCY_PUREPYTHON, a missing build); without it the reference decides.
@@ -502,13 +502,17 @@ class BatchAdmissionController:
         return min(max(level, lo), self.level_bounds[1])
 
     def _set_level(self) -> None:
-        """Under the lock: the level = the lower tracker; in the online regime the factor follows it at once
-        (the scores are kept sorted: one index), not at the next refit."""
+        """Under the lock: the level = the lower tracker; the factor follows it at once, not at the next refit."""
         self.level = min(self._level_predicted, self._level_observed)
+        self._set_online_base()
+
+    def _set_online_base(self) -> None:
+        """Under the lock, in the online regime: the base factor = the split-conformal quantile at the level of
+        the sorted bucket-normalised scores (one index), clamped. The one place the online factor is read."""
         s = self._normalized
         if not s:
             return
-        rank = conformal_rank(len(s), max(self.level, 1.0 / (len(s) + 1)))
+        rank = conformal_rank(len(s), backed_level(len(s), self.level))  # type: ignore[arg-type]
         self._set_base(min(max(float(s[rank - 1]), self.clamp[0]), self.clamp[1]))
 
     def seed_scores(self, scores: Iterable[float]) -> None:
@@ -537,7 +541,7 @@ class BatchAdmissionController:
         online factor: the split-conformal quantile of the scores divided by their bucket's scale (each
         bucket's factor = that x its scale). Before that, the start-up factor x each bucket's median relative
         to the pooled median (1 for a bucket without enough scores). All clamped."""
-        from trt_latency.serving.conformal import conformal_factor, min_requests_for
+        from trt_latency.serving.conformal import min_requests_for
 
         self._expire(now)
         stale = {b: 1.0 for b in self._correction}  # a bucket whose scores expired: back to no correction
@@ -555,14 +559,10 @@ class BatchAdmissionController:
             # the scores are divided by the clamped scale they will be multiplied by again, so the
             # quantile's coverage holds whatever the clamp cut
             clamped = {b: min(max(scale.get(b, pooled), lo), hi) for b in range(-1, batch_bucket(self.max_batch) + 1)}
-            # the level (alpha, or where the adaptive step moved it) no lower than these scores can back
-            level = max(float(self.level), 1.0 / (len(self._scores) + 1))  # type: ignore[arg-type]
-            normalized = np.asarray([v / clamped.get(b, clamped[-1]) for b, v, _ in self._scores])
-            self._normalized = sorted(normalized.tolist())
-            q = conformal_factor(normalized, level)
-            self._set_base(min(max(q, lo), hi))
-            self.factor_source = (f"online: conformal quantile (level {level:.3g}) of the last {len(self._scores)} "
-                                  "scores, each over its batch bucket's median")
+            self._normalized = sorted(v / clamped.get(b, clamped[-1]) for b, v, _ in self._scores)
+            self._set_online_base()  # at the level: alpha, or where the adaptive step moved it (counters' "level")
+            self.factor_source = (f"online: conformal quantile at the controller's level of the last "
+                                  f"{len(self._scores)} scores, each over its batch bucket's median")
             updates = {b: v for b, v in clamped.items() if b >= 0}
         else:  # the start-up regime (a fresh controller, or every score but a few expired)
             self._normalized = None

@@ -54,6 +54,12 @@ def conformal_factor(scores: Sequence[float] | np.ndarray, alpha: float) -> floa
     return float(np.partition(values, rank - 1)[rank - 1])
 
 
+def backed_level(n: int, level: float) -> float:
+    """``level``, raised where n scores cannot back it to the smallest level they can (1 / (n + 1)): the
+    finite factor nearest the one asked for, for a level that moves online (the controller's)."""
+    return max(float(level), 1.0 / (n + 1))
+
+
 def min_requests_for(alpha: float) -> int:
     """Smallest n for which a finite factor exists at level alpha."""
     n = 1

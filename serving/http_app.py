@@ -165,9 +165,19 @@ class ServeAdmission(Listener):
         alone = self.est.total_with([], prompt, max_tokens) * factor
         return alone <= slo.total_ms - elapsed_ms and self.predicted_ttft(prompt, 1) <= slo.ttft_ms - elapsed_ms
 
+    def slot_wait_s(self, prompt: int, max_tokens: int, slo: Slo, t_arrival: float, unbounded_s: float) -> float | None:
+        """After a reject only because every KV slot is held: how long (s) to wait for a slot before deciding
+        again on what is left of the budget, or None when the request could no longer meet its SLO alone (the
+        reject stands). ``unbounded_s``: the wait without a total SLO. Both front ends' rule (`serve`'s
+        handler, serving/triton_front.py), as the batched load test's trt-latency policy does it."""
+        elapsed = (time.perf_counter() - t_arrival) * 1e3
+        if not self.fits_alone(prompt, max_tokens, slo, elapsed):
+            return None
+        return max((slo.total_ms - elapsed) / 1e3, 0.001) if math.isfinite(slo.total_ms) else unbounded_s
+
     def _observe_ttft(self, residual_ms: float) -> None:
         """Engine thread: one TTFT residual; the reserve is their conformal quantile once there are enough."""
-        from trt_latency.serving.conformal import conformal_factor, min_requests_for
+        from trt_latency.serving.conformal import backed_level, conformal_factor, min_requests_for
 
         if self.controller is None or self.controller.alpha is None or not math.isfinite(residual_ms):
             return
@@ -177,7 +187,7 @@ class ServeAdmission(Listener):
         while res and res[0][0] < now - self.controller.horizon_ms:
             res.popleft()
         if len(res) >= min_requests_for(self.controller.alpha):  # at the controller's level (alpha or adapted)
-            level = max(float(self.controller.level), 1.0 / (len(res) + 1))
+            level = backed_level(len(res), self.controller.level)
             self.ttft_reserve_ms = max(conformal_factor([v for _, v in res], level), 0.0)
         else:  # too few within the horizon: the start-up rule (prefill x the factor)
             self.ttft_reserve_ms = None
@@ -419,15 +429,14 @@ def create_app(ctx: ServeContext) -> Any:
         prompt, n, slo = len(req["ids"]), req["max_tokens"], req["slo"]
         v = ctx.admission.decide(rid, prompt, n, slo, record=False)
         m.round_trip_ms.add((time.perf_counter() - t_arrival) * 1e3)
-        while v.full:
-            elapsed = (time.perf_counter() - t_arrival) * 1e3
-            if not ctx.admission.fits_alone(prompt, n, slo, elapsed) or ctx.draining:
+        while v.full and not ctx.draining:
+            wait_s = ctx.admission.slot_wait_s(prompt, n, slo, t_arrival, unbounded_s=60.0)
+            if wait_s is None:
                 break
             if ctx.slot_freed is None:
                 ctx.slot_freed = asyncio.Event()
             try:
-                left_s = (slo.total_ms - elapsed) / 1e3 if math.isfinite(slo.total_ms) else 60.0
-                await asyncio.wait_for(ctx.slot_freed.wait(), timeout=max(left_s, 0.001))
+                await asyncio.wait_for(ctx.slot_freed.wait(), timeout=wait_s)
             except TimeoutError:
                 pass
             v = ctx.admission.decide(rid, prompt, n, slo, (time.perf_counter() - t_arrival) * 1e3, record=False)

@@ -135,12 +135,11 @@ class TritonFront:
             v = adm.decide(rid, prompt, n, slo, record=False)
         adm.metrics.round_trip_ms.add((time.perf_counter() - t_arrival) * 1e3)
         while v.full:
-            elapsed = (time.perf_counter() - t_arrival) * 1e3
-            if not adm.fits_alone(prompt, n, slo, elapsed):
+            wait_s = adm.slot_wait_s(prompt, n, slo, t_arrival, unbounded_s=self.timeout_s)
+            if wait_s is None:
                 break
-            left_s = (slo.total_ms - elapsed) / 1e3 if math.isfinite(slo.total_ms) else self.timeout_s
             with self._freed:
-                self._freed.wait(timeout=max(left_s, 0.001))
+                self._freed.wait(timeout=wait_s)
             with self._deciding:
                 v = adm.decide(rid, prompt, n, slo, (time.perf_counter() - t_arrival) * 1e3, record=False)
         if not v.admit:
