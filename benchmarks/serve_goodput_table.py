@@ -13,14 +13,19 @@ T(B, X at the mean KV length) + o. A cross-check of the measured capacity (HTTP 
 
 Per run (RUNS_DIR/<load>x-<mode>/): goodput (aiperf's, DistServe's definition: completed requests within every
 SLO per second), completed, rejected (aiperf's error count: the server's 429s), the violation share among
-completed (1 - good / completed), p50/p99 TTFT and ITL; then the done-when checks of issue 25.
+completed (1 - good / completed), p50/p99 TTFT and ITL; then the done-when checks of issue 25. With repeats
+(RUNS_DIR/rep<r>/<load>x-<mode>/, serve_goodput.sh's REPEATS): each repeat's table, the median (min .. max) of
+each figure over the repeats, and each check on the median of its per-repeat figure (goodput as the ratio to
+the baseline run on the same trace in the same repeat), with how many repeats passed it alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +88,76 @@ def predicted_capacity(cal: Path, max_batch: int, isl: int, osl: int) -> float:
     return 1e3 / per_request_ms
 
 
+def runs_of(d: Path) -> dict[str, dict[str, Any]]:
+    """RUN_DIR/<load>x-<mode>/ -> its row, by "<load>x-<mode>"."""
+    return {r.name: row(export(r)) for r in sorted(d.iterdir()) if r.is_dir()}
+
+
+def table(rows: dict[str, dict[str, Any]], title: str = "") -> None:
+    print(f"{title}| load | admission | goodput (req/s) | completed | rejected | violations among completed | "
+          "TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        load, mode = name.split("-", 1)
+        print(f"| {load} | {mode} | {fmt(r['goodput'])} | {fmt(int(r['completed']))} | {fmt(int(r['rejected']))} | "
+              f"{fmt(r['violations'], 3)} | {fmt(r['ttft_p50'], 1)} / {fmt(r['ttft_p99'], 1)} | "
+              f"{fmt(r['itl_p50'], 2)} / {fmt(r['itl_p99'], 2)} |")
+    print()
+
+
+Check = tuple[str, Callable[[dict[str, dict[str, Any]]], float], Callable[[float], bool]]
+
+
+def goodput_ratio(a: str, b: str) -> Callable[[dict[str, dict[str, Any]]], float]:
+    """trt-latency's goodput over a baseline's on the same trace (a paired ratio)."""
+    def read(rows: dict[str, dict[str, Any]]) -> float:
+        ga, gb = (rows.get(n, {}).get("goodput") for n in (a, b))
+        if ga is None or gb is None:
+            return float("nan")
+        return float(ga) / float(gb) if gb > 0 else (float("inf") if ga > 0 else float("nan"))
+    return read
+
+
+def late_share(rows: dict[str, dict[str, Any]]) -> float:
+    v = rows.get("2x-trt-latency", {}).get("violations")
+    return 1.0 if v is None else float(v)
+
+
+def checks(alpha: float) -> list[Check]:
+    """Issue 25's done-when checks: (text, the figure a set of runs reads, the figure passes)."""
+    return [
+        ("2x: trt-latency goodput >= 1.5 x none", goodput_ratio("2x-trt-latency", "2x-none"), lambda v: v >= 1.5),
+        ("2x: trt-latency goodput > seed-1.3", goodput_ratio("2x-trt-latency", "2x-seed-1.3"), lambda v: v > 1.0),
+        (f"2x: violations among admitted <= alpha + 0.03 = {alpha + 0.03:.2f}", late_share,
+         lambda v: v <= alpha + 0.03),
+        ("1x: trt-latency goodput >= 0.95 x none", goodput_ratio("1x-trt-latency", "1x-none"), lambda v: v >= 0.95),
+    ]
+
+
+def summary(sets: list[tuple[str, dict[str, dict[str, Any]]]], alpha: float) -> None:
+    """The median over the repeats of each run's figures, then each check on the median of its per-repeat
+    figure (a goodput ratio is paired within a repeat: the same trace, minutes apart at most)."""
+    print(f"Median over {len(sets)} repeats (min .. max):\n")
+    print("| load | admission | goodput (req/s) | rejected | violations among completed | TTFT p99 (ms) |")
+    print("|---|---|---|---|---|---|")
+
+    def cell(name: str, key: str, digits: int) -> str:
+        v = [float(rows[name][key]) for _, rows in sets if rows.get(name, {}).get(key) is not None]
+        return f"{median(v):.{digits}f} ({min(v):.{digits}f} .. {max(v):.{digits}f})" if v else "-"
+
+    for name in sets[0][1]:
+        load, mode = name.split("-", 1)
+        print(f"| {load} | {mode} | {cell(name, 'goodput', 2)} | {cell(name, 'rejected', 0)} | "
+              f"{cell(name, 'violations', 3)} | {cell(name, 'ttft_p99', 1)} |")
+    print()
+    for text, figure, passes in checks(alpha):
+        values = [figure(rows) for _, rows in sets]
+        read = [v for v in values if not math.isnan(v)]  # nan: a repeat without one of the two runs
+        m = median(read) if read else float("nan")
+        alone = sum(passes(v) for v in read)
+        print(f"- {'PASS' if read and passes(m) else 'FAIL'}: {text}: median {m:.3f} (repeats "
+              f"{', '.join(f'{v:.3f}' for v in values)}; {alone} of {len(read)} passed alone)")
+
 def fmt(v: Any, digits: int = 2) -> str:
     return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
@@ -116,32 +191,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.runs:
         p.error("RUNS_DIR or --capacity")
-    rows = {r.name: row(export(r)) for r in sorted(Path(args.runs).iterdir()) if r.is_dir()}
+    runs = Path(args.runs)
+    reps = sorted((d for d in runs.iterdir() if d.is_dir() and d.name.startswith("rep")), key=lambda d: int(d.name[3:]))
+    sets = [(d.name, runs_of(d)) for d in reps] if reps else [("", runs_of(runs))]
     if args.slo is not None and args.slo.is_file():
         print(args.slo.read_text(encoding="utf-8").strip() + "\n")
-    print("| load | admission | goodput (req/s) | completed | rejected | violations among completed | "
-          "TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        load, mode = name.split("-", 1)
-        print(f"| {load} | {mode} | {fmt(r['goodput'])} | {fmt(int(r['completed']))} | {fmt(int(r['rejected']))} | "
-              f"{fmt(r['violations'], 3)} | {fmt(r['ttft_p50'], 1)} / {fmt(r['ttft_p99'], 1)} | "
-              f"{fmt(r['itl_p50'], 2)} / {fmt(r['itl_p99'], 2)} |")
-    print()
-
-    def gp(name: str) -> float:
-        v = rows.get(name, {}).get("goodput")
-        return float(v) if v is not None else float("nan")
-
-    checks = [
-        ("2x: trt-latency goodput >= 1.5 x none", gp("2x-trt-latency") >= 1.5 * gp("2x-none")),
-        ("2x: trt-latency goodput > seed-1.3", gp("2x-trt-latency") > gp("2x-seed-1.3")),
-        (f"2x: violations among admitted <= alpha + 0.03 = {args.alpha + 0.03:.2f}",
-         (rows.get("2x-trt-latency", {}).get("violations") or 1.0) <= args.alpha + 0.03),
-        ("1x: trt-latency goodput >= 0.95 x none", gp("1x-trt-latency") >= 0.95 * gp("1x-none")),
-    ]
-    for text, ok in checks:
-        print(f"- {'PASS' if ok else 'FAIL'}: {text}")
+    for name, rows in sets:
+        table(rows, f"{name}: " if name else "")
+    if len(sets) > 1:
+        summary(sets, args.alpha)
+    else:
+        for text, figure, passes in checks(args.alpha):
+            v = figure(sets[0][1])
+            print(f"- {'PASS' if passes(v) else 'FAIL'}: {text} (reads {v:.3f})")
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Protocol, Self, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 import numpy as np
 
@@ -22,6 +22,27 @@ class Closing:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+class SlotPool:
+    """The KV-slot bookkeeping of both slot decoders (engines/ort/slots.py, engines/trt/slots.py), as
+    serve's engine loop drives it: ``slots`` holds objects with ``busy``, ``length`` and ``last_token``."""
+
+    slots: list[Any]
+
+    def acquire(self) -> int | None:
+        """A free slot's index (marked busy, emptied), else None."""
+        for i, s in enumerate(self.slots):
+            if not s.busy:
+                s.busy, s.length, s.last_token = True, 0, -1
+                return i
+        return None
+
+    def release(self, index: int) -> None:
+        self.slots[index].busy = False
+
+    def free(self) -> int:
+        return sum(not s.busy for s in self.slots)
 
 
 def draw_prompt(rng: np.random.Generator, length: int, *, vocab: int = 0, hidden: int = 1,

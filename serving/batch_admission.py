@@ -439,14 +439,7 @@ class BatchAdmissionController:
         it missed its SLO (None: unknown, e.g. cancelled): counted (``counters``), beside the level."""
         with self._lock:
             if late is not None:
-                if late:
-                    self.late += 1
-                else:
-                    self.on_time += 1
-                if self.alpha is not None and self.level_step:
-                    self._level_observed = self._bounded(
-                        self._level_observed + self.level_step * (self.alpha - float(late)), self.level_bounds[0])
-                    self._set_level()
+                self._outcome(late)
             if self._state is not None:
                 self._state.finished(rid)
             elif rid in self._ids:
@@ -470,6 +463,22 @@ class BatchAdmissionController:
             self._wtimes[b].append(now)
             self._scores.append((b, score, now))
             self._refit(now)
+
+    def outcome(self, late: bool) -> None:
+        """A request's outcome as its client saw it, when that is known only after it left the batch (`serve`
+        judges it when the response is delivered): counted, and it moves the observed level."""
+        with self._lock:
+            self._outcome(late)
+
+    def _outcome(self, late: bool) -> None:
+        if late:
+            self.late += 1
+        else:
+            self.on_time += 1
+        if self.alpha is not None and self.level_step:
+            self._level_observed = self._bounded(
+                self._level_observed + self.level_step * (self.alpha - float(late)), self.level_bounds[0])
+            self._set_level()
 
     def miss_chance(self, model_ms: float, budget_ms: float, batch: int) -> float | None:
         """The predicted chance that a request whose model total is ``model_ms`` joining ``batch`` misses

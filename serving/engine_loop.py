@@ -46,6 +46,7 @@ class GenRequest:
     first_delivered_at: float | None = None  # s, set by the HTTP handler when it hands the first token on
     finished_at: float | None = None
     finish_reason: str = ""
+    slo: Any = None  # the SLO it was admitted with (the admission's, for judging it when it is delivered)
 
     @property
     def ttft_ms(self) -> float | None:

@@ -15,6 +15,7 @@ import numpy as np
 # ms buckets for TTFT and totals: a tiny CPU model's few ms up to a real model's tens of seconds
 MS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, float("inf"))
 NS_BUCKETS = (100, 200, 500, 1000, 2000, 5000, 10000, 100000, float("inf"))
+LAG_BUCKETS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, float("inf"))
 
 
 class Percentiles:
@@ -78,8 +79,12 @@ class ServeMetrics:
         self.running = Gauge("trtl_running_batch", "Requests in the engine's running batch", registry=r)
         self.queue = Gauge("trtl_queue_depth", "Admitted requests waiting for a KV slot", registry=r)
         self.steps = Counter("trtl_decode_steps", "Batched decode steps", registry=r)
+        self.delivery_lag = Histogram("trtl_delivery_lag_ms", "From the engine's last token to the handler handing "
+                                      "the response's end to the server (ms): the event loop's share of the "
+                                      "latency the client sees", buckets=LAG_BUCKETS, registry=r)
         self.decide_ns = Percentiles()
         self.round_trip_ms = Percentiles()
+        self.delivery_lag_ms = Percentiles()
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

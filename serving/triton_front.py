@@ -92,11 +92,13 @@ class TritonFront:
             raise BadInput("input 'input_ids': missing")
         ids = [int(t) for t in np.asarray(ids_in).reshape(-1)]
         ctx = self.ctx
-        if not ids or len(ids) > ctx.max_prompt or min(ids) < 0 or max(ids) >= ctx.vocab:
-            raise BadInput(f"input 'input_ids': expected 1..{ctx.max_prompt} token ids in [0, {ctx.vocab})")
+        problem = ctx.prompt_problem(ids)
+        if problem is not None:
+            raise BadInput(f"input 'input_ids': {problem}")
         n = _scalar(inputs, "max_tokens", int)
-        if not 1 <= n or len(ids) + n - 1 > ctx.max_len:
-            raise BadInput(f"input 'max_tokens': expected >= 1 with prompt + max_tokens - 1 <= {ctx.max_len}")
+        if not 1 <= n <= ctx.max_tokens_limit(len(ids)):
+            raise BadInput(f"input 'max_tokens': expected an integer in [1, {ctx.max_tokens_limit(len(ids))}] "
+                           f"(prompt + max_tokens - 1 <= {ctx.max_len}), got {n}")
         slo_ms = _scalar(inputs, "slo_ms", float, default=0.0)
         if math.isnan(slo_ms):
             raise BadInput("input 'slo_ms': expected a number (<= 0: the server's default)")
@@ -123,6 +125,7 @@ class TritonFront:
             raise TimeoutError(f"request {rid}: no last token within {self.timeout_s} s")
         if g.finish_reason == "error":
             raise RuntimeError(f"request {rid}: the engine failed it")
+        ctx.admission.delivered(g)  # this thread woke on the last token: Triton's path to the client follows
         return {"output_ids": np.asarray(g.tokens, dtype=np.int64),
                 "ttft_ms": np.asarray([g.ttft_ms or math.nan], dtype=np.float32),
                 "total_ms": np.asarray([g.total_ms or math.nan], dtype=np.float32)}

@@ -345,7 +345,8 @@ CASES = [
       code=2),
     C("calibrate", "replay-processes", "calibrate --onnx {d}/model.onnx --replay-processes -1",
       "field '--replay-processes'", "an integer >= 0", needs=ORT),
-    C("serve", "engine", "serve -c {d}/calibration.yaml --engine {d}/x.plan", "--engine", "serve the ONNX model with --onnx", code=2),
+    C("serve", "engine", "serve -c {d}/calibration.yaml --engine {d}/x.plan", "{d}/x.plan: field '--engine': file not found",
+      "a serialized TensorRT engine"),
 ]
 
 

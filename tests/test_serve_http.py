@@ -476,6 +476,29 @@ def test_triton_front_serves_the_runners_greedy_tokens_concurrently(triton_front
     assert all(0 < o["ttft_ms"][0] <= o["total_ms"][0] for o in out.values())
     counters = triton_front.ctx.admission.controller.counters()
     assert counters["admits"] == len(prompts) and counters["running"] == 0
+    assert counters["late"] + counters["on_time"] == len(prompts)  # each judged when this front end delivered it
+
+
+def test_a_request_is_late_as_delivered_not_as_the_engine_finished_it(triton_front: Any) -> None:
+    from trt_latency.serving.engine_loop import GenRequest
+    from trt_latency.serving.http_app import Slo
+
+    adm = triton_front.ctx.admission
+    slo = Slo(20.0, 10.0, "request slo_ms")
+    now = time.perf_counter()
+    seen = []
+    for age_s in (0.050, 0.005):  # delivered 50 ms and 5 ms after arrival; the engine finished at 4 ms in both
+        g = GenRequest("r", [1, 2], 2, lambda ev: None, arrival=now - age_s, slo=slo)
+        g.first_token_at, g.finished_at, g.finish_reason = g.arrival + 0.002, g.arrival + 0.004, "length"
+        adm.delivered(g)
+        c = adm.controller.counters()
+        seen.append((c["late"], c["on_time"]))
+    assert seen == [(1, 0), (1, 1)]  # within its SLO at the engine, late as its client saw it
+    assert adm.metrics.delivery_lag_ms.summary()["n"] == 2 and adm.metrics.delivery_lag_ms.summary()["p99"] >= 40
+    g = GenRequest("c", [1], 2, lambda ev: None, slo=slo)
+    g.finished_at, g.finish_reason = time.perf_counter(), "cancelled"
+    adm.delivered(g)  # a cancelled request has no outcome
+    assert (adm.controller.counters()["late"], adm.controller.counters()["on_time"]) == (1, 1)
 
 
 def test_triton_front_rejects_with_why_and_names_bad_inputs(triton_front: Any) -> None:

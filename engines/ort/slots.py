@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from trt_latency.engines.base import SlotPool
 from trt_latency.engines.export import MASK_INPUT
 from trt_latency.errors import InputError
 
@@ -45,15 +46,15 @@ class Slot:
     generation: int = 0  # bumped by each prefill: a batch cached over an older content of the slot is stale
 
 
-class SlotDecoder:
+class SlotDecoder(SlotPool):
     """Prefill into a slot and batched greedy decode steps over slots, on ``runner``'s ONNX Runtime session."""
 
     def __init__(self, runner: Any, slots: int) -> None:
         sig = runner.signature
         path = str(getattr(runner, "path", sig.model))
         if getattr(runner, "session", None) is None:
-            raise InputError("serving needs an ONNX Runtime session (the TensorRT runner times steps but keeps no "
-                             "per-request KV yet)", path=path, field="--engine", expected="--onnx MODEL")
+            raise InputError("this slot decoder runs an ONNX Runtime session (a TensorRT runner's slots are "
+                             "engines/trt/slots.py)", path=path, field="runner", expected="an OrtRunner")
         if runner.kv_mode != "concat":
             raise InputError(f"kv_mode {runner.kv_mode}: serving keeps each request's KV in its own slot and "
                              "feeds past -> present (concat)", path=path, field="kv_mode", expected="concat")
@@ -86,21 +87,6 @@ class SlotDecoder:
         self.reuse_batch = True
         self._cached: tuple[tuple[Any, ...], list[np.ndarray], np.ndarray] | None = None
         self.relayouts = 0
-
-    # -- slots ----------------------------------------------------------------------------------------
-    def acquire(self) -> int | None:
-        """A free slot's index (marked busy), else None."""
-        for i, s in enumerate(self.slots):
-            if not s.busy:
-                s.busy, s.length = True, 0
-                return i
-        return None
-
-    def release(self, index: int) -> None:
-        self.slots[index].busy = False
-
-    def free(self) -> int:
-        return sum(not s.busy for s in self.slots)
 
     # -- steps ----------------------------------------------------------------------------------------
     def _tokens(self, ids: np.ndarray) -> np.ndarray:

@@ -47,6 +47,9 @@ if TYPE_CHECKING:
     from trt_latency.engines.base import GenerateResult
     from trt_latency.engines.signature import DecoderSignature
 
+# One KV set: past name -> its two buffers, whose past / present roles swap between steps.
+KvSet = Mapping[str, tuple[cuda.DeviceBuffer, cuda.DeviceBuffer]]
+
 _EMBED_TABLE_ROWS = 4096  # host stand-in for the token embedding table used by generate()
 
 
@@ -356,6 +359,11 @@ class TrtRunner(Closing):
         self._buffers.append(buf)
         return buf
 
+    def _alloc_kv(self) -> KvSet:
+        """Another KV set sized as the runner's own (past name -> buffers A, B): a serving slot's
+        (engines/trt/slots.py), so its KV stays put between steps. Freed by :meth:`close`."""
+        return {past: (self._alloc(a.nbytes), self._alloc(b.nbytes)) for past, (a, b) in self._kv.items()}
+
     def _pin(self, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
         host = cuda.PinnedHostBuffer(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
         self._buffers.append(host)
@@ -377,14 +385,15 @@ class TrtRunner(Closing):
             raise InputError(field="new_tokens", expected="a (past_len, new_tokens) inside one of the engine's "
                              f"profiles {[tuple(r) for r in self._ranges]}", got=(past_len, new_tokens))
 
-    def _bind(self, past_len: int, new_tokens: int, swap: bool = False) -> None:
+    def _bind(self, past_len: int, new_tokens: int, swap: bool = False, kv: KvSet | None = None) -> None:
         """Pick the profile's context for (past_len, new_tokens); set its shapes (loader.step_shapes over the
-        signature's axes) and every tensor address (``swap``: KV roles)."""
+        signature's axes) and every tensor address (``swap``: KV roles; ``kv``: a set from :meth:`_alloc_kv`
+        in place of the runner's own)."""
         self._active = loader.choose_profile(self._ranges, past_len, new_tokens)
         self._context = self._contexts[self._active]
         for name, shape in loader.step_shapes(self._layouts, past_len, new_tokens).items():
             self._set_shape(name, shape)
-        for past, (a, b) in self._kv.items():
+        for past, (a, b) in (self._kv if kv is None else kv).items():
             past_buf, present_buf = (b, a) if swap else (a, b)
             self._set_address(past, past_buf)
             present = self._present.get(past)
@@ -507,6 +516,24 @@ class TrtRunner(Closing):
         if not self._warmed:
             self.warm_up(prompt)
         return self._run_request(x, output_tokens)
+
+    def _greedy_step(self, x: np.ndarray, past_len: int, swap: bool, kv: KvSet) -> int:
+        """One engine call of the token input ``x`` ([1, S] or [1, S, H], as :meth:`prompt_values` makes it)
+        after ``past_len`` positions held in ``kv`` (``swap``: its roles, as for :meth:`_bind`); the argmax of
+        the last position's logits. The steps of :meth:`_run_request`, on a KV set of the caller's."""
+        sig = self.signature
+        new_tokens = int(x.shape[1])
+        self._bind(past_len, new_tokens, swap, kv)
+        staged = self._pinned_tokens[:, :new_tokens]
+        staged[:] = x
+        self._addr[sig.token_name].copy_from_host(staged, stream=self._stream)
+        self._write_positions(past_len, new_tokens)
+        self._enqueue()
+        row_bytes = self.vocab * self._outputs[sig.logits].dtype.itemsize
+        logits = self._pinned_logits
+        self._addr[sig.logits].copy_to_host(logits, offset=(new_tokens - 1) * row_bytes,
+                                            stream=self._stream)  # syncs the stream
+        return int(np.argmax(logits))
 
     def _run_request(self, x: np.ndarray, output_tokens: int) -> GenerateResult:
         from trt_latency.engines.base import GenerateResult

@@ -1,9 +1,9 @@
 """`trt-latency serve`: the calibrated decoder behind an OpenAI-compatible HTTP API, with SLO admission.
 
-The verb opens the calibration and the runner (as loadtest does), wraps the runner's session in a slot
-decoder (engines/ort/slots.py), and hands it to the engine loop (serving/engine_loop.py) and the app
-(serving/http_app.py). FastAPI, uvicorn, prometheus_client and tokenizers are the ``serve`` extra,
-imported only here and in the modules this verb loads.
+The verb opens the calibration and the runner (as loadtest does), wraps the runner in a slot decoder
+(engines/ort/slots.py; engines/trt/slots.py for --engine), and hands it to the engine loop
+(serving/engine_loop.py) and the app (serving/http_app.py). FastAPI, uvicorn, prometheus_client and
+tokenizers are the ``serve`` extra, imported only here and in the modules this verb loads.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from trt_latency.cli._model import add_model_args, backend_choices, model_options
+from trt_latency.errors import InputError
 
 EXTRA = ("fastapi", "uvicorn", "prometheus_client", "tokenizers")
 EPILOG = """\
@@ -45,8 +46,9 @@ def register(sub: Any) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-c", "--calibration", required=True, metavar="CAL", help="calibration.yaml")
     p.add_argument("--onnx", metavar="F", help="model to serve (default: model.onnx next to CAL)")
-    p.add_argument("--engine", metavar="PLAN", help="a TensorRT engine: not served yet (needs per-request KV slots "
-                   "on the TensorRT runner); use --onnx")
+    p.add_argument("--engine", metavar="PLAN", help="serve this serialized TensorRT engine instead of an ONNX "
+                   "model (backend tensorrt, one request at a time: its runner is batch 1; needs the tensorrt "
+                   "package and a CUDA GPU)")
     p.add_argument("--backend", default="ort-cpu", help="runner backend (default ort-cpu; names: "
                    + ", ".join(backend_choices()) + ")")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the plan's)")
@@ -97,6 +99,20 @@ def _usage(message: str) -> int:
     return 2
 
 
+def _tensorrt_missing() -> str | None:
+    """Why a TensorRT engine cannot run here (the tensorrt package or a CUDA device is missing), else None."""
+    from trt_latency.engines import cuda
+    from trt_latency.engines.trt import loader
+    from trt_latency.errors import BackendUnavailable
+
+    try:
+        loader.import_tensorrt()
+        cuda.require_device(0)
+    except BackendUnavailable as exc:
+        return str(exc)
+    return None
+
+
 def load_tokenizer(directory: str | Path) -> tuple[Any, int | None]:
     """(tokenizers.Tokenizer from DIR/tokenizer.json, the EOS id: tokenizer_config.json's eos_token, else
     <|endoftext|> / </s> when the vocabulary has one)."""
@@ -140,7 +156,14 @@ def make_context(runner: Any, cal: Any, key: Any, *, admission: str = "trt-laten
     from trt_latency.serving.http_app import SEED_FACTOR, ServeAdmission, ServeContext, Slo
     from trt_latency.serving.metrics import ServeMetrics
 
-    decoder = SlotDecoder(runner, max_batch)
+    decoder: Any
+    if runner.backend == "tensorrt":
+        from trt_latency.engines.trt.slots import TrtSlotDecoder
+
+        # Each slot holds a full KV capacity on the GPU: no more slots than the decoder can batch.
+        decoder = TrtSlotDecoder(runner, max_batch if TrtSlotDecoder.can_batch else 1)
+    else:
+        decoder = SlotDecoder(runner, max_batch)
     if not decoder.can_batch:  # batch 1: one request at a time (decoder.why says why, the start line shows it)
         decoder.slots, max_batch = decoder.slots[:1], 1
     est = BatchEstimator.from_estimator(Estimator(cal), *key, serving=loop_terms and admission == "trt-latency")
@@ -184,8 +207,16 @@ def run(args: argparse.Namespace) -> int:
               "pip install 'trt-latency[serve]'", file=sys.stderr)
         return 1
     if args.engine:
-        return _usage("--engine: serving a TensorRT engine needs per-request KV slots on the TensorRT runner, "
-                      "which it does not have yet; serve the ONNX model with --onnx")
+        if args.onnx:
+            return _usage("--engine and --onnx: give one model to serve")
+        if not Path(args.engine).is_file():  # the same answer with or without TensorRT on this machine
+            raise InputError("file not found", path=args.engine, field="--engine",
+                             expected="a serialized TensorRT engine")
+        # Before the calibration and tokenizer are read: on a machine without TensorRT this is the answer.
+        why = _tensorrt_missing()
+        if why:
+            return _usage("--engine: serving a TensorRT engine needs the tensorrt package and a CUDA GPU "
+                          f"({why}); serve the ONNX model with --onnx")
     if args.max_batch < 1:
         return _usage("--max-batch must be >= 1")
     if not 0.0 < args.alpha < 1.0:
@@ -211,7 +242,8 @@ def run(args: argparse.Namespace) -> int:
 
     cal_path = Path(args.calibration)
     cal = load_calibration(cal_path)
-    model_path = loadgen.find_model(cal_path, args.onnx)
+    model_path = Path(args.engine) if args.engine else loadgen.find_model(cal_path, args.onnx)
+    backend = "tensorrt" if args.engine else args.backend  # as calibrate --engine opens it
     plan = loadgen.plan_of(cal)
     key = loadgen.served_key(model_path, cal)
     options = model_options(args)
@@ -221,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
     tok_dir = Path(args.tokenizer) if args.tokenizer else model_path.parent
     tokenizer, eos = load_tokenizer(tok_dir) if args.tokenizer or (tok_dir / "tokenizer.json").is_file() \
         else (None, None)
-    runner = loadgen.open_model(model_path, args.backend, threads, **options, max_past_len=args.max_past_len,
+    runner = loadgen.open_model(model_path, backend, threads, **options, max_past_len=args.max_past_len,
                                 huge_pages=plan.runtime.huge_pages)
     ctx = make_context(runner, cal, key, admission=args.admission, alpha=args.alpha, max_batch=args.max_batch,
                        tokenizer=tokenizer, eos_id=eos, model_name=args.model_name or model_path.parent.name,
