@@ -41,7 +41,8 @@ REQUESTS=${REQUESTS:-400}                 # per Poisson run
 TTFT_X=${TTFT_X:-2}
 LAT_X=${LAT_X:-1.5}
 ALPHA=${ALPHA:-0.05}
-MODES=${MODES:-"trt-latency none seed-1.3"}  # also: trt-latency-engine-only (--loop-terms none, the model before)
+MODES=${MODES:-"trt-latency none seed-1.3"}  # also: trt-latency-engine-only (--loop-terms none, the model before),
+                                          # trt-latency-cold (--warm-up-steps 0: no engine warm-up)
 TRTL_ARGS=${TRTL_ARGS:-}                  # extra serve flags for the trt-latency modes, e.g. "--factor-max 8"
 REPEATS=${REPEATS:-3}                     # interleaved repeats of the 1x / 2x runs; the table checks their medians
 CAP_RUNS=${CAP_RUNS:-3}                   # closed loops whose median gives capacity and SLOs
@@ -166,7 +167,11 @@ for rep in $(seq 1 "$REPEATS"); do
   for load in 1 2; do
     rate=$("$PY" -c "print(round($CAPACITY * $load, 3))")
     for mode in "${order[@]}"; do
-      if [ "$mode" = trt-latency-engine-only ]; then flags=(trt-latency --loop-terms none); else flags=("$mode"); fi
+      case $mode in  # the ablations: trt-latency with one part off
+        trt-latency-engine-only) flags=(trt-latency --loop-terms none) ;;
+        trt-latency-cold) flags=(trt-latency --warm-up-steps 0) ;;
+        *) flags=("$mode") ;;
+      esac
       # shellcheck disable=SC2206 - word splitting intended: TRTL_ARGS is a list of flags
       if [ "${flags[0]}" = trt-latency ]; then flags+=($TRTL_ARGS); fi
       start_server "${flags[@]}" --slo-ms "$LAT_SLO" --ttft-slo-ms "$TTFT_SLO"

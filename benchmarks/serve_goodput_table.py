@@ -153,9 +153,12 @@ def summary(sets: list[tuple[str, dict[str, dict[str, Any]]]], alpha: float) -> 
     for text, figure, passes in checks(alpha):
         values = [figure(rows) for _, rows in sets]
         read = [v for v in values if not math.isnan(v)]  # nan: a repeat without one of the two runs
-        m = median(read) if read else float("nan")
+        if not read:
+            print(f"- not run: {text} (MODES left a mode out)")
+            continue
+        m = median(read)
         alone = sum(passes(v) for v in read)
-        print(f"- {'PASS' if read and passes(m) else 'FAIL'}: {text}: median {m:.3f} (repeats "
+        print(f"- {'PASS' if passes(m) else 'FAIL'}: {text}: median {m:.3f} (repeats "
               f"{', '.join(f'{v:.3f}' for v in values)}; {alone} of {len(read)} passed alone)")
 
 def fmt(v: Any, digits: int = 2) -> str:

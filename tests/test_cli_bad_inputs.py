@@ -341,6 +341,8 @@ CASES = [
     C("serve", "max-batch", "serve -c {d}/calibration.yaml --max-batch 0", "--max-batch must be >= 1", code=2),
     C("serve", "factor-max", "serve -c {d}/calibration.yaml --factor-max 0.9", "--factor-max must be a number > 1",
       code=2),
+    C("serve", "warm-up-steps", "serve -c {d}/calibration.yaml --warm-up-steps -1", "--warm-up-steps must be >= 0",
+      code=2),
     C("serve", "alpha-step", "serve -c {d}/calibration.yaml --alpha-step 2", "--alpha-step must be a number in [0, 1]",
       code=2),
     C("calibrate", "replay-processes", "calibrate --onnx {d}/model.onnx --replay-processes -1",

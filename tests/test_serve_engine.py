@@ -83,6 +83,23 @@ def test_batched_tokens_equal_the_runners_greedy_generation(runner: OrtRunner) -
     assert not loop.alive
 
 
+def test_warm_up_leaves_every_slot_free_and_the_tokens_unchanged(runner: OrtRunner) -> None:
+    rng = np.random.default_rng(5)
+    prompts = [[int(t) for t in rng.integers(1, TINY.vocab, n)] for n in (6, 11, 2)]
+    lengths = [9, 4, 14]
+    refs = [runner.generate(np.asarray([p]), n).tokens for p, n in zip(prompts, lengths, strict=True)]
+    decoder = SlotDecoder(runner, 3)
+    loop = EngineLoop(decoder)
+    assert loop.warm_up(steps=5, rounds=2) > 0
+    assert decoder.free() == 3 and decoder.relayouts >= 2  # each round's batch laid out once, then stepped
+    loop.start()
+    try:
+        done = _run(loop, [{"prompt": p, "max_tokens": n} for p, n in zip(prompts, lengths, strict=True)])
+    finally:
+        loop.stop()
+    assert [c.tokens for _, c in done] == refs and loop.steps > 0
+
+
 def test_reusing_the_last_present_equals_relaying_out_every_step(runner: OrtRunner) -> None:
     """The step feeds the previous present back as the past while the batch is unchanged: the same tokens
     as re-laying every row's KV out each step (and as the runner's greedy generation), with re-layouts only

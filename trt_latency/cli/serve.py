@@ -73,6 +73,10 @@ def register(sub: Any) -> None:
                    "server may run 8x slower than its model before the factor stops following; under 2x overload "
                    "the request handlers' share of the GIL took it past 4, the old clamp. The probes and the score "
                    "horizon reopen a controller the clamp shut)")
+    p.add_argument("--warm-up-steps", type=int, default=16, metavar="N",
+                   help="before serving, every KV slot prefilled and N batched decode steps, twice, untimed: a "
+                   "fresh session's first batches run slower than later ones, and the admission's online factor "
+                   "would learn from them (default 16; 0: no warm-up)")
     p.add_argument("--alpha-step", type=float, default=0.05,
                    help="trt-latency admission: the online factor's quantile level spends a risk budget: each "
                    "admission moves it by STEP x (alpha - p), p the admitted request's predicted chance of missing "
@@ -141,14 +145,15 @@ def make_context(runner: Any, cal: Any, key: Any, *, admission: str = "trt-laten
                  max_batch: int = 8, tokenizer: Any = None, eos_id: int | None = None, model_name: str = "model",
                  slo: Any = None, loop_terms: bool = True, horizon_s: float | None = 30.0,
                  probe_interval_ms: float | None = 1000.0, factor_max: float = 8.0,
-                 alpha_step: float = 0.05) -> Any:
+                 alpha_step: float = 0.05, warm_up_steps: int = 16) -> Any:
     """The engine loop (started), the admission and the app's context over an open runner.
 
     ``loop_terms``: the trt-latency controller's batch model prices the calibration's serving-loop terms
     (folded into its tables, so a decision costs the same); seed-1.3 stays the engine step x 1.3 (the
     baseline as defined). ``horizon_s`` / ``probe_interval_ms``: the controller's recovery from a factor that
     rejects everything (BatchAdmissionController; None: off). ``factor_max``: its upper clamp. ``alpha_step``:
-    its adaptive level's step (0: the level stays alpha)."""
+    its adaptive level's step (0: the level stays alpha). ``warm_up_steps``: the engine's warm-up before it
+    serves (EngineLoop.warm_up; 0: none), the same for every admission mode."""
     from trt_latency.engines.ort.slots import SlotDecoder
     from trt_latency.estimator.model import Estimator
     from trt_latency.serving.batch_admission import BatchAdmissionController, BatchEstimator
@@ -176,7 +181,8 @@ def make_context(runner: Any, cal: Any, key: Any, *, admission: str = "trt-laten
     adm = ServeAdmission(admission, est, controller, metrics, seed_rate)
     engine = EngineLoop(decoder, eos_id=eos_id, listener=adm)
     adm.engine = engine
-    info = (f"{runner.backend} on {runner.device}, {max_batch} KV slots, {decoder.why}; admission {admission}"
+    warm = f"; warmed up in {engine.warm_up(warm_up_steps):.2f} s" if warm_up_steps > 0 else ""
+    info = (f"{runner.backend} on {runner.device}, {max_batch} KV slots, {decoder.why}{warm}; admission {admission}"
             + (f" (alpha {alpha}" + (f", level adapted by step {alpha_step:g}" if alpha_step else "")
                + f", factor {controller.base_factor:.3g} from {controller.factor_source}; loop "
                "terms o {:.3g}, c0 {:.3g}, c1 {:.3g}, o_p {:.3g}, o_p1 {:.3g} ms)".format(*est.loop)
@@ -224,6 +230,8 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--score-horizon-s", args.score_horizon_s), ("--probe-interval-ms", args.probe_interval_ms)):
         if not math.isfinite(value) or value < 0:
             return _usage(f"{flag} must be a number >= 0 (0: off), got {value}")
+    if args.warm_up_steps < 0:
+        return _usage(f"--warm-up-steps must be >= 0 (0: no warm-up), got {args.warm_up_steps}")
     if not (math.isfinite(args.alpha_step) and 0.0 <= args.alpha_step <= 1.0):
         return _usage(f"--alpha-step must be a number in [0, 1] (0: off), got {args.alpha_step}")
     if not (math.isfinite(args.factor_max) and args.factor_max > 1.0):
@@ -259,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
                        tokenizer=tokenizer, eos_id=eos, model_name=args.model_name or model_path.parent.name,
                        slo=_default_slo(args), loop_terms=args.loop_terms == "calibration",
                        horizon_s=args.score_horizon_s or None, probe_interval_ms=args.probe_interval_ms or None,
-                       factor_max=args.factor_max, alpha_step=args.alpha_step)
+                       factor_max=args.factor_max, alpha_step=args.alpha_step, warm_up_steps=args.warm_up_steps)
     app = create_app(ctx)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
