@@ -213,3 +213,26 @@ def test_floors_over_the_window_are_said_up_front() -> None:
     assert late > 0 and late == pytest.approx(alloc.sweep_floor_s + alloc.replay_floor_s - 81.0, rel=0.3)
     fits = allocate(_prices(30.0, 4000.0), plan, tier, 115.0, requests=80, exact=False, batch=True, vision=False)
     assert not any(n.startswith("floors over the window") for n in fits.notes), fits.notes
+
+
+def test_a_real_size_model_gets_the_real_size_default_budget(tmp_path: Path) -> None:
+    """The packaged plan's 115 s is for small models; a model with >= 100 MiB of files (its external weights
+    included) gets 240 s and the reason, unless the user set the budget, brought a plan or asked --quick."""
+    from trt_latency.pipeline import REAL_SIZE_BUDGET_S, CalibrateOptions, Target, model_files, sized_budget
+
+    plan = load_plan(None)
+    small = plan.sweep.adaptive.time_budget_s
+    assert small is not None and small < REAL_SIZE_BUDGET_S
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"x" * 1000)
+    (tmp_path / "other.onnx").write_bytes(b"x")  # another model's file does not count
+    targets = [Target(plan.primary, plan.tier(plan.primary.tier_idx), model)]
+    opts = CalibrateOptions(onnx=str(model))
+    assert sized_budget(opts, plan, targets) == (plan, "")  # 1000 bytes: a small model
+    with open(tmp_path / "model.onnx.data", "wb") as f:  # genai's external weights, sparse: 150 MiB
+        f.truncate(150 << 20)
+    assert [p.name for p in model_files(model)] == ["model.onnx", "model.onnx.data"]
+    sized, why = sized_budget(opts, plan, targets)
+    assert sized.sweep.adaptive.time_budget_s == REAL_SIZE_BUDGET_S and "150 MiB of weights" in why
+    for kept in (replace(opts, time_budget=60.0), replace(opts, config="my.yaml"), replace(opts, quick=True)):
+        assert sized_budget(kept, plan, targets) == (plan, ""), kept

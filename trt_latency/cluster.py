@@ -352,13 +352,14 @@ def _done_for(item: Item, root: Path) -> None:
 
 def _model_files(path: Path) -> dict[str, bytes]:
     """The model and its side files (external weights: NAME.data, NAME_data, ...) by name."""
-    return {p.name: p.read_bytes() for p in sorted(path.parent.iterdir())
-            if p.is_file() and (p == path or p.name.startswith(path.name) or p.name.startswith(path.stem + "."))}
+    from trt_latency.pipeline import model_files
+
+    return {p.name: p.read_bytes() for p in model_files(path)}
 
 
 def _calibrations(args: Any, models: list[str], engines: list[str], say: Callable[[str], None]) -> list[Calibration]:
     from trt_latency.engines.config import load_plan
-    from trt_latency.pipeline import export_if_needed, targets_for, with_adaptive_flags
+    from trt_latency.pipeline import export_if_needed, sized_budget, targets_for, with_adaptive_flags
 
     base = with_adaptive_flags(load_plan(args.config, quick=args.quick), args)
     out = Path(args.out)
@@ -375,6 +376,9 @@ def _calibrations(args: Any, models: list[str], engines: list[str], say: Callabl
         opts = replace(args, onnx=src if kind == "onnx" else None, engine=src if kind == "engine" else None,
                        out=str(out / name) if len(sources) > 1 else str(out))
         plan, targets = targets_for(opts, base, Path(opts.out))
+        plan, sized = sized_budget(opts, plan, targets)
+        if sized:
+            say(f"  {name}: time budget {sized}")
         cals.append(Calibration(Path(opts.out), plan, targets, opts))
     return cals
 

@@ -196,7 +196,42 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# The packaged plan's budget (configs/default.yaml, 115 s) buys every figure on small models. A real-size
+# model (the Qwen2.5-0.5B-shaped genai int4 export: 289 MiB of weights) needs more: its floors, and the steady
+# step within 5 % of the runtime's own, held at 240 s in every same-backing run and missed at 115 s (README,
+# "Real-size models"). So a model of at least REAL_SIZE_MIB gets REAL_SIZE_BUDGET_S when the user left the
+# budget to the packaged plan.
+REAL_SIZE_MIB = 100
+REAL_SIZE_BUDGET_S = 240.0
+
+
+def model_files(path: Path) -> list[Path]:
+    """The model and its side files (external weights: NAME.data, NAME_data, ...)."""
+    if not path.parent.is_dir():
+        return []
+    return [p for p in sorted(path.parent.iterdir())
+            if p.is_file() and (p == path or p.name.startswith(path.name) or p.name.startswith(path.stem + "."))]
+
+
+def sized_budget(args: CalibrateOptions, plan: Any, targets: list[Target]) -> tuple[Any, str]:
+    """``plan`` with REAL_SIZE_BUDGET_S when the packaged plan's budget would be spent on a real-size model
+    (its files >= REAL_SIZE_MIB), and why ("" when unchanged). A --time-budget, a plan of the user's own or
+    --quick keeps its budget."""
+    spec = plan.sweep.adaptive
+    if (args.time_budget is not None or args.config is not None or args.quick or spec is None
+            or not spec.time_budget_s or spec.time_budget_s >= REAL_SIZE_BUDGET_S):
+        return plan, ""
+    size = max((sum(f.stat().st_size for f in model_files(Path(t.path))) for t in targets), default=0)
+    if size < REAL_SIZE_MIB << 20:
+        return plan, ""
+    why = (f"{REAL_SIZE_BUDGET_S:.0f} s, the default for a real-size model ({size / 2**20:.0f} MiB of weights, "
+           f">= {REAL_SIZE_MIB} MiB; the packaged plan's {spec.time_budget_s:.0f} s is for small ones)")
+    return replace(plan, sweep=replace(plan.sweep, adaptive=replace(spec, time_budget_s=REAL_SIZE_BUDGET_S))), why
+
+
 def targets_for(args: CalibrateOptions, plan: Any, out: Path) -> tuple[Any, list[Target]]:
+    """The configs to time and their model files, with the plan narrowed to them (a user's --onnx: its own
+    tier). Callers then apply ``sized_budget``."""
     if args.onnx:
         tier, key, sig = tier_from_onnx(Path(args.onnx), plan, args)
         plan = replace(plan, tiers={tier.tier_idx: tier}, configs=[key])
@@ -852,6 +887,8 @@ def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) 
     if args.engine and backend != "tensorrt":
         raise ConfigError(field="--backend", expected="tensorrt (or auto) with --engine", got=backend)
     plan, targets = targets_for(args, plan, out)
+    plan, sized = sized_budget(args, plan, targets)
+    budget = time_budget(plan)
     if args.vision_onnx:  # a vision model the adapters cannot feed fails now, not after the decoder sweep
         from trt_latency.pipeline_vision import vision_signature
 
@@ -864,6 +901,8 @@ def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) 
         f"{len(targets)} config(s), output {out}/"
         + (f", --time-budget {fmt_time(budget)}" if budget else "")
         + f", {plan.runtime.intra_op_threads} intra-op thread(s)")
+    if sized:
+        say(f"  time budget {sized}; --time-budget sets another")
     if not (args.onnx or args.engine):
         with ledger.phase("export"):
             for t in targets:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -52,6 +53,10 @@ def calibrate(model: Path, out: Path, extra: list[str]) -> dict[str, Any]:
     if rc != 0:
         raise SystemExit(f"calibrate failed (rc {rc}); see {out.parent / f'{out.name}.log'}:\n{text[-3000:]}")
     summary = text[text.rfind("Summary"):] if "Summary" in text else ""
+    # the budget calibrate itself stated (its first line): a real-size model gets pipeline.sized_budget's
+    stated = re.search(r"--time-budget ([0-9.]+) (s|min)", text.split("\n", 1)[0])
+    if stated:
+        budget = float(stated.group(1)) * (60.0 if stated.group(2) == "min" else 1.0)
     return {"command": " ".join(cmd), "wall_s": wall, "budget_s": budget, "summary": summary}
 
 
