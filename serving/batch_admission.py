@@ -291,7 +291,8 @@ class BatchAdmissionController:
       is alpha. No lag, but blind to what an admission does to the running requests and to a model that is
       off.
     - observed (adaptive conformal inference, Gibbs & Candes 2021): each finished request's outcome
-      (``finished(..., late=)``) moves it by step x (alpha - late): the late share itself, known a request's
+      (``finished(..., late=)``, or ``outcome(late)`` when it is known only after the request left the batch:
+      `serve` judges it as delivered) moves it by step x (alpha - late): the late share itself, known a request's
       duration after the decisions that caused it.
     At a light load both climb; in an overload either one holds the level down: alone, the observed one
     climbed on a run's first on-time second and overshot when the overload came (2x: 18% late at the

@@ -49,6 +49,16 @@ class GenRequest:
     slo: Any = None  # the SLO it was admitted with (the admission's, for judging it when it is delivered)
 
     @property
+    def completed(self) -> bool:
+        """It ran to its end (EOS or max_tokens): not cancelled, not failed."""
+        return self.finish_reason in ("stop", "length") and self.finished_at is not None
+
+    @property
+    def first_out_at(self) -> float | None:
+        """When its first token went out: handed on by the front end, else emitted by the engine."""
+        return self.first_delivered_at or self.first_token_at
+
+    @property
     def ttft_ms(self) -> float | None:
         return None if self.first_token_at is None else (self.first_token_at - self.arrival) * 1e3
 

@@ -214,13 +214,13 @@ class ServeAdmission(Listener):
         pred, _, slo, t_decided = self._pending.pop(req.rid, (math.nan, math.nan, Slo(math.inf, math.inf, "none"),
                                                                req.arrival))
         total, ttft = req.total_ms, req.ttft_ms
-        ok = req.finish_reason in ("stop", "length") and req.finished_at is not None
+        ok = req.completed
         req.slo = slo  # judged late or on time when the front end delivers it (``delivered``)
         if self.controller is not None and self.mode == "trt-latency":
             since = (req.finished_at - t_decided) * 1e3 if ok else None  # type: ignore[operator]
             self.controller.finished(req.rid, since, pred if ok else None)
             self.metrics.set_factors(self.controller.counters())
-            first = req.first_delivered_at or req.first_token_at
+            first = req.first_out_at
             if ok and first is not None:
                 self._observe_ttft((first - t_decided) * 1e3 - self.est.ttft_ms(len(req.prompt)))
         if self.on_finished is not None:
@@ -241,13 +241,13 @@ class ServeAdmission(Listener):
         the server counted 6 late where aiperf counted 9 of 227. The lag itself goes to the metrics; the
         outcome to the controller's observed level (trt-latency) and the SLO counters."""
         now = time.perf_counter()
-        if req.finished_at is None or req.finish_reason not in ("stop", "length"):
+        if not req.completed:
             return
         lag = (now - req.finished_at) * 1e3
         self.metrics.delivery_lag.observe(lag)
         self.metrics.delivery_lag_ms.add(lag)
         slo = req.slo if req.slo is not None else Slo(math.inf, math.inf, "none")
-        first = req.first_delivered_at or req.first_token_at
+        first = req.first_out_at
         met = ((now - req.arrival) * 1e3 <= slo.total_ms
                and first is not None and (first - req.arrival) * 1e3 <= slo.ttft_ms)
         (self.metrics.slo_met if met else self.metrics.slo_violations).inc()

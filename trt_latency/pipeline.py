@@ -880,7 +880,6 @@ def calibrate(args: CalibrateOptions, say: Callable[[str], None] | None = None) 
     if args.requests is not None and args.requests < 0:
         raise ConfigError(field="--requests", expected="an integer >= 0", got=args.requests)
     plan = with_adaptive_flags(load_plan(args.config, quick=args.quick), args)
-    budget = time_budget(plan)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     backend = "tensorrt" if args.engine and args.backend == "auto" else args.backend
