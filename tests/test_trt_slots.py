@@ -81,7 +81,7 @@ class ToyRunner:
         self.warm_ups += 1
         self._warmed = True
 
-    def _alloc_kv(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def alloc_kv(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         cap = self.max_past_len + self.max_prefill_len
         return {n: (np.full(cap, -1), np.full(cap, -1)) for n in self._kv}
 
@@ -94,7 +94,7 @@ class ToyRunner:
     def prompt_values(self, ids: np.ndarray) -> np.ndarray:
         return np.asarray(ids, dtype=np.int64)
 
-    def _greedy_step(self, x: np.ndarray, past_len: int, swap: bool, kv: Any) -> int:
+    def greedy_step(self, x: np.ndarray, past_len: int, swap: bool, kv: Any) -> int:
         n = int(x.shape[1])
         present = np.empty(0)
         for a, b in kv.values():

@@ -359,7 +359,7 @@ class TrtRunner(Closing):
         self._buffers.append(buf)
         return buf
 
-    def _alloc_kv(self) -> KvSet:
+    def alloc_kv(self) -> KvSet:
         """Another KV set sized as the runner's own (past name -> buffers A, B): a serving slot's
         (engines/trt/slots.py), so its KV stays put between steps. Freed by :meth:`close`."""
         return {past: (self._alloc(a.nbytes), self._alloc(b.nbytes)) for past, (a, b) in self._kv.items()}
@@ -387,7 +387,7 @@ class TrtRunner(Closing):
 
     def _bind(self, past_len: int, new_tokens: int, swap: bool = False, kv: KvSet | None = None) -> None:
         """Pick the profile's context for (past_len, new_tokens); set its shapes (loader.step_shapes over the
-        signature's axes) and every tensor address (``swap``: KV roles; ``kv``: a set from :meth:`_alloc_kv`
+        signature's axes) and every tensor address (``swap``: KV roles; ``kv``: a set from :meth:`alloc_kv`
         in place of the runner's own)."""
         self._active = loader.choose_profile(self._ranges, past_len, new_tokens)
         self._context = self._contexts[self._active]
@@ -517,7 +517,7 @@ class TrtRunner(Closing):
             self.warm_up(prompt)
         return self._run_request(x, output_tokens)
 
-    def _greedy_step(self, x: np.ndarray, past_len: int, swap: bool, kv: KvSet) -> int:
+    def greedy_step(self, x: np.ndarray, past_len: int, swap: bool, kv: KvSet) -> int:
         """One engine call of the token input ``x`` ([1, S] or [1, S, H], as :meth:`prompt_values` makes it)
         after ``past_len`` positions held in ``kv`` (``swap``: its roles, as for :meth:`_bind`); the argmax of
         the last position's logits. The steps of :meth:`_run_request`, on a KV set of the caller's."""

@@ -3,7 +3,7 @@
 The ONNX Runtime counterpart (engines/ort/slots.py ``SlotDecoder``) has the interface the engine loop drives
 (serving/engine_loop.py): ``acquire / release / free / prefill / decode``, ``vocab``, ``max_prompt``,
 ``max_len``, ``can_batch``, ``why`` and ``slots``. Here each slot owns a KV set of its own on the GPU
-(``TrtRunner._alloc_kv``: two buffers per past tensor at the runner's capacity), so a request's KV stays where
+(``TrtRunner.alloc_kv``: two buffers per past tensor at the runner's capacity), so a request's KV stays where
 its last step wrote it: a contiguous present [1, kv_heads, past + S, head_dim] IS the next step's past, and
 each step only swaps the two buffers' roles (the slot's ``swap``), as the runner's own ``generate`` does.
 No KV is copied between iterations.
@@ -62,7 +62,7 @@ class TrtSlotDecoder(SlotPool):
         self.max_len = int(runner.max_past_len) + 1  # KV positions a request may fill (last step's past + 1)
         # The first slot takes the runner's own KV set (serve never calls its generate): one slot, no more
         # GPU memory than the runner alone.
-        self.slots = [TrtSlot(runner._kv if i == 0 else runner._alloc_kv()) for i in range(slots)]
+        self.slots = [TrtSlot(runner._kv if i == 0 else runner.alloc_kv()) for i in range(slots)]
         if not runner._warmed:  # lazily loaded kernels are not billed to the first request
             runner.warm_up()
 
@@ -83,7 +83,7 @@ class TrtSlotDecoder(SlotPool):
         slot = self.slots[index]
         x = self.runner.prompt_values(np.asarray([prompt], dtype=np.int64))
         slot.swap = False
-        slot.last_token = self.runner._greedy_step(x, 0, slot.swap, slot.kv)
+        slot.last_token = self.runner.greedy_step(x, 0, slot.swap, slot.kv)
         slot.length = n
         return slot.last_token
 
@@ -102,7 +102,7 @@ class TrtSlotDecoder(SlotPool):
             slot = self.slots[i]
             x = self.runner.prompt_values(np.asarray([[slot.last_token]], dtype=np.int64))
             swap = not slot.swap  # this step's past is the slot's last present
-            slot.last_token = self.runner._greedy_step(x, slot.length, swap, slot.kv)
+            slot.last_token = self.runner.greedy_step(x, slot.length, swap, slot.kv)
             slot.swap = swap
             slot.length += 1
             tokens.append(slot.last_token)
