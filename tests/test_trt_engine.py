@@ -186,9 +186,9 @@ def test_first_generate_is_warmed_up(model: Path, cache_dir: Path) -> None:
 
     prompt = (np.random.default_rng(6).standard_normal((1, 5, TINY.hidden)) * 0.1).astype(np.float32)
     with TrtRunner.from_onnx(model, cache_dir=cache_dir) as r:
-        assert not r._warmed
+        assert not r.warmed
         first = r.generate(prompt, output_tokens=3)
-        assert r._warmed
+        assert r.warmed
         second = r.generate(prompt, output_tokens=3)
     assert first.tokens == second.tokens  # the warm-up request leaves no state behind
 

@@ -71,21 +71,25 @@ class ToyRunner:
     def __init__(self, blocks: int = 2) -> None:
         names = [f"past_key_values.{b}.{k}" for b in range(blocks) for k in ("key", "value")]
         cap = self.max_past_len + self.max_prefill_len
-        self._kv = {n: (np.full(cap, -1), np.full(cap, -1)) for n in names}  # the runner's own set (slot 0's)
-        self._present = {n: n.replace("past_key_values", "present") for n in names}
-        self._warmed = True
+        self.own_kv = {n: (np.full(cap, -1), np.full(cap, -1)) for n in names}  # the runner's own set (slot 0's)
+        self.present = {n: n.replace("past_key_values", "present") for n in names}
+        self.warmed = True
         self.warm_ups = 0
         self.steps: list[tuple[int, int, bool]] = []  # (past_len, new_tokens, swap) per engine call
 
     def warm_up(self) -> None:
         self.warm_ups += 1
-        self._warmed = True
+        self.warmed = True
+
+    @property
+    def pasts_without_present(self) -> list[str]:
+        return sorted(set(self.own_kv) - set(self.present))
 
     def alloc_kv(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         cap = self.max_past_len + self.max_prefill_len
-        return {n: (np.full(cap, -1), np.full(cap, -1)) for n in self._kv}
+        return {n: (np.full(cap, -1), np.full(cap, -1)) for n in self.own_kv}
 
-    def _check_position(self, past_len: int, new_tokens: int) -> None:
+    def check_position(self, past_len: int, new_tokens: int) -> None:
         if not self.min_past_len <= past_len <= self.max_past_len:
             raise InputError(field="past_len", expected=f"{self.min_past_len}..{self.max_past_len}", got=past_len)
         if not 1 <= new_tokens <= self.max_prefill_len:
@@ -188,7 +192,7 @@ def test_refusals_are_value_errors_and_leave_the_slots_as_they_were() -> None:
 
 def test_the_runners_profile_refusal_becomes_a_value_error() -> None:
     class Narrow(ToyRunner):  # a prefill profile shorter than the token input's max (two engines' worth)
-        def _check_position(self, past_len: int, new_tokens: int) -> None:
+        def check_position(self, past_len: int, new_tokens: int) -> None:
             if new_tokens > 4:
                 raise InputError(field="new_tokens", expected="a (past_len, new_tokens) inside one of the "
                                  "engine's profiles", got=(past_len, new_tokens))
@@ -207,11 +211,11 @@ def test_construction_refuses_what_it_cannot_serve_and_warms_a_cold_runner() -> 
     with pytest.raises(InputError, match="serving prefills with an empty past"):
         TrtSlotDecoder(empty_past, 1)
     no_present = ToyRunner()
-    del no_present._present["past_key_values.1.value"]
+    del no_present.present["past_key_values.1.value"]
     with pytest.raises(InputError, match="field 'past_key_values.1.value'.*present output"):
         TrtSlotDecoder(no_present, 1)
     cold = ToyRunner()
-    cold._warmed = False
+    cold.warmed = False
     TrtSlotDecoder(cold, 1)
     assert cold.warm_ups == 1
 

@@ -359,6 +359,21 @@ class TrtRunner(Closing):
         self._buffers.append(buf)
         return buf
 
+    @property
+    def warmed(self) -> bool:
+        """True once :meth:`warm_up` has run (lazily loaded kernels are ready)."""
+        return self._warmed
+
+    @property
+    def own_kv(self) -> KvSet:
+        """The runner's own KV set (past name -> buffers A, B), the one :meth:`generate` steps on."""
+        return self._kv
+
+    @property
+    def pasts_without_present(self) -> list[str]:
+        """Past inputs whose present output the engine lacks (sorted): their KV cannot grow step by step."""
+        return sorted(set(self._kv) - set(self._present))
+
     def alloc_kv(self) -> KvSet:
         """Another KV set sized as the runner's own (past name -> buffers A, B): a serving slot's
         (engines/trt/slots.py), so its KV stays put between steps. Freed by :meth:`close`."""
@@ -374,7 +389,8 @@ class TrtRunner(Closing):
             raise InputError("TensorRT rejected the input shape", path=self.source, field=name,
                              expected="a shape inside the engine's optimization profile", got=shape)
 
-    def _check_position(self, past_len: int, new_tokens: int) -> None:
+    def check_position(self, past_len: int, new_tokens: int) -> None:
+        """InputError naming the profile unless a step of ``new_tokens`` after ``past_len`` fits the engine."""
         if not self.min_past_len <= past_len <= self.max_past_len:
             raise InputError(field="past_len", expected=f"{self.min_past_len}..{self.max_past_len} "
                              f"(the engine profile)", got=past_len)
@@ -462,7 +478,7 @@ class TrtRunner(Closing):
 
     def time_step(self, past_len: int, new_tokens: int, reps: int) -> np.ndarray:
         """GPU ms per repetition of one engine call at (past_len, new_tokens), CUDA-event timed."""
-        self._check_position(past_len, new_tokens)
+        self.check_position(past_len, new_tokens)
         if reps < 1:
             raise InputError(field="reps", expected="an integer >= 1", got=reps)
         self._bind(past_len, new_tokens)
@@ -508,7 +524,7 @@ class TrtRunner(Closing):
         prompt = int(x.shape[1])
         if output_tokens < 1:
             raise InputError(field="output_tokens", expected="an integer >= 1", got=output_tokens)
-        self._check_position(0, prompt)
+        self.check_position(0, prompt)
         last_past = prompt + output_tokens - 2
         if output_tokens > 1 and last_past > self.max_past_len:
             raise InputError(field="output_tokens", expected=f"prompt + output_tokens - 2 <= {self.max_past_len}",
@@ -590,7 +606,7 @@ class TrtRunner(Closing):
         past0 = np.asarray(feeds[sig.kv[0].past_key])
         past_len = int(past0.shape[self._layouts[sig.kv[0].past_key].index("past")])
         new_tokens = int(token.shape[self._layouts[sig.token_name].index("seq")])
-        self._check_position(past_len, new_tokens)
+        self.check_position(past_len, new_tokens)
         self._bind(past_len, new_tokens)
         held: list[np.ndarray] = []
         for name, value in feeds.items():

@@ -33,7 +33,7 @@ class TrtSlot:
     """One request's KV on the GPU: ``kv`` holds ``length`` positions in the buffer its last step wrote."""
 
     kv: KvSet
-    swap: bool = False  # the roles of the last step (TrtRunner._bind): its present is the next step's past
+    swap: bool = False  # the roles of the last step (TrtRunner.greedy_step's swap): its present is the next step's past
     length: int = 0
     last_token: int = -1
     busy: bool = False
@@ -52,7 +52,7 @@ class TrtSlotDecoder(SlotPool):
             raise InputError("serving prefills with an empty past", path=runner.source, field="past_len",
                              expected="an engine whose profile starts at past_len 0",
                              got=f"{runner.min_past_len}..{runner.max_past_len}")
-        missing = sorted(set(runner._kv) - set(runner._present))
+        missing = runner.pasts_without_present
         if missing:
             raise InputError("serving keeps each request's KV: every past input needs its present output",
                              path=runner.source, field=missing[0], expected="a present output for it")
@@ -62,15 +62,15 @@ class TrtSlotDecoder(SlotPool):
         self.max_len = int(runner.max_past_len) + 1  # KV positions a request may fill (last step's past + 1)
         # The first slot takes the runner's own KV set (serve never calls its generate): one slot, no more
         # GPU memory than the runner alone.
-        self.slots = [TrtSlot(runner._kv if i == 0 else runner.alloc_kv()) for i in range(slots)]
-        if not runner._warmed:  # lazily loaded kernels are not billed to the first request
+        self.slots = [TrtSlot(runner.own_kv if i == 0 else runner.alloc_kv()) for i in range(slots)]
+        if not runner.warmed:  # lazily loaded kernels are not billed to the first request
             runner.warm_up()
 
     # -- steps ----------------------------------------------------------------------------------------
     def _check(self, past_len: int, new_tokens: int) -> None:
         # The engine loop refuses a request on ValueError; the runner's InputError names the profile.
         try:
-            self.runner._check_position(past_len, new_tokens)
+            self.runner.check_position(past_len, new_tokens)
         except InputError as exc:
             raise ValueError(str(exc)) from None
 
