@@ -65,8 +65,32 @@ def image_count(choices: tuple[int, ...], seed: int, index: int) -> int:
     return int(np.random.default_rng([seed, 7927, index]).choice(np.asarray(choices)))
 
 
+def _log_uniform(u: float, lo: int, hi: int) -> int:
+    """The integer at quantile ``u`` of a log-uniform [lo, hi] (inclusive; lo 0 counts as 1, then clipped)."""
+    a = max(lo, 1)
+    return int(np.clip(np.floor(np.exp(np.log(a) + u * (np.log(hi + 1) - np.log(a)))), lo, hi)) if hi >= a else lo
+
+
+def prompt_only(spec: ReplaySpec) -> ReplaySpec:
+    """The mix for a decoder replayed without a vision chain: its vision tokens would only be more prompt
+    tokens, so the prompt is one range, text low .. largest vision choice + text high, drawn on the text
+    scale. Vision choices of 0 / 64 / 256 put two thirds of a text model's prompts at 64+ or 256+ tokens:
+    its short prompts, where a constant loop term weighs most, went unmeasured (issue 24)."""
+    if tuple(spec.vision_tokens) == (0,):
+        return spec
+    return replace(spec, vision_tokens=(0,), text_tokens=(spec.text_tokens[0], spec.max_prompt))
+
+
+def mix_line(spec: ReplaySpec) -> str:
+    """What a replay draws, in words (calibrate and the replay verb print it)."""
+    vision = "" if tuple(spec.vision_tokens) == (0,) else f"vision tokens {list(spec.vision_tokens)} + "
+    return (f"{vision}prompts of {spec.text_tokens[0]}-{spec.text_tokens[1]} tokens ({spec.text_scale}-uniform), "
+            f"outputs of {spec.output_tokens[0]}-{spec.output_tokens[1]} (log-uniform), capped by the model's context")
+
+
 def draw_requests(spec: ReplaySpec, n: int, tier: TierSpec | None = None) -> list[ReplayRequest]:
-    """n requests: vision from the choices, text uniform, output log-uniform (inclusive ranges)."""
+    """n requests: vision from the choices, text on ``spec.text_scale`` (log-uniform by default, or uniform),
+    output log-uniform (inclusive ranges)."""
     lo, hi = spec.output_tokens
     choices = np.asarray(spec.vision_tokens, dtype=np.int64)
     reqs = []
@@ -74,8 +98,13 @@ def draw_requests(spec: ReplaySpec, n: int, tier: TierSpec | None = None) -> lis
         # One generator per request id: request i is the same whichever n a (resumed) run asks for.
         rng = np.random.default_rng([spec.seed, 7919, i])
         v = int(rng.choice(choices))
+        # Both scales draw the same stream (the log scale's quantile last), so a plan's outputs and vision
+        # choices stay what they were whichever scale its text is drawn on.
         t = int(rng.integers(spec.text_tokens[0], spec.text_tokens[1] + 1))
-        o = int(np.clip(np.floor(np.exp(rng.uniform(np.log(lo), np.log(hi + 1)))), lo, hi))
+        o = _log_uniform(rng.uniform(), lo, hi)
+        u_text = rng.uniform()
+        if spec.text_scale == "log":
+            t = _log_uniform(u_text, *spec.text_tokens)
         if v + t == 0:
             t = 1  # a request needs at least one prompt token
         if tier is not None:

@@ -696,6 +696,3 @@ def capped_past(plan_max: int, model_max: int | None, flag: int | None) -> int:
     wanted = flag if flag is not None else plan_max
     return min(wanted, model_max) if model_max is not None else wanted
 
-
-VISION_NOTE = ("note: this model takes token ids (input_ids): a request's vision tokens are fed as prompt tokens "
-               "(ids), the same count as its text tokens")

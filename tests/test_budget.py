@@ -209,8 +209,7 @@ def test_floors_over_the_window_are_said_up_front() -> None:
     note = [n for n in alloc.notes if n.startswith("floors over the window")]
     assert len(note) == 1 and "past --time-budget" in note[0], alloc.notes
     late = float(note[0].split("expect to finish about ")[1].split(" s past")[0])
-    # (the note prices the replay floor at the mix's mean request, Allocation at the drawn requests themselves)
-    assert late > 0 and late == pytest.approx(alloc.sweep_floor_s + alloc.replay_floor_s - 81.0, rel=0.3)
+    assert late > 0 and late == pytest.approx(alloc.sweep_floor_s + alloc.replay_floor_s - 81.0, abs=0.5)
     fits = allocate(_prices(30.0, 4000.0), plan, tier, 115.0, requests=80, exact=False, batch=True, vision=False)
     assert not any(n.startswith("floors over the window") for n in fits.notes), fits.notes
 

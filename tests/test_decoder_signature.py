@@ -222,7 +222,7 @@ def test_calibrate_library_function_on_a_token_id_model(models: dict[str, Path],
     assert cal.provenance["signatures"]["t0.k1.b2"]["token_input"] == "input_ids"
     assert len(read_requests(result.requests)) == 4
     text = "\n".join(lines)
-    assert "kv_mode      shared (token input input_ids)" in text and "vision tokens are fed as prompt tokens" in text
+    assert "kv_mode      shared (token input input_ids)" in text and "-uniform), outputs of" in text
 
 
 def test_backend_registry_and_prebuilt_session(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:

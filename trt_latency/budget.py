@@ -216,7 +216,8 @@ def allocate(prices: Prices, plan: Any, tier: Any, window_s: float | None, *, re
     if replay.output_tokens != plan.replay.output_tokens:
         notes.append(f"replay outputs {lo}-{hi} tokens, not {lo}-{plan.replay.output_tokens[1]}: more requests over "
                      f"the prompt range for the loop terms (long KV comes from the sweep); {per:.2f} s each priced")
-    replay_floor = per * min(requests, MIN_LOOP_REQUESTS)
+    # the requests the replay cannot go without are the first drawn ones (request i is the same for any n)
+    replay_floor = request_mix_seconds(prices, drawn[:min(requests, MIN_LOOP_REQUESTS)]) if requests > 0 else 0.0
     if batch and rest - floor - replay_floor < 0:
         # The batch sweep checks batched admission; the sweep's floor and the loop terms are what every
         # prediction stands on. When the window cannot hold all three, the batch sweep goes, and says so.

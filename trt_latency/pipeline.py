@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from trt_latency.engines.signature import VISION_NOTE, capped_past
+from trt_latency.engines.signature import capped_past
 from trt_latency.errors import ConfigError, TrtLatencyError
 from trt_latency.report import (
     LOOP_HEADER,
@@ -374,6 +374,10 @@ def measure(target: Target, plan: MeasurePlan, sinks: Sinks, deadline: float | N
     p = plan.plan
     out = Measured(key=target.key, plan=p, ledger=ledger)
     replay_vision = plan.vision if plan.vision is not None and plan.vision.vision_onnx else None
+    if replay_vision is None:  # no encoder to replay: the mix is prompts (budget, replay and reach alike)
+        from trt_latency.engines.replay import prompt_only
+
+        p = replace(p, replay=prompt_only(p.replay))
     n = plan.requests if sinks.requests is not None else 0
     alloc = Allocation(plan=p, requests=n)
     with open_target(target, p, plan.backend, plan.options) as runner:
@@ -496,14 +500,14 @@ def _batch_sweep(target: Target, plan: MeasurePlan, sink: Any, deadline: float |
 def _replay(target: Target, plan: MeasurePlan, n: int, sink: Any, deadline: float | None, vision: Any,
             say: Callable[[str], None], resolved_backend: str = "ort-cpu", sized: Any = None) -> Any:
     """``sized``: the plan as the budget sized it (its replay mix), else the MeasurePlan's own."""
-    from trt_latency.engines.replay import run_replay
+    from trt_latency.engines.replay import mix_line, run_replay
 
     p = plan.plan if sized is None else sized
     spec = replace(p.replay, requests=n)
     with open_replay_runner(target, p, plan.backend, plan.options, plan.runtime, resolved_backend,
                             embeddings=vision is not None, say=say) as runner:
-        if getattr(runner, "token_input", "") == "input_ids":
-            say("  " + VISION_NOTE)
+        if vision is None:
+            say(f"  replay {key_name(target.key)}: {mix_line(spec)}")
         chain = None
         if vision is not None:  # requests with vision tokens run encoder -> embedding -> decoder
             from trt_latency.pipeline_vision import open_chain

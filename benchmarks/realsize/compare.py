@@ -14,6 +14,10 @@ Run in the scratch venv of setup.sh (genai's onnxruntime is the one calibrate ti
    ``trt-latency predict`` does) and compared: request total, TTFT, the decode part of 2-token requests (the
    first step after the prefill), and the decode step at KV 16-4096 vs ``generate_next_token``. Errors are
    (predicted - measured) / measured; per process, then the spread between processes.
+4. The same request totals and TTFTs online: each process's requests in order through a serving process's
+   ``AdmissionController`` (its drift correction alone, alpha None), fed every request after it ends. The
+   host moves a process's level by 5-10% (a loaded model's draw, the hour's drift: docs/decisions.md 14);
+   this is what a server that feeds its controller predicts after its first few requests.
 Writes OUT/results.md (the table the README quotes), OUT/results.json, and prints the table.
 """
 
@@ -75,16 +79,33 @@ def _err(pred: float, meas: float) -> float:
 
 
 def score(est: Any, run: dict[str, Any]) -> dict[str, Any]:
-    """Errors of one genai process's measurements against the calibration's predictions."""
+    """Errors of one genai process's measurements against the calibration's predictions: as calibrated, and
+    as a serving process's AdmissionController corrects them online (``online_*``)."""
+    from trt_latency.serving.admission import AdmissionController
+    from trt_latency.serving.validation import Request
+
     key = est.configs()[0]
     ks = (key.tier_idx, key.top_k, key.num_active_blocks)
+    # The serving side's answer to the host's level (a loaded model's draw, the hour's drift): the controller's
+    # drift correction, without a threshold (alpha None), fed each request after it ends, in this process's
+    # order, as a server feeds it. Scored on the requests after its first min_observations (before them the
+    # correction is 1).
+    ctl = AdmissionController(est, alpha=None)
     total, ttft, dec2, flagged = [], [], [], 0
+    online_total: list[float] = []
+    online_ttft: list[float] = []
     rows = []
     for r in run["requests"]:
         p = est.predict(0, r["prompt"], r["output"], *ks)
         flagged += bool(p.flags)
         total.append(_err(p.total_ms, r["total_ms"]))
         ttft.append(_err(p.prefill_ms, r["ttft_ms"]))
+        request = Request(0, r["prompt"], r["output"], *ks)
+        if len(total) > ctl.min_observations:
+            online_total.append(_err(p.total_ms * ctl.correction(request), r["total_ms"]))
+            # a one-token request's correction is the prefill scale of this prompt's length bucket
+            online_ttft.append(_err(p.prefill_ms * ctl.correction(Request(0, r["prompt"], 1, *ks)), r["ttft_ms"]))
+        ctl.observe(request, r["ttft_ms"], r["total_ms"], r["output"])
         if r["output"] == 2:
             dec2.append(_err(p.decode_ms, r["total_ms"] - r["ttft_ms"]))
         rows.append({"prompt": r["prompt"], "output": r["output"], "measured_ms": r["total_ms"],
@@ -102,6 +123,10 @@ def score(est: Any, run: dict[str, Any]) -> dict[str, Any]:
         "total_bias": float(np.median(total)), "ttft_median": float(np.median(a(ttft))),
         "ttft_bias": float(np.median(ttft)), "dec2_median": float(np.median(a(dec2))) if dec2 else float("nan"),
         "dec2_bias": float(np.median(dec2)) if dec2 else float("nan"), "dec2_n": len(dec2),
+        "online_total_median": float(np.median(a(online_total))) if online_total else float("nan"),
+        "online_total_max": float(np.max(a(online_total))) if online_total else float("nan"),
+        "online_ttft_median": float(np.median(a(online_ttft))) if online_ttft else float("nan"),
+        "online_n": len(online_total), "online_after": ctl.min_observations,
         "flagged": flagged, "steps": steps, "first_step": first, "requests": rows,
         "anon_huge_mib": run.get("anon_huge_mib"), "backing": run.get("backing"),
     }
@@ -142,7 +167,16 @@ def table(model: Path, cal_info: dict[str, Any], scores: list[dict[str, Any]], r
     for kv in scores[0]["steps"]:
         rows.append((f"decode step at KV {kv} (signed)", "within 5%",
                      _spread([s["steps"][kv]["err"] for s in scores], True)))
+    if scores[0].get("online_n"):
+        after = f"online ({scores[0]['online_n']} after the first {scores[0]['online_after']})"
+        rows += [(f"request total, median abs. error, {after}", "", _spread([s["online_total_median"] for s in scores])),
+                 (f"request total, max abs. error, {after}", "", _spread([s["online_total_max"] for s in scores])),
+                 (f"TTFT, median abs. error, {after}", "", _spread([s["online_ttft_median"] for s in scores]))]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    if scores[0].get("online_n"):
+        lines += ["", "Online: each process's requests in order through an AdmissionController (alpha None: its drift "
+                  "correction alone), fed each request's TTFT and total after it ends, as a serving process feeds it; "
+                  "scored on the requests after its first min_observations."]
     lines += ["", "Per position: genai's `generate_next_token` (median of 8 steady steps, each process) and the "
               "calibration's step; genai's first step after appending the chunk of prompt that brought the KV "
               "there, and its extra over the steady step.", "",

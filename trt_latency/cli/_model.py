@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trt_latency.cli._args import positive_int
-from trt_latency.engines.signature import VISION_NOTE, capped_past  # noqa: F401 - re-exported for the verbs
+from trt_latency.engines.signature import capped_past  # noqa: F401 - re-exported for the verbs
 
 KV_MODES = ("auto", "concat", "shared")
 

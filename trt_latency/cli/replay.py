@@ -7,7 +7,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from trt_latency.cli._model import VISION_NOTE
 from trt_latency.cli.export import add_config_args, resolve_key
 from trt_latency.cli.sweep import add_runtime_args, open_for, plan_for_onnx
 
@@ -17,8 +16,9 @@ examples:
   trt-latency replay plan.yaml --onnx my.onnx -n 200 --out requests.csv
   trt-latency analyze runs/requests.csv -c runs/calibration.yaml   # then compare with the model
 
-Each request: random vision/text/output lengths from the plan's replay: section (seeded), random
-input embeddings, one prefill, then a decode loop feeding each step's present KV back as past.
+Each request: random prompt/output lengths from the plan's replay: section (seeded; a vision choice
+counts as prompt tokens, there is no encoder here), random input ids or embeddings, one prefill, then a
+decode loop feeding each step's present KV back as past.
 Rerunning continues: request_ids already in the file are skipped.
 """
 
@@ -39,7 +39,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from trt_latency.engines.config import load_plan
-    from trt_latency.engines.replay import run_replay
+    from trt_latency.engines.replay import mix_line, prompt_only, run_replay
     from trt_latency.errors import ConfigError
 
     plan = load_plan(args.config, quick=args.quick)
@@ -54,9 +54,9 @@ def run(args: argparse.Namespace) -> int:
         tier = replace(tier, max_past_len=min(tier.max_past_len, runner.max_past_len),
                        max_prefill_len=min(tier.max_prefill_len, getattr(runner, "max_new_tokens",
                                                                          tier.max_prefill_len)))
-        if getattr(runner, "token_input", "") == "input_ids":
-            print(VISION_NOTE)
-        res = run_replay(runner, key, tier, plan.replay, out, args.requests, progress=not args.no_progress)
+        spec = prompt_only(plan.replay)  # no vision chain here: a vision choice would be more prompt tokens
+        print(f"replay: {mix_line(spec)}")
+        res = run_replay(runner, key, tier, spec, out, args.requests, progress=not args.no_progress)
     print(f"config {tuple(key)} on {runner.backend} (kv_mode {getattr(runner, 'kv_mode', 'concat')}): "
           f"{res.rows_written} requests replayed, {res.rows_skipped} already present, {res.seconds:.1f} s -> {out}")
     return 0
