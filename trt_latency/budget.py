@@ -51,7 +51,11 @@ MIN_LOOP_REQUESTS = 8
 MIN_REPLAY_OUTPUT = 16
 MIN_USEFUL_ROUNDS = 30  # rounds per position below which a thinner grid buys more than it costs
 MIN_LOG_POINTS, MIN_LINEAR_POINTS = 4, 3  # the thinnest grid (plus 1, 2, 4 and max, always there)
-MIN_PREFILL_LENGTHS = 3  # the prefill grid thins to no fewer lengths (a quadratic needs three)
+# The prefill grid thins to no fewer lengths. A quadratic needs three, but through three it interpolates
+# each length's noise and the curve's shape between them: on the 0.5B int4 model, 8 / 256 / 1024 put the
+# prefill 4-9% high at 32-96 tokens, 8 / 64 / 256 / 1024 within 4% (benchmarks/realsize/prefill_ab.py;
+# docs/decisions.md 17). The fourth is a short one, 5% of a round.
+MIN_PREFILL_LENGTHS = 4
 MIN_ROUNDS = 3  # = engines.sweep.MIN_ROUNDS: every shape gets these, budget or not
 PILOT_SLOW_MS = 500.0  # a pilot shape this slow is priced from its first run (_price)
 PILOT_RUNS = 3  # runs per pilot shape (the first one pays the shape change; the median of the rest)
