@@ -127,8 +127,9 @@ class ReplaySpec:
     seed: int = 0
     images: tuple[int, ...] = (1,)  # images per request with vision tokens (choices; a VLM plan's chain replay)
     # "log": text tokens log-uniform, as the outputs are: every scale of prompt gets requests, so the loop
-    # terms' prompt forms (o_p + o_p1 P, c(P)) are told apart; uniform put 9 in 10 prompts above 80 tokens and
-    # a constant fitted on long prompts only overcharged short ones (+20-35% TTFT at 44-78 tokens, issue 24).
+    # terms' prompt forms (o_p + o_p1 P, c(P)) are told apart; uniform text (plus the vision choices) left about
+    # 2.5% of prompts under 64 tokens, and a constant fitted on long prompts only overcharged short ones (+15-35%
+    # TTFT at 44-78 tokens, issue 24).
     text_scale: str = "log"
 
     @property
