@@ -85,6 +85,9 @@ class PrefillSweep:
     lengths: tuple[int, ...]
     reps: int
     warmup: int = 1
+    # The longest prompt timed on a model the user brings (--onnx / --engine), capped by its context; the
+    # plan's own tiers keep their max_prefill_len. None: the primary tier's. (docs/decisions.md 18)
+    model_max_len: int | None = None
 
 
 @dataclass(frozen=True)
@@ -287,18 +290,21 @@ def _decode(ctx: _Ctx, raw: object, where: str, base: DecodeSweep | None) -> Dec
 
 def _prefill(ctx: _Ctx, raw: object, where: str, base: PrefillSweep | None) -> PrefillSweep:
     m = ctx.mapping(raw, where)
-    ctx.keys(m, where, ("lengths", "reps", "warmup"), ("lengths", "reps") if base is None else ())
+    ctx.keys(m, where, ("lengths", "reps", "warmup", "model_max_len"), ("lengths", "reps") if base is None else ())
     lengths = ctx.int_list(m["lengths"], f"{where}.lengths", lo=1) if "lengths" in m else None
     if lengths is not None and len(set(lengths)) != len(lengths):
         raise ctx.fail(f"{where}.lengths", "distinct lengths", list(lengths))
     reps = ctx.integer(m["reps"], f"{where}.reps", lo=1) if "reps" in m else None
     warmup = ctx.integer(m["warmup"], f"{where}.warmup", lo=0) if "warmup" in m else None
+    model_max = ctx.integer(m["model_max_len"], f"{where}.model_max_len", lo=1) if "model_max_len" in m else None
     if base is None:
         assert lengths is not None and reps is not None
-        return PrefillSweep(lengths=tuple(sorted(lengths)), reps=reps, warmup=1 if warmup is None else warmup)
+        return PrefillSweep(lengths=tuple(sorted(lengths)), reps=reps, warmup=1 if warmup is None else warmup,
+                            model_max_len=model_max)
     return PrefillSweep(lengths=base.lengths if lengths is None else tuple(sorted(lengths)),
                         reps=base.reps if reps is None else reps,
-                        warmup=base.warmup if warmup is None else warmup)
+                        warmup=base.warmup if warmup is None else warmup,
+                        model_max_len=base.model_max_len if model_max is None else model_max)
 
 
 def _number(ctx: _Ctx, value: object, where: str, lo: float, hi: float | None = None) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -235,3 +236,57 @@ def test_a_real_size_model_gets_the_real_size_default_budget(tmp_path: Path) -> 
     assert sized.sweep.adaptive.time_budget_s == REAL_SIZE_BUDGET_S and "150 MiB of weights" in why
     for kept in (replace(opts, time_budget=60.0), replace(opts, config="my.yaml"), replace(opts, quick=True)):
         assert sized_budget(kept, plan, targets) == (plan, ""), kept
+
+
+def test_the_longest_prompt_of_a_model_you_bring_and_a_grid_of_no_fewer_than_four_lengths() -> None:
+    """A user's decoder (here a genai export with an 8192 context) is timed to --max-prompt, else the plan's
+    sweep.prefill.model_max_len (1024 packaged: docs/decisions.md 18), capped by its context; the grid ends
+    there. Under 0.5B-class prices a grid to 2048 thins to 8 / 64 / 256 / 1024 / 2048 and never on to three."""
+    import argparse
+
+    from trt_latency.engines.sweep import prefill_lengths
+    from trt_latency.pipeline import CalibrateOptions, tier_from_onnx
+
+    model = Path(__file__).parent / "data" / "thirdparty" / "genai-llama-fp32" / "model.onnx"
+    plan = load_plan(None)
+    assert plan.sweep.prefill.model_max_len == 1024
+    assert tier_from_onnx(model, plan, argparse.Namespace())[0].max_prefill_len == 1024
+    assert tier_from_onnx(model, plan, CalibrateOptions(max_prompt=100_000))[0].max_prefill_len == 8192  # context
+    longer = replace(plan, sweep=replace(plan.sweep, prefill=replace(plan.sweep.prefill, model_max_len=2048)))
+    tier, _, _ = tier_from_onnx(model, longer, argparse.Namespace())
+    assert tier == tier_from_onnx(model, plan, CalibrateOptions(max_prompt=2048))[0]
+    assert tier.max_prefill_len == 2048 and prefill_lengths(tier, plan.sweep)[-2:] == [1024, 2048]
+    real = Prices(decode=[(1, 30.0), (4096, 60.0)], prefill=[(8, 90.0), (256, 2250.0), (1024, 10100.0),
+                                                             (2048, 20900.0)])
+    alloc = allocate(real, plan, tier, 240.0, requests=80, exact=False, batch=True, vision=False)
+    assert prefill_lengths(tier, alloc.plan.sweep) == [8, 64, 256, 1024, 2048], alloc.notes
+    assert any(n.startswith("prefill grid 5 lengths, not 8") for n in alloc.notes), alloc.notes
+
+
+class _CurveRunner:
+    """time_step(0, S, n) returns n runs of a known prefill curve (the pilot's arithmetic, not a timing)."""
+
+    def __init__(self, ms_per_token: float) -> None:
+        self.ms_per_token = ms_per_token
+        self.asked: list[int] = []
+
+    def time_step(self, past_len: int, new_tokens: int, reps: int) -> Any:
+        import numpy as np
+
+        self.asked.append(new_tokens)
+        return np.full(reps, self.ms_per_token * new_tokens)
+
+
+def test_the_pilot_prices_a_slow_longest_prefill_from_the_two_below_it() -> None:
+    """A real-size model's longest prefill (21 s at 2048 tokens on the 0.5B int4, one thread) is priced from
+    the next-to-longest and the middle (log-log slope, linear to quadratic), not run in the pilot; a fixture's
+    cheap longest is measured."""
+    from trt_latency.budget import _price_prefill
+
+    grid = [8, 32, 64, 128, 256, 512, 1024, 2048]
+    slow = _CurveRunner(10.0)  # 10 ms per token: 1024 tokens take 10 s
+    priced = dict(_price_prefill(slow, grid))
+    assert 2048 not in slow.asked and sorted(priced) == [8, 256, 1024, 2048]
+    assert priced[2048] == pytest.approx(20480.0)  # linear growth read off 256 -> 1024
+    cheap = _CurveRunner(0.01)
+    assert dict(_price_prefill(cheap, grid))[2048] == pytest.approx(20.48) and 2048 in cheap.asked

@@ -92,15 +92,13 @@ class Prices:
 def pilot(runner: Any, max_past_len: int, prefill_lengths: list[int],
           replay: Callable[[Prices], float] | None = None) -> Prices:
     """Price a decode step at a few KV lengths (1, the geometric middle, the max), a prefill at a few
-    lengths (the grid's shortest, middle and longest) and, when ``replay`` is given (a function that
+    lengths (the grid's shortest, middle, next-to-longest and longest: ``_price_prefill``) and, when ``replay`` is given (a function that
     replays one request and returns its measured / priced ratio under the prices so far), a replayed request: a second or two
     on a fixture, a few seconds on a 0.5B-class model. Rows are not written: the sweep measures for real."""
     t0 = time.perf_counter()
     kv = sorted({1, max(int(round(math.sqrt(max_past_len))), 1), max_past_len})
     decode = [(p, float(np.median(runner.time_step(p, 1, PILOT_RUNS)[1:]))) for p in kv]
-    lengths = sorted({prefill_lengths[0], prefill_lengths[len(prefill_lengths) // 2], prefill_lengths[-1]}) \
-        if prefill_lengths else []
-    prefill = [(s, _price(runner, 0, s)) for s in lengths] or [(1, decode[0][1])]
+    prefill = _price_prefill(runner, sorted(set(prefill_lengths))) or [(1, decode[0][1])]
     prices = Prices(decode, prefill)
     if replay is not None:
         # One measured request against its price from the steps just timed: the loop's own overhead
@@ -108,6 +106,27 @@ def pilot(runner: Any, max_past_len: int, prefill_lengths: list[int],
         prices.request_overhead = float(np.clip(replay(prices), 1.0, 3.0))
     prices.seconds = time.perf_counter() - t0
     return prices
+
+
+def _price_prefill(runner: Any, lengths: list[int]) -> list[tuple[int, float]]:
+    """(length, ms) at the grid's shortest, middle and longest lengths. When the one below the longest
+    already took PILOT_SLOW_MS, the longest is priced from the last two measured, by their log-log slope
+    (held to [1, 2]: linear to quadratic growth): on a real-size model the longest prefill is tens of seconds
+    that the sweep spends again (0.5B int4, one thread: 1024 -> 2048 tokens priced 21.5 s, measured 20.9)."""
+    if not lengths:
+        return []
+    picks = sorted({lengths[0], lengths[len(lengths) // 2], lengths[-1]})
+    if len(lengths) >= 3 and lengths[-2] not in picks:
+        picks = sorted({*picks[:-1], lengths[-2], lengths[-1]})
+    measured: list[tuple[int, float]] = []
+    for s in picks:
+        if s == picks[-1] and len(measured) >= 2 and measured[-1][1] >= PILOT_SLOW_MS:
+            (x0, y0), (x1, y1) = measured[-2], measured[-1]
+            slope = float(np.clip(math.log(y1 / y0) / math.log(x1 / x0), 1.0, 2.0)) if y0 > 0 and x1 > x0 else 2.0
+            measured.append((s, y1 * (s / x1) ** slope))
+        else:
+            measured.append((s, _price(runner, 0, s)))
+    return measured
 
 
 def _price(runner: Any, past_len: int, new_tokens: int) -> float:
@@ -204,8 +223,11 @@ def allocate(prices: Prices, plan: Any, tier: Any, window_s: float | None, *, re
     # The prefill grid thins the same way (every other inner length; the longest is always kept, the grid
     # reaches the usable prompt): MIN_ROUNDS of seven long prefills is most of a real-size model's window.
     lengths = sorted(pre.lengths)
-    while len(lengths) > MIN_PREFILL_LENGTHS and MIN_ROUNDS * prefill_round_s(lengths) > PREFILL_SHARE * share:
-        lengths = [lengths[0], *lengths[1:-1][1::2], lengths[-1]]
+    while MIN_ROUNDS * prefill_round_s(lengths) > PREFILL_SHARE * share:
+        thinner = [lengths[0], *lengths[1:-1][1::2], lengths[-1]]
+        if len(thinner) < MIN_PREFILL_LENGTHS:  # 8 lengths thin to 5, not on to 3
+            break
+        lengths = thinner
     if tuple(lengths) != tuple(sorted(pre.lengths)):
         notes.append(f"prefill grid {len(prefill_lengths(tier, sweep_with(lengths)))} lengths, not "
                      f"{len(prefill_lengths(tier, sweep))}: a prefill round costs {prefill_round_s(list(pre.lengths)):.2f} s")

@@ -75,6 +75,7 @@ class CalibrateOptions:
     io: str | None = None
     dims: str | None = None
     max_past_len: int | None = None
+    max_prompt: int | None = None  # longest prompt timed on a model you bring (None: sweep.prefill.model_max_len)
     precision: float | None = None  # target relative SE of each position's median (None: the plan's; 0: fixed)
     time_budget: float | None = None  # seconds for the whole calibrate (None: the plan's)
     runtime: str = "auto"  # the replay's loop: auto | ort | genai (engines/genai_loop.py)
@@ -179,8 +180,10 @@ def tier_from_onnx(path: Path, plan: Any, args: Any) -> tuple[Any, Any, Any]:
         tier, key = tier_from_metadata(meta)
         return replace(tier, max_past_len=capped_past(tier.max_past_len, tier.max_past_len, flag)), key, sig
     max_past = capped_past(base.max_past_len, sig.max_past_len, flag)
-    # The longest prompt fits the model too (a prefill of S writes positions 0 .. S-1).
-    max_prefill = min(base.max_prefill_len, sig.max_past_len + 1) if sig.max_past_len else base.max_prefill_len
+    # The longest prompt: --max-prompt, else the plan's for a user's model (sweep.prefill.model_max_len), and it
+    # fits the model too (a prefill of S writes positions 0 .. S-1).
+    wanted = getattr(args, "max_prompt", None) or plan.sweep.prefill.model_max_len or base.max_prefill_len
+    max_prefill = min(wanted, sig.max_past_len + 1) if sig.max_past_len else wanted
     tier = TierSpec(tier_idx=0, name=path.stem, hidden=sig.hidden or 1, layers=sig.blocks,
                     heads=sig.heads or sig.kv_heads, kv_heads=sig.kv_heads, head_dim=sig.head_dim, intermediate=0,
                     vocab=sig.vocab, experts=1, dtype=sig.kv_dtype if sig.kv_dtype in DTYPE_SIZES else "float16",

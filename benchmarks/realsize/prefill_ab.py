@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     lengths = [int(v) for v in args.lengths.split(",")]
     runner = open_runner(f"{args.model_dir}/model.onnx", "ort-cpu", huge_pages=True, threads=1, inter_threads=1,
-                         max_past_len=max(lengths) + 64)
+                         max_past_len=max(lengths) + 64, max_new_tokens=max(lengths))
     cfg = og.Config(args.model_dir)
     cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": 1,
                                                                       "inter_op_num_threads": 1}}}}))

@@ -9,6 +9,7 @@ import argparse
 import textwrap
 from typing import Any
 
+from trt_latency.cli._args import positive_int
 from trt_latency.cli._model import add_model_args, backend_choices
 
 DEFAULT_OUT = "trt-latency-out"  # = trt_latency.pipeline.DEFAULT_OUT (not imported: --help stays light)
@@ -64,6 +65,11 @@ def register(sub: Any) -> None:
     parser.add_argument("--time-budget", type=float, metavar="S",
                         help="cap the whole calibrate at S seconds: batch sweep, sweep, replay and vision (default: "
                              "the plan's sweep.adaptive.time_budget_s); the summary says where the time went")
+    parser.add_argument("--max-prompt", type=positive_int, metavar="N",
+                        help="longest prompt to time on a model you bring: the prefill grid's last length (default: "
+                             "the plan's sweep.prefill.model_max_len, 1024; capped by the model's context). Longer "
+                             "prompts are extrapolated and flagged; 2048 times them, but the quadratic prefill then "
+                             "bends wrong in between (docs/decisions.md 18)")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="ONNX Runtime intra-op threads of the runner (default: the plan's "
                              "runtime.intra_op_threads); printed in the summary, recorded in provenance")
