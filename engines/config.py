@@ -85,8 +85,9 @@ class PrefillSweep:
     lengths: tuple[int, ...]
     reps: int
     warmup: int = 1
-    # The longest prompt timed on a model the user brings (--onnx / --engine), capped by its context; the
-    # plan's own tiers keep their max_prefill_len. None: the primary tier's. (docs/decisions.md 18)
+    # The longest prompt timed on a model the user brings (--onnx; calibrate --max-prompt overrides), capped
+    # by its context; the plan's own tiers and a TensorRT --engine keep the tier's max_prefill_len. None: the
+    # primary tier's. (docs/decisions.md 18)
     model_max_len: int | None = None
 
 

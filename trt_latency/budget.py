@@ -109,8 +109,8 @@ def pilot(runner: Any, max_past_len: int, prefill_lengths: list[int],
 
 
 def _price_prefill(runner: Any, lengths: list[int]) -> list[tuple[int, float]]:
-    """(length, ms) at the grid's shortest, middle and longest lengths. When the one below the longest
-    already took PILOT_SLOW_MS, the longest is priced from the last two measured, by their log-log slope
+    """(length, ms) at the grid's shortest, middle, next-to-longest and longest lengths. When the one below
+    the longest already took PILOT_SLOW_MS, the longest is priced from the last two measured, by their log-log slope
     (held to [1, 2]: linear to quadratic growth): on a real-size model the longest prefill is tens of seconds
     that the sweep spends again (0.5B int4, one thread: 1024 -> 2048 tokens priced 21.5 s, measured 20.9)."""
     if not lengths:

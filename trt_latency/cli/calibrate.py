@@ -66,7 +66,7 @@ def register(sub: Any) -> None:
                         help="cap the whole calibrate at S seconds: batch sweep, sweep, replay and vision (default: "
                              "the plan's sweep.adaptive.time_budget_s); the summary says where the time went")
     parser.add_argument("--max-prompt", type=positive_int, metavar="N",
-                        help="longest prompt to time on a model you bring: the prefill grid's last length (default: "
+                        help="longest prompt to time on a model you bring (--onnx): the prefill grid's last length (default: "
                              "the plan's sweep.prefill.model_max_len, 1024; capped by the model's context). Longer "
                              "prompts are extrapolated and flagged; 2048 times them, but the quadratic prefill then "
                              "bends wrong in between (docs/decisions.md 18)")
