@@ -92,9 +92,9 @@ class Prices:
 def pilot(runner: Any, max_past_len: int, prefill_lengths: list[int],
           replay: Callable[[Prices], float] | None = None) -> Prices:
     """Price a decode step at a few KV lengths (1, the geometric middle, the max), a prefill at a few
-    lengths (the grid's shortest, middle, next-to-longest and longest: ``_price_prefill``) and, when ``replay`` is given (a function that
-    replays one request and returns its measured / priced ratio under the prices so far), a replayed request: a second or two
-    on a fixture, a few seconds on a 0.5B-class model. Rows are not written: the sweep measures for real."""
+    lengths (``_price_prefill``) and, when ``replay`` is given (a function that replays one request and
+    returns its measured / priced ratio under the prices so far), a replayed request: a second or two on a
+    fixture, a few seconds on a 0.5B-class model. Rows are not written: the sweep measures for real."""
     t0 = time.perf_counter()
     kv = sorted({1, max(int(round(math.sqrt(max_past_len))), 1), max_past_len})
     decode = [(p, float(np.median(runner.time_step(p, 1, PILOT_RUNS)[1:]))) for p in kv]
@@ -109,15 +109,14 @@ def pilot(runner: Any, max_past_len: int, prefill_lengths: list[int],
 
 
 def _price_prefill(runner: Any, lengths: list[int]) -> list[tuple[int, float]]:
-    """(length, ms) at the grid's shortest, middle, next-to-longest and longest lengths. When the one below
-    the longest already took PILOT_SLOW_MS, the longest is priced from the last two measured, by their log-log slope
-    (held to [1, 2]: linear to quadratic growth): on a real-size model the longest prefill is tens of seconds
-    that the sweep spends again (0.5B int4, one thread: 1024 -> 2048 tokens priced 21.5 s, measured 20.9)."""
+    """(length, ms) at the grid's shortest, middle, next-to-longest and longest lengths. When the one
+    below the longest already took PILOT_SLOW_MS, the longest is priced from the last two measured, by
+    their log-log slope (held to [1, 2]: linear to quadratic growth): on a real-size model the longest
+    prefill is tens of seconds that the sweep spends again (0.5B int4, one thread: 1024 -> 2048 tokens
+    priced 21.5 s, measured 20.9)."""
     if not lengths:
         return []
-    picks = sorted({lengths[0], lengths[len(lengths) // 2], lengths[-1]})
-    if len(lengths) >= 3 and lengths[-2] not in picks:
-        picks = sorted({*picks[:-1], lengths[-2], lengths[-1]})
+    picks = sorted({lengths[0], lengths[len(lengths) // 2], *lengths[-2:]})
     measured: list[tuple[int, float]] = []
     for s in picks:
         if s == picks[-1] and len(measured) >= 2 and measured[-1][1] >= PILOT_SLOW_MS:

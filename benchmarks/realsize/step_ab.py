@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     positions = [int(v) for v in args.positions.split(",")]
     grid = sorted(set(int(v) for v in args.grid.split(",")) | set(positions))
     runner = open_runner(f"{args.model_dir}/model.onnx", "ort-cpu", threads=1, inter_threads=1,
-                         max_past_len=max(positions) + args.rounds + 8)
+                         max_past_len=max(grid) + args.rounds + 8)  # the walk reaches the grid's end
     cfg = og.Config(args.model_dir)
     cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": 1,
                                                                       "inter_op_num_threads": 1}}}}))
